@@ -1,0 +1,68 @@
+"""Measured latency of a model's parts on this machine: what a device advertises in its profile.
+
+Wall time is what a latency budget is about, so each part is timed on the real hardware: the front
+end once, then every encoder layer on its own, median of several repeats after a warm-up.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .backbone import describe, load_backbone
+from .runner import LayerRunner
+
+SAMPLE_RATE = 16000
+
+
+@dataclass
+class LatencyProfile:
+    model_id: str
+    num_layers: int
+    front_end_ms: float
+    layer_ms: list[float] = field(default_factory=list)
+    seconds: float = 1.0
+    threads: int = 1
+
+    @property
+    def full_ms(self) -> float:
+        return self.front_end_ms + sum(self.layer_ms)
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def profile_runner(runner: LayerRunner, seconds: float = 1.0, repeats: int = 5, model_id: str = "") -> LatencyProfile:
+    """Front-end and per-layer latency of one input of ``seconds`` seconds."""
+    runner.eval()
+    audio = torch.randn(1, int(round(seconds * SAMPLE_RATE)))
+    front_end_ms = _median_ms(lambda: runner.front_end(audio), repeats)
+    front = runner.front_end(audio)
+    mask, bias = runner._layer_context(front.hidden, front.frame_mask)
+    layer_ms = [
+        _median_ms(lambda i=i: runner._run_layer(i, front.hidden, mask, bias), repeats) for i in range(runner.num_layers)
+    ]
+    return LatencyProfile(
+        model_id=model_id or describe(runner.backbone),
+        num_layers=runner.num_layers,
+        front_end_ms=front_end_ms,
+        layer_ms=layer_ms,
+        seconds=seconds,
+        threads=torch.get_num_threads(),
+    )
+
+
+def measure_latency(family: str = "wavlm", size: str = "tiny", seconds: float = 1.0, repeats: int = 5) -> LatencyProfile:
+    """Latency profile of a backbone given by size name (``tiny``/``base``), hub id or folder."""
+    return profile_runner(LayerRunner(load_backbone(size, family)), seconds, repeats)

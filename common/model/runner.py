@@ -1,0 +1,160 @@
+"""Run a Hugging Face speech encoder with any subset of its layers, chosen per example.
+
+The HF forward runs every layer for every example. ``LayerRunner`` re-uses the HF modules but owns
+the loop, so that:
+
+* at inference (``keep`` is a bool mask ``[B, L]``) each layer runs only on the rows that keep it,
+  gathered with ``index_select`` and written back with ``index_copy`` — real compute saving, with a
+  different mask per example in one batch;
+* in training (``gates`` is a float tensor ``[B, L]``) each layer is blended,
+  ``h + g * (layer(h) - h)``, so gradients reach whatever produced the gates (a selector);
+* any layer can be skipped, WavLM's layer 0 included: WavLM keeps its relative position bias in
+  layer 0 and hands it on, so the runner computes that bias once itself and gives it to every layer.
+
+With an all-ones mask the result equals the HF model's ``last_hidden_state``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from transformers.masking_utils import create_bidirectional_mask
+
+from .backbone import family_of
+
+
+@dataclass
+class FrontEnd:
+    """What the always-run part of the model produces for a batch.
+
+    ``hidden`` enters the first encoder layer; ``features`` (projected CNN output, before the
+    positional convolution) is what a selector may look at; ``frame_mask`` marks real (unpadded)
+    frames, or is None when nothing is padded.
+    """
+
+    hidden: Tensor
+    features: Tensor
+    frame_mask: Tensor | None
+
+    def select(self, rows: Tensor) -> "FrontEnd":
+        mask = None if self.frame_mask is None else self.frame_mask[rows]
+        return FrontEnd(self.hidden[rows], self.features[rows], mask)
+
+
+def normalize_waveform(waveform: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """Zero mean, unit variance per example over its real samples (what HF feature extractors do)."""
+    if attention_mask is None:
+        mean = waveform.mean(dim=-1, keepdim=True)
+        var = waveform.var(dim=-1, keepdim=True, unbiased=False)
+        return (waveform - mean) / torch.sqrt(var + 1e-7)
+    m = attention_mask.to(waveform.dtype)
+    n = m.sum(-1, keepdim=True).clamp(min=1)
+    mean = (waveform * m).sum(-1, keepdim=True) / n
+    var = (((waveform - mean) * m) ** 2).sum(-1, keepdim=True) / n
+    return ((waveform - mean) / torch.sqrt(var + 1e-7)) * m
+
+
+class LayerRunner(nn.Module):
+    """Front end + encoder layers of an HF WavLM / HuBERT / wav2vec 2.0 model, layer by layer."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.family = family_of(backbone)
+        self.encoder = backbone.encoder
+        self.layers = backbone.encoder.layers
+        self.stable_layer_norm = bool(getattr(backbone.config, "do_stable_layer_norm", False))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.backbone.config.hidden_size
+
+    # ---- front end: CNN, projection, positional convolution (always runs) -------------------
+
+    def front_end(self, input_values: Tensor, attention_mask: Tensor | None = None) -> FrontEnd:
+        bb, enc = self.backbone, self.encoder
+        extract = bb.feature_extractor(input_values).transpose(1, 2)
+        frame_mask = None
+        if attention_mask is not None:
+            frame_mask = bb._get_feature_vector_attention_mask(extract.shape[1], attention_mask).bool()
+            if bool(frame_mask.all()):
+                frame_mask = None  # nothing padded: same fast path as the HF model
+        features = bb.feature_projection(extract)
+        if isinstance(features, tuple):  # WavLM / wav2vec2 also return the normalised CNN output
+            features = features[0]
+        hidden = features
+        if frame_mask is not None:
+            hidden = hidden.masked_fill(~frame_mask.unsqueeze(-1), 0.0)
+        hidden = hidden + enc.pos_conv_embed(hidden)
+        if not self.stable_layer_norm:
+            hidden = enc.layer_norm(hidden)
+        hidden = enc.dropout(hidden)
+        return FrontEnd(hidden=hidden, features=features, frame_mask=frame_mask)
+
+    # ---- encoder layers under a mask --------------------------------------------------------
+
+    def _layer_context(self, hidden: Tensor, frame_mask: Tensor | None):
+        """Per-batch inputs every layer needs: the attention mask and (WavLM) the position bias."""
+        if self.family == "wavlm":
+            t = hidden.shape[1]
+            bias = self.layers[0].attention.compute_bias(t, t)  # [heads, T, T]
+            return frame_mask, bias
+        mask4d = create_bidirectional_mask(
+            config=self.backbone.config, inputs_embeds=hidden, attention_mask=frame_mask
+        )
+        return mask4d, None
+
+    def _run_layer(self, index: int, hidden: Tensor, mask, bias: Tensor | None) -> Tensor:
+        layer = self.layers[index]
+        if bias is None:
+            return layer(hidden, attention_mask=mask)
+        n, t = hidden.shape[0], hidden.shape[1]
+        batch_bias = bias.unsqueeze(0).expand(n, -1, -1, -1).reshape(n * bias.shape[0], t, t)
+        out, _ = layer(hidden, attention_mask=mask, position_bias=batch_bias, index=index)
+        return out
+
+    def _finish(self, hidden: Tensor) -> Tensor:
+        if self.stable_layer_norm:
+            hidden = self.encoder.layer_norm(hidden)
+        if getattr(self.backbone, "adapter", None) is not None:
+            hidden = self.backbone.adapter(hidden)
+        return hidden
+
+    def run_layers(self, front: FrontEnd, keep: Tensor | None = None) -> Tensor:
+        """Hard mask ``keep`` [B, L] (bool; None = all layers): each layer runs only where kept."""
+        hidden = front.hidden
+        mask, bias = self._layer_context(hidden, front.frame_mask)
+        batch = hidden.shape[0]
+        for i in range(self.num_layers):
+            if keep is None:
+                hidden = self._run_layer(i, hidden, mask, bias)
+                continue
+            rows = keep[:, i].nonzero().squeeze(1)
+            if rows.numel() == 0:
+                continue
+            if rows.numel() == batch:
+                hidden = self._run_layer(i, hidden, mask, bias)
+                continue
+            sub_mask = None if mask is None else mask.index_select(0, rows)
+            out = self._run_layer(i, hidden.index_select(0, rows), sub_mask, bias)
+            hidden = hidden.index_copy(0, rows, out)
+        return self._finish(hidden)
+
+    def run_layers_gated(self, front: FrontEnd, gates: Tensor) -> Tensor:
+        """Soft/straight-through gates [B, L]: every layer runs, blended so gradients reach gates."""
+        hidden = front.hidden
+        mask, bias = self._layer_context(hidden, front.frame_mask)
+        for i in range(self.num_layers):
+            out = self._run_layer(i, hidden, mask, bias)
+            g = gates[:, i].to(hidden.dtype).view(-1, 1, 1)
+            hidden = hidden + g * (out - hidden)
+        return self._finish(hidden)
+
+    def forward(self, input_values: Tensor, attention_mask: Tensor | None = None, keep: Tensor | None = None) -> Tensor:
+        return self.run_layers(self.front_end(input_values, attention_mask), keep)

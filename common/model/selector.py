@@ -1,0 +1,79 @@
+"""The input-conditioned layer selector and the top-k machinery shared by learned strategies.
+
+The selector looks at a cheap summary of the input — mean and standard deviation over time of the
+projected CNN features, which the model computes anyway — and gives one score per encoder layer.
+At run time the k best-scoring layers are kept, k coming from the budget, so one selector serves
+every budget. In training, ``straight_through_topk`` turns scores into hard 0/1 gates in the
+forward pass while letting gradients flow through a sigmoid relaxation around the k-th score;
+Gumbel noise on the scores makes it explore other layer sets.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def masked_mean_std(x: Tensor, frame_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Mean and std over time of [B, T, D] features, counting only real frames."""
+    if frame_mask is None:
+        return x.mean(1), x.std(1, unbiased=False)
+    m = frame_mask.unsqueeze(-1).to(x.dtype)
+    n = m.sum(1).clamp(min=1)
+    mean = (x * m).sum(1) / n
+    var = (((x - mean.unsqueeze(1)) * m) ** 2).sum(1) / n
+    return mean, var.sqrt()
+
+
+class LayerSelector(nn.Module):
+    """Scores each encoder layer for one input from pooled front-end features."""
+
+    def __init__(self, feature_dim: int, num_layers: int, hidden: int = 64):
+        super().__init__()
+        self.num_layers = num_layers
+        self.hidden = hidden
+        self.norm = nn.LayerNorm(2 * feature_dim)
+        self.mlp = nn.Sequential(nn.Linear(2 * feature_dim, hidden), nn.GELU(), nn.Linear(hidden, num_layers))
+
+    def forward(self, features: Tensor, frame_mask: Tensor | None = None) -> Tensor:
+        mean, std = masked_mean_std(features, frame_mask)
+        return self.mlp(self.norm(torch.cat([mean, std], dim=-1)))
+
+
+class StaticScores(nn.Module):
+    """One learned score per layer, the same for every input: the `static` baseline."""
+
+    def __init__(self, num_layers: int):
+        super().__init__()
+        self.scores = nn.Parameter(torch.zeros(num_layers))
+
+    def forward(self, features: Tensor, frame_mask: Tensor | None = None) -> Tensor:
+        return self.scores.unsqueeze(0).expand(features.shape[0], -1)
+
+
+def topk_mask(scores: Tensor, k: int) -> Tensor:
+    """Bool mask [B, L] keeping the k highest scores per row."""
+    idx = scores.topk(k, dim=-1).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
+
+
+def gumbel_noise(like: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    u = torch.rand(like.shape, generator=generator, device=like.device).clamp_(1e-6, 1 - 1e-6)
+    return -torch.log(-torch.log(u))
+
+
+def straight_through_topk(scores: Tensor, k: int, tau: float = 1.0, noise: Tensor | None = None) -> Tensor:
+    """Hard top-k gates in the forward pass, sigmoid-relaxed gradients in the backward pass.
+
+    The relaxation centres a sigmoid between the k-th and (k+1)-th perturbed score, so raising a
+    layer's score pushes it into the kept set and lowering it pushes it out.
+    """
+    perturbed = scores if noise is None else scores + noise
+    hard = topk_mask(perturbed.detach(), k).to(scores.dtype)
+    num_layers = scores.shape[-1]
+    if k >= num_layers:
+        return torch.ones_like(scores)
+    top = perturbed.detach().topk(k + 1, dim=-1).values
+    threshold = 0.5 * (top[:, k - 1] + top[:, k])
+    soft = torch.sigmoid((perturbed - threshold.unsqueeze(-1)) / tau)
+    return hard + soft - soft.detach()

@@ -1,0 +1,116 @@
+"""Layer-choice strategies behind one interface, so every comparison runs through the same harness.
+
+A strategy turns the front-end output of a batch and a layer count ``k`` into a keep mask
+``[B, L]``. Learned strategies (``static``, ``selector``) also give straight-through gates for
+training. Each strategy names the task head it is evaluated with: ``full`` and ``random`` use the
+base head trained with random layer dropping; the others fine-tune their own head for their masks.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .runner import FrontEnd
+from .selector import LayerSelector, StaticScores, gumbel_noise, straight_through_topk, topk_mask
+
+
+class LayerChoice(nn.Module):
+    """Base class: ``choose(front, k) -> bool mask [B, L]``."""
+
+    name: str = ""
+    head: str = "base"
+    learned: bool = False
+
+    def __init__(self, num_layers: int):
+        super().__init__()
+        self.num_layers = num_layers
+
+    def choose(self, front: FrontEnd, k: int, generator: torch.Generator | None = None) -> Tensor:
+        raise NotImplementedError
+
+
+class FullModel(LayerChoice):
+    """Every layer, every input: the reference."""
+
+    name = "full"
+
+    def choose(self, front, k, generator=None):
+        return torch.ones(front.hidden.shape[0], self.num_layers, dtype=torch.bool, device=front.hidden.device)
+
+
+class RandomDrop(LayerChoice):
+    """k layers drawn at random for each input (LayerDrop-style)."""
+
+    name = "random"
+
+    def choose(self, front, k, generator=None):
+        noise = torch.rand(front.hidden.shape[0], self.num_layers, generator=generator)
+        return topk_mask(noise, k).to(front.hidden.device)
+
+
+class EarlyExit(LayerChoice):
+    """The first k layers, with a head trained on their output."""
+
+    name = "early_exit"
+    head = "early_exit"
+
+    def choose(self, front, k, generator=None):
+        mask = torch.zeros(front.hidden.shape[0], self.num_layers, dtype=torch.bool, device=front.hidden.device)
+        mask[:, :k] = True
+        return mask
+
+
+class ScoredChoice(LayerChoice):
+    """Keeps the top-k of per-layer scores from ``self.scorer``; trainable with straight-through gates."""
+
+    learned = True
+    scorer: nn.Module
+
+    def scores(self, front: FrontEnd) -> Tensor:
+        return self.scorer(front.features, front.frame_mask)
+
+    def choose(self, front, k, generator=None):
+        return topk_mask(self.scores(front), k)
+
+    def gates(self, front: FrontEnd, k: int, tau: float = 1.0, explore: bool = True) -> Tensor:
+        scores = self.scores(front)
+        noise = gumbel_noise(scores) if explore else None
+        return straight_through_topk(scores, k, tau=tau, noise=noise)
+
+
+class StaticMask(ScoredChoice):
+    """One learned layer ranking for all inputs."""
+
+    name = "static"
+    head = "static"
+
+    def __init__(self, num_layers: int):
+        super().__init__(num_layers)
+        self.scorer = StaticScores(num_layers)
+
+
+class InputSelector(ScoredChoice):
+    """The input-conditioned selector: a layer ranking per input."""
+
+    name = "selector"
+    head = "selector"
+
+    def __init__(self, num_layers: int, feature_dim: int, hidden: int = 64):
+        super().__init__(num_layers)
+        self.scorer = LayerSelector(feature_dim, num_layers, hidden)
+
+
+STRATEGY_NAMES = ("full", "random", "early_exit", "static", "selector")
+
+
+def build_strategies(num_layers: int, feature_dim: int, selector_hidden: int = 64) -> nn.ModuleDict:
+    return nn.ModuleDict(
+        {
+            "full": FullModel(num_layers),
+            "random": RandomDrop(num_layers),
+            "early_exit": EarlyExit(num_layers),
+            "static": StaticMask(num_layers),
+            "selector": InputSelector(num_layers, feature_dim, selector_hidden),
+        }
+    )
