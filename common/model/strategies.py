@@ -73,9 +73,10 @@ class ScoredChoice(LayerChoice):
     def choose(self, front, k, generator=None):
         return topk_mask(self.scores(front), k)
 
-    def gates(self, front: FrontEnd, k: int, tau: float = 1.0, explore: bool = True) -> Tensor:
+    def gates(self, front: FrontEnd, k: int, tau: float = 1.0, noise_scale: float = 1.0) -> Tensor:
+        """Straight-through top-k gates; Gumbel noise (scaled) makes training explore other sets."""
         scores = self.scores(front)
-        noise = gumbel_noise(scores) if explore else None
+        noise = gumbel_noise(scores) * noise_scale if noise_scale > 0 else None
         return straight_through_topk(scores, k, tau=tau, noise=noise)
 
 

@@ -1,0 +1,55 @@
+"""Saving and loading a dynamic model as a run folder: ``model.json`` + ``model.safetensors``.
+
+The backbone's config is stored next to the weights, so a run re-opens without the hub or the
+original checkpoint folder — what an edge device needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from .backbone import backbone_from_config
+from .dynamic import DynamicModel
+
+MODEL_JSON = "model.json"
+WEIGHTS = "model.safetensors"
+
+
+def _atomic_write_bytes(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def save_model(model: DynamicModel, run_dir: str | Path, extra: dict | None = None) -> None:
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "backbone_config": model.runner.backbone.config.to_dict(),
+        "num_classes": model.num_classes,
+        "selector_hidden": model.selector_hidden,
+        **(extra or {}),
+    }
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    _atomic_write_bytes(run / WEIGHTS, lambda p: save_file(state, str(p)))
+    _atomic_write_bytes(run / MODEL_JSON, lambda p: p.write_text(json.dumps(meta, indent=2, default=str)))
+
+
+def read_meta(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / MODEL_JSON
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir} is not a trained run (no {MODEL_JSON}); train one with `ldfleet train`")
+    return json.loads(path.read_text())
+
+
+def load_model(run_dir: str | Path) -> DynamicModel:
+    meta = read_meta(run_dir)
+    model = DynamicModel(
+        backbone_from_config(meta["backbone_config"]), meta["num_classes"], meta.get("selector_hidden", 64)
+    )
+    model.load_state_dict(load_file(str(Path(run_dir) / WEIGHTS)))
+    return model.eval()

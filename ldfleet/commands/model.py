@@ -1,0 +1,197 @@
+"""`ldfleet train`, `ldfleet eval`, `ldfleet bench speed`: the model side of the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console()
+err = Console(stderr=True)
+
+
+def _floats(text: str, name: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{name} must be comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise typer.BadParameter(f"{name} is empty")
+    return values
+
+
+def _keeps(text: str) -> list[float]:
+    keeps = _floats(text, "--keep")
+    bad = [k for k in keeps if not 0 < k <= 1]
+    if bad:
+        raise typer.BadParameter(f"keep ratios must be in (0, 1], got {bad}")
+    return keeps
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err, transient=True,
+    )
+
+
+def _load_data(data: Path, seed: int):
+    from ldfleet.common.data.folder import load_splits
+
+    try:
+        return load_splits(data, seed=seed)
+    except (FileNotFoundError, ValueError) as exc:
+        err.print(f"[red]cannot load data from {data}: {exc}[/red]")
+        raise typer.Exit(2) from None
+
+
+def train(
+    data: Path = typer.Option(..., "--data", help="Folder in Speech Commands layout (e.g. from `ldfleet data synth`)."),
+    out: Path = typer.Option(..., "--out", help="Run folder: checkpoints, progress, config. Re-run to resume."),
+    backbone: str = typer.Option("tiny", help="`tiny` or `base` (built in code), a hub id, or a local checkpoint folder."),
+    family: str = typer.Option("wavlm", help="wavlm | hubert | wav2vec2 (for `tiny`/`base`)."),
+    epochs: int = typer.Option(20, min=0, help="Epochs of backbone + head training under random layer dropping."),
+    strategy_epochs: int = typer.Option(6, min=0, help="Epochs for each of early_exit, static and selector."),
+    batch_size: int = typer.Option(32, min=1),
+    seed: int = typer.Option(0, help="Seed for initialisation, data order, splits and augmentation."),
+    threads: int = typer.Option(0, min=0, help="torch threads (0 = torch's default)."),
+) -> None:
+    """Train a dynamic model: backbone + head tolerant to dropped layers, then every strategy.
+
+    Stage 1 tunes the backbone and head with random per-example layer dropping; stage 2 freezes
+    the backbone and trains the early-exit head, the static mask and the input-conditioned
+    selector. Checkpoints (safetensors) are written after every epoch; running the same command
+    again resumes an interrupted run.
+    """
+    import torch
+
+    from ldfleet.common.train import STAGES, TrainConfig, Trainer
+
+    if threads:
+        torch.set_num_threads(threads)
+    splits = _load_data(data, seed)
+    cfg = TrainConfig(backbone=backbone, family=family, epochs=epochs, strategy_epochs=strategy_epochs,
+                      batch_size=batch_size, seed=seed)
+    try:
+        trainer = Trainer(out, splits["train"], splits["val"], cfg, log=console.print)
+    except (OSError, ValueError) as exc:
+        err.print(f"[red]cannot start training: {exc}[/red]")
+        raise typer.Exit(2) from None
+    console.print(f"train {len(splits['train'])} clips, val {len(splits['val'])}, test {len(splits['test'])}; run {out}")
+    with _progress() as progress:
+        tasks: dict[str, int] = {}
+
+        def on_step(stage: str, step: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total)
+            if step == 1:
+                progress.reset(tasks[stage], total=total)
+            progress.update(tasks[stage], completed=step)
+
+        state = trainer.fit(on_step)
+    console.print(f"[green]done[/green]: stages {', '.join(STAGES)}; {len(state.history)} epochs logged in {out}/train_state.json")
+
+
+def evaluate(
+    run: Path = typer.Option(..., "--run", help="A run folder made by `ldfleet train`."),
+    data: Path = typer.Option(..., "--data", help="Speech Commands folder; its test split (held-out speakers) is used."),
+    keep: str = typer.Option("0.25,0.5,0.75,1.0", help="Comma-separated keep ratios."),
+    methods: str = typer.Option("full,random,early_exit,static,selector", help="Comma-separated strategies."),
+    split: str = typer.Option("test", help="train | val | test"),
+    seed: int = typer.Option(-1, help="Split seed (default: the run's training seed)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """Accuracy, layers run, MACs and ms per example for every method at every keep ratio."""
+    from ldfleet.common.evaluate import evaluate as run_eval
+    from ldfleet.common.model.checkpoint import load_model, read_meta
+    from ldfleet.common.model.strategies import STRATEGY_NAMES
+
+    keeps = _keeps(keep)
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = [m for m in names if m not in STRATEGY_NAMES]
+    if unknown:
+        raise typer.BadParameter(f"unknown methods {unknown}; choose from {', '.join(STRATEGY_NAMES)}")
+    try:
+        meta = read_meta(run)
+    except FileNotFoundError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    if seed < 0:
+        seed = meta.get("train_config", {}).get("seed", 0)
+    splits = _load_data(data, seed)
+    if split not in splits:
+        raise typer.BadParameter(f"split must be one of {sorted(splits)}")
+    model = load_model(run)
+    with _progress() as progress:
+        task = progress.add_task(f"eval {split}", total=None)
+        result = run_eval(model, splits[split], names, keeps,
+                          on_batch=lambda i, n: progress.update(task, completed=i, total=n))
+    if as_json:
+        print(json.dumps(result.as_dict(), indent=2))
+        return
+    table = Table(title=f"{run} on {split} ({result.rows[0].examples} clips)")
+    for col in ("method", "keep", "k", "accuracy", "mean layers", "GMACs", "ms/example"):
+        table.add_column(col, justify="right" if col != "method" else "left")
+    for r in result.rows:
+        table.add_row(r.method, f"{r.keep:.2f}", str(r.k), f"{100 * r.accuracy:.1f}%", f"{r.mean_layers:.2f}",
+                      f"{r.macs / 1e9:.3f}", f"{r.ms_per_example:.2f}")
+    console.print(table)
+    if "selector" in result.layer_usage:
+        usage = Table(title="selector: share of inputs running each layer")
+        usage.add_column("keep")
+        for i in range(model.num_layers):
+            usage.add_column(f"L{i}", justify="right")
+        for k, shares in result.layer_usage["selector"].items():
+            usage.add_row(f"{k:.2f}", *[f"{s:.2f}" for s in shares])
+        console.print(usage)
+
+
+def bench_speed(
+    family: str = typer.Option("wavlm", help="wavlm | hubert | wav2vec2"),
+    seconds: str = typer.Option("1,5", help="Input lengths in seconds, comma-separated."),
+    keep: str = typer.Option("0.25,0.5,0.75,1.0", help="Keep ratios, comma-separated."),
+    batch: str = typer.Option("1,8", help="Batch sizes, comma-separated."),
+    repeats: int = typer.Option(7, min=1, help="Timed repeats per configuration (median is reported)."),
+    size: str = typer.Option("base", help="Model size: base (768x12, the real architecture) or tiny."),
+    threads: int = typer.Option(0, min=0, help="torch threads (0 = torch's default)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON rows instead of a table."),
+) -> None:
+    """Time front end, encoder layers and selector at each keep ratio (random weights, no download)."""
+    import torch
+
+    from ldfleet.common.model.benchmark import bench_speed as run_bench
+
+    if threads:
+        torch.set_num_threads(threads)
+    batches = [int(b) for b in _floats(batch, "--batch")]
+    rows = run_bench(family, _floats(seconds, "--seconds"), _keeps(keep), batches, repeats, size)
+    if as_json:
+        print(json.dumps([r.as_dict() for r in rows], indent=2))
+        return
+    table = Table(title=f"{size} {family}: median of {repeats}, {torch.get_num_threads()} thread(s)")
+    for col in ("seconds", "batch", "keep", "k", "front-end ms", "encoder ms", "selector ms", "total ms", "encoder / full"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(f"{r.seconds:g}", str(r.batch), f"{r.keep:.2f}", str(r.k), f"{r.front_end_ms:.1f}",
+                      f"{r.encoder_ms:.1f}", f"{r.selector_ms:.2f}", f"{r.total_ms:.1f}", f"{r.encoder_ratio:.3f}")
+    console.print(table)
+
+
+def bench_group(app: typer.Typer) -> typer.Typer:
+    """The shared `bench` group (other command modules add to it too)."""
+    for info in app.registered_groups:
+        if info.name == "bench":
+            return info.typer_instance
+    group = typer.Typer(help="Benchmarks that print figures (speed, control plane).", no_args_is_help=True)
+    app.add_typer(group, name="bench")
+    return group
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)
+    app.command("eval")(evaluate)
+    bench_group(app).command("speed")(bench_speed)

@@ -1,0 +1,88 @@
+"""Analytic cost, budgets, checkpoints and latency profiles."""
+
+import math
+
+import pytest
+import torch
+
+from ldfleet.common.budget import expected_latency_ms, layers_for_keep, layers_for_latency
+from ldfleet.common.model.backbone import build_config, load_backbone
+from ldfleet.common.model.checkpoint import load_model, save_model
+from ldfleet.common.model.cost import cost_of, frames_for, layer_macs
+from ldfleet.common.model.dynamic import DynamicModel
+from ldfleet.common.model.profiling import measure_latency
+
+
+def test_frames_match_the_real_model():
+    cfg = build_config("wavlm", "tiny")
+    model = load_backbone("tiny")
+    with torch.inference_mode():
+        for samples in (16000, 80000, 12345):
+            assert model(torch.randn(1, samples)).last_hidden_state.shape[1] == frames_for(cfg, samples)
+
+
+def test_base_config_is_the_real_base_size_and_selector_under_one_percent():
+    model = DynamicModel(load_backbone("base", "hubert"), num_classes=12)
+    cfg = model.runner.backbone.config
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.layerdrop) == (768, 12, 0.0)
+    for seconds in (1.0, 5.0):
+        cost = cost_of(model, seconds)
+        assert cost.selector <= 0.01 * cost.full
+        # known figure: a base encoder layer on 1 s (49 frames) is ~0.35 GMACs
+        assert cost.layer == layer_macs(cfg, cost.frames)
+    assert 0.3e9 < cost_of(model, 1.0).layer < 0.4e9
+
+
+def test_cost_of_mask_is_linear_in_layers_run():
+    model = DynamicModel(load_backbone("tiny"), num_classes=12)
+    cost = cost_of(model)
+    keep = torch.zeros(4, model.num_layers, dtype=torch.bool)
+    keep[:, :2] = True
+    keep[:2, 2:4] = True  # two inputs run 4 layers, two run 2: mean 3
+    assert cost.of_mask(keep, with_selector=True) == pytest.approx(cost.front_end + 3 * cost.layer + cost.head + cost.selector)
+    assert cost.total(model.num_layers, False) == cost.full
+
+
+def test_budget_conversions():
+    assert [layers_for_keep(r, 12) for r in (0.25, 0.5, 0.75, 1.0)] == [3, 6, 9, 12]
+    assert layers_for_keep(0.01, 12) == 1
+    for bad in (0.0, -0.5, 1.5, math.nan, math.inf):
+        with pytest.raises(ValueError):
+            layers_for_keep(bad, 12)
+    layer_ms = [5.0, 10.0, 5.0, 5.0]
+    # front end 5 ms, then the slowest layers first (pessimistic: the selector may pick them)
+    assert layers_for_latency(19.0, 5.0, layer_ms) == 1  # 5 + 10 fits, + 5 more does not
+    assert layers_for_latency(20.0, 5.0, layer_ms) == 2  # 5 + 10 + 5 fits exactly
+    assert layers_for_latency(25.0, 5.0, layer_ms) == 3
+    assert layers_for_latency(1000.0, 5.0, layer_ms) == 4
+    assert layers_for_latency(1.0, 5.0, layer_ms) == 1  # never below one layer
+    assert expected_latency_ms(2, 5.0, layer_ms) == 20.0
+    with pytest.raises(ValueError):
+        layers_for_latency(-1, 5.0, layer_ms)
+    with pytest.raises(ValueError):
+        layers_for_latency(10, 5.0, [])
+
+
+def test_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(1)
+    model = DynamicModel(load_backbone("tiny", "hubert"), num_classes=5).eval()
+    torch.nn.init.normal_(model.strategies["static"].scorer.scores)
+    save_model(model, tmp_path)
+    loaded = load_model(tmp_path)
+    wave = torch.randn(2, 16000)
+    with torch.inference_mode():
+        for strategy in ("full", "static", "selector"):
+            a, b = model(wave, strategy=strategy, keep=0.5), loaded(wave, strategy=strategy, keep=0.5)
+            assert torch.equal(a.keep, b.keep) and torch.allclose(a.logits, b.logits)
+
+
+def test_loading_a_missing_run_says_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="ldfleet train"):
+        load_model(tmp_path / "nope")
+
+
+def test_latency_profile_measures_every_layer():
+    profile = measure_latency("wav2vec2", "tiny", seconds=0.5, repeats=2)
+    assert profile.num_layers == 8 and len(profile.layer_ms) == 8
+    assert profile.front_end_ms > 0 and all(ms > 0 for ms in profile.layer_ms)
+    assert profile.full_ms == pytest.approx(profile.front_end_ms + sum(profile.layer_ms))

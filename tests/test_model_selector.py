@@ -1,0 +1,79 @@
+"""Selector, top-k gates and the five layer-choice strategies."""
+
+import pytest
+import torch
+
+from ldfleet.common.model.backbone import load_backbone
+from ldfleet.common.model.dynamic import DynamicModel
+from ldfleet.common.model.selector import LayerSelector, straight_through_topk, topk_mask
+from ldfleet.common.model.strategies import STRATEGY_NAMES
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return DynamicModel(load_backbone("tiny", "wavlm"), num_classes=12).eval()
+
+
+def test_topk_mask_keeps_the_k_best():
+    scores = torch.tensor([[0.1, 0.9, 0.5, -1.0], [3.0, 2.0, 1.0, 0.0]])
+    assert topk_mask(scores, 2).tolist() == [[False, True, True, False], [True, True, False, False]]
+
+
+def test_straight_through_is_hard_forward_and_differentiable_backward():
+    scores = torch.randn(5, 8, requires_grad=True)
+    gates = straight_through_topk(scores, 3)
+    assert torch.allclose(gates, gates.round(), atol=1e-6)
+    assert (gates.round().sum(1) == 3).all()
+    (gates * torch.arange(8.0)).sum().backward()
+    # pushing weight onto later layers must raise their scores' gradient signal
+    assert scores.grad is not None and scores.grad.abs().sum() > 0
+    assert (scores.grad[:, -1] >= scores.grad[:, 0]).float().mean() > 0.5
+
+
+def test_straight_through_keeps_everything_when_k_equals_layers():
+    assert torch.equal(straight_through_topk(torch.randn(2, 4), 4), torch.ones(2, 4))
+
+
+def test_selector_scores_depend_on_the_input():
+    sel = LayerSelector(feature_dim=16, num_layers=6, hidden=8)
+    a, b = torch.randn(1, 20, 16), torch.randn(1, 20, 16) * 3 + 1
+    assert not torch.allclose(sel(a), sel(b))
+    # padding frames must not change the scores of the real frames
+    padded = torch.cat([a, torch.randn(1, 10, 16) * 100], dim=1)
+    mask = torch.tensor([[True] * 20 + [False] * 10])
+    assert torch.allclose(sel(a), sel(padded, mask), atol=1e-5)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("keep", [0.25, 0.5, 0.75, 1.0])
+def test_every_strategy_runs_exactly_k_layers(model, keep):
+    wave = torch.randn(6, 16000)
+    k = model.k_for(keep)
+    for name in STRATEGY_NAMES:
+        out = model(wave, strategy=name, keep=keep)
+        expected = model.num_layers if name == "full" else k
+        assert out.keep.sum(1).tolist() == [expected] * 6, name
+        assert out.logits.shape == (6, 12)
+
+
+@torch.inference_mode()
+def test_strategy_shapes_of_choice(model):
+    wave = torch.randn(16, 16000)
+    early = model(wave, strategy="early_exit", keep=0.5).keep
+    assert early[:, : model.k_for(0.5)].all() and not early[:, model.k_for(0.5) :].any()
+    static = model(wave, strategy="static", keep=0.5).keep
+    assert (static == static[0]).all()  # one mask for every input
+    rand = model(wave, strategy="random", keep=0.5).keep
+    assert len({tuple(r.tolist()) for r in rand}) > 1  # layers differ between inputs
+
+
+def test_unknown_strategy_is_a_clear_error(model):
+    with pytest.raises(ValueError, match="unknown strategy"):
+        model.strategy("oracle")
+
+
+def test_trainable_state_is_only_selector_and_its_head(model):
+    state = model.trainable_state("selector")
+    assert state and all(k.startswith(("strategies.selector.", "heads.selector.")) for k in state)
+    assert sum(v.numel() for v in state.values()) < 0.05 * model.parameter_count("backbone")
