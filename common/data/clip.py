@@ -16,7 +16,7 @@ class Clip:
     path: Path
     label: int
     speaker: str
-    word: str
+    word: str  # the spoken word (folder name, or metadata's word column)
     start: int = 0  # first frame, in the file's own sample rate
     frames: int = -1  # -1: to the end of the file
 

@@ -32,15 +32,16 @@ def speaker_from_filename(name: str) -> str:
     return stem.split(NOHASH, 1)[0] if NOHASH in stem else stem
 
 
-def _metadata_speakers(root: Path) -> dict[str, str]:
+def _metadata(root: Path) -> dict[str, dict[str, str]]:
+    """Rows of ``metadata.csv`` by relative path (our corpus has one; real Speech Commands does not)."""
     meta = root / METADATA
     if not meta.is_file():
         return {}
     with open(meta, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"path", "speaker"} <= set(reader.fieldnames):
+        if not reader.fieldnames or "path" not in reader.fieldnames:
             return {}
-        return {row["path"]: row["speaker"] for row in reader if row.get("speaker")}
+        return {row["path"]: row for row in reader}
 
 
 def _wavs(folder: Path) -> list[Path]:
@@ -69,15 +70,17 @@ def scan_folder(root: str | Path) -> list[Clip]:
         raise FileNotFoundError(f"data folder {root} does not exist (make one with `ldfleet data synth --out {root}`)")
     if not root.is_dir():
         raise NotADirectoryError(f"data folder {root} is not a directory")
-    speakers = _metadata_speakers(root)
+    meta = _metadata(root)
     clips: list[Clip] = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         if folder.name == BACKGROUND_NOISE_DIR:
             continue
         for path in _wavs(folder):
             rel = f"{folder.name}/{path.name}"
-            speaker = speakers.get(rel) or speaker_from_filename(path.name)
-            clips.append(Clip(rel=rel, path=path, label=label_id(folder.name), speaker=speaker, word=folder.name))
+            row = meta.get(rel, {})
+            speaker = row.get("speaker") or speaker_from_filename(path.name)
+            word = row.get("word") or folder.name  # our _unknown_ folder holds many words
+            clips.append(Clip(rel=rel, path=path, label=label_id(folder.name), speaker=speaker, word=word))
     clips.extend(_background_windows(root))
     if not clips:
         raise ValueError(f"no .wav clips under {root}: expected <word>/<speaker>_nohash_<n>.wav (Speech Commands layout)")
@@ -102,7 +105,7 @@ class FolderStats:
 
     counts: dict[str, dict[str, int]]  # split -> label -> clips
     speakers: dict[str, int]  # split -> distinct speakers
-    words: dict[str, int]  # folder name -> clips (shows what _unknown_ is made of)
+    words: dict[str, int]  # spoken word (or folder) -> clips: shows what _unknown_ is made of
     official_lists: bool  # validation_list.txt / testing_list.txt were used
 
 
