@@ -106,13 +106,13 @@ def file_stem(speaker: str) -> str:
 
 
 def _speakers(cfg: SynthConfig, rng: np.random.Generator) -> list[tuple[str, str]]:
-    if cfg.variants_per_voice > len(cfg.variants):
-        raise ValueError(f"variants_per_voice={cfg.variants_per_voice} but only {len(cfg.variants)} variants to draw from")
-    pairs = []
-    for voice in cfg.voices:
-        for variant in rng.choice(len(cfg.variants), size=cfg.variants_per_voice, replace=False):
-            pairs.append((voice, cfg.variants[int(variant)]))
-    return pairs
+    """(voice, variant) pairs: each voice draws its own variants, so speakers never repeat."""
+    voices, pool = tuple(dict.fromkeys(cfg.voices)), tuple(dict.fromkeys(cfg.variants))
+    if not voices or cfg.variants_per_voice < 1:
+        raise ValueError("need at least one voice and variants_per_voice >= 1")
+    if cfg.variants_per_voice > len(pool):
+        raise ValueError(f"variants_per_voice={cfg.variants_per_voice} but only {len(pool)} variants to draw from")
+    return [(voice, pool[int(i)]) for voice in voices for i in rng.choice(len(pool), size=cfg.variants_per_voice, replace=False)]
 
 
 def plan(cfg: SynthConfig) -> list[ClipSpec]:
@@ -213,11 +213,14 @@ def synthesize_corpus(cfg: SynthConfig, progress: bool = True) -> SynthSummary:
 
     errors: dict[str, str] = {}
     workers = cfg.workers or os.cpu_count() or 1
-    with ThreadPoolExecutor(max_workers=workers) as pool:  # espeak-ng runs in subprocesses: threads suffice
+    pool = ThreadPoolExecutor(max_workers=workers)  # espeak-ng runs in subprocesses: threads suffice
+    try:
         futures = {pool.submit(job, spec): spec for spec in specs}
         for fut in track(as_completed(futures), total=len(futures), description="synthesizing", disable=not progress):
             if (err := fut.result()) is not None:
                 errors[futures[fut].path] = err
+    finally:  # on Ctrl-C, drop the queued clips instead of synthesizing them all first
+        pool.shutdown(wait=True, cancel_futures=True)
 
     written = [s for s in specs if s.path not in errors]
     with open(out / METADATA, "w", newline="", encoding="utf-8") as f:

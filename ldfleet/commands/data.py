@@ -103,6 +103,8 @@ def synth(
             err_console.print(f"  {path}: {reason}")
         if len(summary.failures) > 20:
             err_console.print(f"  ... and {len(summary.failures) - 20} more")
+    if summary.clips == 0:
+        raise _fail(RuntimeError("no clip could be synthesized"))
 
 
 def info(
