@@ -1,0 +1,58 @@
+"""How a budget becomes k on one device: shared by the controller (which resolves it with the
+profile the device advertised) and the device (which checks it against its own profile), so both
+always agree. The arithmetic itself is ``ldfleet.common.budget``.
+
+A latency target comes with a percentile P: the target must hold for P% of inputs. Per-layer
+latencies in a profile are medians; when the profile also carries the measured tail ratios
+(end-to-end p90/median, p99/median), the target is divided by the ratio for P (linear between
+p50 = 1, p90 and p99; capped at p99), otherwise by 1 (the median is all that is known).
+"""
+
+from __future__ import annotations
+
+from ldfleet.common.budget import expected_latency_ms, layers_for_keep, layers_for_latency
+from ldfleet.common.schemas import DeviceProfile
+
+
+def percentile_ratio(profile: DeviceProfile, percentile: float | None) -> float:
+    """Tail latency / median latency of this device at ``percentile`` (1.0 when unknown or <= 50)."""
+    if percentile is None or percentile <= 50.0:
+        return 1.0
+    r90 = profile.latency_ratio_p90
+    r99 = profile.latency_ratio_p99
+    if r90 is None and r99 is None:
+        return 1.0
+    if r90 is None:
+        r90 = 1.0 + (r99 - 1.0) * (40.0 / 49.0)  # type: ignore[operator]
+    if percentile <= 90.0:
+        return 1.0 + (r90 - 1.0) * (percentile - 50.0) / 40.0
+    if r99 is None:
+        return r90
+    return r90 + (r99 - r90) * min(1.0, (percentile - 90.0) / 9.0)
+
+
+def k_for_budget(
+    profile: DeviceProfile,
+    *,
+    keep: float | None = None,
+    latency_ms: float | None = None,
+    percentile: float | None = None,
+) -> tuple[int, float | None]:
+    """(k, expected median latency in ms or None) for one budget on one device.
+
+    Raises ValueError with a reason a person can act on (bad budget, no measured latency).
+    """
+    if (keep is None) == (latency_ms is None):
+        raise ValueError("a budget is exactly one of a keep fraction and a latency target")
+    if keep is not None:
+        k = layers_for_keep(keep, profile.num_layers)
+    else:
+        if not profile.layer_ms:
+            raise ValueError(
+                f"latency target {latency_ms} ms needs the device's measured per-layer latency, "
+                "and its profile has none"
+            )
+        target = float(latency_ms) / percentile_ratio(profile, percentile)  # type: ignore[arg-type]
+        k = layers_for_latency(target, profile.front_end_ms, profile.layer_ms)
+    expected = expected_latency_ms(k, profile.front_end_ms, profile.layer_ms) if profile.layer_ms else None
+    return k, expected

@@ -1,0 +1,270 @@
+"""Every control-plane payload as a versioned pydantic model, and the one way to parse them.
+
+Each payload carries ``"schema": "ldfleet.<kind>/<major>"``. A receiver accepts exactly the major
+version it knows; a new major means a new schema string (and, if needed, a new topic prefix).
+
+Parsing rules (``parse_payload`` / ``decode``), applied to everything read from the network:
+
+* the raw payload is refused before parsing when it exceeds ``MAX_PAYLOAD_BYTES`` (16 KiB; the
+  largest legitimate payload, a 256-layer profile, is about 6 KiB);
+* it must be a JSON object; the ``schema`` field must be present and equal the model's;
+* unknown fields are refused (``extra="forbid"``), types are strict (no ``"1"`` for 1, no 1.5 for
+  an int), floats must be finite (NaN/Infinity refused), ranges are checked;
+* the ``device_id`` inside a device payload must equal the device id of the topic it came on.
+
+``decode`` logs the reason of every refusal at WARNING and returns None: a subscriber drops the
+message and carries on.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from typing import Annotated, ClassVar, Literal, TypeVar
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ldfleet.common.topics import DEVICE_CLASS_PATTERN, DEVICE_ID_PATTERN
+
+log = logging.getLogger("ldfleet.contracts")
+
+#: Largest payload any control-plane subscriber will parse, in bytes (checked before parsing).
+MAX_PAYLOAD_BYTES = 16 * 1024
+#: Most encoder layers a profile or policy may describe.
+MAX_LAYERS = 256
+
+DeviceId = Annotated[str, Field(pattern=DEVICE_ID_PATTERN)]
+DeviceClass = Annotated[str, Field(pattern=DEVICE_CLASS_PATTERN)]
+ShortText = Annotated[str, Field(min_length=1, max_length=128)]
+Ms = Annotated[float, Field(ge=0.0, le=1e7)]
+Version = Annotated[int, Field(ge=0, le=2**53)]
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Payload(BaseModel):
+    """Base of every wire payload: strict, closed, finite, immutable."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,
+        allow_inf_nan=False,
+        populate_by_name=True,
+        frozen=True,
+    )
+    SCHEMA: ClassVar[str] = ""
+
+    def to_json(self) -> bytes:
+        """Wire form (``schema`` spelled as such, UTF-8 JSON)."""
+        return self.model_dump_json(by_alias=True).encode()
+
+
+class DeviceProfile(Payload):
+    """A device's compute profile, measured on the device at a reference input length."""
+
+    SCHEMA: ClassVar[str] = "ldfleet.profile/1"
+    schema_: Literal["ldfleet.profile/1"] = Field("ldfleet.profile/1", alias="schema")
+    device_id: DeviceId
+    device_class: DeviceClass
+    revision: Version = 0
+    cores: int = Field(ge=1, le=4096)
+    memory_mb: int = Field(ge=0, le=1 << 30)
+    accelerator: str | None = Field(None, max_length=64)
+    model_id: str = Field(min_length=1, max_length=200)
+    num_layers: int = Field(ge=1, le=MAX_LAYERS)
+    front_end_ms: Ms = 0.0
+    #: Measured per-layer latency (ms), one per encoder layer; empty when not measured.
+    layer_ms: list[Ms] = Field(default_factory=list, max_length=MAX_LAYERS)
+    reference_seconds: float = Field(1.0, gt=0.0, le=600.0)
+    #: End-to-end latency at the 90th / 99th percentile divided by the median, when measured.
+    latency_ratio_p90: float | None = Field(None, ge=1.0, le=100.0)
+    latency_ratio_p99: float | None = Field(None, ge=1.0, le=100.0)
+    battery: float | None = Field(None, ge=0.0, le=1.0)
+    load: float | None = Field(None, ge=0.0, le=1e4)
+    measured_at: AwareDatetime | None = None
+
+    @model_validator(mode="after")
+    def _layers_match(self) -> DeviceProfile:
+        if self.layer_ms and len(self.layer_ms) != self.num_layers:
+            raise ValueError(
+                f"layer_ms has {len(self.layer_ms)} entries but num_layers is {self.num_layers}"
+            )
+        return self
+
+
+class Status(Payload):
+    """Birth (online) and death (offline, sent as the Last Will) of one device connection."""
+
+    SCHEMA: ClassVar[str] = "ldfleet.status/1"
+    schema_: Literal["ldfleet.status/1"] = Field("ldfleet.status/1", alias="schema")
+    device_id: DeviceId
+    online: bool
+    #: Random id of the agent process; changes when the device restarts.
+    boot_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    #: Number of births of this boot (1 = first connect).
+    seq: Version = 0
+    sent_at: AwareDatetime | None = None
+
+
+class BudgetPolicy(Payload):
+    """The desired policy of one device (the controller's resolution of override > class > default).
+
+    ``version`` is per device and only goes up. Exactly one of ``keep`` and ``latency_ms`` is set;
+    ``k`` is the controller's resolution with the device's profile (None when it had no
+    per-layer latency to resolve a latency target with; the device then resolves it itself).
+    """
+
+    SCHEMA: ClassVar[str] = "ldfleet.policy/1"
+    schema_: Literal["ldfleet.policy/1"] = Field("ldfleet.policy/1", alias="schema")
+    device_id: DeviceId
+    version: int = Field(ge=1, le=2**53)
+    source: Literal["device", "class", "default"]
+    device_class: DeviceClass | None = None
+    #: Version of the registry policy this was resolved from (per class or per device; 0 = default).
+    policy_version: Version = 0
+    keep: float | None = Field(None, gt=0.0, le=1.0)
+    latency_ms: float | None = Field(None, gt=0.0, le=1e7)
+    percentile: float | None = Field(None, gt=0.0, lt=100.0)
+    k: int | None = Field(None, ge=1, le=MAX_LAYERS)
+    num_layers: int | None = Field(None, ge=1, le=MAX_LAYERS)
+    expected_latency_ms: Ms | None = None
+    issued_at: AwareDatetime
+    issued_by: ShortText
+    expires_at: AwareDatetime | None = None
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> BudgetPolicy:
+        if (self.keep is None) == (self.latency_ms is None):
+            raise ValueError("exactly one of keep and latency_ms must be set")
+        if self.percentile is not None and self.latency_ms is None:
+            raise ValueError("percentile only goes with latency_ms")
+        if self.k is not None and self.num_layers is not None and self.k > self.num_layers:
+            raise ValueError(f"k={self.k} exceeds num_layers={self.num_layers}")
+        return self
+
+    def expired(self, now: datetime | None = None) -> bool:
+        return self.expires_at is not None and (now or utcnow()) >= self.expires_at
+
+
+class PolicyAck(Payload):
+    """A device's answer to a desired policy (its reported state)."""
+
+    SCHEMA: ClassVar[str] = "ldfleet.ack/1"
+    schema_: Literal["ldfleet.ack/1"] = Field("ldfleet.ack/1", alias="schema")
+    device_id: DeviceId
+    #: The desired version this ack answers (0: a re-announcement with nothing new to answer).
+    version: Version = 0
+    #: The version in force on the device after this ack (0: none applied yet).
+    applied_version: Version
+    status: Literal["applied", "rejected"]
+    reason: str | None = Field(None, max_length=500)
+    effective_k: int | None = Field(None, ge=1, le=MAX_LAYERS)
+    expected_latency_ms: Ms | None = None
+    acked_at: AwareDatetime | None = None
+
+
+class Telemetry(Payload):
+    """Occasional device measurements outside federated rounds (QoS 0, not retained)."""
+
+    SCHEMA: ClassVar[str] = "ldfleet.telemetry/1"
+    schema_: Literal["ldfleet.telemetry/1"] = Field("ldfleet.telemetry/1", alias="schema")
+    device_id: DeviceId
+    sent_at: AwareDatetime | None = None
+    load: float | None = Field(None, ge=0.0, le=1e4)
+    battery: float | None = Field(None, ge=0.0, le=1.0)
+    mean_kept_layers: float | None = Field(None, ge=0.0, le=MAX_LAYERS)
+    layer_usage: list[Annotated[float, Field(ge=0.0, le=1.0)]] | None = Field(None, max_length=MAX_LAYERS)
+    accuracy: float | None = Field(None, ge=0.0, le=1.0)
+    latency_ms: Ms | None = None
+
+
+class ControllerStatus(Payload):
+    """Controller liveness on ``ldfleet/v1/ctl/status`` (retained; Last Will says offline)."""
+
+    SCHEMA: ClassVar[str] = "ldfleet.ctl-status/1"
+    schema_: Literal["ldfleet.ctl-status/1"] = Field("ldfleet.ctl-status/1", alias="schema")
+    controller_id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    online: bool
+    boot_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    sent_at: AwareDatetime | None = None
+
+
+class PolicyChanged(Payload):
+    """Operator notice on ``ldfleet/v1/ctl/policy-changed``: re-resolve these devices now.
+
+    Neither class nor device: re-resolve the whole fleet. The registry is the source of truth;
+    the notice only says when to look (the controller also polls the registry as a safety net).
+    """
+
+    SCHEMA: ClassVar[str] = "ldfleet.policy-changed/1"
+    schema_: Literal["ldfleet.policy-changed/1"] = Field("ldfleet.policy-changed/1", alias="schema")
+    device_class: DeviceClass | None = None
+    device_id: DeviceId | None = None
+    policy_version: Version = 0
+    issued_by: ShortText = "operator"
+    sent_at: AwareDatetime | None = None
+
+
+P = TypeVar("P", bound=Payload)
+
+
+class PayloadError(ValueError):
+    """A payload refused by ``parse_payload``; ``str(exc)`` is the reason."""
+
+
+def _summarise(exc: ValidationError, limit: int = 3) -> str:
+    parts = []
+    for err in exc.errors(include_input=False, include_url=False)[:limit]:
+        loc = ".".join(str(x) for x in err["loc"]) or "<payload>"
+        parts.append(f"{loc}: {err['msg']}")
+    more = exc.error_count() - limit
+    if more > 0:
+        parts.append(f"(+{more} more)")
+    return "; ".join(parts)
+
+
+def parse_payload(
+    model: type[P],
+    payload: bytes | bytearray | str,
+    *,
+    topic_device_id: str | None = None,
+    max_bytes: int = MAX_PAYLOAD_BYTES,
+) -> P:
+    """Validate one wire payload; raise ``PayloadError`` with the reason if it is refused."""
+    size = len(payload.encode() if isinstance(payload, str) else payload)
+    if size > max_bytes:
+        raise PayloadError(f"oversized payload: {size} bytes > cap of {max_bytes}")
+    if size == 0:
+        raise PayloadError("empty payload")
+    try:
+        obj = model.model_validate_json(payload)
+    except ValidationError as exc:
+        raise PayloadError(f"invalid {model.SCHEMA}: {_summarise(exc)}") from None
+    if "schema_" not in obj.model_fields_set:
+        raise PayloadError(f"missing 'schema' field (expected {model.SCHEMA!r})")
+    if topic_device_id is not None:
+        payload_id = getattr(obj, "device_id", None)
+        if payload_id != topic_device_id:
+            raise PayloadError(
+                f"device_id {payload_id!r} in payload does not match topic device {topic_device_id!r}"
+            )
+    return obj
+
+
+def decode(
+    model: type[P],
+    payload: bytes | bytearray | str,
+    *,
+    topic: str,
+    topic_device_id: str | None = None,
+    max_bytes: int = MAX_PAYLOAD_BYTES,
+    logger: logging.Logger | None = None,
+) -> P | None:
+    """``parse_payload`` for subscribers: a refused payload is logged with its reason, returns None."""
+    try:
+        return parse_payload(model, payload, topic_device_id=topic_device_id, max_bytes=max_bytes)
+    except PayloadError as exc:
+        (logger or log).warning("dropped message on %s: %s", topic, exc)
+        return None

@@ -1,0 +1,106 @@
+"""The MQTT topic tree of the control plane, defined once.
+
+```
+ldfleet/v1/dev/{device_id}/status           device -> retained QoS1: birth (online); Last Will: offline
+ldfleet/v1/dev/{device_id}/profile          device -> retained QoS1: DeviceProfile
+ldfleet/v1/dev/{device_id}/policy/desired   controller -> retained QoS1: BudgetPolicy (this device only)
+ldfleet/v1/dev/{device_id}/policy/reported  device -> retained QoS1: PolicyAck
+ldfleet/v1/dev/{device_id}/telemetry        device -> QoS0: Telemetry
+ldfleet/v1/ctl/status                       controller -> retained QoS1: ControllerStatus; Last Will: offline
+ldfleet/v1/ctl/policy-changed               operator CLI -> QoS1: PolicyChanged (controller re-resolves)
+```
+
+Every device topic carries the device id as its fourth level; per-device ACLs use the same id as
+the MQTT username (``pattern write ldfleet/v1/dev/%u/...``). Device ids and class names are
+restricted to ``[A-Za-z0-9._-]`` so that they can never contain MQTT wildcards or separators.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+PREFIX = "ldfleet/v1"
+DEV_ROOT = f"{PREFIX}/dev"
+CTL_ROOT = f"{PREFIX}/ctl"
+
+#: A device id (also its MQTT username under the production ACL): 1-64 characters, no wildcards.
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+#: A device class name: same alphabet as device ids.
+DEVICE_CLASS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_DEVICE_ID_RE = re.compile(DEVICE_ID_PATTERN)
+
+
+class Channel(str, Enum):
+    """The per-device sub-topics (the part after ``ldfleet/v1/dev/{device_id}/``)."""
+
+    STATUS = "status"
+    PROFILE = "profile"
+    POLICY_DESIRED = "policy/desired"
+    POLICY_REPORTED = "policy/reported"
+    TELEMETRY = "telemetry"
+
+
+CTL_STATUS = f"{CTL_ROOT}/status"
+CTL_POLICY_CHANGED = f"{CTL_ROOT}/policy-changed"
+
+
+def is_valid_device_id(device_id: str) -> bool:
+    return bool(_DEVICE_ID_RE.match(device_id))
+
+
+def device_topic(device_id: str, channel: Channel) -> str:
+    """The topic of one device's channel; refuses ids that could break the tree."""
+    if not is_valid_device_id(device_id):
+        raise ValueError(f"invalid device id {device_id!r}: must match {DEVICE_ID_PATTERN}")
+    return f"{DEV_ROOT}/{device_id}/{channel.value}"
+
+
+def status(device_id: str) -> str:
+    return device_topic(device_id, Channel.STATUS)
+
+
+def profile(device_id: str) -> str:
+    return device_topic(device_id, Channel.PROFILE)
+
+
+def policy_desired(device_id: str) -> str:
+    return device_topic(device_id, Channel.POLICY_DESIRED)
+
+
+def policy_reported(device_id: str) -> str:
+    return device_topic(device_id, Channel.POLICY_REPORTED)
+
+
+def telemetry(device_id: str) -> str:
+    return device_topic(device_id, Channel.TELEMETRY)
+
+
+def all_devices(channel: Channel) -> str:
+    """Subscription filter for one channel of every device (``ldfleet/v1/dev/+/...``)."""
+    return f"{DEV_ROOT}/+/{channel.value}"
+
+
+@dataclass(frozen=True)
+class DeviceTopic:
+    device_id: str
+    channel: Channel
+
+
+_CHANNELS = {c.value: c for c in Channel}
+
+
+def parse_device_topic(topic: str) -> DeviceTopic | None:
+    """``ldfleet/v1/dev/pi-01/policy/reported`` -> DeviceTopic("pi-01", POLICY_REPORTED); None if foreign."""
+    prefix = DEV_ROOT + "/"
+    if not topic.startswith(prefix):
+        return None
+    rest = topic[len(prefix):]
+    device_id, sep, channel = rest.partition("/")
+    if not sep or not is_valid_device_id(device_id):
+        return None
+    ch = _CHANNELS.get(channel)
+    if ch is None:
+        return None
+    return DeviceTopic(device_id, ch)
