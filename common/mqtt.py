@@ -1,0 +1,330 @@
+"""Broker URLs and the paho-mqtt session used by the device agent and the controller.
+
+Broker URLs are parsed here once: ``mqtt://[user:pass@]host[:port]`` (plain TCP, default port 1883)
+and ``mqtts://[user:pass@]host[:port]`` (TLS, default port 8883, verified against ``ca_file`` or the
+system trust store). User name and password are percent-decoded.
+
+``MqttSession`` wraps a paho 2.x client the way PITFALLS.md asks: callback API version 2,
+``connect_async`` + ``loop_start`` (paho reconnects by itself with exponential backoff),
+subscriptions renewed in ``on_connect``, every user handler wrapped so that an exception is
+logged instead of killing paho's network thread, bounded outgoing queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+log = logging.getLogger("ldfleet.mqtt")
+
+DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+
+
+class _QuietShutdown(logging.Filter):
+    """paho 2.2 logs "Client is not connected" at ERROR when its loop runs once more after a clean
+    disconnect; that is noise, not an error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Client is not connected" not in record.getMessage()
+
+
+_paho_log = logging.getLogger("ldfleet.mqtt.paho")
+_paho_log.addFilter(_QuietShutdown())
+
+
+@dataclass(frozen=True)
+class BrokerURL:
+    scheme: str
+    host: str
+    port: int
+    username: str | None = None
+    password: str | None = None
+    ca_file: str | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "mqtts"
+
+    def redacted(self) -> str:
+        """The URL with the password hidden (for logs and error messages)."""
+        auth = ""
+        if self.username is not None:
+            auth = self.username + (":***" if self.password is not None else "") + "@"
+        return f"{self.scheme}://{auth}{self.host}:{self.port}"
+
+    def with_credentials(self, username: str | None, password: str | None) -> BrokerURL:
+        return replace(self, username=username, password=password)
+
+    def __str__(self) -> str:  # never print a password by accident
+        return self.redacted()
+
+
+def parse_broker_url(
+    url: str,
+    *,
+    ca_file: str | None = None,
+    username: str | None = None,
+    password: str | None = None,
+) -> BrokerURL:
+    """Parse ``mqtt://`` / ``mqtts://`` URLs; explicit ``username``/``password`` override the URL's."""
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    if scheme not in DEFAULT_PORTS:
+        raise ValueError(f"broker URL must start with mqtt:// or mqtts://, got {url!r}")
+    if not parts.hostname:
+        raise ValueError(f"broker URL has no host: {url!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"broker URL must be scheme://[user:pass@]host[:port], got {url!r}")
+    try:
+        port = parts.port or DEFAULT_PORTS[scheme]
+    except ValueError as exc:
+        raise ValueError(f"bad port in broker URL {url!r}: {exc}") from None
+    user = unquote(parts.username) if parts.username is not None else None
+    pwd = unquote(parts.password) if parts.password is not None else None
+    if ca_file and scheme != "mqtts":
+        raise ValueError("--ca-file only makes sense with an mqtts:// broker URL")
+    return BrokerURL(
+        scheme=scheme,
+        host=parts.hostname,
+        port=port,
+        username=username if username is not None else user,
+        password=password if password is not None else pwd,
+        ca_file=ca_file,
+    )
+
+
+def tls_context(url: BrokerURL) -> ssl.SSLContext:
+    """Client TLS context for an mqtts:// URL (server certificate and host name verified)."""
+    ctx = ssl.create_default_context(cafile=url.ca_file)
+    return ctx
+
+
+def aiomqtt_kwargs(url: BrokerURL) -> dict[str, Any]:
+    """Keyword arguments for ``aiomqtt.Client`` (host, port, credentials, TLS)."""
+    kw: dict[str, Any] = {"hostname": url.host, "port": url.port}
+    if url.username is not None:
+        kw["username"] = url.username
+        kw["password"] = url.password
+    if url.tls:
+        kw["tls_context"] = tls_context(url)
+    return kw
+
+
+@dataclass(frozen=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+MessageHandler = Callable[[str, bytes, bool], None]
+
+
+class MqttSession:
+    """A long-lived paho client that reconnects by itself and renews its subscriptions.
+
+    ``on_message(topic, payload, retained)`` runs in paho's network thread: keep it short (the
+    controller only enqueues). ``on_connected()`` runs after every successful (re)connect, after
+    the subscriptions were sent: publish birth messages there.
+    """
+
+    def __init__(
+        self,
+        url: BrokerURL,
+        client_id: str,
+        *,
+        subscriptions: Sequence[tuple[str, int]] = (),
+        on_message: MessageHandler | None = None,
+        on_connected: Callable[[], None] | None = None,
+        on_disconnected: Callable[[], None] | None = None,
+        will: Will | None = None,
+        protocol: int = paho.MQTTv5,
+        keepalive: int = 30,
+        reconnect_min_s: float = 1.0,
+        reconnect_max_s: float = 30.0,
+        max_queued: int = 10_000,
+        max_inflight: int = 100,
+    ) -> None:
+        self.url = url
+        self.client_id = client_id
+        self.subscriptions = list(subscriptions)
+        self._on_message = on_message
+        self._on_connected = on_connected
+        self._on_disconnected = on_disconnected
+        self._protocol = protocol
+        self._keepalive = keepalive
+        self._connected = threading.Event()
+        self._started = False
+        self._stopping = False
+        self.connect_count = 0
+        self.last_connect_error: str | None = None
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
+        c.suppress_exceptions = True
+        c.enable_logger(_paho_log)
+        c.reconnect_delay_set(min_delay=max(1, int(reconnect_min_s)), max_delay=max(1, int(reconnect_max_s)))
+        c.max_queued_messages_set(max_queued)
+        c.max_inflight_messages_set(max_inflight)
+        if url.username is not None:
+            c.username_pw_set(url.username, url.password)
+        if url.tls:
+            c.tls_set_context(tls_context(url))
+        if will is not None:
+            c.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        c.on_connect = self._handle_connect
+        c.on_disconnect = self._handle_disconnect
+        c.on_message = self._handle_message
+        self.client = c
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self._stopping = False
+        kw: dict[str, Any] = {}
+        if self._protocol == paho.MQTTv5:
+            kw["clean_start"] = True
+        self.client.connect_async(self.url.host, self.url.port, keepalive=self._keepalive, **kw)
+        self.client.loop_start()
+
+    def wait_connected(self, timeout: float | None = None) -> bool:
+        return self._connected.wait(timeout)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def stop(self, final: Sequence[tuple[str, bytes, int, bool]] = (), timeout: float = 5.0) -> None:
+        """Publish ``final`` messages (if connected), disconnect cleanly, stop the network thread."""
+        if not self._started:
+            return
+        self._stopping = True
+        if self.connected:
+            for topic, payload, qos, retain in final:
+                try:
+                    info = self.client.publish(topic, payload, qos=qos, retain=retain)
+                    info.wait_for_publish(timeout)
+                except Exception as exc:  # noqa: BLE001 - shutting down anyway
+                    log.debug("final publish to %s failed: %s", topic, exc)
+        try:
+            self.client.disconnect()
+        except Exception:  # noqa: BLE001
+            pass
+        self.client.loop_stop()
+        self._connected.clear()
+        self._started = False
+        self._stopping = False
+
+    # -- publishing ------------------------------------------------------------------------
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> paho.MQTTMessageInfo:
+        """Queue a message; QoS>0 messages published while disconnected go out after reconnect."""
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            log.warning("publish to %s not queued: %s", topic, paho.error_string(info.rc))
+        return info
+
+    # -- paho callbacks (network thread) ---------------------------------------------------
+    def _handle_connect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        try:
+            if reason_code.is_failure:
+                self.last_connect_error = str(reason_code)
+                log.warning("%s: broker %s refused connection: %s", self.client_id, self.url, reason_code)
+                return
+            self.connect_count += 1
+            self.last_connect_error = None
+            if self.subscriptions:
+                if self._protocol == paho.MQTTv5:
+                    subs = [(t, SubscribeOptions(qos=q)) for t, q in self.subscriptions]
+                else:
+                    subs = list(self.subscriptions)
+                client.subscribe(subs)
+            log.info("%s: connected to %s (connection #%d)", self.client_id, self.url, self.connect_count)
+            self._connected.set()
+            if self._on_connected is not None:
+                self._on_connected()
+        except Exception:  # noqa: BLE001 - never let paho's thread die
+            log.exception("%s: on_connect handler failed", self.client_id)
+
+    def _handle_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        was = self._connected.is_set()
+        self._connected.clear()
+        if self._stopping:
+            log.debug("%s: disconnected from %s", self.client_id, self.url)
+        elif was:
+            log.warning("%s: disconnected from %s (%s); reconnecting", self.client_id, self.url, reason_code)
+        try:
+            if self._on_disconnected is not None:
+                self._on_disconnected()
+        except Exception:  # noqa: BLE001
+            log.exception("%s: on_disconnect handler failed", self.client_id)
+
+    def _handle_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        if self._on_message is None:
+            return
+        try:
+            self._on_message(msg.topic, bytes(msg.payload), bool(msg.retain))
+        except Exception:  # noqa: BLE001 - one bad message never stops a subscriber
+            log.exception("%s: handler failed on %s", self.client_id, msg.topic)
+
+
+def new_id(prefix: str = "") -> str:
+    """Short random id (boot ids, client id suffixes)."""
+    return prefix + uuid.uuid4().hex[:12]
+
+
+def publish_once(
+    url: BrokerURL,
+    messages: Sequence[tuple[str, bytes, int, bool]],
+    *,
+    client_id: str | None = None,
+    timeout: float = 10.0,
+) -> None:
+    """Connect, publish ``(topic, payload, qos, retain)`` messages, wait for their PUBACKs, disconnect.
+
+    Used by the operator CLI to notify the controller. Raises ``ConnectionError`` when the broker
+    cannot be reached or refuses the connection within ``timeout``.
+    """
+    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id or new_id("ldfleet-cli-"), protocol=paho.MQTTv5)
+    if url.username is not None:
+        c.username_pw_set(url.username, url.password)
+    if url.tls:
+        c.tls_set_context(tls_context(url))
+    done = threading.Event()
+    err: list[str] = []
+
+    def on_connect(client: paho.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
+        if rc.is_failure:
+            err.append(str(rc))
+        done.set()
+
+    c.on_connect = on_connect
+    try:
+        c.connect(url.host, url.port, keepalive=30)
+    except OSError as exc:
+        raise ConnectionError(f"cannot reach MQTT broker {url}: {exc}") from None
+    c.loop_start()
+    try:
+        if not done.wait(timeout):
+            raise ConnectionError(f"MQTT broker {url} did not answer within {timeout:.0f} s")
+        if err:
+            raise ConnectionError(f"MQTT broker {url} refused the connection: {err[0]}")
+        infos = [c.publish(t, p, qos=q, retain=r) for t, p, q, r in messages]
+        for info in infos:
+            info.wait_for_publish(timeout)
+            if not info.is_published():
+                raise ConnectionError(f"MQTT broker {url} did not acknowledge a publish within {timeout:.0f} s")
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
