@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 simulate: setup
-	$(VENV)/bin/ldfleet simulate --out $(RUN)
+	$(VENV)/bin/ldfleet demo --out $(RUN)
 
 test: setup
 	$(VENV)/bin/python -m pytest

@@ -135,7 +135,7 @@ def train_backbone_epoch(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         optimizer.step()
-        loss_sum += float(loss) * len(label)
+        loss_sum += loss.item() * len(label)
         correct += int((head.predict(logits) == label).sum())
         seen += len(label)
         if on_step:
@@ -145,6 +145,7 @@ def train_backbone_epoch(
 
 def _set_lr(optimizer: torch.optim.Optimizer, step: int, total: int, warmup: int = 100) -> None:
     """Linear warm-up then cosine decay, applied to each group's base lr."""
+    warmup = min(warmup, total // 10 + 1)  # short runs still spend most steps at full lr
     for group in optimizer.param_groups:
         base = group.setdefault("base_lr", group["lr"])
         if step < warmup:
@@ -241,7 +242,7 @@ def train_strategy_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += float(loss) * len(label)
+        loss_sum += loss.item() * len(label)
         correct += int((head.predict(logits) == label).sum())
         seen += len(label)
         layers_used += keep.float().sum(0)
@@ -318,6 +319,8 @@ class Trainer:
             if stage != "backbone":
                 if self.state.epoch == 0:  # each stage-2 head starts from the trained base head
                     self.model.heads[self.model.strategy(stage).head].load_state_dict(self.model.heads["base"].state_dict())
+                if self.epochs_for(stage) == 0:
+                    continue
                 if train_cache is None:
                     train_cache = cache_front_ends(self.model, self.train_data)
             optimizer = self._optimizer(stage)

@@ -181,6 +181,25 @@ def bench_speed(
     console.print(table)
 
 
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Run folder (re-running resumes)."),
+    data: Path = typer.Option(Path("data/kws"), "--data", help="Corpus folder; synthesized with espeak-ng if absent."),
+    epochs: int = typer.Option(20, min=1, help="Stage-1 epochs."),
+    strategy_epochs: int = typer.Option(6, min=1, help="Epochs per stage-2 strategy."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Synthesize a corpus (if needed), train every strategy, and evaluate them on held-out speakers."""
+    from ldfleet.common.data.synth import METADATA, SynthConfig, synthesize_corpus
+
+    if not (data / METADATA).exists():
+        console.print(f"synthesizing a keyword corpus into {data} (espeak-ng)")
+        synthesize_corpus(SynthConfig(out=data, seed=seed))
+    train(data=data, out=out, backbone="tiny", family="wavlm", epochs=epochs, strategy_epochs=strategy_epochs,
+          batch_size=32, seed=seed, threads=0)
+    evaluate(run=out, data=data, keep="0.25,0.5,0.75,1.0", methods="full,random,early_exit,static,selector",
+             split="test", seed=seed, as_json=False)
+
+
 def bench_group(app: typer.Typer) -> typer.Typer:
     """The shared `bench` group (other command modules add to it too)."""
     for info in app.registered_groups:
@@ -194,4 +213,5 @@ def bench_group(app: typer.Typer) -> typer.Typer:
 def register(app: typer.Typer) -> None:
     app.command("train")(train)
     app.command("eval")(evaluate)
+    app.command("demo")(demo)
     bench_group(app).command("speed")(bench_speed)

@@ -1,0 +1,103 @@
+"""Training, resuming and evaluating through the CLI on a small real espeak-ng corpus."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ldfleet.cli import app
+from ldfleet.common.data.folder import load_splits
+from ldfleet.common.data.synth import SynthConfig, synthesize_corpus
+from ldfleet.common.train import STAGES, TrainConfig, Trainer
+
+pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng (apt-get install espeak-ng)")
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """12 speakers x (10 keywords + 2 unknown) + 8 silence clips: ~150 clips in a few seconds."""
+    out = tmp_path_factory.mktemp("kws") / "corpus"
+    synthesize_corpus(
+        SynthConfig(out=out, voices=("en-us", "en-gb", "en-029"), variants=("m3", "f2", "klatt", "f5"),
+                    variants_per_voice=4, clips_per_word=1, unknown_words=("bed", "cat"), unknown_per_speaker=2,
+                    silence_clips=8, workers=2),
+        progress=False,
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained_run(corpus, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("run") / "r"
+    result = runner.invoke(app, ["train", "--data", str(corpus), "--out", str(run), "--epochs", "6",
+                                 "--strategy-epochs", "1", "--batch-size", "16"])
+    assert result.exit_code == 0, result.output
+    return run
+
+
+def test_train_writes_a_complete_run_that_learned(trained_run):
+    state = json.loads((trained_run / "train_state.json").read_text())
+    assert state["done"] is True
+    stages = [h["stage"] for h in state["history"]]
+    assert stages == ["backbone"] * 6 + ["early_exit", "static", "selector"]
+    assert (trained_run / "model.safetensors").stat().st_size > 100_000
+    backbone = [h for h in state["history"] if h["stage"] == "backbone"]
+    assert backbone[-1]["loss"] < backbone[0]["loss"]  # 12 classes: chance loss is ~2.5
+    assert backbone[-1]["train_accuracy"] > 2 / 12
+    selector = state["history"][-1]
+    assert len(selector["layer_usage"]) == 8
+
+
+def test_eval_json_rows_cover_every_method_and_budget(trained_run, corpus):
+    result = runner.invoke(app, ["eval", "--run", str(trained_run), "--data", str(corpus), "--keep", "0.25,0.5",
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    rows = {(r["method"], r["keep"]): r for r in out["rows"]}
+    assert set(rows) == {("full", 1.0)} | {(m, k) for m in ("random", "early_exit", "static", "selector") for k in (0.25, 0.5)}
+    for (method, keep), r in rows.items():
+        assert r["mean_layers"] == (8 if method == "full" else r["k"])
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["ms_per_example"] > 0
+    assert rows[("early_exit", 0.25)]["macs"] < rows[("early_exit", 0.5)]["macs"] < rows[("full", 1.0)]["macs"]
+    # the selector pays for itself in MACs, but only by its own tiny cost
+    extra = rows[("selector", 0.5)]["macs"] - rows[("early_exit", 0.5)]["macs"]
+    assert 0 < extra < 0.01 * rows[("full", 1.0)]["macs"]
+    usage = out["layer_usage"]["selector"]
+    assert sum(usage["0.25"]) == pytest.approx(2.0) and sum(usage["0.5"]) == pytest.approx(4.0)
+
+
+def test_eval_table_and_bad_input(trained_run, corpus, tmp_path):
+    table = runner.invoke(app, ["eval", "--run", str(trained_run), "--data", str(corpus), "--keep", "0.5",
+                                "--methods", "selector"])
+    assert table.exit_code == 0 and "selector" in table.output and "share of inputs" in table.output
+    bad_keep = runner.invoke(app, ["eval", "--run", str(trained_run), "--data", str(corpus), "--keep", "1.5"])
+    assert bad_keep.exit_code != 0 and "keep ratios must be in (0, 1]" in bad_keep.output
+    bad_method = runner.invoke(app, ["eval", "--run", str(trained_run), "--data", str(corpus), "--methods", "oracle"])
+    assert bad_method.exit_code != 0 and "unknown methods" in bad_method.output
+    no_run = runner.invoke(app, ["eval", "--run", str(tmp_path / "nope"), "--data", str(corpus)])
+    assert no_run.exit_code == 2 and "ldfleet train" in no_run.output
+    no_data = runner.invoke(app, ["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r")])
+    assert no_data.exit_code == 2 and "cannot load data" in no_data.output
+
+
+def test_interrupted_training_resumes_without_repeating_epochs(corpus, tmp_path):
+    splits = load_splits(corpus)
+    cfg = TrainConfig(epochs=2, strategy_epochs=1, batch_size=16)
+
+    def interrupt_in_static(stage, step, total):
+        if stage == "static":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(tmp_path, splits["train"], splits["val"], cfg).fit(interrupt_in_static)
+    state = json.loads((tmp_path / "train_state.json").read_text())
+    # early_exit finished and was saved; static had not completed an epoch
+    assert (state["stage"], state["epoch"], state["done"]) == ("early_exit", 1, False)
+    resumed = Trainer(tmp_path, splits["train"], splits["val"], cfg)
+    final = resumed.fit()
+    assert final.done
+    assert [h["stage"] for h in final.history] == ["backbone", "backbone", *STAGES[1:]]
