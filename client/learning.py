@@ -1,0 +1,329 @@
+"""What a device does in a federated round, without Flower: read its budget, fine-tune, evaluate.
+
+* The budget comes from the local device state only (``ldfleet.client.state``, kept by the agent
+  after validating the controller's policy); no budget is ever taken from a training request.
+* The backbone is frozen, so the always-run front end of the device's clips is computed once and
+  cached on disk (``cache_dir``), keyed by the model's weights; rounds then run only encoder layers.
+* Training fine-tunes the selector and its head under the device's k (``train_strategy_epoch``
+  with ``budgets=(k,)``); evaluation runs the hard top-k masks and times them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ldfleet.client.state import load_device_state
+from ldfleet.common.budget import layers_for_keep
+from ldfleet.common.learning import TRAINED_STRATEGY
+from ldfleet.common.model.checkpoint import WEIGHTS, load_model
+from ldfleet.common.model.dynamic import DynamicModel
+from ldfleet.common.train import FrontEndCache, TrainConfig, strategy_optimizer, train_strategy_epoch
+
+log = logging.getLogger("ldfleet.client.learning")
+
+CACHE_PREFIX = "front-"
+
+
+class DeviceCrash(RuntimeError):
+    """Raised by fault injection: the device 'crashes' half-way through local training."""
+
+
+# ---- budget from the local device state ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Budget:
+    k: int
+    num_layers: int
+    version: int  # version of the policy in force on the device (0: none received: all layers)
+    keep: float | None = None
+    latency_ms: float | None = None
+    expected_latency_ms: float | None = None
+
+    @property
+    def keep_ratio(self) -> float:
+        return self.k / self.num_layers
+
+
+def read_budget(state_dir: str | os.PathLike[str] | None, num_layers: int) -> Budget:
+    """The budget in force on this device, from its local state (all layers when it has none).
+
+    ``effective_k`` is the agent's resolution against the device's own profile. If that profile
+    describes a model with another layer count, a keep fraction is re-applied to this model's L;
+    a latency target cannot be, and k is clipped to L.
+    """
+    state = load_device_state(state_dir) if state_dir else None
+    if state is None or state.version == 0 or state.policy is None:
+        return Budget(k=num_layers, num_layers=num_layers, version=0 if state is None else state.version)
+    policy = state.policy
+    k = state.effective_k or num_layers
+    if state.num_layers is not None and state.num_layers != num_layers:
+        if policy.keep is not None:
+            k = layers_for_keep(policy.keep, num_layers)
+        log.warning("device %s: profile has %s layers, model has %d; using k=%d",
+                    state.device_id, state.num_layers, num_layers, min(k, num_layers))
+    k = max(1, min(int(k), num_layers))
+    return Budget(
+        k=k, num_layers=num_layers, version=state.version, keep=policy.keep, latency_ms=policy.latency_ms,
+        expected_latency_ms=state.expected_latency_ms,
+    )
+
+
+# ---- the frozen model, once per process -----------------------------------------------------------
+
+_MODELS: dict[tuple[str, float, int], tuple[DynamicModel, str]] = {}
+
+
+def model_fingerprint(model_dir: str | os.PathLike[str]) -> str:
+    """sha256 of the model weights: keys the front-end cache to the exact backbone."""
+    h = hashlib.sha256()
+    with open(Path(model_dir) / WEIGHTS, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def frozen_model(model_dir: str | os.PathLike[str]) -> tuple[DynamicModel, str]:
+    """The device's model (loaded once per process) and its fingerprint."""
+    path = Path(model_dir).resolve()
+    st = (path / WEIGHTS).stat()
+    key = (str(path), st.st_mtime, st.st_size)
+    if key not in _MODELS:
+        _MODELS.clear()
+        _MODELS[key] = (load_model(path), model_fingerprint(path))
+    return _MODELS[key]
+
+
+def load_global(model: DynamicModel, arrays: dict[str, np.ndarray]) -> None:
+    """Put the global selector + head into the model (refuses anything else: the backbone is local)."""
+    allowed = set(model.trainable_state(TRAINED_STRATEGY))
+    unexpected = set(arrays) - allowed
+    if unexpected:
+        raise ValueError(f"refusing arrays outside the selector and its head: {sorted(unexpected)[:3]}")
+    state = {k: torch.from_numpy(np.ascontiguousarray(v)).clone() for k, v in arrays.items()}
+    model.load_state_dict(state, strict=False)
+    absent = allowed - set(arrays)
+    if absent:
+        log.debug("global arrays lack %d selector/head tensors; keeping local ones", len(absent))
+
+
+def trained_arrays(model: DynamicModel) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy().copy() for k, v in model.trainable_state(TRAINED_STRATEGY).items()}
+
+
+# ---- cached front ends ---------------------------------------------------------------------------
+
+
+@dataclass
+class LocalData:
+    train: FrontEndCache
+    test: FrontEndCache
+    front_ms: float  # measured front-end time per example when the cache was made
+
+
+@torch.inference_mode()
+def _cache(model: DynamicModel, data: Dataset, batch_size: int = 64) -> tuple[FrontEndCache, float]:
+    model.eval()
+    hidden, features, labels = [], [], []
+    elapsed = 0.0
+    for start in range(0, len(data), batch_size):
+        items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
+        wave = torch.stack([w for w, _ in items])
+        t0 = time.perf_counter()
+        front = model.front_end(wave)
+        elapsed += time.perf_counter() - t0
+        hidden.append(front.hidden)
+        features.append(front.features)
+        labels.append(torch.tensor([int(y) for _, y in items]))
+    if not hidden:
+        raise ValueError("a device needs at least one clip")
+    cache = FrontEndCache(torch.cat(hidden), torch.cat(features), torch.cat(labels))
+    return cache, 1000 * elapsed / max(1, len(data))
+
+
+def _save_atomic(obj: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".front.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def local_data(
+    model: DynamicModel,
+    fingerprint: str,
+    cache_dir: str | os.PathLike[str] | None,
+    datasets: Callable[[], tuple[Dataset, Dataset]],
+) -> LocalData:
+    """The device's cached front ends, computed from ``datasets()`` (train, test) when not on disk."""
+    path = Path(cache_dir) / f"{CACHE_PREFIX}{fingerprint[:16]}.pt" if cache_dir else None
+    if path is not None and path.exists():
+        try:
+            blob = torch.load(path, weights_only=True)
+            return LocalData(
+                FrontEndCache(blob["train_hidden"], blob["train_features"], blob["train_labels"]),
+                FrontEndCache(blob["test_hidden"], blob["test_features"], blob["test_labels"]),
+                float(blob["front_ms"]),
+            )
+        except Exception as exc:  # noqa: BLE001 - a torn or old cache is recomputed
+            log.warning("front-end cache %s unusable (%s); recomputing", path, exc)
+    train_ds, test_ds = datasets()
+    train, ms_a = _cache(model, train_ds)
+    test, ms_b = _cache(model, test_ds)
+    front_ms = (ms_a * len(train) + ms_b * len(test)) / (len(train) + len(test))
+    if path is not None:
+        _save_atomic(
+            {
+                "train_hidden": train.hidden, "train_features": train.features, "train_labels": train.labels,
+                "test_hidden": test.hidden, "test_features": test.features, "test_labels": test.labels,
+                "front_ms": torch.tensor(front_ms),
+            },
+            path,
+        )
+    return LocalData(train, test, front_ms)
+
+
+# ---- the device's clips ------------------------------------------------------------------------------
+
+_POOLS: dict[tuple[str, int, str], Dataset] = {}
+
+
+def pooled_split(data_dir: str, seed: int, split: str) -> Dataset:
+    """One split of a corpus, loaded once per process (simulated devices share it)."""
+    from ldfleet.common.data.folder import load_splits
+
+    key = (str(Path(data_dir).resolve()), seed, split)
+    if key not in _POOLS:
+        _POOLS[key] = load_splits(data_dir, seed=seed)[split]
+    return _POOLS[key]
+
+
+def folder_datasets(data_dir: str | os.PathLike[str], test_share: float = 0.2, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """A real device's clips (any Speech Commands-layout folder), split per clip into train/test.
+
+    A device hears few speakers, so its local test clips are its own speakers' other clips.
+    """
+    from ldfleet.common.data.dataset import ClipDataset
+    from ldfleet.common.data.folder import scan_folder
+
+    clips = scan_folder(data_dir)
+    data = ClipDataset(clips)
+    order = np.random.default_rng(seed).permutation(len(data))
+    n_test = max(1, int(round(test_share * len(data)))) if len(data) > 1 else 0
+    return data.subset(sorted(order[n_test:].tolist())), data.subset(sorted(order[:n_test].tolist()) or [0])
+
+
+# ---- one round's work -------------------------------------------------------------------------------
+
+
+@dataclass
+class LocalResult:
+    num_examples: int
+    loss: float
+    accuracy: float
+    mean_layers: float
+    layer_usage: list[float]
+    latency_ms: float
+    seconds: float
+
+
+def train_selector(
+    model: DynamicModel,
+    data: LocalData,
+    k: int,
+    *,
+    epochs: int = 1,
+    batch_size: int = 16,
+    selector_lr: float = 3e-3,
+    head_lr: float = 2e-3,
+    seed: int = 0,
+    crash_midway: bool = False,
+) -> LocalResult:
+    """Fine-tune the selector + its head on the local front ends under budget k (backbone frozen)."""
+    start = time.perf_counter()
+    cfg = TrainConfig(selector_lr=selector_lr, head_lr=head_lr, batch_size=batch_size, seed=seed)
+    optimizer = strategy_optimizer(model, TRAINED_STRATEGY, cfg)
+    steps_per_epoch = -(-len(data.train) // batch_size)
+    total = max(1, epochs * steps_per_epoch)
+    done = 0
+
+    def on_step(stage: str, step: int, steps: int) -> None:
+        nonlocal done
+        done += 1
+        if crash_midway and done >= max(1, total // 2):
+            raise DeviceCrash(f"injected crash after {done}/{total} local steps")
+
+    stats: dict = {}
+    for epoch in range(epochs):
+        stats = train_strategy_epoch(
+            model, TRAINED_STRATEGY, data.train, optimizer, epochs, epoch,
+            seed=seed, batch_size=batch_size, budgets=(k,), on_step=on_step,
+        )
+    model.eval()
+    usage = stats.get("layer_usage") or [0.0] * model.num_layers
+    latency = measure_latency(model, data.test, k, data.front_ms)
+    return LocalResult(
+        num_examples=len(data.train),
+        loss=float(stats.get("loss", float("nan"))),
+        accuracy=float(stats.get("train_accuracy", 0.0)),
+        mean_layers=float(sum(usage)),
+        layer_usage=[float(u) for u in usage],
+        latency_ms=latency,
+        seconds=time.perf_counter() - start,
+    )
+
+
+@torch.inference_mode()
+def measure_latency(model: DynamicModel, cache: FrontEndCache, k: int, front_ms: float, max_examples: int = 32) -> float:
+    """ms per example of the hard-mask path on this device: cached front-end time + selector + layers + head."""
+    model.eval()
+    n = min(len(cache), max_examples)
+    front, _ = cache.batch(torch.arange(n))
+    model.classify(front, TRAINED_STRATEGY, k)  # warm-up
+    t0 = time.perf_counter()
+    model.classify(front, TRAINED_STRATEGY, k)
+    return front_ms + 1000 * (time.perf_counter() - t0) / max(1, n)
+
+
+@torch.inference_mode()
+def evaluate_selector(model: DynamicModel, data: LocalData, k: int, batch_size: int = 64) -> LocalResult:
+    """Accuracy, loss and per-layer usage of the selector on the local test clips under budget k."""
+    start = time.perf_counter()
+    model.eval()
+    cache = data.test
+    head = model.head_for(TRAINED_STRATEGY)
+    correct = 0
+    loss_sum = 0.0
+    usage = torch.zeros(model.num_layers)
+    for s in range(0, len(cache), batch_size):
+        front, label = cache.batch(torch.arange(s, min(s + batch_size, len(cache))))
+        out = model.classify(front, TRAINED_STRATEGY, k)
+        loss_sum += float(head.loss(out.logits, label)) * len(label)
+        correct += int((head.predict(out.logits) == label).sum())
+        usage += out.keep.float().sum(0)
+    n = max(1, len(cache))
+    shares = (usage / n).tolist()
+    return LocalResult(
+        num_examples=len(cache),
+        loss=loss_sum / n,
+        accuracy=correct / n,
+        mean_layers=float(sum(shares)),
+        layer_usage=shares,
+        latency_ms=measure_latency(model, cache, k, data.front_ms),
+        seconds=time.perf_counter() - start,
+    )
