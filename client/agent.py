@@ -1,0 +1,267 @@
+"""The device agent: announces this device and keeps its budget policy in step with the controller.
+
+On every (re)connect it publishes its birth status and its profile (both retained; the Last Will
+publishes ``online: false`` if the connection dies), re-publishes its last ack, and subscribes to its
+own desired policy. A desired policy is validated (schema, topic, version strictly above the stored
+one, not expired, k resolvable on this device), stored atomically in the local device state, then
+acknowledged on ``policy/reported`` (retained). Versions at or below the stored one are ignored, so
+retained re-deliveries after a reconnect are harmless and a stale policy is never applied.
+Reconnection (broker restarts, network loss) is paho's exponential backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from ldfleet.client.state import DeviceState, load_device_state, save_device_state
+from ldfleet.common import topics
+from ldfleet.common.budget import expected_latency_ms
+from ldfleet.common.mqtt import BrokerURL, MqttSession, Will, new_id, parse_broker_url
+from ldfleet.common.policy import k_for_budget
+from ldfleet.common.schemas import BudgetPolicy, DeviceProfile, PolicyAck, Status, Telemetry, decode, utcnow
+
+log = logging.getLogger("ldfleet.agent")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do with one desired policy: the state to store (None: keep) and the ack to publish."""
+
+    state: DeviceState | None
+    ack: PolicyAck | None
+    note: str = ""
+
+
+def evaluate_policy(policy: BudgetPolicy, state: DeviceState, profile: DeviceProfile, now: datetime | None = None) -> Decision:
+    """Pure decision for one desired policy (used by the agent and the simulated devices)."""
+    now = now or utcnow()
+    if policy.device_id != state.device_id:
+        return Decision(None, None, f"policy for {policy.device_id!r}, this is {state.device_id!r}")
+    if policy.version <= state.version:
+        return Decision(None, None, f"version {policy.version} <= stored {state.version}: ignored")
+    if state.last_rejected_version is not None and policy.version == state.last_rejected_version:
+        return Decision(None, None, f"version {policy.version} already rejected")
+
+    def reject(reason: str) -> Decision:
+        ack = PolicyAck(
+            device_id=state.device_id,
+            version=policy.version,
+            applied_version=state.version,
+            status="rejected",
+            reason=reason[:500],
+            effective_k=state.effective_k,
+            expected_latency_ms=state.expected_latency_ms,
+            acked_at=now,
+        )
+        new = state.model_copy(update={"last_rejected_version": policy.version, "last_rejected_reason": reason[:500], "updated_at": now})
+        return Decision(new, ack, f"rejected version {policy.version}: {reason}")
+
+    if policy.expired(now):
+        return reject(f"policy expired at {policy.expires_at.isoformat()}")  # type: ignore[union-attr]
+    try:
+        if policy.k is not None and policy.num_layers in (None, profile.num_layers):
+            k = policy.k
+            if k > profile.num_layers:
+                raise ValueError(f"k={k} exceeds this device's {profile.num_layers} layers")
+            expected = expected_latency_ms(k, profile.front_end_ms, profile.layer_ms) if profile.layer_ms else None
+        else:  # the controller could not resolve it, or resolved it for another model: resolve here
+            k, expected = k_for_budget(profile, keep=policy.keep, latency_ms=policy.latency_ms, percentile=policy.percentile)
+    except ValueError as exc:
+        return reject(str(exc))
+    new = state.model_copy(
+        update={
+            "version": policy.version,
+            "policy": policy,
+            "effective_k": k,
+            "expected_latency_ms": expected,
+            "updated_at": now,
+            "last_rejected_version": None,
+            "last_rejected_reason": None,
+        }
+    )
+    ack = PolicyAck(
+        device_id=state.device_id,
+        version=policy.version,
+        applied_version=policy.version,
+        status="applied",
+        effective_k=k,
+        expected_latency_ms=expected,
+        acked_at=now,
+    )
+    return Decision(new, ack, f"applied version {policy.version}: k={k}")
+
+
+def _same_measurement(a: DeviceProfile, b: DeviceProfile) -> bool:
+    keys = ("device_class", "model_id", "num_layers", "front_end_ms", "layer_ms", "cores", "memory_mb", "accelerator")
+    return all(getattr(a, key) == getattr(b, key) for key in keys)
+
+
+class DeviceAgent:
+    """One device's MQTT agent (paho; one connection; runs in paho's network thread)."""
+
+    def __init__(
+        self,
+        device_id: str,
+        device_class: str,
+        broker: str | BrokerURL,
+        profile: DeviceProfile,
+        *,
+        state_dir: str | Path | None = None,
+        ca_file: str | None = None,
+        telemetry_interval_s: float = 0.0,
+        reconnect_max_s: float = 30.0,
+    ) -> None:
+        if not topics.is_valid_device_id(device_id):
+            raise ValueError(f"invalid device id {device_id!r}: must match {topics.DEVICE_ID_PATTERN}")
+        if profile.device_id != device_id or profile.device_class != device_class:
+            profile = profile.model_copy(update={"device_id": device_id, "device_class": device_class})
+        from ldfleet.common.runtime import default_device_state_dir
+
+        self.device_id = device_id
+        self.device_class = device_class
+        self.url = broker if isinstance(broker, BrokerURL) else parse_broker_url(broker, ca_file=ca_file)
+        self.state_dir = Path(state_dir) if state_dir is not None else default_device_state_dir(device_id)
+        self.telemetry_interval_s = telemetry_interval_s
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.applied = threading.Condition(self._lock)
+
+        state = load_device_state(self.state_dir)
+        if state is not None and state.device_id != device_id:
+            raise ValueError(f"state dir {self.state_dir} belongs to device {state.device_id!r}, not {device_id!r}")
+        if state is None:
+            state = DeviceState(device_id=device_id, device_class=device_class)
+        old = state.profile
+        if old is not None and not _same_measurement(old, profile):
+            profile = profile.model_copy(update={"revision": max(profile.revision, old.revision + 1)})
+        elif old is not None:
+            profile = profile.model_copy(update={"revision": max(profile.revision, old.revision)})
+        if state.profile != profile or state.device_class != device_class:
+            state = state.model_copy(update={"profile": profile, "device_class": device_class, "updated_at": utcnow()})
+            save_device_state(self.state_dir, state)
+        self.state = state
+        self.profile = profile
+        self.last_ack: PolicyAck | None = None
+        if state.version > 0:  # re-announce what is in force after a restart
+            self.last_ack = PolicyAck(
+                device_id=device_id,
+                version=state.version,
+                applied_version=state.version,
+                status="applied",
+                effective_k=state.effective_k,
+                expected_latency_ms=state.expected_latency_ms,
+                acked_at=state.updated_at,
+            )
+
+        self.boot_id = new_id()
+        self.seq = 0
+        will = Will(topics.status(device_id), Status(device_id=device_id, online=False, boot_id=self.boot_id).to_json())
+        self.session = MqttSession(
+            self.url,
+            client_id=f"ldfleet-dev-{device_id}",
+            subscriptions=[(topics.policy_desired(device_id), 1)],
+            on_message=self._on_message,
+            on_connected=self._announce,
+            will=will,
+            reconnect_max_s=reconnect_max_s,
+            max_queued=1000,
+            max_inflight=20,
+        )
+        self._telemetry_thread: threading.Thread | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> DeviceAgent:
+        self._stop.clear()
+        self.session.start()
+        if self.telemetry_interval_s > 0 and self._telemetry_thread is None:
+            self._telemetry_thread = threading.Thread(target=self._telemetry_loop, name=f"telemetry-{self.device_id}", daemon=True)
+            self._telemetry_thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Say goodbye (retained offline status), disconnect cleanly (no Last Will)."""
+        self._stop.set()
+        offline = Status(device_id=self.device_id, online=False, boot_id=self.boot_id, seq=self.seq, sent_at=utcnow())
+        self.session.stop(final=[(topics.status(self.device_id), offline.to_json(), 1, True)])
+        if self._telemetry_thread is not None:
+            self._telemetry_thread.join(timeout=2)
+            self._telemetry_thread = None
+
+    def run_forever(self) -> None:
+        self.start()
+        try:
+            while not self._stop.wait(1.0):
+                pass
+        finally:
+            self.stop()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def wait_for_version(self, version: int, timeout: float) -> bool:
+        """Block until a policy of at least ``version`` is in force (tests, scripts)."""
+        with self.applied:
+            return self.applied.wait_for(lambda: self.state.version >= version, timeout)
+
+    # -- MQTT handlers (paho network thread) ----------------------------------------------
+    def _announce(self) -> None:
+        with self._lock:
+            self.seq += 1
+            birth = Status(device_id=self.device_id, online=True, boot_id=self.boot_id, seq=self.seq, sent_at=utcnow())
+            self.session.publish(topics.status(self.device_id), birth.to_json(), qos=1, retain=True)
+            self.session.publish(topics.profile(self.device_id), self.profile.to_json(), qos=1, retain=True)
+            if self.last_ack is not None:
+                self.session.publish(topics.policy_reported(self.device_id), self.last_ack.to_json(), qos=1, retain=True)
+
+    def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
+        parsed = topics.parse_device_topic(topic)
+        if parsed is None or parsed.device_id != self.device_id or parsed.channel is not topics.Channel.POLICY_DESIRED:
+            log.warning("%s: dropped message on unexpected topic %s", self.device_id, topic)
+            return
+        policy = decode(BudgetPolicy, payload, topic=topic, topic_device_id=self.device_id, logger=log)
+        if policy is not None:
+            self.handle_policy(policy)
+
+    def handle_policy(self, policy: BudgetPolicy) -> PolicyAck | None:
+        with self._lock:
+            decision = evaluate_policy(policy, self.state, self.profile)
+            log.info("%s: %s", self.device_id, decision.note)
+            ack = decision.ack
+            if decision.state is not None:
+                try:
+                    save_device_state(self.state_dir, decision.state)
+                    self.state = decision.state
+                except OSError as exc:
+                    log.error("%s: cannot store device state in %s: %s", self.device_id, self.state_dir, exc)
+                    ack = PolicyAck(
+                        device_id=self.device_id,
+                        version=policy.version,
+                        applied_version=self.state.version,
+                        status="rejected",
+                        reason=f"cannot store device state: {exc}"[:500],
+                        effective_k=self.state.effective_k,
+                        expected_latency_ms=self.state.expected_latency_ms,
+                        acked_at=utcnow(),
+                    )
+            if ack is not None:
+                self.last_ack = ack
+                self.session.publish(topics.policy_reported(self.device_id), ack.to_json(), qos=1, retain=True)
+            self.applied.notify_all()
+            return ack
+
+    def _telemetry_loop(self) -> None:
+        from ldfleet.client.profile import battery_fraction, load_average
+
+        while not self._stop.wait(self.telemetry_interval_s):
+            if not self.session.connected:
+                continue
+            try:
+                t = Telemetry(device_id=self.device_id, sent_at=utcnow(), load=load_average(), battery=battery_fraction(),
+                              mean_kept_layers=float(self.state.effective_k) if self.state.effective_k else None)
+                self.session.publish(topics.telemetry(self.device_id), t.to_json(), qos=0, retain=False)
+            except Exception:  # noqa: BLE001
+                log.exception("%s: telemetry failed", self.device_id)
