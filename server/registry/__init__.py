@@ -1,1 +1,25 @@
-"""ldfleet."""
+"""The fleet registry: SQLAlchemy 2 models, Alembic-migrated schema, operator-side API."""
+
+from ldfleet.server.registry.models import (
+    Base,
+    Device,
+    DeviceClass,
+    Policy,
+    PolicyAckRecord,
+    Round,
+    RoundMetric,
+)
+from ldfleet.server.registry.store import Registry, RegistryError, upgrade
+
+__all__ = [
+    "Base",
+    "Device",
+    "DeviceClass",
+    "Policy",
+    "PolicyAckRecord",
+    "Registry",
+    "RegistryError",
+    "Round",
+    "RoundMetric",
+    "upgrade",
+]
