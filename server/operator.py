@@ -1,0 +1,108 @@
+"""Operator actions: write a policy into the registry (the audit trail), then tell the controller.
+
+The registry is the source of truth. After the row is committed, a ``PolicyChanged`` notice goes to
+``ldfleet/v1/ctl/policy-changed`` (QoS 1, not retained) so that a running controller re-resolves the
+class (or device) at once; if the broker cannot be reached, the change still takes effect within the
+controller's registry poll interval (2 s by default), and the caller is told.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from ldfleet.common import topics
+from ldfleet.common.mqtt import BrokerURL, parse_broker_url, publish_once
+from ldfleet.common.schemas import PolicyChanged, utcnow
+from ldfleet.server.registry.models import Policy
+from ldfleet.server.registry.store import Registry
+
+log = logging.getLogger("ldfleet.operator")
+
+
+@dataclass
+class ChangeResult:
+    policy: Policy
+    notified: bool
+    notify_error: str | None = None
+
+
+def default_operator() -> str:
+    try:
+        return getpass.getuser()[:128] or "operator"
+    except Exception:  # noqa: BLE001
+        return "operator"
+
+
+def notify_controller(
+    broker: str | BrokerURL,
+    *,
+    device_class: str | None = None,
+    device_id: str | None = None,
+    policy_version: int = 0,
+    issued_by: str = "operator",
+    timeout: float = 5.0,
+) -> None:
+    """Publish a PolicyChanged notice (raises ConnectionError when the broker is unreachable)."""
+    url = broker if isinstance(broker, BrokerURL) else parse_broker_url(broker)
+    notice = PolicyChanged(
+        device_class=device_class, device_id=device_id, policy_version=policy_version,
+        issued_by=issued_by[:128] or "operator", sent_at=utcnow(),
+    )
+    publish_once(url, [(topics.CTL_POLICY_CHANGED, notice.to_json(), 1, False)], timeout=timeout)
+
+
+def _notify(broker: str | BrokerURL | None, row: Policy) -> tuple[bool, str | None]:
+    if broker is None:
+        return False, "no broker given"
+    try:
+        notify_controller(
+            broker, device_class=row.device_class, device_id=row.device_id,
+            policy_version=row.version, issued_by=row.issued_by,
+        )
+        return True, None
+    except (ConnectionError, OSError, ValueError) as exc:
+        log.warning("policy stored, but the controller was not notified: %s", exc)
+        return False, str(exc)
+
+
+def set_budget(
+    registry: Registry,
+    broker: str | BrokerURL | None,
+    device_class: str,
+    *,
+    keep: float | None = None,
+    latency_ms: float | None = None,
+    percentile: float | None = None,
+    device_id: str | None = None,
+    issued_by: str | None = None,
+    expires_in_s: float | None = None,
+    create_class: bool = False,
+    comment: str | None = None,
+) -> ChangeResult:
+    """Append a policy (refused with RegistryError when invalid; nothing written) and notify."""
+    expires_at: datetime | None = None
+    if expires_in_s is not None:
+        expires_at = utcnow() + timedelta(seconds=expires_in_s)
+    row = registry.set_policy(
+        device_class, keep=keep, latency_ms=latency_ms, percentile=percentile, device_id=device_id,
+        issued_by=issued_by or default_operator(), expires_at=expires_at, create_class=create_class,
+        comment=comment,
+    )
+    notified, err = _notify(broker, row)
+    return ChangeResult(row, notified, err)
+
+
+def clear_budget(
+    registry: Registry,
+    broker: str | BrokerURL | None,
+    device_class: str,
+    *,
+    device_id: str | None = None,
+    issued_by: str | None = None,
+) -> ChangeResult:
+    row = registry.clear_policy(device_class, device_id=device_id, issued_by=issued_by or default_operator())
+    notified, err = _notify(broker, row)
+    return ChangeResult(row, notified, err)
