@@ -1,0 +1,323 @@
+"""Control-plane benchmark: how long a budget change takes to reach and be acknowledged by N devices.
+
+Set-up: a broker (a private Mosquitto by default, or ``--broker URL``), a registry (a temporary SQLite
+file by default, or ``--db URL``), the real controller in its own process, N simulated devices
+(aiomqtt, one asyncio process, see ``sim_devices``) and an observer subscribed to every ack. After
+the fleet has converged on its initial policy, each round does what ``ldfleet budget set`` does
+(registry write + notice to the controller) on a quiet, converged fleet and measures, per device,
+the time from just before the registry write to the device's ack arriving at the observer; also when
+the new desired policy reached each device (fan-out) and when the registry showed the whole class
+converged (the controller has written every ack).
+
+Processes: this one (orchestration, registry writes, the observer: one aiomqtt client), the
+controller, the simulated fleet, and Mosquitto. The observer is not in the fleet's process so that
+its timestamps do not wait behind a thousand busy connections (a first version that shared the loop
+over-reported by ~1 s at N=1000); devices note arrival times with the same monotonic clock
+(``time.perf_counter``, CLOCK_MONOTONIC on Linux). ``LDFLEET_CONTROLLER_LOG=DEBUG`` shows the
+controller's batch timings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ldfleet.common import topics
+from ldfleet.common.broker import EmbeddedBroker
+from ldfleet.common.mqtt import new_id, parse_broker_url, publish_once
+from ldfleet.server.operator import set_budget
+from ldfleet.server.registry import Registry
+from ldfleet.simulations.sim_devices import FleetObserver, wait_until
+
+GOAL_P99_MS = 1000.0
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Nearest-rank percentile (p in [0, 100]); NaN for no values."""
+    if not values:
+        return math.nan
+    s = sorted(values)
+    idx = max(0, min(len(s) - 1, math.ceil(p / 100.0 * len(s)) - 1))
+    return s[idx]
+
+
+@dataclass
+class RoundResult:
+    round: int
+    budget: str
+    devices: int
+    acked: int
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    fanout_p50_ms: float
+    fanout_max_ms: float
+    registry_converged_ms: float | None
+    latencies_ms: list[float] = field(default_factory=list, repr=False)
+
+
+@dataclass
+class BenchResult:
+    devices: int
+    broker: str
+    registry: str
+    connect_s: float
+    initial_converge_s: float
+    rounds: list[RoundResult]
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    all_acked: bool
+    goal_p99_ms: float = GOAL_P99_MS
+
+    @property
+    def goal_met(self) -> bool:
+        return self.all_acked and self.p99_ms < self.goal_p99_ms
+
+    def as_dict(self, with_samples: bool = False) -> dict[str, Any]:
+        d = asdict(self)
+        if not with_samples:
+            for r in d["rounds"]:
+                r.pop("latencies_ms", None)
+        d["goal_met"] = self.goal_met
+        return d
+
+
+_CONTROLLER_CODE = (
+    "import json, logging, os, sys\n"
+    "logging.basicConfig(level=os.environ.get('LDFLEET_CONTROLLER_LOG', 'WARNING'),\n"
+    "                    format='%(asctime)s controller %(levelname)s %(name)s: %(message)s')\n"
+    "from ldfleet.server.controller import run_controller\n"
+    "run_controller(**json.loads(sys.stdin.readline()))\n"
+)
+
+
+def start_controller_process(broker: str, db: str, **kwargs: Any) -> subprocess.Popen[bytes]:
+    """The real controller in its own Python process (arguments go over stdin, not argv, so a
+    password in the broker URL does not show up in ``ps``). Stop it with ``stop_process``."""
+    proc = subprocess.Popen([sys.executable, "-c", _CONTROLLER_CODE], stdin=subprocess.PIPE)
+    assert proc.stdin is not None
+    proc.stdin.write((json.dumps({"broker": broker, "db": db, **kwargs}) + "\n").encode())
+    proc.stdin.close()
+    return proc
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int | None:
+    """SIGTERM (the controller says goodbye and disconnects), then SIGKILL if it hangs."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def _clear_retained(url: str, device_ids: list[str]) -> None:
+    """Leave an external broker as we found it: delete the benchmark devices' retained messages."""
+    u = parse_broker_url(url)
+    msgs = []
+    for did in device_ids:
+        for ch in (topics.Channel.STATUS, topics.Channel.PROFILE, topics.Channel.POLICY_DESIRED, topics.Channel.POLICY_REPORTED):
+            msgs.append((topics.device_topic(did, ch), b"", 1, True))
+    for i in range(0, len(msgs), 2000):
+        publish_once(u, msgs[i:i + 2000], timeout=30)
+
+
+async def _bench(
+    ids: list[str],
+    url: str,
+    db: str,
+    *,
+    rounds: int,
+    device_class: str,
+    num_layers: int,
+    timeout_s: float,
+    connect_concurrency: int,
+    progress: Any,
+) -> BenchResult:
+    n = len(ids)
+    bu = parse_broker_url(url)
+    registry = Registry(db)  # migrates before the controller opens it
+    ctl = start_controller_process(url, db, poll_interval_s=2.0)
+    stop = asyncio.Event()
+    observer = FleetObserver(bu, set(ids), watch_desired=False)
+    obs_task = asyncio.ensure_future(observer.run(stop))
+    fleet: asyncio.subprocess.Process | None = None
+    received: dict[str, dict[str, float]] = {}
+
+    def _converged() -> bool:
+        c, total = registry.convergence(device_class)
+        return total >= n and c >= n
+
+    try:
+        if not await wait_until(lambda: observer.ready.is_set() or obs_task.done(), 30):
+            raise RuntimeError("observer could not subscribe")
+        if obs_task.done():
+            obs_task.result()
+        t_conn = time.perf_counter()
+        progress(f"connecting {n} simulated devices (one asyncio process) to {bu}")
+        fleet = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", "from ldfleet.simulations.sim_devices import fleet_process_main; fleet_process_main()",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=64 * 1024 * 1024,
+        )
+        cfg = {
+            "broker": url, "device_ids": ids, "device_class": device_class, "num_layers": num_layers,
+            "layer_ms": [1.0 + 0.1 * i for i in range(num_layers)], "front_end_ms": 4.0,
+            "connect_concurrency": connect_concurrency,
+        }
+        assert fleet.stdin is not None and fleet.stdout is not None
+        fleet.stdin.write((json.dumps(cfg) + "\n").encode())
+        await fleet.stdin.drain()
+        try:
+            line = await asyncio.wait_for(fleet.stdout.readline(), timeout_s)
+        except asyncio.TimeoutError:
+            line = b""
+        if not line.startswith(b"connected"):
+            raise RuntimeError(f"the simulated fleet did not connect within {timeout_s:.0f} s")
+        connect_s = time.perf_counter() - t_conn
+        progress(f"{n} connected in {connect_s:.1f} s; waiting for the initial policy to converge")
+        observer.expect_acks({d: 0 for d in ids})
+        if not await _wait_event(observer.all_acked, timeout_s):
+            raise RuntimeError(f"{observer.pending}/{n} devices never acked their initial policy (is the controller running?)")
+        initial_s = time.perf_counter() - t_conn
+        keeps = [0.5, 0.75, 0.25, 1.0]
+        measured: list[tuple[int, str, float, dict[str, int], list[float], float | None]] = []
+        for r in range(rounds):
+            keep = keeps[r % len(keeps)]
+            # start from a quiet, converged fleet: the controller has written every ack
+            await _poll_registry(_converged, timeout_s)
+            await asyncio.sleep(0.5)
+            prev = {d: observer.latest_acked(d) for d in ids}
+            observer.expect_acks(prev)
+            t0 = time.perf_counter()
+            change = await asyncio.to_thread(set_budget, registry, url, device_class, keep=keep, issued_by="bench", create_class=True)
+            ok = await _wait_event(observer.all_acked, timeout_s)
+            lat = []
+            for d in ids:
+                acks = [t for v, t in observer.acked[d].items() if v > prev[d]]
+                if acks:
+                    lat.append((min(acks) - t0) * 1000)
+            reg_ok = await _poll_registry(_converged, timeout_s)
+            reg_ms = (time.perf_counter() - t0) * 1000 if reg_ok else None
+            budget = f"keep {keep:g}" + ("" if change.notified else " (no notice: registry poll)")
+            measured.append((r + 1, budget, t0, prev, lat, reg_ms))
+            progress(
+                f"round {r + 1}: {len(lat)}/{n} acked, p50 {percentile(lat, 50):.0f} ms, p99 {percentile(lat, 99):.0f} ms"
+                + ("" if ok else f" (timed out after {timeout_s:.0f} s)")
+            )
+        received = await _stop_fleet(fleet)
+        fleet = None
+        results = []
+        for rnd, budget, t0, prev, lat, reg_ms in measured:
+            fan = []
+            for d in ids:
+                got = [t for v, t in received.get(d, {}).items() if int(v) > prev[d]]
+                if got:
+                    fan.append((min(got) - t0) * 1000)
+            results.append(RoundResult(
+                round=rnd, budget=budget, devices=n, acked=len(lat),
+                p50_ms=percentile(lat, 50), p99_ms=percentile(lat, 99), max_ms=max(lat) if lat else math.nan,
+                fanout_p50_ms=percentile(fan, 50), fanout_max_ms=max(fan) if fan else math.nan,
+                registry_converged_ms=reg_ms, latencies_ms=lat,
+            ))
+        allv = [x for res in results for x in res.latencies_ms]
+        return BenchResult(
+            devices=n, broker=str(bu), registry=registry.backend, connect_s=connect_s, initial_converge_s=initial_s,
+            rounds=results, p50_ms=percentile(allv, 50), p99_ms=percentile(allv, 99), max_ms=max(allv) if allv else math.nan,
+            all_acked=all(res.acked == n for res in results),
+        )
+    finally:
+        if fleet is not None:
+            await _stop_fleet(fleet)
+        stop.set()
+        await asyncio.wait({obs_task}, timeout=10)
+        stop_process(ctl)
+        registry.close()
+
+
+async def _stop_fleet(fleet: asyncio.subprocess.Process) -> dict[str, dict[str, float]]:
+    """Close the fleet's stdin (devices say goodbye), collect when each desired version reached them."""
+    assert fleet.stdin is not None and fleet.stdout is not None
+    received: dict[str, dict[str, float]] = {}
+    if fleet.returncode is None:
+        fleet.stdin.close()
+        try:
+            while True:
+                line = await asyncio.wait_for(fleet.stdout.readline(), 60)
+                if not line:
+                    break
+                if line.startswith(b"stopped "):
+                    received = json.loads(line[len(b"stopped "):]).get("received", {})
+            await asyncio.wait_for(fleet.wait(), 30)
+        except asyncio.TimeoutError:
+            fleet.kill()
+            await fleet.wait()
+    return received
+
+
+async def _wait_event(event: asyncio.Event, timeout_s: float) -> bool:
+    try:
+        await asyncio.wait_for(event.wait(), timeout_s)
+        return True
+    except asyncio.TimeoutError:
+        return False
+
+
+async def _poll_registry(pred: Any, timeout_s: float) -> bool:
+    deadline = time.perf_counter() + timeout_s
+    while time.perf_counter() < deadline:
+        if await asyncio.to_thread(pred):
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+def run_bench(
+    n_devices: int,
+    *,
+    broker: str | None = None,
+    db: str | None = None,
+    rounds: int = 3,
+    device_class: str = "bench",
+    num_layers: int = 12,
+    timeout_s: float = 120.0,
+    connect_concurrency: int = 64,
+    progress: Any = None,
+) -> BenchResult:
+    """Run the benchmark for one fleet size (starts and stops everything it needs)."""
+    progress = progress or (lambda msg: None)
+    tmp = tempfile.mkdtemp(prefix="ldfleet-bench-")
+    own_broker = None
+    run = new_id()[:6]
+    ids = [f"bench-{run}-{i:05d}" for i in range(n_devices)]
+    try:
+        if broker is None:
+            own_broker = EmbeddedBroker(data_dir=os.path.join(tmp, "broker")).start()
+            url = own_broker.url
+        else:
+            url = broker
+        db_url = db or f"sqlite:///{tmp}/registry.db"
+        return asyncio.run(
+            _bench(ids, url, db_url, rounds=rounds, device_class=device_class, num_layers=num_layers,
+                   timeout_s=timeout_s, connect_concurrency=connect_concurrency, progress=progress)
+        )
+    finally:
+        if own_broker is not None:
+            own_broker.close()
+        elif broker is not None:
+            try:
+                _clear_retained(broker, ids)
+            except Exception as exc:  # noqa: BLE001
+                progress(f"could not clear the benchmark's retained messages on {broker}: {exc}")
+        shutil.rmtree(tmp, ignore_errors=True)

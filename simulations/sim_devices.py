@@ -1,0 +1,305 @@
+"""Simulated devices for control-plane scale tests: many MQTT connections in one asyncio process.
+
+paho's select() loop stalls past ~340 clients per process, so a simulated fleet uses aiomqtt (one
+asyncio task per device). Each simulated device behaves like ``ldfleet agent`` on the wire: birth
+status and profile (retained) with an offline Last Will, subscription to its own desired policy,
+the same decision function (``ldfleet.client.agent.evaluate_policy``) and a retained ack. Its state
+lives in memory (``persist_dir`` writes it atomically like the real agent, at a disk cost).
+Each device notes when (``time.perf_counter()``, CLOCK_MONOTONIC: comparable across processes on
+Linux) each desired version reached it. ``FleetObserver`` timestamps the acks (and, if asked, the
+desired policies) it sees, for the benchmark.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+from pathlib import Path
+
+import aiomqtt
+
+from ldfleet.client.agent import evaluate_policy
+from ldfleet.client.state import DeviceState, save_device_state
+from ldfleet.common import topics
+from ldfleet.common.mqtt import BrokerURL, aiomqtt_kwargs, new_id
+from ldfleet.common.schemas import BudgetPolicy, DeviceProfile, PayloadError, PolicyAck, Status, decode, parse_payload, utcnow
+
+log = logging.getLogger("ldfleet.sim")
+
+
+@dataclass
+class SimDevice:
+    profile: DeviceProfile
+    persist_dir: Path | None = None
+    state: DeviceState = field(init=False)
+    boot_id: str = field(default_factory=new_id)
+    connected: asyncio.Event = field(default_factory=asyncio.Event)
+    applied: int = 0
+    #: desired version -> when it reached this device (perf_counter seconds)
+    received: dict[int, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.state = DeviceState(device_id=self.profile.device_id, device_class=self.profile.device_class, profile=self.profile)
+
+    @property
+    def device_id(self) -> str:
+        return self.profile.device_id
+
+    def decide(self, payload: bytes, topic: str) -> PolicyAck | None:
+        now = time.perf_counter()
+        policy = decode(BudgetPolicy, payload, topic=topic, topic_device_id=self.device_id, logger=log)
+        if policy is None:
+            return None
+        self.received.setdefault(policy.version, now)
+        d = evaluate_policy(policy, self.state, self.profile)
+        if d.state is not None:
+            if self.persist_dir is not None:
+                save_device_state(self.persist_dir / self.device_id, d.state)
+            self.state = d.state
+        if d.ack is not None and d.ack.status == "applied":
+            self.applied += 1
+        return d.ack
+
+    async def _serve(self, client: aiomqtt.Client, seq: int) -> None:
+        did = self.device_id
+        await client.subscribe(topics.policy_desired(did), qos=1)
+        birth = Status(device_id=did, online=True, boot_id=self.boot_id, seq=seq, sent_at=utcnow())
+        await client.publish(topics.status(did), birth.to_json(), qos=1, retain=True)
+        await client.publish(topics.profile(did), self.profile.to_json(), qos=1, retain=True)
+        self.connected.set()
+        reported = topics.policy_reported(did)
+        async for msg in client.messages:
+            ack = self.decide(bytes(msg.payload), str(msg.topic))  # type: ignore[arg-type]
+            if ack is not None:
+                await client.publish(reported, ack.to_json(), qos=1, retain=True)
+
+    async def run(
+        self,
+        url: BrokerURL,
+        stop: asyncio.Event,
+        connect_slots: asyncio.Semaphore,
+        protocol: aiomqtt.ProtocolVersion = aiomqtt.ProtocolVersion.V311,
+    ) -> None:
+        """Stay connected until ``stop`` is set (reconnecting with backoff), then say goodbye."""
+        did = self.device_id
+        will = aiomqtt.Will(topics.status(did), Status(device_id=did, online=False, boot_id=self.boot_id).to_json(), qos=1, retain=True)
+        seq = 0
+        backoff = 0.5
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                try:
+                    async with connect_slots:
+                        client = aiomqtt.Client(
+                            **aiomqtt_kwargs(url), identifier=f"ldfleet-sim-{did}", protocol=protocol,
+                            will=will, keepalive=60, timeout=30,
+                        )
+                        await client.__aenter__()
+                    try:
+                        seq += 1
+                        serving = asyncio.ensure_future(self._serve(client, seq))
+                        await asyncio.wait({serving, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                        if serving.done():
+                            serving.result()  # raises the MqttError that ended the connection
+                            continue
+                        serving.cancel()
+                        off = Status(device_id=did, online=False, boot_id=self.boot_id, seq=seq, sent_at=utcnow())
+                        await client.publish(topics.status(did), off.to_json(), qos=1, retain=True, timeout=5)
+                    finally:
+                        self.connected.clear()
+                        try:
+                            await client.__aexit__(None, None, None)
+                        except Exception:  # noqa: BLE001
+                            pass
+                    backoff = 0.5
+                except (aiomqtt.MqttError, OSError) as exc:
+                    if stop.is_set():
+                        break
+                    log.debug("%s: connection lost (%s); retrying in %.1f s", did, exc, backoff)
+                    try:
+                        await asyncio.wait_for(asyncio.shield(stopper), backoff)
+                    except asyncio.TimeoutError:
+                        pass
+                    backoff = min(backoff * 2, 10.0)
+        finally:
+            stopper.cancel()
+
+
+class FleetObserver:
+    """Records when each device's desired versions and acks were seen (monotonic seconds)."""
+
+    def __init__(self, url: BrokerURL, device_ids: set[str], *, watch_desired: bool = True) -> None:
+        self.url = url
+        self.watch_desired = watch_desired
+        self.device_ids = device_ids
+        self.desired: dict[str, dict[int, float]] = defaultdict(dict)
+        self.acked: dict[str, dict[int, float]] = defaultdict(dict)
+        self.rejected: dict[str, str] = {}
+        self.ready = asyncio.Event()
+        self.changed = asyncio.Event()
+        self._pending: dict[str, int] = {}
+        self.all_acked = asyncio.Event()
+
+    def expect_acks(self, above: dict[str, int]) -> None:
+        """Start waiting for every device in ``above`` to ack a version above the given one
+        (``all_acked`` is set when they have; O(1) per message, so 1,000s of devices are cheap)."""
+        self._pending = {d: v for d, v in above.items() if self.latest_acked(d) <= v}
+        if self._pending:
+            self.all_acked.clear()
+        else:
+            self.all_acked.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def latest_desired(self, device_id: str) -> int:
+        return max(self.desired.get(device_id, {0: 0.0}))
+
+    def latest_acked(self, device_id: str) -> int:
+        return max(self.acked.get(device_id, {0: 0.0}))
+
+    async def run(self, stop: asyncio.Event, protocol: aiomqtt.ProtocolVersion = aiomqtt.ProtocolVersion.V311) -> None:
+        async with aiomqtt.Client(**aiomqtt_kwargs(self.url), identifier=new_id("ldfleet-observer-"), protocol=protocol) as client:
+            if self.watch_desired:
+                await client.subscribe(topics.all_devices(topics.Channel.POLICY_DESIRED), qos=1)
+            await client.subscribe(topics.all_devices(topics.Channel.POLICY_REPORTED), qos=1)
+            self.ready.set()
+
+            async def consume() -> None:
+                async for msg in client.messages:
+                    self._record(msg, time.perf_counter())
+
+            consuming = asyncio.ensure_future(consume())
+            stopper = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({consuming, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            for t in (consuming, stopper):
+                t.cancel()
+            if consuming.done() and not consuming.cancelled() and consuming.exception():
+                raise consuming.exception()  # type: ignore[misc]
+
+    def _record(self, msg: aiomqtt.Message, now: float) -> None:
+        parsed = topics.parse_device_topic(str(msg.topic))
+        if parsed is None or parsed.device_id not in self.device_ids:
+            return
+        payload = bytes(msg.payload)  # type: ignore[arg-type]
+        try:
+            if parsed.channel is topics.Channel.POLICY_DESIRED:
+                pol = parse_payload(BudgetPolicy, payload, topic_device_id=parsed.device_id)
+                self.desired[parsed.device_id].setdefault(pol.version, now)
+            else:
+                ack = parse_payload(PolicyAck, payload, topic_device_id=parsed.device_id)
+                if ack.status == "rejected":
+                    self.rejected[parsed.device_id] = ack.reason or ""
+                self.acked[parsed.device_id].setdefault(ack.applied_version, now)
+                want = self._pending.get(parsed.device_id)
+                if want is not None and ack.applied_version > want:
+                    del self._pending[parsed.device_id]
+                    if not self._pending:
+                        self.all_acked.set()
+        except PayloadError as exc:
+            log.warning("observer dropped message on %s: %s", msg.topic, exc)
+            return
+        self.changed.set()
+
+
+async def wait_until(predicate, timeout: float, event: asyncio.Event | None = None, step: float = 0.05) -> bool:
+    """Poll ``predicate`` (or wake on ``event``) until true or ``timeout`` seconds pass."""
+    deadline = time.perf_counter() + timeout
+    while True:
+        if predicate():
+            return True
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            return False
+        if event is not None:
+            event.clear()
+            try:
+                await asyncio.wait_for(event.wait(), min(step, left))
+            except asyncio.TimeoutError:
+                pass
+        else:
+            await asyncio.sleep(min(step, left))
+
+
+
+def _raise_fd_limit() -> None:
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except Exception:  # noqa: BLE001
+        pass
+
+
+async def run_fleet(
+    url: BrokerURL,
+    profiles: list[DeviceProfile],
+    stop: asyncio.Event,
+    *,
+    connect_concurrency: int = 64,
+    on_connected: Any = None,
+) -> list[SimDevice]:
+    """Run simulated devices until ``stop``; ``on_connected()`` is called once all are connected."""
+    _raise_fd_limit()
+    devices = [SimDevice(p) for p in profiles]
+    slots = asyncio.Semaphore(connect_concurrency)
+    tasks = [asyncio.ensure_future(d.run(url, stop, slots)) for d in devices]
+
+    async def announce() -> None:
+        while not all(d.connected.is_set() for d in devices):
+            await asyncio.sleep(0.05)
+        if on_connected is not None:
+            on_connected()
+
+    watcher = asyncio.ensure_future(announce())
+    await stop.wait()
+    watcher.cancel()
+    await asyncio.wait(tasks, timeout=60)
+    for t in tasks:
+        t.cancel()
+    return devices
+
+
+def fleet_process_main() -> None:
+    """Entry point of a simulated-fleet child process (see ``start_fleet_process``).
+
+    Reads one JSON line from stdin: ``{"broker", "device_ids", "device_class", "num_layers",
+    "layer_ms", "front_end_ms", "connect_concurrency"}``; prints ``connected <n>`` once every device
+    is connected; stops (each device says goodbye) when stdin closes or SIGTERM arrives, and then
+    prints ``stopped {"applied": n, "received": {device: {version: perf_counter seconds}}}``.
+    """
+    import json
+    import signal
+    import sys
+
+    from ldfleet.client.profile import synthetic_profile
+    from ldfleet.common.mqtt import parse_broker_url
+
+    cfg = json.loads(sys.stdin.readline())
+    url = parse_broker_url(cfg["broker"])
+    profiles = [
+        synthetic_profile(d, cfg["device_class"], num_layers=cfg["num_layers"], layer_ms=cfg["layer_ms"], front_end_ms=cfg["front_end_ms"])
+        for d in cfg["device_ids"]
+    ]
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_reader(sys.stdin.fileno(), lambda: (sys.stdin.readline() or True) and stop.set())
+
+        def connected() -> None:
+            print(f"connected {len(profiles)}", flush=True)
+
+        devices = await run_fleet(url, profiles, stop, connect_concurrency=cfg.get("connect_concurrency", 64), on_connected=connected)
+        received = {d.device_id: {str(v): t for v, t in d.received.items()} for d in devices}
+        print("stopped " + json.dumps({"applied": sum(d.applied for d in devices), "received": received}), flush=True)
+
+    asyncio.run(main())
