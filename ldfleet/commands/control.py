@@ -1,0 +1,506 @@
+"""Control-plane commands: `profile`, `agent`, `controller`, `broker`, `budget ...`, `devices ...`,
+`bench control-plane`.
+
+Heavy modules (paho, SQLAlchemy, the model) are imported inside the commands, so `ldfleet --help`
+stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ldfleet.common.runtime import default_broker_url, default_registry_url
+
+console = Console()
+err = Console(stderr=True)
+
+budget_app = typer.Typer(help="Budget policies: set, show, history, clear.", no_args_is_help=True)
+devices_app = typer.Typer(help="The fleet as the registry sees it.", no_args_is_help=True)
+
+BROKER_HELP = "MQTT broker URL: mqtt://host:port, mqtt://user:password@host:port, or mqtts://... for TLS (default: $LDFLEET_BROKER, a running `ldfleet broker`, else mqtt://127.0.0.1:1883)."
+DB_HELP = "Registry URL: sqlite:///path.db or postgresql+psycopg2://user@host/db (default: $LDFLEET_DB or sqlite:///~/.ldfleet/registry.db)."
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+def _broker(url: str | None) -> str:
+    return url or default_broker_url()
+
+
+def _broker_url(url: str | None, ca_file: Path | None) -> Any:
+    """Parsed broker URL (exit 2 with the reason when it is malformed)."""
+    from ldfleet.common.mqtt import parse_broker_url
+
+    try:
+        return parse_broker_url(_broker(url), ca_file=str(ca_file) if ca_file else None)
+    except ValueError as exc:
+        _fail(str(exc))
+
+
+def _open_registry(db: str | None) -> Any:
+    from ldfleet.server.registry import Registry
+
+    try:
+        return Registry(db or default_registry_url())
+    except Exception as exc:  # noqa: BLE001 - unreachable database, bad URL
+        _fail(f"cannot open the registry {db or default_registry_url()}: {exc}")
+
+
+def _ts(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# device side
+# ---------------------------------------------------------------------------------------------
+def profile(
+    device_id: str = typer.Option(None, "--device-id", help="Device id (default: this host's name)."),
+    device_class: str = typer.Option("default", "--device-class", help="Device class to advertise."),
+    family: str = typer.Option("wavlm", help="Model family: wavlm | hubert | wav2vec2."),
+    size: str = typer.Option("tiny", help="Model: a size built in code (tiny, base), a hub id or a local folder."),
+    seconds: float = typer.Option(1.0, min=0.1, help="Reference input length in seconds."),
+    repeats: int = typer.Option(5, min=1, help="Timed repeats per part (median is kept)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the profile as JSON (what the agent publishes)."),
+    out: Path = typer.Option(None, "--out", help="Also write the JSON profile to this file (for `agent --profile-json`)."),
+) -> None:
+    """Measure this machine's compute profile: cores, memory, front-end and per-layer latency."""
+    from ldfleet.client.profile import default_device_id, measure_profile
+
+    prof = measure_profile(device_id or default_device_id(), device_class, family=family, size=size, seconds=seconds, repeats=repeats)
+    text = prof.model_dump_json(by_alias=True, indent=2)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    if as_json:
+        print(text)
+        return
+    t = Table(title=f"{prof.device_id} ({prof.device_class}): {prof.model_id}, input {prof.reference_seconds:g} s")
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    t.add_row("cores", str(prof.cores))
+    t.add_row("memory", f"{prof.memory_mb} MiB")
+    t.add_row("accelerator", prof.accelerator or "-")
+    t.add_row("front end", f"{prof.front_end_ms:.2f} ms")
+    for i, ms in enumerate(prof.layer_ms):
+        t.add_row(f"layer {i}", f"{ms:.2f} ms")
+    t.add_row("all layers", f"{prof.front_end_ms + sum(prof.layer_ms):.2f} ms")
+    console.print(t)
+    if out is not None:
+        console.print(f"written to {out}")
+
+
+def agent(
+    device_id: str = typer.Option(..., "--device-id", help="This device's id (also its MQTT user name under the production ACL)."),
+    device_class: str = typer.Option(..., "--device-class", help="Device class it belongs to."),
+    broker: str = typer.Option(None, "--broker", help=BROKER_HELP),
+    state_dir: Path = typer.Option(None, "--state-dir", help="Local device state folder (default ~/.ldfleet/devices/<device-id>)."),
+    profile_json: Path = typer.Option(None, "--profile-json", help="Use this profile (from `ldfleet profile --out`) instead of measuring."),
+    layer_ms: str = typer.Option(None, "--layer-ms", help="Give the per-layer latency directly, comma-separated ms (no model needed)."),
+    front_end_ms: float = typer.Option(0.0, "--front-end-ms", min=0.0, help="Front-end latency with --layer-ms."),
+    family: str = typer.Option("wavlm", help="Model family to measure when no profile is given."),
+    size: str = typer.Option("tiny", help="Model to measure when no profile is given."),
+    ca_file: Path = typer.Option(None, "--ca-file", help="CA bundle for an mqtts:// broker."),
+    telemetry_interval: float = typer.Option(60.0, "--telemetry-interval", min=0.0, help="Seconds between telemetry messages (0: none)."),
+) -> None:
+    """Announce this device and keep its budget policy in step with the controller (runs until Ctrl-C)."""
+    from ldfleet.client.agent import DeviceAgent
+    from ldfleet.client.profile import measure_profile, profile_from_json, synthetic_profile
+    from ldfleet.common.topics import is_valid_device_id
+
+    if not is_valid_device_id(device_id):
+        _fail(f"invalid device id {device_id!r}: use 1-64 of A-Z a-z 0-9 . _ -")
+    try:
+        if profile_json is not None:
+            prof = profile_from_json(profile_json, device_id, device_class)
+        elif layer_ms is not None:
+            values = [float(x) for x in layer_ms.split(",") if x.strip()]
+            if not values or any(not math.isfinite(v) or v < 0 for v in values):
+                _fail("--layer-ms must be comma-separated non-negative numbers")
+            prof = synthetic_profile(device_id, device_class, num_layers=len(values), layer_ms=values, front_end_ms=front_end_ms, model_id="given")
+        else:
+            err.print(f"measuring {family}-{size} on this machine (pass --profile-json to skip)...")
+            prof = measure_profile(device_id, device_class, family=family, size=size)
+        ag = DeviceAgent(device_id, device_class, _broker(broker), prof, state_dir=state_dir,
+                         ca_file=str(ca_file) if ca_file else None, telemetry_interval_s=telemetry_interval)
+    except (ValueError, OSError) as exc:
+        _fail(str(exc))
+    signal.signal(signal.SIGTERM, lambda *_: ag.request_stop())
+    err.print(f"agent {device_id} ({device_class}) -> {ag.url}; state in {ag.state_dir}")
+    try:
+        ag.run_forever()
+    except KeyboardInterrupt:
+        ag.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# fleet side
+# ---------------------------------------------------------------------------------------------
+def controller(
+    broker: str = typer.Option(None, "--broker", help=BROKER_HELP),
+    db: str = typer.Option(None, "--db", help=DB_HELP),
+    ca_file: Path = typer.Option(None, "--ca-file", help="CA bundle for an mqtts:// broker."),
+    default_keep: float = typer.Option(1.0, "--default-keep", help="Keep fraction of devices without any policy."),
+    strict_classes: bool = typer.Option(False, "--strict-classes", help="Refuse profiles of classes the registry does not know."),
+    poll_interval: float = typer.Option(2.0, "--poll-interval", min=0.1, help="Seconds between registry polls (missed notices, expiries)."),
+) -> None:
+    """Register devices, resolve and publish their policies, track convergence (runs until Ctrl-C)."""
+    from ldfleet.server.controller import Controller
+
+    if not (math.isfinite(default_keep) and 0 < default_keep <= 1):
+        _fail("--default-keep must be in (0, 1]")
+    reg = _open_registry(db)
+    try:
+        ctl = Controller(_broker(broker), reg, ca_file=str(ca_file) if ca_file else None, default_keep=default_keep,
+                         strict_classes=strict_classes, poll_interval_s=poll_interval)
+    except ValueError as exc:
+        _fail(str(exc))
+    err.print(f"controller -> {ctl.url}; registry {reg.redacted_url()}")
+    ctl.run_forever()
+    reg.close()
+
+
+def broker(
+    port: int = typer.Option(0, "--port", min=0, max=65535, help="Loopback port (0: a free one)."),
+    data_dir: Path = typer.Option(None, "--data-dir", help="Keep the broker's config and retained messages here (default: a temp dir)."),
+) -> None:
+    """Run the embedded broker (a private Mosquitto on 127.0.0.1) in the foreground.
+
+    Zero set-up for local use: anonymous clients, loopback only, NOT a security boundary. For a real
+    fleet use Mosquitto with configs/mosquitto/ (passwords, per-device ACL, TLS) and --broker URL.
+    """
+    import os
+
+    from ldfleet.common.broker import BrokerNotInstalled, BrokerStartError, EmbeddedBroker
+    from ldfleet.common.runtime import remove_broker_file, write_broker_file
+
+    try:
+        b = EmbeddedBroker(port, data_dir=data_dir).start()
+    except (BrokerNotInstalled, BrokerStartError) as exc:
+        _fail(str(exc), code=1)
+    path = write_broker_file(b.url, os.getpid())
+    console.print(f"broker listening on [bold]{b.url}[/bold] (log: {b.log_path}); other ldfleet commands use it by default")
+    console.print("local use only: anonymous, loopback, not a security boundary. Ctrl-C stops it.")
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        code = b.wait()
+        if code:
+            _fail(f"mosquitto exited with code {code}\n{b.log_tail()}", code=1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        b.close()
+        remove_broker_file(os.getpid())
+        del path
+
+
+# ---------------------------------------------------------------------------------------------
+# operator
+# ---------------------------------------------------------------------------------------------
+@budget_app.command("set")
+def budget_set(
+    device_class: str = typer.Argument(..., metavar="CLASS", help="Device class."),
+    keep: float = typer.Option(None, "--keep", help="Keep fraction of the encoder layers, in (0, 1]."),
+    latency_ms: float = typer.Option(None, "--latency-ms", help="Latency target in ms (turned into k per device)."),
+    percentile: float = typer.Option(None, "--percentile", help="Percentile the latency target must hold for (default: median)."),
+    device: str = typer.Option(None, "--device", help="Override for one device of the class instead of the whole class."),
+    by: str = typer.Option(None, "--by", help="Who is making the change (default: your user name)."),
+    expires_in: float = typer.Option(None, "--expires-in", help="Seconds until the policy lapses (default: never)."),
+    create_class: bool = typer.Option(False, "--create-class", help="Define the class if no device of it has connected yet."),
+    comment: str = typer.Option(None, "--comment", help="Free text kept in the audit trail."),
+    db: str = typer.Option(None, "--db", help=DB_HELP),
+    broker: str = typer.Option(None, "--broker", help=BROKER_HELP),
+    ca_file: Path = typer.Option(None, "--ca-file", help="CA bundle for an mqtts:// broker."),
+) -> None:
+    """Set the budget of a class (or one device): written to the registry, then pushed to devices."""
+    from ldfleet.server.operator import set_budget
+    from ldfleet.server.registry import RegistryError
+
+    if (keep is None) == (latency_ms is None):
+        _fail("give exactly one of --keep and --latency-ms")
+    if expires_in is not None and not (math.isfinite(expires_in) and expires_in > 0):
+        _fail("--expires-in must be a positive number of seconds")
+    reg = _open_registry(db)
+    try:
+        res = set_budget(reg, _broker_url(broker, ca_file), device_class, keep=keep, latency_ms=latency_ms, percentile=percentile,
+                         device_id=device, issued_by=by, expires_in_s=expires_in, create_class=create_class, comment=comment)
+    except RegistryError as exc:
+        _fail(str(exc))
+    finally:
+        reg.close()
+    p = res.policy
+    scope = f"device {p.device_id}" if p.device_id else f"class {p.device_class}"
+    console.print(f"{scope}: policy v{p.version} ({p.budget_text()}) by {p.issued_by}")
+    if res.notified:
+        console.print("controller notified; devices follow as soon as it re-resolves")
+    else:
+        err.print(f"[yellow]warning:[/yellow] controller not notified ({res.notify_error}); "
+                  "a running controller picks the change up at its next registry poll")
+
+
+@budget_app.command("clear")
+def budget_clear(
+    device_class: str = typer.Argument(..., metavar="CLASS"),
+    device: str = typer.Option(None, "--device", help="Remove this device's override (else: the class policy)."),
+    by: str = typer.Option(None, "--by"),
+    db: str = typer.Option(None, "--db", help=DB_HELP),
+    broker: str = typer.Option(None, "--broker", help=BROKER_HELP),
+    ca_file: Path = typer.Option(None, "--ca-file", help="CA bundle for an mqtts:// broker."),
+) -> None:
+    """Remove a class policy (devices fall back to the default) or a device override (back to the class)."""
+    from ldfleet.server.operator import clear_budget
+    from ldfleet.server.registry import RegistryError
+
+    reg = _open_registry(db)
+    try:
+        res = clear_budget(reg, _broker_url(broker, ca_file), device_class, device_id=device, issued_by=by)
+    except RegistryError as exc:
+        _fail(str(exc))
+    finally:
+        reg.close()
+    console.print(f"cleared ({res.policy.scope_key} v{res.policy.version})" + ("" if res.notified else f"; controller not notified: {res.notify_error}"))
+
+
+def _policy_dict(p: Any) -> dict[str, Any]:
+    return {
+        "id": p.id, "scope": p.scope, "device_class": p.device_class, "device_id": p.device_id, "version": p.version,
+        "keep": p.keep, "latency_ms": p.latency_ms, "percentile": p.percentile, "cleared": p.cleared,
+        "issued_by": p.issued_by, "issued_at": p.issued_at, "expires_at": p.expires_at, "previous_id": p.previous_id,
+        "comment": p.comment,
+    }
+
+
+@budget_app.command("show")
+def budget_show(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    db: str = typer.Option(None, "--db", help=DB_HELP),
+) -> None:
+    """The policies in force (class policies and device overrides) and how far each class converged."""
+    reg = _open_registry(db)
+    try:
+        active = sorted(reg.active_policies().values(), key=lambda p: (p.device_class, p.device_id or ""))
+        classes = [c.name for c in reg.classes()]
+        conv = {c: reg.convergence(c) for c in classes}
+    finally:
+        reg.close()
+    if as_json:
+        out = {
+            "policies": [_policy_dict(p) for p in active],
+            "classes": {c: {"converged": conv[c][0], "devices": conv[c][1]} for c in classes},
+            "default": "keep = controller --default-keep (1.0 unless set)",
+        }
+        print(json.dumps(out, indent=2, default=_json_default))
+        return
+    t = Table(title="budget policies in force (others: the controller's default, keep 1.0 unless --default-keep)")
+    for col in ("class", "device", "version", "budget", "by", "at", "expires"):
+        t.add_column(col)
+    for p in active:
+        t.add_row(p.device_class, p.device_id or "(class)", str(p.version), p.budget_text(), p.issued_by, _ts(p.issued_at), _ts(p.expires_at))
+    console.print(t)
+    c = Table(title="convergence per class")
+    for col in ("class", "converged", "devices"):
+        c.add_column(col)
+    for name in classes:
+        c.add_row(name, str(conv[name][0]), str(conv[name][1]))
+    console.print(c)
+
+
+@budget_app.command("history")
+def budget_history(
+    device_class: str = typer.Argument(..., metavar="CLASS"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    db: str = typer.Option(None, "--db", help=DB_HELP),
+) -> None:
+    """Audit trail of a class: every policy change (class and device overrides), who, when, old -> new."""
+    reg = _open_registry(db)
+    try:
+        rows = reg.policy_history(device_class)
+    finally:
+        reg.close()
+    by_id = {p.id: p for p in rows}
+    if as_json:
+        print(json.dumps([
+            {**_policy_dict(p), "old": by_id[p.previous_id].budget_text() if p.previous_id in by_id else None, "new": p.budget_text()}
+            for p in rows
+        ], indent=2, default=_json_default))
+        return
+    if not rows:
+        console.print(f"no policy was ever set for class {device_class!r}")
+        return
+    t = Table(title=f"policy history of {device_class}")
+    for col in ("when", "scope", "version", "old", "new", "by", "expires", "comment"):
+        t.add_column(col)
+    for p in rows:
+        old = by_id[p.previous_id].budget_text() if p.previous_id in by_id else "(default)"
+        t.add_row(_ts(p.issued_at), p.device_id or "(class)", str(p.version), old, p.budget_text(), p.issued_by, _ts(p.expires_at), p.comment or "")
+    console.print(t)
+
+
+def _device_dict(d: Any) -> dict[str, Any]:
+    prof = d.profile or {}
+    return {
+        "device_id": d.device_id, "device_class": d.device_class, "class_pinned": d.class_pinned, "online": d.online,
+        "last_seen": d.last_seen, "cores": d.cores, "memory_mb": d.memory_mb, "model_id": d.model_id,
+        "num_layers": d.num_layers, "front_end_ms": prof.get("front_end_ms"), "layer_ms": prof.get("layer_ms"),
+        "profile_revision": d.profile_revision, "desired_version": d.desired_version,
+        "desired_k": (d.desired or {}).get("k"), "desired_source": (d.desired or {}).get("source"),
+        "applied_version": d.applied_version, "ack_status": d.ack_status, "ack_reason": d.ack_reason,
+        "effective_k": d.effective_k, "expected_latency_ms": d.expected_latency_ms, "converged": d.converged,
+    }
+
+
+@devices_app.command("list")
+def devices_list(
+    device_class: str = typer.Option(None, "--class", help="Only this class."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    db: str = typer.Option(None, "--db", help=DB_HELP),
+) -> None:
+    """Devices with liveness, profile, applied policy version and convergence."""
+    reg = _open_registry(db)
+    try:
+        devs = reg.devices(device_class)
+    finally:
+        reg.close()
+    if as_json:
+        print(json.dumps([_device_dict(d) for d in devs], indent=2, default=_json_default))
+        return
+    t = Table(title=f"{len(devs)} device(s)" + (f" of class {device_class}" if device_class else ""))
+    t.add_column("device", no_wrap=True)
+    t.add_column("class", no_wrap=True)
+    t.add_column("online")
+    t.add_column("last seen")
+    t.add_column("cores/MiB")
+    t.add_column("L x ms")
+    t.add_column("policy")
+    t.add_column("k")
+    t.add_column("converged")
+    for d in devs:
+        lm = (d.profile or {}).get("layer_ms") or []
+        layers = f"{d.num_layers or '-'} x {sum(lm) / len(lm):.2f}" if lm else str(d.num_layers or "-")
+        policy = f"v{d.applied_version}/v{d.desired_version}"
+        if d.ack_status == "rejected":
+            policy += f" rejected: {d.ack_reason}"
+        t.add_row(
+            d.device_id, (d.device_class or "-") + (" (pinned)" if d.class_pinned else ""), "yes" if d.online else "no",
+            _ts(d.last_seen), f"{d.cores or '-'}/{d.memory_mb or '-'}", layers, policy, str(d.effective_k or "-"),
+            "[green]yes[/green]" if d.converged else "[yellow]no[/yellow]",
+        )
+    console.print(t)
+    console.print("policy: applied version / desired version; k: layers kept under the applied policy")
+
+
+@devices_app.command("set-class")
+def devices_set_class(
+    device_id: str = typer.Argument(..., metavar="DEVICE"),
+    device_class: str = typer.Argument(..., metavar="CLASS"),
+    create_class: bool = typer.Option(False, "--create-class", help="Define the class if it does not exist."),
+    db: str = typer.Option(None, "--db", help=DB_HELP),
+    broker: str = typer.Option(None, "--broker", help=BROKER_HELP),
+    ca_file: Path = typer.Option(None, "--ca-file", help="CA bundle for an mqtts:// broker."),
+) -> None:
+    """Pin a device to a class (its profile no longer decides), and re-resolve its policy."""
+    from ldfleet.server.operator import notify_controller
+    from ldfleet.server.registry import RegistryError
+
+    reg = _open_registry(db)
+    try:
+        reg.pin_class(device_id, device_class, create_class=create_class)
+    except RegistryError as exc:
+        _fail(str(exc))
+    finally:
+        reg.close()
+    try:
+        notify_controller(_broker_url(broker, ca_file), device_id=device_id)
+        console.print(f"{device_id} pinned to class {device_class}; controller notified")
+    except (ConnectionError, OSError, ValueError) as exc:
+        console.print(f"{device_id} pinned to class {device_class}; controller not notified ({exc}), it re-resolves on restart")
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmark
+# ---------------------------------------------------------------------------------------------
+def bench_control_plane(
+    devices: str = typer.Option("100,1000", "--devices", help="Fleet sizes to run, comma-separated."),
+    broker: str = typer.Option(None, "--broker", help="Broker URL (default: a private Mosquitto started for the run)."),
+    db: str = typer.Option(None, "--db", help="Registry URL (default: a temporary SQLite file)."),
+    rounds: int = typer.Option(3, "--rounds", min=1, help="Budget changes per fleet size."),
+    timeout: float = typer.Option(120.0, "--timeout", min=1.0, help="Seconds to wait for a phase before giving up."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Time from `budget set` to every simulated device's ack (real controller, aiomqtt devices)."""
+    from ldfleet.simulations.bench_control_plane import run_bench
+
+    try:
+        sizes = [int(x) for x in devices.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"--devices must be comma-separated integers, got {devices!r}")
+    if not sizes or any(n < 1 for n in sizes):
+        _fail("--devices must name fleet sizes >= 1")
+    results = []
+    for n in sizes:
+        try:
+            results.append(run_bench(n, broker=broker, db=db, rounds=rounds, timeout_s=timeout,
+                                     progress=lambda m: err.print(f"[dim]{m}[/dim]")))
+        except RuntimeError as exc:
+            _fail(f"benchmark with {n} devices failed: {exc}", code=1)
+    if as_json:
+        print(json.dumps([r.as_dict() for r in results], indent=2))
+        return
+    t = Table(title="control plane: `budget set` -> every device acked (ms)")
+    for col in ("devices", "round", "budget", "acked", "fan-out p50", "ack p50", "ack p99", "ack max", "registry converged"):
+        t.add_column(col, justify="right")
+    for r in results:
+        for rr in r.rounds:
+            t.add_row(str(r.devices), str(rr.round), rr.budget, f"{rr.acked}/{rr.devices}", f"{rr.fanout_p50_ms:.0f}",
+                      f"{rr.p50_ms:.0f}", f"{rr.p99_ms:.0f}", f"{rr.max_ms:.0f}",
+                      f"{rr.registry_converged_ms:.0f}" if rr.registry_converged_ms is not None else "timeout")
+        t.add_row(str(r.devices), "all", "", "", "", f"[bold]{r.p50_ms:.0f}[/bold]", f"[bold]{r.p99_ms:.0f}[/bold]", f"{r.max_ms:.0f}", "",
+                  end_section=True)
+    console.print(t)
+    for r in results:
+        verdict = "[green]met[/green]" if r.goal_met else "[red]missed[/red]"
+        console.print(f"{r.devices} devices ({r.broker}, {r.registry}): connected in {r.connect_s:.1f} s; "
+                      f"p99 {r.p99_ms:.0f} ms, goal p99 < {r.goal_p99_ms:.0f} ms {verdict}")
+
+
+# ---------------------------------------------------------------------------------------------
+def _bench_group(app: typer.Typer) -> typer.Typer:
+    """The shared `bench` group: reuse it if another command module registered it first."""
+    for info in app.registered_groups:
+        if info.name == "bench" and info.typer_instance is not None:
+            return info.typer_instance
+    group = typer.Typer(help="Benchmarks.", no_args_is_help=True)
+    app.add_typer(group, name="bench")
+    return group
+
+
+def register(app: typer.Typer) -> None:
+    app.command("profile")(profile)
+    app.command("agent")(agent)
+    app.command("controller")(controller)
+    app.command("broker")(broker)
+    app.add_typer(budget_app, name="budget")
+    app.add_typer(devices_app, name="devices")
+    _bench_group(app).command("control-plane")(bench_control_plane)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("run through `ldfleet`")
