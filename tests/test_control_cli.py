@@ -1,0 +1,136 @@
+"""The control-plane commands as an operator runs them: `ldfleet controller` and `ldfleet agent` as
+processes, `budget ...` / `devices ...` through the CLI, `bench control-plane` on a small fleet."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from control_fixtures import broker, wait_until  # noqa: F401 - fixtures
+from ldfleet.cli import app
+
+runner = CliRunner()
+LDFLEET = [sys.executable, "-c", "from ldfleet.cli import app; app()"]
+
+
+@pytest.fixture
+def env(tmp_path: Path, broker, monkeypatch) -> dict[str, str]:
+    values = {
+        "LDFLEET_HOME": str(tmp_path / "home"),
+        "LDFLEET_BROKER": broker.url,
+        "LDFLEET_DB": f"sqlite:///{tmp_path / 'registry.db'}",
+    }
+    for k, v in values.items():
+        monkeypatch.setenv(k, v)
+    return {**os.environ, **values}
+
+
+def cli(*args: str) -> tuple[int, str]:
+    res = runner.invoke(app, list(args))
+    return res.exit_code, res.output
+
+
+def devices_json() -> list[dict]:
+    code, out = cli("devices", "list", "--json")
+    assert code == 0, out
+    return json.loads(out)
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+def test_operator_workflow_with_real_processes(env, tmp_path):
+    procs = [subprocess.Popen([*LDFLEET, "controller", "--poll-interval", "0.5"], env=env, stderr=subprocess.DEVNULL)]
+    try:
+        for i, ms in enumerate(["1,2,3,4", "2,2,2,2"]):
+            procs.append(subprocess.Popen(
+                [*LDFLEET, "agent", "--device-id", f"cli-{i}", "--device-class", "edge", "--layer-ms", ms,
+                 "--front-end-ms", "1", "--telemetry-interval", "0"], env=env, stderr=subprocess.DEVNULL))
+
+        def all_at(version: int) -> bool:
+            devs = devices_json()
+            return len(devs) == 2 and all(d["converged"] and d["applied_version"] >= version for d in devs)
+
+        assert wait_until(lambda: all_at(1), 60), devices_json()
+        code, out = cli("devices", "list")
+        assert code == 0 and "cli-0" in out and "edge" in out
+
+        code, out = cli("budget", "set", "edge", "--keep", "0.5", "--by", "alice")
+        assert code == 0 and "controller notified" in out, out
+        assert wait_until(lambda: all_at(2), 30), devices_json()
+        devs = {d["device_id"]: d for d in devices_json()}
+        assert devs["cli-0"]["effective_k"] == 2 and devs["cli-0"]["online"]
+        state = json.loads((tmp_path / "home" / "devices" / "cli-0" / "device_state.json").read_text())
+        assert state["version"] == 2 and state["effective_k"] == 2
+
+        # a latency target becomes k per device, from each device's own per-layer timings
+        code, out = cli("budget", "set", "edge", "--latency-ms", "8", "--percentile", "90", "--by", "bob")
+        assert code == 0, out
+        assert wait_until(lambda: all_at(3), 30)
+        devs = {d["device_id"]: d for d in devices_json()}
+        assert devs["cli-0"]["effective_k"] == 2 and devs["cli-1"]["effective_k"] == 3  # 1+4+3=8; 1+2+2+2=7
+
+        code, out = cli("budget", "show", "--json")
+        shown = json.loads(out)
+        assert code == 0 and shown["classes"]["edge"] == {"converged": 2, "devices": 2}
+        assert [(p["device_class"], p["version"], p["latency_ms"], p["percentile"]) for p in shown["policies"]] == [("edge", 2, 8.0, 90.0)]
+        code, out = cli("budget", "history", "edge", "--json")
+        hist = json.loads(out)
+        assert [(h["issued_by"], h["old"], h["new"]) for h in hist] == [("alice", None, "keep 0.5"), ("bob", "keep 0.5", "latency 8 ms @p90")]
+        assert cli("budget", "show")[0] == 0 and "alice" in cli("budget", "history", "edge")[1]
+
+        # bad requests: refused with a reason, exit code 2, nothing written
+        for args, why in [
+            (["--keep", "-1"], "keep fraction"),
+            (["--keep", "nan"], "keep fraction"),
+            (["--keep", "1.5"], "keep fraction"),
+            (["--latency-ms", "0"], "latency target"),
+            (["--latency-ms", "-5"], "latency target"),
+            (["--latency-ms", "inf"], "latency target"),
+            (["--keep", "0.5", "--latency-ms", "5"], "exactly one"),
+            ([], "exactly one"),
+            (["--keep", "0.5", "--device", "nobody"], "unknown device"),
+            (["--keep", "0.5", "--expires-in", "-3"], "expires-in"),
+        ]:
+            code, out = cli("budget", "set", "edge", *args)
+            assert code == 2 and why in out, (args, out)
+        code, out = cli("budget", "set", "ghost", "--keep", "0.5")
+        assert code == 2 and "unknown device class 'ghost'" in out
+        code, out = cli("budget", "set", "edge", "--keep", "0.5", "--broker", "http://nope")
+        assert code == 2 and "mqtt://" in out
+        assert json.loads(cli("budget", "history", "edge", "--json")[1]) == hist
+        assert all_at(3)
+
+        # agents leave: the registry sees them go offline
+        _stop(procs[1:])
+        assert wait_until(lambda: not any(d["online"] for d in devices_json()), 30)
+    finally:
+        _stop(procs)
+    assert procs[0].returncode == 0
+
+
+@pytest.mark.slow
+def test_bench_control_plane_command_on_a_small_fleet(tmp_path, monkeypatch):
+    monkeypatch.setenv("LDFLEET_HOME", str(tmp_path))
+    code, out = cli("bench", "control-plane", "--devices", "20", "--rounds", "2", "--json")
+    assert code == 0, out
+    (res,) = json.loads(out[out.index("["):])
+    assert res["devices"] == 20 and res["all_acked"] and len(res["rounds"]) == 2
+    for r in res["rounds"]:
+        assert r["acked"] == 20 and 0 < r["p50_ms"] <= r["p99_ms"] <= r["max_ms"]
+        assert r["registry_converged_ms"] is not None and r["fanout_p50_ms"] <= r["max_ms"]
