@@ -64,7 +64,7 @@ def _notify(broker: str | BrokerURL | None, row: Policy) -> tuple[bool, str | No
         )
         return True, None
     except (ConnectionError, OSError, ValueError) as exc:
-        log.warning("policy stored, but the controller was not notified: %s", exc)
+        log.info("policy stored, but the controller was not notified: %s", exc)
         return False, str(exc)
 
 

@@ -346,11 +346,18 @@ def budget_history(
         console.print(f"no policy was ever set for class {device_class!r}")
         return
     t = Table(title=f"policy history of {device_class}")
-    for col in ("when", "scope", "version", "old", "new", "by", "expires", "comment"):
+    extra = [c for c in ("expires", "comment") if any((p.expires_at if c == "expires" else p.comment) for p in rows)]
+    t.add_column("when", no_wrap=True)
+    for col in ("scope", "version", "old", "new", "by", *extra):
         t.add_column(col)
     for p in rows:
         old = by_id[p.previous_id].budget_text() if p.previous_id in by_id else "(default)"
-        t.add_row(_ts(p.issued_at), p.device_id or "(class)", str(p.version), old, p.budget_text(), p.issued_by, _ts(p.expires_at), p.comment or "")
+        cells = [_ts(p.issued_at), p.device_id or "(class)", f"v{p.version}", old, p.budget_text(), p.issued_by]
+        if "expires" in extra:
+            cells.append(_ts(p.expires_at))
+        if "comment" in extra:
+            cells.append(p.comment or "")
+        t.add_row(*cells)
     console.print(t)
 
 

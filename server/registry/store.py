@@ -7,6 +7,7 @@ operator CLI writes ``policies`` (append-only) and reads everything.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Iterator
@@ -16,10 +17,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
+# Alembic logs every plugin it loads and every migration context at INFO: too chatty for a CLI that
+# opens the registry on each command. Leave a level someone set explicitly alone.
+if logging.getLogger("alembic").level == logging.NOTSET:
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+from alembic import command  # noqa: E402
+from alembic.config import Config  # noqa: E402
+from alembic.runtime.migration import MigrationContext  # noqa: E402
+from alembic.script import ScriptDirectory  # noqa: E402
 from sqlalchemy import Engine, create_engine, event, func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
@@ -36,6 +42,9 @@ from ldfleet.server.registry.models import (
     RoundMetric,
     utcnow,
 )
+
+
+log = logging.getLogger("ldfleet.registry")
 
 
 class RegistryError(ValueError):
@@ -71,6 +80,7 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
+    log.info("registry %s: schema upgraded from %s to %s", engine.url.render_as_string(hide_password=True), current or "empty", revision if revision != "head" else head)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
