@@ -76,6 +76,16 @@ def state_bytes(state: dict[str, Any]) -> int:
     return int(sum(NPY_HEADER_BYTES + t.numel() * t.element_size() for t in state.values()))
 
 
+def full_model_bytes(model: Any) -> int:
+    """What full-model FedAvg of the same network would send per client and round: every parameter
+    and buffer of the backbone and the task head, once each (module aliases are not counted twice)."""
+    tensors: dict[int, Any] = {}
+    for module in (model.runner.backbone, model.heads["base"]):
+        for t in list(module.parameters()) + list(module.buffers()):
+            tensors[id(t)] = t
+    return int(sum(NPY_HEADER_BYTES + t.numel() * t.element_size() for t in tensors.values()))
+
+
 @dataclass
 class RunOutcome:
     first_round: int
@@ -94,7 +104,7 @@ def run_server(grid: Grid, settings: ServerSettings, hooks: Any = None) -> RunOu
 
     model = load_model(settings.model_dir)
     initial = {k: v.detach().cpu().numpy().copy() for k, v in model.trainable_state(L.TRAINED_STRATEGY).items()}
-    full_bytes = state_bytes(model.state_dict())
+    full_bytes = full_model_bytes(model)
     registry = Registry(settings.db_url) if settings.db_url else None
     try:
         first, discarded = 1, []

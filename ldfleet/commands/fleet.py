@@ -1,0 +1,255 @@
+"""Fleet commands: `simulate`, `report`, `registry rounds|devices|usage`, `server`, `client`, `federate`.
+
+Heavy modules (Flower, Ray, torch, SQLAlchemy) are imported inside the commands so that
+`ldfleet --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err = Console(stderr=True)
+
+registry_app = typer.Typer(help="Read the registry of a run: rounds, devices, layer usage.", no_args_is_help=True)
+
+DB_HELP = "Registry URL (default: the run's own, from RUN/run.json; else $LDFLEET_DB or ~/.ldfleet/registry.db)."
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+# ---- simulate / report ----------------------------------------------------------------------------
+
+
+def simulate(
+    config: Path = typer.Option(Path("configs/fleet-small.yaml"), "--config", "-c", help="Scenario YAML (see configs/fleet-*.yaml)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder [default: runs/<scenario name>]."),
+    rounds: Optional[int] = typer.Option(None, "--rounds", min=1, help="Override the scenario's number of rounds."),
+    broker: Optional[str] = typer.Option(None, "--broker", help="MQTT broker URL [default: a private Mosquitto for this run]."),
+    db: Optional[str] = typer.Option(None, "--db", help="Registry URL [default: sqlite:///RUN/registry.db]."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder after its last finished round."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache of corpora and warm models [default: runs/cache or $LDFLEET_SIM_CACHE]."),
+    actors: Optional[int] = typer.Option(None, "--actors", min=1, help="Ray actors running ClientApps [default: one per core]."),
+    report: bool = typer.Option(True, "--report/--no-report", help="Write RUN/report/ at the end."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show Flower's and Ray's logs on the console."),
+) -> None:
+    """Run a heterogeneous fleet on this machine: data, warm model, broker, controller, agents, Flower rounds, report.
+
+    Change a class budget while it runs, from another terminal, with the `ldfleet budget set` line it
+    prints (same broker and registry); the next round uses the new version.
+    """
+    from ldfleet.simulations.scenario import ScenarioError
+    from ldfleet.simulations.simulate import SimulateOptions, SimulationError
+    from ldfleet.simulations.simulate import simulate as run
+
+    if resume is not None and out is not None and out != resume:
+        _fail("--resume RUN already names the run folder; drop --out")
+    opts = SimulateOptions(config=config, out=resume or out, rounds=rounds, broker=broker, db=db, resume=resume is not None,
+                           cache_dir=cache, actors=actors, report=report, verbose=verbose)
+    try:
+        summary = run(opts, console)
+    except (ScenarioError, SimulationError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    if summary.get("status") != "finished":
+        raise typer.Exit(1)
+
+
+def report(
+    run: Path = typer.Argument(..., help="A run folder made by `ldfleet simulate`."),
+    db: Optional[str] = typer.Option(None, "--db", help=DB_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print the JSON summary instead of a short text."),
+) -> None:
+    """(Re)write RUN/report/: Markdown + HTML with PNG plots, and summary.json."""
+    from ldfleet.simulations.report import build_report
+
+    try:
+        summary = build_report(run, db_url=db, console=None if as_json else console)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps(summary, indent=1, default=str))
+        return
+    t = Table(title=f"{summary['scenario']}: classes at their budget (held-out speakers)")
+    for col in ("class", "budget", "k", "selector", "random", "early exit", "fleet acc", "layers"):
+        t.add_column(col, justify="left" if col in ("class", "budget") else "right")
+    pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
+    for c in summary["classes"]:
+        t.add_row(c["device_class"], str(c["budget"]), str(c["k"]), pct(c["heldout_selector"]), pct(c["heldout_random"]),
+                  pct(c["heldout_early_exit"]), pct(c["fleet_accuracy_last_round"]),
+                  f"{c['fleet_mean_layers_last_round']:.2f}" if c["fleet_mean_layers_last_round"] is not None else "-")
+    console.print(t)
+    tr = summary["traffic"]
+    console.print(f"traffic per client per round: {tr['received_bytes_per_client_round']:.0f} B up, "
+                  f"{tr['sent_bytes_per_client_round']:.0f} B down; full-model FedAvg {tr['full_model_bytes_same_backbone']:.0f} B "
+                  f"({tr['ratio_same_backbone'] or 0:.0f}x); base-size backbone {tr['ratio_base']:.0f}x")
+
+
+# ---- registry ------------------------------------------------------------------------------------------
+
+
+def _registry_target(run: Path | None, run_id: str | None, db: str | None) -> tuple[Any, str]:
+    from ldfleet.common.runtime import default_registry_url
+    from ldfleet.server.registry.store import Registry
+    from ldfleet.server.rounds import run_ids
+
+    if run is not None:
+        info_path = run / "run.json"
+        if not info_path.is_file():
+            _fail(f"{run} is not a simulation run (no run.json)")
+        info = json.loads(info_path.read_text())
+        db = db or info["db_url"]
+        run_id = run_id or info["run_id"]
+    reg = Registry(db or default_registry_url())
+    if run_id is None:
+        runs = run_ids(reg)
+        if not runs:
+            reg.close()
+            _fail(f"no federated rounds in {reg.redacted_url()}")
+        run_id = runs[0][0]
+    return reg, run_id
+
+
+_RUN_OPT = typer.Option(None, "--run", help="Run folder (its registry and run id).")
+_RUN_ID_OPT = typer.Option(None, "--run-id", help="Run id [default: the run of --run, else the newest in the registry].")
+_DB_OPT = typer.Option(None, "--db", help=DB_HELP)
+_JSON_OPT = typer.Option(False, "--json", help="Print JSON.")
+
+
+@registry_app.command("rounds")
+def registry_rounds(run: Optional[Path] = _RUN_OPT, run_id: Optional[str] = _RUN_ID_OPT, db: Optional[str] = _DB_OPT,
+                    as_json: bool = _JSON_OPT) -> None:
+    """One line per round: status, devices sampled/offline/failed, accuracy and mean layers."""
+    from ldfleet.server.rounds import metric_rows, rounds
+
+    reg, rid = _registry_target(run, run_id, db)
+    try:
+        rows = rounds(reg, rid)
+        metrics = metric_rows(reg, rid)
+    finally:
+        reg.close()
+    out = []
+    for r in rows:
+        s = r.summary or {}
+        mine = [m for m in metrics if m.round == r.number]
+        ev = (s.get("eval") or {}).get("(all)", {})
+        out.append({
+            "round": r.number, "status": r.status, "started_at": r.started_at.isoformat() if r.started_at else None,
+            "finished_at": r.finished_at.isoformat() if r.finished_at else None,
+            "sampled": len(s.get("sampled") or []), "offline": len(s.get("offline") or []),
+            "train_rows": sum(1 for m in mine if m.phase == "train"), "eval_rows": sum(1 for m in mine if m.phase == "eval"),
+            "failed": s.get("failed") or [], "accuracy": ev.get("accuracy"), "mean_layers": ev.get("mean_layers"),
+            "classes": {k: v for k, v in (s.get("eval") or {}).items() if k != "(all)"},
+        })
+    if as_json:
+        print(json.dumps({"run_id": rid, "rounds": out}, indent=1, default=str))
+        return
+    t = Table(title=f"rounds of {rid}")
+    for col in ("round", "status", "sampled", "offline", "train rows", "failed", "accuracy", "mean layers"):
+        t.add_column(col, justify="right")
+    for o in out:
+        t.add_row(str(o["round"]), o["status"], str(o["sampled"]), str(o["offline"]), str(o["train_rows"]),
+                  ", ".join(f["device_id"] for f in o["failed"]) or "-",
+                  "-" if o["accuracy"] is None else f"{100 * o['accuracy']:.1f}%",
+                  "-" if o["mean_layers"] is None else f"{o['mean_layers']:.2f}")
+    console.print(t)
+
+
+@registry_app.command("devices")
+def registry_devices(run: Optional[Path] = _RUN_OPT, run_id: Optional[str] = _RUN_ID_OPT, db: Optional[str] = _DB_OPT,
+                     as_json: bool = _JSON_OPT) -> None:
+    """Per device: class, policy versions used in rounds, k, last accuracy, mean layers, latency, failures."""
+    from ldfleet.server.rounds import device_status, metric_rows
+
+    reg, rid = _registry_target(run, run_id, db)
+    try:
+        metrics = metric_rows(reg, rid)
+        status = device_status(reg)
+    finally:
+        reg.close()
+    by_dev: dict[str, list] = {}
+    for m in metrics:
+        by_dev.setdefault(m.device_id, []).append(m)
+    out = []
+    for dev, rows in sorted(by_dev.items()):
+        ok = [m for m in rows if not m.phase.endswith("-failed")]
+        last = max((m for m in ok if m.phase == "eval"), key=lambda m: m.round, default=None)
+        st = status.get(dev, {})
+        out.append({
+            "device_id": dev, "device_class": rows[0].device_class, "online": st.get("online"),
+            "applied_policy_version": st.get("applied_version"),
+            "policy_versions_used": sorted({m.policy_version for m in ok if m.policy_version is not None}),
+            "k": last.k if last else None, "accuracy": last.accuracy if last else None,
+            "mean_layers": last.mean_kept_layers if last else None, "latency_ms": last.latency_ms if last else None,
+            "rounds_trained": sum(1 for m in ok if m.phase == "train"),
+            "failures": [{"round": m.round, "phase": m.phase} for m in rows if m.phase.endswith("-failed")],
+        })
+    if as_json:
+        print(json.dumps({"run_id": rid, "devices": out}, indent=1, default=str))
+        return
+    t = Table(title=f"devices of {rid}")
+    for col in ("device", "class", "policy now", "versions used", "k", "accuracy", "layers", "latency ms", "trained", "failures"):
+        t.add_column(col, justify="left" if col in ("device", "class") else "right")
+    for o in out:
+        t.add_row(o["device_id"], str(o["device_class"]), f"v{o['applied_policy_version']}" if o["applied_policy_version"] is not None else "-",
+                  ",".join(f"v{v}" for v in o["policy_versions_used"]), str(o["k"] or "-"),
+                  "-" if o["accuracy"] is None else f"{100 * o['accuracy']:.1f}%",
+                  "-" if o["mean_layers"] is None else f"{o['mean_layers']:.2f}",
+                  "-" if o["latency_ms"] is None else f"{o['latency_ms']:.1f}", str(o["rounds_trained"]),
+                  ", ".join(f"r{f['round']} {f['phase']}" for f in o["failures"]) or "-")
+    console.print(t)
+
+
+@registry_app.command("usage")
+def registry_usage(run: Optional[Path] = _RUN_OPT, run_id: Optional[str] = _RUN_ID_OPT, db: Optional[str] = _DB_OPT,
+                   round_number: Optional[int] = typer.Option(None, "--round", help="Round [default: the last with results]."),
+                   phase: str = typer.Option("eval", "--phase", help="eval | train"),
+                   per_device: bool = typer.Option(False, "--devices", help="One row per device instead of per class."),
+                   as_json: bool = _JSON_OPT) -> None:
+    """Share of inputs that ran each encoder layer, per device class (or device), in one round."""
+    from ldfleet.server.rounds import metric_rows
+
+    reg, rid = _registry_target(run, run_id, db)
+    try:
+        rows = [m for m in metric_rows(reg, rid, phase) if m.layer_usage]
+    finally:
+        reg.close()
+    if not rows:
+        _fail(f"no {phase} layer usage recorded for {rid}")
+    rnd = round_number or max(m.round for m in rows)
+    rows = [m for m in rows if m.round == rnd]
+    groups: dict[str, list] = {}
+    for m in rows:
+        groups.setdefault(m.device_id if per_device else str(m.device_class), []).append(m)
+    out = {}
+    for key, ms in sorted(groups.items()):
+        n = sum(m.num_examples or 0 for m in ms) or 1
+        L = len(ms[0].layer_usage)
+        out[key] = {"examples": n, "mean_layers": sum((m.mean_kept_layers or 0) * (m.num_examples or 0) for m in ms) / n,
+                    "usage": [sum(m.layer_usage[i] * (m.num_examples or 0) for m in ms) / n for i in range(L)]}
+    if as_json:
+        print(json.dumps({"run_id": rid, "round": rnd, "phase": phase, "by": "device" if per_device else "class", "usage": out}, indent=1))
+        return
+    L = len(next(iter(out.values()))["usage"])
+    t = Table(title=f"layer usage of {rid}, round {rnd} ({phase})")
+    t.add_column("device" if per_device else "class")
+    t.add_column("layers", justify="right")
+    for i in range(L):
+        t.add_column(f"L{i}", justify="right")
+    for key, v in out.items():
+        t.add_row(key, f"{v['mean_layers']:.2f}", *[f"{u:.2f}" for u in v["usage"]])
+    console.print(t)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("simulate")(simulate)
+    app.command("report")(report)
+    app.add_typer(registry_app, name="registry")

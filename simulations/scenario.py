@@ -1,0 +1,322 @@
+"""Fleet scenarios: a YAML file describing a heterogeneous fleet, validated with pydantic.
+
+```yaml
+name: fleet-small
+rounds: 5
+fraction_sampled: 0.75          # share of the available devices that train each round
+classes:                        # device classes: name, count, profile, budget
+  - {name: mcu, count: 4, profile: mcu-class, budget: {keep: 0.25}}
+  - {name: rpi4, count: 4, profile: rpi4, budget: {latency_ms: 40}}
+data:
+  partition: {kind: voice}      # or {kind: dirichlet, alpha: 0.5}
+availability: {offline_probability: 0.1}
+events:
+  - {round: 3, set_budget: {device_class: rpi4, keep: 0.4}}
+  - {round: 4, crash: {count: 2}}
+```
+
+Profiles (``mcu-class``, ``rpi4``, ``jetson``, ``phone``, ``server``) come from
+``device-classes.yaml`` next to the scenario (or ``profiles_file``). Every error names the field it
+is about (``classes.1.budget: give exactly one of keep and latency_ms``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ldfleet.common.topics import DEVICE_CLASS_PATTERN
+
+DEFAULT_PROFILES_FILE = "device-classes.yaml"
+
+
+class ScenarioError(ValueError):
+    """A scenario file that cannot be used; the message says where and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Budget(_Strict):
+    """A class budget: a keep fraction of the encoder layers, or a latency target in ms."""
+
+    keep: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    latency_ms: Annotated[float, Field(gt=0.0, le=1e7)] | None = None
+    percentile: Annotated[float, Field(gt=0.0, lt=100.0)] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> Budget:
+        if (self.keep is None) == (self.latency_ms is None):
+            raise ValueError("give exactly one of keep and latency_ms")
+        if self.percentile is not None and self.latency_ms is None:
+            raise ValueError("percentile only goes with latency_ms")
+        return self
+
+    def text(self) -> str:
+        if self.keep is not None:
+            return f"keep {self.keep:g}"
+        return f"{self.latency_ms:g} ms" + (f" @p{self.percentile:g}" if self.percentile else "")
+
+
+class DeviceClassSpec(_Strict):
+    name: Annotated[str, Field(pattern=DEVICE_CLASS_PATTERN, max_length=40)]
+    count: Annotated[int, Field(ge=1, le=10_000)]
+    profile: str
+    budget: Budget
+
+
+class Profile(_Strict):
+    """A compute profile: how a class of hardware compares with the reference machine."""
+
+    description: str = ""
+    cores: Annotated[int, Field(ge=1, le=4096)] = 1
+    memory_mb: Annotated[int, Field(ge=16)] = 1024
+    accelerator: str | None = None
+    #: Latency multiplier relative to one core of the machine the warm model was profiled on.
+    slowdown: Annotated[float, Field(gt=0.0, le=1e4)] = 1.0
+    #: Relative spread of per-device speed within the class (0.1: +-10 %), drawn per device.
+    jitter: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+
+
+class CorpusSpec(_Strict):
+    """The espeak-ng corpus (``ldfleet data synth``); speakers = voices x variants_per_voice."""
+
+    voices: Annotated[int, Field(ge=1, le=8)] = 8
+    variants_per_voice: Annotated[int, Field(ge=1, le=40)] = 5
+    clips_per_word: Annotated[int, Field(ge=1, le=50)] = 3
+    unknown_per_speaker: Annotated[int, Field(ge=0, le=100)] = 3
+    silence_clips: Annotated[int, Field(ge=0, le=10_000)] = 120
+    seed: int = 0
+
+
+class Partition(_Strict):
+    kind: Literal["voice", "dirichlet"] = "voice"
+    alpha: Annotated[float, Field(gt=0.0, le=1e4)] = 0.5
+
+
+class DataSpec(_Strict):
+    #: ``synth`` (make or reuse an espeak-ng corpus) or a path to a Speech Commands-layout folder.
+    source: str = "synth"
+    corpus: CorpusSpec = CorpusSpec()
+    partition: Partition = Partition()
+    #: Share of each device's clips kept back as its local test split (never trained on).
+    local_test_share: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.25
+    split_seed: int = 0
+
+
+class WarmSpec(_Strict):
+    """The warm backbone, trained centrally on the pooled device training data (reused when present)."""
+
+    backbone: str = "tiny"
+    family: Literal["wavlm", "hubert", "wav2vec2"] = "wavlm"
+    epochs: Annotated[int, Field(ge=0, le=1000)] = 4
+    early_exit_epochs: Annotated[int, Field(ge=0, le=1000)] = 2
+    static_epochs: Annotated[int, Field(ge=0, le=1000)] = 0
+    #: Central selector epochs before federated training (0: the fleet trains it from scratch).
+    selector_epochs: Annotated[int, Field(ge=0, le=1000)] = 0
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
+    seed: int = 0
+
+
+class TrainingSpec(_Strict):
+    local_epochs: Annotated[int, Field(ge=1, le=100)] = 2
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 16
+    selector_lr: Annotated[float, Field(gt=0.0, le=10.0)] = 5e-3
+    head_lr: Annotated[float, Field(gt=0.0, le=10.0)] = 3e-3
+
+
+class Availability(_Strict):
+    #: Probability that a device is offline in a round (drawn per device and round).
+    offline_probability: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    #: Probability that a sampled device is a straggler in a round, and how late it replies.
+    straggler_probability: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    straggler_delay_s: Annotated[float, Field(ge=0.0, le=3600.0)] = 0.0
+
+
+class SetBudgetEvent(_Strict):
+    device_class: str
+    keep: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    latency_ms: Annotated[float, Field(gt=0.0, le=1e7)] | None = None
+    percentile: Annotated[float, Field(gt=0.0, lt=100.0)] | None = None
+    device: str | None = None  # one device's override instead of the class
+
+    @model_validator(mode="after")
+    def _one(self) -> SetBudgetEvent:
+        if (self.keep is None) == (self.latency_ms is None):
+            raise ValueError("give exactly one of keep and latency_ms")
+        return self
+
+
+class CrashEvent(_Strict):
+    """Sampled devices that crash half-way through local training in that round."""
+
+    count: Annotated[int, Field(ge=0, le=10_000)] = 0
+    devices: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _some(self) -> CrashEvent:
+        if self.count == 0 and not self.devices:
+            raise ValueError("a crash needs a count or a list of devices")
+        return self
+
+
+class Event(_Strict):
+    round: Annotated[int, Field(ge=1)]
+    set_budget: SetBudgetEvent | None = None
+    crash: CrashEvent | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Event:
+        if (self.set_budget is None) == (self.crash is None):
+            raise ValueError("an event is exactly one of set_budget and crash")
+        return self
+
+
+class SimulationSpec(_Strict):
+    #: Ray actors running ClientApps; ``0`` = one per CPU core.
+    actors: Annotated[int, Field(ge=0, le=1024)] = 0
+    round_timeout_s: Annotated[float, Field(gt=0.0)] = 300.0
+    #: How long a round waits for devices still applying a new policy.
+    settle_timeout_s: Annotated[float, Field(ge=0.0)] = 10.0
+
+
+class Scenario(_Strict):
+    name: str = "fleet"
+    description: str = ""
+    seed: int = 0
+    rounds: Annotated[int, Field(ge=1, le=10_000)] = 5
+    fraction_sampled: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    fraction_evaluate: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
+    min_devices: Annotated[int, Field(ge=1)] = 1
+    profiles_file: str | None = None
+    classes: Annotated[list[DeviceClassSpec], Field(min_length=1)]
+    data: DataSpec = DataSpec()
+    warm: WarmSpec = WarmSpec()
+    training: TrainingSpec = TrainingSpec()
+    availability: Availability = Availability()
+    events: list[Event] = Field(default_factory=list)
+    simulation: SimulationSpec = SimulationSpec()
+    #: Keep ratios for the report's accuracy-vs-budget comparison on held-out speakers.
+    report_keeps: list[Annotated[float, Field(gt=0.0, le=1.0)]] = Field(default_factory=lambda: [0.25, 0.375, 0.5, 0.75, 1.0])
+    #: Filled in by ``load_scenario`` from ``profiles_file``: profile name -> profile.
+    profiles: dict[str, Profile] = Field(default_factory=dict)
+
+    @field_validator("classes")
+    @classmethod
+    def _unique(cls, v: list[DeviceClassSpec]) -> list[DeviceClassSpec]:
+        names = [c.name for c in v]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"device class names must be unique; repeated: {', '.join(dupes)}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Scenario:
+        names = {c.name for c in self.classes}
+        for i, ev in enumerate(self.events):
+            if ev.round > self.rounds:
+                raise ValueError(f"events.{i}: round {ev.round} is after the last round ({self.rounds})")
+            if ev.set_budget is not None and ev.set_budget.device_class not in names:
+                raise ValueError(f"events.{i}.set_budget: unknown device class {ev.set_budget.device_class!r} "
+                                 f"(classes: {', '.join(sorted(names))})")
+        if self.profiles:
+            for i, c in enumerate(self.classes):
+                if c.profile not in self.profiles:
+                    raise ValueError(f"classes.{i}.profile: unknown profile {c.profile!r} "
+                                     f"(known: {', '.join(sorted(self.profiles))})")
+        if self.min_devices > self.num_devices:
+            raise ValueError(f"min_devices ({self.min_devices}) exceeds the fleet size ({self.num_devices})")
+        if self.data.partition.kind == "voice" and self.data.source == "synth":
+            speakers = self.data.corpus.voices * self.data.corpus.variants_per_voice
+            if speakers < self.num_devices:
+                raise ValueError(
+                    f"data.partition: voice partitioning gives every device whole speakers, but the corpus has "
+                    f"{speakers} speakers (voices x variants_per_voice) for {self.num_devices} devices; "
+                    "use more variants or partition: {kind: dirichlet}"
+                )
+        return self
+
+    @property
+    def num_devices(self) -> int:
+        return sum(c.count for c in self.classes)
+
+    def device_ids(self) -> list[tuple[str, DeviceClassSpec]]:
+        """Stable device ids: ``<class>-<nn>``."""
+        out = []
+        for c in self.classes:
+            width = max(2, len(str(c.count)))
+            out.extend((f"{c.name}-{i + 1:0{width}d}", c) for i in range(c.count))
+        return out
+
+    def fingerprint(self, *parts: str) -> str:
+        """Hash of the named sections (e.g. "data", "warm"): cache keys for corpus and warm model."""
+        blob = json.dumps({p: getattr(self, p).model_dump(mode="json") for p in parts}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _format(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid scenario ({exc.error_count()} problem{'s' if exc.error_count() > 1 else ''})"]
+    for err in exc.errors(include_url=False, include_input=False):
+        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def load_profiles(path: str | Path) -> dict[str, Profile]:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ScenarioError(f"{path}: cannot read device profiles: {exc}") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("profiles"), dict):
+        raise ScenarioError(f"{path}: expected a mapping with a 'profiles' section")
+    out = {}
+    for name, body in raw["profiles"].items():
+        try:
+            out[str(name)] = Profile.model_validate(body or {})
+        except ValidationError as exc:
+            raise ScenarioError(_format(exc, f"{path}: profiles.{name}")) from None
+    return out
+
+
+def parse_scenario(data: Any, source: str = "<scenario>", base_dir: str | Path | None = None,
+                   profiles: dict[str, Profile] | None = None) -> Scenario:
+    """Validate a scenario mapping; profiles from ``profiles`` or the scenario's ``profiles_file``."""
+    if not isinstance(data, dict):
+        raise ScenarioError(f"{source}: a scenario is a YAML mapping, got {type(data).__name__}")
+    data = dict(data)
+    if profiles is None:
+        pfile = data.get("profiles_file") or DEFAULT_PROFILES_FILE
+        candidates = [Path(base_dir or ".") / pfile, Path(__file__).resolve().parents[1] / "configs" / pfile]
+        found = next((p for p in candidates if p.is_file()), None)
+        if found is None:
+            raise ScenarioError(f"{source}: device profiles file {pfile!r} not found (looked in "
+                                + ", ".join(str(c.parent) for c in candidates) + ")")
+        profiles = load_profiles(found)
+    data["profiles"] = {k: v.model_dump() for k, v in profiles.items()}
+    try:
+        return Scenario.model_validate(data)
+    except ValidationError as exc:
+        raise ScenarioError(_format(exc, source)) from None
+
+
+def load_scenario(path: str | Path, **overrides: Any) -> Scenario:
+    """Read and validate a scenario YAML; ``overrides`` replace top-level fields (e.g. rounds)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ScenarioError(f"scenario {path} not found") from None
+    except yaml.YAMLError as exc:
+        raise ScenarioError(f"{path}: not valid YAML: {exc}") from None
+    if isinstance(raw, dict):
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+    return parse_scenario(raw, str(path), base_dir=path.parent)
+

@@ -1,0 +1,504 @@
+"""`ldfleet simulate`: a whole heterogeneous fleet on one machine, end to end.
+
+1. data: the scenario's corpus (cached), partitioned per device (voices or Dirichlet), local test splits;
+2. warm model: central warm-up on the pooled device training clips (cached across runs);
+3. control plane: the embedded Mosquitto (or ``--broker``), the registry (``RUN/registry.db`` or
+   ``--db``), the controller, and one real ``DeviceAgent`` per simulated device advertising a profile
+   of its class; the scenario's class budgets are set through the operator API and every agent
+   stores the policy in its local device state;
+4. learning plane: Flower's simulation engine (Ray, one actor per core) runs the project's ServerApp
+   and ClientApp; each ClientApp reads its device's budget from that local state;
+5. scheduled events between rounds (budget changes through the operator API, crashes), devices
+   offline per round, stragglers; a progress line per round;
+6. the report (``RUN/report/``).
+
+``--resume RUN`` continues a run that was killed: the same fleet, registry and device states; the
+server restarts after the last finished round and discards the unfinished one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from ldfleet.common.learning import MANIFEST_FILE, FleetManifest
+from ldfleet.simulations.scenario import Scenario, ScenarioError, load_scenario, parse_scenario
+
+log = logging.getLogger("ldfleet.sim")
+
+RUN_FILE = "run.json"
+SCENARIO_COPY = "scenario.yaml"
+EVENTS_FILE = "events.json"
+ROUNDS_LOG = "rounds.jsonl"
+DEFAULT_CACHE = Path("runs") / "cache"
+
+
+class SimulationError(RuntimeError):
+    pass
+
+
+@dataclass
+class SimulateOptions:
+    config: Path | None = None
+    out: Path | None = None
+    rounds: int | None = None
+    broker: str | None = None
+    db: str | None = None
+    resume: bool = False
+    cache_dir: Path | None = None
+    actors: int | None = None
+    report: bool = True
+    verbose: bool = False
+
+
+@dataclass
+class RunInfo:
+    run_id: str
+    run_dir: Path
+    db_url: str
+    cache_dir: Path
+    created: float
+    timings: dict[str, float] = field(default_factory=dict)
+    status: str = "running"
+    broker_url: str = ""
+    rounds: int = 0
+    peak_rss_mb: float = 0.0
+
+    def save(self) -> None:
+        data = {
+            "run_id": self.run_id, "db_url": self.db_url, "cache_dir": str(self.cache_dir), "created": self.created,
+            "timings": self.timings, "status": self.status, "broker_url": self.broker_url, "rounds": self.rounds,
+            "peak_rss_mb": self.peak_rss_mb,
+        }
+        tmp = self.run_dir / (RUN_FILE + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(self.run_dir / RUN_FILE)
+
+    @classmethod
+    def load(cls, run_dir: Path) -> RunInfo:
+        data = json.loads((run_dir / RUN_FILE).read_text())
+        return cls(
+            run_id=data["run_id"], run_dir=run_dir, db_url=data["db_url"], cache_dir=Path(data["cache_dir"]),
+            created=data["created"], timings=data.get("timings", {}), status=data.get("status", "running"),
+            broker_url=data.get("broker_url", ""), rounds=int(data.get("rounds", 0)),
+            peak_rss_mb=float(data.get("peak_rss_mb", 0.0)),
+        )
+
+
+# ---- memory of the whole process tree (Ray actors included) ------------------------------------
+
+
+def _tree_rss_mb(root: int) -> float:
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    page = os.sysconf("SC_PAGE_SIZE")
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parts = f.read().rsplit(")", 1)[1].split()
+            ppid = int(parts[1])
+            with open(f"/proc/{entry}/statm") as f:
+                rss[int(entry)] = int(f.read().split()[1]) * page
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        total += rss.get(pid, 0)
+        stack.extend(children.get(pid, []))
+    return total / 2**20
+
+
+class MemorySampler(threading.Thread):
+    """Peak resident memory of this process and all its descendants (sampled every 0.5 s)."""
+
+    def __init__(self) -> None:
+        super().__init__(name="memory-sampler", daemon=True)
+        self.peak_mb = 0.0
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.wait(0.5):
+            try:
+                self.peak_mb = max(self.peak_mb, _tree_rss_mb(os.getpid()))
+            except OSError:
+                pass
+
+    def stop(self) -> float:
+        self._halt.set()
+        try:
+            self.peak_mb = max(self.peak_mb, _tree_rss_mb(os.getpid()))
+        except OSError:
+            pass
+        return self.peak_mb
+
+
+# ---- progress display ---------------------------------------------------------------------------
+
+
+class Display:
+    """One line per round: devices sampled/offline/failed, accuracy and mean layers per class."""
+
+    def __init__(self, console: Console, scn: Scenario) -> None:
+        self.console = console
+        self.classes = [c.name for c in scn.classes]
+        self.total = scn.rounds
+        self.lock = threading.Lock()
+
+    def say(self, text: str) -> None:
+        with self.lock:
+            self.console.print(text)
+
+    def header(self) -> None:
+        cols = "  ".join(f"{c[:10]:>14}" for c in self.classes)
+        self.say(f"[bold]round  sampled offline failed  {cols}    time[/bold]   (class: accuracy % / mean layers, local test)")
+
+    def round_done(self, rnd: int, s: dict[str, Any]) -> None:
+        ev = s.get("eval") or {}
+        cells = []
+        for c in self.classes:
+            m = ev.get(c)
+            cells.append(f"{100 * m['accuracy']:6.1f} / {m['mean_layers']:4.1f}" if m else f"{'-':>14}")
+        failed = len(s.get("failed", []))
+        fail_txt = f"[red]{failed:6d}[/red]" if failed else f"{failed:6d}"
+        secs = s.get("seconds", {}).get("total", 0.0)
+        self.say(f"{rnd:3d}/{self.total:<3d}{len(s.get('sampled', [])):7d} {len(s.get('offline', [])):7d} {fail_txt}  "
+                 + "  ".join(cells) + f"  {secs:5.1f}s")
+
+
+# ---- the control plane of the simulated fleet -----------------------------------------------------
+
+
+def _wait(predicate, timeout: float, step: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return bool(predicate())
+
+
+def wait_registered(registry, device_ids: set[str], timeout: float) -> set[str]:
+    """Devices whose profile the controller has registered; returns those still missing."""
+    def missing() -> set[str]:
+        known = {d.device_id for d in registry.devices() if d.profile is not None}
+        return device_ids - known
+
+    _wait(lambda: not missing(), timeout)
+    return missing()
+
+
+def wait_converged(registry, device_ids: set[str], timeout: float, device_class: str | None = None,
+                   policy_version: int | None = None) -> set[str]:
+    """Devices that have not applied their desired policy (optionally: at least a class policy version)."""
+    def pending() -> set[str]:
+        out = set()
+        for d in registry.devices(device_class):
+            if d.device_id not in device_ids or not d.online:
+                continue
+            if d.desired_version == 0 or d.applied_version != d.desired_version:
+                out.add(d.device_id)
+            elif policy_version is not None and (d.desired or {}).get("source") == "class" \
+                    and int((d.desired or {}).get("policy_version", 0)) < policy_version:
+                out.add(d.device_id)
+        return out
+
+    _wait(lambda: not pending(), timeout)
+    return pending()
+
+
+class ScenarioHooks:
+    """Round hooks for the strategy: scheduled events, offline devices, stragglers, crashes, display."""
+
+    def __init__(self, scn: Scenario, info: RunInfo, registry, broker_url: str, display: Display) -> None:
+        self.scn = scn
+        self.info = info
+        self.registry = registry
+        self.broker_url = broker_url
+        self.display = display
+        self.devices = [d for d, _ in scn.device_ids()]
+        path = info.run_dir / EVENTS_FILE
+        self.applied: list[dict] = json.loads(path.read_text()) if path.exists() else []
+
+    def _mark(self, index: int, detail: dict) -> None:
+        self.applied.append({"event": index, **detail})
+        path = self.info.run_dir / EVENTS_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.applied, indent=1))
+        tmp.replace(path)
+
+    def before_round(self, rnd: int):
+        from ldfleet.server.operator import set_budget
+        from ldfleet.server.strategy import RoundPlan
+
+        done = {a["event"] for a in self.applied}
+        plan = RoundPlan()
+        for i, ev in enumerate(self.scn.events):
+            if ev.round != rnd:
+                continue
+            if ev.set_budget is not None and i not in done:
+                b = ev.set_budget
+                res = set_budget(self.registry, self.broker_url, b.device_class, keep=b.keep, latency_ms=b.latency_ms,
+                                 percentile=b.percentile, device_id=b.device, issued_by="scenario",
+                                 comment=f"{self.scn.name}: event at round {rnd}")
+                members = {d for d, c in self.scn.device_ids() if c.name == b.device_class}
+                if b.device:
+                    members = {b.device}
+                late = wait_converged(self.registry, members, 30.0, b.device_class,
+                                      None if b.device else res.policy.version)
+                self._mark(i, {"round": rnd, "set_budget": b.model_dump(exclude_none=True), "policy_version": res.policy.version,
+                               "not_converged": sorted(late)})
+                target = b.device or f"class {b.device_class}"
+                self.display.say(f"[cyan]round {rnd}: operator sets {target} to "
+                                 f"{'keep %g' % b.keep if b.keep is not None else '%g ms' % b.latency_ms} "
+                                 f"(policy v{res.policy.version}){'; not yet applied by ' + ', '.join(sorted(late)) if late else ''}[/cyan]")
+            if ev.crash is not None:
+                plan.crash += ev.crash.count
+                plan.crash_devices |= set(ev.crash.devices)
+        rng = random.Random(f"{self.scn.seed}/{rnd}")
+        av = self.scn.availability
+        plan.offline = {d for d in self.devices if rng.random() < av.offline_probability}
+        if av.straggler_probability > 0:
+            plan.delays = {d: av.straggler_delay_s for d in self.devices
+                           if d not in plan.offline and rng.random() < av.straggler_probability}
+        return plan
+
+    def after_round(self, rnd: int, summary: dict[str, Any]) -> None:
+        self.display.round_done(rnd, summary)
+        with open(self.info.run_dir / ROUNDS_LOG, "a") as f:
+            f.write(json.dumps({"round": rnd, "time": time.time(), **{k: summary.get(k) for k in (
+                "sampled", "offline", "failed", "crash_injected", "seconds", "policy_versions", "k")}}, default=str) + "\n")
+
+
+def _quiet_flower(run_dir: Path, verbose: bool) -> None:
+    """Flower logs to RUN/flower.log; the console keeps only our progress (unless --verbose)."""
+    flwr_log = logging.getLogger("flwr")
+    flwr_log.propagate = False  # Flower has its own console handler; never twice through the root logger
+    if not verbose:
+        for h in flwr_log.handlers:
+            h.setLevel(logging.CRITICAL)
+    fh = logging.FileHandler(run_dir / "flower.log")
+    fh.setLevel(logging.INFO)
+    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    flwr_log.addHandler(fh)
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def _start_agents(scn: Scenario, manifest: FleetManifest, profiles: dict, broker_url: str) -> list:
+    from ldfleet.client.agent import DeviceAgent
+
+    agents = []
+    for dev in manifest.devices:
+        agent = DeviceAgent(dev.device_id, dev.device_class, broker_url, profiles[dev.device_id], state_dir=dev.state_dir,
+                            reconnect_max_s=5.0)
+        agents.append(agent.start())
+    return agents
+
+
+def simulate(opts: SimulateOptions, console: Console | None = None) -> dict[str, Any]:
+    """Run (or resume) a simulated fleet; returns the report summary (or run info without a report)."""
+    console = console or Console()
+    t_start = time.perf_counter()
+    if opts.resume:
+        if opts.out is None:
+            raise SimulationError("--resume needs the run folder")
+        run_dir = Path(opts.out)
+        if not (run_dir / RUN_FILE).is_file():
+            raise SimulationError(f"{run_dir} is not a simulation run (no {RUN_FILE}); start one with `ldfleet simulate --out {run_dir}`")
+        info = RunInfo.load(run_dir)
+        scn = parse_scenario(yaml.safe_load((run_dir / SCENARIO_COPY).read_text()), str(run_dir / SCENARIO_COPY), base_dir=run_dir)
+        if opts.rounds is not None:
+            scn = scn.model_copy(update={"rounds": opts.rounds})
+        if opts.db and opts.db != info.db_url:
+            raise SimulationError(f"{run_dir} uses the registry {info.db_url}; resume it with the same --db")
+    else:
+        config = Path(opts.config or Path("configs") / "fleet-small.yaml")
+        scn = load_scenario(config, rounds=opts.rounds)
+        run_dir = Path(opts.out or Path("runs") / scn.name)
+        if (run_dir / RUN_FILE).exists():
+            raise SimulationError(f"{run_dir} already holds a run; continue it with `ldfleet simulate --resume {run_dir}` "
+                                  "or choose another --out")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        dump = scn.model_dump(mode="json", exclude={"profiles"})
+        dump["profiles_file"] = "device-classes.yaml"
+        (run_dir / SCENARIO_COPY).write_text(yaml.safe_dump(dump, sort_keys=False))
+        (run_dir / "device-classes.yaml").write_text(yaml.safe_dump({"profiles": {k: v.model_dump() for k, v in scn.profiles.items()}}, sort_keys=False))
+        cache_dir = Path(opts.cache_dir or os.environ.get("LDFLEET_SIM_CACHE") or DEFAULT_CACHE).resolve()
+        db_url = opts.db or f"sqlite:///{(run_dir / 'registry.db').resolve()}"
+        info = RunInfo(run_id=f"{scn.name}-{uuid.uuid4().hex[:8]}", run_dir=run_dir, db_url=db_url, cache_dir=cache_dir,
+                       created=time.time())
+    info.rounds = scn.rounds
+    info.status = "running"
+    info.save()
+    display = Display(console, scn)
+    display.say(f"[bold]{scn.name}[/bold]: {scn.num_devices} devices in {len(scn.classes)} classes "
+                f"({', '.join(f'{c.count} {c.name} [{c.budget.text()}]' for c in scn.classes)}), {scn.rounds} rounds; "
+                f"run {run_dir} ({info.run_id}){' (resuming)' if opts.resume else ''}")
+    sampler = MemorySampler()
+    sampler.start()
+    timings = info.timings if opts.resume else {}
+    phase_t = {}
+
+    # 1-2. data, partitions, warm model, manifest
+    from ldfleet.simulations.fleet import build_fleet, device_profiles, reference_latency, warm_device_caches
+
+    info.cache_dir.mkdir(parents=True, exist_ok=True)
+    fleet = build_fleet(scn, run_dir, info.cache_dir, info.run_id, phase_t, say=display.say)
+    manifest_path = run_dir / MANIFEST_FILE
+    if opts.resume and manifest_path.exists():
+        old = FleetManifest.load(manifest_path)
+        if [d.device_id for d in old.devices] != [d.device_id for d in fleet.manifest.devices] or old.model_dir != fleet.manifest.model_dir:
+            raise SimulationError(f"{run_dir}: the fleet (devices or warm model) changed since the run started; cannot resume")
+    fleet.manifest.save(manifest_path)
+    warm_device_caches(fleet.manifest, phase_t)
+    display.say(f"devices: front ends cached in {phase_t['device_caches']:.0f} s")
+    profiles = device_profiles(scn, reference_latency(fleet.warm_dir))
+
+    # 3. control plane
+    from ldfleet.common.broker import EmbeddedBroker
+    from ldfleet.server.controller import Controller
+    from ldfleet.server.operator import set_budget
+    from ldfleet.server.registry.store import Registry
+
+    t = time.perf_counter()
+    broker = None
+    controller = None
+    agents: list = []
+    registry = Registry(info.db_url)
+    try:
+        if opts.broker:
+            broker_url = opts.broker
+        else:
+            broker = EmbeddedBroker(data_dir=run_dir / "broker").start()
+            broker_url = broker.url
+        info.broker_url = broker_url
+        info.save()
+        controller = Controller(broker_url, registry).start()
+        agents = _start_agents(scn, fleet.manifest, profiles, broker_url)
+        ids = {d.device_id for d in fleet.manifest.devices}
+        missing = wait_registered(registry, ids, 60.0)
+        if missing:
+            raise SimulationError(f"{len(missing)} device(s) never registered with the controller: {sorted(missing)[:5]}")
+        active = registry.active_policies()
+        for c in scn.classes:
+            key = f"class:{c.name}"
+            if opts.resume and key in active:
+                continue  # the run's policies (scenario + events + operator changes) are in the registry
+            set_budget(registry, broker_url, c.name, keep=c.budget.keep, latency_ms=c.budget.latency_ms,
+                       percentile=c.budget.percentile, issued_by="scenario", create_class=True,
+                       comment=f"{scn.name}: initial class budget")
+        late = wait_converged(registry, ids, 60.0)
+        if late:
+            display.say(f"[yellow]{len(late)} device(s) have not applied their policy yet: {sorted(late)[:5]}[/yellow]")
+        phase_t["control_plane"] = time.perf_counter() - t
+        db_hint = info.db_url
+        display.say(f"control plane: broker {broker_url}, registry {registry.redacted_url()}, controller + "
+                    f"{len(agents)} agents up, class budgets applied in {phase_t['control_plane']:.1f} s")
+        display.say(f"  change a budget while it runs: [bold]ldfleet budget set CLASS --keep 0.5 --broker {broker_url} "
+                    f"--db {db_hint}[/bold]")
+
+        # 4. learning plane
+        phase_t["rounds"] = _run_rounds(scn, info, fleet.manifest, registry, broker_url, display, opts)
+    finally:
+        t = time.perf_counter()
+        for a in agents:
+            try:
+                a.stop()
+            except Exception:  # noqa: BLE001
+                log.exception("stopping agent failed")
+        if controller is not None:
+            controller.stop()
+        if broker is not None:
+            broker.stop()
+        registry.close()
+        phase_t["shutdown"] = time.perf_counter() - t
+        info.peak_rss_mb = max(info.peak_rss_mb, sampler.stop())
+        for k, v in phase_t.items():
+            timings[k] = timings.get(k, 0.0) + v if opts.resume and k == "rounds" else v
+        info.timings = timings
+        info.save()
+
+    from ldfleet.server.rounds import finished_rounds
+    from ldfleet.server.registry.store import Registry as _R
+
+    with _R(info.db_url) as reg:
+        done = finished_rounds(reg, info.run_id)
+    info.status = "finished" if len(done) >= scn.rounds else "incomplete"
+    info.timings["simulate_total"] = time.perf_counter() - t_start
+    info.save()
+    summary: dict[str, Any] = {"run_id": info.run_id, "run_dir": str(run_dir), "status": info.status, "timings": info.timings,
+                               "peak_rss_mb": info.peak_rss_mb}
+    if opts.report:
+        from ldfleet.simulations.report import build_report
+
+        t = time.perf_counter()
+        summary = build_report(run_dir, console=console)
+        info.timings["report"] = time.perf_counter() - t
+        info.timings["total"] = time.perf_counter() - t_start
+        info.save()
+        summary["timings"] = info.timings
+        (run_dir / "report" / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    display.say(f"[green]done[/green]: {info.status}, {len(done)}/{scn.rounds} rounds, total "
+                f"{time.perf_counter() - t_start:.0f} s, peak memory {info.peak_rss_mb:.0f} MB"
+                + (f"; report {run_dir / 'report' / 'report.html'}" if opts.report else ""))
+    return summary
+
+
+def _run_rounds(scn: Scenario, info: RunInfo, manifest: FleetManifest, registry, broker_url: str, display: Display,
+                opts: SimulateOptions) -> float:
+    from flwr.simulation import run_simulation
+
+    from ldfleet.client.app import make_client_app
+    from ldfleet.server.app import ServerSettings, make_server_app
+
+    _quiet_flower(info.run_dir, opts.verbose)
+    cores = os.cpu_count() or 1
+    actors = opts.actors or scn.simulation.actors or cores
+    settings = ServerSettings(
+        run_id=info.run_id, run_dir=str(info.run_dir.resolve()), model_dir=manifest.model_dir, db_url=info.db_url,
+        num_rounds=scn.rounds, fraction_train=scn.fraction_sampled, fraction_evaluate=scn.fraction_evaluate,
+        min_train_nodes=scn.min_devices, min_evaluate_nodes=min(scn.min_devices, scn.num_devices),
+        min_available_nodes=scn.num_devices, local_epochs=scn.training.local_epochs, batch_size=scn.training.batch_size,
+        selector_lr=scn.training.selector_lr, head_lr=scn.training.head_lr, seed=scn.seed,
+        round_timeout_s=scn.simulation.round_timeout_s, settle_timeout_s=scn.simulation.settle_timeout_s,
+        wait_nodes_s=60.0, resume=True,
+    )
+    hooks = ScenarioHooks(scn, info, registry, broker_url, display)
+    outcome: list = []
+    backend = {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"num_cpus": actors, "num_gpus": 0, "logging_level": "error", "log_to_driver": False,
+                      "include_dashboard": False},
+    }
+    display.say(f"learning plane: Flower simulation engine (Ray), {actors} actor(s) for {scn.num_devices} supernodes")
+    display.header()
+    t = time.perf_counter()
+    run_simulation(
+        server_app=make_server_app(settings, hooks, outcome),
+        client_app=make_client_app(str((info.run_dir / MANIFEST_FILE).resolve())),
+        num_supernodes=scn.num_devices,
+        backend_config=backend,  # type: ignore[arg-type]
+        verbose_logging=opts.verbose,
+    )
+    if not outcome:
+        raise SimulationError(f"the ServerApp did not finish; see {info.run_dir / 'flower.log'}")
+    return time.perf_counter() - t
+
+
+__all__ = ["SimulateOptions", "SimulationError", "ScenarioError", "simulate"]
