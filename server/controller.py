@@ -235,6 +235,8 @@ class Controller:
                     log.exception("dropped message on %s: processing failed", item[0])
 
     def _maybe_poll(self) -> None:
+        """The safety net behind operator notices: resolve what changed in ``policies`` since the
+        last look (a notice lost while the broker was down), and everything when a policy expired."""
         now = time.monotonic()
         if now - self._last_poll < self.poll_interval_s:
             return
@@ -242,10 +244,19 @@ class Controller:
         try:
             head, nxt = self.registry.policy_head()
             expired = self._next_expiry is not None and utcnow() >= self._next_expiry
-            if head != self._policy_head or expired:
-                reason = "policy expired" if expired else f"new policy rows (head {self._policy_head} -> {head})"
-                log.info("registry poll: %s; re-resolving the fleet", reason)
+            if expired:
+                log.info("registry poll: a policy expired; re-resolving the fleet")
                 self._process([], _Work(all=True))
+            elif head != self._policy_head:
+                work = _Work()
+                for p in self.registry.policies_since(self._policy_head):
+                    if p.device_id:
+                        work.devices.add(p.device_id)
+                    else:
+                        work.classes.add(p.device_class)
+                log.debug("registry poll: policy rows %d..%d changed %s", self._policy_head + 1, head, work)
+                self._process([], work)
+            self._policy_head = head
             self._next_expiry = nxt
         except Exception as exc:  # noqa: BLE001
             self.stats.last_error = f"{type(exc).__name__}: {exc}"
@@ -256,14 +267,11 @@ class Controller:
         work = work or _Work()
         self.stats.batches += 1
         t0 = time.perf_counter()
-        with self.registry.session() as s:
-            head, nxt = self.registry.policy_head(s)
-            if batch:
+        if batch:
+            with self.registry.session() as s:
                 self._apply(s, batch, work)
         t1 = time.perf_counter()
         published = self._resolve_and_publish(work) if work.any() else 0
-        self._policy_head = max(self._policy_head, head)
-        self._next_expiry = nxt
         log.debug(
             "batch: %d messages in %.1f ms; %d publishes after %.1f ms",
             len(batch), (t1 - t0) * 1000, published, (time.perf_counter() - t1) * 1000,

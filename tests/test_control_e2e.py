@@ -202,3 +202,17 @@ def test_bad_input_is_refused_with_a_reason_and_changes_nothing(sqlite_fleet: Fl
     set_budget(reg, f.broker.url, "pi4", keep=0.5, issued_by="alice")
     assert wait_until(lambda: converged(reg, ["pi-01"], 2), 20)
     assert good.state.effective_k == 6
+
+
+def test_an_expiring_policy_lapses_back_to_the_default(sqlite_fleet: Fleet):
+    f = sqlite_fleet
+    reg = f.registry
+    f.controller(poll_interval_s=0.3)
+    a = f.agent("pi-01", "pi4")
+    assert wait_until(lambda: converged(reg, ["pi-01"], 1), 30)
+    set_budget(reg, f.broker.url, "pi4", keep=0.5, issued_by="alice", expires_in_s=2.0)
+    assert a.wait_for_version(2, 20) and a.state.effective_k == 6 and a.state.policy.expires_at is not None
+    # no operator action: the controller's poll notices the expiry and publishes the default
+    assert a.wait_for_version(3, 30), "the expired policy was not replaced"
+    assert a.state.effective_k == 12 and a.state.policy.source == "default"
+    assert wait_until(lambda: converged(reg, ["pi-01"], 3), 20)

@@ -283,6 +283,11 @@ class Registry:
                 q = q.where(Policy.device_class == device_class)
             return list(s.scalars(q))
 
+    def policies_since(self, after_id: int) -> list[Policy]:
+        """Policy rows newer than ``after_id`` (what the controller's poll re-resolves)."""
+        with self.session() as s:
+            return list(s.scalars(select(Policy).where(Policy.id > after_id).order_by(Policy.id)))
+
     def policy_head(self, session: Session | None = None) -> tuple[int, datetime | None]:
         """(newest policy id, earliest future expiry) -- what the controller polls."""
         if session is None:
