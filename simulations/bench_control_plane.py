@@ -78,6 +78,10 @@ class BenchResult:
     max_ms: float
     all_acked: bool
     goal_p99_ms: float = GOAL_P99_MS
+    #: 1-minute load average before the run and the CPUs this machine has: the benchmark shares them
+    #: with the broker, controller and fleet, and with whatever else runs on the machine.
+    load_before: float = math.nan
+    cpus: int = 0
 
     @property
     def goal_met(self) -> bool:
@@ -147,6 +151,7 @@ async def _bench(
     progress: Any,
 ) -> BenchResult:
     n = len(ids)
+    load_before = os.getloadavg()[0]
     bu = parse_broker_url(url)
     registry = Registry(db)  # migrates before the controller opens it
     ctl = start_controller_process(url, db, poll_interval_s=2.0)
@@ -235,7 +240,7 @@ async def _bench(
         return BenchResult(
             devices=n, broker=str(bu), registry=registry.backend, connect_s=connect_s, initial_converge_s=initial_s,
             rounds=results, p50_ms=percentile(allv, 50), p99_ms=percentile(allv, 99), max_ms=max(allv) if allv else math.nan,
-            all_acked=all(res.acked == n for res in results),
+            all_acked=all(res.acked == n for res in results), load_before=load_before, cpus=os.cpu_count() or 0,
         )
     finally:
         if fleet is not None:
