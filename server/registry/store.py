@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -132,7 +133,11 @@ class Registry:
         self.url = url or default_registry_url()
         self.engine = make_engine(self.url, echo=echo)
         if migrate:
-            upgrade(self.engine)
+            try:
+                upgrade(self.engine)
+            except Exception:  # noqa: BLE001 - another process (controller, CLI) migrating the same empty database
+                time.sleep(1.0)
+                upgrade(self.engine)
         self.Session = sessionmaker(self.engine, expire_on_commit=False)
 
     @property
