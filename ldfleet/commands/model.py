@@ -56,6 +56,7 @@ def train(
     family: str = typer.Option("wavlm", help="wavlm | hubert | wav2vec2 (for `tiny`/`base`)."),
     epochs: int = typer.Option(20, min=0, help="Epochs of backbone + head training under random layer dropping."),
     strategy_epochs: int = typer.Option(6, min=0, help="Epochs for each of early_exit, static and selector."),
+    layerdrop: float = typer.Option(0.1, min=0.0, max=0.95, help="Stage-1 LayerDrop rate per layer and example (HF's default is 0.1)."),
     batch_size: int = typer.Option(32, min=1),
     seed: int = typer.Option(0, help="Seed for initialisation, data order, splits and augmentation."),
     threads: int = typer.Option(0, min=0, help="torch threads (0 = torch's default)."),
@@ -75,7 +76,7 @@ def train(
         torch.set_num_threads(threads)
     splits = _load_data(data, seed)
     cfg = TrainConfig(backbone=backbone, family=family, epochs=epochs, strategy_epochs=strategy_epochs,
-                      batch_size=batch_size, seed=seed)
+                      layerdrop=layerdrop, batch_size=batch_size, seed=seed)
     try:
         trainer = Trainer(out, splits["train"], splits["val"], cfg, log=console.print)
     except (OSError, ValueError) as exc:
@@ -195,7 +196,7 @@ def demo(
         console.print(f"synthesizing a keyword corpus into {data} (espeak-ng)")
         synthesize_corpus(SynthConfig(out=data, seed=seed))
     train(data=data, out=out, backbone="tiny", family="wavlm", epochs=epochs, strategy_epochs=strategy_epochs,
-          batch_size=32, seed=seed, threads=0)
+          layerdrop=0.1, batch_size=32, seed=seed, threads=0)
     evaluate(run=out, data=data, keep="0.25,0.5,0.75,1.0", methods="full,random,early_exit,static,selector",
              split="test", seed=seed, as_json=False)
 
