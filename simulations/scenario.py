@@ -184,6 +184,9 @@ class SimulationSpec(_Strict):
     round_timeout_s: Annotated[float, Field(gt=0.0)] = 300.0
     #: How long a round waits for devices still applying a new policy.
     settle_timeout_s: Annotated[float, Field(ge=0.0)] = 10.0
+    #: torch threads of the orchestrating process (warm-up, caches, report); 0 = all cores when the
+    #: machine is idle at start, else 1. ClientApps always use one thread.
+    torch_threads: Annotated[int, Field(ge=0, le=1024)] = 0
 
 
 class Scenario(_Strict):
@@ -308,7 +311,8 @@ def parse_scenario(data: Any, source: str = "<scenario>", base_dir: str | Path |
 
 
 def load_scenario(path: str | Path, **overrides: Any) -> Scenario:
-    """Read and validate a scenario YAML; ``overrides`` replace top-level fields (e.g. rounds)."""
+    """Read and validate a scenario YAML; ``overrides`` replace top-level fields (e.g. rounds; events after
+    an overridden last round are dropped)."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -318,5 +322,9 @@ def load_scenario(path: str | Path, **overrides: Any) -> Scenario:
         raise ScenarioError(f"{path}: not valid YAML: {exc}") from None
     if isinstance(raw, dict):
         raw.update({k: v for k, v in overrides.items() if v is not None})
+        if overrides.get("rounds") is not None and isinstance(raw.get("events"), list):
+            # a shorter run than the file plans: events after its last round do not happen
+            raw["events"] = [e for e in raw["events"] if not (isinstance(e, dict) and isinstance(e.get("round"), int)
+                                                             and e["round"] > overrides["rounds"])]
     return parse_scenario(raw, str(path), base_dir=path.parent)
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 from rich.console import Console
-from rich.table import Table
+from rich.markup import escape
 
 from ldfleet.common.learning import MANIFEST_FILE, FleetManifest
 from ldfleet.simulations.scenario import Scenario, ScenarioError, load_scenario, parse_scenario
@@ -75,12 +75,13 @@ class RunInfo:
     broker_url: str = ""
     rounds: int = 0
     peak_rss_mb: float = 0.0
+    torch_threads: int = 0
 
     def save(self) -> None:
         data = {
             "run_id": self.run_id, "db_url": self.db_url, "cache_dir": str(self.cache_dir), "created": self.created,
             "timings": self.timings, "status": self.status, "broker_url": self.broker_url, "rounds": self.rounds,
-            "peak_rss_mb": self.peak_rss_mb,
+            "peak_rss_mb": self.peak_rss_mb, "torch_threads": self.torch_threads, "cores": os.cpu_count(),
         }
         tmp = self.run_dir / (RUN_FILE + ".tmp")
         tmp.write_text(json.dumps(data, indent=1))
@@ -93,7 +94,7 @@ class RunInfo:
             run_id=data["run_id"], run_dir=run_dir, db_url=data["db_url"], cache_dir=Path(data["cache_dir"]),
             created=data["created"], timings=data.get("timings", {}), status=data.get("status", "running"),
             broker_url=data.get("broker_url", ""), rounds=int(data.get("rounds", 0)),
-            peak_rss_mb=float(data.get("peak_rss_mb", 0.0)),
+            peak_rss_mb=float(data.get("peak_rss_mb", 0.0)), torch_threads=int(data.get("torch_threads", 0)),
         )
 
 
@@ -182,6 +183,19 @@ class Display:
 
 
 # ---- the control plane of the simulated fleet -----------------------------------------------------
+
+
+def torch_threads(requested: int = 0) -> int:
+    """Threads for torch in this process: ``requested``, else every core on an idle machine and one
+    when other work is running (on 2 busy cores, 2 threads made a training step 8x slower than 1)."""
+    if requested > 0:
+        return requested
+    cores = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        busy = 0.0
+    return cores if busy < 0.5 else 1
 
 
 def _wait(predicate, timeout: float, step: float = 0.1) -> bool:
@@ -300,6 +314,35 @@ def _quiet_flower(run_dir: Path, verbose: bool) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
+class _Logs:
+    """While a simulation runs: every ldfleet log line goes to RUN/simulate.log; the console gets the
+    progress display and warnings only (everything with --verbose)."""
+
+    def __init__(self, run_dir: Path, verbose: bool) -> None:
+        self.logger = logging.getLogger("ldfleet")
+        self.saved = (self.logger.propagate, self.logger.level)
+        self.file = logging.FileHandler(run_dir / "simulate.log")
+        self.file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self.console = logging.StreamHandler()
+        self.console.setLevel(logging.DEBUG if verbose else logging.WARNING)
+        self.console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    def __enter__(self) -> _Logs:
+        self.logger.addHandler(self.file)
+        self.logger.addHandler(self.console)
+        self.logger.propagate = False
+        if self.logger.level == logging.NOTSET or self.logger.level > logging.INFO:
+            self.logger.setLevel(logging.INFO)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.removeHandler(self.file)
+        self.logger.removeHandler(self.console)
+        self.file.close()
+        self.logger.propagate, level = self.saved
+        self.logger.setLevel(level)
+
+
 def _start_agents(scn: Scenario, manifest: FleetManifest, profiles: dict, broker_url: str) -> list:
     from ldfleet.client.agent import DeviceAgent
 
@@ -313,12 +356,19 @@ def _start_agents(scn: Scenario, manifest: FleetManifest, profiles: dict, broker
 
 def simulate(opts: SimulateOptions, console: Console | None = None) -> dict[str, Any]:
     """Run (or resume) a simulated fleet; returns the report summary (or run info without a report)."""
-    console = console or Console()
+    run_dir = Path(opts.out) if opts.out is not None else None
+    if run_dir is None and not opts.resume:
+        run_dir = Path("runs") / load_scenario(Path(opts.config or Path("configs") / "fleet-small.yaml")).name
+    if run_dir is None:
+        raise SimulationError("--resume needs the run folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with _Logs(run_dir, opts.verbose):
+        return _simulate(opts, run_dir, console or Console())
+
+
+def _simulate(opts: SimulateOptions, run_dir: Path, console: Console) -> dict[str, Any]:
     t_start = time.perf_counter()
     if opts.resume:
-        if opts.out is None:
-            raise SimulationError("--resume needs the run folder")
-        run_dir = Path(opts.out)
         if not (run_dir / RUN_FILE).is_file():
             raise SimulationError(f"{run_dir} is not a simulation run (no {RUN_FILE}); start one with `ldfleet simulate --out {run_dir}`")
         info = RunInfo.load(run_dir)
@@ -330,7 +380,6 @@ def simulate(opts: SimulateOptions, console: Console | None = None) -> dict[str,
     else:
         config = Path(opts.config or Path("configs") / "fleet-small.yaml")
         scn = load_scenario(config, rounds=opts.rounds)
-        run_dir = Path(opts.out or Path("runs") / scn.name)
         if (run_dir / RUN_FILE).exists():
             raise SimulationError(f"{run_dir} already holds a run; continue it with `ldfleet simulate --resume {run_dir}` "
                                   "or choose another --out")
@@ -347,16 +396,22 @@ def simulate(opts: SimulateOptions, console: Console | None = None) -> dict[str,
     info.status = "running"
     info.save()
     display = Display(console, scn)
+    classes_txt = escape(", ".join(f"{c.count} {c.name} [{c.budget.text()}]" for c in scn.classes))
     display.say(f"[bold]{scn.name}[/bold]: {scn.num_devices} devices in {len(scn.classes)} classes "
-                f"({', '.join(f'{c.count} {c.name} [{c.budget.text()}]' for c in scn.classes)}), {scn.rounds} rounds; "
-                f"run {run_dir} ({info.run_id}){' (resuming)' if opts.resume else ''}")
+                f"({classes_txt}), {scn.rounds} rounds; run {run_dir} ({info.run_id}){' (resuming)' if opts.resume else ''}")
     sampler = MemorySampler()
     sampler.start()
     timings = info.timings if opts.resume else {}
     phase_t = {}
 
     # 1-2. data, partitions, warm model, manifest
+    import torch
+
     from ldfleet.simulations.fleet import build_fleet, device_profiles, reference_latency, warm_device_caches
+
+    threads = torch_threads(scn.simulation.torch_threads)
+    torch.set_num_threads(threads)
+    info.torch_threads = threads
 
     info.cache_dir.mkdir(parents=True, exist_ok=True)
     fleet = build_fleet(scn, run_dir, info.cache_dir, info.run_id, phase_t, say=display.say)

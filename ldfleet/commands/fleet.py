@@ -55,8 +55,9 @@ def simulate(
         _fail("--resume RUN already names the run folder; drop --out")
     opts = SimulateOptions(config=config, out=resume or out, rounds=rounds, broker=broker, db=db, resume=resume is not None,
                            cache_dir=cache, actors=actors, report=report, verbose=verbose)
+    out_console = console if console.is_terminal else Console(width=160)  # logs and CI: no wrapping at 80
     try:
-        summary = run(opts, console)
+        summary = run(opts, out_console)
     except (ScenarioError, SimulationError, FileNotFoundError) as exc:
         _fail(str(exc))
     if summary.get("status") != "finished":
@@ -253,3 +254,155 @@ def register(app: typer.Typer) -> None:
     app.command("simulate")(simulate)
     app.command("report")(report)
     app.add_typer(registry_app, name="registry")
+    register_deploy(app)
+
+
+# ---- a real fleet: server, client, federate ---------------------------------------------------------
+
+
+def _wait_forever(*procs: Any) -> None:
+    import signal
+    import threading
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        for p in procs:
+            if not p.running:
+                err.print(f"[red]{p.cmd[0]} exited[/red]\n{p.log_tail()}")
+                return
+
+
+def server(
+    db: Optional[str] = typer.Option(None, "--db", help="Registry URL [default: $LDFLEET_DB or ~/.ldfleet/registry.db]."),
+    broker: Optional[str] = typer.Option(None, "--broker", help="MQTT broker URL [default: $LDFLEET_BROKER / running `ldfleet broker`]."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address the SuperLink listens on (Fleet, Control and Runtime APIs)."),
+    port: int = typer.Option(9093, "--port", help="SuperLink port."),
+    home: Path = typer.Option(Path("runs/superlink"), "--home", help="Folder for the SuperLink's FLWR_HOME and log."),
+    insecure: bool = typer.Option(False, "--insecure", help="No TLS (only allowed on a loopback --host)."),
+    ssl_ca_certfile: Optional[Path] = typer.Option(None, "--ssl-ca-certfile"),
+    ssl_certfile: Optional[Path] = typer.Option(None, "--ssl-certfile"),
+    ssl_keyfile: Optional[Path] = typer.Option(None, "--ssl-keyfile"),
+    enable_supernode_auth: bool = typer.Option(False, "--enable-supernode-auth", help="Only SuperNodes registered with `flwr supernode register`."),
+    controller: bool = typer.Option(True, "--controller/--no-controller", help="Run the policy controller in this process."),
+    ca_file: Optional[Path] = typer.Option(None, "--ca-file", help="CA bundle for an mqtts:// broker."),
+) -> None:
+    """Start the fleet side: the policy controller and a Flower SuperLink (runs until Ctrl-C).
+
+    Then start a federated run with `ldfleet federate --superlink HOST:PORT ...`.
+    """
+    from ldfleet.common.runtime import default_broker_url
+    from ldfleet.server.deploy import TLS, DeployError, SuperLink
+
+    ctl = None
+    try:
+        link = SuperLink(host, port, home=home, insecure=insecure, enable_supernode_auth=enable_supernode_auth,
+                         tls=TLS(*(str(p) if p else None for p in (ssl_ca_certfile, ssl_certfile, ssl_keyfile))))
+    except DeployError as exc:
+        _fail(str(exc))
+    if controller:
+        from ldfleet.server.controller import Controller
+
+        ctl = Controller(broker or default_broker_url(), db, ca_file=str(ca_file) if ca_file else None).start()
+        console.print(f"controller: broker {ctl.url}, registry {ctl.registry.redacted_url()}")
+    try:
+        link.start()
+        console.print(f"SuperLink on {link.address} ({'insecure, loopback' if insecure else 'TLS'}); log {link.log_path}")
+        _wait_forever(link)
+    except DeployError as exc:
+        _fail(str(exc))
+    finally:
+        link.stop()
+        if ctl is not None:
+            ctl.stop()
+
+
+def client(
+    device_id: str = typer.Option(..., "--device-id", help="This device's id (also its MQTT user name)."),
+    device_class: str = typer.Option(..., "--device-class", help="Its class (e.g. rpi4, jetson, phone)."),
+    superlink: str = typer.Option(..., "--superlink", help="HOST:PORT of the SuperLink."),
+    model: Path = typer.Option(..., "--model", help="The model folder (model.json + model.safetensors) this device runs."),
+    data: Path = typer.Option(..., "--data", help="Local clips in Speech Commands layout (word/<speaker>_nohash_<n>.wav)."),
+    broker: Optional[str] = typer.Option(None, "--broker", help="MQTT broker URL [default: $LDFLEET_BROKER / running `ldfleet broker`]."),
+    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="Device state [default: $LDFLEET_HOME/devices/ID]."),
+    home: Optional[Path] = typer.Option(None, "--home", help="FLWR_HOME of the SuperNode [default: STATE_DIR/flwr]."),
+    insecure: bool = typer.Option(False, "--insecure", help="No TLS (only with a loopback SuperLink)."),
+    root_certificates: Optional[Path] = typer.Option(None, "--root-certificates", help="CA certificate of the SuperLink."),
+    auth_supernode_private_key: Optional[Path] = typer.Option(None, "--auth-supernode-private-key"),
+    profile_json: Optional[Path] = typer.Option(None, "--profile-json", help="Advertise this profile instead of measuring."),
+    ca_file: Optional[Path] = typer.Option(None, "--ca-file", help="CA bundle for an mqtts:// broker."),
+    agent: bool = typer.Option(True, "--agent/--no-agent", help="Run the budget agent in this process (else run `ldfleet agent`)."),
+) -> None:
+    """Start a device: its budget agent (MQTT) and its Flower SuperNode (runs until Ctrl-C)."""
+    from ldfleet.client.node import NodeError, SuperNode, device_node_config, model_profile
+    from ldfleet.common.runtime import default_broker_url, default_device_state_dir
+
+    state = state_dir or default_device_state_dir(device_id)
+    ag = None
+    if agent:
+        from ldfleet.client.agent import DeviceAgent
+        from ldfleet.client.profile import profile_from_json
+
+        prof = profile_from_json(profile_json, device_id, device_class) if profile_json else model_profile(device_id, device_class, model)
+        ag = DeviceAgent(device_id, device_class, broker or default_broker_url(), prof, state_dir=state,
+                         ca_file=str(ca_file) if ca_file else None).start()
+        console.print(f"agent {device_id} ({device_class}): broker {ag.url}, state {state}")
+    try:
+        node = SuperNode(superlink, device_node_config(device_id, device_class, model, data, state),
+                         home=home or Path(state) / "flwr", insecure=insecure,
+                         root_certificates=str(root_certificates) if root_certificates else None,
+                         auth_private_key=str(auth_supernode_private_key) if auth_supernode_private_key else None).start()
+        console.print(f"SuperNode for {device_id} connected to {superlink}; log {node.log_path}")
+        _wait_forever(node)
+        node.stop()
+    except NodeError as exc:
+        _fail(str(exc))
+    finally:
+        if ag is not None:
+            ag.stop()
+
+
+def federate(
+    superlink: str = typer.Option("127.0.0.1:9093", "--superlink", help="HOST:PORT of the SuperLink."),
+    model: Path = typer.Option(..., "--model", help="The model folder the devices run (initial selector + head)."),
+    out: Path = typer.Option(..., "--out", help="Run folder on the server: checkpoints, the Flower app, FLWR_HOME."),
+    db: Optional[str] = typer.Option(None, "--db", help="Registry URL the ServerApp writes rounds and metrics to."),
+    rounds: int = typer.Option(3, "--rounds", min=1),
+    run_id: Optional[str] = typer.Option(None, "--run-id", help="Registry run id [default: the --out folder name]; reuse to resume."),
+    fraction_train: float = typer.Option(1.0, "--fraction-train"),
+    min_nodes: int = typer.Option(1, "--min-nodes", min=1, help="Wait for this many SuperNodes before the first round."),
+    local_epochs: int = typer.Option(1, "--local-epochs", min=1),
+    round_timeout: float = typer.Option(600.0, "--round-timeout", help="Seconds a round waits for replies."),
+    insecure: bool = typer.Option(False, "--insecure", help="No TLS (only with a loopback SuperLink)."),
+    root_certificates: Optional[Path] = typer.Option(None, "--root-certificates", help="CA certificate of the SuperLink."),
+    timeout: float = typer.Option(3600.0, "--timeout", help="Give up waiting for the run after this many seconds."),
+) -> None:
+    """Run federated rounds on a real fleet through a SuperLink; fails unless the run completes."""
+    from ldfleet.common.runtime import default_registry_url
+    from ldfleet.server.app import ServerSettings
+    from ldfleet.server.deploy import DeployError, submit_run, wait_run, write_cli_config, write_flower_app
+
+    out = out.resolve()
+    settings = ServerSettings(
+        run_id=run_id or out.name, run_dir=str(out), model_dir=str(model.resolve()), db_url=db or default_registry_url(),
+        num_rounds=rounds, fraction_train=fraction_train, min_train_nodes=min_nodes, min_evaluate_nodes=min_nodes,
+        min_available_nodes=min_nodes, local_epochs=local_epochs, round_timeout_s=round_timeout,
+    )
+    try:
+        app_dir = write_flower_app(out / "flower-app")
+        flwr_home = out / "flwr-cli"
+        write_cli_config(flwr_home, superlink, insecure=insecure, root_certificates=str(root_certificates) if root_certificates else None)
+        rid = submit_run(app_dir, flwr_home, settings)
+        console.print(f"run {rid} submitted to {superlink} (registry run id {settings.run_id}); waiting for it to finish")
+        status = wait_run(flwr_home, rid, timeout)
+    except DeployError as exc:
+        _fail(str(exc), code=1)
+    console.print(f"[green]{status['status']}[/green] in {status.get('elapsed', 0):.0f} s; "
+                  f"`ldfleet registry rounds --run-id {settings.run_id} --db {settings.db_url}`")
+
+
+def register_deploy(app: typer.Typer) -> None:
+    app.command("server")(server)
+    app.command("client")(client)
+    app.command("federate")(federate)

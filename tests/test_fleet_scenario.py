@@ -1,0 +1,101 @@
+"""Scenario files: the shipped ones validate, bad ones fail with the field named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ldfleet.simulations.scenario import ScenarioError, load_scenario, parse_scenario
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+
+def test_fleet_small_is_the_promised_default():
+    scn = load_scenario(CONFIGS / "fleet-small.yaml")
+    assert len(scn.classes) >= 3
+    assert scn.num_devices >= 12
+    assert {c.profile for c in scn.classes} <= set(scn.profiles)
+    # a budget change and a crash are scheduled, both inside the run
+    assert any(e.set_budget for e in scn.events) and any(e.crash for e in scn.events)
+    assert all(e.round <= scn.rounds for e in scn.events)
+
+
+def test_fleet_100_has_100_devices_and_the_five_profiles():
+    scn = load_scenario(CONFIGS / "fleet-100.yaml")
+    assert scn.num_devices == 100
+    assert {"mcu-class", "rpi4", "jetson", "phone", "server"} <= set(scn.profiles)
+    assert scn.data.partition.kind == "dirichlet"
+
+
+def test_device_ids_are_stable_and_unique():
+    scn = load_scenario(CONFIGS / "fleet-100.yaml")
+    ids = [d for d, _ in scn.device_ids()]
+    assert len(ids) == len(set(ids)) == 100
+    assert ids == [d for d, _ in load_scenario(CONFIGS / "fleet-100.yaml").device_ids()]
+    assert ids[0] == "mcu-01"
+
+
+def _base() -> dict:
+    return yaml.safe_load((CONFIGS / "fleet-small.yaml").read_text())
+
+
+def _error(data: dict) -> str:
+    with pytest.raises(ScenarioError) as info:
+        parse_scenario(data, "test.yaml", base_dir=CONFIGS)
+    return str(info.value)
+
+
+def test_budget_needs_exactly_one_of_keep_and_latency():
+    data = _base()
+    data["classes"][0]["budget"] = {"keep": 0.5, "latency_ms": 30}
+    msg = _error(data)
+    assert "classes.0.budget" in msg and "exactly one of keep and latency_ms" in msg
+
+
+def test_unknown_profile_is_named():
+    data = _base()
+    data["classes"][1]["profile"] = "toaster"
+    msg = _error(data)
+    assert "classes.1.profile" in msg and "toaster" in msg and "rpi4" in msg
+
+
+def test_event_for_unknown_class_and_late_event():
+    data = _base()
+    data["events"] = [{"round": 2, "set_budget": {"device_class": "nope", "keep": 0.5}}]
+    assert "unknown device class 'nope'" in _error(data)
+    data["events"] = [{"round": 99, "crash": {"count": 1}}]
+    assert "after the last round" in _error(data)
+
+
+def test_unknown_fields_and_bad_ranges_are_refused():
+    data = _base()
+    data["fraction_sampled"] = 1.5
+    data["rounds_typo"] = 3
+    msg = _error(data)
+    assert "fraction_sampled" in msg and "rounds_typo" in msg
+
+
+def test_voice_partition_needs_a_speaker_per_device():
+    data = _base()
+    data["data"]["corpus"]["variants_per_voice"] = 1  # 8 speakers for 12 devices
+    msg = _error(data)
+    assert "data.partition" in msg or "voice partitioning" in msg
+
+
+def test_duplicate_class_names():
+    data = _base()
+    data["classes"][1]["name"] = data["classes"][0]["name"]
+    assert "unique" in _error(data)
+
+
+def test_rounds_override_and_missing_file(tmp_path):
+    assert load_scenario(CONFIGS / "fleet-small.yaml", rounds=2).rounds == 2
+    with pytest.raises(ScenarioError, match="not found"):
+        load_scenario(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("classes: [1, 2\n")
+    with pytest.raises(ScenarioError, match="not valid YAML"):
+        load_scenario(bad)
