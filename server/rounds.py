@@ -100,6 +100,27 @@ def metric_rows(registry: Registry, run_id: str, phase: str | None = None) -> li
         return out
 
 
+def unsettled_devices(registry: Registry, device_ids: set[str]) -> set[str]:
+    """Online devices (of ``device_ids``) whose budget is still changing: the controller has not yet
+    resolved the newest policy of their scope, or they have not applied (nor refused) what it published."""
+    status = device_status(registry)
+    active = registry.active_policies()
+    out = set()
+    for device_id in device_ids:
+        st = status.get(device_id)
+        if st is None or not st["online"]:
+            continue
+        desired = st["desired"] or {}
+        override = active.get(f"device:{device_id}")
+        want = override or active.get(f"class:{st['device_class']}")
+        if want is not None and (desired.get("source") != ("device" if override else "class")
+                                 or int(desired.get("policy_version") or 0) < want.version):
+            out.add(device_id)
+        elif st["desired_version"] > st["applied_version"] and st["ack_status"] != "rejected":
+            out.add(device_id)
+    return out
+
+
 def device_status(registry: Registry) -> dict[str, dict[str, Any]]:
     """What the control plane knows of each device: online, class, desired/applied versions, k."""
     with registry.session() as s:
@@ -107,7 +128,7 @@ def device_status(registry: Registry) -> dict[str, dict[str, Any]]:
             d.device_id: {
                 "device_class": d.device_class, "online": bool(d.online), "desired_version": d.desired_version,
                 "applied_version": d.applied_version, "effective_k": d.effective_k,
-                "expected_latency_ms": d.expected_latency_ms, "desired": d.desired,
+                "expected_latency_ms": d.expected_latency_ms, "desired": d.desired, "ack_status": d.ack_status,
             }
             for d in s.scalars(select(Device))
         }

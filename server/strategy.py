@@ -34,7 +34,7 @@ from flwr.serverapp.strategy.result import Result
 from ldfleet.common import learning as L
 from ldfleet.server.checkpoints import save_checkpoint
 from ldfleet.server.registry.store import Registry
-from ldfleet.server.rounds import EVAL, TRAIN, device_status, failed_phase
+from ldfleet.server.rounds import EVAL, TRAIN, device_status, failed_phase, unsettled_devices
 
 log = logging.getLogger("ldfleet.server.strategy")
 
@@ -220,19 +220,19 @@ class FleetFedAvg(FedAvg):
         return sorted(rng.sample(sorted(nodes), size))
 
     def settle(self) -> int:
-        """Wait (up to ``settle_timeout_s``) for online devices still applying a new policy."""
+        """Wait (up to ``settle_timeout_s``) while online devices' budgets are changing: a policy the
+        controller has not resolved yet, or one a device has not applied yet. A round then trains
+        under the budgets the operator set before it started."""
         if self.registry is None or self.settle_timeout_s <= 0:
             return 0
         deadline = time.monotonic() + self.settle_timeout_s
         known = {d.device_id for d in self.devices.values()}
         while True:
-            pending = [
-                d for d, st in device_status(self.registry).items()
-                if d in known and st["online"] and st["desired_version"] > st["applied_version"]
-            ]
+            pending = unsettled_devices(self.registry, known)
             if not pending or time.monotonic() >= deadline:
                 if pending:
-                    log.warning("round %d starts with %d device(s) still applying a policy", self._round, len(pending))
+                    log.warning("round %d starts with %d device(s) still changing budget: %s", self._round, len(pending),
+                                sorted(pending)[:5])
                 return len(pending)
             time.sleep(0.1)
 

@@ -1,0 +1,148 @@
+"""A real fleet on 127.0.0.1: flower-superlink, two flower-supernode processes, the project's ServerApp
+and ClientApp through `ldfleet federate` (flwr run), with the control plane (Mosquitto, controller,
+agents) deciding each device's budget. Checks the registry rows per device, and that a failed run is
+reported as a failure (flwr run itself exits 0 on failure).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ldfleet.server.deploy import DeployError, SuperLink, write_cli_config
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def test_flwr_cli_works_in_this_environment():
+    # typer < 0.19.2 breaks the flwr CLI (PITFALLS): it must at least print its help
+    res = subprocess.run([str(BIN / "flwr"), "--help"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "run" in res.stdout
+
+
+def test_insecure_is_refused_off_loopback(tmp_path):
+    with pytest.raises(DeployError, match="loopback"):
+        SuperLink("0.0.0.0", 9999, home=tmp_path, insecure=True)
+    with pytest.raises(DeployError, match="TLS"):
+        SuperLink("127.0.0.1", 9999, home=tmp_path)
+    with pytest.raises(DeployError, match="loopback"):
+        write_cli_config(tmp_path, "10.1.2.3:9093", insecure=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Model + two devices' clip folders (from the session's cached tiny corpus and warm model)."""
+    from ldfleet.client.learning import pooled_split
+    from ldfleet.simulations.fleet import build_fleet
+    from ldfleet.simulations.scenario import parse_scenario
+
+    from test_flower_simulation import TINY  # the same tiny fleet: corpus and warm model come from the cache
+
+    cache = tmp_path_factory.getbasetemp() / "sim-cache"
+    work = tmp_path_factory.mktemp("deploy")
+    scn = parse_scenario(TINY, "tiny", base_dir=ROOT / "configs")
+    data = build_fleet(scn, work, cache, "deploy", {}, say=lambda *_: None)
+    pool = pooled_split(data.manifest.data_dir, data.manifest.split_seed, "train")
+    folders = {}
+    for dev in data.manifest.devices[:2]:
+        folder = work / "clips" / dev.device_id
+        for i in dev.train_indices + dev.test_indices:
+            clip = pool.clips[i]
+            (folder / clip.word).mkdir(parents=True, exist_ok=True)
+            os.symlink(clip.path, folder / clip.word / clip.path.name)
+        folders[dev.device_id] = folder
+    return work, data.manifest.model_dir, folders
+
+
+def test_superlink_two_supernodes_federated_rounds(tiny):
+    from ldfleet.client.agent import DeviceAgent
+    from ldfleet.client.node import SuperNode, device_node_config
+    from ldfleet.client.profile import synthetic_profile
+    from ldfleet.client.state import load_device_state
+    from ldfleet.common.broker import EmbeddedBroker
+    from ldfleet.server.controller import Controller
+    from ldfleet.server.operator import set_budget
+    from ldfleet.server.registry.store import Registry
+    from ldfleet.server.rounds import finished_rounds, metric_rows
+    from ldfleet.simulations.simulate import wait_converged
+
+    work, model_dir, folders = tiny
+    db = f"sqlite:///{work / 'registry.db'}"
+    classes = {"pi-a": ("rpi4", 0.5, 4), "nano-b": ("jetson", 0.75, 6)}
+    broker = EmbeddedBroker(data_dir=work / "broker").start()
+    registry = Registry(db)
+    controller = Controller(broker.url, registry).start()
+    agents, nodes, link = [], [], None
+    try:
+        for (dev, (cls, keep, _)), folder in zip(classes.items(), folders.values()):
+            set_budget(registry, broker.url, cls, keep=keep, create_class=True, issued_by="test")
+            agents.append(DeviceAgent(dev, cls, broker.url, synthetic_profile(dev, cls, num_layers=8),
+                                      state_dir=work / "state" / dev).start())
+        assert not wait_converged(registry, set(classes), 60.0)
+        assert all(load_device_state(work / "state" / d).effective_k == k for d, (_, _, k) in classes.items())
+
+        port = _free_port()
+        link = SuperLink("127.0.0.1", port, home=work / "link", insecure=True).start()
+        for (dev, (cls, _, _)), folder in zip(classes.items(), folders.values()):
+            cfg = device_node_config(dev, cls, model_dir, folder, work / "state" / dev)
+            nodes.append(SuperNode(link.address, cfg, home=work / "nodes" / dev, insecure=True).start())
+
+        env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
+        res = subprocess.run(
+            [str(BIN / "ldfleet"), "federate", "--superlink", link.address, "--model", model_dir, "--out", str(work / "run"),
+             "--db", db, "--rounds", "2", "--min-nodes", "2", "--insecure", "--round-timeout", "240", "--timeout", "500"],
+            capture_output=True, text=True, timeout=560, env=env)
+        logs = "\n".join(n.log_tail(40) for n in nodes) + link.log_tail(40)
+        assert res.returncode == 0, res.stdout + res.stderr + logs
+        assert "finished:completed" in res.stdout
+
+        assert finished_rounds(registry, "run") == [1, 2]
+        rows = metric_rows(registry, "run")
+        for dev, (cls, _, k) in classes.items():
+            mine = [m for m in rows if m.device_id == dev]
+            assert {(m.round, m.phase) for m in mine} == {(1, "train"), (1, "eval"), (2, "train"), (2, "eval")}, logs
+            state = load_device_state(work / "state" / dev)
+            for m in mine:
+                assert m.device_class == cls and m.k == k and m.policy_version == state.version
+                assert m.num_examples > 0 and 0 <= m.accuracy <= 1 and len(m.layer_usage) == 8
+        assert sorted(p.name for p in (work / "run" / "checkpoints").iterdir()) == ["round-0001.safetensors", "round-0002.safetensors"]
+
+        # a run that fails (no model where the ServerApp looks) must not be reported as a success
+        res = subprocess.run(
+            [str(BIN / "ldfleet"), "federate", "--superlink", link.address, "--model", str(work / "no-such-model"),
+             "--out", str(work / "bad"), "--db", db, "--rounds", "1", "--min-nodes", "2", "--insecure", "--timeout", "300"],
+            capture_output=True, text=True, timeout=360, env=env)
+        assert res.returncode == 1, res.stdout + res.stderr
+        assert "finished:failed" in res.stdout + res.stderr
+        assert finished_rounds(registry, "bad") == []
+    finally:
+        for n in nodes:
+            n.stop()
+        if link is not None:
+            link.stop()
+        for a in agents:
+            a.stop()
+        controller.stop()
+        registry.close()
+        broker.close()
+
+
+def test_federate_command_line_is_documented():
+    res = subprocess.run([str(BIN / "ldfleet"), "client", "--help"], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "COLUMNS": "200"})
+    assert res.returncode == 0 and "--device-id" in res.stdout and "--superlink" in res.stdout
