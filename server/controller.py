@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, or_, select, update
+from sqlalchemy import bindparam, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from ldfleet.common import topics
@@ -371,12 +371,12 @@ class Controller:
             if ack.applied_version > dv:
                 work.devices.add(did)  # the device is ahead of the registry: publish above it
         if new_rows:
-            s.execute(insert(Device), list(new_rows.values()))
+            s.execute(insert(_DEVICES), list(new_rows.values()))
         for upd in (status_upd, ack_upd, tel_upd):
             if upd:
-                s.execute(update(Device), list(upd.values()))
+                _bulk_update_devices(s, list(upd.values()))
         if ack_rows:
-            s.execute(insert(PolicyAckRecord), ack_rows)
+            s.execute(insert(_ACKS), ack_rows)
 
     def _apply_profile(self, s: Session, prof: DeviceProfile, now: datetime, work: _Work) -> None:
         did = prof.device_id
@@ -457,7 +457,7 @@ class Controller:
                     elif work.republish and desired:
                         out.append((topics.policy_desired(did), BudgetPolicy.model_validate(desired, strict=False).to_json()))
                 if updates:
-                    s.execute(update(Device), updates)
+                    _bulk_update_devices(s, updates)
             for topic, payload in out:
                 self.session.publish(topic, payload, qos=1, retain=True)
             changed += len(updates)
@@ -474,6 +474,18 @@ _MODELS: dict[topics.Channel, type] = {
     topics.Channel.POLICY_REPORTED: PolicyAck,
     topics.Channel.TELEMETRY: Telemetry,
 }
+
+
+_DEVICES = Device.__table__
+_ACKS = PolicyAckRecord.__table__
+
+
+def _bulk_update_devices(s: Session, rows: list[dict[str, Any]]) -> None:
+    """One executemany UPDATE ... WHERE device_id = ? (Core: no per-row ORM bookkeeping).
+    Every row carries ``device_id`` and the same other keys."""
+    keys = [k for k in rows[0] if k != "device_id"]
+    stmt = update(_DEVICES).where(_DEVICES.c.device_id == bindparam("_id")).values({k: bindparam(k) for k in keys})
+    s.execute(stmt, [{"_id": r["device_id"], **{k: r[k] for k in keys}} for r in rows])
 
 
 def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
