@@ -61,6 +61,7 @@ class SimulateOptions:
     actors: int | None = None
     report: bool = True
     verbose: bool = False
+    overwrite: bool = False
 
 
 @dataclass
@@ -343,6 +344,22 @@ class _Logs:
         self.logger.setLevel(level)
 
 
+RUN_ENTRIES = (RUN_FILE, SCENARIO_COPY, EVENTS_FILE, ROUNDS_LOG, MANIFEST_FILE, "device-classes.yaml", "registry.db",
+               "registry.db-wal", "registry.db-shm", "devices", "checkpoints", "report", "broker", "flower.log")
+
+
+def _clear_run(run_dir: Path) -> None:
+    """Remove what a previous simulation wrote into ``run_dir`` (and nothing else)."""
+    import shutil
+
+    for name in RUN_ENTRIES:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
 def _start_agents(scn: Scenario, manifest: FleetManifest, profiles: dict, broker_url: str) -> list:
     from ldfleet.client.agent import DeviceAgent
 
@@ -380,6 +397,8 @@ def _simulate(opts: SimulateOptions, run_dir: Path, console: Console) -> dict[st
     else:
         config = Path(opts.config or Path("configs") / "fleet-small.yaml")
         scn = load_scenario(config, rounds=opts.rounds)
+        if (run_dir / RUN_FILE).exists() and opts.overwrite:
+            _clear_run(run_dir)
         if (run_dir / RUN_FILE).exists():
             raise SimulationError(f"{run_dir} already holds a run; continue it with `ldfleet simulate --resume {run_dir}` "
                                   "or choose another --out")

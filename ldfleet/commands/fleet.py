@@ -41,6 +41,7 @@ def simulate(
     actors: Optional[int] = typer.Option(None, "--actors", min=1, help="Ray actors running ClientApps [default: one per core]."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write RUN/report/ at the end."),
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower's and Ray's logs on the console."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous simulation in --out (keeps the cache)."),
 ) -> None:
     """Run a heterogeneous fleet on this machine: data, warm model, broker, controller, agents, Flower rounds, report.
 
@@ -54,7 +55,7 @@ def simulate(
     if resume is not None and out is not None and out != resume:
         _fail("--resume RUN already names the run folder; drop --out")
     opts = SimulateOptions(config=config, out=resume or out, rounds=rounds, broker=broker, db=db, resume=resume is not None,
-                           cache_dir=cache, actors=actors, report=report, verbose=verbose)
+                           cache_dir=cache, actors=actors, report=report, verbose=verbose, overwrite=overwrite)
     out_console = console if console.is_terminal else Console(width=160)  # logs and CI: no wrapping at 80
     try:
         summary = run(opts, out_console)
