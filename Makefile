@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 simulate: setup
-	$(VENV)/bin/ldfleet demo --out $(RUN)
+	$(VENV)/bin/ldfleet simulate --out $(RUN) --overwrite
 
 test: setup
 	$(VENV)/bin/python -m pytest
