@@ -6,8 +6,8 @@ status and profile (retained) with an offline Last Will, subscription to its own
 the same decision function (``ldfleet.client.agent.evaluate_policy``) and a retained ack. Its state
 lives in memory (``persist_dir`` writes it atomically like the real agent, at a disk cost).
 Each device notes when (``time.perf_counter()``, CLOCK_MONOTONIC: comparable across processes on
-Linux) each desired version reached it. ``FleetObserver`` timestamps the acks (and, if asked, the
-desired policies) it sees, for the benchmark.
+Linux) each desired version reached it; the benchmark reads when acks reached the controller from
+the registry.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 from pathlib import Path
@@ -26,7 +25,7 @@ from ldfleet.client.agent import evaluate_policy
 from ldfleet.client.state import DeviceState, save_device_state
 from ldfleet.common import topics
 from ldfleet.common.mqtt import BrokerURL, aiomqtt_kwargs, new_id
-from ldfleet.common.schemas import BudgetPolicy, DeviceProfile, PayloadError, PolicyAck, Status, decode, parse_payload, utcnow
+from ldfleet.common.schemas import BudgetPolicy, DeviceProfile, PolicyAck, Status, decode, utcnow
 
 log = logging.getLogger("ldfleet.sim")
 
@@ -127,84 +126,6 @@ class SimDevice:
                     backoff = min(backoff * 2, 10.0)
         finally:
             stopper.cancel()
-
-
-class FleetObserver:
-    """Records when each device's desired versions and acks were seen (monotonic seconds)."""
-
-    def __init__(self, url: BrokerURL, device_ids: set[str], *, watch_desired: bool = True) -> None:
-        self.url = url
-        self.watch_desired = watch_desired
-        self.device_ids = device_ids
-        self.desired: dict[str, dict[int, float]] = defaultdict(dict)
-        self.acked: dict[str, dict[int, float]] = defaultdict(dict)
-        self.rejected: dict[str, str] = {}
-        self.ready = asyncio.Event()
-        self.changed = asyncio.Event()
-        self._pending: dict[str, int] = {}
-        self.all_acked = asyncio.Event()
-
-    def expect_acks(self, above: dict[str, int]) -> None:
-        """Start waiting for every device in ``above`` to ack a version above the given one
-        (``all_acked`` is set when they have; O(1) per message, so 1,000s of devices are cheap)."""
-        self._pending = {d: v for d, v in above.items() if self.latest_acked(d) <= v}
-        if self._pending:
-            self.all_acked.clear()
-        else:
-            self.all_acked.set()
-
-    @property
-    def pending(self) -> int:
-        return len(self._pending)
-
-    def latest_desired(self, device_id: str) -> int:
-        return max(self.desired.get(device_id, {0: 0.0}))
-
-    def latest_acked(self, device_id: str) -> int:
-        return max(self.acked.get(device_id, {0: 0.0}))
-
-    async def run(self, stop: asyncio.Event, protocol: aiomqtt.ProtocolVersion = aiomqtt.ProtocolVersion.V311) -> None:
-        async with aiomqtt.Client(**aiomqtt_kwargs(self.url), identifier=new_id("ldfleet-observer-"), protocol=protocol) as client:
-            if self.watch_desired:
-                await client.subscribe(topics.all_devices(topics.Channel.POLICY_DESIRED), qos=1)
-            await client.subscribe(topics.all_devices(topics.Channel.POLICY_REPORTED), qos=1)
-            self.ready.set()
-
-            async def consume() -> None:
-                async for msg in client.messages:
-                    self._record(msg, time.perf_counter())
-
-            consuming = asyncio.ensure_future(consume())
-            stopper = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({consuming, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            for t in (consuming, stopper):
-                t.cancel()
-            if consuming.done() and not consuming.cancelled() and consuming.exception():
-                raise consuming.exception()  # type: ignore[misc]
-
-    def _record(self, msg: aiomqtt.Message, now: float) -> None:
-        parsed = topics.parse_device_topic(str(msg.topic))
-        if parsed is None or parsed.device_id not in self.device_ids:
-            return
-        payload = bytes(msg.payload)  # type: ignore[arg-type]
-        try:
-            if parsed.channel is topics.Channel.POLICY_DESIRED:
-                pol = parse_payload(BudgetPolicy, payload, topic_device_id=parsed.device_id)
-                self.desired[parsed.device_id].setdefault(pol.version, now)
-            else:
-                ack = parse_payload(PolicyAck, payload, topic_device_id=parsed.device_id)
-                if ack.status == "rejected":
-                    self.rejected[parsed.device_id] = ack.reason or ""
-                self.acked[parsed.device_id].setdefault(ack.applied_version, now)
-                want = self._pending.get(parsed.device_id)
-                if want is not None and ack.applied_version > want:
-                    del self._pending[parsed.device_id]
-                    if not self._pending:
-                        self.all_acked.set()
-        except PayloadError as exc:
-            log.warning("observer dropped message on %s: %s", msg.topic, exc)
-            return
-        self.changed.set()
 
 
 async def wait_until(predicate, timeout: float, event: asyncio.Event | None = None, step: float = 0.05) -> bool:
