@@ -1,9 +1,12 @@
 """The fleet controller: registers devices, resolves and publishes their policies, tracks convergence.
 
-Threads: paho's network thread only enqueues ``(topic, payload)``; one worker thread takes whatever
-is queued (up to ``batch_max`` messages), applies it to the registry in one transaction, resolves
-the devices that need it, commits, and then publishes the desired policies (retained, QoS 1, one
-topic per device). Batching keeps up with a thousand acks a second on SQLite.
+Threads: paho's network thread only stamps and enqueues ``(topic, payload, received_at)``; one
+worker thread takes whatever is queued (up to ``batch_max`` messages) and applies it to the
+registry in one transaction (profiles through the ORM, statuses/acks/telemetry as executemany
+statements). It then resolves the devices that need it in chunks of ``resolve_chunk``: each chunk
+is committed, then its desired policies are published (retained, QoS 1, one topic per device), so
+the first devices hear of a change while the rest are still being resolved. The controller is the
+only writer of ``devices``; run one controller per registry.
 
 What triggers a resolution: a device's (new) profile, an operator notice on
 ``ldfleet/v1/ctl/policy-changed`` (sent by ``ldfleet budget set``), a new row in ``policies`` seen
