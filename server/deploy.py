@@ -267,6 +267,8 @@ def submit_run(app_dir: Path, flwr_home: Path, settings: ServerSettings) -> str:
 
 def run_status(flwr_home: Path, run_id: str) -> dict[str, Any]:
     data = _flwr(["ls", CONNECTION, "--run-id", run_id], flwr_home)
+    if data.get("success") is False:
+        raise DeployError(f"flwr ls failed: {data.get('error-message', data)}")
     for run in data.get("runs", []):
         if str(run.get("run-id")) == run_id:
             return run

@@ -146,3 +146,55 @@ def test_federate_command_line_is_documented():
     res = subprocess.run([str(BIN / "ldfleet"), "client", "--help"], capture_output=True, text=True, timeout=60,
                          env={**os.environ, "COLUMNS": "200"})
     assert res.returncode == 0 and "--device-id" in res.stdout and "--superlink" in res.stdout
+
+
+def _tls_files(folder: Path) -> tuple[Path, Path, Path]:
+    """A throw-away CA and a server certificate for 127.0.0.1 (cryptography ships with Flower)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ldfleet test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                                        x509.DNSName("localhost")]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = folder / "ca.crt", folder / "server.crt", folder / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return paths
+
+
+def test_superlink_over_tls(tmp_path):
+    """The SuperLink starts with TLS and the CLI reaches it with the CA certificate (and not without)."""
+    from ldfleet.server.deploy import TLS, run_status
+
+    ca, cert, key = _tls_files(tmp_path / "tls")
+    link = SuperLink("127.0.0.1", _free_port(), home=tmp_path / "link", tls=TLS(str(ca), str(cert), str(key))).start()
+    try:
+        home = tmp_path / "cli"
+        write_cli_config(home, link.address, root_certificates=str(ca))
+        with pytest.raises(DeployError, match="Run ID not found"):
+            run_status(home, "123")  # the SuperLink answered over TLS: it simply has no such run
+        plain = tmp_path / "cli-insecure"
+        write_cli_config(plain, link.address, insecure=True)
+        with pytest.raises(DeployError, match="flwr ls failed") as info:
+            run_status(plain, "123")  # plaintext against a TLS SuperLink never reaches it
+        assert "Run ID not found" not in str(info.value)
+    finally:
+        link.stop()
