@@ -169,6 +169,8 @@ class MqttSession:
         self._stopping = False
         self.connect_count = 0
         self.last_connect_error: str | None = None
+        #: QoS 1 publishes the broker refused (MQTT 5 PUBACK >= 0x80, e.g. "Not authorized" by an ACL)
+        self.refused_publishes = 0
         c = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol)
         c.suppress_exceptions = True
         c.enable_logger(_paho_log)
@@ -184,6 +186,7 @@ class MqttSession:
         c.on_connect = self._handle_connect
         c.on_disconnect = self._handle_disconnect
         c.on_message = self._handle_message
+        c.on_publish = self._handle_publish
         self.client = c
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -268,6 +271,11 @@ class MqttSession:
                 self._on_disconnected()
         except Exception:  # noqa: BLE001
             log.exception("%s: on_disconnect handler failed", self.client_id)
+
+    def _handle_publish(self, client: paho.Client, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
+        if getattr(reason_code, "is_failure", False):
+            self.refused_publishes += 1
+            log.warning("%s: broker refused publish #%d: %s (check the ACL)", self.client_id, mid, reason_code)
 
     def _handle_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         if self._on_message is None:

@@ -229,3 +229,19 @@ def test_shipped_production_config_runs_the_control_plane_over_tls(tmp_path):
             assert ctl.stats.dropped == 0
         finally:
             f.close()
+
+
+def test_a_refused_publish_is_reported_by_the_session(acl_broker):
+    """An ACL mistake must not fail silently: MQTT 5 tells the publisher, and the session logs it."""
+    from ldfleet.common.mqtt import MqttSession
+
+    url = parse_broker_url(f"mqtt://dev-a:{USERS['dev-a']}@127.0.0.1:{acl_broker.port}")
+    session = MqttSession(url, "t-refused")
+    session.start()
+    try:
+        assert session.wait_connected(10)
+        session.publish(topics.profile("dev-b"), b"not mine")
+        session.publish(topics.profile("dev-a"), b"mine")
+        assert wait_until(lambda: session.refused_publishes == 1, 10)
+    finally:
+        session.stop()
