@@ -483,8 +483,8 @@ def bench_control_plane(
         t.add_row(str(r.devices), "all", "", "", "", f"[bold]{r.p50_ms:.0f}[/bold]", f"[bold]{r.p99_ms:.0f}[/bold]", f"{r.max_ms:.0f}", "",
                   end_section=True)
     console.print(t)
-    console.print("fan-out: the new desired policy reached the device; p50/p99/max: its ack reached the controller; "
-                  "registry: every ack was in the registry (polled every 50 ms)")
+    console.print("fan-out: the new desired policy reached the device; p50/p99/max: its ack reached the controller "
+                  "(max = total time until the last ack); registry: every ack was in the registry (polled every 50 ms)")
     for r in results:
         verdict = "[green]met[/green]" if r.goal_met else "[red]missed[/red]"
         console.print(f"{r.devices} devices ({r.broker}, {r.registry}): connected in {r.connect_s:.1f} s; "
