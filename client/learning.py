@@ -4,8 +4,8 @@
   after validating the controller's policy); no budget is ever taken from a training request.
 * The backbone is frozen, so the always-run front end of the device's clips is computed once and
   cached on disk (``cache_dir``), keyed by the model's weights; rounds then run only encoder layers.
-* Training fine-tunes the selector and its head under the device's k (``train_strategy_epoch``
-  with ``budgets=(k,)``); evaluation runs the hard top-k masks and times them.
+* Training fine-tunes the selector and its head under the device's k (straight-through top-k gates,
+  constant learning rate); evaluation runs the hard top-k masks and times them.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from ldfleet.common.budget import layers_for_keep
 from ldfleet.common.learning import TRAINED_STRATEGY
 from ldfleet.common.model.checkpoint import WEIGHTS, load_model
 from ldfleet.common.model.dynamic import DynamicModel
-from ldfleet.common.train import FrontEndCache, TrainConfig, strategy_optimizer, train_strategy_epoch
+from ldfleet.common.train import FrontEndCache
 
 log = logging.getLogger("ldfleet.client.learning")
 
@@ -252,38 +252,64 @@ def train_selector(
     selector_lr: float = 3e-3,
     head_lr: float = 2e-3,
     seed: int = 0,
+    noise: float = 0.5,
     crash_midway: bool = False,
 ) -> LocalResult:
-    """Fine-tune the selector + its head on the local front ends under budget k (backbone frozen)."""
+    """Fine-tune the selector + its head on the local front ends under budget k (backbone frozen).
+
+    A device runs a handful of steps per round, so unlike central training (``train_strategy_epoch``,
+    whose 20-step warm-up would leave the learning rate near zero here) the rate is constant; the
+    Gumbel exploration noise on the layer scores fades from ``noise`` to 0 over the local steps.
+    Straight-through top-k gates keep exactly k layers in the forward pass.
+    """
     start = time.perf_counter()
-    cfg = TrainConfig(selector_lr=selector_lr, head_lr=head_lr, batch_size=batch_size, seed=seed)
-    optimizer = strategy_optimizer(model, TRAINED_STRATEGY, cfg)
-    steps_per_epoch = -(-len(data.train) // batch_size)
+    choice = model.strategy(TRAINED_STRATEGY)
+    head = model.head_for(TRAINED_STRATEGY)
+    model.runner.eval()  # frozen backbone: no dropout, no gradients into its weights
+    model.runner.requires_grad_(False)
+    choice.train()
+    head.train()
+    optimizer = torch.optim.AdamW(
+        [{"params": head.parameters(), "lr": head_lr}, {"params": choice.parameters(), "lr": selector_lr}], weight_decay=0.01
+    )
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    n = len(data.train)
+    steps_per_epoch = max(1, -(-n // batch_size))
     total = max(1, epochs * steps_per_epoch)
     done = 0
-
-    def on_step(stage: str, step: int, steps: int) -> None:
-        nonlocal done
-        done += 1
-        if crash_midway and done >= max(1, total // 2):
-            raise DeviceCrash(f"injected crash after {done}/{total} local steps")
-
-    stats: dict = {}
-    for epoch in range(epochs):
-        stats = train_strategy_epoch(
-            model, TRAINED_STRATEGY, data.train, optimizer, epochs, epoch,
-            seed=seed, batch_size=batch_size, budgets=(k,), on_step=on_step,
-        )
+    loss_sum = 0.0
+    correct = seen = 0
+    usage = torch.zeros(model.num_layers)
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        loss_sum, correct, seen = 0.0, 0, 0  # report the last epoch
+        usage.zero_()
+        for s in range(steps_per_epoch):
+            front, label = data.train.batch(order[s * batch_size:(s + 1) * batch_size])
+            gates = choice.gates(front, k, tau=1.0, noise_scale=noise * (1.0 - done / total))
+            logits = head(model.runner.run_layers_gated(front, gates), front.frame_mask)
+            loss = head.loss(logits, label)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 5.0)
+            optimizer.step()
+            done += 1
+            if crash_midway and done >= max(1, total // 2):  # before the reply, whatever the step count
+                raise DeviceCrash(f"injected crash after {done}/{total} local steps")
+            loss_sum += loss.item() * len(label)
+            correct += int((head.predict(logits.detach()) == label).sum())
+            seen += len(label)
+            usage += (gates.detach() > 0.5).float().sum(0)
     model.eval()
-    usage = stats.get("layer_usage") or [0.0] * model.num_layers
-    latency = measure_latency(model, data.test, k, data.front_ms)
+    shares = (usage / max(1, seen)).tolist()
     return LocalResult(
-        num_examples=len(data.train),
-        loss=float(stats.get("loss", float("nan"))),
-        accuracy=float(stats.get("train_accuracy", 0.0)),
-        mean_layers=float(sum(usage)),
-        layer_usage=[float(u) for u in usage],
-        latency_ms=latency,
+        num_examples=n,
+        loss=loss_sum / max(1, seen),
+        accuracy=correct / max(1, seen),
+        mean_layers=float(sum(shares)),
+        layer_usage=[float(u) for u in shares],
+        latency_ms=measure_latency(model, data.test, k, data.front_ms),
         seconds=time.perf_counter() - start,
     )
 

@@ -44,8 +44,8 @@ class ServerSettings:
     min_available_nodes: int = 1
     local_epochs: int = 1
     batch_size: int = 16
-    selector_lr: float = 3e-3
-    head_lr: float = 2e-3
+    selector_lr: float = 5e-3
+    head_lr: float = 3e-3
     seed: int = 0
     round_timeout_s: float = 600.0
     settle_timeout_s: float = 5.0
