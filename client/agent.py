@@ -20,7 +20,7 @@ from pathlib import Path
 from ldfleet.client.state import DeviceState, load_device_state, save_device_state
 from ldfleet.common import topics
 from ldfleet.common.budget import expected_latency_ms
-from ldfleet.common.mqtt import BrokerURL, MqttSession, Will, new_id, parse_broker_url
+from ldfleet.common.mqtt import BrokerURL, MqttSession, Will, new_id, paho_protocol, parse_broker_url
 from ldfleet.common.policy import k_for_budget
 from ldfleet.common.schemas import BudgetPolicy, DeviceProfile, PolicyAck, Status, Telemetry, decode, utcnow
 
@@ -114,6 +114,7 @@ class DeviceAgent:
         ca_file: str | None = None,
         telemetry_interval_s: float = 0.0,
         reconnect_max_s: float = 30.0,
+        mqtt_version: int = 5,
     ) -> None:
         if not topics.is_valid_device_id(device_id):
             raise ValueError(f"invalid device id {device_id!r}: must match {topics.DEVICE_ID_PATTERN}")
@@ -170,6 +171,7 @@ class DeviceAgent:
             reconnect_max_s=reconnect_max_s,
             max_queued=1000,
             max_inflight=20,
+            protocol=paho_protocol(mqtt_version),
         )
         self._telemetry_thread: threading.Thread | None = None
 

@@ -103,6 +103,15 @@ def parse_broker_url(
     )
 
 
+def paho_protocol(mqtt_version: int) -> int:
+    """paho's protocol constant for ``5`` (MQTT 5, the default: reason codes on refusals) or
+    ``311`` (MQTT 3.1.1, for brokers that speak nothing newer; a refused publish is then silent)."""
+    versions = {5: paho.MQTTv5, 311: paho.MQTTv311}
+    if mqtt_version not in versions:
+        raise ValueError(f"MQTT version must be 5 or 311, got {mqtt_version}")
+    return versions[mqtt_version]
+
+
 def tls_context(url: BrokerURL) -> ssl.SSLContext:
     """Client TLS context for an mqtts:// URL (server certificate and host name verified)."""
     ctx = ssl.create_default_context(cafile=url.ca_file)

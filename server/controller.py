@@ -36,7 +36,7 @@ from sqlalchemy import bindparam, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from ldfleet.common import topics
-from ldfleet.common.mqtt import BrokerURL, MqttSession, Will, new_id, parse_broker_url
+from ldfleet.common.mqtt import BrokerURL, MqttSession, Will, new_id, paho_protocol, parse_broker_url
 from ldfleet.common.schemas import (
     BudgetPolicy,
     ControllerStatus,
@@ -97,7 +97,9 @@ class Controller:
         resolve_chunk: int = 200,
         reconnect_max_s: float = 30.0,
         controller_id: str = "controller",
+        mqtt_version: int = 5,
     ) -> None:
+        protocol = paho_protocol(mqtt_version)
         if not (0.0 < default_keep <= 1.0):
             raise ValueError(f"default keep fraction must be in (0, 1], got {default_keep}")
         self.url = broker if isinstance(broker, BrokerURL) else parse_broker_url(broker, ca_file=ca_file)
@@ -136,6 +138,7 @@ class Controller:
             reconnect_max_s=reconnect_max_s,
             max_queued=100_000,
             max_inflight=1000,
+            protocol=protocol,
         )
 
     def _status(self, online: bool) -> ControllerStatus:

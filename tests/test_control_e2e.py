@@ -216,3 +216,16 @@ def test_an_expiring_policy_lapses_back_to_the_default(sqlite_fleet: Fleet):
     assert a.wait_for_version(3, 30), "the expired policy was not replaced"
     assert a.state.effective_k == 12 and a.state.policy.source == "default"
     assert wait_until(lambda: converged(reg, ["pi-01"], 3), 20)
+
+
+def test_mqtt_311_agents_and_controller_work_too(sqlite_fleet: Fleet):
+    """For brokers that speak only MQTT 3.1.1 (e.g. amqtt): same flow, no reason codes."""
+    f = sqlite_fleet
+    reg = f.registry
+    f.controller(mqtt_version=311)
+    a = f.agent("old-01", "legacy", mqtt_version=311)
+    assert wait_until(lambda: converged(reg, ["old-01"], 1), 30)
+    set_budget(reg, f.broker.url, "legacy", keep=0.25, issued_by="alice")
+    assert a.wait_for_version(2, 20) and a.state.effective_k == 3
+    with pytest.raises(ValueError, match="5 or 311"):
+        f.controller(mqtt_version=4)

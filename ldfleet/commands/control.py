@@ -120,6 +120,7 @@ def agent(
     size: str = typer.Option("tiny", help="Model to measure when no profile is given."),
     ca_file: Path = typer.Option(None, "--ca-file", help="CA bundle for an mqtts:// broker."),
     telemetry_interval: float = typer.Option(60.0, "--telemetry-interval", min=0.0, help="Seconds between telemetry messages (0: none)."),
+    mqtt_version: int = typer.Option(5, "--mqtt-version", help="5 (default) or 311 for brokers that only speak MQTT 3.1.1."),
 ) -> None:
     """Announce this device and keep its budget policy in step with the controller (runs until Ctrl-C)."""
     from ldfleet.client.agent import DeviceAgent
@@ -140,7 +141,8 @@ def agent(
             err.print(f"measuring {family}-{size} on this machine (pass --profile-json to skip)...")
             prof = measure_profile(device_id, device_class, family=family, size=size)
         ag = DeviceAgent(device_id, device_class, _broker(broker), prof, state_dir=state_dir,
-                         ca_file=str(ca_file) if ca_file else None, telemetry_interval_s=telemetry_interval)
+                         ca_file=str(ca_file) if ca_file else None, telemetry_interval_s=telemetry_interval,
+                         mqtt_version=mqtt_version)
     except (ValueError, OSError) as exc:
         _fail(str(exc))
     signal.signal(signal.SIGTERM, lambda *_: ag.request_stop())
@@ -161,6 +163,7 @@ def controller(
     default_keep: float = typer.Option(1.0, "--default-keep", help="Keep fraction of devices without any policy."),
     strict_classes: bool = typer.Option(False, "--strict-classes", help="Refuse profiles of classes the registry does not know."),
     poll_interval: float = typer.Option(2.0, "--poll-interval", min=0.1, help="Seconds between registry polls (missed notices, expiries)."),
+    mqtt_version: int = typer.Option(5, "--mqtt-version", help="5 (default) or 311 for brokers that only speak MQTT 3.1.1."),
 ) -> None:
     """Register devices, resolve and publish their policies, track convergence (runs until Ctrl-C)."""
     from ldfleet.server.controller import Controller
@@ -170,7 +173,7 @@ def controller(
     reg = _open_registry(db)
     try:
         ctl = Controller(_broker(broker), reg, ca_file=str(ca_file) if ca_file else None, default_keep=default_keep,
-                         strict_classes=strict_classes, poll_interval_s=poll_interval)
+                         strict_classes=strict_classes, poll_interval_s=poll_interval, mqtt_version=mqtt_version)
     except ValueError as exc:
         _fail(str(exc))
     err.print(f"controller -> {ctl.url}; registry {reg.redacted_url()}")
