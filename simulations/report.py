@@ -318,7 +318,8 @@ def build_report(run_dir: str | Path, db_url: str | None = None, console: Consol
     summary = {
         "run_id": info["run_id"], "scenario": scn.name, "status": info.get("status"), "devices": scn.num_devices,
         "classes": class_json, "rounds_finished": len(finished), "rounds_planned": scn.rounds,
-        "wall_s_per_round": {"mean": statistics.mean(walls) if walls else None, "max": max(walls) if walls else None},
+        "wall_s_per_round": {"mean": statistics.mean(walls) if walls else None, "median": statistics.median(walls) if walls else None,
+                             "max": max(walls) if walls else None, "min": min(walls) if walls else None},
         "peak_rss_mb": info.get("peak_rss_mb"), "timings_s": timings, "traffic": traffic,
         "heldout": {"examples": cen["examples"], "rows": cen["rows"]}, "devices_table": device_json, "rounds": round_json,
         "layer_usage_by_class": usage, "num_layers": num_layers,
@@ -357,7 +358,10 @@ def build_report(run_dir: str | Path, db_url: str | None = None, console: Consol
              ["ratio, base size", f"{traffic['ratio_base']:.0f}x"],
          ], None),
         ("Timings", f"peak memory (this process and its children, Ray included): {info.get('peak_rss_mb', 0):.0f} MB; "
-         f"wall time per round: mean {summary['wall_s_per_round']['mean'] or 0:.1f} s, max {summary['wall_s_per_round']['max'] or 0:.1f} s.",
+         f"wall time per round: median {summary['wall_s_per_round']['median'] or 0:.1f} s, mean "
+         f"{summary['wall_s_per_round']['mean'] or 0:.1f} s, min {summary['wall_s_per_round']['min'] or 0:.1f} s, max "
+         f"{summary['wall_s_per_round']['max'] or 0:.1f} s (a round with a straggler waits the round timeout); "
+         f"{info.get('cores', '?')} cores, torch threads {info.get('torch_threads', '?')}.",
          ["phase", "seconds"], [[k, f"{v:.1f}"] for k, v in timings.items()], None),
     ]
     title = f"ldfleet simulation report: {scn.name} ({info['run_id']})"

@@ -69,13 +69,38 @@ def tiny(tmp_path_factory):
     return work, data.manifest.model_dir, folders
 
 
-def test_superlink_two_supernodes_federated_rounds(tiny):
-    from ldfleet.client.agent import DeviceAgent
-    from ldfleet.client.node import SuperNode, device_node_config
-    from ldfleet.client.profile import synthetic_profile
+class _Proc:
+    """An `ldfleet ...` command in its own process group, stopped with SIGTERM (it stops its children)."""
+
+    def __init__(self, args: list[str], log: Path) -> None:
+        self.log = log
+        self.proc = subprocess.Popen([str(BIN / "ldfleet"), *args], stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                                     start_new_session=True, env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0"})
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-2500:]
+
+
+def test_server_client_federate_commands_run_rounds(tiny):
+    """`ldfleet server` (controller + SuperLink), two `ldfleet client` (agent + SuperNode), `ldfleet federate`."""
+    import time
+
     from ldfleet.client.state import load_device_state
     from ldfleet.common.broker import EmbeddedBroker
-    from ldfleet.server.controller import Controller
     from ldfleet.server.operator import set_budget
     from ldfleet.server.registry.store import Registry
     from ldfleet.server.rounds import finished_rounds, metric_rows
@@ -86,28 +111,31 @@ def test_superlink_two_supernodes_federated_rounds(tiny):
     classes = {"pi-a": ("rpi4", 0.5, 4), "nano-b": ("jetson", 0.75, 6)}
     broker = EmbeddedBroker(data_dir=work / "broker").start()
     registry = Registry(db)
-    controller = Controller(broker.url, registry).start()
-    agents, nodes, link = [], [], None
+    procs: list[_Proc] = []
     try:
-        for (dev, (cls, keep, _)), folder in zip(classes.items(), folders.values()):
+        for cls, keep, _ in classes.values():  # the operator sets the class budgets before devices exist
             set_budget(registry, broker.url, cls, keep=keep, create_class=True, issued_by="test")
-            agents.append(DeviceAgent(dev, cls, broker.url, synthetic_profile(dev, cls, num_layers=8),
-                                      state_dir=work / "state" / dev).start())
-        assert not wait_converged(registry, set(classes), 60.0)
-        assert all(load_device_state(work / "state" / d).effective_k == k for d, (_, _, k) in classes.items())
-
         port = _free_port()
-        link = SuperLink("127.0.0.1", port, home=work / "link", insecure=True).start()
+        address = f"127.0.0.1:{port}"
+        server = _Proc(["server", "--db", db, "--broker", broker.url, "--host", "127.0.0.1", "--port", str(port),
+                        "--insecure", "--home", str(work / "link")], work / "server.log")
+        procs.append(server)
         for (dev, (cls, _, _)), folder in zip(classes.items(), folders.values()):
-            cfg = device_node_config(dev, cls, model_dir, folder, work / "state" / dev)
-            nodes.append(SuperNode(link.address, cfg, home=work / "nodes" / dev, insecure=True).start())
+            procs.append(_Proc(["client", "--device-id", dev, "--device-class", cls, "--superlink", address, "--broker", broker.url,
+                                "--model", model_dir, "--data", str(folder), "--state-dir", str(work / "state" / dev),
+                                "--insecure"], work / f"client-{dev}.log"))
+        deadline = time.monotonic() + 120
+        while wait_converged(registry, set(classes), 1.0) or len(registry.devices()) < 2:
+            assert all(p.alive() for p in procs), "\n".join(p.tail() for p in procs)
+            assert time.monotonic() < deadline, "devices never applied their policies:\n" + "\n".join(p.tail() for p in procs)
+        assert all(load_device_state(work / "state" / d).effective_k == k for d, (_, _, k) in classes.items())
 
         env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0"}
         res = subprocess.run(
-            [str(BIN / "ldfleet"), "federate", "--superlink", link.address, "--model", model_dir, "--out", str(work / "run"),
+            [str(BIN / "ldfleet"), "federate", "--superlink", address, "--model", model_dir, "--out", str(work / "run"),
              "--db", db, "--rounds", "2", "--min-nodes", "2", "--insecure", "--round-timeout", "240", "--timeout", "500"],
             capture_output=True, text=True, timeout=560, env=env)
-        logs = "\n".join(n.log_tail(40) for n in nodes) + link.log_tail(40)
+        logs = "\n".join(p.tail() for p in procs)
         assert res.returncode == 0, res.stdout + res.stderr + logs
         assert "finished:completed" in res.stdout
 
@@ -124,22 +152,20 @@ def test_superlink_two_supernodes_federated_rounds(tiny):
 
         # a run that fails (no model where the ServerApp looks) must not be reported as a success
         res = subprocess.run(
-            [str(BIN / "ldfleet"), "federate", "--superlink", link.address, "--model", str(work / "no-such-model"),
+            [str(BIN / "ldfleet"), "federate", "--superlink", address, "--model", str(work / "no-such-model"),
              "--out", str(work / "bad"), "--db", db, "--rounds", "1", "--min-nodes", "2", "--insecure", "--timeout", "300"],
             capture_output=True, text=True, timeout=360, env=env)
         assert res.returncode == 1, res.stdout + res.stderr
         assert "finished:failed" in res.stdout + res.stderr
         assert finished_rounds(registry, "bad") == []
     finally:
-        for n in nodes:
-            n.stop()
-        if link is not None:
-            link.stop()
-        for a in agents:
-            a.stop()
-        controller.stop()
+        for p in reversed(procs):
+            p.stop()
         registry.close()
         broker.close()
+    # SIGTERM stopped every Flower process the commands started
+    left = subprocess.run(["pgrep", "-f", str(work)], capture_output=True, text=True).stdout.split()
+    assert not left, subprocess.run(["ps", "-fp", ",".join(left)], capture_output=True, text=True).stdout
 
 
 def test_federate_command_line_is_documented():
