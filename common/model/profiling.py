@@ -32,14 +32,15 @@ class LatencyProfile:
         return self.front_end_ms + sum(self.layer_ms)
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def _interleaved_medians_ms(parts: list, repeats: int) -> list[float]:
+    """Median ms of each callable, timed round-robin so a burst of load hits all parts alike."""
+    times: list[list[float]] = [[] for _ in parts]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+        for i, fn in enumerate(parts):
+            start = time.perf_counter()
+            fn()
+            times[i].append((time.perf_counter() - start) * 1000)
+    return [statistics.median(t) for t in times]
 
 
 @torch.inference_mode()
@@ -47,12 +48,15 @@ def profile_runner(runner: LayerRunner, seconds: float = 1.0, repeats: int = 5, 
     """Front-end and per-layer latency of one input of ``seconds`` seconds."""
     runner.eval()
     audio = torch.randn(1, int(round(seconds * SAMPLE_RATE)))
-    front_end_ms = _median_ms(lambda: runner.front_end(audio), repeats)
+    # One-off costs (thread pools, kernel selection for these shapes) would otherwise land on
+    # whichever part happens to be timed first: warm the whole model up before timing any part.
+    for _ in range(3):
+        runner.run_layers(runner.front_end(audio), None)
     front = runner.front_end(audio)
     mask, bias = runner._layer_context(front.hidden, front.frame_mask)
-    layer_ms = [
-        _median_ms(lambda i=i: runner._run_layer(i, front.hidden, mask, bias), repeats) for i in range(runner.num_layers)
-    ]
+    parts = [lambda: runner.front_end(audio)]
+    parts += [lambda i=i: runner._run_layer(i, front.hidden, mask, bias) for i in range(runner.num_layers)]
+    front_end_ms, *layer_ms = _interleaved_medians_ms(parts, repeats)
     return LatencyProfile(
         model_id=model_id or describe(runner.backbone),
         num_layers=runner.num_layers,
