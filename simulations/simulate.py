@@ -220,11 +220,19 @@ def wait_registered(registry, device_ids: set[str], timeout: float) -> set[str]:
 
 def wait_converged(registry, device_ids: set[str], timeout: float, device_class: str | None = None,
                    policy_version: int | None = None) -> set[str]:
-    """Devices that have not applied their desired policy (optionally: at least a class policy version)."""
+    """Devices that have not applied their desired policy (optionally: at least a class policy version).
+
+    Every simulated agent stays connected, so a device not yet seen online (its birth message can
+    trail its profile) is pending too."""
     def pending() -> set[str]:
         out = set()
-        for d in registry.devices(device_class):
-            if d.device_id not in device_ids or not d.online:
+        devices = registry.devices(device_class)
+        out |= device_ids - {d.device_id for d in devices} if device_class is None else set()
+        for d in devices:
+            if d.device_id not in device_ids:
+                continue
+            if not d.online:
+                out.add(d.device_id)
                 continue
             if d.desired_version == 0 or d.applied_version != d.desired_version:
                 out.add(d.device_id)
