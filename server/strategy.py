@@ -182,7 +182,9 @@ class FleetFedAvg(FedAvg):
         self._round_id: int | None = None
         self._summary: dict[str, Any] = {}
         self._sent: dict[int, int] = {}
+        self._eval_sent: list[int] = []
         self._crashing: set[str] = set()
+        self._round = 0
 
     # -- nodes and devices ------------------------------------------------------------------
     def identify(self, grid: Grid, timeout: float = 120.0) -> dict[int, DeviceInfo]:
@@ -237,8 +239,6 @@ class FleetFedAvg(FedAvg):
             time.sleep(0.1)
 
     # -- training ---------------------------------------------------------------------------
-    _round = 0
-
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._round = server_round
         nodes = self.available(grid)
@@ -369,7 +369,7 @@ class FleetFedAvg(FedAvg):
         ]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        results = self._collect(replies, getattr(self, "_eval_sent", []), with_arrays=False, phase=EVAL)
+        results = self._collect(replies, self._eval_sent, with_arrays=False, phase=EVAL)
         if not results:
             return None
         per_class = class_aggregates(results)

@@ -69,7 +69,6 @@ def central_evaluation(manifest, scn, final_arrays: dict | None, keeps: list[flo
     from ldfleet.common.evaluate import evaluate
     from ldfleet.common.model.checkpoint import load_model
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     test = load_splits(manifest.data_dir, seed=manifest.split_seed)["test"]
     warm = load_model(manifest.model_dir)
     before = evaluate(warm, test, ["selector"], keeps)
