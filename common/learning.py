@@ -58,7 +58,9 @@ CFG_SEED = "seed"
 #: Simulation-only fault injection, honoured only when the fleet manifest allows faults.
 CFG_FAULT = "fault"
 FAULT_CRASH = "crash"  # raise half-way through local training
-CFG_DELAY_S = "delay-s"  # straggler: sleep this long before replying
+#: Simulated straggler: the reply counts as arriving this many seconds late (no wall time is spent;
+#: the server treats it as missing when that is past the round timeout).
+CFG_DELAY_S = "delay-s"
 
 # ---- reply metrics (MetricRecord: numbers and lists of numbers only) ---------------------------
 M_EXAMPLES = "num-examples"
@@ -72,6 +74,7 @@ M_POLICY_VERSION = "policy-version"  # version of the policy in force on the dev
 M_K = "k"
 M_NUM_LAYERS = "num-layers"
 M_SECONDS = "seconds"  # wall time of the handler on the device
+M_SIMULATED_DELAY_S = "simulated-delay-s"  # simulation only: how late this reply counts as arriving
 
 TRAIN_METRICS = (
     M_EXAMPLES, M_LOSS, M_ACCURACY, M_MEAN_LAYERS, M_LAYER_USAGE, M_LATENCY_MS, M_EXPECTED_LATENCY_MS,

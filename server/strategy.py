@@ -52,7 +52,7 @@ class RoundPlan:
     offline: set[str] = field(default_factory=set)  # devices that do not show up this round
     crash: int = 0  # this many sampled devices crash half-way through local training
     crash_devices: set[str] = field(default_factory=set)
-    delays: dict[str, float] = field(default_factory=dict)  # stragglers: device -> seconds of delay
+    delays: dict[str, float] = field(default_factory=dict)  # stragglers: device -> seconds late (simulated)
 
 
 class RoundHooks(Protocol):
@@ -278,6 +278,9 @@ class FleetFedAvg(FedAvg):
         if L.METRICS not in content.metric_records:
             return None, "reply without metrics"
         metrics = dict(content.metric_records[L.METRICS])
+        late = float(metrics.get(L.M_SIMULATED_DELAY_S, 0.0) or 0.0)
+        if late >= self.round_timeout_s:
+            return None, f"no reply within {self.round_timeout_s:g} s (straggler, {late:g} s late)"
         if L.M_EXAMPLES not in metrics or float(metrics[L.M_EXAMPLES]) <= 0:
             return None, "reply without examples"
         if L.DEVICE in content.config_records:

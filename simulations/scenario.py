@@ -134,7 +134,8 @@ class TrainingSpec(_Strict):
 class Availability(_Strict):
     #: Probability that a device is offline in a round (drawn per device and round).
     offline_probability: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
-    #: Probability that a sampled device is a straggler in a round, and how late it replies.
+    #: Probability that a device is a straggler in a round, and how late its reply counts as arriving
+    #: (simulated: no wall time is spent); later than ``simulation.round_timeout_s`` = a missed round.
     straggler_probability: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
     straggler_delay_s: Annotated[float, Field(ge=0.0, le=3600.0)] = 0.0
 

@@ -164,3 +164,16 @@ def test_read_budget_comes_from_the_local_device_state(tmp_path):
     # a profile of another model: the keep fraction is re-applied to this model's L
     b12 = read_budget(tmp_path / "pi-1", 12)
     assert b12.k == 3 and b12.version == 5
+
+
+def test_a_simulated_straggler_past_the_timeout_misses_the_round(tmp_path):
+    s = FleetFedAvg(global_template=TEMPLATE, run_id="t", run_dir=str(tmp_path), num_layers=3, round_timeout_s=30)
+    good = {k: v + 1 for k, v in TEMPLATE.items()}
+    late = _reply(7, good)
+    late.content[L.METRICS][L.M_SIMULATED_DELAY_S] = 45.0
+    res, why = s._check_reply(late, with_arrays=True)
+    assert res is None and "straggler" in why and "30 s" in why
+    slow = _reply(7, good)
+    slow.content[L.METRICS][L.M_SIMULATED_DELAY_S] = 10.0  # slow but in time: counted
+    res, why = s._check_reply(slow, with_arrays=True)
+    assert why is None and res is not None
