@@ -359,7 +359,7 @@ def build_report(run_dir: str | Path, db_url: str | None = None, console: Consol
         ("Timings", f"peak memory (this process and its children, Ray included): {info.get('peak_rss_mb', 0):.0f} MB; "
          f"wall time per round: median {summary['wall_s_per_round']['median'] or 0:.1f} s, mean "
          f"{summary['wall_s_per_round']['mean'] or 0:.1f} s, min {summary['wall_s_per_round']['min'] or 0:.1f} s, max "
-         f"{summary['wall_s_per_round']['max'] or 0:.1f} s (a round with a straggler waits the round timeout); "
+         f"{summary['wall_s_per_round']['max'] or 0:.1f} s (simulated stragglers cost no wall time; a real round waits at most its timeout); "
          f"{info.get('cores', '?')} cores, torch threads {info.get('torch_threads', '?')}.",
          ["phase", "seconds"], [[k, f"{v:.1f}"] for k, v in timings.items()], None),
     ]
