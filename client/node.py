@@ -70,6 +70,25 @@ def device_node_config(device_id: str, device_class: str, model_dir: str | Path,
     }
 
 
+def _libc_prctl():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except Exception:  # noqa: BLE001 - not Linux: rely on stop()
+        return None
+
+
+_PRCTL = _libc_prctl()  # resolved here, so the forked child only makes one plain C call
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: SIGTERM this child when the process that started it dies (PR_SET_PDEATHSIG), so a
+    killed `ldfleet server`/`client` never leaves a SuperLink or SuperNode behind."""
+    if _PRCTL is not None:
+        _PRCTL(1, 15)
+
+
 class SuperNode:
     """``flower-supernode`` for one device (its own FLWR_HOME and ClientApp I/O port)."""
 
@@ -111,7 +130,7 @@ class SuperNode:
         self.home.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
         time.sleep(0.5)
         if self.proc.poll() is not None:
             raise NodeError(f"flower-supernode exited at start-up:\n{self.log_tail()}")

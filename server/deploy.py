@@ -94,6 +94,25 @@ class TLS:
         return bool(self.ca_certfile and self.certfile and self.keyfile)
 
 
+def _libc_prctl():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except Exception:  # noqa: BLE001 - not Linux: rely on stop()
+        return None
+
+
+_PRCTL = _libc_prctl()  # resolved here, so the forked child only makes one plain C call
+
+
+def die_with_parent() -> None:
+    """preexec_fn: SIGTERM this child when the process that started it dies (PR_SET_PDEATHSIG), so a
+    killed `ldfleet server`/`client` never leaves a SuperLink or SuperNode behind."""
+    if _PRCTL is not None:
+        _PRCTL(1, 15)
+
+
 class Process:
     """A child process with its log file; stopped with SIGTERM, then SIGKILL."""
 
@@ -107,7 +126,7 @@ class Process:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+                                     stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
         return self
 
     @property

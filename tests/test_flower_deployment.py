@@ -165,6 +165,19 @@ def test_server_client_federate_commands_run_rounds(tiny):
         assert res.returncode == 1, res.stdout + res.stderr
         assert "finished:failed" in res.stdout + res.stderr
         assert finished_rounds(registry, "bad") == []
+
+        # a device process killed outright takes its SuperNode with it (no orphans on a board)
+        import signal
+
+        node_of = lambda dev: subprocess.run(["pgrep", "-f", f"device-id='{dev}'"], capture_output=True,  # noqa: E731
+                                             text=True).stdout.split()
+        assert node_of("pi-a")
+        os.kill(procs[1].proc.pid, signal.SIGKILL)
+        procs[1].proc.wait(10)
+        deadline = time.monotonic() + 20
+        while node_of("pi-a") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not node_of("pi-a")
     finally:
         for p in reversed(procs):
             p.stop()

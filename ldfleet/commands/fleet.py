@@ -261,13 +261,18 @@ def register(app: typer.Typer) -> None:
 # ---- a real fleet: server, client, federate ---------------------------------------------------------
 
 
-def _wait_forever(*procs: Any) -> None:
+def _stop_on_signals() -> Any:
+    """SIGINT/SIGTERM set an event instead of killing the process, so children are always stopped."""
     import signal
     import threading
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def _wait_forever(stop: Any, *procs: Any) -> None:
     while not stop.wait(1.0):
         for p in procs:
             if not p.running:
@@ -296,6 +301,7 @@ def server(
     from ldfleet.common.runtime import default_broker_url
     from ldfleet.server.deploy import TLS, DeployError, SuperLink
 
+    stop = _stop_on_signals()
     ctl = None
     try:
         link = SuperLink(host, port, home=home, insecure=insecure, enable_supernode_auth=enable_supernode_auth,
@@ -310,7 +316,7 @@ def server(
     try:
         link.start()
         console.print(f"SuperLink on {link.address} ({'insecure, loopback' if insecure else 'TLS'}); log {link.log_path}")
-        _wait_forever(link)
+        _wait_forever(stop, link)
     except DeployError as exc:
         _fail(str(exc))
     finally:
@@ -339,6 +345,7 @@ def client(
     from ldfleet.client.node import NodeError, SuperNode, device_node_config, model_profile
     from ldfleet.common.runtime import default_broker_url, default_device_state_dir
 
+    stop = _stop_on_signals()
     state = state_dir or default_device_state_dir(device_id)
     ag = None
     if agent:
@@ -355,7 +362,7 @@ def client(
                          root_certificates=str(root_certificates) if root_certificates else None,
                          auth_private_key=str(auth_supernode_private_key) if auth_supernode_private_key else None).start()
         console.print(f"SuperNode for {device_id} connected to {superlink}; log {node.log_path}")
-        _wait_forever(node)
+        _wait_forever(stop, node)
         node.stop()
     except NodeError as exc:
         _fail(str(exc))
