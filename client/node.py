@@ -9,45 +9,15 @@ ClientApp reads the budget from ``state-dir``, which the agent keeps. TLS by def
 
 from __future__ import annotations
 
-import ipaddress
-import os
-import shutil
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 from ldfleet.common import learning as L
+from ldfleet.common.process import ChildProcess, executable, flower_env, free_port, is_loopback
 
 
 class NodeError(RuntimeError):
     pass
-
-
-def _is_loopback(host: str) -> bool:
-    if host in ("localhost", "ip6-localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def _bin(name: str) -> str:
-    path = Path(sys.executable).parent / name
-    if path.exists():
-        return str(path)
-    found = shutil.which(name)
-    if not found:
-        raise NodeError(f"{name} not found: install flwr in this environment")
-    return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def node_config_arg(values: dict[str, str]) -> str:
@@ -70,26 +40,7 @@ def device_node_config(device_id: str, device_class: str, model_dir: str | Path,
     }
 
 
-def _libc_prctl():
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    except Exception:  # noqa: BLE001 - not Linux: rely on stop()
-        return None
-
-
-_PRCTL = _libc_prctl()  # resolved here, so the forked child only makes one plain C call
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: SIGTERM this child when the process that started it dies (PR_SET_PDEATHSIG), so a
-    killed `ldfleet server`/`client` never leaves a SuperLink or SuperNode behind."""
-    if _PRCTL is not None:
-        _PRCTL(1, 15)
-
-
-class SuperNode:
+class SuperNode(ChildProcess):
     """``flower-supernode`` for one device (its own FLWR_HOME and ClientApp I/O port)."""
 
     def __init__(
@@ -104,13 +55,13 @@ class SuperNode:
         auth_private_key: str | None = None,
     ) -> None:
         host = superlink.rpartition(":")[0]
-        if insecure and not _is_loopback(host):
+        if insecure and not is_loopback(host):
             raise NodeError(f"refusing an insecure connection to {superlink}: only a loopback SuperLink may be insecure; "
                             "give --root-certificates")
         if not insecure and not root_certificates:
             raise NodeError("a SuperNode needs --root-certificates (TLS), or --insecure with a loopback SuperLink")
         self.port = port or free_port()
-        cmd = [_bin("flower-supernode"), "--superlink", superlink, "--port", str(self.port),
+        cmd = [executable("flower-supernode"), "--superlink", superlink, "--port", str(self.port),
                "--node-config", node_config_arg(node_config)]
         if insecure:
             cmd.append("--insecure")
@@ -118,46 +69,15 @@ class SuperNode:
             cmd += ["--root-certificates", str(root_certificates)]
         if auth_private_key:
             cmd += ["--auth-supernode-private-key", str(auth_private_key)]
-        self.cmd = cmd
         self.home = home
-        self.env = dict(os.environ)
-        self.env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + self.env.get("PATH", "")
-        self.env.update(FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
-        self.log_path = home / "supernode.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(cmd, flower_env(home), home / "supernode.log")
 
-    def start(self) -> SuperNode:
-        self.home.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
+    def start(self) -> SuperNode:  # type: ignore[override]
+        super().start()
         time.sleep(0.5)
-        if self.proc.poll() is not None:
+        if not self.running:
             raise NodeError(f"flower-supernode exited at start-up:\n{self.log_tail()}")
         return self
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = 15.0) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if getattr(self, "_log", None) is not None:
-            self._log.close()
-            self._log = None
 
 
 def model_profile(device_id: str, device_class: str, model_dir: str | Path, repeats: int = 5):

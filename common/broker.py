@@ -19,14 +19,14 @@ import logging
 import os
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
 import time
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
+
+from ldfleet.common.process import die_with_parent, free_port, port_open, raise_fd_limit, stop_process
 
 log = logging.getLogger("ldfleet.broker")
 
@@ -62,20 +62,6 @@ def find_mosquitto(explicit: str | None = None) -> str:
     raise BrokerNotInstalled(INSTALL_HINT)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def mosquitto_password_hash(password: str, *, iterations: int = 101, salt: bytes | None = None) -> str:
     """A Mosquitto 2 password-file hash (``$7$``: PBKDF2-HMAC-SHA512), as ``mosquitto_passwd`` writes."""
     salt = salt if salt is not None else secrets.token_bytes(12)
@@ -93,20 +79,8 @@ def write_password_file(path: str | os.PathLike[str], users: dict[str, str]) -> 
 
 
 def _child_setup() -> None:  # runs in the forked child before exec
-    try:  # let the broker die with us (Linux): no orphaned brokers after a crash
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:  # noqa: BLE001
-        pass
-    try:
-        import resource
-
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft < hard:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    except Exception:  # noqa: BLE001
-        pass
+    die_with_parent()  # no orphaned brokers after a crash
+    raise_fd_limit()  # one socket per device
 
 
 _LIVE: weakref.WeakSet[EmbeddedBroker] = weakref.WeakSet()
@@ -251,13 +225,7 @@ class EmbeddedBroker:
         proc, self.proc = self.proc, None
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, timeout)
         if proc.stderr:
             proc.stderr.close()
         # wait until the port is really free so that a restart on it succeeds

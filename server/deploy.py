@@ -15,18 +15,14 @@
 
 from __future__ import annotations
 
-import ipaddress
 import json
-import os
-import shutil
-import socket
 import subprocess
-import sys
 import time
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ldfleet.common.process import ChildProcess, executable, flower_env, is_loopback, port_open
 from ldfleet.server.app import ServerSettings
 
 APP_NAME = "ldfleet-fleet"
@@ -38,49 +34,11 @@ class DeployError(RuntimeError):
     pass
 
 
-def is_loopback(host: str) -> bool:
-    if host in ("localhost", "ip6-localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def split_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit():
         raise DeployError(f"address {address!r} must be HOST:PORT")
     return host.strip("[]"), int(port)
-
-
-def flower_env(flwr_home: Path) -> dict[str, str]:
-    """Environment for Flower processes: our venv's bin first (flower-superexec is spawned by name)."""
-    env = dict(os.environ)
-    bindir = str(Path(sys.executable).parent)
-    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
-    env["FLWR_HOME"] = str(flwr_home)
-    env["FLWR_TELEMETRY_ENABLED"] = "0"
-    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    return env
-
-
-def flower_bin(name: str) -> str:
-    path = Path(sys.executable).parent / name
-    if path.exists():
-        return str(path)
-    found = shutil.which(name)
-    if not found:
-        raise DeployError(f"{name} not found: install flwr in this environment")
-    return found
-
-
-def port_open(host: str, port: int, timeout: float = 0.3) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 @dataclass
@@ -94,66 +52,7 @@ class TLS:
         return bool(self.ca_certfile and self.certfile and self.keyfile)
 
 
-def _libc_prctl():
-    try:
-        import ctypes
-
-        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    except Exception:  # noqa: BLE001 - not Linux: rely on stop()
-        return None
-
-
-_PRCTL = _libc_prctl()  # resolved here, so the forked child only makes one plain C call
-
-
-def die_with_parent() -> None:
-    """preexec_fn: SIGTERM this child when the process that started it dies (PR_SET_PDEATHSIG), so a
-    killed `ldfleet server`/`client` never leaves a SuperLink or SuperNode behind."""
-    if _PRCTL is not None:
-        _PRCTL(1, 15)
-
-
-class Process:
-    """A child process with its log file; stopped with SIGTERM, then SIGKILL."""
-
-    def __init__(self, cmd: list[str], env: dict[str, str], log_path: Path) -> None:
-        self.cmd = cmd
-        self.env = env
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Process:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
-        return self
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = 15.0) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if getattr(self, "_log", None) is not None:
-            self._log.close()
-            self._log = None
-
-
-class SuperLink(Process):
+class SuperLink(ChildProcess):
     def __init__(
         self,
         host: str = "127.0.0.1",
@@ -172,7 +71,7 @@ class SuperLink(Process):
         if not insecure and not tls.complete:
             raise DeployError("a SuperLink needs TLS (--ssl-ca-certfile, --ssl-certfile, --ssl-keyfile), "
                               "or --insecure on a loopback address")
-        cmd = [flower_bin("flower-superlink"), "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
+        cmd = [executable("flower-superlink"), "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
         if insecure:
             cmd.append("--insecure")
         else:
@@ -259,7 +158,7 @@ def write_cli_config(flwr_home: Path, address: str, *, insecure: bool = False, r
 
 
 def _flwr(args: list[str], flwr_home: Path, timeout: float = 120.0) -> dict[str, Any]:
-    proc = subprocess.run([flower_bin("flwr"), *args, "--format", "json"], env=flower_env(flwr_home), capture_output=True,
+    proc = subprocess.run([executable("flwr"), *args, "--format", "json"], env=flower_env(flwr_home), capture_output=True,
                           text=True, timeout=timeout)
     text = proc.stdout.strip()
     start = text.find("{")

@@ -35,6 +35,7 @@ from sqlalchemy import func, select
 
 from ldfleet.common import topics
 from ldfleet.common.broker import EmbeddedBroker
+from ldfleet.common.process import stop_process
 from ldfleet.common.mqtt import new_id, parse_broker_url, publish_once
 from ldfleet.server.operator import set_budget
 from ldfleet.server.registry import PolicyAckRecord, Registry
@@ -114,18 +115,6 @@ def start_controller_process(broker: str, db: str, **kwargs: Any) -> subprocess.
     proc.stdin.write((json.dumps({"broker": broker, "db": db, **kwargs}) + "\n").encode())
     proc.stdin.close()
     return proc
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int | None:
-    """SIGTERM (the controller says goodbye and disconnects), then SIGKILL if it hangs."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
 
 
 def _clear_retained(url: str, device_ids: list[str]) -> None:

@@ -25,6 +25,7 @@ from ldfleet.client.agent import evaluate_policy
 from ldfleet.client.state import DeviceState, save_device_state
 from ldfleet.common import topics
 from ldfleet.common.mqtt import BrokerURL, aiomqtt_kwargs, new_id
+from ldfleet.common.process import raise_fd_limit
 from ldfleet.common.schemas import BudgetPolicy, DeviceProfile, PolicyAck, Status, decode, utcnow
 
 log = logging.getLogger("ldfleet.sim")
@@ -147,18 +148,6 @@ async def wait_until(predicate, timeout: float, event: asyncio.Event | None = No
             await asyncio.sleep(min(step, left))
 
 
-
-def _raise_fd_limit() -> None:
-    try:
-        import resource
-
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft < hard:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    except Exception:  # noqa: BLE001
-        pass
-
-
 async def run_fleet(
     url: BrokerURL,
     profiles: list[DeviceProfile],
@@ -168,7 +157,7 @@ async def run_fleet(
     on_connected: Any = None,
 ) -> list[SimDevice]:
     """Run simulated devices until ``stop``; ``on_connected()`` is called once all are connected."""
-    _raise_fd_limit()
+    raise_fd_limit()
     devices = [SimDevice(p) for p in profiles]
     slots = asyncio.Semaphore(connect_concurrency)
     tasks = [asyncio.ensure_future(d.run(url, stop, slots)) for d in devices]

@@ -21,7 +21,8 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from control_fixtures import Fleet, converged, wait_until
 from ldfleet.common import topics
-from ldfleet.common.broker import EmbeddedBroker, free_port, write_password_file
+from ldfleet.common.broker import EmbeddedBroker, write_password_file
+from ldfleet.common.process import free_port
 from ldfleet.common.mqtt import parse_broker_url
 from ldfleet.common.schemas import BudgetPolicy, PolicyAck, utcnow
 from ldfleet.server.operator import set_budget

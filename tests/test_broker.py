@@ -20,8 +20,8 @@ from ldfleet.common.broker import (
     EmbeddedBroker,
     find_mosquitto,
     mosquitto_password_hash,
-    port_open,
 )
+from ldfleet.common.process import port_open
 from ldfleet.common.mqtt import parse_broker_url, publish_once
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from ldfleet.common.process import free_port
 from ldfleet.server.deploy import DeployError, SuperLink, write_cli_config
 
 pytestmark = pytest.mark.slow
@@ -35,14 +36,6 @@ def test_insecure_is_refused_off_loopback(tmp_path):
         SuperLink("127.0.0.1", 9999, home=tmp_path)
     with pytest.raises(DeployError, match="loopback"):
         write_cli_config(tmp_path, "10.1.2.3:9093", insecure=True)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +108,7 @@ def test_server_client_federate_commands_run_rounds(tiny):
     try:
         for cls, keep, _ in classes.values():  # the operator sets the class budgets before devices exist
             set_budget(registry, broker.url, cls, keep=keep, create_class=True, issued_by="test")
-        port = _free_port()
+        port = free_port()
         address = f"127.0.0.1:{port}"
         server = _Proc(["server", "--db", db, "--broker", broker.url, "--host", "127.0.0.1", "--port", str(port),
                         "--insecure", "--home", str(work / "link")], work / "server.log")
@@ -231,7 +224,7 @@ def test_superlink_over_tls(tmp_path):
     from ldfleet.server.deploy import TLS, run_status
 
     ca, cert, key = _tls_files(tmp_path / "tls")
-    link = SuperLink("127.0.0.1", _free_port(), home=tmp_path / "link", tls=TLS(str(ca), str(cert), str(key))).start()
+    link = SuperLink("127.0.0.1", free_port(), home=tmp_path / "link", tls=TLS(str(ca), str(cert), str(key))).start()
     try:
         home = tmp_path / "cli"
         write_cli_config(home, link.address, root_certificates=str(ca))
