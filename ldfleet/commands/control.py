@@ -16,24 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from ldfleet.commands._shared import bench_group, console, err, fail
 from ldfleet.common.runtime import default_broker_url, default_registry_url
 
-console = Console()
-err = Console(stderr=True)
 
 budget_app = typer.Typer(help="Budget policies: set, show, history, clear.", no_args_is_help=True)
 devices_app = typer.Typer(help="The fleet as the registry sees it.", no_args_is_help=True)
 
 BROKER_HELP = "MQTT broker URL: mqtt://host:port, mqtt://user:password@host:port, or mqtts://... for TLS (default: $LDFLEET_BROKER, a running `ldfleet broker`, else mqtt://127.0.0.1:1883)."
 DB_HELP = "Registry URL: sqlite:///path.db or postgresql+psycopg2://user@host/db (default: $LDFLEET_DB or sqlite:///~/.ldfleet/registry.db)."
-
-
-def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[red]error:[/red] {message}")
-    raise typer.Exit(code)
 
 
 def _broker(url: str | None) -> str:
@@ -47,7 +40,7 @@ def _broker_url(url: str | None, ca_file: Path | None) -> Any:
     try:
         return parse_broker_url(_broker(url), ca_file=str(ca_file) if ca_file else None)
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 def _open_registry(db: str | None) -> Any:
@@ -56,7 +49,7 @@ def _open_registry(db: str | None) -> Any:
     try:
         return Registry(db or default_registry_url())
     except Exception as exc:  # noqa: BLE001 - unreachable database, bad URL
-        _fail(f"cannot open the registry {db or default_registry_url()}: {exc}")
+        fail(f"cannot open the registry {db or default_registry_url()}: {exc}")
 
 
 def _ts(value: datetime | None) -> str:
@@ -128,14 +121,14 @@ def agent(
     from ldfleet.common.topics import is_valid_device_id
 
     if not is_valid_device_id(device_id):
-        _fail(f"invalid device id {device_id!r}: use 1-64 of A-Z a-z 0-9 . _ -")
+        fail(f"invalid device id {device_id!r}: use 1-64 of A-Z a-z 0-9 . _ -")
     try:
         if profile_json is not None:
             prof = profile_from_json(profile_json, device_id, device_class)
         elif layer_ms is not None:
             values = [float(x) for x in layer_ms.split(",") if x.strip()]
             if not values or any(not math.isfinite(v) or v < 0 for v in values):
-                _fail("--layer-ms must be comma-separated non-negative numbers")
+                fail("--layer-ms must be comma-separated non-negative numbers")
             prof = synthetic_profile(device_id, device_class, num_layers=len(values), layer_ms=values, front_end_ms=front_end_ms, model_id="given")
         else:
             err.print(f"measuring {family}-{size} on this machine (pass --profile-json to skip)...")
@@ -144,7 +137,7 @@ def agent(
                          ca_file=str(ca_file) if ca_file else None, telemetry_interval_s=telemetry_interval,
                          mqtt_version=mqtt_version)
     except (ValueError, OSError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     signal.signal(signal.SIGTERM, lambda *_: ag.request_stop())
     err.print(f"agent {device_id} ({device_class}) -> {ag.url}; state in {ag.state_dir}")
     try:
@@ -169,13 +162,13 @@ def controller(
     from ldfleet.server.controller import Controller
 
     if not (math.isfinite(default_keep) and 0 < default_keep <= 1):
-        _fail("--default-keep must be in (0, 1]")
+        fail("--default-keep must be in (0, 1]")
     reg = _open_registry(db)
     try:
         ctl = Controller(_broker(broker), reg, ca_file=str(ca_file) if ca_file else None, default_keep=default_keep,
                          strict_classes=strict_classes, poll_interval_s=poll_interval, mqtt_version=mqtt_version)
     except ValueError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     err.print(f"controller -> {ctl.url}; registry {reg.redacted_url()}")
     ctl.run_forever()
     reg.close()
@@ -198,7 +191,7 @@ def broker(
     try:
         b = EmbeddedBroker(port, data_dir=data_dir).start()
     except (BrokerNotInstalled, BrokerStartError) as exc:
-        _fail(str(exc), code=1)
+        fail(str(exc), code=1)
     path = write_broker_file(b.url, os.getpid())
     console.print(f"broker listening on [bold]{b.url}[/bold] (log: {b.log_path}); other ldfleet commands use it by default")
     console.print("local use only: anonymous, loopback, not a security boundary. Ctrl-C stops it.")
@@ -206,7 +199,7 @@ def broker(
     try:
         code = b.wait()
         if code:
-            _fail(f"mosquitto exited with code {code}\n{b.log_tail()}", code=1)
+            fail(f"mosquitto exited with code {code}\n{b.log_tail()}", code=1)
     except KeyboardInterrupt:
         pass
     finally:
@@ -238,15 +231,15 @@ def budget_set(
     from ldfleet.server.registry import RegistryError
 
     if (keep is None) == (latency_ms is None):
-        _fail("give exactly one of --keep and --latency-ms")
+        fail("give exactly one of --keep and --latency-ms")
     if expires_in is not None and not (math.isfinite(expires_in) and expires_in > 0):
-        _fail("--expires-in must be a positive number of seconds")
+        fail("--expires-in must be a positive number of seconds")
     reg = _open_registry(db)
     try:
         res = set_budget(reg, _broker_url(broker, ca_file), device_class, keep=keep, latency_ms=latency_ms, percentile=percentile,
                          device_id=device, issued_by=by, expires_in_s=expires_in, create_class=create_class, comment=comment)
     except RegistryError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     finally:
         reg.close()
     p = res.policy
@@ -276,7 +269,7 @@ def budget_clear(
     try:
         res = clear_budget(reg, _broker_url(broker, ca_file), device_class, device_id=device, issued_by=by)
     except RegistryError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     finally:
         reg.close()
     console.print(f"cleared ({res.policy.scope_key} v{res.policy.version})" + ("" if res.notified else f"; controller not notified: {res.notify_error}"))
@@ -434,7 +427,7 @@ def devices_set_class(
     try:
         reg.pin_class(device_id, device_class, create_class=create_class)
     except RegistryError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     finally:
         reg.close()
     try:
@@ -462,16 +455,16 @@ def bench_control_plane(
     try:
         sizes = [int(x) for x in devices.split(",") if x.strip()]
     except ValueError:
-        _fail(f"--devices must be comma-separated integers, got {devices!r}")
+        fail(f"--devices must be comma-separated integers, got {devices!r}")
     if not sizes or any(n < 1 for n in sizes):
-        _fail("--devices must name fleet sizes >= 1")
+        fail("--devices must name fleet sizes >= 1")
     results = []
     for n in sizes:
         try:
             results.append(run_bench(n, broker=broker, db=db, rounds=rounds, timeout_s=timeout,
                                      progress=lambda m: err.print(f"[dim]{m}[/dim]")))
         except RuntimeError as exc:
-            _fail(f"benchmark with {n} devices failed: {exc}", code=1)
+            fail(f"benchmark with {n} devices failed: {exc}", code=1)
     if as_json:
         print(json.dumps([r.as_dict() for r in results], indent=2))
         return
@@ -496,16 +489,6 @@ def bench_control_plane(
 
 
 # ---------------------------------------------------------------------------------------------
-def _bench_group(app: typer.Typer) -> typer.Typer:
-    """The shared `bench` group: reuse it if another command module registered it first."""
-    for info in app.registered_groups:
-        if info.name == "bench" and info.typer_instance is not None:
-            return info.typer_instance
-    group = typer.Typer(help="Benchmarks.", no_args_is_help=True)
-    app.add_typer(group, name="bench")
-    return group
-
-
 def register(app: typer.Typer) -> None:
     app.command("profile")(profile)
     app.command("agent")(agent)
@@ -513,7 +496,7 @@ def register(app: typer.Typer) -> None:
     app.command("broker")(broker)
     app.add_typer(budget_app, name="budget")
     app.add_typer(devices_app, name="devices")
-    _bench_group(app).command("control-plane")(bench_control_plane)
+    bench_group(app).command("control-plane")(bench_control_plane)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,14 +6,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from ldfleet.commands._shared import console, err, fail
 from ldfleet.common.data.espeak import DEFAULT_VARIANTS, ENGLISH_VOICES, EspeakError
 from ldfleet.common.data.labels import LABELS, UNKNOWN_WORDS
-
-console = Console()
-err_console = Console(stderr=True)
 
 
 SYNTH_HELP = (
@@ -47,11 +44,6 @@ def _voices(text: Optional[str]) -> tuple[str, ...]:
     if not voices:
         raise typer.BadParameter("no voices given", param_hint="--voices")
     return voices
-
-
-def _fail(exc: Exception) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {exc}")
-    return typer.Exit(1)
 
 
 def synth(
@@ -88,7 +80,7 @@ def synth(
         )
         summary = synthesize_corpus(cfg, progress=True)
     except (EspeakError, FileExistsError, ValueError) as exc:
-        raise _fail(exc) from exc
+        fail(exc, 1)
 
     table = Table(title=f"{summary.out}: {summary.clips} clips in {summary.seconds:.1f} s")
     table.add_column("label")
@@ -98,13 +90,13 @@ def synth(
     console.print(table)
     console.print(f"speakers: {summary.speakers} espeak-ng (voice+variant) + {summary.noise_speakers} noise pseudo-speakers")
     if summary.failures:
-        err_console.print(f"[yellow]{len(summary.failures)} clips failed and were skipped:[/]")
+        err.print(f"[yellow]{len(summary.failures)} clips failed and were skipped:[/]")
         for path, reason in summary.failures[:20]:
-            err_console.print(f"  {path}: {reason}")
+            err.print(f"  {path}: {reason}")
         if len(summary.failures) > 20:
-            err_console.print(f"  ... and {len(summary.failures) - 20} more")
+            err.print(f"  ... and {len(summary.failures) - 20} more")
     if summary.clips == 0:
-        raise _fail(RuntimeError("no clip could be synthesized"))
+        fail("no clip could be synthesized", 1)
 
 
 def info(
@@ -119,7 +111,7 @@ def info(
         shares = tuple(float(x) for x in _csv_list(fractions))
         stats = describe(root, seed=seed, fractions=shares)
     except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
-        raise _fail(exc) from exc
+        fail(exc, 1)
 
     how = "official validation/testing lists" if stats.official_lists else f"speaker split, seed {seed}, {fractions}"
     table = Table(title=f"{root} ({how})")

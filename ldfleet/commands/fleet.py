@@ -14,17 +14,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
-err = Console(stderr=True)
+from ldfleet.commands._shared import console, err, fail
+
 
 registry_app = typer.Typer(help="Read the registry of a run: rounds, devices, layer usage.", no_args_is_help=True)
 
 DB_HELP = "Registry URL (default: the run's own, from RUN/run.json; else $LDFLEET_DB or ~/.ldfleet/registry.db)."
-
-
-def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
 
 
 # ---- simulate / report ----------------------------------------------------------------------------
@@ -53,14 +48,14 @@ def simulate(
     from ldfleet.simulations.simulate import simulate as run
 
     if resume is not None and out is not None and out != resume:
-        _fail("--resume RUN already names the run folder; drop --out")
+        fail("--resume RUN already names the run folder; drop --out")
     opts = SimulateOptions(config=config, out=resume or out, rounds=rounds, broker=broker, db=db, resume=resume is not None,
                            cache_dir=cache, actors=actors, report=report, verbose=verbose, overwrite=overwrite)
     out_console = console if console.is_terminal else Console(width=160)  # logs and CI: no wrapping at 80
     try:
         summary = run(opts, out_console)
     except (ScenarioError, SimulationError, FileNotFoundError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if summary.get("status") != "finished":
         raise typer.Exit(1)
 
@@ -76,7 +71,7 @@ def report(
     try:
         summary = build_report(run, db_url=db, console=None if as_json else console)
     except FileNotFoundError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if as_json:
         print(json.dumps(summary, indent=1, default=str))
         return
@@ -106,7 +101,7 @@ def _registry_target(run: Path | None, run_id: str | None, db: str | None) -> tu
     if run is not None:
         info_path = run / "run.json"
         if not info_path.is_file():
-            _fail(f"{run} is not a simulation run (no run.json)")
+            fail(f"{run} is not a simulation run (no run.json)")
         info = json.loads(info_path.read_text())
         db = db or info["db_url"]
         run_id = run_id or info["run_id"]
@@ -115,7 +110,7 @@ def _registry_target(run: Path | None, run_id: str | None, db: str | None) -> tu
         runs = run_ids(reg)
         if not runs:
             reg.close()
-            _fail(f"no federated rounds in {reg.redacted_url()}")
+            fail(f"no federated rounds in {reg.redacted_url()}")
         run_id = runs[0][0]
     return reg, run_id
 
@@ -225,7 +220,7 @@ def registry_usage(run: Optional[Path] = _RUN_OPT, run_id: Optional[str] = _RUN_
     finally:
         reg.close()
     if not rows:
-        _fail(f"no {phase} layer usage recorded for {rid}")
+        fail(f"no {phase} layer usage recorded for {rid}")
     rnd = round_number or max(m.round for m in rows)
     rows = [m for m in rows if m.round == rnd]
     groups: dict[str, list] = {}
@@ -306,8 +301,8 @@ def server(
     try:
         link = SuperLink(host, port, home=home, insecure=insecure, enable_supernode_auth=enable_supernode_auth,
                          tls=TLS(*(str(p) if p else None for p in (ssl_ca_certfile, ssl_certfile, ssl_keyfile))))
-    except DeployError as exc:
-        _fail(str(exc))
+    except (DeployError, FileNotFoundError) as exc:
+        fail(str(exc))
     if controller:
         from ldfleet.server.controller import Controller
 
@@ -317,8 +312,8 @@ def server(
         link.start()
         console.print(f"SuperLink on {link.address} ({'insecure, loopback' if insecure else 'TLS'}); log {link.log_path}")
         _wait_forever(stop, link)
-    except DeployError as exc:
-        _fail(str(exc))
+    except (DeployError, FileNotFoundError) as exc:
+        fail(str(exc))
     finally:
         link.stop()
         if ctl is not None:
@@ -364,8 +359,8 @@ def client(
         console.print(f"SuperNode for {device_id} connected to {superlink}; log {node.log_path}")
         _wait_forever(stop, node)
         node.stop()
-    except NodeError as exc:
-        _fail(str(exc))
+    except (NodeError, FileNotFoundError) as exc:
+        fail(str(exc))
     finally:
         if ag is not None:
             ag.stop()
@@ -404,8 +399,8 @@ def federate(
         rid = submit_run(app_dir, flwr_home, settings)
         console.print(f"run {rid} submitted to {superlink} (registry run id {settings.run_id}); waiting for it to finish")
         status = wait_run(flwr_home, rid, timeout)
-    except DeployError as exc:
-        _fail(str(exc), code=1)
+    except (DeployError, FileNotFoundError) as exc:
+        fail(str(exc), code=1)
     console.print(f"[green]{status['status']}[/green] in {status.get('elapsed', 0):.0f} s; "
                   f"`ldfleet registry rounds --run-id {settings.run_id} --db {settings.db_url}`")
 

@@ -6,12 +6,10 @@ import json
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-console = Console()
-err = Console(stderr=True)
+from ldfleet.commands._shared import bench_group, console, err, fail
 
 
 def _floats(text: str, name: str) -> list[float]:
@@ -45,8 +43,7 @@ def _load_data(data: Path, seed: int):
     try:
         return load_splits(data, seed=seed)
     except (FileNotFoundError, ValueError) as exc:
-        err.print(f"[red]cannot load data from {data}: {exc}[/red]")
-        raise typer.Exit(2) from None
+        fail(f"cannot load data from {data}: {exc}")
 
 
 def train(
@@ -80,8 +77,7 @@ def train(
     try:
         trainer = Trainer(out, splits["train"], splits["val"], cfg, log=console.print)
     except (OSError, ValueError) as exc:
-        err.print(f"[red]cannot start training: {exc}[/red]")
-        raise typer.Exit(2) from None
+        fail(f"cannot start training: {exc}")
     console.print(f"train {len(splits['train'])} clips, val {len(splits['val'])}, test {len(splits['test'])}; run {out}")
     with _progress() as progress:
         tasks: dict[str, int] = {}
@@ -119,8 +115,7 @@ def evaluate(
     try:
         meta = read_meta(run)
     except FileNotFoundError as exc:
-        err.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from None
+        fail(exc)
     if seed < 0:
         seed = meta.get("train_config", {}).get("seed", 0)
     splits = _load_data(data, seed)
@@ -199,16 +194,6 @@ def demo(
           layerdrop=0.1, batch_size=32, seed=seed, threads=0)
     evaluate(run=out, data=data, keep="0.25,0.5,0.75,1.0", methods="full,random,early_exit,static,selector",
              split="test", seed=seed, as_json=False)
-
-
-def bench_group(app: typer.Typer) -> typer.Typer:
-    """The shared `bench` group (other command modules add to it too)."""
-    for info in app.registered_groups:
-        if info.name == "bench":
-            return info.typer_instance
-    group = typer.Typer(help="Benchmarks that print figures (speed, control plane).", no_args_is_help=True)
-    app.add_typer(group, name="bench")
-    return group
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,27 @@
+"""What every command module shares: the consoles, one way to fail, the `bench` group."""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+
+console = Console()
+err = Console(stderr=True)  # errors, warnings and progress notes: stdout stays clean for --json
+
+
+def fail(message: object, code: int = 2) -> NoReturn:
+    """Print a one-line error (no traceback) and exit with ``code`` (2: bad input, 1: the work failed)."""
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def bench_group(app: typer.Typer) -> typer.Typer:
+    """The `bench` group; whichever command module registers first creates it, the others add to it."""
+    for info in app.registered_groups:
+        if info.name == "bench" and info.typer_instance is not None:
+            return info.typer_instance
+    group = typer.Typer(help="Benchmarks that print figures (speed, control plane).", no_args_is_help=True)
+    app.add_typer(group, name="bench")
+    return group
