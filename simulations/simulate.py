@@ -186,17 +186,36 @@ class Display:
 # ---- the control plane of the simulated fleet -----------------------------------------------------
 
 
+def busy_cores(window_s: float = 0.5) -> float:
+    """How many cores other work keeps busy right now (from /proc/stat over ``window_s``). The load
+    average would still count a ``pip install`` that ended a minute ago."""
+
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields), idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(window_s)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):  # not Linux
+        try:
+            return os.getloadavg()[0]
+        except OSError:
+            return 0.0
+    cores = os.cpu_count() or 1
+    return cores * (1.0 - (idle1 - idle0) / max(1, total1 - total0))
+
+
 def torch_threads(requested: int = 0) -> int:
-    """Threads for torch in this process: ``requested``, else every core on an idle machine and one
-    when other work is running (on 2 busy cores, 2 threads made a training step 8x slower than 1)."""
+    """Threads for torch in this process: ``requested``, else one per core that is idle now (at least
+    one). More threads than free cores is much slower, not faster: on 2 cores with one busy, 2 threads
+    made a training step 8x slower than 1."""
     if requested > 0:
         return requested
     cores = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        busy = 0.0
-    return cores if busy < 0.5 else 1
+    return max(1, min(cores, int(cores - busy_cores() + 0.5)))
 
 
 def _wait(predicate, timeout: float, step: float = 0.1) -> bool:

@@ -82,3 +82,16 @@ def test_ports_and_loopback():
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("[::1]") and is_loopback("localhost")
     assert not is_loopback("10.0.0.1") and not is_loopback("0.0.0.0") and not is_loopback("example.org")
 
+
+def test_a_spinning_process_counts_as_a_busy_core_and_takes_a_torch_thread():
+    from ldfleet.simulations.simulate import busy_cores, torch_threads
+
+    cores = os.cpu_count() or 1
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        assert busy_cores(0.5) >= 0.7
+        assert torch_threads() <= max(1, cores - 0.5)  # never a thread for the core the spinner holds
+        assert torch_threads(3) == 3  # an explicit request wins
+    finally:
+        stop_process(spinner, timeout=5)
