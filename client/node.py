@@ -98,5 +98,5 @@ def model_profile(device_id: str, device_class: str, model_dir: str | Path, repe
     return DeviceProfile(
         device_id=device_id, device_class=device_class, model_id=str(lat.model_id)[:200], num_layers=lat.num_layers,
         front_end_ms=float(lat.front_end_ms), layer_ms=[float(x) for x in lat.layer_ms], reference_seconds=1.0,
-        measured_at=utcnow(), **system_info(),
+        latency_ratio_p90=lat.ratio_p90, latency_ratio_p99=lat.ratio_p99, measured_at=utcnow(), **system_info(),
     )

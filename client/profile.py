@@ -102,8 +102,8 @@ def measure_profile(
         front_end_ms=float(lat.front_end_ms),
         layer_ms=[float(x) for x in lat.layer_ms],
         reference_seconds=float(getattr(lat, "seconds", seconds)),
-        latency_ratio_p90=getattr(lat, "ratio_p90", None),
-        latency_ratio_p99=getattr(lat, "ratio_p99", None),
+        latency_ratio_p90=lat.ratio_p90,
+        latency_ratio_p99=lat.ratio_p99,
         measured_at=utcnow(),
         **system_info(),
     )

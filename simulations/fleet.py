@@ -134,6 +134,7 @@ def prepare_warm(scn: Scenario, data_dir: Path, cache_dir: Path, train_indices: 
         (out / LATENCY_FILE).write_text(json.dumps({
             "model_id": lat.model_id, "num_layers": lat.num_layers, "front_end_ms": lat.front_end_ms,
             "layer_ms": lat.layer_ms, "seconds": lat.seconds, "threads": 1,
+            "ratio_p90": lat.ratio_p90, "ratio_p99": lat.ratio_p99,
         }, indent=1))
     return out
 
@@ -180,6 +181,8 @@ def device_profiles(scn: Scenario, latency: dict):
             front_end_ms=round(float(latency["front_end_ms"]) * factor, 4),
             layer_ms=[round(float(x) * factor, 4) for x in latency["layer_ms"]],
             reference_seconds=float(latency.get("seconds", 1.0)), measured_at=utcnow(),
+            # the tail is a property of the machine; the reference one stands in for every class
+            latency_ratio_p90=latency.get("ratio_p90"), latency_ratio_p99=latency.get("ratio_p99"),
         )
     return out
 

@@ -10,7 +10,7 @@ from ldfleet.common.model.backbone import build_config, load_backbone
 from ldfleet.common.model.checkpoint import load_model, save_model
 from ldfleet.common.model.cost import cost_of, frames_for, layer_macs
 from ldfleet.common.model.dynamic import DynamicModel
-from ldfleet.common.model.profiling import measure_latency
+from ldfleet.common.model.profiling import measure_latency, tail_ratios
 
 
 def test_frames_match_the_real_model():
@@ -86,3 +86,24 @@ def test_latency_profile_measures_every_layer():
     assert profile.num_layers == 8 and len(profile.layer_ms) == 8
     assert profile.front_end_ms > 0 and all(ms > 0 for ms in profile.layer_ms)
     assert profile.full_ms == pytest.approx(profile.front_end_ms + sum(profile.layer_ms))
+    assert 1.0 <= profile.ratio_p90 <= profile.ratio_p99 <= 100.0
+
+
+def test_tail_ratios_are_quantiles_over_the_median():
+    r90, r99 = tail_ratios([float(x) for x in range(1, 101)])  # median 50.5, p90 90.1, p99 99.01
+    assert r90 == pytest.approx(90.1 / 50.5) and r99 == pytest.approx(99.01 / 50.5)
+    assert tail_ratios([5.0] * 20) == (1.0, 1.0)
+    assert tail_ratios([1.0] * 90 + [1000.0] * 10)[1] == 100.0  # capped at what a profile may carry
+
+
+def test_a_measured_profile_carries_its_tail_and_a_p99_target_keeps_fewer_layers():
+    from ldfleet.client.profile import measure_profile
+    from ldfleet.common.policy import k_for_budget
+
+    prof = measure_profile("dev-1", "rpi4", family="wavlm", size="tiny", seconds=0.5, repeats=2)
+    assert prof.latency_ratio_p90 is not None and prof.latency_ratio_p99 >= prof.latency_ratio_p90 >= 1.0
+    # a profile with a known tail: a p99 target must budget for 2x the median
+    slow_tail = prof.model_copy(update={"front_end_ms": 1.0, "layer_ms": [1.0] * 8, "latency_ratio_p90": 1.5, "latency_ratio_p99": 2.0})
+    k_median, _ = k_for_budget(slow_tail, latency_ms=9.0)
+    k_p99, _ = k_for_budget(slow_tail, latency_ms=9.0, percentile=99)
+    assert (k_median, k_p99) == (8, 3)

@@ -1,7 +1,9 @@
 """Measured latency of a model's parts on this machine: what a device advertises in its profile.
 
 Wall time is what a latency budget is about, so each part is timed on the real hardware: the front
-end once, then every encoder layer on its own, median of several repeats after a warm-up.
+end once, then every encoder layer on its own, median of several repeats after a warm-up. Whole
+passes are timed too, for the tail: p90/median and p99/median of the end-to-end time let a latency
+target "at percentile P" be met by P% of inputs, not only by the median one.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ class LatencyProfile:
     layer_ms: list[float] = field(default_factory=list)
     seconds: float = 1.0
     threads: int = 1
+    #: End-to-end latency at p90 / p99 over the median (>= 1); None when not measured.
+    ratio_p90: float | None = None
+    ratio_p99: float | None = None
 
     @property
     def full_ms(self) -> float:
@@ -43,9 +48,18 @@ def _interleaved_medians_ms(parts: list, repeats: int) -> list[float]:
     return [statistics.median(t) for t in times]
 
 
+def tail_ratios(times_ms: list[float]) -> tuple[float, float]:
+    """(p90 / median, p99 / median) of a sample of latencies, each in [1, 100] (what a profile may carry)."""
+    cuts = statistics.quantiles(times_ms, n=100, method="inclusive")
+    median = statistics.median(times_ms)
+    return min(100.0, max(1.0, cuts[89] / median)), min(100.0, max(1.0, cuts[98] / median))
+
+
 @torch.inference_mode()
-def profile_runner(runner: LayerRunner, seconds: float = 1.0, repeats: int = 5, model_id: str = "") -> LatencyProfile:
-    """Front-end and per-layer latency of one input of ``seconds`` seconds."""
+def profile_runner(runner: LayerRunner, seconds: float = 1.0, repeats: int = 5, model_id: str = "",
+                   tail_repeats: int = 20) -> LatencyProfile:
+    """Front-end and per-layer latency of one input of ``seconds`` seconds (medians of ``repeats``),
+    and the tail of ``tail_repeats`` whole passes (0: not measured)."""
     runner.eval()
     audio = torch.randn(1, int(round(seconds * SAMPLE_RATE)))
     # One-off costs (thread pools, kernel selection for these shapes) would otherwise land on
@@ -57,6 +71,14 @@ def profile_runner(runner: LayerRunner, seconds: float = 1.0, repeats: int = 5, 
     parts = [lambda: runner.front_end(audio)]
     parts += [lambda i=i: runner._run_layer(i, front.hidden, mask, bias) for i in range(runner.num_layers)]
     front_end_ms, *layer_ms = _interleaved_medians_ms(parts, repeats)
+    ratio_p90 = ratio_p99 = None
+    if tail_repeats >= 2:
+        whole = []
+        for _ in range(tail_repeats):
+            start = time.perf_counter()
+            runner.run_layers(runner.front_end(audio), None)
+            whole.append((time.perf_counter() - start) * 1000)
+        ratio_p90, ratio_p99 = tail_ratios(whole)
     return LatencyProfile(
         model_id=model_id or describe(runner.backbone),
         num_layers=runner.num_layers,
@@ -64,6 +86,8 @@ def profile_runner(runner: LayerRunner, seconds: float = 1.0, repeats: int = 5, 
         layer_ms=layer_ms,
         seconds=seconds,
         threads=torch.get_num_threads(),
+        ratio_p90=ratio_p90,
+        ratio_p99=ratio_p99,
     )
 
 
