@@ -76,6 +76,7 @@ class SuperNode(ChildProcess):
         super().start()
         time.sleep(0.5)
         if not self.running:
+            self.stop()  # closes the log
             raise NodeError(f"flower-supernode exited at start-up:\n{self.log_tail()}")
         return self
 

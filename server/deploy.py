@@ -93,6 +93,7 @@ class SuperLink(ChildProcess):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.running:
+                self.stop()  # closes the log
                 raise DeployError(f"flower-superlink exited at start-up:\n{self.log_tail()}")
             if port_open(self.host, self.port):
                 return self
