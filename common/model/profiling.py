@@ -59,7 +59,8 @@ def tail_ratios(times_ms: list[float]) -> tuple[float, float]:
 def profile_runner(runner: LayerRunner, seconds: float = 1.0, repeats: int = 5, model_id: str = "",
                    tail_repeats: int = 20) -> LatencyProfile:
     """Front-end and per-layer latency of one input of ``seconds`` seconds (medians of ``repeats``),
-    and the tail of ``tail_repeats`` whole passes (0: not measured)."""
+    and the tail of ``tail_repeats`` whole passes (0: not measured; with 20, p99 is close to the
+    slowest pass: a cautious estimate)."""
     runner.eval()
     audio = torch.randn(1, int(round(seconds * SAMPLE_RATE)))
     # One-off costs (thread pools, kernel selection for these shapes) would otherwise land on
