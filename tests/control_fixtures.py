@@ -9,17 +9,21 @@ database and dropped afterwards; without a reachable server those tests skip, un
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as paho
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion
 
 from ldfleet.client.agent import DeviceAgent
 from ldfleet.client.profile import synthetic_profile
 from ldfleet.common.broker import EmbeddedBroker
+from ldfleet.common.mqtt import parse_broker_url
 from ldfleet.server.controller import Controller
 from ldfleet.server.registry import Registry
 
@@ -39,6 +43,27 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, interval: fl
         if time.monotonic() >= deadline:
             return False
         time.sleep(interval)
+
+
+def read_retained(url: str, topic: str, timeout: float = 5.0) -> bytes | None:
+    """The retained message on ``topic`` as a fresh subscriber gets it (None if none within timeout)."""
+    u = parse_broker_url(url)
+    got: list[bytes] = []
+    done = threading.Event()
+    c = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+
+    def on_message(client, userdata, msg):
+        got.append(bytes(msg.payload))
+        done.set()
+
+    c.on_message = on_message
+    c.connect(u.host, u.port)
+    c.subscribe(topic, qos=1)
+    c.loop_start()
+    done.wait(timeout)
+    c.disconnect()
+    c.loop_stop()
+    return got[0] if got else None
 
 
 def _service_missing(reason: str) -> None:

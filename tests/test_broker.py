@@ -7,13 +7,10 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 
-import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
-from control_fixtures import wait_until
+from control_fixtures import read_retained, wait_until
 from ldfleet.common.broker import (
     BrokerNotInstalled,
     BrokerStartError,
@@ -23,26 +20,6 @@ from ldfleet.common.broker import (
 )
 from ldfleet.common.process import port_open
 from ldfleet.common.mqtt import parse_broker_url, publish_once
-
-
-def _read_retained(url: str, topic: str, timeout: float = 5.0) -> bytes | None:
-    u = parse_broker_url(url)
-    got: list[bytes] = []
-    done = threading.Event()
-    c = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
-
-    def on_message(client, userdata, msg):
-        got.append(bytes(msg.payload))
-        done.set()
-
-    c.on_message = on_message
-    c.connect(u.host, u.port)
-    c.subscribe(topic, qos=1)
-    c.loop_start()
-    done.wait(timeout)
-    c.disconnect()
-    c.loop_stop()
-    return got[0] if got else None
 
 
 def test_embedded_broker_keeps_retained_messages_across_restarts():
@@ -56,7 +33,7 @@ def test_embedded_broker_keeps_retained_messages_across_restarts():
         assert not b.running and not port_open("127.0.0.1", port)
         b.start()
         assert b.port == port
-        assert _read_retained(b.url, "ldfleet/v1/test/retained") == b"kept"
+        assert read_retained(b.url, "ldfleet/v1/test/retained") == b"kept"
         data_dir = b.data_dir
     assert not data_dir.exists()  # close() removes the data directory it created
 

@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 
-import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from control_fixtures import broker, db_url, fleet, pg_admin, pg_url, sqlite_fleet  # noqa: F401 - fixtures
-from control_fixtures import Fleet, converged, wait_until
+from control_fixtures import Fleet, converged, read_retained, wait_until
 from ldfleet.client.state import load_device_state
 from ldfleet.common import topics
 from ldfleet.common.budget import layers_for_latency
@@ -22,21 +19,6 @@ from ldfleet.common.schemas import MAX_PAYLOAD_BYTES, BudgetPolicy, ControllerSt
 from ldfleet.server.operator import clear_budget, set_budget
 
 EDGE_MS = [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0, 6.5]
-
-
-def _retained(url: str, topic: str, timeout: float = 5.0) -> bytes | None:
-    u = parse_broker_url(url)
-    got: list[bytes] = []
-    ev = threading.Event()
-    c = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
-    c.on_message = lambda cl, ud, m: (got.append(bytes(m.payload)), ev.set())
-    c.connect(u.host, u.port)
-    c.subscribe(topic, qos=1)
-    c.loop_start()
-    ev.wait(timeout)
-    c.disconnect()
-    c.loop_stop()
-    return got[0] if got else None
 
 
 def test_budget_set_reaches_every_connected_device_of_the_class(fleet: Fleet):
@@ -49,7 +31,7 @@ def test_budget_set_reaches_every_connected_device_of_the_class(fleet: Fleet):
     devs = {d.device_id: d for d in reg.devices()}
     assert devs["edge-0"].device_class == "edge" and devs["hub-0"].device_class == "hub"
     assert all(d.online and d.num_layers == 12 and d.cores == 1 and d.effective_k == 12 for d in devs.values())
-    assert json.loads(_retained(fleet.broker.url, topics.CTL_STATUS))["online"] is True
+    assert json.loads(read_retained(fleet.broker.url, topics.CTL_STATUS))["online"] is True
 
     res = set_budget(reg, fleet.broker.url, "edge", keep=0.5, issued_by="alice")
     assert res.notified and res.policy.version == 1
@@ -144,13 +126,13 @@ def test_broker_restart_mid_run_heals_by_itself(sqlite_fleet: Fleet):
     f.broker.restart()
     assert wait_until(lambda: ctl.session.connect_count >= 3 and all(a.session.connect_count >= 3 for a in agents), 30)
     for d in ids:
-        ack = PolicyAck.model_validate_json(_retained(f.broker.url, topics.policy_reported(d)))
-        desired = BudgetPolicy.model_validate_json(_retained(f.broker.url, topics.policy_desired(d)))
+        ack = PolicyAck.model_validate_json(read_retained(f.broker.url, topics.policy_reported(d)))
+        desired = BudgetPolicy.model_validate_json(read_retained(f.broker.url, topics.policy_desired(d)))
         assert ack.applied_version == desired.version == 2
     assert converged(reg, ids, 2)
     set_budget(reg, f.broker.url, "pi4", keep=0.25, issued_by="alice")
     assert wait_until(lambda: converged(reg, ids, 3), 30)
-    assert ControllerStatus.model_validate_json(_retained(f.broker.url, topics.CTL_STATUS)).online
+    assert ControllerStatus.model_validate_json(read_retained(f.broker.url, topics.CTL_STATUS)).online
 
 
 def test_bad_input_is_refused_with_a_reason_and_changes_nothing(sqlite_fleet: Fleet, caplog):

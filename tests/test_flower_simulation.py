@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fleet_fixtures import TINY_FLEET
 from ldfleet.client.state import DeviceState, save_device_state
 from ldfleet.common import learning as L
 from ldfleet.common.schemas import BudgetPolicy, DeviceProfile, utcnow
@@ -31,10 +32,7 @@ TINY = {
         {"name": "mcu", "count": 2, "profile": "mcu-class", "budget": {"keep": 0.25}},
         {"name": "rpi4", "count": 2, "profile": "rpi4", "budget": {"keep": 0.5}},
     ],
-    "data": {"corpus": {"voices": 3, "variants_per_voice": 2, "clips_per_word": 1, "unknown_per_speaker": 2,
-                        "silence_clips": 12}},
-    "warm": {"epochs": 1, "early_exit_epochs": 1, "batch_size": 16},
-    "training": {"local_epochs": 1, "batch_size": 8},
+    **TINY_FLEET,
 }
 
 

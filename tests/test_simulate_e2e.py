@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fleet_fixtures import TINY_FLEET
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,11 +39,7 @@ SCENARIO = {
         {"name": "mcu", "count": 2, "profile": "mcu-class", "budget": {"keep": 0.25}},
         {"name": "rpi4", "count": 2, "profile": "rpi4", "budget": {"keep": 0.75}},
     ],
-    # same corpus and warm-up as tests/test_flower_simulation.py: the session cache is shared
-    "data": {"corpus": {"voices": 3, "variants_per_voice": 2, "clips_per_word": 1, "unknown_per_speaker": 2,
-                        "silence_clips": 12}},
-    "warm": {"epochs": 1, "early_exit_epochs": 1, "batch_size": 16},
-    "training": {"local_epochs": 1, "batch_size": 8},
+    **TINY_FLEET,  # the corpus and warm model of tests/test_flower_simulation.py: built once, cached
     "report_keeps": [0.25, 0.5, 1.0],
     "events": [
         {"round": 4, "crash": {"count": 1}},
