@@ -123,7 +123,7 @@ class DeviceAgent:
         device_id: str,
         device_class: str,
         broker: str | BrokerURL,
-        profile: DeviceProfile,
+        profile: DeviceProfile | None,
         *,
         state_dir: str | Path | None = None,
         ca_file: str | None = None,
@@ -135,8 +135,6 @@ class DeviceAgent:
     ) -> None:
         if not topics.is_valid_device_id(device_id):
             raise ValueError(f"invalid device id {device_id!r}: must match {topics.DEVICE_ID_PATTERN}")
-        if profile.device_id != device_id or profile.device_class != device_class:
-            profile = profile.model_copy(update={"device_id": device_id, "device_class": device_class})
         from ldfleet.common.runtime import default_device_state_dir
 
         self.device_id = device_id
@@ -149,6 +147,7 @@ class DeviceAgent:
         self.fatal: str | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._running = False
         self.applied = threading.Condition(self._lock)
 
         state = load_device_state(self.state_dir)
@@ -156,19 +155,18 @@ class DeviceAgent:
             raise ValueError(f"state dir {self.state_dir} belongs to device {state.device_id!r}, not {device_id!r}")
         if state is None:
             state = DeviceState(device_id=device_id, device_class=device_class)
-        old = state.profile
-        if old is not None and not _same_measurement(old, profile):
-            profile = profile.model_copy(update={"revision": max(profile.revision, old.revision + 1)})
-        elif old is not None:
-            profile = profile.model_copy(update={"revision": max(profile.revision, old.revision)})
         self.boot_id = new_id()
         self.previous_boot_id = state.boot_id
         self.boot_seq = state.boot_seq + 1
-        state = state.model_copy(update={"profile": profile, "device_class": device_class, "updated_at": utcnow(),
+        state = state.model_copy(update={"device_class": device_class, "updated_at": utcnow(),
                                          "boot_seq": self.boot_seq, "boot_id": self.boot_id})
         save_device_state(self.state_dir, state)
         self.state = state
-        self.profile = profile
+        #: This device's profile; None while it is being measured (policies wait for it).
+        self.profile: DeviceProfile | None = None
+        self._waiting: BudgetPolicy | None = None
+        if profile is not None:
+            self._adopt_profile(profile)
         self.last_ack: PolicyAck | None = None
         if state.version > 0:  # re-announce what is in force after a restart
             self.last_ack = PolicyAck(
@@ -204,6 +202,10 @@ class DeviceAgent:
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> DeviceAgent:
+        """Connect (idempotent: a second call while running changes nothing, a stop request stays)."""
+        if self._running:
+            return self
+        self._running = True
         self._stop.clear()
         self.session.start()
         if self.telemetry_interval_s > 0 and self._telemetry_thread is None:
@@ -214,6 +216,7 @@ class DeviceAgent:
     def stop(self) -> None:
         """Say goodbye (retained offline status), disconnect cleanly (no Last Will)."""
         self._stop.set()
+        self._running = False
         offline = self._status(online=False)
         self.session.stop(final=[(topics.status(self.device_id), offline.to_json(), 1, True)])
         if self._telemetry_thread is not None:
@@ -239,6 +242,30 @@ class DeviceAgent:
         """Block until a policy of at least ``version`` is in force (tests, scripts)."""
         with self.applied:
             return self.applied.wait_for(lambda: self.state.version >= version, timeout)
+
+    def _adopt_profile(self, profile: DeviceProfile) -> None:
+        """Take ``profile`` as this device's (revision bumped when the measurement changed), stored."""
+        if profile.device_id != self.device_id or profile.device_class != self.device_class:
+            profile = profile.model_copy(update={"device_id": self.device_id, "device_class": self.device_class})
+        old = self.state.profile
+        if old is not None:
+            bump = 0 if _same_measurement(old, profile) else 1
+            profile = profile.model_copy(update={"revision": max(profile.revision, old.revision + bump)})
+        if self.state.profile != profile:
+            self.state = self.state.model_copy(update={"profile": profile, "updated_at": utcnow()})
+            save_device_state(self.state_dir, self.state)
+        self.profile = profile
+
+    def set_profile(self, profile: DeviceProfile) -> None:
+        """Give the profile after start (the CLI connects first, then measures): it is stored and
+        announced, and a policy that arrived meanwhile is evaluated now."""
+        with self._lock:
+            self._adopt_profile(profile)
+            if self.session.connected:
+                self.session.publish(topics.profile(self.device_id), self.profile.to_json(), qos=1, retain=True)  # type: ignore[union-attr]
+            waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            self.handle_policy(waiting)
 
     # -- MQTT handlers (paho network thread) ----------------------------------------------
     def _status(self, online: bool) -> Status:
@@ -273,7 +300,8 @@ class DeviceAgent:
         with self._lock:
             birth = self._status(online=True)
             self.session.publish(topics.status(self.device_id), birth.to_json(), qos=1, retain=True)
-            self.session.publish(topics.profile(self.device_id), self.profile.to_json(), qos=1, retain=True)
+            if self.profile is not None:
+                self.session.publish(topics.profile(self.device_id), self.profile.to_json(), qos=1, retain=True)
             if self.last_ack is not None:
                 self.session.publish(topics.policy_reported(self.device_id), self.last_ack.to_json(), qos=1, retain=True)
 
@@ -293,6 +321,10 @@ class DeviceAgent:
 
     def handle_policy(self, policy: BudgetPolicy) -> PolicyAck | None:
         with self._lock:
+            if self.profile is None:
+                log.info("%s: policy version %d waits for this device's profile (being measured)", self.device_id, policy.version)
+                self._waiting = policy
+                return None
             decision = evaluate_policy(policy, self.state, self.profile, self.clock())
             log.info("%s: %s", self.device_id, decision.note)
             if decision.state is not None:

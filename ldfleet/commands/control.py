@@ -122,6 +122,7 @@ def agent(
 
     if not is_valid_device_id(device_id):
         fail(f"invalid device id {device_id!r}: use 1-64 of A-Z a-z 0-9 . _ -")
+    measure = profile_json is None and layer_ms is None
     try:
         if profile_json is not None:
             prof = profile_from_json(profile_json, device_id, device_class)
@@ -131,8 +132,7 @@ def agent(
                 fail("--layer-ms must be comma-separated non-negative numbers")
             prof = synthetic_profile(device_id, device_class, num_layers=len(values), layer_ms=values, front_end_ms=front_end_ms, model_id="given")
         else:
-            err.print(f"measuring {family}-{size} on this machine (pass --profile-json to skip)...")
-            prof = measure_profile(device_id, device_class, family=family, size=size)
+            prof = None  # connect first (birth, duplicate-id checks), measure while connected
         ag = DeviceAgent(device_id, device_class, _broker(broker), prof, state_dir=state_dir,
                          ca_file=str(ca_file) if ca_file else None, telemetry_interval_s=telemetry_interval,
                          mqtt_version=mqtt_version)
@@ -141,6 +141,14 @@ def agent(
     signal.signal(signal.SIGTERM, lambda *_: ag.request_stop())
     err.print(f"agent {device_id} ({device_class}) -> {ag.url}; state in {ag.state_dir}")
     try:
+        if measure:
+            ag.start()
+            err.print(f"measuring {family}-{size} on this machine (pass --profile-json to skip)...")
+            try:
+                ag.set_profile(measure_profile(device_id, device_class, family=family, size=size))
+            except (ValueError, OSError) as exc:
+                ag.stop()
+                fail(f"cannot measure this device's profile: {exc}")
         ag.run_forever()
     except KeyboardInterrupt:
         ag.stop()
