@@ -144,6 +144,9 @@ class Will:
 
 MessageHandler = Callable[[str, bytes, bool], None]
 
+#: Reconnect delay after a fatal verdict: never (the network thread is stopped meanwhile).
+_NEVER_S = 10.0**9
+
 
 class MqttSession:
     """A long-lived paho client that reconnects by itself and renews its subscriptions.
@@ -316,10 +319,10 @@ class MqttSession:
         if v.action is Action.FATAL:
             self.fatal = f"{what} by {self.url}: {v.message}"
             log.error("%s: %s", self.client_id, self.fatal)
-            try:
-                self.client.disconnect()  # ends paho's reconnect loop
-            except Exception:  # noqa: BLE001
-                pass
+            # paho would reconnect after this callback whatever we call here: make its next wait
+            # endless, then end its network thread from outside it (loop_stop joins the thread)
+            self._set_delay(_NEVER_S)
+            threading.Thread(target=self.client.loop_stop, name=f"mqtt-stop-{self.client_id}", daemon=True).start()
             if self._on_fatal is not None:
                 try:
                     self._on_fatal(self.fatal)

@@ -431,6 +431,10 @@ def devices_list(
         )
     console.print(t)
     console.print("policy: applied version / desired version; k: layers kept under the applied policy")
+    dups = [d for d in devs if _duplicate(d)]
+    if dups:
+        console.print("[red]duplicate device id[/red] (two agents use it at once; give each device its own "
+                      "--device-id): " + ", ".join(f"{d.device_id} (boots {d.boot_id}, {d.duplicate_boot_id})" for d in dups))
 
 
 @devices_app.command("set-class")
