@@ -277,7 +277,7 @@ class Controller:
         self.stats.batches += 1
         t0 = time.perf_counter()
         if batch:
-            with self.registry.session() as s:
+            with self.registry.session(write=True) as s:
                 self._apply(s, batch, work)
         t1 = time.perf_counter()
         published = self._resolve_and_publish(work) if work.any() else 0
@@ -435,7 +435,7 @@ class Controller:
         for part in _chunks(ids, self.resolve_chunk):
             out: list[tuple[str, bytes]] = []
             updates: list[dict[str, Any]] = []
-            with self.registry.session() as s:
+            with self.registry.session(write=True) as s:
                 for did, dclass, stored, dver, aver, desired in s.execute(select(*cols).where(Device.device_id.in_(part))):
                     prof = self._profile_of(did, stored)
                     if prof is None:

@@ -50,3 +50,39 @@ def test_eight_writers_times_fifty_lose_nothing_and_fail_nothing(db_url):
     assert {r.comment for r in rows} == {f"{i}-{j}" for i in range(WRITERS) for j in range(WRITES)}  # none lost
     by_id = {r.id: r for r in rows}
     assert all(r.previous_id is None if r.version == 1 else by_id[r.previous_id].version == r.version - 1 for r in rows)
+
+
+def test_a_postgresql_serialization_failure_is_retried_by_its_sqlstate(pg_url):
+    """A real SQLSTATE 40001 (two SERIALIZABLE transactions on one row) is retried; a real unique
+    violation is not, unless the write asks for it."""
+    import pytest
+    from sqlalchemy import text
+    from sqlalchemy.exc import IntegrityError
+
+    from ldfleet.server.registry.retry import retry_write, transient_reason
+
+    with Registry(pg_url) as reg:
+        with reg.engine.begin() as c:
+            c.execute(text("CREATE TABLE counter (id int primary key, n int)"))
+            c.execute(text("INSERT INTO counter VALUES (1, 0)"))
+        attempts = []
+
+        def bump() -> int:
+            attempts.append(1)
+            with reg.engine.connect() as a:
+                a = a.execution_options(isolation_level="SERIALIZABLE")
+                with a.begin():
+                    n = a.execute(text("SELECT n FROM counter WHERE id = 1")).scalar_one()
+                    if len(attempts) == 1:  # another writer commits in between, the first time only
+                        with reg.engine.begin() as b:
+                            b.execute(text("UPDATE counter SET n = n + 10 WHERE id = 1"))
+                    a.execute(text("UPDATE counter SET n = :n WHERE id = 1"), {"n": n + 1})
+            return n + 1
+
+        assert retry_write(bump, what="bump the counter") == 11
+        assert len(attempts) == 2
+        with reg.engine.begin() as c:
+            with pytest.raises(IntegrityError) as info:
+                c.execute(text("INSERT INTO counter VALUES (1, 5)"))
+        assert transient_reason(info.value) is None
+        assert transient_reason(info.value, integrity=True) == "a concurrent writer took the same key"
