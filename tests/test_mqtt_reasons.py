@@ -138,3 +138,15 @@ def test_two_agents_with_one_device_id_back_off_give_up_and_show_as_duplicate(sq
     assert row["duplicate"] is True and row["duplicate_boot_id"] in (a.boot_id, b.boot_id)
     table = runner.invoke(app, ["devices", "list", "--db", fleet.db_url])
     assert "duplicate device id" in table.output and "twin (boots" in table.output
+
+
+def test_a_refused_controller_stops_with_the_reason(locked_broker, tmp_path):
+    from ldfleet.server.controller import Controller
+
+    ctl = Controller(f"mqtt://ldfleet-controller:nope@127.0.0.1:{locked_broker.port}", f"sqlite:///{tmp_path / 'r.db'}",
+                     reconnect_max_s=1).start()
+    try:
+        assert wait_until(lambda: ctl.session.fatal is not None, 20)
+        assert "not retrying" in ctl.session.fatal and ctl._stop.is_set()  # run_forever returns, the CLI exits 1
+    finally:
+        ctl.stop()
