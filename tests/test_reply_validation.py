@@ -23,15 +23,7 @@ TEMPLATE = {"strategies.selector.w": np.zeros((3, 2), np.float32), "heads.select
 GOOD = {k: np.full_like(v, 2.0) for k, v in TEMPLATE.items()}
 
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    """Flower messages are created inside a task (a ServerApp run); stand in for one, as run_simulation does."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 42, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+from fleet_fixtures import flower_task_identity  # noqa: F401 - autouse fixture
 
 
 def _reply(node: int, *, examples=5, arrays=None, metrics=None, raw_arrays: ArrayRecord | None = None) -> Message:
