@@ -33,7 +33,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from ldfleet.common.runtime import default_registry_url
 from ldfleet.common.topics import DEVICE_CLASS_PATTERN, DEVICE_ID_PATTERN
-from ldfleet.server.registry.retry import RegistryBusy, retry_write
 from ldfleet.server.registry.models import (
     Device,
     DeviceClass,
@@ -43,6 +42,7 @@ from ldfleet.server.registry.models import (
     RoundMetric,
     utcnow,
 )
+from ldfleet.server.registry.retry import RegistryBusy, retry_write
 
 
 log = logging.getLogger("ldfleet.registry")
