@@ -2,17 +2,26 @@
 
 On every (re)connect it publishes its birth status and its profile (both retained; the Last Will
 publishes ``online: false`` if the connection dies), re-publishes its last ack, and subscribes to its
-own desired policy. A desired policy is validated (schema, topic, version strictly above the stored
-one, not expired, k resolvable on this device), stored atomically in the local device state, then
-acknowledged on ``policy/reported`` (retained). Versions at or below the stored one are ignored, so
-retained re-deliveries after a reconnect are harmless and a stale policy is never applied.
-Reconnection (broker restarts, network loss) is paho's exponential backoff.
+own desired policy and its own status. A desired policy is validated (schema, topic, version
+strictly above the stored one, not expired, k resolvable on this device), stored atomically in the
+local device state, then acknowledged on ``policy/reported`` (retained). Versions at or below the
+stored one are ignored, so retained re-deliveries after a reconnect are harmless and a stale policy
+is never applied. Expiry is counted from receipt (``ttl_s``), not read off this device's clock; a
+policy refused for being expired is evaluated again when it comes back (or every minute).
+
+Births and deaths are ordered as Sparkplug B does: a boot counter kept in the state folder
+(``boot_seq``) and a connection number (``seq``) shared by a connection's birth and its Last Will.
+A status on its own topic from a boot id that is neither this one nor its predecessor means a
+second agent runs with this device id: the agent says so, and a connection the broker then closes
+counts as a session takeover (hard backoff, then it gives up: ``ldfleet.common.mqtt_reasons``).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -21,6 +30,7 @@ from ldfleet.client.state import DeviceState, load_device_state, save_device_sta
 from ldfleet.common import topics
 from ldfleet.common.budget import expected_latency_ms
 from ldfleet.common.mqtt import BrokerURL, MqttSession, Will, new_id, paho_protocol, parse_broker_url
+from ldfleet.common.mqtt_reasons import ReconnectPolicy
 from ldfleet.common.policy import k_for_budget
 from ldfleet.common.schemas import BudgetPolicy, DeviceProfile, PolicyAck, Status, Telemetry, decode, utcnow
 
@@ -43,10 +53,10 @@ def evaluate_policy(policy: BudgetPolicy, state: DeviceState, profile: DevicePro
         return Decision(None, None, f"policy for {policy.device_id!r}, this is {state.device_id!r}")
     if policy.version <= state.version:
         return Decision(None, None, f"version {policy.version} <= stored {state.version}: ignored")
-    if state.last_rejected_version is not None and policy.version == state.last_rejected_version:
+    if policy.version == state.last_rejected_version and not state.last_rejected_retryable:
         return Decision(None, None, f"version {policy.version} already rejected")
 
-    def reject(reason: str) -> Decision:
+    def reject(reason: str, retryable: bool = False) -> Decision:
         ack = PolicyAck(
             device_id=state.device_id,
             version=policy.version,
@@ -57,11 +67,15 @@ def evaluate_policy(policy: BudgetPolicy, state: DeviceState, profile: DevicePro
             expected_latency_ms=state.expected_latency_ms,
             acked_at=now,
         )
-        new = state.model_copy(update={"last_rejected_version": policy.version, "last_rejected_reason": reason[:500], "updated_at": now})
+        new = state.model_copy(update={"last_rejected_version": policy.version, "last_rejected_reason": reason[:500],
+                                       "last_rejected_retryable": retryable, "updated_at": now})
         return Decision(new, ack, f"rejected version {policy.version}: {reason}")
 
     if policy.expired(now):
-        return reject(f"policy expired at {policy.expires_at.isoformat()}")  # type: ignore[union-attr]
+        if policy.ttl_s is not None:
+            return reject(f"policy expired before it arrived (controller says {policy.ttl_s:g} s left)", retryable=True)
+        return reject(f"policy expired at {policy.expires_at.isoformat()} by this device's clock "  # type: ignore[union-attr]
+                      f"({now.isoformat(timespec='seconds')})", retryable=True)
     try:
         if policy.k is not None and policy.num_layers in (None, profile.num_layers):
             k = policy.k
@@ -81,6 +95,7 @@ def evaluate_policy(policy: BudgetPolicy, state: DeviceState, profile: DevicePro
             "updated_at": now,
             "last_rejected_version": None,
             "last_rejected_reason": None,
+            "last_rejected_retryable": False,
         }
     )
     ack = PolicyAck(
@@ -108,18 +123,18 @@ class DeviceAgent:
         device_id: str,
         device_class: str,
         broker: str | BrokerURL,
-        profile: DeviceProfile,
+        profile: DeviceProfile | None,
         *,
         state_dir: str | Path | None = None,
         ca_file: str | None = None,
         telemetry_interval_s: float = 0.0,
         reconnect_max_s: float = 30.0,
         mqtt_version: int = 5,
+        policy: ReconnectPolicy | None = None,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         if not topics.is_valid_device_id(device_id):
             raise ValueError(f"invalid device id {device_id!r}: must match {topics.DEVICE_ID_PATTERN}")
-        if profile.device_id != device_id or profile.device_class != device_class:
-            profile = profile.model_copy(update={"device_id": device_id, "device_class": device_class})
         from ldfleet.common.runtime import default_device_state_dir
 
         self.device_id = device_id
@@ -127,8 +142,12 @@ class DeviceAgent:
         self.url = broker if isinstance(broker, BrokerURL) else parse_broker_url(broker, ca_file=ca_file)
         self.state_dir = Path(state_dir) if state_dir is not None else default_device_state_dir(device_id)
         self.telemetry_interval_s = telemetry_interval_s
+        self.clock = clock
+        #: Why the agent stopped for good (bad credentials, not authorised, duplicate device id), else None.
+        self.fatal: str | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._running = False
         self.applied = threading.Condition(self._lock)
 
         state = load_device_state(self.state_dir)
@@ -136,16 +155,18 @@ class DeviceAgent:
             raise ValueError(f"state dir {self.state_dir} belongs to device {state.device_id!r}, not {device_id!r}")
         if state is None:
             state = DeviceState(device_id=device_id, device_class=device_class)
-        old = state.profile
-        if old is not None and not _same_measurement(old, profile):
-            profile = profile.model_copy(update={"revision": max(profile.revision, old.revision + 1)})
-        elif old is not None:
-            profile = profile.model_copy(update={"revision": max(profile.revision, old.revision)})
-        if state.profile != profile or state.device_class != device_class:
-            state = state.model_copy(update={"profile": profile, "device_class": device_class, "updated_at": utcnow()})
-            save_device_state(self.state_dir, state)
+        self.boot_id = new_id()
+        self.previous_boot_id = state.boot_id
+        self.boot_seq = state.boot_seq + 1
+        state = state.model_copy(update={"device_class": device_class, "updated_at": utcnow(),
+                                         "boot_seq": self.boot_seq, "boot_id": self.boot_id})
+        save_device_state(self.state_dir, state)
         self.state = state
-        self.profile = profile
+        #: This device's profile; None while it is being measured (policies wait for it).
+        self.profile: DeviceProfile | None = None
+        self._waiting: BudgetPolicy | None = None
+        if profile is not None:
+            self._adopt_profile(profile)
         self.last_ack: PolicyAck | None = None
         if state.version > 0:  # re-announce what is in force after a restart
             self.last_ack = PolicyAck(
@@ -158,16 +179,20 @@ class DeviceAgent:
                 acked_at=state.updated_at,
             )
 
-        self.boot_id = new_id()
-        self.seq = 0
-        will = Will(topics.status(device_id), Status(device_id=device_id, online=False, boot_id=self.boot_id).to_json())
+        #: Number of the connection whose Last Will is registered (its birth carries the same number).
+        self.seq = 1
+        self._foreign_boots: set[str] = set()
+        self._time_rejected: BudgetPolicy | None = None
         self.session = MqttSession(
             self.url,
             client_id=f"ldfleet-dev-{device_id}",
-            subscriptions=[(topics.policy_desired(device_id), 1)],
+            subscriptions=[(topics.policy_desired(device_id), 1), (topics.status(device_id), 1)],
             on_message=self._on_message,
             on_connected=self._announce,
-            will=will,
+            on_disconnected=self._next_connection,
+            on_fatal=self._give_up,
+            will=self._death(),
+            policy=policy,
             reconnect_max_s=reconnect_max_s,
             max_queued=1000,
             max_inflight=20,
@@ -177,6 +202,10 @@ class DeviceAgent:
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> DeviceAgent:
+        """Connect (idempotent: a second call while running changes nothing, a stop request stays)."""
+        if self._running:
+            return self
+        self._running = True
         self._stop.clear()
         self.session.start()
         if self.telemetry_interval_s > 0 and self._telemetry_thread is None:
@@ -187,17 +216,22 @@ class DeviceAgent:
     def stop(self) -> None:
         """Say goodbye (retained offline status), disconnect cleanly (no Last Will)."""
         self._stop.set()
-        offline = Status(device_id=self.device_id, online=False, boot_id=self.boot_id, seq=self.seq, sent_at=utcnow())
+        self._running = False
+        offline = self._status(online=False)
         self.session.stop(final=[(topics.status(self.device_id), offline.to_json(), 1, True)])
         if self._telemetry_thread is not None:
             self._telemetry_thread.join(timeout=2)
             self._telemetry_thread = None
 
-    def run_forever(self) -> None:
+    def run_forever(self, retry_every_s: float = 60.0) -> None:
+        """Run until ``request_stop`` or a fatal refusal (then ``self.fatal`` says why)."""
         self.start()
+        last_retry = time.monotonic()
         try:
             while not self._stop.wait(1.0):
-                pass
+                if self._time_rejected is not None and time.monotonic() - last_retry >= retry_every_s:
+                    last_retry = time.monotonic()
+                    self.handle_policy(self._time_rejected)  # e.g. the clock was corrected since
         finally:
             self.stop()
 
@@ -209,18 +243,75 @@ class DeviceAgent:
         with self.applied:
             return self.applied.wait_for(lambda: self.state.version >= version, timeout)
 
+    def _adopt_profile(self, profile: DeviceProfile) -> None:
+        """Take ``profile`` as this device's (revision bumped when the measurement changed), stored."""
+        if profile.device_id != self.device_id or profile.device_class != self.device_class:
+            profile = profile.model_copy(update={"device_id": self.device_id, "device_class": self.device_class})
+        old = self.state.profile
+        if old is not None:
+            bump = 0 if _same_measurement(old, profile) else 1
+            profile = profile.model_copy(update={"revision": max(profile.revision, old.revision + bump)})
+        if self.state.profile != profile:
+            self.state = self.state.model_copy(update={"profile": profile, "updated_at": utcnow()})
+            save_device_state(self.state_dir, self.state)
+        self.profile = profile
+
+    def set_profile(self, profile: DeviceProfile) -> None:
+        """Give the profile after start (the CLI connects first, then measures): it is stored and
+        announced, and a policy that arrived meanwhile is evaluated now."""
+        with self._lock:
+            self._adopt_profile(profile)
+            if self.session.connected:
+                self.session.publish(topics.profile(self.device_id), self.profile.to_json(), qos=1, retain=True)  # type: ignore[union-attr]
+            waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            self.handle_policy(waiting)
+
     # -- MQTT handlers (paho network thread) ----------------------------------------------
-    def _announce(self) -> None:
+    def _status(self, online: bool) -> Status:
+        return Status(device_id=self.device_id, online=online, boot_id=self.boot_id, boot_seq=self.boot_seq,
+                      seq=self.seq, sent_at=self.clock())
+
+    def _death(self) -> Will:
+        return Will(topics.status(self.device_id), self._status(online=False).to_json())
+
+    def _next_connection(self) -> None:
+        """After a connection ended: the next one gets the next number, in its Last Will too."""
         with self._lock:
             self.seq += 1
-            birth = Status(device_id=self.device_id, online=True, boot_id=self.boot_id, seq=self.seq, sent_at=utcnow())
+            self.session.set_will(self._death())
+
+    def _give_up(self, why: str) -> None:
+        self.fatal = why
+        self._stop.set()
+
+    def _check_status(self, status: Status) -> None:
+        """A status from a boot id that is neither this boot nor its predecessor: a second agent."""
+        boot = status.boot_id
+        if boot in (self.boot_id, self.previous_boot_id) or boot in self._foreign_boots:
+            return
+        self._foreign_boots.add(boot)
+        hint = (f"another agent (boot {boot}, boot #{status.boot_seq}) announced itself with the same device id "
+                f"{self.device_id!r}: duplicate device id? Give each device its own --device-id")
+        self.session.policy.duplicate_hint = hint
+        log.warning("%s: %s", self.device_id, hint)
+
+    def _announce(self) -> None:
+        with self._lock:
+            birth = self._status(online=True)
             self.session.publish(topics.status(self.device_id), birth.to_json(), qos=1, retain=True)
-            self.session.publish(topics.profile(self.device_id), self.profile.to_json(), qos=1, retain=True)
+            if self.profile is not None:
+                self.session.publish(topics.profile(self.device_id), self.profile.to_json(), qos=1, retain=True)
             if self.last_ack is not None:
                 self.session.publish(topics.policy_reported(self.device_id), self.last_ack.to_json(), qos=1, retain=True)
 
     def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
         parsed = topics.parse_device_topic(topic)
+        if parsed is not None and parsed.device_id == self.device_id and parsed.channel is topics.Channel.STATUS:
+            status = decode(Status, payload, topic=topic, topic_device_id=self.device_id, logger=log)
+            if status is not None:
+                self._check_status(status)
+            return
         if parsed is None or parsed.device_id != self.device_id or parsed.channel is not topics.Channel.POLICY_DESIRED:
             log.warning("%s: dropped message on unexpected topic %s", self.device_id, topic)
             return
@@ -230,8 +321,16 @@ class DeviceAgent:
 
     def handle_policy(self, policy: BudgetPolicy) -> PolicyAck | None:
         with self._lock:
-            decision = evaluate_policy(policy, self.state, self.profile)
+            if self.profile is None:
+                log.info("%s: policy version %d waits for this device's profile (being measured)", self.device_id, policy.version)
+                self._waiting = policy
+                return None
+            decision = evaluate_policy(policy, self.state, self.profile, self.clock())
             log.info("%s: %s", self.device_id, decision.note)
+            if decision.state is not None:
+                self._time_rejected = policy if decision.state.last_rejected_retryable else None
+            elif policy is self._time_rejected:  # overtaken by a newer version
+                self._time_rejected = None
             ack = decision.ack
             if decision.state is not None:
                 try:
@@ -247,7 +346,7 @@ class DeviceAgent:
                         reason=f"cannot store device state: {exc}"[:500],
                         effective_k=self.state.effective_k,
                         expected_latency_ms=self.state.expected_latency_ms,
-                        acked_at=utcnow(),
+                        acked_at=self.clock(),
                     )
             if ack is not None:
                 self.last_ack = ack

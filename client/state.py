@@ -40,6 +40,12 @@ class DeviceState(BaseModel):
     #: Last desired version this device refused, with the reason (kept for diagnosis).
     last_rejected_version: int | None = None
     last_rejected_reason: str | None = None
+    #: The rejection was about time (expiry): the same version is evaluated again when it comes back.
+    last_rejected_retryable: bool = False
+    #: How many times an agent started with this state folder, and the boot id of the latest start
+    #: (birth/death ordering: ``ldfleet.common.schemas.Status``).
+    boot_seq: int = Field(0, ge=0)
+    boot_id: str | None = None
 
     @property
     def num_layers(self) -> int | None:

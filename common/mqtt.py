@@ -5,9 +5,11 @@ and ``mqtts://[user:pass@]host[:port]`` (TLS, default port 8883, verified agains
 system trust store). User name and password are percent-decoded.
 
 ``MqttSession`` wraps a paho 2.x client the way PITFALLS.md asks: callback API version 2,
-``connect_async`` + ``loop_start`` (paho reconnects by itself with exponential backoff),
-subscriptions renewed in ``on_connect``, every user handler wrapped so that an exception is
-logged instead of killing paho's network thread, bounded outgoing queue.
+``connect_async`` + ``loop_start``, subscriptions renewed in ``on_connect``, every user handler
+wrapped so that an exception is logged instead of killing paho's network thread, bounded outgoing
+queue. Every refusal or close is read through ``ldfleet.common.mqtt_reasons``: the reason is logged
+plainly, a fatal one (bad credentials, not authorised...) stops the session and calls ``on_fatal``,
+any other sets paho's next reconnect delay from the ``ReconnectPolicy`` (exponential, jitter, cap).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -24,6 +27,8 @@ from urllib.parse import unquote, urlsplit
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from ldfleet.common.mqtt_reasons import Action, ReconnectPolicy, Verdict, reason_for
 
 log = logging.getLogger("ldfleet.mqtt")
 
@@ -139,6 +144,9 @@ class Will:
 
 MessageHandler = Callable[[str, bytes, bool], None]
 
+#: Reconnect delay after a fatal verdict: never (the network thread is stopped meanwhile).
+_NEVER_S = 10.0**9
+
 
 class MqttSession:
     """A long-lived paho client that reconnects by itself and renews its subscriptions.
@@ -157,6 +165,7 @@ class MqttSession:
         on_message: MessageHandler | None = None,
         on_connected: Callable[[], None] | None = None,
         on_disconnected: Callable[[], None] | None = None,
+        on_fatal: Callable[[str], None] | None = None,
         will: Will | None = None,
         protocol: int = paho.MQTTv5,
         keepalive: int = 30,
@@ -164,6 +173,7 @@ class MqttSession:
         reconnect_max_s: float = 30.0,
         max_queued: int = 10_000,
         max_inflight: int = 100,
+        policy: ReconnectPolicy | None = None,
     ) -> None:
         self.url = url
         self.client_id = client_id
@@ -171,6 +181,11 @@ class MqttSession:
         self._on_message = on_message
         self._on_connected = on_connected
         self._on_disconnected = on_disconnected
+        self._on_fatal = on_fatal
+        self.policy = policy or ReconnectPolicy(base_s=reconnect_min_s, cap_s=reconnect_max_s)
+        #: Why the session gave up for good (a fatal refusal or too many takeovers), else None.
+        self.fatal: str | None = None
+        self._connected_at: float | None = None
         self._protocol = protocol
         self._keepalive = keepalive
         self._connected = threading.Event()
@@ -184,6 +199,7 @@ class MqttSession:
         c.suppress_exceptions = True
         c.enable_logger(_paho_log)
         c.reconnect_delay_set(min_delay=max(1, int(reconnect_min_s)), max_delay=max(1, int(reconnect_max_s)))
+        c.on_connect_fail = self._handle_connect_fail
         c.max_queued_messages_set(max_queued)
         c.max_inflight_messages_set(max_inflight)
         if url.username is not None:
@@ -204,6 +220,7 @@ class MqttSession:
             return
         self._started = True
         self._stopping = False
+        self.fatal = None
         kw: dict[str, Any] = {}
         if self._protocol == paho.MQTTv5:
             kw["clean_start"] = True
@@ -238,6 +255,11 @@ class MqttSession:
         self._started = False
         self._stopping = False
 
+    def set_will(self, will: Will) -> None:
+        """Replace the Last Will sent with the next CONNECT (call between connections, e.g. in
+        ``on_disconnected``, so that each connection's death carries that connection's number)."""
+        self.client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+
     # -- publishing ------------------------------------------------------------------------
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> paho.MQTTMessageInfo:
         """Queue a message; QoS>0 messages published while disconnected go out after reconnect."""
@@ -251,10 +273,11 @@ class MqttSession:
         try:
             if reason_code.is_failure:
                 self.last_connect_error = str(reason_code)
-                log.warning("%s: broker %s refused connection: %s", self.client_id, self.url, reason_code)
+                self._follow(self.policy.verdict(reason_code.value), "broker refused the connection")
                 return
             self.connect_count += 1
             self.last_connect_error = None
+            self._connected_at = time.monotonic()
             if self.subscriptions:
                 if self._protocol == paho.MQTTv5:
                     subs = [(t, SubscribeOptions(qos=q)) for t, q in self.subscriptions]
@@ -268,18 +291,46 @@ class MqttSession:
         except Exception:  # noqa: BLE001 - never let paho's thread die
             log.exception("%s: on_connect handler failed", self.client_id)
 
+    def _handle_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        v = self.policy.verdict(None)
+        log.warning("%s: cannot reach broker %s; reconnecting in %.1f s", self.client_id, self.url, v.delay_s)
+        self._set_delay(v.delay_s)
+
     def _handle_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
-        was = self._connected.is_set()
         self._connected.clear()
-        if self._stopping:
+        up = time.monotonic() - self._connected_at if self._connected_at is not None else None
+        self._connected_at = None
+        if self._stopping or self.fatal is not None:
             log.debug("%s: disconnected from %s", self.client_id, self.url)
-        elif was:
-            log.warning("%s: disconnected from %s (%s); reconnecting", self.client_id, self.url, reason_code)
+        elif up is not None:
+            self._follow(self.policy.verdict(getattr(reason_code, "value", None), connected_s=up), "disconnected")
         try:
             if self._on_disconnected is not None:
                 self._on_disconnected()
         except Exception:  # noqa: BLE001
             log.exception("%s: on_disconnect handler failed", self.client_id)
+
+    def _set_delay(self, seconds: float) -> None:
+        # paho waits min_delay before its next attempt after reconnect_delay_set (it resets its own doubling)
+        self.client.reconnect_delay_set(min_delay=seconds, max_delay=seconds)  # type: ignore[arg-type]
+
+    def _follow(self, v: Verdict, what: str) -> None:
+        """Log a verdict plainly and act on it: stop for good, or wait ``v.delay_s`` before the next try."""
+        if v.action is Action.FATAL:
+            self.fatal = f"{what} by {self.url}: {v.message}"
+            log.error("%s: %s", self.client_id, self.fatal)
+            # paho would reconnect after this callback whatever we call here: make its next wait
+            # endless, then end its network thread from outside it (loop_stop joins the thread)
+            self._set_delay(_NEVER_S)
+            threading.Thread(target=self.client.loop_stop, name=f"mqtt-stop-{self.client_id}", daemon=True).start()
+            if self._on_fatal is not None:
+                try:
+                    self._on_fatal(self.fatal)
+                except Exception:  # noqa: BLE001
+                    log.exception("%s: on_fatal handler failed", self.client_id)
+            return
+        log.warning("%s: %s by %s: %s", self.client_id, what, self.url, v.message)
+        self._set_delay(v.delay_s)
 
     def _handle_publish(self, client: paho.Client, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
         if getattr(reason_code, "is_failure", False):
@@ -322,7 +373,7 @@ def publish_once(
 
     def on_connect(client: paho.Client, userdata: Any, flags: Any, rc: Any, props: Any) -> None:
         if rc.is_failure:
-            err.append(str(rc))
+            err.append(f"{reason_for(rc.value).text} (reason code 0x{rc.value:02X})")
         done.set()
 
     c.on_connect = on_connect

@@ -95,7 +95,14 @@ class DeviceProfile(Payload):
 
 
 class Status(Payload):
-    """Birth (online) and death (offline, sent as the Last Will) of one device connection."""
+    """Birth (online) and death (offline, sent as the Last Will) of one device connection.
+
+    Ordered as Sparkplug B orders births and deaths with ``bdSeq``: ``boot_seq`` counts the agent's
+    starts on this device (kept in its state folder, so it only goes up), ``seq`` numbers the
+    connections of one boot, and a connection's birth and its Last Will carry the same ``seq``.
+    A receiver never lets a message of an earlier boot or connection override a later one
+    (``ldfleet.server.liveness``). ``boot_seq`` 0: an agent that predates the counter.
+    """
 
     SCHEMA: ClassVar[str] = "ldfleet.status/1"
     schema_: Literal["ldfleet.status/1"] = Field("ldfleet.status/1", alias="schema")
@@ -103,7 +110,9 @@ class Status(Payload):
     online: bool
     #: Random id of the agent process; changes when the device restarts.
     boot_id: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    #: Number of births of this boot (1 = first connect).
+    #: Number of this boot on the device (1, 2, ...; 0 = unknown, an older agent).
+    boot_seq: Version = 0
+    #: Number of the connection of this boot that the message is about (1 = first connect).
     seq: Version = 0
     sent_at: AwareDatetime | None = None
 
@@ -133,6 +142,12 @@ class BudgetPolicy(Payload):
     issued_at: AwareDatetime
     issued_by: ShortText
     expires_at: AwareDatetime | None = None
+    #: Seconds this policy stays valid after it was sent (``expires_at`` minus the controller's clock
+    #: at sending): a device counts it from its own receipt, so its clock need not be right.
+    #: None: no expiry, or a controller that predates the field (then ``expires_at`` is compared
+    #: with the device's clock).
+    ttl_s: float | None = Field(None, ge=0.0, le=1e10)
+    sent_at: AwareDatetime | None = None
 
     @model_validator(mode="after")
     def _one_budget(self) -> BudgetPolicy:
@@ -145,7 +160,16 @@ class BudgetPolicy(Payload):
         return self
 
     def expired(self, now: datetime | None = None) -> bool:
+        """Expired on arrival: ``ttl_s`` is 0 (the controller's clock), else ``expires_at`` has passed
+        by ``now`` (the receiver's clock; only for documents without ``ttl_s``)."""
+        if self.ttl_s is not None:
+            return self.ttl_s <= 0.0
         return self.expires_at is not None and (now or utcnow()) >= self.expires_at
+
+    def stamped(self, now: datetime) -> BudgetPolicy:
+        """The document as sent at ``now`` (sender's clock): ``sent_at`` and the ``ttl_s`` left."""
+        ttl = None if self.expires_at is None else max(0.0, round((self.expires_at - now).total_seconds(), 3))
+        return self.model_copy(update={"sent_at": now, "ttl_s": ttl})
 
 
 class PolicyAck(Payload):

@@ -48,8 +48,10 @@ from ldfleet.common.schemas import (
     decode,
     utcnow,
 )
+from ldfleet.server import liveness
+from ldfleet.server.acks import store as acks_store
 from ldfleet.server.policy import resolve, signature_of
-from ldfleet.server.registry.models import Device, DeviceClass, PolicyAckRecord
+from ldfleet.server.registry.models import Device, DeviceClass
 from ldfleet.server.registry.store import Registry
 
 log = logging.getLogger("ldfleet.controller")
@@ -134,6 +136,7 @@ class Controller:
             ],
             on_message=self._enqueue,
             on_connected=self._on_connected,
+            on_fatal=lambda why: self._stop.set(),  # bad credentials, not authorised: run_forever ends
             will=will,
             reconnect_max_s=reconnect_max_s,
             max_queued=100_000,
@@ -274,7 +277,7 @@ class Controller:
         self.stats.batches += 1
         t0 = time.perf_counter()
         if batch:
-            with self.registry.session() as s:
+            with self.registry.session(write=True) as s:
                 self._apply(s, batch, work)
         t1 = time.perf_counter()
         published = self._resolve_and_publish(work) if work.any() else 0
@@ -343,10 +346,9 @@ class Controller:
         for part in _chunks(ids, 500):
             desired.update(s.execute(select(Device.device_id, Device.desired_version).where(Device.device_id.in_(part))).all())
         new_rows: dict[str, dict[str, Any]] = {}
-        status_upd: dict[str, dict[str, Any]] = {}
-        ack_upd: dict[str, dict[str, Any]] = {}
         tel_upd: dict[str, dict[str, Any]] = {}
-        ack_rows: list[dict[str, Any]] = []
+        statuses: list[tuple[Status, datetime]] = []
+        acks: list[tuple[PolicyAck, datetime]] = []
         for kind, obj, now in items:
             did = obj.device_id
             if kind == C.TELEMETRY.value:
@@ -357,32 +359,16 @@ class Controller:
                 continue
             if did not in desired and did not in new_rows:
                 new_rows[did] = {"device_id": did, "first_seen": now, "online": False, "class_pinned": False, "desired_version": 0, "applied_version": 0}
-            if kind == C.STATUS.value:
-                status_upd[did] = {"device_id": did, "online": obj.online, "boot_id": obj.boot_id, "status_at": now, "last_seen": now}
-                continue
-            ack: PolicyAck = obj
-            dv = desired.get(did, 0)
-            self.stats.acks += 1
-            ack_upd[did] = {
-                "device_id": did, "applied_version": ack.applied_version, "ack_status": ack.status, "ack_reason": ack.reason,
-                "effective_k": ack.effective_k, "expected_latency_ms": ack.expected_latency_ms, "acked_at": now, "last_seen": now,
-            }
-            ack_rows.append({
-                "device_id": did, "version": ack.version, "applied_version": ack.applied_version, "status": ack.status,
-                "reason": ack.reason, "effective_k": ack.effective_k, "expected_latency_ms": ack.expected_latency_ms,
-                "desired_version": dv, "converged": bool(dv) and ack.applied_version == dv, "received_at": now,
-            })
-            if ack.status == "rejected":
-                log.warning("device %s rejected policy version %d: %s", did, ack.version, ack.reason)
-            if ack.applied_version > dv:
+            (statuses if kind == C.STATUS.value else acks).append((obj, now))
+            if kind == C.POLICY_REPORTED.value and obj.applied_version > desired.get(did, 0):
                 work.devices.add(did)  # the device is ahead of the registry: publish above it
         if new_rows:
             s.execute(insert(_DEVICES), list(new_rows.values()))
-        for upd in (status_upd, ack_upd, tel_upd):
+        ack_upd = acks_store(s, acks, desired)
+        self.stats.acks += len(ack_upd)
+        for upd in (liveness.updates(s, statuses), ack_upd, list(tel_upd.values())):
             if upd:
-                _bulk_update_devices(s, list(upd.values()))
-        if ack_rows:
-            s.execute(insert(_ACKS), ack_rows)
+                _bulk_update_devices(s, upd)
 
     def _apply_profile(self, s: Session, prof: DeviceProfile, now: datetime, work: _Work) -> None:
         did = prof.device_id
@@ -395,12 +381,15 @@ class Controller:
                 return
             s.add(DeviceClass(name=prof.device_class, description="created from a device profile"))
             s.flush()  # the class row must exist before a device refers to it
+        doc = prof.model_dump(mode="json", by_alias=True)
+        if dev is not None and dev.profile == doc and (pinned or dev.device_class == prof.device_class):
+            return  # delivered again: changes nothing
         if dev is None:
             dev = Device(device_id=did, first_seen=now, desired_version=0, applied_version=0, online=False, class_pinned=False)
             s.add(dev)
         if not pinned:
             dev.device_class = prof.device_class
-        dev.profile = prof.model_dump(mode="json", by_alias=True)
+        dev.profile = doc
         dev.profile_revision = prof.revision
         dev.profile_at = now
         dev.model_id = prof.model_id
@@ -446,7 +435,7 @@ class Controller:
         for part in _chunks(ids, self.resolve_chunk):
             out: list[tuple[str, bytes]] = []
             updates: list[dict[str, Any]] = []
-            with self.registry.session() as s:
+            with self.registry.session(write=True) as s:
                 for did, dclass, stored, dver, aver, desired in s.execute(select(*cols).where(Device.device_id.in_(part))):
                     prof = self._profile_of(did, stored)
                     if prof is None:
@@ -455,13 +444,13 @@ class Controller:
                     res = resolve(did, dclass, prof, active, default_keep=self.default_keep, now=now)
                     if res.signature() != signature_of(desired) or aver > dver:
                         version = max(dver, aver) + 1
-                        doc = res.to_policy(did, version)
+                        doc = res.to_policy(did, version).stamped(now)
                         updates.append({"device_id": did, "desired_version": version, "desired": doc.model_dump(mode="json", by_alias=True), "desired_at": now})
                         out.append((topics.policy_desired(did), doc.to_json()))
                         if res.note:
                             log.warning("device %s: %s (published without k; the device decides)", did, res.note)
                     elif work.republish and desired:
-                        out.append((topics.policy_desired(did), BudgetPolicy.model_validate(desired, strict=False).to_json()))
+                        out.append((topics.policy_desired(did), BudgetPolicy.model_validate(desired, strict=False).stamped(utcnow()).to_json()))
                 if updates:
                     _bulk_update_devices(s, updates)
             for topic, payload in out:
@@ -483,7 +472,6 @@ _MODELS: dict[topics.Channel, type] = {
 
 
 _DEVICES = Device.__table__
-_ACKS = PolicyAckRecord.__table__
 
 
 def _bulk_update_devices(s: Session, rows: list[dict[str, Any]]) -> None:

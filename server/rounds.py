@@ -74,6 +74,8 @@ class MetricRow:
     mean_kept_layers: float | None
     latency_ms: float | None
     layer_usage: list[float] | None
+    #: Why a ``*-failed`` row failed.
+    reason: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -95,7 +97,7 @@ def metric_rows(registry: Registry, run_id: str, phase: str | None = None) -> li
                 round=number, device_id=m.device_id, device_class=m.device_class, phase=m.phase,
                 policy_version=m.policy_version, k=m.k, accuracy=m.accuracy, loss=m.loss,
                 num_examples=m.num_examples, mean_kept_layers=m.mean_kept_layers, latency_ms=m.latency_ms,
-                layer_usage=list(m.layer_usage) if m.layer_usage is not None else None,
+                layer_usage=list(m.layer_usage) if m.layer_usage is not None else None, reason=m.reason,
             ))
         return out
 

@@ -7,9 +7,10 @@ What it changes in FedAvg (``flwr.serverapp.strategy.FedAvg``):
   the round plan); every node gets its own RecordDict (FedAvg shares one), so per-device settings
   (fault injection in simulations) never leak to others. No budget is sent: devices read theirs.
 * ``aggregate_train``: a per-key weighted average over the replies that carry each key (FedAvg
-  assumes every reply has every key); replies with foreign keys or wrong shapes are refused. Every
-  device's metrics go to the registry, failures as ``train-failed`` rows (no metrics) with the
-  reason in the round summary; per-class aggregates and traffic go to the round summary.
+  assumes every reply has every key). Every reply is validated first (``validate_reply``: example
+  count, array names/shapes/dtypes, finite values and metrics); a refused one is a failure. Every
+  device's metrics go to the registry, failures as ``train-failed`` rows (no metrics) with their
+  reason (also in the round summary and the log); per-class aggregates and traffic go to the summary.
 * ``start``: FedAvg's loop, plus the round lifecycle in the registry, a checkpoint of the global
   arrays after every round, resuming from a given round, hooks for simulations (events, progress),
   and a short wait for devices whose policy has not converged before a round starts.
@@ -35,6 +36,7 @@ from ldfleet.common import learning as L
 from ldfleet.server.checkpoints import save_checkpoint
 from ldfleet.server.registry.store import Registry
 from ldfleet.server.rounds import EVAL, TRAIN, device_status, failed_phase, unsettled_devices
+from ldfleet.server.validate_reply import BadReply, check_reply
 
 log = logging.getLogger("ldfleet.server.strategy")
 
@@ -270,34 +272,25 @@ class FleetFedAvg(FedAvg):
         return messages
 
     def _check_reply(self, reply: Message, with_arrays: bool) -> tuple[DeviceResult | None, str | None]:
+        """A result, or the reason the reply does not count (``ldfleet.server.validate_reply``)."""
         node = reply.metadata.src_node_id
         dev = self.devices.get(node, DeviceInfo(f"node-{node}", "unknown"))
         if reply.has_error():
             return None, _error_reason(reply.error.reason)
         content = reply.content
-        if L.METRICS not in content.metric_records:
-            return None, "reply without metrics"
-        metrics = dict(content.metric_records[L.METRICS])
-        late = float(metrics.get(L.M_SIMULATED_DELAY_S, 0.0) or 0.0)
+        try:
+            checked = check_reply(content, self.template, with_arrays=with_arrays, num_layers=self.num_layers)
+        except BadReply as exc:
+            return None, f"refused reply: {exc}"
+        late = float(checked.metrics.get(L.M_SIMULATED_DELAY_S, 0.0) or 0.0)
         if late >= self.round_timeout_s:
             return None, f"no reply within {self.round_timeout_s:g} s (straggler, {late:g} s late)"
-        if L.M_EXAMPLES not in metrics or float(metrics[L.M_EXAMPLES]) <= 0:
-            return None, "reply without examples"
         if L.DEVICE in content.config_records:
             rec = content.config_records[L.DEVICE]
             dev = DeviceInfo(str(rec.get(L.NODE_DEVICE_ID, dev.device_id)), str(rec.get(L.NODE_DEVICE_CLASS, dev.device_class)))
-        result = DeviceResult(dev, node, metrics)
+        result = DeviceResult(dev, node, checked.metrics, checked.arrays)
+        result.metrics[L.M_EXAMPLES] = checked.num_examples
         if with_arrays:
-            if L.ARRAYS not in content.array_records:
-                return None, "train reply without arrays"
-            arrays = to_numpy(content.array_records[L.ARRAYS])
-            foreign = set(arrays) - set(self.template)
-            if foreign:
-                return None, f"reply carries arrays outside the selector/head: {sorted(foreign)[:2]}"
-            bad = [k for k, v in arrays.items() if v.shape != self.template[k].shape or not np.all(np.isfinite(v))]
-            if bad:
-                return None, f"bad shape or non-finite values in {bad[:2]}"
-            result.arrays = arrays
             result.bytes_received = L.array_bytes(content.array_records[L.ARRAYS])
         return result, None
 
@@ -307,9 +300,13 @@ class FleetFedAvg(FedAvg):
         answered = set()
         for reply in replies:
             answered.add(reply.metadata.src_node_id)
-            result, reason = self._check_reply(reply, with_arrays)
+            try:
+                result, reason = self._check_reply(reply, with_arrays)
+            except Exception as exc:  # noqa: BLE001 - one unreadable reply never aborts the round
+                result, reason = None, f"reply could not be read: {type(exc).__name__}: {exc}"
             if result is None:
                 dev = self.devices.get(reply.metadata.src_node_id, DeviceInfo(f"node-{reply.metadata.src_node_id}", "unknown"))
+                log.warning("round %d %s: device %s does not count: %s", self._round, phase, dev.device_id, reason)
                 failures.append({"device_id": dev.device_id, "device_class": dev.device_class, "phase": phase, "reason": reason})
             else:
                 results.append(result)
@@ -337,7 +334,7 @@ class FleetFedAvg(FedAvg):
             )
         for f in failures:
             self.registry.record_round_metric(self._round_id, f["device_id"], phase=failed_phase(phase),
-                                              device_class=f["device_class"])
+                                              device_class=f["device_class"], reason=f["reason"])
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         results = self._collect(replies, list(self._sent), with_arrays=True, phase=TRAIN)

@@ -19,15 +19,7 @@ from ldfleet.server.registry.store import Registry
 from ldfleet.server.rounds import discard_unfinished, finished_rounds, metric_rows
 from ldfleet.server.strategy import DeviceInfo, FleetFedAvg, class_aggregates, DeviceResult, weighted_mean_per_key
 
-@pytest.fixture(autouse=True)
-def _task_identity():
-    """Flower messages are created inside a task (a ServerApp run); stand in for one, as run_simulation does."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 42, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+from fleet_fixtures import flower_task_identity  # noqa: F401 - autouse fixture
 
 
 TEMPLATE = {"strategies.selector.w": np.zeros((3, 2), np.float32), "heads.selector.b": np.zeros(4, np.float32)}

@@ -11,7 +11,7 @@ import json
 import math
 import signal
 import sys
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +122,7 @@ def agent(
 
     if not is_valid_device_id(device_id):
         fail(f"invalid device id {device_id!r}: use 1-64 of A-Z a-z 0-9 . _ -")
+    measure = profile_json is None and layer_ms is None
     try:
         if profile_json is not None:
             prof = profile_from_json(profile_json, device_id, device_class)
@@ -131,8 +132,7 @@ def agent(
                 fail("--layer-ms must be comma-separated non-negative numbers")
             prof = synthetic_profile(device_id, device_class, num_layers=len(values), layer_ms=values, front_end_ms=front_end_ms, model_id="given")
         else:
-            err.print(f"measuring {family}-{size} on this machine (pass --profile-json to skip)...")
-            prof = measure_profile(device_id, device_class, family=family, size=size)
+            prof = None  # connect first (birth, duplicate-id checks), measure while connected
         ag = DeviceAgent(device_id, device_class, _broker(broker), prof, state_dir=state_dir,
                          ca_file=str(ca_file) if ca_file else None, telemetry_interval_s=telemetry_interval,
                          mqtt_version=mqtt_version)
@@ -141,9 +141,19 @@ def agent(
     signal.signal(signal.SIGTERM, lambda *_: ag.request_stop())
     err.print(f"agent {device_id} ({device_class}) -> {ag.url}; state in {ag.state_dir}")
     try:
+        if measure:
+            ag.start()
+            err.print(f"measuring {family}-{size} on this machine (pass --profile-json to skip)...")
+            try:
+                ag.set_profile(measure_profile(device_id, device_class, family=family, size=size))
+            except (ValueError, OSError) as exc:
+                ag.stop()
+                fail(f"cannot measure this device's profile: {exc}")
         ag.run_forever()
     except KeyboardInterrupt:
         ag.stop()
+    if ag.fatal:
+        fail(f"agent {device_id} stopped: {ag.fatal}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,6 +182,8 @@ def controller(
     err.print(f"controller -> {ctl.url}; registry {reg.redacted_url()}")
     ctl.run_forever()
     reg.close()
+    if ctl.session.fatal:
+        fail(f"controller stopped: {ctl.session.fatal}")
 
 
 def broker(
@@ -357,11 +369,18 @@ def budget_history(
     console.print(t)
 
 
+def _duplicate(d: Any) -> bool:
+    from ldfleet.server.liveness import is_duplicate
+
+    return is_duplicate(d.duplicate_at, datetime.now(timezone.utc))
+
+
 def _device_dict(d: Any) -> dict[str, Any]:
     prof = d.profile or {}
     return {
         "device_id": d.device_id, "device_class": d.device_class, "class_pinned": d.class_pinned, "online": d.online,
-        "last_seen": d.last_seen, "cores": d.cores, "memory_mb": d.memory_mb, "model_id": d.model_id,
+        "boot_id": d.boot_id, "boot_seq": d.boot_seq, "duplicate": _duplicate(d), "duplicate_boot_id": d.duplicate_boot_id,
+        "duplicate_at": d.duplicate_at, "last_seen": d.last_seen, "cores": d.cores, "memory_mb": d.memory_mb, "model_id": d.model_id,
         "num_layers": d.num_layers, "front_end_ms": prof.get("front_end_ms"), "layer_ms": prof.get("layer_ms"),
         "profile_revision": d.profile_revision, "desired_version": d.desired_version,
         "desired_k": (d.desired or {}).get("k"), "desired_source": (d.desired or {}).get("source"),
@@ -376,7 +395,10 @@ def devices_list(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     db: str = typer.Option(None, "--db", help=DB_HELP),
 ) -> None:
-    """Devices with liveness, profile, applied policy version and convergence."""
+    """Devices with liveness, profile, applied policy version and convergence.
+
+    'duplicate' flags a device id that two agents use at once (two boots taking turns within
+    minutes; seen in the last hour): give each device its own --device-id."""
     reg = _open_registry(db)
     try:
         devs = reg.devices(device_class)
@@ -389,6 +411,7 @@ def devices_list(
     t.add_column("device", no_wrap=True)
     t.add_column("class", no_wrap=True)
     t.add_column("online")
+    t.add_column("duplicate")
     t.add_column("last seen")
     t.add_column("cores/MiB")
     t.add_column("L x ms")
@@ -403,11 +426,15 @@ def devices_list(
             policy += f" rejected: {d.ack_reason}"
         t.add_row(
             d.device_id, (d.device_class or "-") + (" (pinned)" if d.class_pinned else ""), "yes" if d.online else "no",
-            _ts(d.last_seen), f"{d.cores or '-'}/{d.memory_mb or '-'}", layers, policy, str(d.effective_k or "-"),
+            f"[red]yes[/red] (boot {d.duplicate_boot_id})" if _duplicate(d) else "no", _ts(d.last_seen), f"{d.cores or '-'}/{d.memory_mb or '-'}", layers, policy, str(d.effective_k or "-"),
             "[green]yes[/green]" if d.converged else "[yellow]no[/yellow]",
         )
     console.print(t)
     console.print("policy: applied version / desired version; k: layers kept under the applied policy")
+    dups = [d for d in devs if _duplicate(d)]
+    if dups:
+        console.print("[red]duplicate device id[/red] (two agents use it at once; give each device its own "
+                      "--device-id): " + ", ".join(f"{d.device_id} (boots {d.boot_id}, {d.duplicate_boot_id})" for d in dups))
 
 
 @devices_app.command("set-class")

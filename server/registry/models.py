@@ -6,7 +6,7 @@ migrations in ``ldfleet.server.migrations``; a test checks that they produce exa
   last ack (``converged`` = applied_version == desired_version).
 * ``policies``: append-only audit trail of budget policies, versioned per scope (a class, or one
   device's override); the newest row of a scope is in force unless it clears the scope or expired.
-* ``policy_acks``: every ack a device sent, as received.
+* ``policy_acks``: every ack a device sent, as received (a redelivered ack once).
 * ``rounds`` / ``round_metrics``: federated rounds and per-device-per-round metrics.
 """
 
@@ -91,6 +91,16 @@ class Device(Base):
     first_seen: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     last_seen: Mapped[datetime | None] = mapped_column(UTCDateTime())
     status_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: Birth/death ordering of the status in force (``ldfleet.server.liveness``): the agent's boot
+    #: counter and the connection number within that boot.
+    boot_seq: Mapped[int | None] = mapped_column(Integer)
+    status_seq: Mapped[int | None] = mapped_column(Integer)
+    #: The boot the current one replaced, and when (two boots taking turns: a duplicated device id).
+    replaced_boot_id: Mapped[str | None] = mapped_column(String(64))
+    replaced_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: Last evidence that two agents share this device id, and the other boot.
+    duplicate_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    duplicate_boot_id: Mapped[str | None] = mapped_column(String(64))
 
     profile: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     profile_revision: Mapped[int | None] = mapped_column(Integer)
@@ -157,8 +167,14 @@ class Policy(Base):
 
 
 class PolicyAckRecord(Base):
+    """One ack as received; a redelivered ack (same device, version, applied version, status) is
+    stored once (unique constraint + insert-or-ignore, ``ldfleet.server.acks``)."""
+
     __tablename__ = "policy_acks"
-    __table_args__ = (Index("ix_policy_acks_device_id_received_at", "device_id", "received_at"),)
+    __table_args__ = (
+        Index("ix_policy_acks_device_id_received_at", "device_id", "received_at"),
+        UniqueConstraint("device_id", "version", "applied_version", "status"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     device_id: Mapped[str] = mapped_column(ForeignKey("devices.device_id", ondelete="CASCADE"))
@@ -209,4 +225,6 @@ class RoundMetric(Base):
     layer_usage: Mapped[list[float] | None] = mapped_column(JSON)
     mean_kept_layers: Mapped[float | None] = mapped_column(Float)
     latency_ms: Mapped[float | None] = mapped_column(Float)
+    #: Why a failure row (phase ``*-failed``) failed: an error reply, a refused reply, no reply.
+    reason: Mapped[str | None] = mapped_column(Text)
     recorded_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -29,7 +29,6 @@ from alembic.runtime.migration import MigrationContext  # noqa: E402
 from alembic.script import ScriptDirectory  # noqa: E402
 from sqlalchemy import Engine, create_engine, event, func, select
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ldfleet.common.runtime import default_registry_url
@@ -43,6 +42,7 @@ from ldfleet.server.registry.models import (
     RoundMetric,
     utcnow,
 )
+from ldfleet.server.registry.retry import RegistryBusy, retry_write
 
 
 log = logging.getLogger("ldfleet.registry")
@@ -70,21 +70,46 @@ def migrations_config(connection: Any | None = None) -> Config:
     return cfg
 
 
+#: PostgreSQL advisory lock key held while migrating (processes opening one empty database take turns).
+_MIGRATION_LOCK = 0x1DF1EE7
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Bring the schema up to ``revision`` (no-op when already there)."""
+    """Bring the schema up to ``revision`` (no-op when already there). One process migrates at a
+    time (SQLite: an IMMEDIATE transaction; PostgreSQL: an advisory lock); the others then find
+    the schema current."""
     cfg = migrations_config()
     head = ScriptDirectory.from_config(cfg).get_current_head()
     with engine.connect() as conn:
         current = MigrationContext.configure(conn).get_current_revision()
     if revision == "head" and current == head:
         return
-    with engine.begin() as conn:
+    with engine.connect() as plain, plain.execution_options(**{_BEGIN: "IMMEDIATE"}).begin() as tx:
+        conn = tx.connection
+        if conn.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
+        current = MigrationContext.configure(conn).get_current_revision()
+        if revision == "head" and current == head:
+            return
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
     log.info("registry %s: schema upgraded from %s to %s", engine.url.render_as_string(hide_password=True), current or "empty", revision if revision != "head" else head)
 
 
+#: Execution option naming the SQLite BEGIN mode of a transaction ("IMMEDIATE": take the write lock
+#: at once, waiting up to the busy timeout, so that a read-then-write transaction never fails on a
+#: stale snapshot).
+_BEGIN = "ldfleet_sqlite_begin"
+
+
+def _sqlite_begin(conn: Any) -> None:
+    """SQLAlchemy's recipe for SQLite transactions: the driver's own BEGIN handling is off
+    (``isolation_level = None``) and every transaction starts here."""
+    conn.exec_driver_sql(f"BEGIN {conn.get_execution_options().get(_BEGIN, '')}".strip())
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
@@ -102,6 +127,7 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
             Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(u, echo=echo, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
         return engine
     return create_engine(u, echo=echo, pool_pre_ping=True)
 
@@ -148,8 +174,12 @@ class Registry:
         return make_url(self.url).render_as_string(hide_password=True)
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
+    def session(self, *, write: bool = False) -> Iterator[Session]:
+        """One transaction; ``write=True`` for read-then-write transactions (on SQLite it takes the
+        write lock up front, waiting for other writers up to the busy timeout)."""
         s = self.Session()
+        if write:
+            s.connection(execution_options={_BEGIN: "IMMEDIATE"})
         try:
             yield s
             s.commit()
@@ -212,51 +242,53 @@ class Registry:
         if expires_at is not None and expires_at <= utcnow():
             raise RegistryError(f"expiry {expires_at.isoformat()} is in the past")
         scope = device_scope(device_id) if device_id else class_scope(device_class)
-        for _attempt in range(5):
-            try:
-                with self.session() as s:
-                    if s.get(DeviceClass, device_class) is None:
-                        if not create_class:
-                            known = ", ".join(s.scalars(select(DeviceClass.name).order_by(DeviceClass.name))) or "none yet"
-                            raise RegistryError(
-                                f"unknown device class {device_class!r} (known: {known}); "
-                                "pass --create-class to define it before any device of it connects"
-                            )
-                        s.add(DeviceClass(name=device_class))
-                        s.flush()
-                    if device_id is not None:
-                        dev = s.get(Device, device_id)
-                        if dev is None:
-                            raise RegistryError(f"unknown device {device_id!r}: it has not announced itself yet")
-                        if dev.device_class != device_class:
-                            raise RegistryError(
-                                f"device {device_id!r} is in class {dev.device_class!r}, not {device_class!r}"
-                            )
-                    prev = s.scalars(
-                        select(Policy).where(Policy.scope_key == scope).order_by(Policy.version.desc()).limit(1)
-                    ).first()
-                    if cleared and (prev is None or prev.cleared):
-                        raise RegistryError(f"nothing to clear: {scope} has no policy in force")
-                    row = Policy(
-                        scope_key=scope,
-                        device_class=device_class,
-                        device_id=device_id,
-                        version=(prev.version + 1) if prev else 1,
-                        keep=None if cleared else keep,
-                        latency_ms=None if cleared else latency_ms,
-                        percentile=None if cleared else percentile,
-                        cleared=cleared,
-                        issued_by=issued_by,
-                        issued_at=utcnow(),
-                        expires_at=expires_at,
-                        previous_id=prev.id if prev else None,
-                        comment=comment,
-                    )
-                    s.add(row)
-                return row
-            except IntegrityError:  # a concurrent writer took this version: try the next one
-                continue
-        raise RegistryError(f"could not write a policy for {scope}: too many concurrent writers")
+
+        def write() -> Policy:
+            with self.session(write=True) as s:
+                if s.get(DeviceClass, device_class) is None:
+                    if not create_class:
+                        known = ", ".join(s.scalars(select(DeviceClass.name).order_by(DeviceClass.name))) or "none yet"
+                        raise RegistryError(
+                            f"unknown device class {device_class!r} (known: {known}); "
+                            "pass --create-class to define it before any device of it connects"
+                        )
+                    s.add(DeviceClass(name=device_class))
+                    s.flush()
+                if device_id is not None:
+                    dev = s.get(Device, device_id)
+                    if dev is None:
+                        raise RegistryError(f"unknown device {device_id!r}: it has not announced itself yet")
+                    if dev.device_class != device_class:
+                        raise RegistryError(
+                            f"device {device_id!r} is in class {dev.device_class!r}, not {device_class!r}"
+                        )
+                prev = s.scalars(
+                    select(Policy).where(Policy.scope_key == scope).order_by(Policy.version.desc()).limit(1)
+                ).first()
+                if cleared and (prev is None or prev.cleared):
+                    raise RegistryError(f"nothing to clear: {scope} has no policy in force")
+                row = Policy(
+                    scope_key=scope,
+                    device_class=device_class,
+                    device_id=device_id,
+                    version=(prev.version + 1) if prev else 1,
+                    keep=None if cleared else keep,
+                    latency_ms=None if cleared else latency_ms,
+                    percentile=None if cleared else percentile,
+                    cleared=cleared,
+                    issued_by=issued_by,
+                    issued_at=utcnow(),
+                    expires_at=expires_at,
+                    previous_id=prev.id if prev else None,
+                    comment=comment,
+                )
+                s.add(row)
+            return row
+
+        try:  # a concurrent writer may take the next version first: then take the one after it
+            return retry_write(write, what=f"write a policy for {scope}", integrity=True)
+        except RegistryBusy as exc:
+            raise RegistryError(str(exc)) from None
 
     def clear_policy(self, device_class: str, *, device_id: str | None = None, issued_by: str = "operator") -> Policy:
         """Remove a class policy (devices fall back to the default) or a device override."""
@@ -380,12 +412,15 @@ class Registry:
         layer_usage: list[float] | None = None,
         mean_kept_layers: float | None = None,
         latency_ms: float | None = None,
+        reason: str | None = None,
     ) -> RoundMetric:
-        """Insert or replace one device's metrics of one round and phase."""
+        """Insert or replace one device's metrics of one round and phase (``reason``: why a failure
+        row failed)."""
         values = dict(
             device_class=device_class, policy_version=policy_version, k=k, accuracy=accuracy, loss=loss,
             num_examples=num_examples, layer_usage=list(layer_usage) if layer_usage is not None else None,
-            mean_kept_layers=mean_kept_layers, latency_ms=latency_ms, recorded_at=utcnow(),
+            mean_kept_layers=mean_kept_layers, latency_ms=latency_ms, reason=reason[:2000] if reason else None,
+            recorded_at=utcnow(),
         )
         with self.session() as s:
             row = s.scalars(
