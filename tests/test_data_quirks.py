@@ -126,3 +126,20 @@ def test_data_info_table_shows_the_same_facts_and_strict_fails_naming_the_file(q
     strict = CliRunner().invoke(app, ["data", "info", str(quirky), "--strict"])
     said = strict.output.replace("\n", "")  # the error line may wrap
     assert strict.exit_code == 1 and f"{BACKGROUND_NOISE_DIR}/white.wav#2: non-finite" in said  # first in scan order
+
+
+def test_train_and_eval_strict_stop_naming_the_file_and_default_loads_report_skips(quirky, tmp_path, capsys):
+    from ldfleet.commands.data import load_data
+    from ldfleet.common.model.backbone import load_backbone
+    from ldfleet.common.model.checkpoint import save_model
+    from ldfleet.common.model.dynamic import DynamicModel
+
+    train = CliRunner().invoke(app, ["train", "--data", str(quirky), "--out", str(tmp_path / "run"), "--strict"])
+    assert train.exit_code != 0 and "white.wav#2: non-finite" in train.output.replace("\n", "")
+    assert not (tmp_path / "run").exists()  # stopped before any training
+    save_model(DynamicModel(load_backbone("tiny"), 12), tmp_path / "tiny-run")
+    evaluate = CliRunner().invoke(app, ["eval", "--run", str(tmp_path / "tiny-run"), "--data", str(quirky), "--strict"])
+    assert evaluate.exit_code != 0 and "white.wav#2: non-finite" in evaluate.output.replace("\n", "")
+    splits = load_data(quirky, seed=0)
+    said = capsys.readouterr().err.replace("\n", "")
+    assert len(splits["val"]) >= 1 and "6 bad audio files/windows skipped" in said and "gg77_nohash_0.wav" in said

@@ -143,8 +143,15 @@ def scan(root: str | Path, strict: bool = False, progress: Progress | None = Non
 
 
 def scan_folder(root: str | Path, strict: bool = False) -> list[Clip]:
-    """All usable clips under ``root`` (see :func:`scan`; bad files are left out)."""
-    return scan(root, strict).clips
+    """All usable clips under ``root`` (see :func:`scan`; bad files are left out and logged)."""
+    result = scan(root, strict)
+    _log_skipped(result)
+    return result.clips
+
+
+def _log_skipped(result: FolderScan) -> None:
+    for s in result.skipped:
+        log.warning("skipped %s: %s", s.path, s.reason)
 
 
 @dataclass
@@ -271,6 +278,5 @@ def load_splits(
     splits, report = load_folder(root, seed, fractions, preload, strict)
     for line in report.warnings:
         log.warning("%s: %s", root, line)
-    for s in report.scan.skipped:
-        log.warning("skipped %s: %s", s.path, s.reason)
+    _log_skipped(report.scan)
     return splits
