@@ -120,3 +120,21 @@ def test_a_float16_checkpoint_loads_as_float32_and_runs(tmp_path):
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     with torch.no_grad():
         assert torch.isfinite(model(torch.randn(1, 16000), strategy="full").logits).all()
+
+
+def test_train_refuses_an_unsupported_checkpoint_with_a_clear_error(tmp_path):
+    import numpy as np
+    import soundfile as sf
+    from typer.testing import CliRunner
+
+    from ldfleet.cli import app
+
+    data = tmp_path / "data"
+    for word, spk in (("yes", "aa11"), ("no", "bb22"), ("up", "cc33")):
+        (data / word).mkdir(parents=True)
+        sf.write(data / word / f"{spk}_nohash_0.wav", np.full(8000, 0.1, np.float32), 16000)
+    folder = checkpoint(tmp_path, "wavlm", extractor={"sampling_rate": 22050})
+    result = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "run"),
+                                      "--backbone", str(folder), "--epochs", "0", "--strategy-epochs", "0"])
+    said = result.output.replace("\n", "")
+    assert result.exit_code != 0 and "cannot be run layer by layer" in said and "sampling_rate=22050" in said
