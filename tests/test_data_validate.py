@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 from data_fixtures import TONE, appledouble, nan_wav, wrong_rate_wav, zero_frame_wav
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ldfleet.common.data.audio import load_clip
 from ldfleet.common.data.validate import BadClip, is_candidate, is_clip_dir, read_checked
@@ -64,3 +66,24 @@ def test_hidden_and_non_audio_entries_are_never_candidates(tmp_path):
     assert names == ["a_nohash_0.WAV"]
     assert not is_clip_dir(tmp_path / "__MACOSX") and not is_clip_dir(tmp_path / ".git")
     assert is_clip_dir(tmp_path / "dir.wav")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(frames=st.integers(0, 400), channels=st.integers(1, 2), rate=st.sampled_from((100, 4000, 8000, 22050, 48000)),
+       bad=st.lists(st.tuples(st.integers(0, 399), st.sampled_from((np.nan, np.inf, -np.inf))), max_size=3),
+       subtype=st.sampled_from(("FLOAT", "DOUBLE")))
+def test_read_checked_refuses_exactly_the_bad_files(tmp_path, frames, channels, rate, bad, subtype):
+    audio = np.full((frames, channels), 0.25, dtype=np.float64)
+    for index, value in bad:
+        if index < frames:
+            audio[index, index % channels] = value
+    path = tmp_path / "x.wav"
+    sf.write(path, audio, rate, subtype=subtype)
+    expected = ("implausible sample rate" if rate < 8000 else "0 audio frames" if frames == 0
+                else "non-finite" if not np.isfinite(audio).all() else None)
+    if expected is None:
+        data, sr = read_checked(path)
+        assert data.shape == (frames, channels) and sr == rate
+    else:
+        with pytest.raises(BadClip, match=expected):
+            read_checked(path)
