@@ -124,7 +124,7 @@ def test_bad_folders_give_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         scan_folder(tmp_path / "missing")
     (tmp_path / "empty" / "yes").mkdir(parents=True)
-    with pytest.raises(ValueError, match="no .wav clips"):
+    with pytest.raises(ValueError, match="no usable audio clips"):
         load_splits(tmp_path / "empty")
     (tmp_path / "file.wav").write_bytes(b"")
     with pytest.raises(NotADirectoryError):

@@ -14,6 +14,7 @@ import soundfile as sf
 from scipy.signal import resample_poly
 
 from .labels import CLIP_SAMPLES, SAMPLE_RATE
+from .validate import read_checked
 
 NOISE_COLOURS = ("white", "pink", "brown")
 
@@ -36,9 +37,10 @@ def read_audio(path: str | Path, start: int = 0, frames: int = -1) -> np.ndarray
     """Read any WAV soundfile understands (any rate, any channel count) as 16 kHz mono float32.
 
     ``start``/``frames`` are in the file's own sample rate, so that 1 s windows of a long
-    background-noise recording can be read without loading it whole.
+    background-noise recording can be read without loading it whole. Raises
+    :class:`~.validate.BadClip` (naming the file) for undecodable, empty or non-finite audio.
     """
-    data, sr = sf.read(str(path), start=start, frames=frames, dtype="float32", always_2d=True)
+    data, sr = read_checked(path, start=start, frames=frames)
     return resample(to_mono(data), sr)
 
 
@@ -60,7 +62,7 @@ def trim_silence(audio: np.ndarray, top_db: float = 45.0, frame: int = 160, marg
     ``margin`` frames are kept on each side so soft onsets and fricative tails survive.
     """
     energy = frame_rms(audio, frame)
-    if energy.size == 0 or energy.max() <= 0.0:
+    if energy.size == 0 or not energy.max() > 0.0:  # silent, or NaN (read_audio refuses those)
         return audio
     loud = np.flatnonzero(energy >= energy.max() * 10.0 ** (-top_db / 20.0))
     first = max(0, loud[0] - margin) * frame

@@ -78,27 +78,23 @@ def split_by_speaker(
     return [split_of[spk] for spk in speakers]
 
 
-def read_split_lists(root: str | Path) -> dict[str, str] | None:
-    """``{relative path: "val"|"test"}`` from Speech Commands' list files, or None when absent."""
+def list_files(root: str | Path) -> dict[str, Path]:
+    """``{"val": path, "test": path}`` for the Speech Commands list files present in ``root``."""
     root = Path(root)
-    found = {split: root / name for split, name in LIST_FILES.items() if (root / name).is_file()}
-    if not found:
-        return None
-    listed: dict[str, str] = {}
-    for split, path in found.items():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                listed[line.strip()] = split
-    return listed
+    return {split: root / name for split, name in LIST_FILES.items() if (root / name).is_file()}
 
 
-def assign_splits(clips: Sequence[Clip], root: str | Path, fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0) -> list[str]:
-    """Split names for scanned clips: the official lists if the folder has them, else by speaker.
+def assign_splits(
+    clips: Sequence[Clip],
+    listed: dict[str, str] | None,
+    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+) -> list[str]:
+    """Split names for scanned clips: from ``listed`` (clip rel -> split) if given, else by speaker.
 
     With lists, unlisted clips are training clips (the Speech Commands rule) and background-noise
     windows, which no list mentions, are divided by pseudo-speaker like everything else would be.
     """
-    listed = read_split_lists(root)
     if listed is None:
         return split_by_speaker([c.speaker for c in clips], fractions, seed, strata=[str(c.is_silence) for c in clips])
     result = [listed.get(c.rel, "train") for c in clips]

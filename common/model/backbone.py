@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import (
     AutoConfig,
     HubertConfig,
@@ -28,6 +29,9 @@ from transformers import (
     WavLMConfig,
     WavLMModel,
 )
+
+from .compat import check_loaded_weights, check_supported
+from .inputs import attach, read_input_spec
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,7 @@ def backbone_from_config(config: PretrainedConfig | dict) -> PreTrainedModel:
         config = family.config_class.from_dict(config)
     for key, value in _ALWAYS.items():
         setattr(config, key, value)
+    check_supported(config, f"{config.model_type} config")
     family = next(f for f in FAMILIES.values() if isinstance(config, f.config_class))
     return family.model_class(config).eval()
 
@@ -105,7 +110,10 @@ def load_backbone(name: str, family: str = "wavlm") -> PreTrainedModel:
     """An encoder by size name (``tiny``, ``base``), hub id or local folder.
 
     Hub ids and folders go through ``from_pretrained``; a checkpoint of a task model
-    (e.g. ``WavLMForCTC``) is fine, only its encoder is kept.
+    (e.g. ``WavLMForCTC``) is fine, only its encoder is kept. Its input spec
+    (``preprocessor_config.json``, see :mod:`.inputs`) is attached to the config, weights load as
+    float32, and :class:`~.compat.UnsupportedCheckpoint` is raised for anything the layer runner
+    cannot reproduce (see :mod:`.compat`) or for missing encoder weights.
     """
     if name in SIZES:
         return backbone_from_config(build_config(family, name))
@@ -116,7 +124,12 @@ def load_backbone(name: str, family: str = "wavlm") -> PreTrainedModel:
             f"{name!r} is a {type(config).__name__}; ldfleet supports "
             + ", ".join(f.config_class.__name__ for f in FAMILIES.values())
         )
-    model = match.model_class.from_pretrained(name, **_ALWAYS)
+    attach(config, read_input_spec(name))
+    for key, value in _ALWAYS.items():
+        setattr(config, key, value)
+    check_supported(config, name)
+    model, info = match.model_class.from_pretrained(name, config=config, dtype=torch.float32, output_loading_info=True)
+    check_loaded_weights(name, info.get("missing_keys", ()))
     return model.eval()
 
 

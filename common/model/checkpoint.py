@@ -1,7 +1,9 @@
 """Saving and loading a dynamic model as a run folder: ``model.json`` + ``model.safetensors``.
 
 The backbone's config is stored next to the weights, so a run re-opens without the hub or the
-original checkpoint folder — what an edge device needs.
+original checkpoint folder — what an edge device needs. The config carries the checkpoint's input
+spec (``ldfleet_input_spec``: normalise or not, see :mod:`.inputs`), so a saved run prepares audio
+exactly as the checkpoint it came from; runs saved before it existed normalise, as they always did.
 """
 
 from __future__ import annotations

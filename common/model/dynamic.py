@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..budget import layers_for_keep
 from .heads import ClassificationHead, TaskHead, copy_head
+from .inputs import InputSpec, spec_of
 from .runner import FrontEnd, LayerRunner, normalize_waveform
 from .strategies import STRATEGY_NAMES, LayerChoice, build_strategies
 
@@ -52,8 +53,16 @@ class DynamicModel(nn.Module):
     def k_for(self, keep: float) -> int:
         return layers_for_keep(keep, self.num_layers)
 
+    @property
+    def input_spec(self) -> InputSpec:
+        """How the backbone's checkpoint expects its audio (normalised or raw; see :mod:`.inputs`)."""
+        return spec_of(self.runner.backbone.config)
+
     def front_end(self, waveform: Tensor, attention_mask: Tensor | None = None) -> FrontEnd:
-        return self.runner.front_end(normalize_waveform(waveform, attention_mask), attention_mask)
+        """Waveform [B, samples at 16 kHz] -> front end, normalised only if the checkpoint's spec says so."""
+        if self.input_spec.do_normalize:
+            waveform = normalize_waveform(waveform, attention_mask)
+        return self.runner.front_end(waveform, attention_mask)
 
     def classify(self, front: FrontEnd, strategy: str, k: int, generator: torch.Generator | None = None) -> Output:
         """Hard-mask inference from a computed front end (lets callers reuse one front end)."""

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from transformers.masking_utils import create_bidirectional_mask
 
 from .backbone import family_of
+from .compat import check_supported
 
 
 @dataclass
@@ -61,6 +62,7 @@ class LayerRunner(nn.Module):
 
     def __init__(self, backbone: nn.Module):
         super().__init__()
+        check_supported(backbone.config, type(backbone).__name__)  # refuse what the loop below cannot reproduce
         self.backbone = backbone
         self.family = family_of(backbone)
         self.encoder = backbone.encoder

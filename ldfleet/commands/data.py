@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ldfleet.commands._shared import console, err, fail
@@ -23,8 +27,44 @@ SYNTH_HELP = (
 INFO_HELP = (
     "Show clips per label and split, and speakers per split, for any Speech Commands-layout folder.\n\n"
     "Splits hold out whole speakers; a folder with validation_list.txt/testing_list.txt "
-    "(real Speech Commands) uses those lists instead."
+    "(real Speech Commands) uses those lists instead, read as people write them (./ or \\ or absolute "
+    "prefixes, UTF-8/UTF-16/latin-1, CRLF, # comments).\n\n"
+    "Every file is decoded and checked: undecodable, empty (0 frames), non-finite (NaN/Inf) or "
+    "implausible-rate audio is skipped and listed with its reason (--strict: stop at the first one); "
+    "hidden files (.DS_Store, AppleDouble ._x.wav) and non-audio files are never clips. List entries "
+    "that match no clip and empty splits are reported. --json prints one object with splits, skipped, "
+    "unmatched_list_entries, lists, ignored_files and warnings."
 )
+
+
+STRICT_HELP = "Stop at the first bad audio file (naming it and why) instead of skipping it."
+
+
+@contextmanager
+def file_progress(what: str) -> Iterator[Callable[[int, int], None]]:
+    """A transient progress bar on stderr, fed as ``progress(done, total)``; stdout stays clean."""
+    with Progress(TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as bar:
+        task = bar.add_task(what, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def load_data(data: Path, seed: int, strict: bool = False) -> dict:
+    """``{"train", "val", "test"}`` datasets of a folder for train/eval; what was skipped goes to stderr.
+
+    Exits with a clear error for a missing or unusable folder, or (``strict``) the first bad file.
+    """
+    from ldfleet.common.data.folder import load_folder
+
+    try:
+        with file_progress("checking audio files") as progress:
+            splits, report = load_folder(data, seed=seed, strict=strict, progress=progress)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
+        fail(f"cannot load data from {data}: {exc}")
+    for line in report.warnings:
+        err.print(f"[yellow]warning:[/] {line}", soft_wrap=True)
+    _print_some("skipped:", [f"{s.path}: {s.reason}" for s in report.scan.skipped], limit=5)
+    return splits
 
 
 def _csv_list(text: str) -> tuple[str, ...]:
@@ -103,32 +143,68 @@ def info(
     root: Path = typer.Argument(..., help="A Speech Commands-layout folder (ours or the real one)."),
     seed: int = typer.Option(0, help="Seed of the speaker split (as in training)."),
     fractions: str = typer.Option("0.8,0.1,0.1", help="train,val,test shares of the speakers."),
+    strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object: splits, skipped, unmatched_list_entries, ..."),
 ) -> None:
     """Print split statistics of a folder (help text: INFO_HELP)."""
     from ldfleet.common.data.folder import describe
 
     try:
         shares = tuple(float(x) for x in _csv_list(fractions))
-        stats = describe(root, seed=seed, fractions=shares)
+        with file_progress("checking audio files") as progress:
+            report = describe(root, seed=seed, fractions=shares, strict=strict, progress=progress)
     except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
         fail(exc, 1)
+    if as_json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return
+    print_report(report)
 
-    how = "official validation/testing lists" if stats.official_lists else f"speaker split, seed {seed}, {fractions}"
-    table = Table(title=f"{root} ({how})")
+
+def print_report(report) -> None:
+    """The human view of a :class:`~ldfleet.common.data.folder.FolderReport`: the facts of its JSON."""
+    facts = report.as_dict()
+    if report.lists is not None:
+        how = "official lists: " + ", ".join(
+            f"{st['file']} {st['matched']}/{st['entries']} matched ({st['encoding']})" for st in report.lists.stats.values())
+    else:
+        how = f"speaker split, seed {report.seed}, {','.join(f'{f:g}' for f in report.fractions)}"
+    console.print(f"{report.root}: {how}", soft_wrap=True, markup=False, highlight=False)
+    table = Table()
     table.add_column("label")
-    for split in stats.counts:
+    for split in facts["splits"]:
         table.add_column(split, justify="right")
     table.add_column("total", justify="right")
     for label in LABELS:
-        row = [stats.counts[s][label] for s in stats.counts]
+        row = [facts["splits"][s]["labels"][label] for s in facts["splits"]]
         table.add_row(label, *map(str, row), str(sum(row)))
-    totals = [sum(stats.counts[s].values()) for s in stats.counts]
+    totals = [facts["splits"][s]["clips"] for s in facts["splits"]]
     table.add_row("[bold]clips[/]", *map(str, totals), str(sum(totals)))
-    table.add_row("[bold]speakers[/]", *(str(stats.speakers[s]) for s in stats.counts), "")
+    table.add_row("[bold]speakers[/]", *(str(facts["splits"][s]["speakers"]) for s in facts["splits"]), "")
     console.print(table)
-    unknown = {w: n for w, n in stats.words.items() if w not in LABELS and not w.startswith("_")}
+    unknown = {w: n for w, n in report.words.items() if w not in LABELS and not w.startswith("_")}
     if unknown:
         console.print("_unknown_ words: " + ", ".join(f"{w} ({n})" for w, n in unknown.items()))
+    if facts["ignored_files"]:
+        console.print("not clips (ignored): " + ", ".join(f"{n} {kind.replace('_', ' ')}" for kind, n in facts["ignored_files"].items()),
+                      soft_wrap=True)
+    _print_some(f"skipped {len(facts['skipped'])} bad audio files/windows:",
+                [f"{s['path']}: {s['reason']}" for s in facts["skipped"]])
+    _print_some(f"{len(facts['unmatched_list_entries'])} list entries match no clip:",
+                [f"{e['list']}:{e['line']} {e['entry']!r} ({e['reason']})" for e in facts["unmatched_list_entries"]])
+    for line in facts["warnings"]:
+        if line.split(" ", 1)[0] in facts["splits"]:  # the other warnings restate the two lists above
+            err.print(f"[yellow]warning:[/] {line}", soft_wrap=True)
+
+
+def _print_some(title: str, lines: list[str], limit: int = 20) -> None:
+    if not lines:
+        return
+    err.print(f"[yellow]{title}[/]")
+    for line in lines[:limit]:
+        err.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+    if len(lines) > limit:
+        err.print(f"  ... and {len(lines) - limit} more (all of them: `ldfleet data info --json`)")
 
 
 def register(app: typer.Typer) -> None:

@@ -10,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ldfleet.commands._shared import bench_group, console, err, fail
+from ldfleet.commands.data import STRICT_HELP, load_data
 
 
 def _floats(text: str, name: str) -> list[float]:
@@ -37,15 +38,6 @@ def _progress() -> Progress:
     )
 
 
-def _load_data(data: Path, seed: int):
-    from ldfleet.common.data.folder import load_splits
-
-    try:
-        return load_splits(data, seed=seed)
-    except (FileNotFoundError, ValueError) as exc:
-        fail(f"cannot load data from {data}: {exc}")
-
-
 def train(
     data: Path = typer.Option(..., "--data", help="Folder in Speech Commands layout (e.g. from `ldfleet data synth`)."),
     out: Path = typer.Option(..., "--out", help="Run folder: checkpoints, progress, config. Re-run to resume."),
@@ -57,6 +49,7 @@ def train(
     batch_size: int = typer.Option(32, min=1),
     seed: int = typer.Option(0, help="Seed for initialisation, data order, splits and augmentation."),
     threads: int = typer.Option(0, min=0, help="torch threads (0 = torch's default)."),
+    strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
 ) -> None:
     """Train a dynamic model: backbone + head tolerant to dropped layers, then every strategy.
 
@@ -71,7 +64,7 @@ def train(
 
     if threads:
         torch.set_num_threads(threads)
-    splits = _load_data(data, seed)
+    splits = load_data(data, seed, strict)
     cfg = TrainConfig(backbone=backbone, family=family, epochs=epochs, strategy_epochs=strategy_epochs,
                       layerdrop=layerdrop, batch_size=batch_size, seed=seed)
     try:
@@ -101,6 +94,7 @@ def evaluate(
     split: str = typer.Option("test", help="train | val | test"),
     seed: int = typer.Option(-1, help="Split seed (default: the run's training seed)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
 ) -> None:
     """Accuracy, layers run, MACs and ms per example for every method at every keep ratio."""
     from ldfleet.common.evaluate import evaluate as run_eval
@@ -118,7 +112,7 @@ def evaluate(
         fail(exc)
     if seed < 0:
         seed = meta.get("train_config", {}).get("seed", 0)
-    splits = _load_data(data, seed)
+    splits = load_data(data, seed, strict)
     if split not in splits:
         raise typer.BadParameter(f"split must be one of {sorted(splits)}")
     model = load_model(run)
@@ -191,9 +185,9 @@ def demo(
         console.print(f"synthesizing a keyword corpus into {data} (espeak-ng)")
         synthesize_corpus(SynthConfig(out=data, seed=seed))
     train(data=data, out=out, backbone="tiny", family="wavlm", epochs=epochs, strategy_epochs=strategy_epochs,
-          layerdrop=0.1, batch_size=32, seed=seed, threads=0)
+          layerdrop=0.1, batch_size=32, seed=seed, threads=0, strict=False)
     evaluate(run=out, data=data, keep="0.25,0.5,0.75,1.0", methods="full,random,early_exit,static,selector",
-             split="test", seed=seed, as_json=False)
+             split="test", seed=seed, as_json=False, strict=False)
 
 
 def register(app: typer.Typer) -> None:
