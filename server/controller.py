@@ -51,6 +51,7 @@ from ldfleet.common.schemas import (
 from ldfleet.server.policy import resolve, signature_of
 from ldfleet.server.registry.models import Device, DeviceClass, PolicyAckRecord
 from ldfleet.server.registry.store import Registry
+from ldfleet.server.telemetry import InferenceRollups
 
 log = logging.getLogger("ldfleet.controller")
 
@@ -347,11 +348,13 @@ class Controller:
         ack_upd: dict[str, dict[str, Any]] = {}
         tel_upd: dict[str, dict[str, Any]] = {}
         ack_rows: list[dict[str, Any]] = []
+        rollups = InferenceRollups()
         for kind, obj, now in items:
             did = obj.device_id
             if kind == C.TELEMETRY.value:
                 if did in desired:
                     tel_upd[did] = {"device_id": did, "telemetry": obj.model_dump(mode="json", by_alias=True), "telemetry_at": now, "last_seen": now}
+                rollups.add(obj, now, known_device=did in desired)
                 continue
             if kind not in (C.STATUS.value, C.POLICY_REPORTED.value):
                 continue
@@ -383,6 +386,7 @@ class Controller:
                 _bulk_update_devices(s, list(upd.values()))
         if ack_rows:
             s.execute(insert(_ACKS), ack_rows)
+        rollups.write(s)
 
     def _apply_profile(self, s: Session, prof: DeviceProfile, now: datetime, work: _Work) -> None:
         did = prof.device_id
