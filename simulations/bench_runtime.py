@@ -62,6 +62,7 @@ class LoadStepRow:
 
 def default_model(cache: Path, log: Log) -> tuple[Path, Path]:
     """(run dir, corpus dir) of a small cached keyword model, trained here if missing."""
+    from ldfleet.common.data.espeak import ENGLISH_VOICES
     from ldfleet.common.data.synth import METADATA, SynthConfig, synthesize_corpus
     from ldfleet.common.train import TrainConfig, Trainer
     from ldfleet.common.data.folder import load_splits
@@ -69,7 +70,7 @@ def default_model(cache: Path, log: Log) -> tuple[Path, Path]:
     data, run = cache / "synth", cache / "run"
     if not (data / METADATA).exists():
         log(f"synthesizing a small keyword corpus into {data} (espeak-ng, once)")
-        synthesize_corpus(SynthConfig(out=data, voices=("en-us", "en-gb", "en-029", "en-sc"), variants_per_voice=4,
+        synthesize_corpus(SynthConfig(out=data, voices=ENGLISH_VOICES[:6], variants_per_voice=4,
                                       clips_per_word=2, unknown_per_speaker=2, silence_clips=32, overwrite=True),
                           progress=False)
     if not (run / ".done").exists():
