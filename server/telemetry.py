@@ -2,8 +2,8 @@
 
 The controller validates every telemetry message (``common/schemas.py``: topic device id must
 equal the payload's, counts must be consistent and bounded) and hands the accepted ones to
-``InferenceRollups.add`` inside its batch; ``write`` then adds them to the ``inference_rollups``
-rows of their minute (one row per device and minute, counts summed). Messages from devices the
+``InferenceRollups.add`` inside its batch; ``write`` then folds them into the ``inference_rollups``
+row of their minute (one row per device and minute, counts summed). Messages from devices the
 registry does not know, and summaries whose layer count disagrees with the minute's row, are
 dropped with a logged reason. ``usage`` reads the roll-ups back for ``ldfleet registry usage
 --source inference`` and the report.
@@ -12,7 +12,6 @@ dropped with a logged reason. ``usage`` reads the roll-ups back for ``ldfleet re
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from sqlalchemy import select
@@ -30,53 +29,41 @@ def minute_of(when: datetime) -> datetime:
     return when.astimezone(timezone.utc).replace(second=0, microsecond=0)
 
 
-@dataclass
-class _Sum:
-    messages: int = 0
-    requests: int = 0
-    errors: int = 0
-    misses: int = 0
-    interventions: int = 0
-    k_counts: list[int] = field(default_factory=list)
-    layer_counts: list[int] = field(default_factory=list)
-    p50_weighted: float = 0.0  # sum of p50 x requests
-    p99: float | None = None
+def _new_row(device_id: str, minute: datetime, layers: int) -> InferenceRollup:
+    return InferenceRollup(device_id=device_id, minute=minute, messages=0, requests=0, errors=0, deadline_misses=0,
+                           interventions=0, k_counts=[0] * layers, layer_counts=[0] * layers)
 
-    def add(self, s: InferenceSummary) -> None:
-        if not self.k_counts:
-            self.k_counts, self.layer_counts = [0] * len(s.k_counts), [0] * len(s.layer_counts)
-        self.messages += 1
-        self.requests += s.requests
-        self.errors += s.errors
-        self.misses += s.deadline_misses
-        self.interventions += s.interventions
-        self.k_counts = [a + b for a, b in zip(self.k_counts, s.k_counts)]
-        self.layer_counts = [a + b for a, b in zip(self.layer_counts, s.layer_counts)]
-        if s.p50_ms is not None:
-            self.p50_weighted += s.p50_ms * s.requests
-        if s.p99_ms is not None:
-            self.p99 = max(self.p99 or 0.0, s.p99_ms)
+
+def _fold(row: InferenceRollup, s: InferenceSummary) -> None:
+    """Add one summary to its minute's row: counts summed, p50 request-weighted, p99 the largest."""
+    if s.p50_ms is not None and s.requests:
+        row.p50_ms = ((row.p50_ms or 0.0) * row.requests + s.p50_ms * s.requests) / (row.requests + s.requests)
+    if s.p99_ms is not None:
+        row.p99_ms = max(row.p99_ms or 0.0, s.p99_ms)
+    row.messages += 1
+    row.requests += s.requests
+    row.errors += s.errors
+    row.deadline_misses += s.deadline_misses
+    row.interventions += s.interventions
+    row.k_counts = [a + b for a, b in zip(row.k_counts, s.k_counts)]
+    row.layer_counts = [a + b for a, b in zip(row.layer_counts, s.layer_counts)]
+    row.updated_at = datetime.now(timezone.utc)
 
 
 class InferenceRollups:
-    """Accepted inference summaries of one controller batch, summed per (device, minute)."""
+    """Accepted inference summaries of one controller batch, written to their (device, minute) rows."""
 
     def __init__(self) -> None:
-        self.pending: dict[tuple[str, datetime], _Sum] = {}
+        self.pending: list[tuple[str, datetime, InferenceSummary]] = []
         self.dropped = 0
 
     def add(self, message: Telemetry, received_at: datetime, known_device: bool) -> bool:
         """Take one validated telemetry message; False (and a logged reason) when it is dropped."""
-        summary = message.inference
-        if summary is None:
+        if message.inference is None:
             return False
         if not known_device:
             return self._drop(message.device_id, "device unknown to the registry (no status or profile yet)")
-        key = (message.device_id, minute_of(received_at))
-        agg = self.pending.setdefault(key, _Sum())
-        if agg.k_counts and len(agg.k_counts) != len(summary.k_counts):
-            return self._drop(message.device_id, f"{len(summary.k_counts)} layers, earlier this minute {len(agg.k_counts)}")
-        agg.add(summary)
+        self.pending.append((message.device_id, minute_of(received_at), message.inference))
         return True
 
     def _drop(self, device_id: str, reason: str) -> bool:
@@ -85,34 +72,23 @@ class InferenceRollups:
         return False
 
     def write(self, s: Session) -> int:
-        """Add the pending sums to their rows (insert or update); returns the rows touched."""
-        touched = 0
-        for (device_id, minute), agg in self.pending.items():
-            row = s.execute(select(InferenceRollup).where(InferenceRollup.device_id == device_id,
-                                                          InferenceRollup.minute == minute)).scalar_one_or_none()
-            if row is not None and len(row.k_counts) != len(agg.k_counts):
-                self._drop(device_id, f"{len(agg.k_counts)} layers, the stored minute has {len(row.k_counts)}")
-                continue
+        """Fold the pending summaries into their rows (created when new); returns the rows touched."""
+        rows: dict[tuple[str, datetime], InferenceRollup] = {}
+        for device_id, minute, summary in self.pending:
+            row = rows.get((device_id, minute))
             if row is None:
-                row = InferenceRollup(device_id=device_id, minute=minute, messages=0, requests=0, errors=0,
-                                      deadline_misses=0, interventions=0, k_counts=[0] * len(agg.k_counts),
-                                      layer_counts=[0] * len(agg.layer_counts))
-                s.add(row)
-            weighted = (row.p50_ms or 0.0) * row.requests + agg.p50_weighted
-            row.messages += agg.messages
-            row.requests += agg.requests
-            row.errors += agg.errors
-            row.deadline_misses += agg.misses
-            row.interventions += agg.interventions
-            row.k_counts = [a + b for a, b in zip(row.k_counts, agg.k_counts)]
-            row.layer_counts = [a + b for a, b in zip(row.layer_counts, agg.layer_counts)]
-            row.p50_ms = weighted / row.requests if row.requests else None
-            if agg.p99 is not None:
-                row.p99_ms = max(row.p99_ms or 0.0, agg.p99)
-            row.updated_at = datetime.now(timezone.utc)
-            touched += 1
+                row = s.execute(select(InferenceRollup).where(InferenceRollup.device_id == device_id,
+                                                              InferenceRollup.minute == minute)).scalar_one_or_none()
+                if row is None:
+                    row = _new_row(device_id, minute, len(summary.k_counts))
+                    s.add(row)
+                rows[(device_id, minute)] = row
+            if len(row.k_counts) != len(summary.k_counts):
+                self._drop(device_id, f"{len(summary.k_counts)} layers, this minute's row has {len(row.k_counts)}")
+                continue
+            _fold(row, summary)
         self.pending.clear()
-        return touched
+        return len(rows)
 
 
 def rollups(registry: Registry, device_id: str | None = None) -> list[InferenceRollup]:
