@@ -6,9 +6,9 @@ The policy sets the ceiling (``policy_k``); the governor only ever lowers k, fro
   predicted latency fits ``safety * target``. The prediction is front end + overhead + k x per-layer
   time, each a running estimate on this device (a high percentile of the last ``window`` requests,
   so a burst of contention shows within a few requests);
-* CPU busy share (``/proc/stat``, busy jiffies over all jiffies since the previous request): when it
-  rises above what it was while the estimates were measured, the estimates are scaled up by the
-  ratio of the CPU share left to this process (1 - busy), before any request has been slowed;
+* CPU contention (``/proc/stat``: busy share of all CPUs, and the CPU share a runnable task can
+  expect from the number of runnable tasks): when it is worse than while the estimates were
+  measured, the estimates are scaled up by the ratio, before any request has been slowed;
 * battery (``/sys/class/power_supply/BAT*/capacity``, when present and not charging): below
   ``low_battery`` the keep share is capped at ``battery_keep``.
 
@@ -27,40 +27,53 @@ from pathlib import Path
 log = logging.getLogger("ldfleet.governor")
 
 
-def read_cpu_jiffies(path: str = "/proc/stat") -> tuple[int, int] | None:
-    """(busy, total) jiffies of all CPUs since boot from the ``cpu`` line of /proc/stat; None if unreadable."""
+def read_proc_stat(path: str = "/proc/stat") -> tuple[int, int, int] | None:
+    """(busy jiffies, all jiffies, runnable tasks now) from /proc/stat (``cpu`` and ``procs_running``
+    lines); None if unreadable."""
     try:
         with open(path) as f:
-            fields = f.readline().split()
+            lines = f.read().splitlines()
     except OSError:
         return None
+    fields = lines[0].split() if lines else []
     if not fields or fields[0] != "cpu":
         return None
     values = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
     idle = values[3] + values[4]
-    return sum(values) - idle, sum(values)
+    running = next((int(x.split()[1]) for x in lines if x.startswith("procs_running ")), 1)
+    return sum(values) - idle, sum(values), running
 
 
 class CpuMeter:
-    """Busy share of all CPUs (0 = idle, 1 = saturated) over the last ``min_jiffies`` or more.
+    """How contended the CPUs are, from /proc/stat.
 
-    Jiffies tick at about 100 Hz per CPU, so a share over a few ms would be 0 or 1: the share is
-    only renewed once ``min_jiffies`` have passed since the last renewal (20: 0.1 s on 2 CPUs).
+    ``busy``: busy share of all CPUs (0 = idle, 1 = saturated) over the last ``min_jiffies`` or more
+    (jiffies tick at about 100 Hz per CPU, so a share over a few ms would be 0 or 1; 20 jiffies are
+    0.1 s on 2 CPUs). ``share``: the CPU share one runnable thread can expect right now,
+    ``min(1, cores / runnable tasks)`` (``procs_running``, counted at this instant, this one included):
+    it moves the moment a competing process starts, before any request has been slowed.
     """
 
-    def __init__(self, reader: Callable[[], tuple[int, int] | None] = read_cpu_jiffies, min_jiffies: int = 20):
+    def __init__(self, reader: Callable[[], tuple[int, int, int] | None] = read_proc_stat, min_jiffies: int = 20,
+                 cores: int | None = None):
+        import os
+
         self.reader = reader
         self.min_jiffies = min_jiffies
+        self.cores = cores or os.cpu_count() or 1
         self.last = reader()
         self.busy = 0.0
+        self.share = 1.0
 
     def sample(self) -> float:
+        """Renew the readings; returns ``busy``."""
         now = self.reader()
         if now is None:
             return self.busy
+        self.share = min(1.0, self.cores / max(1, now[2]))
         if self.last is None:
             self.last = now
-        elif now[1] - self.last[1] >= self.min_jiffies:
+        elif now[1] - self.last[1] >= max(1, self.min_jiffies):
             self.busy = max(0.0, min(1.0, (now[0] - self.last[0]) / (now[1] - self.last[1])))
             self.last = now
         return self.busy
@@ -124,6 +137,7 @@ class Governor:
         self.layer_ms: deque[float] = deque(maxlen=window)  # mean per-layer ms of each request
         self.other_ms: deque[float] = deque(maxlen=window)  # selector + head + glue
         self.busy_at: deque[float] = deque(maxlen=window)  # CPU busy share when each was measured
+        self.share_at: deque[float] = deque(maxlen=window)  # CPU share per runnable task then
         self.decisions = 0
         self.interventions = 0
 
@@ -136,6 +150,7 @@ class Governor:
             self.layer_ms.append(sum(result.layer_ms) / len(result.layer_ms))
         self.other_ms.append(max(0.0, result.ms - result.front_end_ms - sum(result.layer_ms)))
         self.busy_at.append(self.cpu.busy)
+        self.share_at.append(self.cpu.share)
 
     def predict_ms(self, k: int, slowdown: float = 1.0) -> float | None:
         """Predicted latency at k layers (None until a request has been observed)."""
@@ -145,14 +160,16 @@ class Governor:
         base = _percentile(self.front_ms, q) + _percentile(self.other_ms, q) + k * _percentile(self.layer_ms, q)
         return base * slowdown
 
-    def _slowdown(self, busy: float) -> float:
-        """How much slower than the estimates the CPU now is: ratio of CPU share left to this process."""
+    def _slowdown(self, busy: float, share: float) -> float:
+        """How much slower than its estimates this process will now run (1 = as measured, at most 4):
+        the larger of the drops in idle CPU and in CPU share per runnable task since the estimates."""
         if not self.busy_at:
             return 1.0
-        then = sum(self.busy_at) / len(self.busy_at)
-        if busy <= then + 0.1:
-            return 1.0
-        return min(4.0, (1.0 - min(then, 0.95)) / (1.0 - min(busy, 0.95)))
+        then_busy = sum(self.busy_at) / len(self.busy_at)
+        by_busy = (1.0 - min(then_busy, 0.95)) / (1.0 - min(busy, 0.95))
+        by_share = (sum(self.share_at) / len(self.share_at)) / max(share, 0.05)
+        worst = max(by_busy, by_share)
+        return min(4.0, worst) if worst > 1.1 else 1.0
 
     # ---- the decision --------------------------------------------------------------------------
 
@@ -168,7 +185,7 @@ class Governor:
                 d.reasons.append(f"battery {100 * batt[0]:.0f}% < {100 * self.low_battery:.0f}% and discharging: k<={cap}")
                 d.k = cap
         if deadline_ms is not None:
-            slowdown = self._slowdown(busy)
+            slowdown = self._slowdown(busy, self.cpu.share)
             budget = self.safety * deadline_ms
             predicted = self.predict_ms(d.k, slowdown)
             if predicted is not None and predicted > budget:
@@ -177,7 +194,8 @@ class Governor:
                     k -= 1
                 why = f"deadline {deadline_ms:.1f} ms: predicted {predicted:.1f} ms at k={d.k} > {budget:.1f} ms"
                 if slowdown > 1.0:
-                    why += f" (CPU busy {100 * busy:.0f}%, estimates x{slowdown:.2f})"
+                    why += (f" (CPU busy {100 * busy:.0f}%, {100 * self.cpu.share:.0f}% of a core per task,"
+                            f" estimates x{slowdown:.2f})")
                 d.reasons.append(why + f" -> k={k}")
                 d.k = k
             d.predicted_ms = self.predict_ms(d.k, slowdown)

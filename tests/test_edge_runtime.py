@@ -103,11 +103,12 @@ def test_policy_source_follows_the_agent_state(tmp_path):
 
 
 class _Cpu(CpuMeter):
-    def __init__(self, values):
-        self.values, self.busy, self.reader, self.last = list(values), 0.0, None, None
+    def __init__(self, values, shares=()):
+        self.values, self.shares, self.busy, self.share = list(values), list(shares), 0.0, 1.0
 
     def sample(self):
         self.busy = self.values.pop(0) if self.values else self.busy
+        self.share = self.shares.pop(0) if self.shares else self.share
         return self.busy
 
 
@@ -135,6 +136,20 @@ def test_governor_reacts_to_cpu_load_before_requests_slow_down():
     calm = gov.predict_ms(8)
     d = gov.decide(8, 30.0)  # busy 0.9 vs 0.3 -> estimates x (0.7 / 0.1)
     assert calm <= 24.0 and d.k < 8 and "CPU busy 90%" in d.explain()
+
+
+def test_governor_reacts_to_new_runnable_tasks():
+    gov = Governor(8, cpu=_Cpu([1.0] * 7, shares=[1.0] * 6 + [0.5]), battery=lambda: None)
+    for _ in range(6):
+        gov.decide(8, 30.0)
+        gov.observe(_result(8))
+    d = gov.decide(8, 30.0)  # twice as many runnable tasks as cores: estimates x2 -> 2 * (4.5 + 2k) <= 24
+    assert d.k == 3 and "50% of a core per task" in d.explain()
+
+
+def test_cpu_meter_reads_proc_stat():
+    meter = CpuMeter(min_jiffies=0)
+    assert 0.0 <= meter.sample() <= 1.0 and 0.0 < meter.share <= 1.0
 
 
 def test_governor_caps_k_on_a_low_discharging_battery():
