@@ -22,6 +22,7 @@ from ldfleet.client.governor import Decision, Governor
 from ldfleet.client.state import load_device_state, state_path
 from ldfleet.client.telemetry import InferenceStats
 from ldfleet.common.edge_runtime import MANIFEST, EdgeModel, Result, keep_to_k
+from ldfleet.common.schemas import utcnow
 
 RUNTIMES = ("torch", "onnx", "onnx-int8")
 
@@ -62,8 +63,8 @@ class PolicySource:
     """The policy in force: fixed (``keep`` / ``latency_ms``) or read from an agent state dir.
 
     The state file is read again only when its (inode, mtime, size) changes, so checking before every
-    request costs one ``stat``. A corrupt or missing file keeps the last good policy (full model
-    before any).
+    request costs one ``stat``; an expired policy falls back to the full model. A corrupt or
+    missing file keeps the last good policy (full model before any).
     """
 
     def __init__(self, num_layers: int, state_dir: str | Path | None = None, keep: float | None = None,
@@ -75,6 +76,7 @@ class PolicySource:
             k = keep_to_k(keep, num_layers) if keep is not None else num_layers
             self._fixed = Policy(k, latency_ms, 0, "keep" if keep is not None else "latency")
         self._stamp: tuple[int, int, int] | None = None
+        self._expires = None  # expiry of the policy read last: re-read when it passes
         self._policy = Policy(num_layers, None, 0, "none")
         self._lock = threading.Lock()
 
@@ -89,7 +91,8 @@ class PolicySource:
         except OSError:
             return self._policy
         with self._lock:
-            if stamp != self._stamp:
+            expired = self._expires is not None and utcnow() >= self._expires
+            if stamp != self._stamp or expired:
                 self._stamp = stamp
                 self._policy = self._read()
             return self._policy
@@ -99,7 +102,9 @@ class PolicySource:
             state = load_device_state(self.state_dir)
         except ValueError:
             return self._policy
+        self._expires = state.policy.expires_at if state is not None and state.policy is not None else None
         if state is None or state.policy is None or state.policy_expired():
+            self._expires = None
             return Policy(self.num_layers, None, state.version if state else 0, "none")
         k = min(self.num_layers, state.effective_k or self.num_layers)
         if state.effective_k is None and state.policy.keep is not None:

@@ -51,7 +51,7 @@ def parse_wav(body: bytes, max_seconds: float = DEFAULT_MAX_SECONDS) -> np.ndarr
     try:
         info = sf.info(io.BytesIO(body))
     except (sf.LibsndfileError, RuntimeError) as exc:
-        raise BadRequest(415, f"not a WAV file ({exc})") from None
+        raise BadRequest(415, f"not a WAV file ({str(exc).rsplit(': ', 1)[-1]})") from None
     if info.format != "WAV":
         raise BadRequest(415, f"format {info.format}: send a WAV file")
     if info.samplerate != SAMPLE_RATE:
