@@ -44,12 +44,12 @@ def _session(run: Path, runtime: str, keep, latency_ms, device_id, state_dir, th
     from ldfleet.client.profile import default_device_id
     from ldfleet.common.runtime import default_device_state_dir
 
+    if keep is not None and keep <= 0:
+        fail("--keep must be in (0, 1]")
     try:
         engine = open_engine(run, runtime, threads)
     except (FileNotFoundError, ValueError) as exc:
         fail(exc)
-    if keep is not None and keep <= 0:
-        fail("--keep must be in (0, 1]")
     if keep is None and latency_ms is None:
         state_dir = state_dir or default_device_state_dir(device_id or default_device_id())
     policy = PolicySource(engine.num_layers, state_dir if keep is None and latency_ms is None else None, keep, latency_ms)
