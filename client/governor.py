@@ -112,7 +112,8 @@ class Decision:
 
     @property
     def intervened(self) -> bool:
-        return self.k < self.policy_k
+        """k lowered below the policy's, or the deadline guard stopped the layers early."""
+        return self.k < self.policy_k or bool(self.reasons)
 
     def explain(self) -> str:
         return "; ".join(self.reasons) or f"policy k={self.policy_k}"

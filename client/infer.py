@@ -130,7 +130,9 @@ class InferenceSession:
             target = deadline_ms if deadline_ms is not None else policy.latency_ms
             decision = self.governor.decide(policy.k, target)
             start = time.perf_counter()
-            result = self.engine.run(waveform, decision.k)
+            result = self.engine.run(waveform, decision.k, target)
+            if len(result.layers) < decision.k:
+                decision.reasons.append(f"deadline guard: stopped after {len(result.layers)} of {decision.k} layers")
             result.ms = (time.perf_counter() - start) * 1000
             self.governor.observe(result)
             self.stats.record(result, decision)

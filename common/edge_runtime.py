@@ -61,6 +61,15 @@ def top_k_layers(scores: np.ndarray, k: int) -> list[int]:
     return sorted(int(i) for i in order)
 
 
+def next_layer_fits(start: float, budget_ms: float | None, layer_ms: list[float], reserve_ms: float = 1.0) -> bool:
+    """Whether one more layer (as slow as the slowest so far) and ``reserve_ms`` for the head still end
+    within ``budget_ms`` of ``start`` (a ``time.perf_counter()``); always True without a budget or
+    before the first layer (at least one layer runs)."""
+    if budget_ms is None or not layer_ms:
+        return True
+    return (time.perf_counter() - start) * 1000 + max(layer_ms) + reserve_ms <= budget_ms
+
+
 def decode(logits: np.ndarray, labels: list[str]) -> list[str]:
     """Label names from classification logits ``[batch, classes]`` (argmax)."""
     return [labels[int(i)] for i in np.asarray(logits).argmax(-1)]
@@ -123,8 +132,11 @@ class EdgeModel:
     def k_for(self, keep: float) -> int:
         return keep_to_k(keep, self.num_layers)
 
-    def run_parts(self, waveform: np.ndarray, k: int) -> tuple[np.ndarray, Result]:
-        """Logits ``[1, classes]`` and timings for one waveform ``[samples]`` (or ``[1, samples]``) at k layers."""
+    def run_parts(self, waveform: np.ndarray, k: int, budget_ms: float | None = None) -> tuple[np.ndarray, Result]:
+        """Logits ``[1, classes]`` and timings for one waveform ``[samples]`` (or ``[1, samples]``) at k layers.
+
+        With ``budget_ms`` the chosen layers stop early when the next one would end past it (the
+        deadline guard): ``Result.layers`` then lists fewer than k layers."""
         if not 1 <= k <= self.num_layers:
             raise ValueError(f"k must be in [1, {self.num_layers}], got {k}")
         x = np.ascontiguousarray(np.asarray(waveform, dtype=np.float32).reshape(1, -1))
@@ -134,11 +146,14 @@ class EdgeModel:
         layers = list(range(self.num_layers)) if k >= self.num_layers else \
             top_k_layers(self.selector.run(None, {"features": features})[0][0], k)
         t2 = time.perf_counter()
-        layer_ms = []
+        layer_ms: list[float] = []
         for i in layers:
+            if not next_layer_fits(t0, budget_ms, layer_ms):
+                break
             s = time.perf_counter()
             hidden = self.layers[i].run(None, {"hidden": hidden})[0]
             layer_ms.append((time.perf_counter() - s) * 1000)
+        layers = layers[:len(layer_ms)]
         t3 = time.perf_counter()
         logits = self.head.run(None, {"hidden": hidden})[0]
         t4 = time.perf_counter()
@@ -146,9 +161,10 @@ class EdgeModel:
                         (t2 - t1) * 1000, layer_ms, (t4 - t3) * 1000)
         return logits, result
 
-    def run(self, waveform: np.ndarray, k: int) -> Result:
-        """Prediction, layers run and ms for one waveform at k layers (k = L runs every layer, no selector)."""
-        return self.run_parts(waveform, k)[1]
+    def run(self, waveform: np.ndarray, k: int, budget_ms: float | None = None) -> Result:
+        """Prediction, layers run and ms for one waveform at k layers (k = L runs every layer, no selector);
+        ``budget_ms``: the deadline guard of ``run_parts``."""
+        return self.run_parts(waveform, k, budget_ms)[1]
 
 
 def main(argv: list[str] | None = None) -> int:

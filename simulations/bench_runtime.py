@@ -182,15 +182,16 @@ def load_step(engine, clips, mode: str, target_ms: float, requests: int, spinner
             if i == hi:
                 hog.stop()
             wave, label = clips[i % len(clips)]
-            decision = governor.decide(L, target_ms if mode == "governor" else None)
+            target = target_ms if mode == "governor" else None
+            decision = governor.decide(L, target)
             start = time.perf_counter()
-            r = engine.run(wave, decision.k)
+            r = engine.run(wave, decision.k, target)
             r.ms = (time.perf_counter() - start) * 1000
             governor.observe(r)
             lat.append(r.ms)
-            ks.append(r.k)
+            ks.append(len(r.layers))
             right += r.prediction == label
-            interventions += decision.intervened
+            interventions += decision.intervened or len(r.layers) < decision.k
             time.sleep(gap_ms / 1000)
     finally:
         hog.stop()

@@ -43,6 +43,13 @@ def test_dropped_layers_are_never_run(tiny_export, wav_folder):
     assert calls == r.layers and len(r.layers) == 3 and r.k == 3
 
 
+def test_deadline_guard_stops_the_chosen_layers_early(tiny_run, tiny_export, wav_folder):
+    wave = clip_from_wav(wav_folder / "clip_04.wav")
+    for engine in (EdgeModel(tiny_export), open_engine(tiny_run, "torch")):
+        assert len(engine.run(wave, 8, budget_ms=1e-3).layers) == 1  # at least one layer always runs
+        assert len(engine.run(wave, 6, budget_ms=1e6).layers) == 6
+
+
 def test_host_runtime_imports_no_torch(tiny_export, wav_folder):
     """Both the package module and the copy in the export run with torch and transformers unimportable."""
     code = (

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..edge_runtime import Result
+from ..edge_runtime import Result, next_layer_fits
 from .checkpoint import load_model, read_meta
 from .dynamic import DynamicModel
 
@@ -63,8 +63,9 @@ class TorchEngine:
         return self.model.k_for(keep)
 
     @torch.inference_mode()
-    def run(self, waveform: np.ndarray, k: int) -> Result:
-        """Prediction, layers run and ms (per part) for one waveform ``[samples]`` at 16 kHz."""
+    def run(self, waveform: np.ndarray, k: int, budget_ms: float | None = None) -> Result:
+        """Prediction, layers run and ms (per part) for one waveform ``[samples]`` at 16 kHz; with
+        ``budget_ms`` the chosen layers stop early when the next would end past it (deadline guard)."""
         if not 1 <= k <= self.num_layers:
             raise ValueError(f"k must be in [1, {self.num_layers}], got {k}")
         model, runner = self.model, self.model.runner
@@ -80,11 +81,14 @@ class TorchEngine:
         t2 = time.perf_counter()
         hidden = front.hidden
         mask, bias = runner._layer_context(hidden, None)
-        layer_ms = []
+        layer_ms: list[float] = []
         for i in layers:
+            if not next_layer_fits(t0, budget_ms, layer_ms):
+                break
             s = time.perf_counter()
             hidden = runner._run_layer(i, hidden, mask, bias)
             layer_ms.append((time.perf_counter() - s) * 1000)
+        layers = layers[:len(layer_ms)]
         t3 = time.perf_counter()
         answer = predict(model, runner._finish(hidden), None, self.labels)[0]
         t4 = time.perf_counter()
