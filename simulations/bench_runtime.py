@@ -56,6 +56,8 @@ class LoadStepRow:
     interventions: int
     requests: int
     loaded_requests: int
+    front_end_p99_ms: float  # the part no k can save
+    misses_at_one_layer: int  # misses although a single layer ran: the front end alone was too slow
 
 
 # ---- the model and clips ------------------------------------------------------------------------
@@ -173,7 +175,7 @@ def load_step(engine, clips, mode: str, target_ms: float, requests: int, spinner
     L = engine.num_layers
     governor = Governor(L)
     hog = CpuHog(spinners)
-    lat, ks, right, interventions = [], [], 0, 0
+    lat, ks, fronts, right, interventions = [], [], [], 0, 0
     lo, hi = requests // 3, 2 * requests // 3
     try:
         for i in range(requests):
@@ -190,6 +192,7 @@ def load_step(engine, clips, mode: str, target_ms: float, requests: int, spinner
             governor.observe(r)
             lat.append(r.ms)
             ks.append(len(r.layers))
+            fronts.append(r.front_end_ms)
             right += r.prediction == label
             interventions += decision.intervened or len(r.layers) < decision.k
             time.sleep(gap_ms / 1000)
@@ -197,7 +200,8 @@ def load_step(engine, clips, mode: str, target_ms: float, requests: int, spinner
         hog.stop()
     return LoadStepRow(mode, target_ms, statistics.median(lat), percentile(lat, 99),
                        sum(t > target_ms for t in lat) / len(lat), right / len(lat), sum(ks) / len(ks),
-                       interventions, len(lat), hi - lo)
+                       interventions, len(lat), hi - lo, percentile(fronts, 99),
+                       sum(t > target_ms and k == 1 for t, k in zip(lat, ks)))
 
 
 def bench_load_step(export: Path, clips, runtime: str = "onnx", requests: int = 300, target_ms: float | None = None,
