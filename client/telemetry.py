@@ -108,8 +108,8 @@ class TelemetryPublisher:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
-            if not self.session.connected:
-                continue
+            if not self.session.connected or not (self.stats.requests or self.stats.errors):
+                continue  # an idle window is not sent: it would only add empty rows
             try:
                 self.publish_now()
             except Exception:  # noqa: BLE001 - telemetry must never stop inference
