@@ -189,8 +189,56 @@ class PolicyAck(Payload):
     acked_at: AwareDatetime | None = None
 
 
+#: Most requests one inference summary may count (about 1000 requests/s over a 10-minute window).
+MAX_SUMMARY_REQUESTS = 600_000
+Count = Annotated[int, Field(ge=0, le=MAX_SUMMARY_REQUESTS)]
+
+
+class InferenceSummary(Payload):
+    """What a device's inference service did in the last ``window_s`` seconds (issue 10).
+
+    ``k_counts[j]``: requests run with k = j + 1 layers; ``layer_counts[i]``: requests that ran
+    encoder layer i; ``p50_ms`` / ``p99_ms``: end-to-end latency percentiles of those requests;
+    ``deadline_misses``: requests over their latency target; ``interventions``: requests the
+    governor ran with fewer layers than the policy allowed. Values that cannot all be true together
+    (layer counts above the request count, k counts not adding up, p50 > p99) are refused.
+    """
+
+    SCHEMA: ClassVar[str] = "ldfleet.inference-summary/1"
+    schema_: Literal["ldfleet.inference-summary/1"] = Field("ldfleet.inference-summary/1", alias="schema")
+    window_s: float = Field(gt=0.0, le=86_400.0)
+    requests: Count
+    errors: Count = 0
+    k_counts: list[Count] = Field(max_length=MAX_LAYERS)
+    layer_counts: list[Count] = Field(max_length=MAX_LAYERS)
+    p50_ms: Ms | None = None
+    p99_ms: Ms | None = None
+    deadline_misses: Count = 0
+    interventions: Count = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> InferenceSummary:
+        if len(self.k_counts) != len(self.layer_counts):
+            raise ValueError(f"k_counts has {len(self.k_counts)} entries, layer_counts {len(self.layer_counts)}")
+        if sum(self.k_counts) != self.requests:
+            raise ValueError(f"k_counts add up to {sum(self.k_counts)}, not requests={self.requests}")
+        if max(self.layer_counts, default=0) > self.requests:
+            raise ValueError("a layer ran more often than there were requests")
+        layers_run = sum((j + 1) * n for j, n in enumerate(self.k_counts))
+        if sum(self.layer_counts) != layers_run:
+            raise ValueError(f"layer_counts add up to {sum(self.layer_counts)}, k_counts imply {layers_run}")
+        if max(self.deadline_misses, self.interventions) > self.requests:
+            raise ValueError("more deadline misses or interventions than requests")
+        if self.p50_ms is not None and self.p99_ms is not None and self.p50_ms > self.p99_ms:
+            raise ValueError(f"p50_ms {self.p50_ms} > p99_ms {self.p99_ms}")
+        if self.requests > max(1.0, self.window_s) * 1000:
+            raise ValueError(f"{self.requests} requests in {self.window_s} s is over 1000 per second")
+        return self
+
+
 class Telemetry(Payload):
-    """Occasional device measurements outside federated rounds (QoS 0, not retained)."""
+    """Occasional device measurements outside federated rounds (QoS 0, not retained); ``inference``
+    when the device serves requests (``ldfleet serve``)."""
 
     SCHEMA: ClassVar[str] = "ldfleet.telemetry/1"
     schema_: Literal["ldfleet.telemetry/1"] = Field("ldfleet.telemetry/1", alias="schema")
@@ -202,6 +250,7 @@ class Telemetry(Payload):
     layer_usage: list[Annotated[float, Field(ge=0.0, le=1.0)]] | None = Field(None, max_length=MAX_LAYERS)
     accuracy: float | None = Field(None, ge=0.0, le=1.0)
     latency_ms: Ms | None = None
+    inference: InferenceSummary | None = None
 
 
 class ControllerStatus(Payload):

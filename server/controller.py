@@ -53,6 +53,7 @@ from ldfleet.server.acks import store as acks_store
 from ldfleet.server.policy import resolve, signature_of
 from ldfleet.server.registry.models import Device, DeviceClass
 from ldfleet.server.registry.store import Registry
+from ldfleet.server.telemetry import InferenceRollups
 
 log = logging.getLogger("ldfleet.controller")
 
@@ -349,11 +350,13 @@ class Controller:
         tel_upd: dict[str, dict[str, Any]] = {}
         statuses: list[tuple[Status, datetime]] = []
         acks: list[tuple[PolicyAck, datetime]] = []
+        rollups = InferenceRollups()
         for kind, obj, now in items:
             did = obj.device_id
             if kind == C.TELEMETRY.value:
                 if did in desired:
                     tel_upd[did] = {"device_id": did, "telemetry": obj.model_dump(mode="json", by_alias=True), "telemetry_at": now, "last_seen": now}
+                rollups.add(obj, now, known_device=did in desired)
                 continue
             if kind not in (C.STATUS.value, C.POLICY_REPORTED.value):
                 continue
@@ -369,6 +372,7 @@ class Controller:
         for upd in (liveness.updates(s, statuses), ack_upd, list(tel_upd.values())):
             if upd:
                 _bulk_update_devices(s, upd)
+        rollups.write(s)
 
     def _apply_profile(self, s: Session, prof: DeviceProfile, now: datetime, work: _Work) -> None:
         did = prof.device_id

@@ -175,6 +175,7 @@ def build_report(run_dir: str | Path, db_url: str | None = None, console: Consol
 
     from ldfleet.server.checkpoints import checkpoint_rounds, load_checkpoint
     from ldfleet.server.registry.store import Registry
+    from ldfleet.server.telemetry import usage as inference_usage
     from ldfleet.server.rounds import EVAL, TRAIN, device_status, metric_rows, rounds
 
     run_dir = Path(run_dir)
@@ -187,6 +188,7 @@ def build_report(run_dir: str | Path, db_url: str | None = None, console: Consol
         metrics = metric_rows(reg, info["run_id"])
         status = device_status(reg)
         active = {k: (p.budget_text(), p.version) for k, p in reg.active_policies().items()}
+        served = inference_usage(reg)
     finished = [r for r in round_rows if r.status == "finished"]
     last_round = max((r.number for r in finished), default=0)
     ckpts = [r for r in checkpoint_rounds(run_dir) if r <= last_round]
@@ -321,7 +323,7 @@ def build_report(run_dir: str | Path, db_url: str | None = None, console: Consol
                              "max": max(walls) if walls else None, "min": min(walls) if walls else None},
         "peak_rss_mb": info.get("peak_rss_mb"), "timings_s": timings, "traffic": traffic,
         "heldout": {"examples": cen["examples"], "rows": cen["rows"]}, "devices_table": device_json, "rounds": round_json,
-        "layer_usage_by_class": usage, "num_layers": num_layers,
+        "layer_usage_by_class": usage, "num_layers": num_layers, "inference_usage": served,
     }
     files = _plots(out, per_round, classes, cen, usage, num_layers)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
@@ -363,6 +365,14 @@ def build_report(run_dir: str | Path, db_url: str | None = None, console: Consol
          f"{info.get('cores', '?')} cores, torch threads {info.get('torch_threads', '?')}.",
          ["phase", "seconds"], [[k, f"{v:.1f}"] for k, v in timings.items()], None),
     ]
+    if served:
+        sections.append(("Served requests (inference telemetry)",
+                         "Per device over the stored per-minute roll-ups; layer usage = share of requests running each layer.",
+                         ["device", "requests", "mean layers", "deadline misses", "governor interventions", "worst p99 ms",
+                          "layer usage"],
+                         [[d, v["requests"], f"{v['mean_layers']:.2f}", v["deadline_misses"], v["interventions"],
+                           "-" if v["p99_ms"] is None else f"{v['p99_ms']:.1f}", " ".join(f"{u:.2f}" for u in v["usage"])]
+                          for d, v in sorted(served.items())], None))
     title = f"ldfleet simulation report: {scn.name} ({info['run_id']})"
     intro = (f"{scn.num_devices} devices in {len(classes)} classes, {len(finished)}/{scn.rounds} rounds finished, "
              f"status {info.get('status')}. {scn.description}")

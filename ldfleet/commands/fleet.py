@@ -210,9 +210,18 @@ def registry_usage(run: Optional[Path] = _RUN_OPT, run_id: Optional[str] = _RUN_
                    round_number: Optional[int] = typer.Option(None, "--round", help="Round [default: the last with results]."),
                    phase: str = typer.Option("eval", "--phase", help="eval | train"),
                    per_device: bool = typer.Option(False, "--devices", help="One row per device instead of per class."),
+                   source: str = typer.Option("rounds", "--source", help="rounds (federated rounds) | inference (devices' served requests, per device)."),
                    as_json: bool = _JSON_OPT) -> None:
-    """Share of inputs that ran each encoder layer, per device class (or device), in one round."""
+    """Share of inputs that ran each encoder layer, per device class (or device), in one round
+    (--source inference: per device, over the inference telemetry roll-ups)."""
     from ldfleet.server.rounds import metric_rows
+
+    if source not in ("rounds", "inference"):
+        fail(f"--source must be rounds or inference, got {source!r}")
+    if source == "inference":
+        from ldfleet.commands.edge import inference_usage
+
+        return inference_usage(run, db, as_json)
 
     reg, rid = _registry_target(run, run_id, db)
     try:

@@ -228,3 +228,29 @@ class RoundMetric(Base):
     #: Why a failure row (phase ``*-failed``) failed: an error reply, a refused reply, no reply.
     reason: Mapped[str | None] = mapped_column(Text)
     recorded_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class InferenceRollup(Base):
+    """Per-device, per-minute roll-up of on-device inference telemetry (``ldfleet serve``; issue 10).
+
+    Counts add up over the telemetry messages of the minute; ``p50_ms`` is their request-weighted
+    mean of window medians, ``p99_ms`` the largest window p99 (a cautious bound, not a true p99).
+    """
+
+    __tablename__ = "inference_rollups"
+    __table_args__ = (UniqueConstraint("device_id", "minute"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(String(64), index=True)
+    minute: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    messages: Mapped[int] = mapped_column(Integer, default=0)
+    requests: Mapped[int] = mapped_column(Integer, default=0)
+    errors: Mapped[int] = mapped_column(Integer, default=0)
+    deadline_misses: Mapped[int] = mapped_column(Integer, default=0)
+    interventions: Mapped[int] = mapped_column(Integer, default=0)
+    #: Requests per k (index k - 1) and per encoder layer run (index = layer), each of length L.
+    k_counts: Mapped[list[int]] = mapped_column(JSON)
+    layer_counts: Mapped[list[int]] = mapped_column(JSON)
+    p50_ms: Mapped[float | None] = mapped_column(Float)
+    p99_ms: Mapped[float | None] = mapped_column(Float)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

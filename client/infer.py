@@ -1,0 +1,160 @@
+"""On-device inference: a runtime (torch or onnxruntime), the policy in force, the governor, statistics.
+
+``open_engine`` opens a run folder on torch or an ONNX export on onnxruntime; both give a
+``Result`` per input. ``PolicySource`` reads the agent's local state (``client/state.py``) again
+whenever the file changes, so a new policy version applies from the next request on, or stands in
+for fixed overrides (``--keep`` / ``--latency-ms``). ``InferenceSession`` ties them together: per
+request the policy gives the ceiling k, the governor may lower it, the runtime runs it, and the
+statistics the telemetry publisher reports are updated.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ldfleet.client.governor import Decision, Governor
+from ldfleet.client.state import load_device_state, state_path
+from ldfleet.client.telemetry import InferenceStats
+from ldfleet.common.edge_runtime import MANIFEST, EdgeModel, Result, keep_to_k
+from ldfleet.common.schemas import utcnow
+
+RUNTIMES = ("torch", "onnx", "onnx-int8")
+
+
+def open_engine(run: str | Path, runtime: str = "torch", threads: int = 1):
+    """A runtime for ``run``: a run folder (torch) or an ONNX export folder (onnx, onnx-int8).
+
+    Raises FileNotFoundError / ValueError with a hint when the folder does not fit the runtime.
+    """
+    run = Path(run)
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    exported = (run / MANIFEST).exists()
+    if runtime == "torch":
+        if exported:
+            raise ValueError(f"{run} is an ONNX export: use --runtime onnx (or give the run folder)")
+        from ldfleet.common.model.inference import TorchEngine
+
+        return TorchEngine(run, threads)
+    if not exported:
+        raise FileNotFoundError(f"{run} is not an ONNX export: make one with `ldfleet export {run} --format onnx --out DIR`")
+    engine = EdgeModel(run, "int8" if runtime == "onnx-int8" else "fp32", threads)
+    engine.runtime = runtime
+    return engine
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The ceiling for the next request: k layers, an optional latency target, where it came from."""
+
+    k: int
+    latency_ms: float | None
+    version: int
+    source: str  # "keep", "latency", "state", "none"
+
+
+class PolicySource:
+    """The policy in force: fixed (``keep`` / ``latency_ms``) or read from an agent state dir.
+
+    The state file is read again only when its (inode, mtime, size) changes, so checking before every
+    request costs one ``stat``; an expired policy falls back to the full model. A corrupt or
+    missing file keeps the last good policy (full model before any).
+    """
+
+    def __init__(self, num_layers: int, state_dir: str | Path | None = None, keep: float | None = None,
+                 latency_ms: float | None = None):
+        self.num_layers = num_layers
+        self.state_dir = Path(state_dir) if state_dir else None
+        self._fixed = None
+        if keep is not None or latency_ms is not None:
+            k = keep_to_k(keep, num_layers) if keep is not None else num_layers
+            self._fixed = Policy(k, latency_ms, 0, "keep" if keep is not None else "latency")
+        self._stamp: tuple[int, int, int] | None = None
+        self._expires = None  # expiry of the policy read last: re-read when it passes
+        self._policy = Policy(num_layers, None, 0, "none")
+        self._lock = threading.Lock()
+
+    def current(self) -> Policy:
+        if self._fixed is not None:
+            return self._fixed
+        if self.state_dir is None:
+            return self._policy
+        try:
+            st = os.stat(state_path(self.state_dir))
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)  # the agent replaces the file: a new inode
+        except OSError:
+            return self._policy
+        with self._lock:
+            expired = self._expires is not None and utcnow() >= self._expires
+            if stamp != self._stamp or expired:
+                self._stamp = stamp
+                self._policy = self._read()
+            return self._policy
+
+    def _read(self) -> Policy:
+        try:
+            state = load_device_state(self.state_dir)
+        except ValueError:
+            return self._policy
+        self._expires = state.policy.expires_at if state is not None and state.policy is not None else None
+        if state is None or state.policy is None or state.policy_expired():
+            self._expires = None
+            return Policy(self.num_layers, None, state.version if state else 0, "none")
+        k = min(self.num_layers, state.effective_k or self.num_layers)
+        if state.effective_k is None and state.policy.keep is not None:
+            k = keep_to_k(state.policy.keep, self.num_layers)
+        return Policy(k, state.policy.latency_ms, state.version, "state")
+
+
+class InferenceSession:
+    """One device's inference: engine + policy + governor + statistics (thread-safe, one run at a time)."""
+
+    def __init__(self, engine, policy: PolicySource, governor: Governor | None = None,
+                 stats: InferenceStats | None = None):
+        self.engine = engine
+        self.policy = policy
+        self.governor = governor or Governor(engine.num_layers)
+        self.stats = stats or InferenceStats(engine.num_layers)
+        self._lock = threading.Lock()
+
+    def infer(self, waveform: np.ndarray, deadline_ms: float | None = None) -> tuple[Result, Decision, Policy]:
+        """Run one waveform ``[samples]`` (16 kHz); ``deadline_ms`` overrides the policy's latency target."""
+        with self._lock:
+            policy = self.policy.current()
+            target = deadline_ms if deadline_ms is not None else policy.latency_ms
+            decision = self.governor.decide(policy.k, target)
+            start = time.perf_counter()
+            result = self.engine.run(waveform, decision.k, target)
+            if len(result.layers) < decision.k:
+                decision.reasons.append(f"deadline guard: stopped after {len(result.layers)} of {decision.k} layers")
+            result.ms = (time.perf_counter() - start) * 1000
+            self.governor.observe(result)
+            self.stats.record(result, decision)
+            return result, decision, policy
+
+
+def clip_from_wav(data: bytes | str | Path) -> np.ndarray:
+    """WAV bytes or a path -> 1 s of 16 kHz mono float32, as training saw clips (resample, trim, centre).
+
+    Raises ValueError when the data is not audio soundfile can read.
+    """
+    import io
+
+    import soundfile as sf
+
+    from ldfleet.common.data.audio import fix_length, resample, to_mono, trim_silence
+
+    src = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else str(data)
+    try:
+        audio, rate = sf.read(src, dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
+        raise ValueError(f"not a readable WAV file: {exc}") from None
+    if audio.shape[0] == 0:
+        raise ValueError("the WAV file holds no samples")
+    return fix_length(trim_silence(resample(to_mono(audio), rate)))

@@ -1,0 +1,189 @@
+"""Torch-free host runtime for an exported dynamic model: numpy + onnxruntime, nothing else.
+
+``ldfleet export RUN --format onnx --out DIR`` writes one ONNX graph per part of the model: the
+front end (waveform -> hidden states and selector features), each encoder layer, the selector and
+the task head, with a ``manifest.json``. This module schedules them on the host: it runs the front
+end and the selector, keeps the k best-scoring layers, runs only those layer graphs in order, then
+the head. A dropped layer is a graph that is never called, so it costs nothing (per-layer graphs
+rather than an ONNX ``If``: runtimes often lose the saving of control flow, see PITFALLS.md).
+
+The module imports only the standard library, numpy and (when a model is opened) onnxruntime, so a
+board installs ``numpy onnxruntime`` and copies the export folder (which holds a copy of this file
+as ``edge_runtime.py``)::
+
+    python3 edge_runtime.py EXPORT_DIR clip.wav --keep 0.5
+
+Shapes: waveforms are float32 ``[batch, samples]`` at 16 kHz; hidden states ``[batch, frames, dim]``;
+layer scores ``[batch, layers]``. The batch is run without padding (equal-length inputs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import wave
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+FORMAT = "ldfleet.onnx-export/1"
+SAMPLE_RATE = 16000
+PRECISIONS = ("fp32", "int8")
+
+
+@dataclass
+class Result:
+    """One input's answer and what it cost: ``layers`` are the encoder layers that ran (0-based)."""
+
+    prediction: str
+    k: int
+    layers: list[int]
+    ms: float
+    front_end_ms: float = 0.0
+    selector_ms: float = 0.0
+    layer_ms: list[float] = field(default_factory=list)  # one per layer that ran, in order
+    head_ms: float = 0.0
+
+
+def keep_to_k(keep: float, num_layers: int) -> int:
+    """k for a keep fraction: round(keep * L), clamped to [1, L] (the same rule as ldfleet.common.budget)."""
+    if not (math.isfinite(keep) and 0.0 < keep <= 1.0):
+        raise ValueError(f"keep fraction must be in (0, 1], got {keep!r}")
+    return min(num_layers, max(1, round(keep * num_layers)))
+
+
+def top_k_layers(scores: np.ndarray, k: int) -> list[int]:
+    """Indices of the k highest scores of one row ``[layers]``, in layer order."""
+    order = np.argsort(-scores, kind="stable")[:k]
+    return sorted(int(i) for i in order)
+
+
+def next_layer_fits(start: float, budget_ms: float | None, layer_ms: list[float], reserve_ms: float = 1.0) -> bool:
+    """Whether one more layer (as slow as the slowest so far) and ``reserve_ms`` for the head still end
+    within ``budget_ms`` of ``start`` (a ``time.perf_counter()``); always True without a budget or
+    before the first layer (at least one layer runs)."""
+    if budget_ms is None or not layer_ms:
+        return True
+    return (time.perf_counter() - start) * 1000 + max(layer_ms) + reserve_ms <= budget_ms
+
+
+def decode(logits: np.ndarray, labels: list[str]) -> list[str]:
+    """Label names from classification logits ``[batch, classes]`` (argmax)."""
+    return [labels[int(i)] for i in np.asarray(logits).argmax(-1)]
+
+
+def read_wav(data: bytes | str | Path) -> np.ndarray:
+    """A 16-bit PCM mono WAV at 16 kHz as float32 samples in [-1, 1] (stdlib ``wave``; raises ValueError)."""
+    import io
+
+    src = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else str(data)
+    try:
+        with wave.open(src, "rb") as w:
+            if w.getframerate() != SAMPLE_RATE or w.getsampwidth() != 2 or w.getnchannels() != 1:
+                raise ValueError(f"need 16-bit mono {SAMPLE_RATE} Hz, got {w.getsampwidth() * 8}-bit, "
+                                 f"{w.getnchannels()} channel(s), {w.getframerate()} Hz")
+            frames = w.readframes(w.getnframes())
+    except (wave.Error, EOFError) as exc:
+        raise ValueError(f"not a PCM WAV file: {exc}") from None
+    return np.frombuffer(frames, dtype="<i2").astype(np.float32) / 32768.0
+
+
+class EdgeModel:
+    """An exported model on onnxruntime. ``precision``: ``fp32`` or ``int8`` (if exported with int8).
+
+    Raises FileNotFoundError when ``export_dir`` has no manifest, ValueError for an unknown format or
+    a precision the export lacks.
+    """
+
+    def __init__(self, export_dir: str | Path, precision: str = "fp32", threads: int = 1):
+        import onnxruntime as ort
+
+        self.dir = Path(export_dir)
+        path = self.dir / MANIFEST
+        if not path.exists():
+            raise FileNotFoundError(f"{export_dir} is not an ONNX export (no {MANIFEST}); make one with `ldfleet export`")
+        self.manifest = json.loads(path.read_text())
+        if self.manifest.get("format") != FORMAT:
+            raise ValueError(f"{path}: format {self.manifest.get('format')!r}, expected {FORMAT!r}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        graphs = self.manifest["graphs"][precision] if precision in self.manifest["graphs"] else None
+        if graphs is None:
+            raise ValueError(f"{export_dir} has no {precision} graphs (export with --int8)")
+        self.precision = precision
+        self.labels: list[str] = list(self.manifest["labels"])
+        self.num_layers: int = int(self.manifest["num_layers"])
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = max(0, threads)
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+
+        def session(name: str):
+            return ort.InferenceSession(str(self.dir / name), opts, providers=["CPUExecutionProvider"])
+
+        self.front_end = session(graphs["front_end"])
+        self.selector = session(graphs["selector"])
+        self.layers = [session(g) for g in graphs["layers"]]
+        self.head = session(graphs["head"])
+
+    def k_for(self, keep: float) -> int:
+        return keep_to_k(keep, self.num_layers)
+
+    def run_parts(self, waveform: np.ndarray, k: int, budget_ms: float | None = None) -> tuple[np.ndarray, Result]:
+        """Logits ``[1, classes]`` and timings for one waveform ``[samples]`` (or ``[1, samples]``) at k layers.
+
+        With ``budget_ms`` the chosen layers stop early when the next one would end past it (the
+        deadline guard): ``Result.layers`` then lists fewer than k layers."""
+        if not 1 <= k <= self.num_layers:
+            raise ValueError(f"k must be in [1, {self.num_layers}], got {k}")
+        x = np.ascontiguousarray(np.asarray(waveform, dtype=np.float32).reshape(1, -1))
+        t0 = time.perf_counter()
+        hidden, features = self.front_end.run(None, {"waveform": x})
+        t1 = time.perf_counter()
+        layers = list(range(self.num_layers)) if k >= self.num_layers else \
+            top_k_layers(self.selector.run(None, {"features": features})[0][0], k)
+        t2 = time.perf_counter()
+        layer_ms: list[float] = []
+        for i in layers:
+            if not next_layer_fits(t0, budget_ms, layer_ms):
+                break
+            s = time.perf_counter()
+            hidden = self.layers[i].run(None, {"hidden": hidden})[0]
+            layer_ms.append((time.perf_counter() - s) * 1000)
+        layers = layers[:len(layer_ms)]
+        t3 = time.perf_counter()
+        logits = self.head.run(None, {"hidden": hidden})[0]
+        t4 = time.perf_counter()
+        result = Result(decode(logits, self.labels)[0], k, layers, (t4 - t0) * 1000, (t1 - t0) * 1000,
+                        (t2 - t1) * 1000, layer_ms, (t4 - t3) * 1000)
+        return logits, result
+
+    def run(self, waveform: np.ndarray, k: int, budget_ms: float | None = None) -> Result:
+        """Prediction, layers run and ms for one waveform at k layers (k = L runs every layer, no selector);
+        ``budget_ms``: the deadline guard of ``run_parts``."""
+        return self.run_parts(waveform, k, budget_ms)[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python3 edge_runtime.py EXPORT_DIR WAV... [--keep F] [--int8]``: one JSON line per clip."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="Run an ldfleet ONNX export on WAV files (16-bit mono 16 kHz).")
+    p.add_argument("export_dir")
+    p.add_argument("wavs", nargs="+")
+    p.add_argument("--keep", type=float, default=1.0, help="share of encoder layers to run (0, 1]")
+    p.add_argument("--int8", action="store_true", help="use the int8 graphs")
+    args = p.parse_args(argv)
+    model = EdgeModel(args.export_dir, "int8" if args.int8 else "fp32")
+    k = model.k_for(args.keep)
+    for path in args.wavs:
+        r = model.run(read_wav(path), k)
+        print(json.dumps({"input": path, "k": r.k, "layers": r.layers, "ms": round(r.ms, 3), "prediction": r.prediction}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,96 @@
+"""On-device inference with torch: one input at a time, k layers chosen by the selector, timed by part.
+
+``predict`` is the single place where hidden states become answers (label names for keyword
+spotting); every torch code path of the edge runtime goes through it, so a task-agnostic head only
+has to be swapped in there. ``TorchEngine`` gives the same ``Result`` as the onnxruntime host
+runtime (``ldfleet.common.edge_runtime.EdgeModel``), so the governor, ``ldfleet infer`` and
+``ldfleet serve`` treat both alike.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..edge_runtime import Result, next_layer_fits
+from .checkpoint import load_model, read_meta
+from .dynamic import DynamicModel
+
+#: The strategy a device runs: the input-conditioned selector.
+DEVICE_STRATEGY = "selector"
+
+
+def labels_of(meta: dict, num_classes: int) -> list[str]:
+    """Class names of a run (``labels`` in model.json, else the keyword label set)."""
+    if meta.get("labels"):
+        return list(meta["labels"])
+    from ..data.labels import LABELS
+
+    return list(LABELS[:num_classes])
+
+
+def head_logits(model: DynamicModel, hidden: Tensor, frame_mask: Tensor | None) -> Tensor:
+    """Head output ``[batch, classes]`` for last hidden states ``[batch, frames, dim]``."""
+    return model.head_for(DEVICE_STRATEGY)(hidden, frame_mask)
+
+
+def predict(model: DynamicModel, hidden: Tensor, frame_mask: Tensor | None,
+            labels: Sequence[str] | None = None) -> list[str]:
+    """Answers (label names), one per example, from last hidden states ``[batch, frames, dim]``
+    (``frame_mask`` [batch, frames] bool or None); ``labels`` default to the keyword label set."""
+    names = labels if labels is not None else labels_of({}, model.num_classes)
+    return [names[int(i)] for i in head_logits(model, hidden, frame_mask).argmax(-1)]
+
+
+class TorchEngine:
+    """A run folder on torch eager, batch 1, selector strategy (what a device runs)."""
+
+    runtime = "torch"
+
+    def __init__(self, run_dir: str | Path, threads: int = 0):
+        if threads:
+            torch.set_num_threads(threads)
+        self.model = load_model(run_dir).eval()
+        self.labels = labels_of(read_meta(run_dir), self.model.num_classes)
+        self.num_layers = self.model.num_layers
+
+    def k_for(self, keep: float) -> int:
+        return self.model.k_for(keep)
+
+    @torch.inference_mode()
+    def run(self, waveform: np.ndarray, k: int, budget_ms: float | None = None) -> Result:
+        """Prediction, layers run and ms (per part) for one waveform ``[samples]`` at 16 kHz; with
+        ``budget_ms`` the chosen layers stop early when the next would end past it (deadline guard)."""
+        if not 1 <= k <= self.num_layers:
+            raise ValueError(f"k must be in [1, {self.num_layers}], got {k}")
+        model, runner = self.model, self.model.runner
+        x = torch.from_numpy(np.asarray(waveform, dtype=np.float32)).reshape(1, -1)
+        t0 = time.perf_counter()
+        front = model.front_end(x)
+        t1 = time.perf_counter()
+        if k >= self.num_layers:
+            layers = list(range(self.num_layers))
+        else:
+            keep = model.strategy(DEVICE_STRATEGY).choose(front, k)
+            layers = keep[0].nonzero().flatten().tolist()
+        t2 = time.perf_counter()
+        hidden = front.hidden
+        mask, bias = runner._layer_context(hidden, None)
+        layer_ms: list[float] = []
+        for i in layers:
+            if not next_layer_fits(t0, budget_ms, layer_ms):
+                break
+            s = time.perf_counter()
+            hidden = runner._run_layer(i, hidden, mask, bias)
+            layer_ms.append((time.perf_counter() - s) * 1000)
+        layers = layers[:len(layer_ms)]
+        t3 = time.perf_counter()
+        answer = predict(model, runner._finish(hidden), None, self.labels)[0]
+        t4 = time.perf_counter()
+        return Result(answer, k, layers, (t4 - t0) * 1000, (t1 - t0) * 1000, (t2 - t1) * 1000, layer_ms,
+                      (t4 - t3) * 1000)

@@ -1,0 +1,224 @@
+"""`ldfleet bench runtime`: device runtimes side by side, and the governor under a load step.
+
+(a) ``runtimes``: torch eager, onnxruntime fp32 and onnxruntime int8 at each keep ratio, batch 1, on
+held-out clips; the runtimes take turns clip by clip, so machine noise hits them alike. Rows:
+``runtime, keep, k, ms_p50, ms_p99, accuracy``.
+
+(b) ``load_step``: a stream of requests with a latency target; for the middle third of the stream
+CPU-spinning processes (one per core) compete with inference. Once with a fixed k (the policy's),
+once with the governor choosing k per request. Rows: ``mode, target_ms, p50_ms, p99_ms, miss_rate,
+accuracy`` (+ ``mean_k``, ``interventions``). The target defaults to ``target_factor`` x the
+unloaded p50 at the policy's k, measured just before.
+
+Without ``--run`` a small keyword model is trained once on a small synthetic corpus and cached in
+``$LDFLEET_HOME/cache/bench-runtime`` (a few minutes the first time).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ldfleet.client.governor import Governor
+from ldfleet.client.infer import open_engine
+from ldfleet.client.profile import cpu_cores
+from ldfleet.client.telemetry import percentile
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class RuntimeRow:
+    runtime: str
+    keep: float
+    k: int
+    ms_p50: float
+    ms_p99: float
+    accuracy: float
+    examples: int
+
+
+@dataclass
+class LoadStepRow:
+    mode: str
+    target_ms: float
+    p50_ms: float
+    p99_ms: float
+    miss_rate: float
+    accuracy: float
+    mean_k: float
+    interventions: int
+    requests: int
+    loaded_requests: int
+    front_end_p99_ms: float  # the part no k can save
+    misses_at_one_layer: int  # misses although a single layer ran: the front end alone was too slow
+
+
+# ---- the model and clips ------------------------------------------------------------------------
+
+def default_model(cache: Path, log: Log) -> tuple[Path, Path]:
+    """(run dir, corpus dir) of a small cached keyword model, trained here if missing."""
+    from ldfleet.common.data.espeak import ENGLISH_VOICES
+    from ldfleet.common.data.synth import METADATA, SynthConfig, synthesize_corpus
+    from ldfleet.common.train import TrainConfig, Trainer
+    from ldfleet.common.data.folder import load_splits
+
+    data, run = cache / "synth", cache / "run"
+    if not (data / METADATA).exists():
+        log(f"synthesizing a small keyword corpus into {data} (espeak-ng, once)")
+        synthesize_corpus(SynthConfig(out=data, voices=ENGLISH_VOICES[:6], variants_per_voice=4,
+                                      clips_per_word=2, unknown_per_speaker=2, silence_clips=32, overwrite=True),
+                          progress=False)
+    if not (run / ".done").exists():
+        log(f"training a tiny keyword model into {run} (once; a few minutes on 2 idle cores)")
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # torch's spinning workers slow down many-fold on shared cores
+        try:
+            splits = load_splits(data, seed=0)
+            cfg = TrainConfig(epochs=8, strategy_epochs=2, batch_size=16)
+            Trainer(run, splits["train"], splits["val"], cfg, log=lambda _m: None).fit(lambda *_a: None)
+        finally:
+            torch.set_num_threads(threads)
+        (run / ".done").touch()
+    return run, data
+
+
+def ensure_export(run: Path, out: Path, log: Log) -> Path:
+    """An ONNX export of ``run`` (fp32 + int8) in ``out``, redone when the run's weights are newer."""
+    from ldfleet.common.edge_runtime import MANIFEST
+    from ldfleet.common.model.checkpoint import WEIGHTS
+    from ldfleet.common.model.export import export_onnx
+
+    manifest = out / MANIFEST
+    if not manifest.exists() or manifest.stat().st_mtime < (run / WEIGHTS).stat().st_mtime:
+        log(f"exporting {run} to ONNX in {out}")
+        export_onnx(run, out, int8=True)
+    return out
+
+
+def test_clips(data: Path, limit: int, seed: int = 0) -> list[tuple[np.ndarray, str]]:
+    """Up to ``limit`` held-out clips (waveform, label name): the test split, then validation, in order."""
+    from ldfleet.common.data.audio import load_clip
+    from ldfleet.common.data.folder import load_splits
+    from ldfleet.common.data.labels import LABELS
+
+    splits = load_splits(data, seed=seed, preload=False)
+    clips = [*splits["test"].clips, *splits["val"].clips][:limit]
+    return [(load_clip(c.path, trim=not c.is_silence, start=c.start, frames=c.frames), LABELS[c.label]) for c in clips]
+
+
+# ---- (a) runtimes side by side --------------------------------------------------------------------
+
+def bench_runtimes(run: Path, export: Path, clips, keeps=(0.25, 0.5, 1.0), threads: int = 1,
+                   warmup: int = 5, log: Log = lambda _m: None) -> list[RuntimeRow]:
+    engines = {"torch": open_engine(run, "torch", threads), "onnx": open_engine(export, "onnx", threads),
+               "onnx-int8": open_engine(export, "onnx-int8", threads)}
+    rows = []
+    for keep in keeps:
+        log(f"runtimes at keep {keep}")
+        times = {name: [] for name in engines}
+        right = dict.fromkeys(engines, 0)
+        for i, (wave, label) in enumerate([*clips[:warmup], *clips]):
+            for name, engine in engines.items():
+                r = engine.run(wave, engine.k_for(keep))
+                if i >= warmup:
+                    times[name].append(r.ms)
+                    right[name] += r.prediction == label
+        for name, engine in engines.items():
+            rows.append(RuntimeRow(name, keep, engine.k_for(keep), statistics.median(times[name]),
+                                   percentile(times[name], 99), right[name] / len(clips), len(clips)))
+    return rows
+
+
+# ---- (b) the load step ------------------------------------------------------------------------------
+
+def _spin(stop) -> None:
+    while not stop.is_set():
+        for _ in range(10_000):
+            pass
+
+
+class CpuHog:
+    """``n`` processes spinning on the CPU between ``start()`` and ``stop()``."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self._stop = mp.Event()
+        self._procs: list[mp.Process] = []
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._procs = [mp.Process(target=_spin, args=(self._stop,), daemon=True) for _ in range(self.n)]
+        for p in self._procs:
+            p.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for p in self._procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.terminate()
+        self._procs = []
+
+
+def load_step(engine, clips, mode: str, target_ms: float, requests: int, spinners: int,
+              gap_ms: float = 2.0) -> LoadStepRow:
+    """One stream of ``requests`` (clips cycled); spinners run for its middle third."""
+    L = engine.num_layers
+    governor = Governor(L)
+    hog = CpuHog(spinners)
+    lat, ks, fronts, right, interventions = [], [], [], 0, 0
+    lo, hi = requests // 3, 2 * requests // 3
+    try:
+        for i in range(requests):
+            if i == lo:
+                hog.start()
+            if i == hi:
+                hog.stop()
+            wave, label = clips[i % len(clips)]
+            target = target_ms if mode == "governor" else None
+            decision = governor.decide(L, target)
+            start = time.perf_counter()
+            r = engine.run(wave, decision.k, target)
+            r.ms = (time.perf_counter() - start) * 1000
+            governor.observe(r)
+            lat.append(r.ms)
+            ks.append(len(r.layers))
+            fronts.append(r.front_end_ms)
+            right += r.prediction == label
+            interventions += decision.intervened or len(r.layers) < decision.k
+            time.sleep(gap_ms / 1000)
+    finally:
+        hog.stop()
+    return LoadStepRow(mode, target_ms, statistics.median(lat), percentile(lat, 99),
+                       sum(t > target_ms for t in lat) / len(lat), right / len(lat), sum(ks) / len(ks),
+                       interventions, len(lat), hi - lo, percentile(fronts, 99),
+                       sum(t > target_ms and k == 1 for t, k in zip(lat, ks)))
+
+
+def bench_load_step(export: Path, clips, runtime: str = "onnx", requests: int = 300, target_ms: float | None = None,
+                    target_factor: float = 1.5, spinners: int = 0, threads: int = 1,
+                    log: Log = lambda _m: None) -> list[LoadStepRow]:
+    engine = open_engine(export, runtime, threads)
+    if target_ms is None:
+        base = [engine.run(clips[i % len(clips)][0], engine.num_layers).ms for i in range(40)]
+        target_ms = target_factor * statistics.median(base[10:])
+        log(f"unloaded p50 at k={engine.num_layers}: {statistics.median(base[10:]):.1f} ms; target {target_ms:.1f} ms")
+    n = spinners or cpu_cores()
+    rows = []
+    for mode in ("fixed", "governor"):
+        log(f"load step ({mode}): {requests} requests, {n} spinning process(es) for the middle third")
+        rows.append(load_step(engine, clips, mode, target_ms, requests, n))
+    return rows
+
+
+def as_json(runtimes: list[RuntimeRow], steps: list[LoadStepRow], conditions: dict) -> dict:
+    return {"runtimes": [asdict(r) for r in runtimes], "load_step": [asdict(r) for r in steps], "conditions": conditions}

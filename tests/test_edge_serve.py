@@ -1,0 +1,79 @@
+"""`ldfleet serve`: the HTTP API on loopback, clear 4xx for bad requests, a policy change under load."""
+
+from __future__ import annotations
+
+import io
+import json
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from edge_fixtures import tiny_export, tiny_run, wav_folder  # noqa: F401 - fixtures
+from ldfleet.client.infer import InferenceSession, PolicySource, open_engine
+from ldfleet.client.serve import ServiceThread, build_app
+from ldfleet.simulations.bench_serve import bench_serve, write_policy
+
+
+@pytest.fixture
+def service(tiny_export, tmp_path):
+    engine = open_engine(tiny_export, "onnx")
+    write_policy(tmp_path, 1, 0.5, engine.num_layers)
+    svc = ServiceThread(build_app(InferenceSession(engine, PolicySource(8, tmp_path)), max_bytes=200_000)).start()
+    yield svc
+    svc.stop()
+
+
+def _post(url: str, body: bytes, query: str = "") -> tuple[int, dict]:
+    req = urllib.request.Request(f"{url}/v1/infer{query}", data=body, headers={"Content-Type": "audio/wav"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _wav(samples: int, rate: int = 16000, fmt: str = "WAV") -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, 0.1 * np.sin(np.arange(samples) / 5.0), rate, format=fmt)
+    return buf.getvalue()
+
+
+def test_infer_health_and_metrics(service, wav_folder):
+    status, body = _post(service.url, (wav_folder / "clip_03.wav").read_bytes())
+    assert status == 200 and body["k"] == 4 and len(body["layers"]) == 4 and body["policy_version"] == 1
+    status, body = _post(service.url, _wav(16000), "?deadline_ms=5000")
+    assert status == 200 and body["k"] == 4
+    with urllib.request.urlopen(f"{service.url}/v1/health", timeout=10) as resp:
+        health = json.loads(resp.read())
+    assert health["status"] == "ok" and health["policy"]["k"] == 4 and health["requests"] == 2
+    with urllib.request.urlopen(f"{service.url}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    assert 'ldfleet_infer_requests_total{status="200"} 2.0' in text and 'ldfleet_infer_layers_total{k="4"} 2.0' in text
+
+
+@pytest.mark.parametrize("body, query, status, words", [
+    (b"", "", 400, "empty body"),
+    (b"RIFF" + b"\0" * 100, "", 415, "not a WAV"),
+    (None, "", 415, "WAV"),  # a FLAC file
+    (_wav(16000, rate=8000), "", 422, "8000 Hz"),
+    (_wav(16000 * 11), "", 413, "cap"),  # over the 200 kB test cap
+    (_wav(16000), "?deadline_ms=-3", 400, "deadline_ms"),
+])
+def test_bad_requests_get_a_clear_4xx_and_the_service_keeps_serving(service, body, query, status, words):
+    body = body if body is not None else _wav(16000, fmt="FLAC")
+    code, answer = _post(service.url, body, query)
+    assert code == status and words in answer["error"]
+    assert _post(service.url, _wav(16000))[0] == 200
+
+
+def test_policy_change_under_concurrent_load_applies_without_errors(tiny_export, wav_folder, tmp_path):
+    from ldfleet.client.infer import clip_from_wav
+
+    clips = [clip_from_wav(p) for p in sorted(wav_folder.glob("*.wav"))]
+    row = bench_serve(tiny_export, clips, tmp_path, "onnx", requests=120, concurrency=30, keep_before=1.0, keep_after=0.25)
+    assert (row.answered, row.errors, row.lost) == (120, 0, 0)
+    assert (row.k_before, row.k_after) == (8, 2)
+    assert row.stale_after_change == 0
