@@ -1,7 +1,7 @@
 """Inference telemetry roll-ups per device and minute (issue 10).
 
 Revision ID: 0004
-Revises: 0001
+Revises: 0002
 Create Date: 2026-11-30 07:45:00
 
 """
