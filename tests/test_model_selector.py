@@ -5,6 +5,7 @@ import torch
 
 from ldfleet.common.model.backbone import load_backbone
 from ldfleet.common.model.dynamic import DynamicModel
+from ldfleet.common.model.heads import with_head
 from ldfleet.common.model.selector import LayerSelector, straight_through_topk, topk_mask
 from ldfleet.common.model.strategies import STRATEGY_NAMES
 
@@ -12,7 +13,7 @@ from ldfleet.common.model.strategies import STRATEGY_NAMES
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return DynamicModel(load_backbone("tiny", "wavlm"), num_classes=12).eval()
+    return DynamicModel(*with_head(load_backbone("tiny", "wavlm"))).eval()
 
 
 def test_topk_mask_keeps_the_k_best():
