@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from .data.loading import pad_batch
@@ -67,6 +68,8 @@ class TrainConfig:
     vocab: list[str] | None = None  # asr characters (None: from the training transcripts)
     distill: float = 0.0  # stage-2 weight of KL(full model || strategy) on the head outputs
     selector_budget: bool = False  # the selector also sees the budget k / L
+    oracle_weight: float = 0.0  # selector stage: weight of supervision by the per-batch oracle's layer sets
+    oracle_sets: int = 4  # candidate layer sets per batch for that supervision
 
     @property
     def from_checkpoint(self) -> bool:
@@ -274,6 +277,28 @@ def add_teacher(model: DynamicModel, cache: FrontEndCache, batch_size: int = 64)
     cache.teacher = _pad_cat(parts) if parts[0].dim() == 3 else torch.cat(parts)
 
 
+@torch.no_grad()
+def oracle_keep(model: DynamicModel, front: FrontEnd, targets, k: int, n: int, gen: torch.Generator) -> Tensor:
+    """Per input, the best of ``n`` random k-layer sets by the base head's loss: bool ``[B, L]``.
+
+    The supervision target for ``oracle_weight``: the selector learns to score the layers of the
+    set that worked best for each input above the others.
+    """
+    head = model.heads["base"]
+    cands = [torch.randperm(model.num_layers, generator=gen)[:k] for _ in range(n)]
+    losses = []
+    for idx in cands:
+        keep = torch.zeros(front.hidden.shape[0], model.num_layers, dtype=torch.bool)
+        keep[:, idx] = True
+        logits = head.logits(model.runner.run_layers(front, keep), front.frame_mask)
+        losses.append(head.example_losses(logits, front.frame_mask, targets))
+    best = torch.stack(losses).argmin(0)
+    out = torch.zeros(front.hidden.shape[0], model.num_layers, dtype=torch.bool)
+    for row, c in enumerate(best.tolist()):
+        out[row, cands[c]] = True
+    return out
+
+
 def strategy_optimizer(model: DynamicModel, name: str, cfg: TrainConfig) -> torch.optim.Optimizer:
     choice = model.strategy(name)
     groups = [{"params": model.heads[choice.head].parameters(), "lr": cfg.head_lr}]
@@ -294,12 +319,16 @@ def train_strategy_epoch(
     budgets: tuple[int, ...] | None = None,
     on_step: StepCallback | None = None,
     distill: float = 0.0,
+    oracle_weight: float = 0.0,
+    oracle_sets: int = 4,
 ) -> dict:
     """One epoch of a stage-2 strategy: its head (and scorer) learn under sampled budgets.
 
     ``budgets`` restricts the layer counts drawn per batch (a device trains under its own budget);
     by default k is uniform in 1..L. With ``distill > 0`` (and ``cache.teacher`` set) the loss adds
-    ``distill * KL(full model || strategy)`` of the head outputs.
+    ``distill * KL(full model || strategy)`` of the head outputs; with ``oracle_weight > 0`` a learned
+    strategy's scores are also pushed (binary cross-entropy) towards the per-input best of
+    ``oracle_sets`` random k-layer sets (:func:`oracle_keep`).
     """
     choice = model.strategy(name)
     head = model.heads[choice.head]
@@ -330,7 +359,11 @@ def train_strategy_epoch(
                 keep = choice.choose(front, k, gen)
                 hidden = model.runner.run_layers(front, keep)
         logits = head.logits(hidden, front.frame_mask)
-        loss = head.loss_from_logits(logits, front.frame_mask, head.targets(texts))
+        targets = head.targets(texts)
+        loss = head.loss_from_logits(logits, front.frame_mask, targets)
+        if oracle_weight > 0 and isinstance(choice, ScoredChoice) and k < model.num_layers:
+            best = oracle_keep(model, front, targets, k, oracle_sets, gen).float()
+            loss = loss + oracle_weight * F.binary_cross_entropy_with_logits(choice.scores(front, k), best)
         teacher = cache.teacher_logits(rows, logits.shape[1]) if distill > 0 else None
         if teacher is not None:
             loss = loss + distill * head.distill_loss(logits, teacher, front.frame_mask)
@@ -436,6 +469,7 @@ class Trainer:
                     stats = train_strategy_epoch(
                         self.model, stage, train_cache, optimizer, self.cfg.strategy_epochs, epoch,
                         seed=self.cfg.seed, batch_size=self.cfg.batch_size, on_step=on_step, distill=self.cfg.distill,
+                        oracle_weight=self.cfg.oracle_weight if stage == "selector" else 0.0, oracle_sets=self.cfg.oracle_sets,
                     )
                 val_cache = cache_front_ends(self.model, self.val_data) if stage == "backbone" or val_cache is None else val_cache
                 strategy = "full" if stage == "backbone" else stage

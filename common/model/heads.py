@@ -59,6 +59,10 @@ class TaskHead(nn.Module):
     def spec(self) -> dict:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def example_losses(self, logits: Tensor, frame_mask: Tensor | None, targets: Targets) -> Tensor:
+        """Loss of each example ``[B]`` (to rank layer sets per input)."""
+        raise NotImplementedError  # pragma: no cover - interface
+
     def loss(self, hidden: Tensor, frame_mask: Tensor | None, targets: Targets) -> Tensor:
         """Scalar training loss."""
         return self.loss_from_logits(self.logits(hidden, frame_mask, targets), frame_mask, targets)
@@ -106,6 +110,9 @@ class ClassificationHead(TaskHead):
 
     def loss_from_logits(self, logits, frame_mask, targets):
         return F.cross_entropy(logits, targets.ids, label_smoothing=0.05)
+
+    def example_losses(self, logits, frame_mask, targets):
+        return F.cross_entropy(logits, targets.ids, reduction="none")
 
     def decode(self, logits, frame_mask):
         return [self.labels[i] for i in logits.argmax(-1).tolist()]
@@ -173,12 +180,16 @@ class CTCHead(TaskHead):
             return torch.full((logits.shape[0],), logits.shape[1], dtype=torch.long)
         return frame_mask.sum(1).long()
 
+    def example_losses(self, logits, frame_mask, targets):
+        """CTC loss of each example divided by its target length ``[B]``."""
+        log_probs = F.log_softmax(logits.float(), -1).transpose(0, 1)  # [T, B, V]
+        losses = F.ctc_loss(log_probs, targets.ids.clamp(min=0), self.frame_lengths(logits, frame_mask),
+                            targets.lengths, blank=0, reduction="none", zero_infinity=True)
+        return losses / targets.lengths.clamp(min=1)
+
     def loss_from_logits(self, logits, frame_mask, targets):
         """Mean over the batch of CTC loss per target character (PyTorch's ``reduction='mean'``)."""
-        log_probs = F.log_softmax(logits.float(), -1).transpose(0, 1)  # [T, B, V]
-        ids = targets.ids.clamp(min=0)
-        return F.ctc_loss(log_probs, ids, self.frame_lengths(logits, frame_mask), targets.lengths,
-                          blank=0, zero_infinity=True)
+        return self.example_losses(logits, frame_mask, targets).mean()
 
     def decode(self, logits, frame_mask):
         """Greedy CTC: best token per frame, repeats collapsed, blanks dropped."""

@@ -75,6 +75,7 @@ def train(
     lr: Optional[float] = typer.Option(None, min=0.0, help="Backbone lr from scratch [default: kws 1e-3, asr 2e-3].", show_default=False),
     distill: Optional[float] = typer.Option(None, min=0.0, help="Stage-2 weight of KL distillation from the full model [default: 0].", show_default=False),
     selector_budget: Optional[bool] = typer.Option(None, "--selector-budget/--no-selector-budget", help="Give the selector the budget k/L as an input, so kept sets need not be nested [default: off].", show_default=False),
+    oracle_weight: Optional[float] = typer.Option(None, min=0.0, help="Selector stage: weight of supervision by the per-batch oracle (best of 4 random layer sets per input) [default: 0].", show_default=False),
     seed: int = typer.Option(0, help="Seed for initialisation, data order, splits and augmentation."),
     threads: int = typer.Option(0, min=0, help="torch threads (0 = torch's default)."),
 ) -> None:
@@ -94,7 +95,7 @@ def train(
     task_data = _load_data(_task(task), data, seed, labels)
     splits = task_data.splits
     cfg = config_for(task, backbone=backbone, family=family, epochs=epochs, strategy_epochs=strategy_epochs,
-                     layerdrop=layerdrop, batch_size=batch_size, lr=lr, distill=distill, selector_budget=selector_budget, seed=seed,
+                     layerdrop=layerdrop, batch_size=batch_size, lr=lr, distill=distill, selector_budget=selector_budget, oracle_weight=oracle_weight, seed=seed,
                      labels=list(task_data.labels) if task_data.labels else None)
     try:
         trainer = Trainer(out, splits["train"], splits["val"], cfg, log=console.print)
@@ -228,7 +229,7 @@ def demo(
         synthesize_corpus(SynthConfig(out=data, seed=seed))
     train(data=data, out=out, task="kws", labels="keywords", backbone="tiny", family="wavlm", epochs=epochs,
           strategy_epochs=strategy_epochs, layerdrop=0.1, batch_size=32, lr=None, distill=None, selector_budget=None,
-          seed=seed, threads=0)
+          oracle_weight=None, seed=seed, threads=0)
     evaluate(run=out, data=data, keep="0.25,0.5,0.75,1.0", methods="full,random,early_exit,static,selector",
              split="test", seed=seed, oracle_sets=16, as_json=False)
 
