@@ -124,8 +124,28 @@ def random_keep(batch: int, num_layers: int, layerdrop: float, gen: torch.Genera
     return keep
 
 
+def length_batches(lengths: Tensor, batch_size: int, gen: torch.Generator, pool: int = 8) -> list[Tensor]:
+    """Shuffled batches of similar-length inputs, so little compute goes into padding.
+
+    The data are shuffled, cut into pools of ``pool`` batches, each pool sorted by length and cut
+    into batches, and the batches shuffled again: random contents, near-uniform length per batch.
+    """
+    order = torch.randperm(len(lengths), generator=gen)
+    batches = []
+    for start in range(0, len(order), batch_size * pool):
+        chunk = order[start : start + batch_size * pool]
+        chunk = chunk[torch.argsort(lengths[chunk], stable=True)]
+        batches += list(chunk.split(batch_size))
+    return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+
+
 def _loader(dataset: Dataset, batch_size: int, seed: int, shuffle: bool = True) -> DataLoader:
+    """Batches of ``pad_batch``; inputs of varying length (``dataset.lengths``) are batched by length."""
     gen = torch.Generator().manual_seed(seed)
+    lengths = getattr(dataset, "lengths", None)
+    if shuffle and lengths is not None:
+        batches = length_batches(torch.as_tensor(lengths), batch_size, gen)
+        return DataLoader(dataset, batch_sampler=[b.tolist() for b in batches], collate_fn=pad_batch)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=False, collate_fn=pad_batch)
 
 
@@ -235,6 +255,12 @@ class FrontEndCache:
         front = FrontEnd(self.hidden[rows, :t], self.features[rows, :t], mask)
         return front, [self.texts[i] for i in rows.tolist()]
 
+    def lengths(self) -> Tensor:
+        """Real frames of every cached input ``[N]``."""
+        if self.frame_mask is None:
+            return torch.full((len(self),), self.hidden.shape[1], dtype=torch.long)
+        return self.frame_mask.sum(1)
+
     def teacher_logits(self, rows: Tensor, frames: int) -> Tensor | None:
         if self.teacher is None:
             return None
@@ -336,15 +362,15 @@ def train_strategy_epoch(
     model.runner.requires_grad_(False)
     head.train()
     gen = torch.Generator().manual_seed(seed * 7919 + epoch)
-    order = torch.randperm(len(cache), generator=gen)
-    steps = math.ceil(len(cache) / batch_size)
+    batches = length_batches(cache.lengths(), batch_size, gen)
+    steps = len(batches)
     total = epochs * steps
     ks = budgets or tuple(range(1, model.num_layers + 1))
     loss_sum = seen = 0
     predictions, references = [], []
     layers_used = torch.zeros(model.num_layers)
     for step in range(steps):
-        rows = order[step * batch_size : (step + 1) * batch_size]
+        rows = batches[step]
         front, texts = cache.batch(rows)
         k = ks[int(torch.randint(len(ks), (1,), generator=gen))]
         _set_lr(optimizer, epoch * steps + step, total, warmup=20)

@@ -145,6 +145,11 @@ class UtteranceDataset(Dataset):
         self.speakers = [u.speaker for u in self.items]
         self.waves = [torch.from_numpy(read_utterance(u.path)) for u in self.items] if preload else None
 
+    @property
+    def lengths(self) -> list[int] | None:
+        """Samples of every utterance (for length-bucketed batches), when the audio is loaded."""
+        return None if self.waves is None else [len(w) for w in self.waves]
+
     def __len__(self) -> int:
         return len(self.items)
 

@@ -61,6 +61,24 @@ LABELS_HELP = "kws label set: " + LABEL_SETS_HELP + "."
 CONDITIONS = ("snr_db", "channel", "voice", "speed")
 
 
+def _speed_band(wpm: str) -> str:
+    """espeak-ng words per minute -> slow (< 150) / medium / fast (> 190); '' when unknown."""
+    try:
+        v = float(wpm)
+    except ValueError:
+        return ""
+    return "slow" if v < 150 else "fast" if v > 190 else "medium"
+
+
+def _conditions(dataset) -> dict[str, list[str]] | None:
+    """Condition columns of an asr test set (noise, channel, accent, speed band), when it has them."""
+    if not hasattr(dataset, "conditions"):
+        return None
+    out = {c: dataset.conditions(c) for c in CONDITIONS}
+    out["speed"] = [_speed_band(v) for v in out["speed"]]
+    return {c: v for c, v in out.items() if any(v)} or None
+
+
 def train(
     data: Path = typer.Option(..., "--data", help="kws: a Speech Commands-layout folder; asr: an audiofolder (metadata.csv) or a JSON-lines manifest."),
     out: Path = typer.Option(..., "--out", help="Run folder: checkpoints, progress, config. Re-run to resume."),
@@ -155,7 +173,7 @@ def evaluate(
     dataset = splits[split]
     if len(dataset) == 0:
         fail(f"the {split} split of {data} is empty")
-    conditions = {c: dataset.conditions(c) for c in CONDITIONS} if hasattr(dataset, "conditions") else None
+    conditions = _conditions(dataset)
     model = load_model(run)
     with _progress() as progress:
         bar = progress.add_task(f"eval {split}", total=None)
@@ -181,6 +199,15 @@ def evaluate(
         for k, shares in result.layer_usage["selector"].items():
             usage.add_row(f"{k:.2f}", *[f"{s:.2f}" for s in shares])
         console.print(usage)
+    for k, by_column in result.usage_by_condition.get("selector", {}).items():
+        table = Table(title=f"selector at keep {k:.2f}: share of inputs running each layer, by condition")
+        table.add_column("condition")
+        for i in range(model.num_layers):
+            table.add_column(f"L{i}", justify="right")
+        for column, per_value in by_column.items():
+            for value, shares in per_value.items():
+                table.add_row(f"{column}={value or 'none'}", *[f"{s:.2f}" for s in shares])
+        console.print(table)
 
 
 def bench_speed(
