@@ -20,23 +20,19 @@ front from one seeded generator, so the corpus is byte-identical for a seed.
 from __future__ import annotations
 
 import csv
-import os
-import shutil
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from rich.progress import track
 from scipy.signal import butter, fftconvolve, sosfilt
 
 from . import audio as A
 from .espeak import ACCENT_VOICES, DEFAULT_VARIANTS, ENGLISH_VOICES, ESPEAK, check_speakers, espeak_binary, synthesize
 from .labels import SAMPLE_RATE
 from .splits import split_by_speaker
-from .synth import ESPEAK_AMPLITUDE, file_stem
+from .synth import ESPEAK_AMPLITUDE, file_stem, prepare_out, render_all
 
 METADATA = "metadata.csv"
 CLIP_DIR = "clips"
@@ -203,16 +199,6 @@ def _row(item: Utterance, split: str, seconds: float) -> dict[str, str]:
     }
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    ours = [out / METADATA, out / CLIP_DIR]
-    existing = [p for p in ours if p.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{out} already holds a corpus ({existing[0].name}); pass overwrite=True / --overwrite")
-    for p in existing:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-    (out / CLIP_DIR).mkdir(parents=True, exist_ok=True)
-
-
 def synthesize_asr_corpus(cfg: AsrSynthConfig, progress: bool = True) -> AsrSynthSummary:
     """Write the audiofolder under ``cfg.out``; failed utterances are skipped and reported."""
     started = time.perf_counter()
@@ -222,26 +208,16 @@ def synthesize_asr_corpus(cfg: AsrSynthConfig, progress: bool = True) -> AsrSynt
     speakers = [u.speaker for u in items]
     splits = split_by_speaker(speakers, cfg.fractions, cfg.seed, strata=[u.voice for u in items])
     out = Path(cfg.out)
-    _prepare_out(out, cfg.overwrite)
+    prepare_out(out, [METADATA], [CLIP_DIR], cfg.overwrite)
 
     def job(item: Utterance) -> float:
         wave = render(item, binary)
         A.write_wav(out / item.file_name, wave)
         return len(wave) / SAMPLE_RATE
 
-    durations: dict[str, float] = {}
-    errors: dict[str, str] = {}
-    pool = ThreadPoolExecutor(max_workers=cfg.workers or os.cpu_count() or 1)
-    try:
-        futures = {pool.submit(job, item): item for item in items}
-        for fut in track(as_completed(futures), total=len(futures), description="synthesizing", disable=not progress):
-            name = futures[fut].file_name
-            try:
-                durations[name] = fut.result()
-            except Exception as exc:  # one bad utterance must not sink the corpus
-                errors[name] = f"{type(exc).__name__}: {exc}"
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    done, failed = render_all(items, job, cfg.workers, progress)
+    durations = {items[i].file_name: seconds for i, seconds in done.items()}
+    errors = {items[i].file_name: reason for i, reason in failed.items()}
 
     kept = [(u, s) for u, s in zip(items, splits) if u.file_name in durations]
     with open(out / METADATA, "w", newline="", encoding="utf-8") as f:
