@@ -425,11 +425,6 @@ def validate(model: DynamicModel, cache: FrontEndCache, strategy: str, k: int, b
     return score(model.task, predictions, cache.texts)
 
 
-def accuracy(model: DynamicModel, cache: FrontEndCache, strategy: str, k: int, batch_size: int = 128) -> float:
-    """Share of correct labels (kws)."""
-    return validate(model, cache, strategy, k, batch_size)["accuracy"]
-
-
 # ---- the resumable driver -------------------------------------------------------------------
 
 

@@ -149,23 +149,32 @@ def test_asr_corpus_is_an_audiofolder_with_speaker_disjoint_splits(asr_corpus, t
 
 
 @needs_espeak
-def test_tiny_asr_train_then_eval_gives_wer_rows_for_every_method(asr_corpus, tmp_path):
-    from ldfleet.common.evaluate import evaluate
+def test_tiny_asr_train_then_eval_through_the_cli(asr_corpus, tmp_path):
+    """`train --task asr` (with every selector option on) then `eval --json`: rows for every method."""
+    from typer.testing import CliRunner
+
+    from ldfleet.cli import app
     from ldfleet.common.model.checkpoint import load_model
-    from ldfleet.common.train import Trainer, config_for
 
     out, _, _ = asr_corpus
-    splits = load_transcribed_splits(out)
-    cfg = config_for("asr", epochs=1, strategy_epochs=1, batch_size=4, distill=0.5)
-    Trainer(tmp_path / "run", splits["train"], splits["val"], cfg, log=lambda *_: None).fit()
-    model = load_model(tmp_path / "run")
-    assert model.task == "asr" and isinstance(model.heads["selector"], CTCHead)
-    test = splits["test"]
-    result = evaluate(model, test, ["full", "random", "early_exit", "static", "selector", "oracle"], [0.5, 1.0],
-                      oracle_sets=3, conditions={"channel": test.conditions("channel")})
-    rows = {(r["method"], r["keep"]): r for r in (x.as_dict() for x in result.rows)}
+    run = tmp_path / "run"
+    cli = CliRunner()
+    trained = cli.invoke(app, ["train", "--task", "asr", "--data", str(out), "--out", str(run), "--epochs", "1",
+                               "--strategy-epochs", "1", "--batch-size", "4", "--distill", "0.5", "--selector-budget",
+                               "--oracle-weight", "0.5"])
+    assert trained.exit_code == 0, trained.output
+    model = load_model(run)
+    assert model.task == "asr" and model.selector_budget and isinstance(model.heads["selector"], CTCHead)
+    result = cli.invoke(app, ["eval", "--run", str(run), "--data", str(out), "--keep", "0.5,1.0", "--oracle-sets", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    rows = {(r["method"], r["keep"]): r for r in report["rows"]}
     for method in ("random", "early_exit", "static", "selector", "oracle", "oracle_static"):
         row = rows[(method, 0.5)]
-        assert {"wer", "cer", "mean_layers", "ms_per_example"} <= set(row) and row["mean_layers"] == 4
+        assert {"wer", "cer", "mean_layers", "ms_per_example", "distinct_sets"} <= set(row) and row["mean_layers"] == 4
+    assert rows[("full", 1.0)]["mean_layers"] == 8 and 0 <= rows[("full", 1.0)]["wer"]
     assert rows[("oracle", 0.5)]["cer"] <= rows[("oracle_static", 0.5)]["cer"]
-    assert set(result.usage_by_condition["selector"][0.5]["channel"]) == set(test.conditions("channel"))
+    channels = {r["channel"] for r in csv.DictReader(open(out / "metadata.csv")) if r["split"] == "test"}
+    assert set(report["usage_by_condition"]["selector"]["0.5"]["channel"]) == channels
+    table = cli.invoke(app, ["eval", "--run", str(run), "--data", str(out), "--keep", "0.5", "--methods", "selector"])
+    assert table.exit_code == 0 and "wer" in table.output and "by condition" in table.output
