@@ -27,7 +27,8 @@ SYNTH_HELP = (
     "The defaults give 3 072 clips from 64 speakers (256 per class) in about half a minute on 2 cores."
 )
 INFO_HELP = (
-    "Show clips per label and split, and speakers per split, for any Speech Commands-layout folder.\n\n"
+    "Show clips per label and split, and speakers per split, for any Speech Commands-layout folder "
+    "(for an audiofolder or manifest: utterances, speakers and words per split).\n\n"
     "Splits hold out whole speakers; a folder with validation_list.txt/testing_list.txt "
     "(real Speech Commands) uses those lists instead."
 )
@@ -149,6 +150,10 @@ def info(
 ) -> None:
     """Print split statistics of a folder (help text: INFO_HELP)."""
     from ldfleet.common.data.folder import describe
+    from ldfleet.common.data.transcribed import is_transcribed
+
+    if root.exists() and is_transcribed(root):
+        return _info_transcribed(root, seed)
 
     try:
         shares = tuple(float(x) for x in _csv_list(fractions))
@@ -172,6 +177,24 @@ def info(
     unknown = {w: n for w, n in stats.words.items() if w not in LABELS and not w.startswith("_")}
     if unknown:
         console.print("_unknown_ words: " + ", ".join(f"{w} ({n})" for w, n in unknown.items()))
+
+
+def _info_transcribed(root: Path, seed: int) -> None:
+    """`data info` for an audiofolder or manifest: utterances, speakers and audio per split."""
+    from ldfleet.common.data.transcribed import assign_transcribed_splits, scan_transcribed
+
+    try:
+        items = scan_transcribed(root)
+    except (FileNotFoundError, ValueError) as exc:
+        fail(exc, 1)
+    splits = assign_transcribed_splits(items, seed=seed)
+    table = Table(title=f"{root} (transcribed speech)")
+    for col in ("split", "utterances", "speakers", "words"):
+        table.add_column(col, justify="right" if col != "split" else "left")
+    for split in ("train", "val", "test"):
+        mine = [u for u, s in zip(items, splits) if s == split]
+        table.add_row(split, str(len(mine)), str(len({u.speaker for u in mine})), str(sum(len(u.text.split()) for u in mine)))
+    console.print(table)
 
 
 def register(app: typer.Typer) -> None:
