@@ -45,7 +45,7 @@ def _load_data(task: str, data: Path, seed: int, labels: str = "keywords"):
     try:
         return load_task_data(task, data, seed=seed, labels=labels)
     except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
-        fail(f"cannot load {task} data from {data}: {exc}")
+        fail(f"cannot load data from {data} (task {task}): {exc}")
 
 
 def _task(task: str) -> str:
