@@ -28,7 +28,8 @@ from ldfleet.common.budget import layers_for_keep
 from ldfleet.common.learning import TRAINED_STRATEGY
 from ldfleet.common.model.checkpoint import WEIGHTS, load_model
 from ldfleet.common.model.dynamic import DynamicModel
-from ldfleet.common.train import FrontEndCache
+from ldfleet.common.metrics import score
+from ldfleet.common.train import FrontEndCache, cache_front_ends
 
 log = logging.getLogger("ldfleet.client.learning")
 
@@ -132,24 +133,13 @@ class LocalData:
     front_ms: float  # measured front-end time per example when the cache was made
 
 
-@torch.inference_mode()
 def _cache(model: DynamicModel, data: Dataset, batch_size: int = 64) -> tuple[FrontEndCache, float]:
-    model.eval()
-    hidden, features, labels = [], [], []
-    elapsed = 0.0
-    for start in range(0, len(data), batch_size):
-        items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
-        wave = torch.stack([w for w, _ in items])
-        t0 = time.perf_counter()
-        front = model.front_end(wave)
-        elapsed += time.perf_counter() - t0
-        hidden.append(front.hidden)
-        features.append(front.features)
-        labels.append(torch.tensor([int(y) for _, y in items]))
-    if not hidden:
+    """The dataset's cached front ends and the measured front-end ms per example."""
+    if len(data) == 0:
         raise ValueError("a device needs at least one clip")
-    cache = FrontEndCache(torch.cat(hidden), torch.cat(features), torch.cat(labels))
-    return cache, 1000 * elapsed / max(1, len(data))
+    t0 = time.perf_counter()
+    cache = cache_front_ends(model, data, batch_size)
+    return cache, 1000 * (time.perf_counter() - t0) / len(data)
 
 
 def _save_atomic(obj: dict, path: Path) -> None:
@@ -175,11 +165,7 @@ def local_data(
     if path is not None and path.exists():
         try:
             blob = torch.load(path, weights_only=True)
-            return LocalData(
-                FrontEndCache(blob["train_hidden"], blob["train_features"], blob["train_labels"]),
-                FrontEndCache(blob["test_hidden"], blob["test_features"], blob["test_labels"]),
-                float(blob["front_ms"]),
-            )
+            return LocalData(_from_blob(blob, "train"), _from_blob(blob, "test"), float(blob["front_ms"]))
         except Exception as exc:  # noqa: BLE001 - a torn or old cache is recomputed
             log.warning("front-end cache %s unusable (%s); recomputing", path, exc)
     train_ds, test_ds = datasets()
@@ -187,15 +173,20 @@ def local_data(
     test, ms_b = _cache(model, test_ds)
     front_ms = (ms_a * len(train) + ms_b * len(test)) / (len(train) + len(test))
     if path is not None:
-        _save_atomic(
-            {
-                "train_hidden": train.hidden, "train_features": train.features, "train_labels": train.labels,
-                "test_hidden": test.hidden, "test_features": test.features, "test_labels": test.labels,
-                "front_ms": torch.tensor(front_ms),
-            },
-            path,
-        )
+        _save_atomic({**_to_blob(train, "train"), **_to_blob(test, "test"), "front_ms": torch.tensor(front_ms)}, path)
     return LocalData(train, test, front_ms)
+
+
+def _to_blob(cache: FrontEndCache, prefix: str) -> dict:
+    blob = {f"{prefix}_hidden": cache.hidden, f"{prefix}_features": cache.features, f"{prefix}_texts": list(cache.texts)}
+    if cache.frame_mask is not None:
+        blob[f"{prefix}_frame_mask"] = cache.frame_mask
+    return blob
+
+
+def _from_blob(blob: dict, prefix: str) -> FrontEndCache:
+    return FrontEndCache(blob[f"{prefix}_hidden"], blob[f"{prefix}_features"], list(blob[f"{prefix}_texts"]),
+                         blob.get(f"{prefix}_frame_mask"))
 
 
 # ---- the device's clips ------------------------------------------------------------------------------
@@ -235,11 +226,16 @@ def folder_datasets(data_dir: str | os.PathLike[str], test_share: float = 0.2, s
 class LocalResult:
     num_examples: int
     loss: float
-    accuracy: float
+    accuracy: float  # kws: share of correct labels; asr: 1 - WER (so "higher is better" holds for both)
     mean_layers: float
     layer_usage: list[float]
     latency_ms: float
     seconds: float
+
+
+def _task_scores(task: str, predictions: list[str], references: list[str]) -> dict[str, float]:
+    scores = score(task, predictions, references)
+    return {"accuracy": scores["accuracy"] if task == "kws" else max(0.0, 1.0 - scores["wer"])}
 
 
 def train_selector(
@@ -279,17 +275,19 @@ def train_selector(
     total = max(1, epochs * steps_per_epoch)
     done = 0
     loss_sum = 0.0
-    correct = seen = 0
+    seen = 0
+    predictions: list[str] = []
+    references: list[str] = []
     usage = torch.zeros(model.num_layers)
     for _ in range(epochs):
         order = torch.randperm(n, generator=gen)
-        loss_sum, correct, seen = 0.0, 0, 0  # report the last epoch
+        loss_sum, seen, predictions, references = 0.0, 0, [], []  # report the last epoch
         usage.zero_()
         for s in range(steps_per_epoch):
-            front, label = data.train.batch(order[s * batch_size:(s + 1) * batch_size])
+            front, texts = data.train.batch(order[s * batch_size:(s + 1) * batch_size])
             gates = choice.gates(front, k, tau=1.0, noise_scale=noise * (1.0 - done / total))
-            logits = head(model.runner.run_layers_gated(front, gates), front.frame_mask)
-            loss = head.loss(logits, label)
+            logits = head.logits(model.runner.run_layers_gated(front, gates), front.frame_mask)
+            loss = head.loss_from_logits(logits, front.frame_mask, head.targets(texts))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 5.0)
@@ -297,16 +295,17 @@ def train_selector(
             done += 1
             if crash_midway and done >= max(1, total // 2):  # before the reply, whatever the step count
                 raise DeviceCrash(f"injected crash after {done}/{total} local steps")
-            loss_sum += loss.item() * len(label)
-            correct += int((head.predict(logits.detach()) == label).sum())
-            seen += len(label)
+            loss_sum += loss.item() * len(texts)
+            predictions += head.decode(logits.detach(), front.frame_mask)
+            references += texts
+            seen += len(texts)
             usage += (gates.detach() > 0.5).float().sum(0)
     model.eval()
     shares = (usage / max(1, seen)).tolist()
     return LocalResult(
         num_examples=n,
         loss=loss_sum / max(1, seen),
-        accuracy=correct / max(1, seen),
+        **_task_scores(model.task, predictions, references),
         mean_layers=float(sum(shares)),
         layer_usage=[float(u) for u in shares],
         latency_ms=measure_latency(model, data.test, k, data.front_ms),
@@ -333,21 +332,21 @@ def evaluate_selector(model: DynamicModel, data: LocalData, k: int, batch_size: 
     model.eval()
     cache = data.test
     head = model.head_for(TRAINED_STRATEGY)
-    correct = 0
+    predictions: list[str] = []
     loss_sum = 0.0
     usage = torch.zeros(model.num_layers)
     for s in range(0, len(cache), batch_size):
-        front, label = cache.batch(torch.arange(s, min(s + batch_size, len(cache))))
+        front, texts = cache.batch(torch.arange(s, min(s + batch_size, len(cache))))
         out = model.classify(front, TRAINED_STRATEGY, k)
-        loss_sum += float(head.loss(out.logits, label)) * len(label)
-        correct += int((head.predict(out.logits) == label).sum())
+        loss_sum += float(head.loss_from_logits(out.logits, out.frame_mask, head.targets(texts))) * len(texts)
+        predictions += head.decode(out.logits, out.frame_mask)
         usage += out.keep.float().sum(0)
     n = max(1, len(cache))
     shares = (usage / n).tolist()
     return LocalResult(
         num_examples=len(cache),
         loss=loss_sum / n,
-        accuracy=correct / n,
+        **_task_scores(model.task, predictions, cache.texts),
         mean_layers=float(sum(shares)),
         layer_usage=shares,
         latency_ms=measure_latency(model, cache, k, data.front_ms),

@@ -1,22 +1,38 @@
 """Evaluating every layer-choice strategy at every budget on one test set, in one harness.
 
 The front end is the same for all strategies, so it is computed once per batch and its time is
-added to every row; each strategy then runs only its own layers. Rows carry accuracy, the mean
-number of layers run, analytic MACs per example and measured ms per example.
+added to every row; each strategy then runs only its own layers. Rows carry the task's scores
+(accuracy for kws; WER and CER for asr), the mean number of layers run, analytic MACs per
+example and measured ms per example.
+
+Two extra methods measure what input conditioning could win at most (``oracle_sets`` candidate
+layer sets per budget, the same for all inputs, drawn with a fixed seed, all run with the base
+head, which was trained under random layer dropping and so accepts any set):
+
+* ``oracle``: per input, the candidate with the fewest errors (character edits for asr, wrong label
+  for kws; ties go to the first candidate) — an upper bound no selector can beat among them;
+* ``oracle_static``: the one candidate with the fewest errors over the whole test set — the best
+  single set for all inputs, so ``oracle_static - oracle`` is the headroom of conditioning.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .data.loading import pad_batch
+from .metrics import error_counts, score
 from .model.cost import cost_of
 from .model.dynamic import DynamicModel
+from .model.runner import FrontEnd
 from .model.strategies import ScoredChoice
+
+ORACLE_METHODS = ("oracle", "oracle_static")
 
 
 @dataclass
@@ -24,26 +40,89 @@ class EvalRow:
     method: str
     keep: float
     k: int
-    accuracy: float
+    scores: dict[str, float]  # accuracy (kws) or wer + cer (asr)
     mean_layers: float
     macs: float
-    ms_per_example: float
+    ms_per_example: float | None  # None for the oracles (they are not a runnable method)
     examples: int
+    distinct_sets: int = 0  # distinct layer sets used over the test inputs
+
+    def __getattr__(self, name: str) -> float:  # row.wer, row.accuracy, ...
+        scores = self.__dict__.get("scores", {})
+        if name in scores:
+            return scores[name]
+        raise AttributeError(name)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        return {**{k: v for k, v in d.items() if k != "scores"}, **d["scores"]}
 
 
 @dataclass
 class EvalResult:
     rows: list[EvalRow]
     layer_usage: dict[str, dict[float, list[float]]]  # method -> keep -> share of inputs running each layer
+    # method -> keep -> condition column -> value -> per-layer share (asr data with metadata only)
+    usage_by_condition: dict[str, dict[float, dict[str, dict[str, list[float]]]]] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {
             "rows": [r.as_dict() for r in self.rows],
             "layer_usage": {m: {str(k): v for k, v in per.items()} for m, per in self.layer_usage.items()},
+            "usage_by_condition": {m: {str(k): v for k, v in per.items()} for m, per in self.usage_by_condition.items()},
         }
+
+
+def oracle_candidates(num_layers: int, k: int, n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` distinct random layer sets of size k (all of them when there are fewer), bool ``[n, L]``."""
+    gen = torch.Generator().manual_seed(seed * 1009 + k)
+    sets: dict[tuple[int, ...], None] = {}
+    for _ in range(50 * n):
+        if len(sets) >= n:
+            break
+        idx = tuple(sorted(torch.randperm(num_layers, generator=gen)[:k].tolist()))
+        sets[idx] = None
+    out = torch.zeros(len(sets), num_layers, dtype=torch.bool)
+    for i, idx in enumerate(sets):
+        out[i, list(idx)] = True
+    return out
+
+
+def _errors(task: str, predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """Per-example error count: character edits (asr) or 0/1 (kws)."""
+    if task == "kws":
+        return [float(p != r) for p, r in zip(predictions, references)]
+    return [float(error_counts([p], [r])["char_edits"]) for p, r in zip(predictions, references)]
+
+
+@dataclass
+class _Acc:
+    predictions: list[str] = field(default_factory=list)
+    layers: float = 0.0
+    ms: float = 0.0
+    usage: torch.Tensor | None = None
+    sets: Counter = field(default_factory=Counter)
+    masks: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, predictions: list[str], keep: torch.Tensor, ms: float) -> None:
+        self.predictions += predictions
+        self.layers += float(keep.sum())
+        self.ms += ms
+        self.usage = keep.float().sum(0) if self.usage is None else self.usage + keep.float().sum(0)
+        self.sets.update(tuple(row) for row in keep.int().tolist())
+        self.masks.append(keep.cpu())
+
+
+def _oracle_batch(model: DynamicModel, front: FrontEnd, texts: list[str], k: int, candidates: torch.Tensor):
+    """Per candidate: predictions and per-example errors (base head)."""
+    head = model.heads["base"]
+    preds, errs = [], []
+    for cand in candidates:
+        keep = cand.unsqueeze(0).expand(front.hidden.shape[0], -1)
+        p = head.predict(model.runner.run_layers(front, keep), front.frame_mask)
+        preds.append(p)
+        errs.append(_errors(model.task, p, texts))
+    return preds, torch.tensor(errs)  # [C, B]
 
 
 @torch.inference_mode()
@@ -55,48 +134,73 @@ def evaluate(
     batch_size: int = 32,
     seed: int = 0,
     on_batch: Callable[[int, int], None] | None = None,
+    oracle_sets: int = 16,
+    conditions: dict[str, list[str]] | None = None,
 ) -> EvalResult:
+    """Rows for every method at every keep ratio (``full`` at 1.0 only).
+
+    ``methods`` may include ``oracle`` (and then ``oracle_static`` is added). ``conditions`` maps a
+    metadata column to one value per example, for layer usage by condition.
+    """
     model.eval()
-    for m in methods:
+    with_oracle = "oracle" in methods or "oracle_static" in methods
+    plain = [m for m in methods if m not in ORACLE_METHODS]
+    for m in plain:
         model.strategy(m)  # clear error for an unknown method before any work
-    cost = cost_of(model, seconds=data[0][0].shape[-1] / 16000)
-    combos = [(m, keep) for m in methods for keep in ([1.0] if m == "full" else keeps)]
-    stats = {c: {"correct": 0, "layers": 0.0, "ms": 0.0, "usage": torch.zeros(model.num_layers)} for c in combos}
+    combos = [(m, keep) for m in plain for keep in ([1.0] if m == "full" else keeps)]
+    acc = {c: _Acc() for c in combos}
     gens = {c: torch.Generator().manual_seed(seed) for c in combos}
+    oracle_keeps = [keep for keep in keeps if model.k_for(keep) < model.num_layers] if with_oracle else []
+    cands = {keep: oracle_candidates(model.num_layers, model.k_for(keep), oracle_sets, seed) for keep in oracle_keeps}
+    cand_preds = {keep: [[] for _ in range(len(cands[keep]))] for keep in oracle_keeps}
+    cand_errs = {keep: [] for keep in oracle_keeps}
+    references: list[str] = []
     front_ms = 0.0
-    seen = 0
-    loader = DataLoader(data, batch_size=batch_size)
-    for i, (wave, label) in enumerate(loader):
+    seconds = 0.0
+    loader = DataLoader(data, batch_size=batch_size, collate_fn=pad_batch)
+    for i, (wave, mask, texts) in enumerate(loader):
         start = time.perf_counter()
-        front = model.front_end(wave)
+        front = model.front_end(wave, mask)
         front_ms += (time.perf_counter() - start) * 1000
+        seconds += float(wave.shape[1] * len(texts) if mask is None else mask.sum()) / 16000
+        references += texts
         for method, keep in combos:
-            s = stats[(method, keep)]
             start = time.perf_counter()
-            out = model.classify(front, method, model.k_for(keep), gens[(method, keep)])
-            s["ms"] += (time.perf_counter() - start) * 1000
-            s["correct"] += int((out.logits.argmax(-1) == label).sum())
-            s["layers"] += float(out.keep.sum())
-            s["usage"] += out.keep.float().sum(0)
-        seen += len(label)
+            preds, kept = model.predict(front, method, model.k_for(keep), gens[(method, keep)])
+            acc[(method, keep)].add(preds, kept, (time.perf_counter() - start) * 1000)
+        for keep in oracle_keeps:
+            preds, errs = _oracle_batch(model, front, texts, model.k_for(keep), cands[keep])
+            for c, p in enumerate(preds):
+                cand_preds[keep][c] += p
+            cand_errs[keep].append(errs)
         if on_batch:
             on_batch(i + 1, len(loader))
-    rows, usage = [], {}
-    for method, keep in combos:
-        s = stats[(method, keep)]
-        mean_layers = s["layers"] / seen
-        learned = isinstance(model.strategy(method), ScoredChoice)
-        rows.append(
-            EvalRow(
-                method=method,
-                keep=keep,
-                k=model.k_for(keep),
-                accuracy=s["correct"] / seen,
-                mean_layers=mean_layers,
-                macs=cost.total(mean_layers, with_selector=learned and method == "selector"),
-                ms_per_example=(front_ms + s["ms"]) / seen,
-                examples=seen,
-            )
-        )
-        usage.setdefault(method, {})[keep] = (s["usage"] / seen).tolist()
-    return EvalResult(rows, usage)
+    n = len(references)
+    cost = cost_of(model, seconds=seconds / max(1, n))
+    for keep in oracle_keeps:
+        errs = torch.cat(cand_errs[keep], dim=1)  # [C, N]
+        best = errs.argmin(0)  # per input (first on ties)
+        best_static = int(errs.sum(1).argmin())
+        for name, choice in (("oracle", best), ("oracle_static", torch.full((n,), best_static))):
+            a = _Acc()
+            a.add([cand_preds[keep][int(c)][j] for j, c in enumerate(choice.tolist())], cands[keep][choice], 0.0)
+            acc[(name, keep)] = a
+    rows, usage, by_condition = [], {}, {}
+    for (method, keep), a in acc.items():
+        mean_layers = a.layers / n
+        learned = method in model.strategies and isinstance(model.strategy(method), ScoredChoice)
+        rows.append(EvalRow(
+            method=method, keep=keep, k=model.k_for(keep), scores=score(model.task, a.predictions, references),
+            mean_layers=mean_layers, macs=cost.total(mean_layers, with_selector=learned and method == "selector"),
+            ms_per_example=(front_ms + a.ms) / n if method not in ORACLE_METHODS else None,
+            examples=n, distinct_sets=len(a.sets),
+        ))
+        usage.setdefault(method, {})[keep] = (a.usage / n).tolist()
+        if conditions and method in ("selector", "oracle"):
+            masks = torch.cat(a.masks).float()
+            by_condition.setdefault(method, {})[keep] = {
+                col: {v: masks[[j for j, x in enumerate(vals) if x == v]].mean(0).tolist() for v in sorted(set(vals))}
+                for col, vals in conditions.items()
+            }
+    return EvalResult(rows, usage, by_condition)
+

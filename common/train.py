@@ -9,6 +9,11 @@
    Each starts its head from the base head. ``static`` and ``selector`` learn layer scores through
    straight-through Gumbel top-k gates; k is drawn per batch so one scorer serves every budget.
 
+The loops are task-agnostic: a batch is ``(waveforms, sample mask, texts)`` and the model's task
+head turns texts into targets and hidden states into a loss (cross-entropy over labels for kws,
+CTC over characters for asr). Stage 2 may add a KL term towards the full model's outputs
+(``distill``), the distillation of the authors' follow-up work.
+
 After every epoch the run folder holds the model, the optimiser and the progress, so an
 interrupted ``ldfleet train`` resumes where it stopped.
 """
@@ -23,13 +28,16 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from .data.loading import pad_batch
+from .metrics import score
 from .model.backbone import load_backbone
 from .model.checkpoint import load_model, save_model
 from .model.dynamic import DynamicModel
+from .model.heads import CharVocab, build_head
 from .model.runner import FrontEnd
-from .model.selector import topk_mask
 from .model.strategies import ScoredChoice
 
 STAGES = ("backbone", "early_exit", "static", "selector")
@@ -41,6 +49,7 @@ StepCallback = Callable[[str, int, int], None]  # (stage, step, total_steps)
 
 @dataclass
 class TrainConfig:
+    task: str = "kws"  # kws | asr
     backbone: str = "tiny"  # size name, hub id or local folder
     family: str = "wavlm"  # used for size names only
     epochs: int = 20  # stage 1
@@ -55,7 +64,12 @@ class TrainConfig:
     layerdrop: float = 0.1
     selector_hidden: int = 64
     seed: int = 0
-    num_classes: int = 12
+    labels: list[str] | None = None  # kws label set (None: the 12 keyword labels)
+    vocab: list[str] | None = None  # asr characters (None: from the training transcripts)
+    distill: float = 0.0  # stage-2 weight of KL(full model || strategy) on the head outputs
+    selector_budget: bool = False  # the selector also sees the budget k / L
+    oracle_weight: float = 0.0  # selector stage: weight of supervision by the per-batch oracle's layer sets
+    oracle_sets: int = 4  # candidate layer sets per batch for that supervision
 
     @property
     def from_checkpoint(self) -> bool:
@@ -73,17 +87,32 @@ class TrainState:
 # ---- batches --------------------------------------------------------------------------------
 
 
-def augment(wave: Tensor, gen: torch.Generator) -> Tensor:
-    """Shift up to 100 ms, random gain, and noise at 10-40 dB SNR on half the clips."""
+ASR_DEFAULTS = dict(epochs=40, strategy_epochs=4, batch_size=16, lr=2e-3, layerdrop=0.2)
+
+
+def config_for(task: str, **overrides) -> TrainConfig:
+    """The default recipe for ``task`` (asr: more epochs, smaller batches, a higher lr), then overrides.
+
+    ``None`` overrides are ignored, so CLI options left unset keep the task's default.
+    """
+    base = dict(ASR_DEFAULTS) if task == "asr" else {}
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(task=task, **base)
+
+
+def augment(wave: Tensor, gen: torch.Generator, mask: Tensor | None = None) -> Tensor:
+    """Shift up to 100 ms (fixed-length clips only), random gain, noise at 10-40 dB SNR on half the clips."""
     b, n = wave.shape
-    shifts = torch.randint(-1600, 1601, (b,), generator=gen)
-    wave = torch.stack([torch.roll(w, int(s)) for w, s in zip(wave, shifts)])
+    if mask is None:
+        shifts = torch.randint(-1600, 1601, (b,), generator=gen)
+        wave = torch.stack([torch.roll(w, int(s)) for w, s in zip(wave, shifts)])
     wave = wave * (10 ** (torch.empty(b, 1).uniform_(-0.3, 0.3, generator=gen)))
     snr_db = torch.empty(b, 1).uniform_(10, 40, generator=gen)
     power = wave.pow(2).mean(1, keepdim=True).clamp(min=1e-8)
     noise = torch.randn(b, n, generator=gen) * torch.sqrt(power / 10 ** (snr_db / 10))
     use = (torch.rand(b, 1, generator=gen) < 0.5).to(wave.dtype)
-    return wave + use * noise
+    out = wave + use * noise
+    return out if mask is None else out * mask.to(out.dtype)
 
 
 def random_keep(batch: int, num_layers: int, layerdrop: float, gen: torch.Generator) -> Tensor:
@@ -95,9 +124,44 @@ def random_keep(batch: int, num_layers: int, layerdrop: float, gen: torch.Genera
     return keep
 
 
+def length_batches(lengths: Tensor, batch_size: int, gen: torch.Generator, pool: int = 8) -> list[Tensor]:
+    """Shuffled batches of similar-length inputs, so little compute goes into padding.
+
+    The data are shuffled, cut into pools of ``pool`` batches, each pool sorted by length and cut
+    into batches, and the batches shuffled again: random contents, near-uniform length per batch.
+    """
+    order = torch.randperm(len(lengths), generator=gen)
+    batches = []
+    for start in range(0, len(order), batch_size * pool):
+        chunk = order[start : start + batch_size * pool]
+        chunk = chunk[torch.argsort(lengths[chunk], stable=True)]
+        batches += list(chunk.split(batch_size))
+    return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+
+
 def _loader(dataset: Dataset, batch_size: int, seed: int, shuffle: bool = True) -> DataLoader:
+    """Batches of ``pad_batch``; inputs of varying length (``dataset.lengths``) are batched by length."""
     gen = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=False)
+    lengths = getattr(dataset, "lengths", None)
+    if shuffle and lengths is not None:
+        batches = length_batches(torch.as_tensor(lengths), batch_size, gen)
+        return DataLoader(dataset, batch_sampler=[b.tolist() for b in batches], collate_fn=pad_batch)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=False, collate_fn=pad_batch)
+
+
+def texts_of(data: Dataset) -> list[str]:
+    """Every text (label name or transcript) of a dataset of ``(waveform, text)`` items."""
+    texts = getattr(data, "texts", None)
+    return list(texts) if texts is not None else pad_batch([data[i] for i in range(len(data))])[2]
+
+
+def new_head(cfg: TrainConfig, hidden_size: int, train: Dataset):
+    """The task head a new run starts with; the CTC vocabulary comes from the training transcripts."""
+    if cfg.task == "asr":
+        vocab = CharVocab(cfg.vocab) if cfg.vocab else CharVocab.from_texts(texts_of(train))
+        cfg.vocab = vocab.tokens[2:]
+        return build_head("asr", hidden_size, vocab=vocab)
+    return build_head("kws", hidden_size, labels=cfg.labels)
 
 
 # ---- stage 1: backbone under random layer dropping -----------------------------------------
@@ -127,23 +191,29 @@ def train_backbone_epoch(
     loader = _loader(data, cfg.batch_size, cfg.seed * 1000 + epoch)
     head = model.heads["base"]
     total_steps = cfg.epochs * len(loader)
-    loss_sum = correct = seen = 0
-    for step, (wave, label) in enumerate(loader):
+    loss_sum = seen = 0
+    predictions, references = [], []
+    for step, (wave, mask, texts) in enumerate(loader):
         _set_lr(optimizer, epoch * len(loader) + step, total_steps)
-        front = model.front_end(augment(wave, gen))
+        front = model.front_end(augment(wave, gen, mask), mask)
         keep = random_keep(wave.shape[0], model.num_layers, cfg.layerdrop, gen)
-        logits = head(model.runner.run_layers(front, keep), front.frame_mask)
-        loss = head.loss(logits, label)
+        logits = head.logits(model.runner.run_layers(front, keep), front.frame_mask)
+        loss = head.loss_from_logits(logits, front.frame_mask, head.targets(texts))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         optimizer.step()
-        loss_sum += loss.item() * len(label)
-        correct += int((head.predict(logits) == label).sum())
-        seen += len(label)
+        loss_sum += loss.item() * len(texts)
+        seen += len(texts)
+        predictions += head.decode(logits.detach(), front.frame_mask)
+        references += texts
         if on_step:
             on_step("backbone", step + 1, len(loader))
-    return {"loss": loss_sum / seen, "train_accuracy": correct / seen}
+    return {"loss": loss_sum / seen, **_prefixed("train_", score(model.task, predictions, references))}
+
+
+def _prefixed(prefix: str, scores: dict[str, float]) -> dict[str, float]:
+    return {prefix + k: v for k, v in scores.items()}
 
 
 def _set_lr(optimizer: torch.optim.Optimizer, step: int, total: int, warmup: int = 100) -> None:
@@ -163,29 +233,96 @@ def _set_lr(optimizer: torch.optim.Optimizer, step: int, total: int, warmup: int
 
 @dataclass
 class FrontEndCache:
-    """Front-end outputs of a whole (un-augmented) dataset: the frozen part, computed once."""
+    """Front-end outputs of a whole (un-augmented) dataset: the frozen part, computed once.
+
+    ``hidden``/``features`` are ``[N, T, D]``, padded to the longest input; ``frame_mask``
+    ``[N, T]`` marks real frames (None when nothing is padded); ``texts`` are the N targets.
+    ``teacher`` (optional) holds the full model's head outputs, for distillation.
+    """
 
     hidden: Tensor
     features: Tensor
-    labels: Tensor
+    texts: list[str]
+    frame_mask: Tensor | None = None
+    teacher: Tensor | None = None
 
-    def batch(self, rows: Tensor) -> tuple[FrontEnd, Tensor]:
-        return FrontEnd(self.hidden[rows], self.features[rows], None), self.labels[rows]
+    def batch(self, rows: Tensor) -> tuple[FrontEnd, list[str]]:
+        """The rows' front end, cut to the longest real input among them."""
+        mask = None if self.frame_mask is None else self.frame_mask[rows]
+        t = self.hidden.shape[1] if mask is None else max(1, int(mask.sum(1).max()))
+        if mask is not None:
+            mask = None if bool(mask[:, :t].all()) else mask[:, :t]
+        front = FrontEnd(self.hidden[rows, :t], self.features[rows, :t], mask)
+        return front, [self.texts[i] for i in rows.tolist()]
+
+    def lengths(self) -> Tensor:
+        """Real frames of every cached input ``[N]``."""
+        if self.frame_mask is None:
+            return torch.full((len(self),), self.hidden.shape[1], dtype=torch.long)
+        return self.frame_mask.sum(1)
+
+    def teacher_logits(self, rows: Tensor, frames: int) -> Tensor | None:
+        if self.teacher is None:
+            return None
+        return self.teacher[rows, :frames] if self.teacher.dim() == 3 else self.teacher[rows]
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.texts)
+
+
+def _pad_cat(parts: list[Tensor], value=0) -> Tensor:
+    """Concatenate ``[n_i, T_i, ...]`` tensors along dim 0, padding dim 1 to the longest."""
+    t = max(p.shape[1] for p in parts)
+    return torch.cat([torch.nn.functional.pad(p, (0, 0) * (p.dim() - 2) + (0, t - p.shape[1]), value=value) for p in parts])
 
 
 @torch.inference_mode()
 def cache_front_ends(model: DynamicModel, data: Dataset, batch_size: int = 64) -> FrontEndCache:
     model.eval()
-    hidden, features, labels = [], [], []
-    for wave, label in DataLoader(data, batch_size=batch_size):
-        front = model.front_end(wave)
+    hidden, features, masks, texts = [], [], [], []
+    for wave, mask, batch_texts in DataLoader(data, batch_size=batch_size, collate_fn=pad_batch):
+        front = model.front_end(wave, mask)
         hidden.append(front.hidden)
         features.append(front.features)
-        labels.append(label)
-    return FrontEndCache(torch.cat(hidden), torch.cat(features), torch.cat(labels))
+        fm = front.frame_mask
+        masks.append(torch.ones(front.hidden.shape[:2], dtype=torch.bool) if fm is None else fm)
+        texts += batch_texts
+    frame_mask = _pad_cat(masks, value=False)
+    return FrontEndCache(_pad_cat(hidden), _pad_cat(features), texts, None if bool(frame_mask.all()) else frame_mask)
+
+
+@torch.inference_mode()
+def add_teacher(model: DynamicModel, cache: FrontEndCache, batch_size: int = 64) -> None:
+    """Store the full model's base-head outputs for every cached input (the distillation target)."""
+    model.eval()
+    parts = []
+    for start in range(0, len(cache), batch_size):
+        rows = torch.arange(start, min(start + batch_size, len(cache)))
+        front, _ = cache.batch(rows)
+        parts.append(model.heads["base"].logits(model.runner.run_layers(front, None), front.frame_mask))
+    cache.teacher = _pad_cat(parts) if parts[0].dim() == 3 else torch.cat(parts)
+
+
+@torch.no_grad()
+def oracle_keep(model: DynamicModel, front: FrontEnd, targets, k: int, n: int, gen: torch.Generator) -> Tensor:
+    """Per input, the best of ``n`` random k-layer sets by the base head's loss: bool ``[B, L]``.
+
+    The supervision target for ``oracle_weight``: the selector learns to score the layers of the
+    set that worked best for each input above the others.
+    """
+    head = model.heads["base"]
+    cands = [torch.randperm(model.num_layers, generator=gen)[:k] for _ in range(n)]
+    losses = []
+    for idx in cands:
+        keep = torch.zeros(front.hidden.shape[0], model.num_layers, dtype=torch.bool)
+        keep[:, idx] = True
+        logits = head.logits(model.runner.run_layers(front, keep), front.frame_mask)
+        losses.append(head.example_losses(logits, front.frame_mask, targets))
+    best = torch.stack(losses).argmin(0)
+    out = torch.zeros(front.hidden.shape[0], model.num_layers, dtype=torch.bool)
+    for row, c in enumerate(best.tolist()):
+        out[row, cands[c]] = True
+    return out
 
 
 def strategy_optimizer(model: DynamicModel, name: str, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -207,11 +344,17 @@ def train_strategy_epoch(
     batch_size: int = 32,
     budgets: tuple[int, ...] | None = None,
     on_step: StepCallback | None = None,
+    distill: float = 0.0,
+    oracle_weight: float = 0.0,
+    oracle_sets: int = 4,
 ) -> dict:
     """One epoch of a stage-2 strategy: its head (and scorer) learn under sampled budgets.
 
     ``budgets`` restricts the layer counts drawn per batch (a device trains under its own budget);
-    by default k is uniform in 1..L.
+    by default k is uniform in 1..L. With ``distill > 0`` (and ``cache.teacher`` set) the loss adds
+    ``distill * KL(full model || strategy)`` of the head outputs; with ``oracle_weight > 0`` a learned
+    strategy's scores are also pushed (binary cross-entropy) towards the per-input best of
+    ``oracle_sets`` random k-layer sets (:func:`oracle_keep`).
     """
     choice = model.strategy(name)
     head = model.heads[choice.head]
@@ -219,15 +362,16 @@ def train_strategy_epoch(
     model.runner.requires_grad_(False)
     head.train()
     gen = torch.Generator().manual_seed(seed * 7919 + epoch)
-    order = torch.randperm(len(cache), generator=gen)
-    steps = math.ceil(len(cache) / batch_size)
+    batches = length_batches(cache.lengths(), batch_size, gen)
+    steps = len(batches)
     total = epochs * steps
     ks = budgets or tuple(range(1, model.num_layers + 1))
-    loss_sum = correct = seen = 0
+    loss_sum = seen = 0
+    predictions, references = [], []
     layers_used = torch.zeros(model.num_layers)
     for step in range(steps):
-        rows = order[step * batch_size : (step + 1) * batch_size]
-        front, label = cache.batch(rows)
+        rows = batches[step]
+        front, texts = cache.batch(rows)
         k = ks[int(torch.randint(len(ks), (1,), generator=gen))]
         _set_lr(optimizer, epoch * steps + step, total, warmup=20)
         if isinstance(choice, ScoredChoice):
@@ -240,20 +384,28 @@ def train_strategy_epoch(
             with torch.no_grad():
                 keep = choice.choose(front, k, gen)
                 hidden = model.runner.run_layers(front, keep)
-        logits = head(hidden, front.frame_mask)
-        loss = head.loss(logits, label)
+        logits = head.logits(hidden, front.frame_mask)
+        targets = head.targets(texts)
+        loss = head.loss_from_logits(logits, front.frame_mask, targets)
+        if oracle_weight > 0 and isinstance(choice, ScoredChoice) and k < model.num_layers:
+            best = oracle_keep(model, front, targets, k, oracle_sets, gen).float()
+            loss = loss + oracle_weight * F.binary_cross_entropy_with_logits(choice.scores(front, k), best)
+        teacher = cache.teacher_logits(rows, logits.shape[1]) if distill > 0 else None
+        if teacher is not None:
+            loss = loss + distill * head.distill_loss(logits, teacher, front.frame_mask)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += loss.item() * len(label)
-        correct += int((head.predict(logits) == label).sum())
-        seen += len(label)
+        loss_sum += loss.item() * len(texts)
+        seen += len(texts)
+        predictions += head.decode(logits.detach(), front.frame_mask)
+        references += texts
         layers_used += keep.float().sum(0)
         if on_step:
             on_step(name, step + 1, steps)
     return {
         "loss": loss_sum / seen,
-        "train_accuracy": correct / seen,
+        **_prefixed("train_", score(model.task, predictions, references)),
         "layer_usage": (layers_used / seen).tolist(),
     }
 
@@ -262,15 +414,15 @@ def train_strategy_epoch(
 
 
 @torch.inference_mode()
-def accuracy(model: DynamicModel, cache: FrontEndCache, strategy: str, k: int, batch_size: int = 128) -> float:
+def validate(model: DynamicModel, cache: FrontEndCache, strategy: str, k: int, batch_size: int = 128) -> dict[str, float]:
+    """The task's scores (accuracy, or WER and CER) of one strategy at k layers on cached inputs."""
     model.eval()
     gen = torch.Generator().manual_seed(0)
-    correct = 0
+    predictions = []
     for start in range(0, len(cache), batch_size):
-        front, label = cache.batch(torch.arange(start, min(start + batch_size, len(cache))))
-        out = model.classify(front, strategy, k, gen)
-        correct += int((out.logits.argmax(-1) == label).sum())
-    return correct / max(1, len(cache))
+        front, _ = cache.batch(torch.arange(start, min(start + batch_size, len(cache))))
+        predictions += model.predict(front, strategy, k, gen)[0]
+    return score(model.task, predictions, cache.texts)
 
 
 # ---- the resumable driver -------------------------------------------------------------------
@@ -287,13 +439,15 @@ class Trainer:
         if state_path.exists():
             self.state = TrainState(**json.loads(state_path.read_text()))
             saved_cfg = json.loads((self.run / "train_config.json").read_text())
-            self.cfg = TrainConfig(**{**saved_cfg, "epochs": cfg.epochs, "strategy_epochs": cfg.strategy_epochs})
+            known = {k: v for k, v in saved_cfg.items() if k in TrainConfig.__dataclass_fields__}
+            self.cfg = TrainConfig(**{**known, "epochs": cfg.epochs, "strategy_epochs": cfg.strategy_epochs})
             self.model = load_model(self.run)
             self.log(f"resuming {self.run}: stage {self.state.stage}, {self.state.epoch} epoch(s) done")
         else:
             torch.manual_seed(cfg.seed)
             backbone = load_backbone(cfg.backbone, cfg.family)
-            self.model = DynamicModel(backbone, cfg.num_classes, cfg.selector_hidden)
+            self.model = DynamicModel(backbone, new_head(cfg, backbone.config.hidden_size, train), cfg.selector_hidden,
+                                      cfg.selector_budget)
             self.state = TrainState()
             (self.run / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
@@ -326,6 +480,8 @@ class Trainer:
                     continue
                 if train_cache is None:
                     train_cache = cache_front_ends(self.model, self.train_data)
+                    if self.cfg.distill > 0:
+                        add_teacher(self.model, train_cache)
             optimizer = self._optimizer(stage)
             for epoch in range(self.state.epoch, self.epochs_for(stage)):
                 if stage == "backbone":
@@ -333,20 +489,23 @@ class Trainer:
                 else:
                     stats = train_strategy_epoch(
                         self.model, stage, train_cache, optimizer, self.cfg.strategy_epochs, epoch,
-                        seed=self.cfg.seed, batch_size=self.cfg.batch_size, on_step=on_step,
+                        seed=self.cfg.seed, batch_size=self.cfg.batch_size, on_step=on_step, distill=self.cfg.distill,
+                        oracle_weight=self.cfg.oracle_weight if stage == "selector" else 0.0, oracle_sets=self.cfg.oracle_sets,
                     )
                 val_cache = cache_front_ends(self.model, self.val_data) if stage == "backbone" or val_cache is None else val_cache
                 strategy = "full" if stage == "backbone" else stage
                 k = self.model.num_layers if stage == "backbone" else self.model.k_for(0.5)
-                stats.update(stage=stage, epoch=epoch + 1, val_accuracy=accuracy(self.model, val_cache, strategy, k))
+                stats.update(stage=stage, epoch=epoch + 1, **_prefixed("val_", validate(self.model, val_cache, strategy, k)))
                 if stage == "backbone":
-                    stats["val_accuracy_half_random"] = accuracy(self.model, val_cache, "random", self.model.k_for(0.5))
+                    half = validate(self.model, val_cache, "random", self.model.k_for(0.5))
+                    stats.update(_prefixed("val_half_random_", half))
                 self.state.history.append(stats)
                 self.state.epoch = epoch + 1
                 self._save(optimizer)
+                metric = "accuracy" if self.model.task == "kws" else "wer"
                 self.log(
                     f"{stage} epoch {epoch + 1}/{self.epochs_for(stage)}: loss {stats['loss']:.3f} "
-                    f"train {stats['train_accuracy']:.3f} val {stats['val_accuracy']:.3f}"
+                    f"train {metric} {stats['train_' + metric]:.3f} val {metric} {stats['val_' + metric]:.3f}"
                 )
         self.state.done = True
         self._save(None)

@@ -87,10 +87,11 @@ def base_traffic() -> dict[str, int]:
 
     from ldfleet.common.model.backbone import backbone_from_config, build_config
     from ldfleet.common.model.dynamic import DynamicModel
+    from ldfleet.common.model.heads import with_head
     from ldfleet.server.app import NPY_HEADER_BYTES, full_model_bytes, state_bytes
 
     with torch.device("meta"):
-        model = DynamicModel(backbone_from_config(build_config("wavlm", "base")), 12)
+        model = DynamicModel(*with_head(backbone_from_config(build_config("wavlm", "base"))))
     return {"selector_head_bytes": state_bytes(model.trainable_state("selector")), "full_model_bytes": full_model_bytes(model),
             "npy_header_bytes": NPY_HEADER_BYTES}
 

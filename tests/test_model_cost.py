@@ -10,6 +10,7 @@ from ldfleet.common.model.backbone import build_config, load_backbone
 from ldfleet.common.model.checkpoint import load_model, save_model
 from ldfleet.common.model.cost import cost_of, frames_for, layer_macs
 from ldfleet.common.model.dynamic import DynamicModel
+from ldfleet.common.model.heads import with_head
 from ldfleet.common.model.profiling import measure_latency, tail_ratios
 
 
@@ -22,7 +23,7 @@ def test_frames_match_the_real_model():
 
 
 def test_base_config_is_the_real_base_size_and_selector_under_one_percent():
-    model = DynamicModel(load_backbone("base", "hubert"), num_classes=12)
+    model = DynamicModel(*with_head(load_backbone("base", "hubert")))
     cfg = model.runner.backbone.config
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.layerdrop) == (768, 12, 0.0)
     for seconds in (1.0, 5.0):
@@ -34,7 +35,7 @@ def test_base_config_is_the_real_base_size_and_selector_under_one_percent():
 
 
 def test_cost_of_mask_is_linear_in_layers_run():
-    model = DynamicModel(load_backbone("tiny"), num_classes=12)
+    model = DynamicModel(*with_head(load_backbone("tiny")))
     cost = cost_of(model)
     keep = torch.zeros(4, model.num_layers, dtype=torch.bool)
     keep[:, :2] = True
@@ -65,7 +66,7 @@ def test_budget_conversions():
 
 def test_checkpoint_round_trip(tmp_path):
     torch.manual_seed(1)
-    model = DynamicModel(load_backbone("tiny", "hubert"), num_classes=5).eval()
+    model = DynamicModel(*with_head(load_backbone("tiny", "hubert"), labels=["a", "b", "c", "d", "e"])).eval()
     torch.nn.init.normal_(model.strategies["static"].scorer.scores)
     save_model(model, tmp_path)
     loaded = load_model(tmp_path)

@@ -5,6 +5,7 @@ import torch
 
 from ldfleet.common.model.backbone import load_backbone
 from ldfleet.common.model.dynamic import DynamicModel
+from ldfleet.common.model.heads import with_head
 from ldfleet.common.model.selector import LayerSelector, straight_through_topk, topk_mask
 from ldfleet.common.model.strategies import STRATEGY_NAMES
 
@@ -12,7 +13,7 @@ from ldfleet.common.model.strategies import STRATEGY_NAMES
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return DynamicModel(load_backbone("tiny", "wavlm"), num_classes=12).eval()
+    return DynamicModel(*with_head(load_backbone("tiny", "wavlm"))).eval()
 
 
 def test_topk_mask_keeps_the_k_best():
@@ -77,3 +78,53 @@ def test_trainable_state_is_only_selector_and_its_head(model):
     state = model.trainable_state("selector")
     assert state and all(k.startswith(("strategies.selector.", "heads.selector.")) for k in state)
     assert sum(v.numel() for v in state.values()) < 0.05 * model.parameter_count("backbone")
+
+
+def test_budget_conditioned_selector_ranks_per_budget():
+    torch.manual_seed(0)
+    sel = LayerSelector(feature_dim=16, num_layers=6, hidden=8, budget=True)
+    feats = torch.randn(3, 10, 16)
+    assert not torch.allclose(sel(feats, None, 2), sel(feats, None, 5))
+    with pytest.raises(ValueError, match="needs k"):
+        sel(feats)
+
+
+def test_oracle_supervision_picks_each_inputs_lowest_loss_set():
+    from ldfleet.common.train import oracle_keep
+
+    torch.manual_seed(0)
+    model = DynamicModel(*with_head(load_backbone("tiny", "wavlm"), "asr")).eval()
+    head = model.heads["base"]
+    front = model.front_end(torch.randn(3, 8000))
+    targets = head.targets(["call bob", "stop", "dial one two"])
+    best = oracle_keep(model, front, targets, 3, 4, torch.Generator().manual_seed(5))
+    assert best.sum(1).tolist() == [3, 3, 3]
+    gen = torch.Generator().manual_seed(5)  # the same candidates, scored by hand
+    losses = []
+    for _ in range(4):
+        keep = torch.zeros(3, 8, dtype=torch.bool)
+        keep[:, torch.randperm(8, generator=gen)[:3]] = True
+        with torch.no_grad():
+            losses.append((keep, head.example_losses(head.logits(model.runner.run_layers(front, keep), None), None, targets)))
+    for row in range(3):
+        keep, _ = min(losses, key=lambda kl: float(kl[1][row]))
+        assert torch.equal(best[row], keep[row])
+
+
+def test_distillation_loss_is_zero_only_for_the_teachers_outputs():
+    from ldfleet.common.model.heads import CTCHead
+
+    head = CTCHead(8)
+    teacher = torch.randn(2, 5, len(head.vocab))
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    assert float(head.distill_loss(teacher, teacher, mask)) == pytest.approx(0.0, abs=1e-6)
+    assert float(head.distill_loss(torch.randn_like(teacher), teacher, mask)) > 0.01
+
+
+def test_oracle_candidates_are_distinct_k_sets():
+    from ldfleet.common.evaluate import oracle_candidates
+
+    cands = oracle_candidates(8, 3, 16, seed=1)
+    assert cands.shape == (16, 8) and (cands.sum(1) == 3).all()
+    assert len({tuple(c.tolist()) for c in cands}) == 16
+    assert oracle_candidates(4, 3, 16).shape[0] == 4  # only C(4,3) = 4 sets exist

@@ -58,10 +58,13 @@ def test_eval_json_rows_cover_every_method_and_budget(trained_run, corpus):
     assert result.exit_code == 0, result.output
     out = json.loads(result.output)
     rows = {(r["method"], r["keep"]): r for r in out["rows"]}
-    assert set(rows) == {("full", 1.0)} | {(m, k) for m in ("random", "early_exit", "static", "selector") for k in (0.25, 0.5)}
+    methods = ("random", "early_exit", "static", "selector", "oracle", "oracle_static")
+    assert set(rows) == {("full", 1.0)} | {(m, k) for m in methods for k in (0.25, 0.5)}
     for (method, keep), r in rows.items():
         assert r["mean_layers"] == (8 if method == "full" else r["k"])
-        assert 0.0 <= r["accuracy"] <= 1.0 and r["ms_per_example"] > 0
+        assert 0.0 <= r["accuracy"] <= 1.0 and (r["ms_per_example"] is None if method.startswith("oracle") else r["ms_per_example"] > 0)
+    for k in (0.25, 0.5):  # per-input best of the same candidate sets can only be as good or better
+        assert rows[("oracle", k)]["accuracy"] >= rows[("oracle_static", k)]["accuracy"]
     assert rows[("early_exit", 0.25)]["macs"] < rows[("early_exit", 0.5)]["macs"] < rows[("full", 1.0)]["macs"]
     # the selector pays for itself in MACs, but only by its own tiny cost
     extra = rows[("selector", 0.5)]["macs"] - rows[("early_exit", 0.5)]["macs"]
@@ -76,7 +79,7 @@ def test_eval_table_and_bad_input(trained_run, corpus, tmp_path):
     assert table.exit_code == 0 and "selector" in table.output and "share of inputs" in table.output
     bad_keep = runner.invoke(app, ["eval", "--run", str(trained_run), "--data", str(corpus), "--keep", "1.5"])
     assert bad_keep.exit_code != 0 and "keep ratios must be in (0, 1]" in bad_keep.output
-    bad_method = runner.invoke(app, ["eval", "--run", str(trained_run), "--data", str(corpus), "--methods", "oracle"])
+    bad_method = runner.invoke(app, ["eval", "--run", str(trained_run), "--data", str(corpus), "--methods", "bogus"])
     assert bad_method.exit_code != 0 and "unknown methods" in bad_method.output
     no_run = runner.invoke(app, ["eval", "--run", str(tmp_path / "nope"), "--data", str(corpus)])
     assert no_run.exit_code == 2 and "ldfleet train" in no_run.output

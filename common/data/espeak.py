@@ -22,6 +22,9 @@ ENGLISH_VOICES: tuple[str, ...] = (
     "en-us", "en-gb", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp", "en-gb-x-gbcwmd", "en-029", "en-us-nyc",
 )
 
+# Other languages reading English text: their letter-to-sound rules act as strong foreign accents.
+ACCENT_VOICES: tuple[str, ...] = ("de", "es", "nl", "it")
+
 # Variants that sound like distinct people and do not saturate at the amplitude we use. Left out:
 # exact duplicates (caleb and klatt6 = klatt), variants that clip (ed, iven, Jacky, Marco, antonio, ...),
 # and robotic/effect voices (robosoft*, Demonic, announcer, ...).

@@ -43,3 +43,46 @@ def label_counts(labels: Sequence[int]) -> dict[str, int]:
     """Clips per class name, in class-id order (zeros included, so tables line up)."""
     counts = Counter(labels)
     return {name: counts.get(i, 0) for i, name in enumerate(LABELS)}
+
+
+# ---- label sets other than the fixed 12 ------------------------------------------------------
+
+# The 35 words of Speech Commands v2 (Warden, 2018), in the data set's alphabetical folder order.
+SPEECH_COMMANDS_V2: tuple[str, ...] = (
+    "backward", "bed", "bird", "cat", "dog", "down", "eight", "five", "follow", "forward", "four", "go", "happy",
+    "house", "learn", "left", "marvin", "nine", "no", "off", "on", "one", "right", "seven", "sheila", "six", "stop",
+    "three", "tree", "two", "up", "visual", "wow", "yes", "zero",
+)
+LABEL_SETS_HELP = (
+    "'keywords' (the 10 keywords + _unknown_ + _silence_), 'folder' (every word folder of the data), "
+    "'speech-commands-35' (the 35 Speech Commands v2 words), or a comma-separated list "
+    "(add _unknown_ / _silence_ to keep other words / silence as classes)"
+)
+
+
+def resolve_label_set(spec: str, folder_words: Sequence[str] = ()) -> tuple[str, ...]:
+    """The label names for ``--labels``; ``folder_words`` are the data's word folders (for 'folder').
+
+    Raises ValueError for an empty or duplicated list.
+    """
+    if spec in ("", "keywords"):
+        labels: tuple[str, ...] = LABELS
+    elif spec == "folder":
+        words = {SILENCE if w == BACKGROUND_NOISE_DIR else w for w in folder_words}
+        labels = tuple(sorted(words - {UNKNOWN, SILENCE})) + tuple(x for x in (UNKNOWN, SILENCE) if x in words)
+    elif spec == "speech-commands-35":
+        labels = SPEECH_COMMANDS_V2
+    else:
+        labels = tuple(x.strip() for x in spec.split(",") if x.strip())
+    if len(labels) < 2 or len(set(labels)) != len(labels):
+        raise ValueError(f"a label set needs >= 2 distinct names, got {list(labels)} from {spec!r}")
+    return labels
+
+
+def label_for(word: str, is_silence: bool, labels: Sequence[str]) -> str | None:
+    """The class a clip of ``word`` belongs to under ``labels``, or None when the set has no place for it."""
+    if is_silence or word in (SILENCE, BACKGROUND_NOISE_DIR):
+        return SILENCE if SILENCE in labels else None
+    if word in labels:
+        return word
+    return UNKNOWN if UNKNOWN in labels else None

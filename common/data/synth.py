@@ -18,9 +18,11 @@ import re
 import shutil
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from rich.progress import track
@@ -39,7 +41,9 @@ SPEECH_PEAK_DBFS = (-16.0, -1.0)  # per-clip loudness of the word
 SNR_SPAN_DB = 20.0  # clip SNR is uniform in [snr_db, snr_db + SNR_SPAN_DB]
 SILENCE_NOISE_DBFS = (-70.0, -48.0)  # RMS of coloured-noise silence clips
 NEAR_SILENCE_DBFS = (-90.0, -72.0)  # RMS of "room tone" silence clips
-MAX_NOISE_SPEAKERS = 16  # _silence_ clips are spread over this many pseudo-speakers
+MAX_NOISE_SPEAKERS = 16
+T = TypeVar("T")
+R = TypeVar("R")  # _silence_ clips are spread over this many pseudo-speakers
 
 
 @dataclass(frozen=True)
@@ -184,15 +188,40 @@ def render(spec: ClipSpec, binary: str = ESPEAK) -> np.ndarray:
     return A.mix_at_snr(clip, noise, spec.snr_db, signal_power=float(np.mean(np.square(word, dtype=np.float64))))
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
-    ours = [out / METADATA, *(out / label for label in LABELS)]
-    existing = [p for p in ours if p.exists()]
+def prepare_out(out: Path, files: Sequence[str], folders: Sequence[str], overwrite: bool) -> None:
+    """Clear what a previous synth wrote (``files`` and ``folders`` under ``out``) and make the folders.
+
+    Raises FileExistsError when any of them exists and ``overwrite`` is False; anything else in the
+    folder is left alone.
+    """
+    existing = [out / p for p in (*files, *folders) if (out / p).exists()]
     if existing and not overwrite:
         raise FileExistsError(f"{out} already holds a corpus ({existing[0].name}); pass overwrite=True / --overwrite")
-    for p in existing:  # only what synth itself writes; anything else in the folder is left alone
+    for p in existing:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
-    for label in LABELS:
-        (out / label).mkdir(parents=True, exist_ok=True)
+    for folder in folders:
+        (out / folder).mkdir(parents=True, exist_ok=True)
+
+
+def render_all(items: Sequence[T], job: Callable[[T], R], workers: int | None, progress: bool) -> tuple[dict[int, R], dict[int, str]]:
+    """Run ``job`` on every item in a thread pool: (results, errors), both keyed by item index.
+
+    One failing item must not sink a whole corpus, so exceptions become error strings. espeak-ng
+    runs in subprocesses, so threads suffice; on Ctrl-C the queued items are dropped.
+    """
+    results: dict[int, R] = {}
+    errors: dict[int, str] = {}
+    pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
+    try:
+        futures = {pool.submit(job, item): i for i, item in enumerate(items)}
+        for fut in track(as_completed(futures), total=len(futures), description="synthesizing", disable=not progress):
+            try:
+                results[futures[fut]] = fut.result()
+            except Exception as exc:  # noqa: BLE001 - reported per item
+                errors[futures[fut]] = f"{type(exc).__name__}: {exc}"
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return results, errors
 
 
 def synthesize_corpus(cfg: SynthConfig, progress: bool = True) -> SynthSummary:
@@ -202,25 +231,9 @@ def synthesize_corpus(cfg: SynthConfig, progress: bool = True) -> SynthSummary:
     check_speakers(list(cfg.voices), list(cfg.variants), binary)
     specs = plan(cfg)
     out = Path(cfg.out)
-    _prepare_out(out, cfg.overwrite)
-
-    def job(spec: ClipSpec) -> str | None:
-        try:
-            A.write_wav(out / spec.path, render(spec, binary))
-            return None
-        except Exception as exc:  # one bad clip must not sink a 3 000-clip run
-            return f"{type(exc).__name__}: {exc}"
-
-    errors: dict[str, str] = {}
-    workers = cfg.workers or os.cpu_count() or 1
-    pool = ThreadPoolExecutor(max_workers=workers)  # espeak-ng runs in subprocesses: threads suffice
-    try:
-        futures = {pool.submit(job, spec): spec for spec in specs}
-        for fut in track(as_completed(futures), total=len(futures), description="synthesizing", disable=not progress):
-            if (err := fut.result()) is not None:
-                errors[futures[fut].path] = err
-    finally:  # on Ctrl-C, drop the queued clips instead of synthesizing them all first
-        pool.shutdown(wait=True, cancel_futures=True)
+    prepare_out(out, [METADATA], LABELS, cfg.overwrite)
+    _, failed = render_all(specs, lambda spec: A.write_wav(out / spec.path, render(spec, binary)), cfg.workers, progress)
+    errors = {specs[i].path: reason for i, reason in failed.items()}
 
     written = [s for s in specs if s.path not in errors]
     with open(out / METADATA, "w", newline="", encoding="utf-8") as f:

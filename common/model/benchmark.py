@@ -18,6 +18,7 @@ import torch
 
 from .backbone import load_backbone
 from .dynamic import DynamicModel
+from .heads import with_head
 from .selector import topk_mask
 
 SAMPLE_RATE = 16000
@@ -57,7 +58,7 @@ def bench_speed(
     seed: int = 0,
 ) -> list[SpeedRow]:
     torch.manual_seed(seed)
-    model = DynamicModel(load_backbone(size, family), num_classes=12).eval()
+    model = DynamicModel(*with_head(load_backbone(size, family))).eval()
     selector = model.strategy("selector")
     rows = []
     for sec in seconds:

@@ -1,8 +1,9 @@
 """Saving and loading a dynamic model as a run folder: ``model.json`` + ``model.safetensors``.
 
-The backbone's config is stored next to the weights, so a run re-opens without the hub or the
-original checkpoint folder — what an edge device needs. The config carries the checkpoint's input
-spec (``ldfleet_input_spec``: normalise or not, see :mod:`.inputs`), so a saved run prepares audio
+The backbone's config and the task head's spec (label set or CTC vocabulary) are stored next to
+the weights, so a run re-opens as the same task without the hub or the original checkpoint
+folder — what an edge device needs. The config carries the checkpoint's input spec
+(``ldfleet_input_spec``: normalise or not, see :mod:`.inputs`), so a saved run prepares audio
 exactly as the checkpoint it came from; runs saved before it existed normalise, as they always did.
 """
 
@@ -16,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from .backbone import backbone_from_config
 from .dynamic import DynamicModel
+from .heads import head_from_spec
 
 MODEL_JSON = "model.json"
 WEIGHTS = "model.safetensors"
@@ -32,8 +34,10 @@ def save_model(model: DynamicModel, run_dir: str | Path, extra: dict | None = No
     run.mkdir(parents=True, exist_ok=True)
     meta = {
         "backbone_config": model.runner.backbone.config.to_dict(),
-        "num_classes": model.num_classes,
+        "task": model.task,
+        "head": model.head_spec(),
         "selector_hidden": model.selector_hidden,
+        "selector_budget": model.selector_budget,
         **(extra or {}),
     }
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
@@ -48,10 +52,19 @@ def read_meta(run_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def head_spec_of(meta: dict) -> dict:
+    """The head spec of a run; runs saved before heads had specs were 12-class keyword spotters."""
+    if "head" in meta:
+        return meta["head"]
+    from ..data.labels import LABELS
+
+    return {"type": "classification", "labels": list(LABELS)[: meta.get("num_classes", len(LABELS))]}
+
+
 def load_model(run_dir: str | Path) -> DynamicModel:
     meta = read_meta(run_dir)
-    model = DynamicModel(
-        backbone_from_config(meta["backbone_config"]), meta["num_classes"], meta.get("selector_hidden", 64)
-    )
+    backbone = backbone_from_config(meta["backbone_config"])
+    head = head_from_spec(head_spec_of(meta), backbone.config.hidden_size, backbone)
+    model = DynamicModel(backbone, head, meta.get("selector_hidden", 64), meta.get("selector_budget", False))
     model.load_state_dict(load_file(str(Path(run_dir) / WEIGHTS)))
     return model.eval()

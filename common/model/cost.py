@@ -49,8 +49,11 @@ def selector_macs(feature_dim: int, hidden: int, num_layers: int, frames: int) -
     return 2 * frames * feature_dim + 2 * feature_dim * hidden + hidden * num_layers
 
 
-def head_macs(hidden_size: int, num_classes: int, frames: int) -> int:
-    return frames * hidden_size + hidden_size * num_classes
+def head_macs(hidden_size: int, outputs: int, frames: int, per_frame: bool = False) -> int:
+    """Pooling + one projection (classification), or one projection per frame (CTC)."""
+    if per_frame:
+        return frames * hidden_size * outputs
+    return frames * hidden_size + hidden_size * outputs
 
 
 @dataclass(frozen=True)
@@ -94,5 +97,5 @@ def cost_of(model, seconds: float = 1.0) -> Cost:
         layer=layer_macs(cfg, t),
         num_layers=cfg.num_hidden_layers,
         selector=selector_macs(cfg.hidden_size, model.selector_hidden, cfg.num_hidden_layers, t),
-        head=head_macs(cfg.hidden_size, model.num_classes, t),
+        head=head_macs(cfg.hidden_size, model.heads["base"].proj.out_features, t, per_frame=model.task == "asr"),
     )

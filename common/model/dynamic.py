@@ -1,8 +1,10 @@
 """The dynamic model: one backbone, every layer-choice strategy, and a task head per strategy.
 
-This is the object ldfleet trains, saves, evaluates and ships to devices. ``forward`` runs one
-strategy at a layer budget; ``trainable_state`` is the part a device fine-tunes and sends back in
-federated learning (selector + its head), a tiny fraction of the backbone.
+This is the object ldfleet trains, saves, evaluates and ships to devices. It is task-agnostic:
+``run`` chooses a keep mask ``[B, L]`` with one strategy at a layer budget and runs those layers;
+the strategy's head (keyword classes, CTC characters, ...) then predicts or computes the loss.
+``trainable_state`` is the part a device fine-tunes and sends back in federated learning
+(selector + its head), a tiny fraction of the backbone.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..budget import layers_for_keep
-from .heads import ClassificationHead, TaskHead, copy_head
+from .heads import TaskHead, copy_head
 from .inputs import InputSpec, spec_of
 from .runner import FrontEnd, LayerRunner, normalize_waveform
 from .strategies import STRATEGY_NAMES, LayerChoice, build_strategies
@@ -23,24 +25,34 @@ HEAD_NAMES = ("base", "early_exit", "static", "selector")
 
 @dataclass
 class Output:
-    logits: Tensor
+    logits: Tensor  # the head's outputs: [B, C] (classification) or [B, T, V] (CTC)
     keep: Tensor  # bool [B, L]: which layers ran for each example
+    frame_mask: Tensor | None = None  # [B, T], True = real frame
 
 
 class DynamicModel(nn.Module):
-    def __init__(self, backbone: nn.Module, num_classes: int, selector_hidden: int = 64):
+    """One backbone, the strategies of :mod:`.strategies`, and a copy of ``head`` per head-name."""
+
+    def __init__(self, backbone: nn.Module, head: TaskHead, selector_hidden: int = 64, selector_budget: bool = False):
         super().__init__()
         self.runner = LayerRunner(backbone)
-        self.num_classes = num_classes
         self.selector_hidden = selector_hidden
+        self.selector_budget = selector_budget  # the selector also sees k / L
         dim, layers = self.runner.hidden_size, self.runner.num_layers
-        self.strategies = build_strategies(layers, dim, selector_hidden)
-        base = ClassificationHead(dim, num_classes)
+        self.strategies = build_strategies(layers, dim, selector_hidden, selector_budget)
+        base = head
         self.heads = nn.ModuleDict({"base": base, **{n: copy_head(base) for n in HEAD_NAMES[1:]}})
 
     @property
     def num_layers(self) -> int:
         return self.runner.num_layers
+
+    @property
+    def task(self) -> str:
+        return self.heads["base"].task
+
+    def head_spec(self) -> dict:
+        return self.heads["base"].spec()
 
     def strategy(self, name: str) -> LayerChoice:
         if name not in self.strategies:
@@ -64,11 +76,20 @@ class DynamicModel(nn.Module):
             waveform = normalize_waveform(waveform, attention_mask)
         return self.runner.front_end(waveform, attention_mask)
 
+    def run(self, front: FrontEnd, strategy: str, k: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Hard-mask encoder pass: ``(hidden [B, T, D], keep [B, L])`` for ``strategy`` at ``k`` layers."""
+        keep = self.strategy(strategy).choose(front, k, generator)
+        return self.runner.run_layers(front, keep), keep
+
     def classify(self, front: FrontEnd, strategy: str, k: int, generator: torch.Generator | None = None) -> Output:
         """Hard-mask inference from a computed front end (lets callers reuse one front end)."""
-        keep = self.strategy(strategy).choose(front, k, generator)
-        hidden = self.runner.run_layers(front, keep)
-        return Output(self.head_for(strategy)(hidden, front.frame_mask), keep)
+        hidden, keep = self.run(front, strategy, k, generator)
+        return Output(self.head_for(strategy).logits(hidden, front.frame_mask), keep, front.frame_mask)
+
+    def predict(self, front: FrontEnd, strategy: str, k: int, generator: torch.Generator | None = None) -> tuple[list[str], Tensor]:
+        """Label names or transcripts, and the keep mask ``[B, L]``."""
+        out = self.classify(front, strategy, k, generator)
+        return self.head_for(strategy).decode(out.logits, out.frame_mask), out.keep
 
     def forward(
         self,

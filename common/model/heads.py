@@ -1,51 +1,235 @@
 """Task heads on top of the encoder's last hidden state.
 
-A head maps ``[B, T, D]`` hidden states (plus the frame mask) to task outputs and knows its own
-loss and prediction, so training and evaluation code does not care which task it serves. Keyword
-spotting is utterance classification; a CTC head for ASR would return per-frame log-probs and
-implement the same three methods.
+A head maps hidden states ``[B, T, D]`` (plus the frame mask ``[B, T]``, True = real frame) to its
+task's outputs and owns the task's loss and decoding, so training, evaluation and the runner do not
+care which task they serve:
+
+* :class:`ClassificationHead` — utterance classification (keyword spotting) over any label set;
+* :class:`CTCHead` — speech recognition with connectionist temporal classification over characters
+  (Graves et al., 2006), greedy decoding.
+
+``spec()`` is the JSON a run folder stores; :func:`head_from_spec` rebuilds the same head.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..metrics import normalize_text
 from .selector import masked_mean_std
+
+IGNORE = -100  # padding in token targets (PyTorch's ignore_index convention)
+
+
+@dataclass
+class Targets:
+    """What a loss compares with: class ids ``[B]``, or token ids ``[B, S]`` (pad -100) + ``lengths [B]``."""
+
+    ids: Tensor
+    lengths: Tensor | None = None
+
+    def select(self, rows: Tensor) -> Targets:
+        return Targets(self.ids[rows], None if self.lengths is None else self.lengths[rows])
 
 
 class TaskHead(nn.Module):
-    """Interface: ``forward(hidden, frame_mask) -> output``, ``loss(output, target)``, ``predict``."""
+    """Interface of every head; see the module docstring."""
 
-    def loss(self, output: Tensor, target: Tensor) -> Tensor:  # pragma: no cover - interface
+    task: ClassVar[str] = ""
+
+    def targets(self, texts: Sequence[str]) -> Targets:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def predict(self, output: Tensor) -> Tensor:  # pragma: no cover - interface
+    def logits(self, hidden: Tensor, frame_mask: Tensor | None, targets: Targets | None = None) -> Tensor:
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def loss_from_logits(self, logits: Tensor, frame_mask: Tensor | None, targets: Targets) -> Tensor:
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def decode(self, logits: Tensor, frame_mask: Tensor | None) -> list[str]:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def spec(self) -> dict:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def example_losses(self, logits: Tensor, frame_mask: Tensor | None, targets: Targets) -> Tensor:
+        """Loss of each example ``[B]`` (to rank layer sets per input)."""
+        raise NotImplementedError  # pragma: no cover - interface
+
+    def loss(self, hidden: Tensor, frame_mask: Tensor | None, targets: Targets) -> Tensor:
+        """Scalar training loss."""
+        return self.loss_from_logits(self.logits(hidden, frame_mask, targets), frame_mask, targets)
+
+    def predict(self, hidden: Tensor, frame_mask: Tensor | None) -> list[str]:
+        """Label names (kws) or transcripts (asr), one per example."""
+        return self.decode(self.logits(hidden, frame_mask), frame_mask)
+
+    def distill_loss(self, logits: Tensor, teacher: Tensor, frame_mask: Tensor | None) -> Tensor:
+        """KL(teacher || student) of the output distributions, averaged over real frames/examples."""
+        kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher, -1), log_target=True, reduction="none").sum(-1)
+        if kl.dim() == 2 and frame_mask is not None:
+            return (kl * frame_mask).sum() / frame_mask.sum().clamp(min=1)
+        return kl.mean()
 
 
 class ClassificationHead(TaskHead):
-    """Mean-pooled hidden states -> class logits (keyword spotting)."""
+    """Mean-pooled hidden states -> LayerNorm -> Linear over ``labels`` (keyword spotting)."""
 
-    def __init__(self, hidden_size: int, num_classes: int, dropout: float = 0.1):
+    task = "kws"
+
+    def __init__(self, hidden_size: int, labels: Sequence[str], dropout: float = 0.1):
         super().__init__()
-        self.num_classes = num_classes
+        self.labels = list(labels)
+        if len(set(self.labels)) != len(self.labels) or len(self.labels) < 2:
+            raise ValueError(f"a classification head needs >= 2 distinct labels, got {self.labels}")
+        self.index = {name: i for i, name in enumerate(self.labels)}
         self.norm = nn.LayerNorm(hidden_size)
         self.dropout = nn.Dropout(dropout)
-        self.proj = nn.Linear(hidden_size, num_classes)
+        self.proj = nn.Linear(hidden_size, len(self.labels))
 
-    def forward(self, hidden: Tensor, frame_mask: Tensor | None = None) -> Tensor:
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    def targets(self, texts: Sequence[str]) -> Targets:
+        unknown = sorted({t for t in texts if t not in self.index})
+        if unknown:
+            raise ValueError(f"labels {unknown} are not in the head's label set {self.labels}")
+        return Targets(torch.tensor([self.index[t] for t in texts], dtype=torch.long))
+
+    def logits(self, hidden, frame_mask, targets=None):
         pooled, _ = masked_mean_std(hidden, frame_mask)
         return self.proj(self.dropout(self.norm(pooled)))
 
-    def loss(self, output: Tensor, target: Tensor) -> Tensor:
-        return F.cross_entropy(output, target, label_smoothing=0.05)
+    def loss_from_logits(self, logits, frame_mask, targets):
+        return F.cross_entropy(logits, targets.ids, label_smoothing=0.05)
 
-    def predict(self, output: Tensor) -> Tensor:
-        return output.argmax(-1)
+    def example_losses(self, logits, frame_mask, targets):
+        return F.cross_entropy(logits, targets.ids, reduction="none")
+
+    def decode(self, logits, frame_mask):
+        return [self.labels[i] for i in logits.argmax(-1).tolist()]
+
+    def spec(self) -> dict:
+        return {"type": "classification", "labels": self.labels}
+
+
+class CharVocab:
+    """Characters of normalised text; id 0 is the CTC blank and ``|`` stands for the space."""
+
+    BLANK = "<blank>"
+    SPACE = "|"
+    DEFAULT = tuple("abcdefghijklmnopqrstuvwxyz'")
+
+    def __init__(self, chars: Sequence[str] = DEFAULT):
+        symbols = [c for c in dict.fromkeys(chars) if c not in (" ", self.SPACE)]
+        self.tokens = [self.BLANK, self.SPACE, *symbols]
+        self.index = {t: i for i, t in enumerate(self.tokens)}
+
+    @classmethod
+    def from_texts(cls, texts: Sequence[str]) -> CharVocab:
+        """The default letters plus any other character the (normalised) texts use, e.g. digits."""
+        extra = sorted({c for t in texts for c in normalize_text(t)} - set(cls.DEFAULT) - {" "})
+        return cls((*cls.DEFAULT, *extra))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of the normalised text; characters outside the vocabulary are dropped."""
+        return [self.index[c] for c in normalize_text(text).replace(" ", self.SPACE) if c in self.index]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(self.tokens[i] for i in ids if i != 0).replace(self.SPACE, " ").strip()
+
+
+class CTCHead(TaskHead):
+    """Per-frame LayerNorm -> Linear(D, V) trained with CTC (blank = 0); greedy decoding."""
+
+    task = "asr"
+
+    def __init__(self, hidden_size: int, vocab: CharVocab | None = None, dropout: float = 0.1):
+        super().__init__()
+        self.vocab = vocab or CharVocab()
+        self.norm = nn.LayerNorm(hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.proj = nn.Linear(hidden_size, len(self.vocab))
+
+    def targets(self, texts: Sequence[str]) -> Targets:
+        seqs = [self.vocab.encode(t) for t in texts]
+        lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+        ids = torch.full((len(seqs), max([1, *map(len, seqs)])), IGNORE, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        return Targets(ids, lengths)
+
+    def logits(self, hidden, frame_mask, targets=None):
+        """Per-frame scores ``[B, T, V]`` (unnormalised)."""
+        return self.proj(self.dropout(self.norm(hidden)))
+
+    @staticmethod
+    def frame_lengths(logits: Tensor, frame_mask: Tensor | None) -> Tensor:
+        if frame_mask is None:
+            return torch.full((logits.shape[0],), logits.shape[1], dtype=torch.long)
+        return frame_mask.sum(1).long()
+
+    def example_losses(self, logits, frame_mask, targets):
+        """CTC loss of each example divided by its target length ``[B]``."""
+        log_probs = F.log_softmax(logits.float(), -1).transpose(0, 1)  # [T, B, V]
+        losses = F.ctc_loss(log_probs, targets.ids.clamp(min=0), self.frame_lengths(logits, frame_mask),
+                            targets.lengths, blank=0, reduction="none", zero_infinity=True)
+        return losses / targets.lengths.clamp(min=1)
+
+    def loss_from_logits(self, logits, frame_mask, targets):
+        """Mean over the batch of CTC loss per target character (PyTorch's ``reduction='mean'``)."""
+        return self.example_losses(logits, frame_mask, targets).mean()
+
+    def decode(self, logits, frame_mask):
+        """Greedy CTC: best token per frame, repeats collapsed, blanks dropped."""
+        best = logits.argmax(-1)
+        out = []
+        for row, n in zip(best.tolist(), self.frame_lengths(logits, frame_mask).tolist()):
+            ids = [t for i, t in enumerate(row[:n]) if i == 0 or t != row[i - 1]]
+            out.append(self.vocab.decode(ids))
+        return out
+
+    def spec(self) -> dict:
+        return {"type": "ctc", "vocab": self.vocab.tokens[2:]}
+
+
+def build_head(task: str, hidden_size: int, labels: Sequence[str] | None = None, vocab: CharVocab | None = None) -> TaskHead:
+    """A fresh head for ``task``: kws over ``labels`` (default: the 12 keyword labels), asr over ``vocab``."""
+    if task == "kws":
+        if labels is None:
+            from ..data.labels import LABELS
+
+            labels = LABELS
+        return ClassificationHead(hidden_size, labels)
+    if task == "asr":
+        return CTCHead(hidden_size, vocab)
+    raise ValueError(f"unknown task {task!r} (kws or asr)")
+
+
+def with_head(backbone: nn.Module, task: str = "kws", **kwargs) -> tuple[nn.Module, TaskHead]:
+    """``(backbone, head)`` for ``DynamicModel(*with_head(backbone))``: a fresh head sized to the backbone."""
+    return backbone, build_head(task, backbone.config.hidden_size, **kwargs)
+
+
+def head_from_spec(spec: dict, hidden_size: int, backbone=None) -> TaskHead:
+    """Rebuild a head from ``spec()`` (as stored in a run folder's ``model.json``)."""
+    kind = spec.get("type")
+    if kind == "classification":
+        return ClassificationHead(hidden_size, spec["labels"])
+    if kind == "ctc":
+        return CTCHead(hidden_size, CharVocab(spec["vocab"]))
+    raise ValueError(f"unknown head type {kind!r} (expected classification or ctc)")
 
 
 def copy_head(head: TaskHead) -> TaskHead:

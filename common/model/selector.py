@@ -26,18 +26,29 @@ def masked_mean_std(x: Tensor, frame_mask: Tensor | None) -> tuple[Tensor, Tenso
 
 
 class LayerSelector(nn.Module):
-    """Scores each encoder layer for one input from pooled front-end features."""
+    """Scores each encoder layer for one input from pooled front-end features.
 
-    def __init__(self, feature_dim: int, num_layers: int, hidden: int = 64):
+    With ``budget=True`` the share of layers to keep (k / L) is a second input, so the kept sets
+    of different budgets need not be nested (top-k of one ranking).
+    """
+
+    def __init__(self, feature_dim: int, num_layers: int, hidden: int = 64, budget: bool = False):
         super().__init__()
         self.num_layers = num_layers
         self.hidden = hidden
+        self.budget = budget
         self.norm = nn.LayerNorm(2 * feature_dim)
-        self.mlp = nn.Sequential(nn.Linear(2 * feature_dim, hidden), nn.GELU(), nn.Linear(hidden, num_layers))
+        self.mlp = nn.Sequential(nn.Linear(2 * feature_dim + int(budget), hidden), nn.GELU(), nn.Linear(hidden, num_layers))
 
-    def forward(self, features: Tensor, frame_mask: Tensor | None = None) -> Tensor:
+    def forward(self, features: Tensor, frame_mask: Tensor | None = None, k: int | None = None) -> Tensor:
+        """Scores ``[B, L]`` from features ``[B, T, D]``; ``k`` (layers to keep) is needed with ``budget``."""
         mean, std = masked_mean_std(features, frame_mask)
-        return self.mlp(self.norm(torch.cat([mean, std], dim=-1)))
+        x = self.norm(torch.cat([mean, std], dim=-1))
+        if self.budget:
+            if k is None:
+                raise ValueError("a budget-conditioned selector needs k")
+            x = torch.cat([x, x.new_full((x.shape[0], 1), k / self.num_layers)], dim=-1)
+        return self.mlp(x)
 
 
 class StaticScores(nn.Module):
@@ -47,7 +58,7 @@ class StaticScores(nn.Module):
         super().__init__()
         self.scores = nn.Parameter(torch.zeros(num_layers))
 
-    def forward(self, features: Tensor, frame_mask: Tensor | None = None) -> Tensor:
+    def forward(self, features: Tensor, frame_mask: Tensor | None = None, k: int | None = None) -> Tensor:
         return self.scores.unsqueeze(0).expand(features.shape[0], -1)
 
 

@@ -67,15 +67,16 @@ class ScoredChoice(LayerChoice):
     learned = True
     scorer: nn.Module
 
-    def scores(self, front: FrontEnd) -> Tensor:
-        return self.scorer(front.features, front.frame_mask)
+    def scores(self, front: FrontEnd, k: int | None = None) -> Tensor:
+        """Per-layer scores ``[B, L]``; ``k`` matters only to a budget-conditioned selector."""
+        return self.scorer(front.features, front.frame_mask, k)
 
     def choose(self, front, k, generator=None):
-        return topk_mask(self.scores(front), k)
+        return topk_mask(self.scores(front, k), k)
 
     def gates(self, front: FrontEnd, k: int, tau: float = 1.0, noise_scale: float = 1.0) -> Tensor:
         """Straight-through top-k gates; Gumbel noise (scaled) makes training explore other sets."""
-        scores = self.scores(front)
+        scores = self.scores(front, k)
         noise = gumbel_noise(scores) * noise_scale if noise_scale > 0 else None
         return straight_through_topk(scores, k, tau=tau, noise=noise)
 
@@ -97,21 +98,21 @@ class InputSelector(ScoredChoice):
     name = "selector"
     head = "selector"
 
-    def __init__(self, num_layers: int, feature_dim: int, hidden: int = 64):
+    def __init__(self, num_layers: int, feature_dim: int, hidden: int = 64, budget: bool = False):
         super().__init__(num_layers)
-        self.scorer = LayerSelector(feature_dim, num_layers, hidden)
+        self.scorer = LayerSelector(feature_dim, num_layers, hidden, budget)
 
 
 STRATEGY_NAMES = ("full", "random", "early_exit", "static", "selector")
 
 
-def build_strategies(num_layers: int, feature_dim: int, selector_hidden: int = 64) -> nn.ModuleDict:
+def build_strategies(num_layers: int, feature_dim: int, selector_hidden: int = 64, selector_budget: bool = False) -> nn.ModuleDict:
     return nn.ModuleDict(
         {
             "full": FullModel(num_layers),
             "random": RandomDrop(num_layers),
             "early_exit": EarlyExit(num_layers),
             "static": StaticMask(num_layers),
-            "selector": InputSelector(num_layers, feature_dim, selector_hidden),
+            "selector": InputSelector(num_layers, feature_dim, selector_hidden, selector_budget),
         }
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -11,6 +12,7 @@ from rich.table import Table
 
 from ldfleet.commands._shared import bench_group, console, err, fail
 from ldfleet.commands.data import STRICT_HELP, load_data
+from ldfleet.common.data.labels import LABEL_SETS_HELP
 
 
 def _floats(text: str, name: str) -> list[float]:
@@ -38,35 +40,86 @@ def _progress() -> Progress:
     )
 
 
+def _load_data(task: str, data: Path, seed: int, labels: str = "keywords", strict: bool = False):
+    """Train/val/test of ``data`` for ``task``; every clip is checked (bad ones skipped, or --strict stops)."""
+    from ldfleet.common.data.loading import keyword_task_data, load_task_data
+
+    try:
+        if task == "kws":
+            return keyword_task_data(load_data(data, seed, strict), data, labels)
+        return load_task_data(task, data, seed=seed, labels=labels, strict=strict)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
+        fail(f"cannot load data from {data} (task {task}): {exc}")
+
+
+def _task(task: str) -> str:
+    if task not in ("kws", "asr"):
+        raise typer.BadParameter(f"--task must be kws or asr, got {task!r}")
+    return task
+
+
+LABELS_HELP = "kws label set: " + LABEL_SETS_HELP + "."
+
+
+# metadata columns of ``ldfleet data synth --task asr`` that eval reports layer usage by
+CONDITIONS = ("snr_db", "channel", "voice", "speed")
+
+
+def _speed_band(wpm: str) -> str:
+    """espeak-ng words per minute -> slow (< 150) / medium / fast (> 190); '' when unknown."""
+    try:
+        v = float(wpm)
+    except ValueError:
+        return ""
+    return "slow" if v < 150 else "fast" if v > 190 else "medium"
+
+
+def _conditions(dataset) -> dict[str, list[str]] | None:
+    """Condition columns of an asr test set (noise, channel, accent, speed band), when it has them."""
+    if not hasattr(dataset, "conditions"):
+        return None
+    out = {c: dataset.conditions(c) for c in CONDITIONS}
+    out["speed"] = [_speed_band(v) for v in out["speed"]]
+    return {c: v for c, v in out.items() if any(v)} or None
+
+
 def train(
-    data: Path = typer.Option(..., "--data", help="Folder in Speech Commands layout (e.g. from `ldfleet data synth`)."),
+    data: Path = typer.Option(..., "--data", help="kws: a Speech Commands-layout folder; asr: an audiofolder (metadata.csv) or a JSON-lines manifest."),
     out: Path = typer.Option(..., "--out", help="Run folder: checkpoints, progress, config. Re-run to resume."),
+    task: str = typer.Option("kws", help="kws (keyword classification) or asr (CTC speech recognition over characters)."),
+    labels: str = typer.Option("keywords", help=LABELS_HELP),
     backbone: str = typer.Option("tiny", help="`tiny` or `base` (built in code), a hub id, or a local checkpoint folder."),
     family: str = typer.Option("wavlm", help="wavlm | hubert | wav2vec2 (for `tiny`/`base`)."),
-    epochs: int = typer.Option(20, min=0, help="Epochs of backbone + head training under random layer dropping."),
-    strategy_epochs: int = typer.Option(6, min=0, help="Epochs for each of early_exit, static and selector."),
-    layerdrop: float = typer.Option(0.1, min=0.0, max=0.95, help="Stage-1 LayerDrop rate per layer and example (HF's default is 0.1)."),
-    batch_size: int = typer.Option(32, min=1),
+    epochs: Optional[int] = typer.Option(None, min=0, help="Stage-1 epochs (backbone + head under LayerDrop) [default: kws 20, asr 40].", show_default=False),
+    strategy_epochs: Optional[int] = typer.Option(None, min=0, help="Epochs for each of early_exit, static and selector [default: kws 6, asr 4].", show_default=False),
+    layerdrop: Optional[float] = typer.Option(None, min=0.0, max=0.95, help="Stage-1 LayerDrop rate per layer and example [default: kws 0.1 (HF's), asr 0.2].", show_default=False),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="[default: kws 32, asr 16]", show_default=False),
+    lr: Optional[float] = typer.Option(None, min=0.0, help="Backbone lr from scratch [default: kws 1e-3, asr 2e-3].", show_default=False),
+    distill: Optional[float] = typer.Option(None, min=0.0, help="Stage-2 weight of KL distillation from the full model [default: 0].", show_default=False),
+    selector_budget: Optional[bool] = typer.Option(None, "--selector-budget/--no-selector-budget", help="Give the selector the budget k/L as an input, so kept sets need not be nested [default: off].", show_default=False),
+    oracle_weight: Optional[float] = typer.Option(None, min=0.0, help="Selector stage: weight of supervision by the per-batch oracle (best of 4 random layer sets per input) [default: 0].", show_default=False),
     seed: int = typer.Option(0, help="Seed for initialisation, data order, splits and augmentation."),
     threads: int = typer.Option(0, min=0, help="torch threads (0 = torch's default)."),
     strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
 ) -> None:
     """Train a dynamic model: backbone + head tolerant to dropped layers, then every strategy.
 
-    Stage 1 tunes the backbone and head with random per-example layer dropping; stage 2 freezes
-    the backbone and trains the early-exit head, the static mask and the input-conditioned
-    selector. Checkpoints (safetensors) are written after every epoch; running the same command
-    again resumes an interrupted run.
+    Stage 1 tunes the backbone and the task head (label classes, or CTC over characters) with random
+    per-example layer dropping; stage 2 freezes the backbone and trains the early-exit head, the
+    static mask and the input-conditioned selector. Checkpoints (safetensors) are written after
+    every epoch; running the same command again resumes an interrupted run.
     """
     import torch
 
-    from ldfleet.common.train import STAGES, TrainConfig, Trainer
+    from ldfleet.common.train import STAGES, Trainer, config_for
 
     if threads:
         torch.set_num_threads(threads)
-    splits = load_data(data, seed, strict)
-    cfg = TrainConfig(backbone=backbone, family=family, epochs=epochs, strategy_epochs=strategy_epochs,
-                      layerdrop=layerdrop, batch_size=batch_size, seed=seed)
+    task_data = _load_data(_task(task), data, seed, labels, strict)
+    splits = task_data.splits
+    cfg = config_for(task, backbone=backbone, family=family, epochs=epochs, strategy_epochs=strategy_epochs,
+                     layerdrop=layerdrop, batch_size=batch_size, lr=lr, distill=distill, selector_budget=selector_budget, oracle_weight=oracle_weight, seed=seed,
+                     labels=list(task_data.labels) if task_data.labels else None)
     try:
         trainer = Trainer(out, splits["train"], splits["val"], cfg, log=console.print)
     except (OSError, ValueError) as exc:
@@ -87,48 +140,62 @@ def train(
 
 
 def evaluate(
-    run: Path = typer.Option(..., "--run", help="A run folder made by `ldfleet train`."),
-    data: Path = typer.Option(..., "--data", help="Speech Commands folder; its test split (held-out speakers) is used."),
+    run: Path = typer.Option(..., "--run", help="A run folder made by `ldfleet train` (its task and labels are used)."),
+    data: Path = typer.Option(..., "--data", help="kws: Speech Commands folder; asr: audiofolder or manifest. Its test split (held-out speakers) is used."),
     keep: str = typer.Option("0.25,0.5,0.75,1.0", help="Comma-separated keep ratios."),
-    methods: str = typer.Option("full,random,early_exit,static,selector", help="Comma-separated strategies."),
+    methods: str = typer.Option("full,random,early_exit,static,selector,oracle", help="Comma-separated methods; oracle also adds oracle_static."),
     split: str = typer.Option("test", help="train | val | test"),
     seed: int = typer.Option(-1, help="Split seed (default: the run's training seed)."),
+    oracle_sets: int = typer.Option(16, min=1, help="Candidate layer sets per budget for the oracle rows."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
     strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
 ) -> None:
-    """Accuracy, layers run, MACs and ms per example for every method at every keep ratio."""
-    from ldfleet.common.evaluate import evaluate as run_eval
-    from ldfleet.common.model.checkpoint import load_model, read_meta
+    """Accuracy (kws) or WER/CER (asr), layers run, MACs and ms per example for every method at every keep ratio.
+
+    The oracle rows bound what input conditioning can win: per input, the best of --oracle-sets
+    random layer sets (oracle) against the best single one of them for all inputs (oracle_static).
+    """
+    from ldfleet.common.evaluate import ORACLE_METHODS, evaluate as run_eval
+    from ldfleet.common.model.checkpoint import head_spec_of, load_model, read_meta
     from ldfleet.common.model.strategies import STRATEGY_NAMES
 
     keeps = _keeps(keep)
     names = [m.strip() for m in methods.split(",") if m.strip()]
-    unknown = [m for m in names if m not in STRATEGY_NAMES]
+    unknown = [m for m in names if m not in STRATEGY_NAMES + ORACLE_METHODS]
     if unknown:
-        raise typer.BadParameter(f"unknown methods {unknown}; choose from {', '.join(STRATEGY_NAMES)}")
+        raise typer.BadParameter(f"unknown methods {unknown}; choose from {', '.join(STRATEGY_NAMES + ORACLE_METHODS)}")
     try:
         meta = read_meta(run)
     except FileNotFoundError as exc:
         fail(exc)
     if seed < 0:
         seed = meta.get("train_config", {}).get("seed", 0)
-    splits = load_data(data, seed, strict)
+    spec = head_spec_of(meta)
+    task = "asr" if spec["type"] != "classification" else "kws"
+    labels = ",".join(spec["labels"]) if task == "kws" else "keywords"
+    splits = _load_data(task, data, seed, labels, strict).splits
     if split not in splits:
         raise typer.BadParameter(f"split must be one of {sorted(splits)}")
+    dataset = splits[split]
+    if len(dataset) == 0:
+        fail(f"the {split} split of {data} is empty")
+    conditions = _conditions(dataset)
     model = load_model(run)
     with _progress() as progress:
-        task = progress.add_task(f"eval {split}", total=None)
-        result = run_eval(model, splits[split], names, keeps,
-                          on_batch=lambda i, n: progress.update(task, completed=i, total=n))
+        bar = progress.add_task(f"eval {split}", total=None)
+        result = run_eval(model, dataset, names, keeps, oracle_sets=oracle_sets, conditions=conditions,
+                          on_batch=lambda i, n: progress.update(bar, completed=i, total=n))
     if as_json:
         print(json.dumps(result.as_dict(), indent=2))
         return
+    metrics = ("accuracy",) if task == "kws" else ("wer", "cer")
     table = Table(title=f"{run} on {split} ({result.rows[0].examples} clips)")
-    for col in ("method", "keep", "k", "accuracy", "mean layers", "GMACs", "ms/example"):
+    for col in ("method", "keep", "k", *metrics, "mean layers", "distinct sets", "GMACs", "ms/example"):
         table.add_column(col, justify="right" if col != "method" else "left")
     for r in result.rows:
-        table.add_row(r.method, f"{r.keep:.2f}", str(r.k), f"{100 * r.accuracy:.1f}%", f"{r.mean_layers:.2f}",
-                      f"{r.macs / 1e9:.3f}", f"{r.ms_per_example:.2f}")
+        ms = "-" if r.ms_per_example is None else f"{r.ms_per_example:.2f}"
+        table.add_row(r.method, f"{r.keep:.2f}", str(r.k), *(f"{100 * r.scores[m]:.1f}%" for m in metrics),
+                      f"{r.mean_layers:.2f}", str(r.distinct_sets), f"{r.macs / 1e9:.3f}", ms)
     console.print(table)
     if "selector" in result.layer_usage:
         usage = Table(title="selector: share of inputs running each layer")
@@ -138,6 +205,15 @@ def evaluate(
         for k, shares in result.layer_usage["selector"].items():
             usage.add_row(f"{k:.2f}", *[f"{s:.2f}" for s in shares])
         console.print(usage)
+    for k, by_column in result.usage_by_condition.get("selector", {}).items():
+        table = Table(title=f"selector at keep {k:.2f}: share of inputs running each layer, by condition")
+        table.add_column("condition")
+        for i in range(model.num_layers):
+            table.add_column(f"L{i}", justify="right")
+        for column, per_value in by_column.items():
+            for value, shares in per_value.items():
+                table.add_row(f"{column}={value or 'none'}", *[f"{s:.2f}" for s in shares])
+        console.print(table)
 
 
 def bench_speed(
@@ -184,10 +260,11 @@ def demo(
     if not (data / METADATA).exists():
         console.print(f"synthesizing a keyword corpus into {data} (espeak-ng)")
         synthesize_corpus(SynthConfig(out=data, seed=seed))
-    train(data=data, out=out, backbone="tiny", family="wavlm", epochs=epochs, strategy_epochs=strategy_epochs,
-          layerdrop=0.1, batch_size=32, seed=seed, threads=0, strict=False)
+    train(data=data, out=out, task="kws", labels="keywords", backbone="tiny", family="wavlm", epochs=epochs,
+          strategy_epochs=strategy_epochs, layerdrop=0.1, batch_size=32, lr=None, distill=None, selector_budget=None,
+          oracle_weight=None, seed=seed, threads=0, strict=False)
     evaluate(run=out, data=data, keep="0.25,0.5,0.75,1.0", methods="full,random,early_exit,static,selector",
-             split="test", seed=seed, as_json=False, strict=False)
+             split="test", seed=seed, oracle_sets=16, as_json=False, strict=False)
 
 
 def register(app: typer.Typer) -> None:

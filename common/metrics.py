@@ -1,0 +1,54 @@
+"""Task metrics and the one text normaliser shared by training targets and scoring.
+
+* kws: accuracy of predicted label names;
+* asr: word and character error rates from jiwer (edit distance / reference length, summed over
+  the corpus, as jiwer computes them), after :func:`normalize_text` on both sides.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Sequence
+
+_NOT_WORD = re.compile(r"[^\w' ]+")
+_SPACES = re.compile(r"\s+")
+
+
+def normalize_text(text: str) -> str:
+    """Lower-case, punctuation stripped (apostrophes kept), whitespace collapsed; numbers as written."""
+    text = unicodedata.normalize("NFKC", text).lower().replace("_", " ")
+    return _SPACES.sub(" ", _NOT_WORD.sub(" ", text)).strip()
+
+
+def error_counts(predictions: Sequence[str], references: Sequence[str]) -> dict[str, int]:
+    """Word/char edits and reference lengths, so rates can be summed over batches or groups."""
+    import jiwer
+
+    refs = [normalize_text(r) for r in references]
+    hyps = [normalize_text(p) for p in predictions]
+    # jiwer refuses empty references; an empty reference costs one insertion per hypothesis word.
+    pairs = [(r, h) for r, h in zip(refs, hyps) if r]
+    out = {"word_edits": sum(len(h.split()) for r, h in zip(refs, hyps) if not r), "words": 0,
+           "char_edits": sum(len(h) for r, h in zip(refs, hyps) if not r), "chars": 0}
+    if pairs:
+        r, h = [p[0] for p in pairs], [p[1] for p in pairs]
+        words = jiwer.process_words(r, h)
+        chars = jiwer.process_characters(r, h)
+        out["word_edits"] += words.substitutions + words.deletions + words.insertions
+        out["words"] += sum(len(x.split()) for x in r)
+        out["char_edits"] += chars.substitutions + chars.deletions + chars.insertions
+        out["chars"] += sum(len(x) for x in r)
+    return out
+
+
+def score(task: str, predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """kws -> ``{"accuracy"}``; asr -> ``{"wer", "cer"}``. Raises ValueError on an unknown task."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if task == "kws":
+        return {"accuracy": sum(p == r for p, r in zip(predictions, references)) / max(1, len(references))}
+    if task == "asr":
+        c = error_counts(predictions, references)
+        return {"wer": c["word_edits"] / max(1, c["words"]), "cer": c["char_edits"] / max(1, c["chars"])}
+    raise ValueError(f"unknown task {task!r} (kws or asr)")

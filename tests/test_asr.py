@@ -1,0 +1,180 @@
+"""Speech recognition: text normaliser + jiwer scores, CTC head, transcribed-data readers, the
+espeak-ng phrase corpus, and a tiny train -> eval round trip (real espeak-ng, real WavLM classes)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from ldfleet.common.data.labels import LABELS, SPEECH_COMMANDS_V2, UNKNOWN, label_for, resolve_label_set
+from ldfleet.common.data.loading import pad_batch
+from ldfleet.common.data.transcribed import load_transcribed_splits, read_manifest, scan_transcribed
+from ldfleet.common.metrics import normalize_text, score
+from ldfleet.common.model.heads import CharVocab, ClassificationHead, CTCHead, head_from_spec
+
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
+
+
+def test_one_normaliser_for_targets_and_scores():
+    assert normalize_text("  Turn ON, the\tlight!  ") == "turn on the light"
+    assert normalize_text("Don't dial 911.") == "don't dial 911"
+    s = score("asr", ["turn on the light", "call bob"], ["Turn on the LIGHT.", "call alice"])
+    assert s["wer"] == pytest.approx(1 / 6) and s["cer"] == pytest.approx(5 / 27)  # bob -> alice: 5 edits
+    assert score("kws", ["yes", "no"], ["yes", "yes"]) == {"accuracy": 0.5}
+    with pytest.raises(ValueError):
+        score("nope", [], [])
+
+
+def test_ctc_head_targets_loss_greedy_decoding_and_spec():
+    vocab = CharVocab.from_texts(["call bob", "dial 42"])
+    assert "4" in vocab.tokens and vocab.decode(vocab.encode("Call Bob!")) == "call bob"
+    head = CTCHead(16, vocab)
+    t = head.targets(["call bob", "hi"])
+    assert t.ids.shape == (2, 8) and t.lengths.tolist() == [8, 2] and int(t.ids[1, 2]) == -100
+    hidden = torch.randn(2, 30, 16, requires_grad=True)
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    mask[1, 20:] = False
+    loss = head.loss(hidden, mask, t)
+    loss.backward()
+    assert torch.isfinite(loss) and hidden.grad is not None and hidden.grad[1, 20:].abs().sum() == 0
+    # greedy decoding collapses repeats and drops blanks: "aa-ab" -> "aab" needs the blank between
+    ids = [vocab.index[c] for c in "hh"] + [0] + [vocab.index["h"], vocab.index["|"], vocab.index["o"]]
+    logits = torch.nn.functional.one_hot(torch.tensor([ids]), len(vocab)).float()
+    assert head.decode(logits, None) == ["hh o"]
+    rebuilt = head_from_spec(json.loads(json.dumps(head.spec())), 16)
+    assert isinstance(rebuilt, CTCHead) and rebuilt.vocab.tokens == vocab.tokens
+
+
+def test_label_sets_any_words():
+    assert resolve_label_set("keywords") == LABELS and len(resolve_label_set("speech-commands-35")) == 35
+    folder = resolve_label_set("folder", ["yes", "no", "_unknown_", "_background_noise_"])
+    assert folder == ("no", "yes", "_unknown_", "_silence_")
+    explicit = resolve_label_set("cat,dog")
+    assert label_for("cat", False, explicit) == "cat" and label_for("bird", False, explicit) is None
+    assert label_for("bird", False, ("cat", UNKNOWN)) == UNKNOWN and label_for("", True, explicit) is None
+    assert set(SPEECH_COMMANDS_V2) >= set(LABELS[:10])
+    with pytest.raises(ValueError):
+        resolve_label_set("cat,cat")
+    head = ClassificationHead(8, explicit)
+    assert head.targets(["dog", "cat"]).ids.tolist() == [1, 0]
+    with pytest.raises(ValueError, match="not in the head's label set"):
+        head.targets(["bird"])
+
+
+def _wav(path: Path, seconds: float, seed: int = 0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), np.random.default_rng(seed).uniform(-0.1, 0.1, int(seconds * 16000)).astype(np.float32), 16000)
+
+
+def test_audiofolder_and_manifest_readers(tmp_path):
+    root = tmp_path / "af"
+    rows = [("a/1.wav", "Yes please", "s1"), ("a/2.wav", "no", "s1"), ("b/3.wav", "stop", "s2"), ("c/4.wav", "go", "s3")]
+    for i, (name, _, _) in enumerate(rows):
+        _wav(root / name, 0.5 + 0.25 * i, i)
+    with open(root / "metadata.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file_name", "transcription", "speaker"])
+        w.writerows(rows)
+    splits = load_transcribed_splits(root, seed=0, fractions=(0.34, 0.33, 0.33))
+    by_split = {s: set(ds.speakers) for s, ds in splits.items()}
+    assert sum(len(ds) for ds in splits.values()) == 4 and all(by_split.values())
+    assert not (by_split["train"] & by_split["test"]) and not (by_split["train"] & by_split["val"])
+    waves, mask, texts = pad_batch([splits["train"][i] for i in range(len(splits["train"]))])
+    assert mask is None or mask.sum(1).tolist() == [len(splits["train"][i][0]) for i in range(len(texts))]
+
+    manifest = tmp_path / "m" / "train.jsonl"
+    manifest.parent.mkdir()
+    _wav(manifest.parent / "x.wav", 1.0)
+    manifest.write_text(json.dumps({"audio_filepath": "x.wav", "text": "call bob", "duration": 1.0, "split": "dev"}) + "\n\n")
+    [item] = read_manifest(manifest)
+    assert item.text == "call bob" and item.split == "val" and item.meta["duration"] == "1.0"
+    assert scan_transcribed(manifest)[0].path == manifest.parent / "x.wav"
+    manifest.write_text('{"audio_filepath": "missing.wav", "text": "x"}\n')
+    with pytest.raises(ValueError, match="line 1: no audio file"):
+        read_manifest(manifest)
+    (root / "metadata.csv").write_text("file_name,text\na/1.wav,yes\n")
+    with pytest.raises(ValueError, match="transcription"):
+        scan_transcribed(root)
+
+
+def test_telephone_band_limits_and_reverb_lengthens():
+    from ldfleet.common.data.synth_asr import reverb, telephone
+
+    noise = np.random.default_rng(0).standard_normal(16000).astype(np.float32)
+    spectrum = np.abs(np.fft.rfft(telephone(noise))) ** 2
+    freqs = np.fft.rfftfreq(16000, 1 / 16000)
+    assert spectrum[freqs > 4500].sum() < 0.01 * spectrum[(freqs > 500) & (freqs < 3000)].sum()
+    wet = reverb(noise[:4000], np.random.default_rng(1))
+    assert len(wet) > 4000 and np.abs(wet).max() == pytest.approx(np.abs(noise[:4000]).max(), rel=1e-4)
+
+
+@pytest.fixture(scope="module")
+def asr_corpus(tmp_path_factory):
+    from ldfleet.common.data.synth_asr import AsrSynthConfig, synthesize_asr_corpus
+
+    out = tmp_path_factory.mktemp("asr") / "c"
+    cfg = AsrSynthConfig(out=out, voices=("en-us", "de"), variants=("m3", "f2", "klatt"), variants_per_voice=3,
+                         utterances_per_speaker=3, workers=2)
+    return out, cfg, synthesize_asr_corpus(cfg, progress=False)
+
+
+@needs_espeak
+def test_asr_corpus_is_an_audiofolder_with_speaker_disjoint_splits(asr_corpus, tmp_path):
+    from dataclasses import replace
+
+    from ldfleet.common.data.synth_asr import synthesize_asr_corpus
+
+    out, cfg, summary = asr_corpus
+    assert summary.utterances == 18 and not summary.failures
+    with open(out / "metadata.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames[:3] == ["file_name", "transcription", "speaker"]
+        rows = list(reader)
+    assert {r["split"] for r in rows} == {"train", "validation", "test"}
+    speakers = {}
+    for r in rows:
+        speakers.setdefault(r["speaker"], set()).add(r["split"])
+        assert len(r["transcription"].split()) >= 2 and sf.info(str(out / r["file_name"])).samplerate == 16000
+    assert all(len(s) == 1 for s in speakers.values())
+    again = synthesize_asr_corpus(replace(cfg, out=tmp_path / "again"), progress=False)
+    assert again.utterances == summary.utterances
+    assert all((out / r["file_name"]).read_bytes() == (tmp_path / "again" / r["file_name"]).read_bytes() for r in rows)
+
+
+@needs_espeak
+def test_tiny_asr_train_then_eval_through_the_cli(asr_corpus, tmp_path):
+    """`train --task asr` (with every selector option on) then `eval --json`: rows for every method."""
+    from typer.testing import CliRunner
+
+    from ldfleet.cli import app
+    from ldfleet.common.model.checkpoint import load_model
+
+    out, _, _ = asr_corpus
+    run = tmp_path / "run"
+    cli = CliRunner()
+    trained = cli.invoke(app, ["train", "--task", "asr", "--data", str(out), "--out", str(run), "--epochs", "1",
+                               "--strategy-epochs", "1", "--batch-size", "4", "--distill", "0.5", "--selector-budget",
+                               "--oracle-weight", "0.5"])
+    assert trained.exit_code == 0, trained.output
+    model = load_model(run)
+    assert model.task == "asr" and model.selector_budget and isinstance(model.heads["selector"], CTCHead)
+    result = cli.invoke(app, ["eval", "--run", str(run), "--data", str(out), "--keep", "0.5,1.0", "--oracle-sets", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    rows = {(r["method"], r["keep"]): r for r in report["rows"]}
+    for method in ("random", "early_exit", "static", "selector", "oracle", "oracle_static"):
+        row = rows[(method, 0.5)]
+        assert {"wer", "cer", "mean_layers", "ms_per_example", "distinct_sets"} <= set(row) and row["mean_layers"] == 4
+    assert rows[("full", 1.0)]["mean_layers"] == 8 and 0 <= rows[("full", 1.0)]["wer"]
+    assert rows[("oracle", 0.5)]["cer"] <= rows[("oracle_static", 0.5)]["cer"]
+    channels = {r["channel"] for r in csv.DictReader(open(out / "metadata.csv")) if r["split"] == "test"}
+    assert set(report["usage_by_condition"]["selector"]["0.5"]["channel"]) == channels
+    table = cli.invoke(app, ["eval", "--run", str(run), "--data", str(out), "--keep", "0.5", "--methods", "selector"])
+    assert table.exit_code == 0 and "wer" in table.output and "by condition" in table.output
