@@ -7,6 +7,11 @@ one, not expired, k resolvable on this device), stored atomically in the local d
 acknowledged on ``policy/reported`` (retained). Versions at or below the stored one are ignored, so
 retained re-deliveries after a reconnect are harmless and a stale policy is never applied.
 Reconnection (broker restarts, network loss) is paho's exponential backoff.
+
+Re-announcing: the agent publishes birth, profile and last ack again when the controller asks
+(``ldfleet/v1/dev/{id}/rebirth``, a ``RebirthRequest``: the controller's reconciliation lacks this
+device's state or ack), and by itself, with jittered exponential backoff (``common/reannounce.py``),
+while no desired policy has arrived since the last connect (its birth or profile may have been lost).
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from ldfleet.common import topics
 from ldfleet.common.budget import expected_latency_ms
 from ldfleet.common.mqtt import BrokerURL, MqttSession, Will, new_id, paho_protocol, parse_broker_url
 from ldfleet.common.policy import k_for_budget
-from ldfleet.common.schemas import BudgetPolicy, DeviceProfile, PolicyAck, Status, Telemetry, decode, utcnow
+from ldfleet.common.reannounce import ReannounceBackoff
+from ldfleet.common.schemas import BudgetPolicy, DeviceProfile, PolicyAck, RebirthRequest, Status, Telemetry, decode, utcnow
 
 log = logging.getLogger("ldfleet.agent")
 
@@ -164,9 +170,9 @@ class DeviceAgent:
         self.session = MqttSession(
             self.url,
             client_id=f"ldfleet-dev-{device_id}",
-            subscriptions=[(topics.policy_desired(device_id), 1)],
+            subscriptions=[(topics.policy_desired(device_id), 1), (topics.rebirth(device_id), 1)],
             on_message=self._on_message,
-            on_connected=self._announce,
+            on_connected=self._on_connected,
             will=will,
             reconnect_max_s=reconnect_max_s,
             max_queued=1000,
@@ -174,6 +180,9 @@ class DeviceAgent:
             protocol=paho_protocol(mqtt_version),
         )
         self._telemetry_thread: threading.Thread | None = None
+        self.reannounce = ReannounceBackoff()
+        self._policy_seen = threading.Event()  # a desired policy arrived since the last connect
+        self._reannounce_thread: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> DeviceAgent:
@@ -182,6 +191,9 @@ class DeviceAgent:
         if self.telemetry_interval_s > 0 and self._telemetry_thread is None:
             self._telemetry_thread = threading.Thread(target=self._telemetry_loop, name=f"telemetry-{self.device_id}", daemon=True)
             self._telemetry_thread.start()
+        if self._reannounce_thread is None:
+            self._reannounce_thread = threading.Thread(target=self._reannounce_loop, name=f"reannounce-{self.device_id}", daemon=True)
+            self._reannounce_thread.start()
         return self
 
     def stop(self) -> None:
@@ -189,9 +201,10 @@ class DeviceAgent:
         self._stop.set()
         offline = Status(device_id=self.device_id, online=False, boot_id=self.boot_id, seq=self.seq, sent_at=utcnow())
         self.session.stop(final=[(topics.status(self.device_id), offline.to_json(), 1, True)])
-        if self._telemetry_thread is not None:
-            self._telemetry_thread.join(timeout=2)
-            self._telemetry_thread = None
+        for t in (self._telemetry_thread, self._reannounce_thread):
+            if t is not None:
+                t.join(timeout=2)
+        self._telemetry_thread = self._reannounce_thread = None
 
     def run_forever(self) -> None:
         self.start()
@@ -210,6 +223,11 @@ class DeviceAgent:
             return self.applied.wait_for(lambda: self.state.version >= version, timeout)
 
     # -- MQTT handlers (paho network thread) ----------------------------------------------
+    def _on_connected(self) -> None:
+        self._policy_seen.clear()
+        self.reannounce.reset()
+        self._announce()
+
     def _announce(self) -> None:
         with self._lock:
             self.seq += 1
@@ -221,12 +239,28 @@ class DeviceAgent:
 
     def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
         parsed = topics.parse_device_topic(topic)
+        if parsed is not None and parsed.device_id == self.device_id and parsed.channel is topics.Channel.REBIRTH:
+            request = decode(RebirthRequest, payload, topic=topic, topic_device_id=self.device_id, logger=log)
+            if request is not None:
+                log.info("%s: controller %s asks for a rebirth (%s)", self.device_id, request.controller_id, request.reason)
+                self._announce()
+            return
         if parsed is None or parsed.device_id != self.device_id or parsed.channel is not topics.Channel.POLICY_DESIRED:
             log.warning("%s: dropped message on unexpected topic %s", self.device_id, topic)
             return
         policy = decode(BudgetPolicy, payload, topic=topic, topic_device_id=self.device_id, logger=log)
         if policy is not None:
+            self._policy_seen.set()
             self.handle_policy(policy)
+
+    def _reannounce_loop(self) -> None:
+        """Re-announce, with jittered exponential backoff, while no desired policy arrives."""
+        while not self._stop.wait(self.reannounce.next_delay()):
+            if self._policy_seen.is_set() or not self.session.connected:
+                self.reannounce.reset()
+                continue
+            log.info("%s: no desired policy since connecting; announcing again", self.device_id)
+            self._announce()
 
     def handle_policy(self, policy: BudgetPolicy) -> PolicyAck | None:
         with self._lock:

@@ -1,0 +1,238 @@
+"""The controller's intake: MQTT messages -> registry, in batches, without slowing the network thread.
+
+paho's network thread does nothing but ``Intake.put``: stamp the arrival time and append to an
+unbounded ``queue.SimpleQueue`` (a C deque; no lock held while the worker runs). It must stay that
+cheap: while the network thread is busy it does not read the socket, and then the broker queues the
+controller's messages -- and drops them past ``max_queued_messages`` (1000 by default). The worker
+thread takes everything queued (up to ``batch_max``) and writes it with ``BatchWriter.apply`` in one
+transaction: profiles through the ORM (class checks, device creation), statuses/acks/telemetry as
+one SELECT plus executemany INSERT/UPDATEs. Under a burst batches grow, so the registry cost per
+message falls as the load rises.
+
+Every message is parsed with the common schemas; anything refused is logged with its reason and
+dropped (counted in ``IntakeStats.dropped``).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy.orm import Session
+
+from ldfleet.common import topics
+from ldfleet.common.schemas import DeviceProfile, PolicyAck, PolicyChanged, Status, Telemetry, decode, utcnow
+from ldfleet.server.publisher import ProfileCache, Work, chunks
+from ldfleet.server.registry.models import Device, DeviceClass, PolicyAckRecord
+
+log = logging.getLogger("ldfleet.controller")
+
+#: Marker the controller queues after each (re)connect (not a topic: it has no slash).
+CONNECTED = "__connected__"
+
+Item = tuple[str, bytes | None, datetime]
+
+_MODELS: dict[topics.Channel, type] = {
+    topics.Channel.STATUS: Status,
+    topics.Channel.PROFILE: DeviceProfile,
+    topics.Channel.POLICY_REPORTED: PolicyAck,
+    topics.Channel.TELEMETRY: Telemetry,
+}
+_DEVICES = Device.__table__
+_ACKS = PolicyAckRecord.__table__
+
+
+class Intake:
+    """Hand-off from the network thread to the worker: ``put`` (network thread), ``take`` (worker)."""
+
+    def __init__(self) -> None:
+        self._q: queue.SimpleQueue[Item] = queue.SimpleQueue()
+
+    def put(self, topic: str, payload: bytes | None, retained: bool = False) -> None:
+        self._q.put((topic, payload, utcnow()))
+
+    def take(self, max_items: int, timeout: float) -> list[Item]:
+        """Wait up to ``timeout`` s for a first item, then take what is queued (at most ``max_items``)."""
+        try:
+            batch = [self._q.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while len(batch) < max_items:
+            try:
+                batch.append(self._q.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def empty(self) -> bool:
+        return self._q.empty()
+
+    def qsize(self) -> int:
+        return self._q.qsize()
+
+
+@dataclass
+class IntakeStats:
+    received: int = 0
+    dropped: int = 0
+    acks: int = 0
+    last_error: str | None = None
+
+
+class BatchWriter:
+    """Applies one batch of messages to the registry (inside the caller's transaction) and notes in
+    a ``Work`` which devices need resolving."""
+
+    def __init__(self, profiles: ProfileCache, *, strict_classes: bool = False) -> None:
+        self.profiles = profiles
+        self.strict_classes = strict_classes
+        self.stats = IntakeStats()
+
+    def apply(self, s: Session, batch: list[Item], work: Work) -> None:
+        items = self._decode_all(batch, work)
+        if not items:
+            return
+        C = topics.Channel
+        # Profiles first, through the ORM (class checks, device creation). A database error here
+        # fails the batch, which the controller retries and then applies message by message.
+        for kind, obj, now in items:
+            if kind is C.PROFILE:
+                self._apply_profile(s, obj, now, work)
+        s.flush()
+        self._apply_rest(s, items, work)
+
+    # -- phases ----------------------------------------------------------------------------
+    def _decode_all(self, batch: list[Item], work: Work) -> list[tuple[topics.Channel, Any, datetime]]:
+        items = []
+        for topic, payload, received in batch:
+            if topic == CONNECTED:
+                work.all = work.republish = True
+                continue
+            self.stats.received += 1
+            try:
+                item = self._decode(topic, payload or b"", work)
+            except Exception:  # noqa: BLE001 - a bug on one message must not spoil the batch
+                self.stats.dropped += 1
+                log.exception("dropped message on %s: handler failed", topic)
+                continue
+            if item is not None:
+                items.append((item[0], item[1], received))
+        return items
+
+    def _decode(self, topic: str, payload: bytes, work: Work) -> tuple[topics.Channel, Any] | None:
+        """Validate one message; control notices go straight into ``work``."""
+        if topic == topics.CTL_POLICY_CHANGED:
+            notice = decode(PolicyChanged, payload, topic=topic, logger=log)
+            if notice is None:
+                self.stats.dropped += 1
+            elif notice.device_id:
+                work.devices.add(notice.device_id)
+            elif notice.device_class:
+                work.classes.add(notice.device_class)
+            else:
+                work.all = True
+            return None
+        parsed = topics.parse_device_topic(topic)
+        if parsed is None:
+            self.stats.dropped += 1
+            log.warning("dropped message on %s: not a device topic", topic)
+            return None
+        model = _MODELS.get(parsed.channel)
+        if model is None:  # e.g. a device publishing on its own desired topic
+            self.stats.dropped += 1
+            log.warning("dropped message on %s: the controller does not read this channel", topic)
+            return None
+        obj = decode(model, payload, topic=topic, topic_device_id=parsed.device_id, logger=log)
+        if obj is None:
+            self.stats.dropped += 1
+            return None
+        return parsed.channel, obj
+
+    def _apply_profile(self, s: Session, prof: DeviceProfile, now: datetime, work: Work) -> None:
+        did = prof.device_id
+        dev = s.get(Device, did)
+        pinned = dev is not None and dev.class_pinned
+        if not pinned and s.get(DeviceClass, prof.device_class) is None:
+            if self.strict_classes:
+                self.stats.dropped += 1
+                log.warning("dropped profile of %s: unknown device class %r (controller runs with strict classes)", did, prof.device_class)
+                return
+            s.add(DeviceClass(name=prof.device_class, description="created from a device profile"))
+            s.flush()  # the class row must exist before a device refers to it
+        if dev is None:
+            dev = Device(device_id=did, first_seen=now, desired_version=0, applied_version=0, online=False, class_pinned=False)
+            s.add(dev)
+        if not pinned:
+            dev.device_class = prof.device_class
+        dev.profile = prof.model_dump(mode="json", by_alias=True)
+        dev.profile_revision = prof.revision
+        dev.profile_at = now
+        dev.model_id = prof.model_id
+        dev.num_layers = prof.num_layers
+        dev.cores = prof.cores
+        dev.memory_mb = prof.memory_mb
+        dev.last_seen = now
+        self.profiles.put(did, dev.profile, prof)
+        work.devices.add(did)
+
+    def _apply_rest(self, s: Session, items: list[tuple[topics.Channel, Any, datetime]], work: Work) -> None:
+        """Statuses, acks and telemetry in bulk: one SELECT, one INSERT of new devices, executemany UPDATEs."""
+        C = topics.Channel
+        ids = sorted({obj.device_id for _, obj, _ in items})
+        desired: dict[str, int] = {}
+        for part in chunks(ids, 500):
+            desired.update(s.execute(select(Device.device_id, Device.desired_version).where(Device.device_id.in_(part))).all())
+        new_rows: dict[str, dict[str, Any]] = {}
+        status_upd: dict[str, dict[str, Any]] = {}
+        ack_upd: dict[str, dict[str, Any]] = {}
+        tel_upd: dict[str, dict[str, Any]] = {}
+        ack_rows: list[dict[str, Any]] = []
+        for kind, obj, now in items:
+            did = obj.device_id
+            if kind is C.TELEMETRY:
+                if did in desired:
+                    tel_upd[did] = {"device_id": did, "telemetry": obj.model_dump(mode="json", by_alias=True), "telemetry_at": now, "last_seen": now}
+                continue
+            if kind not in (C.STATUS, C.POLICY_REPORTED):
+                continue
+            if did not in desired and did not in new_rows:
+                new_rows[did] = {"device_id": did, "first_seen": now, "online": False, "class_pinned": False, "desired_version": 0, "applied_version": 0}
+            if kind is C.STATUS:
+                status_upd[did] = {"device_id": did, "online": obj.online, "boot_id": obj.boot_id, "status_at": now, "last_seen": now}
+                continue
+            ack: PolicyAck = obj
+            dv = desired.get(did, 0)
+            self.stats.acks += 1
+            ack_upd[did] = {
+                "device_id": did, "applied_version": ack.applied_version, "ack_status": ack.status, "ack_reason": ack.reason,
+                "effective_k": ack.effective_k, "expected_latency_ms": ack.expected_latency_ms, "acked_at": now, "last_seen": now,
+            }
+            ack_rows.append({
+                "device_id": did, "version": ack.version, "applied_version": ack.applied_version, "status": ack.status,
+                "reason": ack.reason, "effective_k": ack.effective_k, "expected_latency_ms": ack.expected_latency_ms,
+                "desired_version": dv, "converged": bool(dv) and ack.applied_version == dv, "received_at": now,
+            })
+            if ack.status == "rejected":
+                log.warning("device %s rejected policy version %d: %s", did, ack.version, ack.reason)
+            if ack.applied_version > dv:
+                work.devices.add(did)  # the device is ahead of the registry: publish above it
+        if new_rows:
+            s.execute(insert(_DEVICES), list(new_rows.values()))
+        for upd in (status_upd, ack_upd, tel_upd):
+            if upd:
+                bulk_update_devices(s, list(upd.values()))
+        if ack_rows:
+            s.execute(insert(_ACKS), ack_rows)
+
+
+def bulk_update_devices(s: Session, rows: list[dict[str, Any]]) -> None:
+    """One executemany UPDATE ... WHERE device_id = ? (Core: no per-row ORM bookkeeping).
+    Every row carries ``device_id`` and the same other keys."""
+    keys = [k for k in rows[0] if k != "device_id"]
+    stmt = update(_DEVICES).where(_DEVICES.c.device_id == bindparam("_id")).values({k: bindparam(k) for k in keys})
+    s.execute(stmt, [{"_id": r["device_id"], **{k: r[k] for k in keys}} for r in rows])
+

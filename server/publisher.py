@@ -1,0 +1,221 @@
+"""Resolving devices' desired policies and publishing them, safely with several controllers.
+
+A resolution run takes the devices a ``Work`` names, in chunks of ``resolve_chunk``. For each chunk:
+
+1. read the devices (profile, class, desired/applied versions, last desired document) and resolve
+   them against the policies in force (``server/policy.py``);
+2. *claim* the next version of every device whose policy changed: one
+   ``INSERT INTO desired_policies ... ON CONFLICT (device_id, version) DO NOTHING RETURNING device_id``.
+   The unique constraint decides: when two controllers resolve the same device at once, both try to
+   insert version v+1 and exactly one row goes in (PostgreSQL makes the second insert wait for the
+   first transaction, then skip). Only the winner goes on;
+3. compare-and-set the winners' ``devices`` rows (``WHERE desired_version < v``: a version never
+   goes down), commit;
+4. publish the winners' documents (retained, QoS 1, one topic per device) -- after the commit, so
+   that a published version is always in the registry. The first devices hear of a change while the
+   rest are still being resolved.
+
+A controller that lost a claim publishes nothing for that device: the winner does. Publishing the
+same stored document twice (a reconnect, reconciliation) is harmless: devices ignore versions they
+already have.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import bindparam, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from ldfleet.common import topics
+from ldfleet.common.schemas import BudgetPolicy, DeviceProfile, utcnow
+from ldfleet.server.policy import resolve, signature_of
+from ldfleet.server.registry.desired import DesiredPolicyRecord
+from ldfleet.server.registry.models import Device
+from ldfleet.server.registry.store import Registry
+
+log = logging.getLogger("ldfleet.controller")
+
+#: ``publish(topic, payload)``: retained, QoS 1 (the controller's MQTT session).
+Publish = Callable[[str, bytes], Any]
+
+_DEVICES = Device.__table__
+_DESIRED = DesiredPolicyRecord.__table__
+_INSERTS = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
+
+
+@dataclass
+class Work:
+    """What the resolver is asked to do after a batch of messages or a registry poll."""
+
+    devices: set[str] = field(default_factory=set)
+    classes: set[str] = field(default_factory=set)
+    all: bool = False
+    #: Also re-publish unchanged desired documents (after a (re)connect: the broker may have lost them).
+    republish: bool = False
+
+    def any(self) -> bool:
+        return bool(self.devices or self.classes or self.all or self.republish)
+
+
+class ProfileCache:
+    """device id -> (stored profile JSON, parsed DeviceProfile): parse each stored profile once."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, tuple[Any, DeviceProfile]] = {}
+
+    def put(self, device_id: str, stored: dict[str, Any], profile: DeviceProfile) -> None:
+        self._cache[device_id] = (stored, profile)
+
+    def get(self, device_id: str, stored: dict[str, Any]) -> DeviceProfile | None:
+        cached = self._cache.get(device_id)
+        if cached is not None and cached[0] == stored:
+            return cached[1]
+        try:
+            prof = DeviceProfile.model_validate(stored, strict=False)
+        except Exception as exc:  # noqa: BLE001 - a stored profile from an older schema
+            log.warning("device %s: stored profile unusable (%s); waiting for a new one", device_id, exc)
+            return None
+        self._cache[device_id] = (stored, prof)
+        return prof
+
+
+@dataclass
+class PublisherStats:
+    published: int = 0
+    resolutions: int = 0
+    #: versions another controller claimed first (this one published nothing for them)
+    lost_claims: int = 0
+
+
+class PolicyPublisher:
+    """Resolves and publishes desired policies (see the module docstring for the claim protocol)."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        publish: Publish,
+        *,
+        controller_id: str,
+        default_keep: float = 1.0,
+        resolve_chunk: int = 200,
+    ) -> None:
+        if registry.backend not in _INSERTS:
+            raise ValueError(f"the controller needs a SQLite or PostgreSQL registry, got {registry.backend}")
+        self.registry = registry
+        self.publish = publish
+        self.controller_id = controller_id
+        self.default_keep = default_keep
+        self.resolve_chunk = resolve_chunk
+        self.profiles = ProfileCache()
+        self.stats = PublisherStats()
+        self._insert = _INSERTS[registry.backend]
+
+    def resolve_and_publish(self, work: Work) -> int:
+        """Resolve what ``work`` names; returns how many documents were published."""
+        ids = self._select(work)
+        if not ids:
+            return 0
+        with self.registry.session() as s:
+            active = self.registry.active_policies(s)
+        now = utcnow()
+        total = changed = 0
+        for part in chunks(ids, self.resolve_chunk):
+            claims, unchanged = self._resolve_chunk(part, active, now, work.republish)
+            with self.registry.session() as s:
+                won = self._claim(s, claims, now)
+            out = [(did, doc) for did, doc in claims.items() if did in won] + unchanged
+            for did, doc in out:
+                self.publish(topics.policy_desired(did), doc.to_json())
+            changed += len(won)
+            total += len(out)
+        self.stats.published += total
+        if changed:
+            log.info("published %d new desired policies", changed)
+        return total
+
+    def republish(self, device_ids: Iterable[str]) -> int:
+        """Publish the stored desired documents of these devices again (reconciliation)."""
+        n = 0
+        for part in chunks(sorted(device_ids), 500):
+            with self.registry.session() as s:
+                rows = s.execute(select(Device.device_id, Device.desired).where(Device.device_id.in_(part), Device.desired.is_not(None))).all()
+            for did, desired in rows:
+                self.publish(topics.policy_desired(did), BudgetPolicy.model_validate(desired, strict=False).to_json())
+                n += 1
+        self.stats.published += n
+        return n
+
+    # -- phases ----------------------------------------------------------------------------
+    def _select(self, work: Work) -> list[str]:
+        q = select(Device.device_id).where(Device.profile.is_not(None), Device.device_class.is_not(None))
+        if not work.all:
+            conds = []
+            if work.devices:
+                conds.append(Device.device_id.in_(sorted(work.devices)))
+            if work.classes:
+                conds.append(Device.device_class.in_(sorted(work.classes)))
+            if not conds:
+                return []
+            q = q.where(or_(*conds))
+        with self.registry.session() as s:
+            return list(s.scalars(q.order_by(Device.device_id)))
+
+    def _resolve_chunk(
+        self, part: list[str], active: dict[str, Any], now: datetime, republish: bool
+    ) -> tuple[dict[str, BudgetPolicy], list[tuple[str, BudgetPolicy]]]:
+        """-> (new documents to claim by device, unchanged documents to re-publish)."""
+        cols = (Device.device_id, Device.device_class, Device.profile, Device.desired_version, Device.applied_version, Device.desired)
+        claims: dict[str, BudgetPolicy] = {}
+        unchanged: list[tuple[str, BudgetPolicy]] = []
+        with self.registry.session() as s:
+            rows = s.execute(select(*cols).where(Device.device_id.in_(part))).all()
+        for did, dclass, stored, dver, aver, desired in rows:
+            prof = self.profiles.get(did, stored)
+            if prof is None:
+                continue
+            self.stats.resolutions += 1
+            res = resolve(did, dclass, prof, active, default_keep=self.default_keep, now=now)
+            if res.signature() != signature_of(desired) or aver > dver:
+                claims[did] = res.to_policy(did, max(dver, aver) + 1)
+                if res.note:
+                    log.warning("device %s: %s (published without k; the device decides)", did, res.note)
+            elif republish and desired:
+                unchanged.append((did, BudgetPolicy.model_validate(desired, strict=False)))
+        return claims, unchanged
+
+    def _claim(self, s: Session, claims: dict[str, BudgetPolicy], now: datetime) -> set[str]:
+        """Insert the claimed versions (the unique constraint picks one controller per version),
+        then compare-and-set the winners' device rows. Returns the devices this controller won."""
+        if not claims:
+            return set()
+        docs = {did: doc.model_dump(mode="json", by_alias=True) for did, doc in claims.items()}
+        rows = [
+            {"device_id": did, "version": doc.version, "document": docs[did], "published_by": self.controller_id[:64], "published_at": now}
+            for did, doc in claims.items()
+        ]
+        stmt = self._insert(_DESIRED).values(rows).on_conflict_do_nothing(index_elements=["device_id", "version"])
+        won = set(s.scalars(stmt.returning(_DESIRED.c.device_id)))
+        lost = len(claims) - len(won)
+        if lost:
+            self.stats.lost_claims += lost
+            log.info("%d desired versions were claimed by another controller first", lost)
+        if won:
+            cas = (
+                update(_DEVICES)
+                .where(_DEVICES.c.device_id == bindparam("_id"), _DEVICES.c.desired_version < bindparam("_v"))
+                .values(desired_version=bindparam("_v"), desired=bindparam("_doc"), desired_at=bindparam("_at"))
+            )
+            s.execute(cas, [{"_id": did, "_v": claims[did].version, "_doc": docs[did], "_at": now} for did in sorted(won)])
+        return won
+
+
+def chunks(items: list[str], size: int) -> Iterable[list[str]]:
+    """Consecutive slices of at most ``size`` items (keeps IN lists and statements bounded)."""
+    for i in range(0, len(items), size):
+        yield items[i:i + size]

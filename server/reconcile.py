@@ -1,0 +1,129 @@
+"""Reconciliation: bring back devices whose messages a burst lost, without becoming a burst itself.
+
+A broker under a burst may drop a device's birth, profile, desired policy or ack (Mosquitto drops
+past ``max_queued_messages`` per client), and nothing re-sends them by itself. Every
+``interval_s`` the controller asks the registry for *lagging* devices:
+
+* **no ack**: a desired version was published more than ``ack_bound_s`` ago and the device has not
+  acknowledged it (neither applied nor rejected). Recovery: publish its stored desired document again
+  (retained, QoS 1: a lost desired message arrives) and send it a rebirth request (the device
+  re-publishes birth, profile and last ack: a lost ack arrives; see ``RebirthRequest``);
+* **no profile**: the registry has seen the device (status or ack) for more than ``ack_bound_s`` but
+  holds no profile. Recovery: a rebirth request.
+
+Devices known to be offline (their last status said so) are left alone: their next birth brings
+them back. Devices the registry has never heard of cannot be asked; they re-announce by themselves
+with jittered backoff when no desired policy arrives (``common/reannounce.py``).
+
+Storm control: each device is retried with exponential backoff (``ack_bound_s``, then x2 up to
+``backoff_max_s``, jittered), and a token bucket caps the requests at ``rate_per_s`` for the whole
+fleet. Everything sent is idempotent: retained, versioned documents and re-announcements.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from sqlalchemy import and_, not_, or_, select
+
+from ldfleet.common import topics
+from ldfleet.common.schemas import RebirthRequest, utcnow
+from ldfleet.server.publisher import PolicyPublisher
+from ldfleet.server.registry.models import Device
+from ldfleet.server.registry.store import Registry
+
+log = logging.getLogger("ldfleet.controller")
+
+
+@dataclass
+class ReconcileStats:
+    runs: int = 0
+    rebirth_requests: int = 0
+    republished: int = 0
+    #: lagging devices left for a later run by the rate limit or their backoff
+    deferred: int = 0
+
+
+@dataclass
+class _Retry:
+    attempts: int = 0
+    next_at: float = 0.0
+
+
+@dataclass
+class Reconciler:
+    registry: Registry
+    publisher: PolicyPublisher
+    #: ``send(topic, payload)``: QoS 1, not retained (a rebirth request is a one-off question)
+    send: Callable[[str, bytes], object]
+    controller_id: str
+    ack_bound_s: float = 10.0
+    interval_s: float = 2.0
+    rate_per_s: float = 200.0
+    backoff_max_s: float = 300.0
+    stats: ReconcileStats = field(default_factory=ReconcileStats)
+    _retry: dict[str, _Retry] = field(default_factory=dict)
+    _last_run: float = 0.0
+    _tokens: float = 0.0
+    _rng: random.Random = field(default_factory=random.Random)
+
+    def maybe_run(self) -> int:
+        """Run when ``interval_s`` has passed since the last run; returns the devices asked."""
+        now = time.monotonic()
+        if now - self._last_run < self.interval_s:
+            return 0
+        elapsed = now - self._last_run if self._last_run else self.interval_s
+        self._last_run = now
+        self._tokens = min(self._tokens + elapsed * self.rate_per_s, 2 * self.interval_s * self.rate_per_s)
+        return self.run(now)
+
+    def run(self, now: float) -> int:
+        self.stats.runs += 1
+        lagging = self._lagging()
+        for gone in set(self._retry) - set(lagging):  # converged (or offline) since: forget the backoff
+            del self._retry[gone]
+        due = [did for did in lagging if self._retry.get(did, _Retry()).next_at <= now]
+        take = due[: int(self._tokens)]
+        self.stats.deferred += len(lagging) - len(take)
+        if not take:
+            return 0
+        self._tokens -= len(take)
+        no_ack = [did for did in take if lagging[did] > 0]
+        self.stats.republished += self.publisher.republish(no_ack)
+        sent = utcnow()
+        for did in take:
+            req = RebirthRequest(
+                device_id=did, reason="no-ack" if lagging[did] > 0 else "no-profile",
+                desired_version=lagging[did], controller_id=self.controller_id[:64], sent_at=sent,
+            )
+            self.send(topics.rebirth(did), req.to_json())
+            r = self._retry.setdefault(did, _Retry())
+            r.attempts += 1
+            wait = min(self.ack_bound_s * 2 ** r.attempts, self.backoff_max_s)
+            r.next_at = now + wait * self._rng.uniform(0.75, 1.25)
+        self.stats.rebirth_requests += len(take)
+        log.info("reconciliation: asked %d lagging devices to re-announce (%d without an ack of their desired version)", len(take), len(no_ack))
+        return len(take)
+
+    def _lagging(self) -> dict[str, int]:
+        """device id -> desired version waited for (0: no profile), oldest first."""
+        before = utcnow() - timedelta(seconds=self.ack_bound_s)
+        known_offline = and_(Device.online.is_(False), Device.status_at.is_not(None))
+        answered = and_(Device.ack_status == "rejected", Device.acked_at >= Device.desired_at)
+        no_ack = and_(
+            Device.desired_version > 0, Device.applied_version != Device.desired_version,
+            Device.desired_at < before, not_(answered),
+        )
+        no_profile = and_(Device.profile.is_(None), Device.first_seen < before)
+        q = (
+            select(Device.device_id, Device.desired_version, Device.profile.is_(None))
+            .where(or_(no_ack, no_profile), not_(known_offline))
+            .order_by(Device.desired_at, Device.device_id)
+        )
+        with self.registry.session() as s:
+            return {did: (0 if missing else int(dver)) for did, dver, missing in s.execute(q)}
