@@ -112,7 +112,9 @@ class Controller:
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
         self._policy_head = 0
-        self._pending_poll: Work | None = None
+        self._pending_poll: list[Any] = []  # policy rows seen by the last poll
+        self._covered: dict[str, int] = {}  # class or device id -> newest policy id its last resolution saw
+        self._covered_all = 0
         self._next_expiry: Any = None
         self._last_poll = 0.0
         self.idle = threading.Event()
@@ -261,8 +263,8 @@ class Controller:
     def _maybe_poll(self) -> None:
         """The safety net behind operator notices: resolve what changed in ``policies`` since the
         last look (a notice lost while the broker was down, or delivered to another controller), and
-        everything when a policy expired. New rows are resolved one poll after they were seen: a
-        notice normally got there first, and the resolution then finds nothing to change."""
+        everything when a policy expired. New rows wait one poll and are skipped when a resolution
+        (normally the notice's) has taken them into account in the meantime."""
         now = time.monotonic()
         if now - self._last_poll < self.poll_interval_s:
             return
@@ -271,21 +273,25 @@ class Controller:
 
     def _poll(self) -> None:
         head, nxt = self.registry.policy_head()
-        pending, self._pending_poll = self._pending_poll, None
+        pending, self._pending_poll = self._pending_poll, []
         if self._next_expiry is not None and utcnow() >= self._next_expiry:
             log.info("registry poll: a policy expired; re-resolving the fleet")
             self._process([], Work(all=True))
-        elif pending is not None:
-            self._process([], pending)
-        if head != self._policy_head:
+        else:
             work = Work()
-            for p in self.registry.policies_since(self._policy_head):
+            for p in pending:
+                seen = max(self._covered.get(f"class:{p.device_class}", 0), self._covered.get(f"device:{p.device_id}", 0), self._covered_all)
+                if p.id <= seen:
+                    continue
                 if p.device_id:
                     work.devices.add(p.device_id)
                 else:
                     work.classes.add(p.device_class)
-            log.debug("registry poll: policy rows %d..%d changed %s", self._policy_head + 1, head, work)
-            self._pending_poll = work
+            if work.any():
+                log.debug("registry poll: resolving policy changes no notice brought: %s", work)
+                self._process([], work)
+        if head != self._policy_head:
+            self._pending_poll = self.registry.policies_since(self._policy_head)
         self._policy_head = head
         self._next_expiry = nxt
 
@@ -299,6 +305,11 @@ class Controller:
                 self.writer.apply(s, batch, work)
         t1 = time.perf_counter()
         published = self.publisher.resolve_and_publish(work) if work.any() else 0
+        upto = self.publisher.covered_policy_id
+        if work.all:
+            self._covered_all = max(self._covered_all, upto)
+        for key in [f"class:{c}" for c in work.classes] + [f"device:{d}" for d in work.devices]:
+            self._covered[key] = max(self._covered.get(key, 0), upto)
         log.debug(
             "batch: %d messages in %.1f ms; %d publishes after %.1f ms",
             len(batch), (t1 - t0) * 1000, published, (time.perf_counter() - t1) * 1000,

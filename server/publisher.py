@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, or_, select, update
+from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -36,7 +36,7 @@ from ldfleet.common import topics
 from ldfleet.common.schemas import BudgetPolicy, DeviceProfile, utcnow
 from ldfleet.server.policy import resolve, signature_of
 from ldfleet.server.registry.desired import DesiredPolicyRecord
-from ldfleet.server.registry.models import Device
+from ldfleet.server.registry.models import Device, Policy
 from ldfleet.server.registry.store import Registry
 
 log = logging.getLogger("ldfleet.controller")
@@ -115,13 +115,19 @@ class PolicyPublisher:
         self.profiles = ProfileCache()
         self.stats = PublisherStats()
         self._insert = _INSERTS[registry.backend]
+        #: newest ``policies.id`` the last resolution took into account
+        self.covered_policy_id = 0
 
     def resolve_and_publish(self, work: Work) -> int:
         """Resolve what ``work`` names; returns how many documents were published."""
         ids = self._select(work)
+        self.covered_policy_id = 0
         if not ids:
             return 0
         with self.registry.session() as s:
+            # the newest policy row before reading the policies in force: every row up to it is
+            # reflected in this resolution (the controller's registry poll skips them)
+            self.covered_policy_id = int(s.scalar(select(func.max(Policy.id))) or 0)
             active = self.registry.active_policies(s)
         now = utcnow()
         total = changed = 0
@@ -199,8 +205,10 @@ class PolicyPublisher:
             {"device_id": did, "version": doc.version, "document": docs[did], "published_by": self.controller_id[:64], "published_at": now}
             for did, doc in claims.items()
         ]
-        stmt = self._insert(_DESIRED).values(rows).on_conflict_do_nothing(index_elements=["device_id", "version"])
-        won = set(s.scalars(stmt.returning(_DESIRED.c.device_id)))
+        # executemany with RETURNING (SQLAlchemy's "insertmanyvalues": batched multi-row INSERTs from
+        # one cached statement); ON CONFLICT DO NOTHING returns only the rows that went in.
+        stmt = self._insert(_DESIRED).on_conflict_do_nothing(index_elements=["device_id", "version"]).returning(_DESIRED.c.device_id)
+        won = set(s.scalars(stmt, rows))
         lost = len(claims) - len(won)
         if lost:
             self.stats.lost_claims += lost
