@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 #: Seconds before the first re-announcement: far above a healthy fleet's time to a first policy
 #: (well under a second per thousand devices here), so a healthy fleet never re-announces.
-FIRST_S = 15.0
+FIRST_S = 30.0
 #: Longest wait between two re-announcements.
 MAX_S = 300.0
 

@@ -176,7 +176,7 @@ class BatchWriter:
         dev.cores = prof.cores
         dev.memory_mb = prof.memory_mb
         dev.last_seen = now
-        self.profiles.put(did, dev.profile, prof)
+        self.profiles.put(did, now, prof)
         work.devices.add(did)
 
     def _apply_rest(self, s: Session, items: list[tuple[topics.Channel, Any, datetime]], work: Work) -> None:
