@@ -154,6 +154,12 @@ class BatchWriter:
 
     def _apply_profile(self, s: Session, prof: DeviceProfile, now: datetime, work: Work) -> None:
         did = prof.device_id
+        if self.profiles.latest(did) == prof:
+            # a re-announcement (rebirth, reconnect): nothing to store; its desired policy goes out
+            # again in case that is what the device missed
+            work.devices.add(did)
+            work.resend.add(did)
+            return
         dev = s.get(Device, did)
         pinned = dev is not None and dev.class_pinned
         if not pinned and s.get(DeviceClass, prof.device_class) is None:

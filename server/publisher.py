@@ -58,6 +58,8 @@ class Work:
     all: bool = False
     #: Also re-publish unchanged desired documents (after a (re)connect: the broker may have lost them).
     republish: bool = False
+    #: Devices (also in ``devices``) whose unchanged desired document goes out again: they re-announced.
+    resend: set[str] = field(default_factory=set)
 
     def any(self) -> bool:
         return bool(self.devices or self.classes or self.all or self.republish)
@@ -76,6 +78,10 @@ class ProfileCache:
     def get(self, device_id: str, stamp: datetime | None) -> DeviceProfile | None:
         cached = self._cache.get(device_id)
         return cached[1] if cached is not None and cached[0] == stamp else None
+
+    def latest(self, device_id: str) -> DeviceProfile | None:
+        cached = self._cache.get(device_id)
+        return cached[1] if cached is not None else None
 
     def load(self, device_id: str, stamp: datetime | None, stored: dict[str, Any]) -> DeviceProfile | None:
         try:
@@ -136,7 +142,7 @@ class PolicyPublisher:
         now = utcnow()
         total = changed = 0
         for part in chunks(ids, self.resolve_chunk):
-            claims, unchanged = self._resolve_chunk(part, active, now, work.republish)
+            claims, unchanged = self._resolve_chunk(part, active, now, work.republish, work.resend)
             with self.registry.session() as s:
                 won = self._claim(s, claims, now)
             out = [(did, doc) for did, doc in claims.items() if did in won] + unchanged
@@ -177,7 +183,7 @@ class PolicyPublisher:
             return list(s.scalars(q.order_by(Device.device_id)))
 
     def _resolve_chunk(
-        self, part: list[str], active: dict[str, Any], now: datetime, republish: bool
+        self, part: list[str], active: dict[str, Any], now: datetime, republish: bool, resend: set[str]
     ) -> tuple[dict[str, BudgetPolicy], list[tuple[str, BudgetPolicy]]]:
         """-> (new documents to claim by device, unchanged documents to re-publish).
 
@@ -188,7 +194,7 @@ class PolicyPublisher:
             rows = s.execute(select(*cols).where(Device.device_id.in_(part))).all()
             stale = [
                 did for did, _, stamp, dver, _ in rows
-                if self.profiles.get(did, stamp) is None or republish or self._signatures.get(did, (None,))[0] != dver
+                if self.profiles.get(did, stamp) is None or republish or did in resend or self._signatures.get(did, (None,))[0] != dver
             ]
             docs = {}
             if stale:
@@ -209,7 +215,7 @@ class PolicyPublisher:
                 claims[did] = res.to_policy(did, max(dver, aver) + 1)
                 if res.note:
                     log.warning("device %s: %s (published without k; the device decides)", did, res.note)
-            elif republish and desired:
+            elif (republish or did in resend) and desired:
                 unchanged.append((did, BudgetPolicy.model_validate(desired, strict=False)))
         return claims, unchanged
 
