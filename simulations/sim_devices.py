@@ -134,7 +134,7 @@ class SimDevice:
                     async with connect_slots:
                         client = aiomqtt.Client(
                             **aiomqtt_kwargs(url), identifier=f"ldfleet-sim-{did}", protocol=protocol,
-                            will=will, keepalive=60, timeout=30,
+                            will=will, keepalive=60, timeout=10,  # a connect accepted by a broker that is shutting down gets no CONNACK: give up soon
                         )
                         await client.__aenter__()
                     try:
