@@ -303,6 +303,7 @@ class Controller:
         if batch:
             with self.registry.session() as s:
                 self.writer.apply(s, batch, work)
+            self.writer.committed()
         t1 = time.perf_counter()
         published = self.publisher.resolve_and_publish(work) if work.any() else 0
         upto = self.publisher.covered_policy_id

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from ldfleet.common import topics
 from ldfleet.common.schemas import DeviceProfile, PolicyAck, PolicyChanged, Status, Telemetry, decode, utcnow
-from ldfleet.server.publisher import ProfileCache, Work, chunks
+from ldfleet.server.publisher import ProfileCache, Work, chunks, insert_ignoring
 from ldfleet.server.registry.models import Device, DeviceClass, PolicyAckRecord
 
 log = logging.getLogger("ldfleet.controller")
@@ -44,6 +44,7 @@ _MODELS: dict[topics.Channel, type] = {
 }
 _DEVICES = Device.__table__
 _ACKS = PolicyAckRecord.__table__
+_CLASSES = DeviceClass.__table__
 
 
 class Intake:
@@ -91,19 +92,31 @@ class BatchWriter:
         self.profiles = profiles
         self.strict_classes = strict_classes
         self.stats = IntakeStats()
+        self._uncommitted: list[tuple[str, datetime, DeviceProfile]] = []
 
     def apply(self, s: Session, batch: list[Item], work: Work) -> None:
+        """Phases: decode; create missing device (and class) rows and lock the batch's device rows in
+        id order; profiles through the ORM; statuses, acks and telemetry in bulk. Call ``committed()``
+        once the transaction is committed."""
+        self._uncommitted = []
         items = self._decode_all(batch, work)
         if not items:
             return
         C = topics.Channel
-        # Profiles first, through the ORM (class checks, device creation). A database error here
-        # fails the batch, which the controller retries and then applies message by message.
-        for kind, obj, now in items:
-            if kind is C.PROFILE:
-                self._apply_profile(s, obj, now, work)
+        desired = self._ensure_and_lock(s, items)
+        # Profiles through the ORM (class checks). A database error fails the batch, which the
+        # controller retries and then applies message by message.
+        for kind, obj, now in sorted((i for i in items if i[0] is C.PROFILE), key=lambda i: i[1].device_id):
+            self._apply_profile(s, obj, now, work)
         s.flush()
-        self._apply_rest(s, items, work)
+        self._apply_rest(s, items, desired, work)
+
+    def committed(self) -> None:
+        """The batch's transaction is committed: remember its profiles (a rolled-back profile must
+        not look known, or its re-announcement would be skipped)."""
+        for did, stamp, prof in self._uncommitted:
+            self.profiles.put(did, stamp, prof)
+        self._uncommitted = []
 
     # -- phases ----------------------------------------------------------------------------
     def _decode_all(self, batch: list[Item], work: Work) -> list[tuple[topics.Channel, Any, datetime]]:
@@ -152,6 +165,41 @@ class BatchWriter:
             return None
         return parsed.channel, obj
 
+    def _ensure_and_lock(self, s: Session, items: list[tuple[topics.Channel, Any, datetime]]) -> dict[str, int]:
+        """Insert the batch's unknown devices (and, unless strict, unknown classes of profiles)
+        with ON CONFLICT DO NOTHING, then lock its device rows in id order (PostgreSQL; SQLite has one
+        writer anyway) and return their desired versions. Several controllers may write the same
+        devices at once: creating rows this way cannot fail on a duplicate, and locking in one order
+        cannot deadlock."""
+        insert_ignore = insert_ignoring(s.get_bind().dialect.name)
+        known: set[str] = set()
+        if self.strict_classes:  # a refused profile must not create its device
+            wanted = {obj.device_class for kind, obj, _ in items if kind is topics.Channel.PROFILE}
+            known = set(s.scalars(select(DeviceClass.name).where(DeviceClass.name.in_(sorted(wanted))))) if wanted else set()
+        first: dict[str, datetime] = {}
+        for kind, obj, now in items:
+            refused = kind is topics.Channel.PROFILE and self.strict_classes and obj.device_class not in known
+            if kind is not topics.Channel.TELEMETRY and not refused:
+                first.setdefault(obj.device_id, now)
+        if first:
+            rows = [{"device_id": did, "first_seen": now, "online": False, "class_pinned": False, "desired_version": 0, "applied_version": 0}
+                    for did, now in sorted(first.items())]
+            s.execute(insert_ignore(_DEVICES).on_conflict_do_nothing(index_elements=["device_id"]), rows)
+        ids = sorted({obj.device_id for _, obj, _ in items})
+        desired: dict[str, int] = {}
+        pinned: set[str] = set()
+        for part in chunks(ids, 500):
+            q = select(Device.device_id, Device.desired_version, Device.class_pinned).where(Device.device_id.in_(part))
+            for did, dver, pin in s.execute(q.order_by(Device.device_id).with_for_update()):
+                desired[did] = dver
+                if pin:
+                    pinned.add(did)
+        classes = sorted({obj.device_class for kind, obj, _ in items if kind is topics.Channel.PROFILE and obj.device_id not in pinned})
+        if classes and not self.strict_classes:
+            s.execute(insert_ignore(_CLASSES).on_conflict_do_nothing(index_elements=["name"]),
+                      [{"name": c, "description": "created from a device profile", "created_at": utcnow()} for c in classes])
+        return desired
+
     def _apply_profile(self, s: Session, prof: DeviceProfile, now: datetime, work: Work) -> None:
         did = prof.device_id
         if self.profiles.latest(did) == prof:
@@ -182,17 +230,12 @@ class BatchWriter:
         dev.cores = prof.cores
         dev.memory_mb = prof.memory_mb
         dev.last_seen = now
-        self.profiles.put(did, now, prof)
+        self._uncommitted.append((did, now, prof))
         work.devices.add(did)
 
-    def _apply_rest(self, s: Session, items: list[tuple[topics.Channel, Any, datetime]], work: Work) -> None:
-        """Statuses, acks and telemetry in bulk: one SELECT, one INSERT of new devices, executemany UPDATEs."""
+    def _apply_rest(self, s: Session, items: list[tuple[topics.Channel, Any, datetime]], desired: dict[str, int], work: Work) -> None:
+        """Statuses, acks and telemetry in bulk: executemany UPDATEs in device-id order, one INSERT of acks."""
         C = topics.Channel
-        ids = sorted({obj.device_id for _, obj, _ in items})
-        desired: dict[str, int] = {}
-        for part in chunks(ids, 500):
-            desired.update(s.execute(select(Device.device_id, Device.desired_version).where(Device.device_id.in_(part))).all())
-        new_rows: dict[str, dict[str, Any]] = {}
         status_upd: dict[str, dict[str, Any]] = {}
         ack_upd: dict[str, dict[str, Any]] = {}
         tel_upd: dict[str, dict[str, Any]] = {}
@@ -205,8 +248,6 @@ class BatchWriter:
                 continue
             if kind not in (C.STATUS, C.POLICY_REPORTED):
                 continue
-            if did not in desired and did not in new_rows:
-                new_rows[did] = {"device_id": did, "first_seen": now, "online": False, "class_pinned": False, "desired_version": 0, "applied_version": 0}
             if kind is C.STATUS:
                 status_upd[did] = {"device_id": did, "online": obj.online, "boot_id": obj.boot_id, "status_at": now, "last_seen": now}
                 continue
@@ -226,11 +267,9 @@ class BatchWriter:
                 log.warning("device %s rejected policy version %d: %s", did, ack.version, ack.reason)
             if ack.applied_version > dv:
                 work.devices.add(did)  # the device is ahead of the registry: publish above it
-        if new_rows:
-            s.execute(insert(_DEVICES), list(new_rows.values()))
         for upd in (status_upd, ack_upd, tel_upd):
             if upd:
-                bulk_update_devices(s, list(upd.values()))
+                bulk_update_devices(s, [upd[d] for d in sorted(upd)])
         if ack_rows:
             s.execute(insert(_ACKS), ack_rows)
 

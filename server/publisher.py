@@ -113,8 +113,7 @@ class PolicyPublisher:
         default_keep: float = 1.0,
         resolve_chunk: int = 200,
     ) -> None:
-        if registry.backend not in _INSERTS:
-            raise ValueError(f"the controller needs a SQLite or PostgreSQL registry, got {registry.backend}")
+        insert_ignoring(registry.backend)  # refuses other backends early
         self.registry = registry
         self.publish = publish
         self.controller_id = controller_id
@@ -122,7 +121,7 @@ class PolicyPublisher:
         self.resolve_chunk = resolve_chunk
         self.profiles = ProfileCache()
         self.stats = PublisherStats()
-        self._insert = _INSERTS[registry.backend]
+        self._insert = insert_ignoring(registry.backend)
         #: newest ``policies.id`` the last resolution took into account
         self.covered_policy_id = 0
         #: device id -> (desired_version, signature of that desired document)
@@ -227,7 +226,7 @@ class PolicyPublisher:
         docs = {did: doc.model_dump(mode="json", by_alias=True) for did, doc in claims.items()}
         rows = [
             {"device_id": did, "version": doc.version, "document": docs[did], "published_by": self.controller_id[:64], "published_at": now}
-            for did, doc in claims.items()
+            for did, doc in sorted(claims.items())  # one insert order for every controller: no deadlock
         ]
         # executemany with RETURNING (SQLAlchemy's "insertmanyvalues": batched multi-row INSERTs from
         # one cached statement); ON CONFLICT DO NOTHING returns only the rows that went in.
@@ -247,6 +246,13 @@ class PolicyPublisher:
         for did in won:
             self._signatures[did] = (claims[did].version, signature_of(docs[did]))
         return won
+
+
+def insert_ignoring(backend: str) -> Any:
+    """The dialect's ``insert`` (it has ``on_conflict_do_nothing``); ValueError for other backends."""
+    if backend not in _INSERTS:
+        raise ValueError(f"the controller needs a SQLite or PostgreSQL registry, got {backend}")
+    return _INSERTS[backend]
 
 
 def chunks(items: list[str], size: int) -> Iterable[list[str]]:
