@@ -52,6 +52,16 @@ GOAL_P99_MS = 1000.0
 DEVICES_PER_FLEET_PROC = 2500
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux ``/proc``; NaN elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return math.nan
+
+
 def percentile(values: list[float], p: float) -> float:
     """Nearest-rank percentile (p in [0, 100]); NaN for no values."""
     if not values:
@@ -77,6 +87,8 @@ class RoundResult:
     fanout_max_ms: float
     registry_converged_ms: float | None
     restarted_broker: bool = False
+    #: CPU seconds each part used during the round (where the time goes on a shared machine)
+    cpu_s: dict[str, float] = field(default_factory=dict)
     latencies_ms: list[float] = field(default_factory=list, repr=False)
 
 
@@ -269,9 +281,10 @@ async def _bench(
             raise RuntimeError(f"the simulated fleet did not connect within {max(timeout_s, n / 50):.0f} s")
         connect_s = time.perf_counter() - t_conn
         progress(f"{n} connected in {connect_s:.1f} s; waiting for the initial policy to converge")
-        if not await _poll(_converged, timeout_s, 0.1):
+        settle_s = max(timeout_s, n / 50)  # a connect burst of N births and profiles takes longer than a round
+        if not await _poll(_converged, settle_s, 0.1):
             c, total = registry.convergence(device_class)
-            raise RuntimeError(f"only {c}/{n} devices converged on their initial policy within {timeout_s:.0f} s")
+            raise RuntimeError(f"only {c}/{n} devices converged on their initial policy within {settle_s:.0f} s")
         initial_s = time.perf_counter() - t_conn
         keeps = [0.5, 0.75, 0.25, 1.0]
         measured = []
@@ -282,6 +295,10 @@ async def _bench(
             await _poll(_converged, timeout_s, 0.05)
             await asyncio.sleep(0.5)
             prev = dict(await asyncio.to_thread(_applied_versions, registry, device_class))
+            parts = {"controllers": [p.pid for p in ctls], "fleet": [p.pid for p in fleet.procs], "bench": [os.getpid()]}
+            if broker is not None and broker.proc is not None:
+                parts["broker"] = [broker.proc.pid]
+            cpu0 = {k: sum(cpu_seconds(pid) for pid in pids) for k, pids in parts.items()}
             floor = min(prev.values()) if prev else 0
             last_ack = await asyncio.to_thread(_last_ack_id, registry)
             t0_wall, t0 = time.time(), time.perf_counter()
@@ -296,18 +313,20 @@ async def _bench(
             reg_ms = (time.perf_counter() - t0) * 1000 if ok else None
             if restarter is not None:
                 await restarter
+            cpu = {k: round(sum(cpu_seconds(pid) for pid in pids) - cpu0[k], 2) for k, pids in parts.items()}
             got = await asyncio.to_thread(_acks_since, registry, last_ack, prev)
             lat = [(got[d] - t0_wall) * 1000 if d in got else timeout_s * 1000 for d in ids]
             budget = f"keep {keep:g}" + ("" if change.notified else " (no notice: registry poll)")
-            measured.append((r + 1, budget, t0, prev, lat, len(got), reg_ms, restart))
+            measured.append((r + 1, budget, t0, prev, lat, len(got), reg_ms, restart, cpu))
             progress(
                 f"round {r + 1}: {len(got)}/{n} acked, p50 {percentile(lat, 50):.0f} ms, p99 {percentile(lat, 99):.0f} ms"
                 + (" (broker restarted mid-round)" if restart else "") + ("" if ok else f" (timed out after {timeout_s:.0f} s)")
+                + f"; CPU s {cpu}"
             )
         dev_report = await fleet.stop()
         fleet = None
         results = []
-        for rnd, budget, t0, prev, lat, acked, reg_ms, restart in measured:
+        for rnd, budget, t0, prev, lat, acked, reg_ms, restart, cpu in measured:
             fan = []
             for d in ids:
                 arrivals = [t for v, t in dev_report["received"].get(d, {}).items() if int(v) > prev.get(d, 0)]
@@ -317,7 +336,7 @@ async def _bench(
                 round=rnd, budget=budget, devices=n, acked=acked, converged_pct=100.0 * acked / n,
                 p50_ms=percentile(lat, 50), p99_ms=percentile(lat, 99), max_ms=max(lat),
                 fanout_p50_ms=percentile(fan, 50), fanout_max_ms=max(fan) if fan else math.nan,
-                registry_converged_ms=reg_ms, restarted_broker=restart, latencies_ms=lat,
+                registry_converged_ms=reg_ms, restarted_broker=restart, cpu_s=cpu, latencies_ms=lat,
             ))
         allv = [x for res in results for x in res.latencies_ms]
         gaps, mismatches = await asyncio.to_thread(audit_versions, registry, device_class)
