@@ -314,6 +314,7 @@ async def _bench(
             if restarter is not None:
                 await restarter
             cpu = {k: round(sum(cpu_seconds(pid) for pid in pids) - cpu0[k], 2) for k, pids in parts.items()}
+            cpu = {k: v for k, v in cpu.items() if math.isfinite(v)}  # a restarted broker is a new process
             got = await asyncio.to_thread(_acks_since, registry, last_ack, prev)
             lat = [(got[d] - t0_wall) * 1000 if d in got else timeout_s * 1000 for d in ids]
             budget = f"keep {keep:g}" + ("" if change.notified else " (no notice: registry poll)")
