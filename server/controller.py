@@ -123,7 +123,7 @@ class Controller:
         )
         self.writer = BatchWriter(self.publisher.profiles, strict_classes=strict_classes)
         self.reconciler = Reconciler(
-            self.registry, self.publisher, self._send, controller_id=controller_id,
+            self.registry, self._send, controller_id=controller_id,
             ack_bound_s=ack_bound_s, interval_s=reconcile_interval_s, rate_per_s=reconcile_rate,
         )
         device_filters = [
@@ -229,7 +229,7 @@ class Controller:
                 self.idle.clear()
                 self._run_batch(batch)
             self._maybe_poll()
-            self._guarded(self.reconciler.maybe_run, "reconciliation")
+            self._guarded(lambda: self.reconciler.maybe_run(time.monotonic() - self.writer.last_applied), "reconciliation")
             if self.intake.empty():
                 self.idle.set()
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -93,6 +94,8 @@ class BatchWriter:
         self.strict_classes = strict_classes
         self.stats = IntakeStats()
         self._uncommitted: list[tuple[str, datetime, DeviceProfile]] = []
+        #: ``time.monotonic()`` when a batch last held a device message (reconciliation waits for quiet)
+        self.last_applied = 0.0
 
     def apply(self, s: Session, batch: list[Item], work: Work) -> None:
         """Phases: decode; create missing device (and class) rows and lock the batch's device rows in
@@ -102,6 +105,7 @@ class BatchWriter:
         items = self._decode_all(batch, work)
         if not items:
             return
+        self.last_applied = time.monotonic()
         C = topics.Channel
         desired = self._ensure_and_lock(s, items)
         # Profiles through the ORM (class checks). A database error fails the batch, which the

@@ -154,18 +154,6 @@ class PolicyPublisher:
             log.info("published %d new desired policies", changed)
         return total
 
-    def republish(self, device_ids: Iterable[str]) -> int:
-        """Publish the stored desired documents of these devices again (reconciliation)."""
-        n = 0
-        for part in chunks(sorted(device_ids), 500):
-            with self.registry.session() as s:
-                rows = s.execute(select(Device.device_id, Device.desired).where(Device.device_id.in_(part), Device.desired.is_not(None))).all()
-            for did, desired in rows:
-                self.publish(topics.policy_desired(did), BudgetPolicy.model_validate(desired, strict=False).to_json())
-                n += 1
-        self.stats.published += n
-        return n
-
     # -- phases ----------------------------------------------------------------------------
     def _select(self, work: Work) -> list[str]:
         q = select(Device.device_id).where(Device.profile.is_not(None), Device.device_class.is_not(None))

@@ -5,11 +5,18 @@ past ``max_queued_messages`` per client), and nothing re-sends them by itself. E
 ``interval_s`` the controller asks the registry for *lagging* devices:
 
 * **no ack**: a desired version was published more than ``ack_bound_s`` ago and the device has not
-  acknowledged it (neither applied nor rejected). Recovery: publish its stored desired document again
-  (retained, QoS 1: a lost desired message arrives) and send it a rebirth request (the device
-  re-publishes birth, profile and last ack: a lost ack arrives; see ``RebirthRequest``);
+  acknowledged it (neither applied nor rejected);
 * **no profile**: the registry has seen the device (status or ack) for more than ``ack_bound_s`` but
-  holds no profile. Recovery: a rebirth request.
+  holds no profile.
+
+Recovery is a rebirth request (``RebirthRequest``): the device re-publishes birth, profile and last
+ack, so a lost ack arrives, and the controller answers the unchanged profile by sending the stored
+desired policy again, so a lost desired message arrives too.
+
+Only the end of a burst tells a lost message from a late one: while device messages keep arriving
+(the intake applied one less than ``quiet_s`` ago), a slow round is still being answered, and asking
+its devices to re-announce would only add to the burst. So the bound is ``ack_bound_s`` once the
+intake has been quiet for ``quiet_s``, and ``busy_bound_s`` while it is not.
 
 Devices known to be offline (their last status said so) are left alone: their next birth brings
 them back. Devices the registry has never heard of cannot be asked; they re-announce by themselves
@@ -23,6 +30,7 @@ fleet. Everything sent is idempotent: retained, versioned documents and re-annou
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -33,7 +41,6 @@ from sqlalchemy import and_, not_, or_, select
 
 from ldfleet.common import topics
 from ldfleet.common.schemas import RebirthRequest, utcnow
-from ldfleet.server.publisher import PolicyPublisher
 from ldfleet.server.registry.models import Device
 from ldfleet.server.registry.store import Registry
 
@@ -44,7 +51,6 @@ log = logging.getLogger("ldfleet.controller")
 class ReconcileStats:
     runs: int = 0
     rebirth_requests: int = 0
-    republished: int = 0
     #: lagging devices left for a later run by the rate limit or their backoff
     deferred: int = 0
 
@@ -58,11 +64,13 @@ class _Retry:
 @dataclass
 class Reconciler:
     registry: Registry
-    publisher: PolicyPublisher
     #: ``send(topic, payload)``: QoS 1, not retained (a rebirth request is a one-off question)
     send: Callable[[str, bytes], object]
     controller_id: str
     ack_bound_s: float = 10.0
+    #: lag that counts as lost even while device messages keep arriving
+    busy_bound_s: float = 60.0
+    quiet_s: float = 3.0
     interval_s: float = 2.0
     rate_per_s: float = 200.0
     backoff_max_s: float = 300.0
@@ -72,19 +80,20 @@ class Reconciler:
     _tokens: float = 0.0
     _rng: random.Random = field(default_factory=random.Random)
 
-    def maybe_run(self) -> int:
-        """Run when ``interval_s`` has passed since the last run; returns the devices asked."""
+    def maybe_run(self, quiet_for_s: float = math.inf) -> int:
+        """Run when ``interval_s`` has passed since the last run; ``quiet_for_s``: seconds since the
+        intake last applied a device message. Returns the devices asked."""
         now = time.monotonic()
         if now - self._last_run < self.interval_s:
             return 0
         elapsed = now - self._last_run if self._last_run else self.interval_s
         self._last_run = now
         self._tokens = min(self._tokens + elapsed * self.rate_per_s, 2 * self.interval_s * self.rate_per_s)
-        return self.run(now)
+        return self.run(now, self.ack_bound_s if quiet_for_s >= self.quiet_s else self.busy_bound_s)
 
-    def run(self, now: float) -> int:
+    def run(self, now: float, bound_s: float) -> int:
         self.stats.runs += 1
-        lagging = self._lagging()
+        lagging = self._lagging(bound_s)
         for gone in set(self._retry) - set(lagging):  # converged (or offline) since: forget the backoff
             del self._retry[gone]
         due = [did for did in lagging if self._retry.get(did, _Retry()).next_at <= now]
@@ -94,7 +103,6 @@ class Reconciler:
             return 0
         self._tokens -= len(take)
         no_ack = [did for did in take if lagging[did] > 0]
-        self.stats.republished += self.publisher.republish(no_ack)
         sent = utcnow()
         for did in take:
             req = RebirthRequest(
@@ -110,9 +118,9 @@ class Reconciler:
         log.info("reconciliation: asked %d lagging devices to re-announce (%d without an ack of their desired version)", len(take), len(no_ack))
         return len(take)
 
-    def _lagging(self) -> dict[str, int]:
+    def _lagging(self, bound_s: float) -> dict[str, int]:
         """device id -> desired version waited for (0: no profile), oldest first."""
-        before = utcnow() - timedelta(seconds=self.ack_bound_s)
+        before = utcnow() - timedelta(seconds=bound_s)
         known_offline = and_(Device.online.is_(False), Device.status_at.is_not(None))
         answered = and_(Device.ack_status == "rejected", Device.acked_at >= Device.desired_at)
         no_ack = and_(
