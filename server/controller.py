@@ -73,6 +73,11 @@ class ControllerStats:
 
 
 class Controller:
+    """One controller process (see the module docstring). ``shared_group``: share the fleet with the
+    other controllers of that group (MQTT 5 only; use one PostgreSQL registry for all of them).
+    ``ack_bound_s``, ``reconcile_interval_s``, ``reconcile_rate`` (requests/s): reconciliation, see
+    ``server/reconcile.py``. Raises ValueError for bad settings."""
+
     def __init__(
         self,
         broker: str | BrokerURL,
