@@ -94,7 +94,7 @@ class BatchWriter:
         self.strict_classes = strict_classes
         self.stats = IntakeStats()
         self._uncommitted: list[tuple[str, datetime, DeviceProfile]] = []
-        #: ``time.monotonic()`` when a batch last held a device message (reconciliation waits for quiet)
+        #: ``time.monotonic()`` when a batch last held a birth, profile or ack (reconciliation waits for quiet)
         self.last_applied = 0.0
 
     def apply(self, s: Session, batch: list[Item], work: Work) -> None:
@@ -105,7 +105,8 @@ class BatchWriter:
         items = self._decode_all(batch, work)
         if not items:
             return
-        self.last_applied = time.monotonic()
+        if any(kind is not topics.Channel.TELEMETRY for kind, _, _ in items):
+            self.last_applied = time.monotonic()
         C = topics.Channel
         desired = self._ensure_and_lock(s, items)
         # Profiles through the ORM (class checks). A database error fails the batch, which the

@@ -14,7 +14,7 @@ ack, so a lost ack arrives, and the controller answers the unchanged profile by 
 desired policy again, so a lost desired message arrives too.
 
 Only the end of a burst tells a lost message from a late one: while device messages keep arriving
-(the intake applied one less than ``quiet_s`` ago), a slow round is still being answered, and asking
+(the intake applied a birth, profile or ack less than ``quiet_s`` ago; telemetry does not count), a slow round is still being answered, and asking
 its devices to re-announce would only add to the burst. So the bound is ``ack_bound_s`` once the
 intake has been quiet for ``quiet_s``, and ``busy_bound_s`` while it is not.
 
@@ -68,8 +68,9 @@ class Reconciler:
     send: Callable[[str, bytes], object]
     controller_id: str
     ack_bound_s: float = 10.0
-    #: lag that counts as lost even while device messages keep arriving
-    busy_bound_s: float = 60.0
+    #: lag that counts as lost even while device messages keep arriving (a connect burst of 10 000
+    #: devices took minutes here: asking earlier would feed the burst)
+    busy_bound_s: float = 300.0
     quiet_s: float = 3.0
     interval_s: float = 2.0
     rate_per_s: float = 200.0
