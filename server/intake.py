@@ -99,8 +99,9 @@ class BatchWriter:
 
     def apply(self, s: Session, batch: list[Item], work: Work) -> None:
         """Phases: decode; create missing device (and class) rows and lock the batch's device rows in
-        id order; profiles through the ORM; statuses, acks and telemetry in bulk. Call ``committed()``
-        once the transaction is committed."""
+        id order; profiles, then statuses, acks and telemetry, each as one executemany UPDATE in id
+        order. A database error fails the batch, which the controller retries and then applies
+        message by message. Call ``committed()`` once the transaction is committed."""
         self._uncommitted = []
         items = self._decode_all(batch, work)
         if not items:
@@ -108,12 +109,8 @@ class BatchWriter:
         if any(kind is not topics.Channel.TELEMETRY for kind, _, _ in items):
             self.last_applied = time.monotonic()
         C = topics.Channel
-        desired = self._ensure_and_lock(s, items)
-        # Profiles through the ORM (class checks). A database error fails the batch, which the
-        # controller retries and then applies message by message.
-        for kind, obj, now in sorted((i for i in items if i[0] is C.PROFILE), key=lambda i: i[1].device_id):
-            self._apply_profile(s, obj, now, work)
-        s.flush()
+        desired, pinned, known = self._ensure_and_lock(s, items)
+        self._apply_profiles(s, [(obj, now) for kind, obj, now in items if kind is C.PROFILE], pinned, known, work)
         self._apply_rest(s, items, desired, work)
 
     def committed(self) -> None:
@@ -170,12 +167,13 @@ class BatchWriter:
             return None
         return parsed.channel, obj
 
-    def _ensure_and_lock(self, s: Session, items: list[tuple[topics.Channel, Any, datetime]]) -> dict[str, int]:
+    def _ensure_and_lock(self, s: Session, items: list[tuple[topics.Channel, Any, datetime]]) -> tuple[dict[str, int], set[str], set[str] | None]:
         """Insert the batch's unknown devices (and, unless strict, unknown classes of profiles)
         with ON CONFLICT DO NOTHING, then lock its device rows in id order (PostgreSQL; SQLite has one
         writer anyway) and return their desired versions. Several controllers may write the same
         devices at once: creating rows this way cannot fail on a duplicate, and locking in one order
-        cannot deadlock."""
+        cannot deadlock. Returns (desired version by device, pinned devices, known classes of the
+        batch's profiles when strict, else None: every class is known)."""
         insert_ignore = insert_ignoring(s.get_bind().dialect.name)
         known: set[str] = set()
         if self.strict_classes:  # a refused profile must not create its device
@@ -203,40 +201,40 @@ class BatchWriter:
         if classes and not self.strict_classes:
             s.execute(insert_ignore(_CLASSES).on_conflict_do_nothing(index_elements=["name"]),
                       [{"name": c, "description": "created from a device profile", "created_at": utcnow()} for c in classes])
-        return desired
+        return desired, pinned, (known if self.strict_classes else None)
 
-    def _apply_profile(self, s: Session, prof: DeviceProfile, now: datetime, work: Work) -> None:
-        did = prof.device_id
-        if self.profiles.latest(did) == prof:
-            # a re-announcement (rebirth, reconnect): nothing to store; its desired policy goes out
-            # again in case that is what the device missed
-            work.devices.add(did)
-            work.resend.add(did)
-            return
-        dev = s.get(Device, did)
-        pinned = dev is not None and dev.class_pinned
-        if not pinned and s.get(DeviceClass, prof.device_class) is None:
-            if self.strict_classes:
+    def _apply_profiles(
+        self, s: Session, profiles: list[tuple[DeviceProfile, datetime]], pinned: set[str], known: set[str] | None, work: Work
+    ) -> None:
+        """Store new profiles (a pinned device keeps its class; with strict classes a profile of an
+        unknown class is refused); a re-announced, unchanged profile only re-sends the desired policy."""
+        rows: dict[bool, dict[str, dict[str, Any]]] = {True: {}, False: {}}
+        for prof, now in profiles:
+            did = prof.device_id
+            if self.profiles.latest(did) == prof:
+                # a re-announcement (rebirth, reconnect): nothing to store; its desired policy goes out
+                # again in case that is what the device missed
+                work.devices.add(did)
+                work.resend.add(did)
+                continue
+            keep_class = did in pinned
+            if not keep_class and known is not None and prof.device_class not in known:
                 self.stats.dropped += 1
                 log.warning("dropped profile of %s: unknown device class %r (controller runs with strict classes)", did, prof.device_class)
-                return
-            s.add(DeviceClass(name=prof.device_class, description="created from a device profile"))
-            s.flush()  # the class row must exist before a device refers to it
-        if dev is None:
-            dev = Device(device_id=did, first_seen=now, desired_version=0, applied_version=0, online=False, class_pinned=False)
-            s.add(dev)
-        if not pinned:
-            dev.device_class = prof.device_class
-        dev.profile = prof.model_dump(mode="json", by_alias=True)
-        dev.profile_revision = prof.revision
-        dev.profile_at = now
-        dev.model_id = prof.model_id
-        dev.num_layers = prof.num_layers
-        dev.cores = prof.cores
-        dev.memory_mb = prof.memory_mb
-        dev.last_seen = now
-        self._uncommitted.append((did, now, prof))
-        work.devices.add(did)
+                continue
+            row = {
+                "device_id": did, "profile": prof.model_dump(mode="json", by_alias=True), "profile_revision": prof.revision,
+                "profile_at": now, "model_id": prof.model_id, "num_layers": prof.num_layers, "cores": prof.cores,
+                "memory_mb": prof.memory_mb, "last_seen": now,
+            }
+            if not keep_class:
+                row["device_class"] = prof.device_class
+            rows[keep_class][did] = row  # the newest profile of a device in the batch wins
+            self._uncommitted.append((did, now, prof))
+            work.devices.add(did)
+        for group in rows.values():
+            if group:
+                bulk_update_devices(s, [group[d] for d in sorted(group)])
 
     def _apply_rest(self, s: Session, items: list[tuple[topics.Channel, Any, datetime]], desired: dict[str, int], work: Work) -> None:
         """Statuses, acks and telemetry in bulk: executemany UPDATEs in device-id order, one INSERT of acks."""
