@@ -5,9 +5,10 @@ unbounded ``queue.SimpleQueue`` (a C deque; no lock held while the worker runs).
 cheap: while the network thread is busy it does not read the socket, and then the broker queues the
 controller's messages -- and drops them past ``max_queued_messages`` (1000 by default). The worker
 thread takes everything queued (up to ``batch_max``) and writes it with ``BatchWriter.apply`` in one
-transaction: profiles through the ORM (class checks, device creation), statuses/acks/telemetry as
-one SELECT plus executemany INSERT/UPDATEs. Under a burst batches grow, so the registry cost per
-message falls as the load rises.
+transaction: new devices and classes inserted with ON CONFLICT DO NOTHING, the batch's device rows
+locked in id order (several controllers may write at once), then profiles, statuses, acks and
+telemetry as executemany UPDATEs and one INSERT of acks. Under a burst batches grow, so the registry
+cost per message falls as the load rises.
 
 Every message is parsed with the common schemas; anything refused is logged with its reason and
 dropped (counted in ``IntakeStats.dropped``).
