@@ -234,7 +234,7 @@ class Controller:
                 self.idle.clear()
                 self._run_batch(batch)
             self._maybe_poll()
-            self._guarded(lambda: self.reconciler.maybe_run(time.monotonic() - self.writer.last_applied), "reconciliation")
+            self._guarded(lambda: self.reconciler.maybe_run(self.intake.quiet_for()), "reconciliation")
             if self.intake.empty():
                 self.idle.set()
 

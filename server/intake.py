@@ -47,6 +47,7 @@ _MODELS: dict[topics.Channel, type] = {
 _DEVICES = Device.__table__
 _ACKS = PolicyAckRecord.__table__
 _CLASSES = DeviceClass.__table__
+_TELEMETRY_SUFFIX = "/" + topics.Channel.TELEMETRY.value
 
 
 class Intake:
@@ -54,9 +55,18 @@ class Intake:
 
     def __init__(self) -> None:
         self._q: queue.SimpleQueue[Item] = queue.SimpleQueue()
+        #: ``time.monotonic()`` when a birth, profile, ack or notice last arrived (telemetry does not count)
+        self.last_arrival = 0.0
 
     def put(self, topic: str, payload: bytes | None, retained: bool = False) -> None:
         self._q.put((topic, payload, utcnow()))
+        if not topic.endswith(_TELEMETRY_SUFFIX):
+            self.last_arrival = time.monotonic()
+
+    def quiet_for(self) -> float:
+        """Seconds since the last birth, profile or ack arrived; 0 while any message waits in the queue
+        (a worker busy resolving has not even read the acks that did arrive)."""
+        return time.monotonic() - self.last_arrival if self._q.empty() else 0.0
 
     def take(self, max_items: int, timeout: float) -> list[Item]:
         """Wait up to ``timeout`` s for a first item, then take what is queued (at most ``max_items``)."""
@@ -95,8 +105,6 @@ class BatchWriter:
         self.strict_classes = strict_classes
         self.stats = IntakeStats()
         self._uncommitted: list[tuple[str, datetime, DeviceProfile]] = []
-        #: ``time.monotonic()`` when a batch last held a birth, profile or ack (reconciliation waits for quiet)
-        self.last_applied = 0.0
 
     def apply(self, s: Session, batch: list[Item], work: Work) -> None:
         """Phases: decode; create missing device (and class) rows and lock the batch's device rows in
@@ -107,8 +115,6 @@ class BatchWriter:
         items = self._decode_all(batch, work)
         if not items:
             return
-        if any(kind is not topics.Channel.TELEMETRY for kind, _, _ in items):
-            self.last_applied = time.monotonic()
         C = topics.Channel
         desired, pinned, known = self._ensure_and_lock(s, items)
         self._apply_profiles(s, [(obj, now) for kind, obj, now in items if kind is C.PROFILE], pinned, known, work)

@@ -14,7 +14,8 @@ ack, so a lost ack arrives, and the controller answers the unchanged profile by 
 desired policy again, so a lost desired message arrives too.
 
 Only the end of a burst tells a lost message from a late one: while device messages keep arriving
-(the intake applied a birth, profile or ack less than ``quiet_s`` ago; telemetry does not count), a slow round is still being answered, and asking
+(a birth, profile or ack arrived less than ``quiet_s`` ago or still waits in the intake queue;
+telemetry does not count), a slow round is still being answered, and asking
 its devices to re-announce would only add to the burst. So the bound is ``ack_bound_s`` once the
 intake has been quiet for ``quiet_s``, and ``busy_bound_s`` while it is not.
 
@@ -83,7 +84,7 @@ class Reconciler:
 
     def maybe_run(self, quiet_for_s: float = math.inf) -> int:
         """Run when ``interval_s`` has passed since the last run; ``quiet_for_s``: seconds since the
-        intake last applied a device message. Returns the devices asked."""
+        last device message arrived (0 while the intake still holds one, ``Intake.quiet_for``). Returns the devices asked."""
         now = time.monotonic()
         if now - self._last_run < self.interval_s:
             return 0
