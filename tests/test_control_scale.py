@@ -8,7 +8,7 @@ import threading
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 
 from control_fixtures import broker, db_url, fleet, pg_admin, pg_url, sqlite_fleet  # noqa: F401 - fixtures
 from control_fixtures import Fleet, converged, wait_until
@@ -17,6 +17,7 @@ from ldfleet.common.reannounce import ReannounceBackoff
 from ldfleet.common.schemas import utcnow
 from ldfleet.server.publisher import PolicyPublisher, Work
 from ldfleet.server.registry import DesiredPolicyRecord, Device, Registry
+from ldfleet.server.registry.models import PolicyAckRecord
 
 
 def test_reannounce_backoff_doubles_with_bounded_jitter_up_to_the_cap():
@@ -83,8 +84,9 @@ def test_a_lost_ack_is_recovered_by_reconciliation(sqlite_fleet: Fleet):
     ctl = f.controller(ack_bound_s=0.5, reconcile_interval_s=0.2)
     ag = f.agent("lost-1", "pi4")
     assert wait_until(lambda: converged(f.registry, ["lost-1"]), 30)
-    with f.registry.session() as s:  # the ack "never arrived", a while ago
+    with f.registry.session() as s:  # the ack "never arrived" (neither its row nor its effect), a while ago
         s.execute(update(Device).where(Device.device_id == "lost-1").values(applied_version=0, desired_at=utcnow() - timedelta(seconds=5)))
+        s.execute(delete(PolicyAckRecord).where(PolicyAckRecord.device_id == "lost-1"))
     assert not converged(f.registry, ["lost-1"])
     assert wait_until(lambda: converged(f.registry, ["lost-1"]), 30)
     assert ctl.stats.rebirth_requests >= 1
