@@ -13,11 +13,11 @@ import logging
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Table, insert, select, tuple_
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import Table, select, tuple_
 from sqlalchemy.orm import Session
 
 from ldfleet.common.schemas import PolicyAck
+from ldfleet.server.publisher import insert_ignoring
 from ldfleet.server.registry.models import PolicyAckRecord
 
 log = logging.getLogger("ldfleet.controller")
@@ -31,18 +31,9 @@ def _key(ack: PolicyAck) -> tuple[str, int, int, str]:
 
 
 def insert_or_ignore(s: Session, table: Table, rows: list[dict[str, Any]]) -> None:
-    """INSERT rows, skipping any that violate a unique constraint (SQLite and PostgreSQL:
-    ``ON CONFLICT DO NOTHING``; other backends: a plain INSERT)."""
-    if not rows:
-        return
-    name = s.get_bind().dialect.name
-    if name == "sqlite":
-        stmt = sqlite.insert(table).on_conflict_do_nothing()
-    elif name == "postgresql":
-        stmt = postgresql.insert(table).on_conflict_do_nothing()
-    else:
-        stmt = insert(table)
-    s.execute(stmt, rows)
+    """INSERT rows, skipping any that violate a unique constraint (``ON CONFLICT DO NOTHING``)."""
+    if rows:
+        s.execute(insert_ignoring(s.get_bind().dialect.name)(table).on_conflict_do_nothing(), rows)
 
 
 def first_deliveries(s: Session, acks: list[tuple[PolicyAck, datetime]]) -> list[tuple[PolicyAck, datetime]]:
