@@ -9,21 +9,17 @@ equal what was sent, and `ldfleet registry usage --source inference` and the rep
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from fleet_fixtures import TINY_FLEET
+from fleet_fixtures import TINY_FLEET, scenario_run
+from fleet_fixtures import ldfleet_cli as _cli
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-LDFLEET = str(Path(sys.executable).parent / "ldfleet")
 REQUESTS = 3
 ROUNDS = 2
 
@@ -41,18 +37,9 @@ SCENARIO = {
 }
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "COLUMNS": "200"}
-    return subprocess.run([LDFLEET, *args], capture_output=True, text=True, timeout=900, env=env)
-
-
 def test_simulated_devices_serve_and_their_telemetry_is_rolled_up(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serving")
-    cache = tmp_path_factory.getbasetemp() / "sim-cache"
-    cfg = tmp / "serving.yaml"
-    cfg.write_text(yaml.safe_dump(SCENARIO))
-    run = tmp / "run"
-    res = _cli("simulate", "--config", str(cfg), "--out", str(run), "--cache", str(cache), "--serve", str(REQUESTS))
+    cfg, run, cache = scenario_run(tmp_path_factory, "serving", SCENARIO)
+    res = _cli("simulate", "--config", str(cfg), "--out", str(run), "--cache", str(cache), "--serve", str(REQUESTS), timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert f"served {3 * REQUESTS} requests" in res.stdout
 
