@@ -388,8 +388,6 @@ def _simulate(opts: SimulateOptions, run_dir: Path, console: Console) -> dict[st
     else:
         config = Path(opts.config or Path("configs") / "fleet-small.yaml")
         scn = load_scenario(config, rounds=opts.rounds)
-        if opts.serve is not None:
-            scn = scn.model_copy(update={"serve": scn.serve.model_copy(update={"requests_per_device": opts.serve})})
         if (run_dir / RUN_FILE).exists() and opts.overwrite:
             _clear_run(run_dir)
         if (run_dir / RUN_FILE).exists():
@@ -404,6 +402,8 @@ def _simulate(opts: SimulateOptions, run_dir: Path, console: Console) -> dict[st
         db_url = opts.db or f"sqlite:///{(run_dir / 'registry.db').resolve()}"
         info = RunInfo(run_id=f"{scn.name}-{uuid.uuid4().hex[:8]}", run_dir=run_dir, db_url=db_url, cache_dir=cache_dir,
                        created=time.time())
+    if opts.serve is not None:
+        scn = scn.model_copy(update={"serve": scn.serve.model_copy(update={"requests_per_device": opts.serve})})
     info.rounds = scn.rounds
     info.status = "running"
     info.save()

@@ -38,7 +38,7 @@ def simulate(
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower's and Ray's logs on the console."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous simulation in --out (keeps the cache)."),
     serve: Optional[int] = typer.Option(None, "--serve", min=0, help="After every round each device serves N inference requests "
-                                        "on its held-out clips and publishes telemetry [default: the scenario's serve.requests_per_device, 0]."),
+                                        "on its held-out clips and publishes telemetry (also on --resume) [default: the scenario's serve.requests_per_device, 0]."),
 ) -> None:
     """Run a heterogeneous fleet on this machine: data, warm model, broker, controller, agents, Flower rounds, report.
 
