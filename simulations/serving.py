@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 from ldfleet.simulations.waits import wait_until
@@ -77,9 +78,10 @@ class FleetServing:
         return [pool[idx[(start + j) % len(idx)]][0].numpy() for j in range(self.requests)]
 
     def serve_round(self, run_dir: Path, rnd: int) -> dict[str, float]:
-        """Every device serves its requests and publishes them; returns {requests, mean_k, interventions}."""
+        """Every device serves its requests and publishes them; returns {requests, mean_k, interventions, seconds}."""
         if self.requests <= 0:
             return {}
+        t0 = time.perf_counter()
         self._load(run_dir, rnd)
         total = ks = interventions = 0
         for dev in self.manifest.devices:
@@ -96,7 +98,7 @@ class FleetServing:
             total += message.inference.requests
         self._save()
         return {"requests": total, "mean_k": ks / max(1, self.requests * len(self.manifest.devices)),
-                "interventions": interventions}
+                "interventions": interventions, "seconds": time.perf_counter() - t0}
 
     def _save(self) -> None:
         tmp = self.path.with_suffix(".tmp")

@@ -285,7 +285,7 @@ class ScenarioHooks:
         served = self.serving.serve_round(self.info.run_dir, rnd) if self.serving is not None else {}
         if served:
             self.display.say(f"  served {served['requests']} requests (mean k {served['mean_k']:.2f}, "
-                             f"{served['interventions']} governor interventions)")
+                             f"{served['interventions']} governor interventions) in {served['seconds']:.1f} s")
         with open(self.info.run_dir / ROUNDS_LOG, "a") as f:
             f.write(json.dumps({"round": rnd, "time": time.time(), **{k: summary.get(k) for k in (
                 "sampled", "offline", "failed", "crash_injected", "seconds", "policy_versions", "k")}}, default=str) + "\n")
