@@ -190,6 +190,16 @@ class SimulationSpec(_Strict):
     torch_threads: Annotated[int, Field(ge=0, le=1024)] = 0
 
 
+class ServeSpec(_Strict):
+    """Inference traffic of the simulated devices (``simulations/serving.py``): after every round each
+    device runs ``requests_per_device`` of its own held-out clips through the on-device inference path
+    (policy, governor, runtime) and publishes the inference telemetry. 0 (the default) serves nothing."""
+
+    requests_per_device: Annotated[int, Field(ge=0, le=100_000)] = 0
+    #: Per-request deadline in ms for the governor; None: the policy's latency target, if any.
+    deadline_ms: Annotated[float, Field(gt=0.0)] | None = None
+
+
 class Scenario(_Strict):
     name: str = "fleet"
     description: str = ""
@@ -206,6 +216,7 @@ class Scenario(_Strict):
     availability: Availability = Availability()
     events: list[Event] = Field(default_factory=list)
     simulation: SimulationSpec = SimulationSpec()
+    serve: ServeSpec = ServeSpec()
     #: Keep ratios for the report's accuracy-vs-budget comparison on held-out speakers.
     report_keeps: list[Annotated[float, Field(gt=0.0, le=1.0)]] = Field(default_factory=lambda: [0.25, 0.375, 0.5, 0.75, 1.0])
     #: Filled in by ``load_scenario`` from ``profiles_file``: profile name -> profile.

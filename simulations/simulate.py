@@ -10,7 +10,9 @@
    and ClientApp; each ClientApp reads its device's budget from that local state;
 5. scheduled events between rounds (budget changes through the operator API, crashes), devices
    offline per round, stragglers; a progress line per round;
-6. the report (``RUN/report/``).
+6. with the scenario's ``serve`` option (or ``--serve N``): after every round each device serves N
+   requests on its held-out clips and publishes inference telemetry (``simulations/serving.py``);
+7. the report (``RUN/report/``).
 
 ``--resume RUN`` continues a run that was killed: the same fleet, registry and device states; the
 server restarts after the last finished round and discards the unfinished one.
@@ -35,6 +37,8 @@ from rich.markup import escape
 
 from ldfleet.common.learning import MANIFEST_FILE, FleetManifest
 from ldfleet.simulations.scenario import Scenario, ScenarioError, load_scenario, parse_scenario
+from ldfleet.simulations.serving import SERVING_FILE, FleetServing
+from ldfleet.simulations.waits import wait_converged, wait_registered
 
 log = logging.getLogger("ldfleet.sim")
 
@@ -62,6 +66,7 @@ class SimulateOptions:
     report: bool = True
     verbose: bool = False
     overwrite: bool = False
+    serve: int | None = None  # requests per device and round; None: the scenario's serve option
 
 
 @dataclass
@@ -218,61 +223,16 @@ def torch_threads(requested: int = 0) -> int:
     return max(1, min(cores, int(cores - busy_cores() + 0.5)))
 
 
-def _wait(predicate, timeout: float, step: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return bool(predicate())
-
-
-def wait_registered(registry, device_ids: set[str], timeout: float) -> set[str]:
-    """Devices whose profile the controller has registered; returns those still missing."""
-    def missing() -> set[str]:
-        known = {d.device_id for d in registry.devices() if d.profile is not None}
-        return device_ids - known
-
-    _wait(lambda: not missing(), timeout)
-    return missing()
-
-
-def wait_converged(registry, device_ids: set[str], timeout: float, device_class: str | None = None,
-                   policy_version: int | None = None) -> set[str]:
-    """Devices that have not applied their desired policy (optionally: at least a class policy version).
-
-    Every simulated agent stays connected, so a device not yet seen online (its birth message can
-    trail its profile) is pending too."""
-    def pending() -> set[str]:
-        out = set()
-        devices = registry.devices(device_class)
-        out |= device_ids - {d.device_id for d in devices} if device_class is None else set()
-        for d in devices:
-            if d.device_id not in device_ids:
-                continue
-            if not d.online:
-                out.add(d.device_id)
-                continue
-            if d.desired_version == 0 or d.applied_version != d.desired_version:
-                out.add(d.device_id)
-            elif policy_version is not None and (d.desired or {}).get("source") == "class" \
-                    and int((d.desired or {}).get("policy_version", 0)) < policy_version:
-                out.add(d.device_id)
-        return out
-
-    _wait(lambda: not pending(), timeout)
-    return pending()
-
-
 class ScenarioHooks:
     """Round hooks for the strategy: scheduled events, offline devices, stragglers, crashes, display."""
 
-    def __init__(self, scn: Scenario, info: RunInfo, registry, broker_url: str, display: Display) -> None:
+    def __init__(self, scn: Scenario, info: RunInfo, registry, broker_url: str, display: Display, serving=None) -> None:
         self.scn = scn
         self.info = info
         self.registry = registry
         self.broker_url = broker_url
         self.display = display
+        self.serving = serving
         self.devices = [d for d, _ in scn.device_ids()]
         path = info.run_dir / EVENTS_FILE
         self.applied: list[dict] = json.loads(path.read_text()) if path.exists() else []
@@ -322,6 +282,10 @@ class ScenarioHooks:
 
     def after_round(self, rnd: int, summary: dict[str, Any]) -> None:
         self.display.round_done(rnd, summary)
+        served = self.serving.serve_round(self.info.run_dir, rnd) if self.serving is not None else {}
+        if served:
+            self.display.say(f"  served {served['requests']} requests (mean k {served['mean_k']:.2f}, "
+                             f"{served['interventions']} governor interventions) in {served['seconds']:.1f} s")
         with open(self.info.run_dir / ROUNDS_LOG, "a") as f:
             f.write(json.dumps({"round": rnd, "time": time.time(), **{k: summary.get(k) for k in (
                 "sampled", "offline", "failed", "crash_injected", "seconds", "policy_versions", "k")}}, default=str) + "\n")
@@ -372,7 +336,7 @@ class _Logs:
 
 
 RUN_ENTRIES = (RUN_FILE, SCENARIO_COPY, EVENTS_FILE, ROUNDS_LOG, MANIFEST_FILE, "device-classes.yaml", "registry.db",
-               "registry.db-wal", "registry.db-shm", "devices", "checkpoints", "report", "broker", "flower.log")
+               "registry.db-wal", "registry.db-shm", "devices", "checkpoints", "report", "broker", "flower.log", SERVING_FILE)
 
 
 def _clear_run(run_dir: Path) -> None:
@@ -438,6 +402,8 @@ def _simulate(opts: SimulateOptions, run_dir: Path, console: Console) -> dict[st
         db_url = opts.db or f"sqlite:///{(run_dir / 'registry.db').resolve()}"
         info = RunInfo(run_id=f"{scn.name}-{uuid.uuid4().hex[:8]}", run_dir=run_dir, db_url=db_url, cache_dir=cache_dir,
                        created=time.time())
+    if opts.serve is not None:
+        scn = scn.model_copy(update={"serve": scn.serve.model_copy(update={"requests_per_device": opts.serve})})
     info.rounds = scn.rounds
     info.status = "running"
     info.save()
@@ -481,6 +447,7 @@ def _simulate(opts: SimulateOptions, run_dir: Path, console: Console) -> dict[st
     broker = None
     controller = None
     agents: list = []
+    serving = None
     registry = Registry(info.db_url)
     try:
         if opts.broker:
@@ -514,10 +481,13 @@ def _simulate(opts: SimulateOptions, run_dir: Path, console: Console) -> dict[st
         display.say(f"  change a budget while it runs: [bold]ldfleet budget set CLASS --keep 0.5 --broker {broker_url} "
                     f"--db {db_hint}[/bold]")
 
-        # 4. learning plane
-        phase_t["rounds"] = _run_rounds(scn, info, fleet.manifest, registry, broker_url, display, opts)
+        # 4. learning plane (5. events and served traffic from the round hooks)
+        serving = FleetServing(fleet.manifest, broker_url, run_dir, scn.serve.requests_per_device, scn.serve.deadline_ms)
+        phase_t["rounds"] = _run_rounds(scn, info, fleet.manifest, registry, broker_url, display, opts, serving)
     finally:
         t = time.perf_counter()
+        if serving is not None:
+            serving.close(registry)
         for a in agents:
             try:
                 a.stop()
@@ -562,7 +532,7 @@ def _simulate(opts: SimulateOptions, run_dir: Path, console: Console) -> dict[st
 
 
 def _run_rounds(scn: Scenario, info: RunInfo, manifest: FleetManifest, registry, broker_url: str, display: Display,
-                opts: SimulateOptions) -> float:
+                opts: SimulateOptions, serving: FleetServing | None = None) -> float:
     from flwr.simulation import run_simulation
 
     from ldfleet.client.app import make_client_app
@@ -580,7 +550,7 @@ def _run_rounds(scn: Scenario, info: RunInfo, manifest: FleetManifest, registry,
         round_timeout_s=scn.simulation.round_timeout_s, settle_timeout_s=scn.simulation.settle_timeout_s,
         wait_nodes_s=60.0, resume=True,
     )
-    hooks = ScenarioHooks(scn, info, registry, broker_url, display)
+    hooks = ScenarioHooks(scn, info, registry, broker_url, display, serving)
     outcome: list = []
     backend = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},

@@ -12,7 +12,30 @@ TINY_FLEET = {
 }
 
 
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
+
+LDFLEET = str(Path(sys.executable).parent / "ldfleet")
+
+
+def scenario_run(tmp_path_factory, name: str, scenario: dict) -> tuple[Path, Path, Path]:
+    """A scenario YAML in a fresh temp folder: (config, run folder to create, the session's shared sim cache)."""
+    import yaml
+
+    tmp = tmp_path_factory.mktemp(name)
+    cfg = tmp / f"{name}.yaml"
+    cfg.write_text(yaml.safe_dump(scenario))
+    return cfg, tmp / "run", tmp_path_factory.getbasetemp() / "sim-cache"
+
+
+def ldfleet_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the `ldfleet` command of this environment (output captured, Flower's telemetry off, wide tables)."""
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "COLUMNS": "200"}
+    return subprocess.run([LDFLEET, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture(autouse=True)

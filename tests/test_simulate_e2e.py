@@ -16,19 +16,17 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from fleet_fixtures import TINY_FLEET
+from fleet_fixtures import LDFLEET, TINY_FLEET, scenario_run
+from fleet_fixtures import ldfleet_cli as _cli
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-LDFLEET = str(Path(sys.executable).parent / "ldfleet")
 
 SCENARIO = {
     "name": "e2e",
@@ -69,17 +67,9 @@ def _wait(pred, timeout: float, proc: subprocess.Popen, log: Path) -> None:
     pytest.fail(f"timed out; log:\n{log.read_text()[-3000:]}")
 
 
-def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "COLUMNS": "200"}
-    return subprocess.run([LDFLEET, *args], capture_output=True, text=True, timeout=timeout, env=env)
-
-
 def test_simulate_budget_change_crash_kill_and_resume(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("e2e")
-    cache = tmp_path_factory.getbasetemp() / "sim-cache"
-    cfg = tmp / "e2e.yaml"
-    cfg.write_text(yaml.safe_dump(SCENARIO))
-    run = tmp / "run"
+    cfg, run, cache = scenario_run(tmp_path_factory, "e2e", SCENARIO)
+    tmp = cfg.parent
     db = run / "registry.db"
     log = tmp / "first.log"
     proc = subprocess.Popen([LDFLEET, "simulate", "--config", str(cfg), "--out", str(run), "--cache", str(cache), "--no-report"],

@@ -37,6 +37,8 @@ def simulate(
     report: bool = typer.Option(True, "--report/--no-report", help="Write RUN/report/ at the end."),
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower's and Ray's logs on the console."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous simulation in --out (keeps the cache)."),
+    serve: Optional[int] = typer.Option(None, "--serve", min=0, help="After every round each device serves N inference requests "
+                                        "on its held-out clips and publishes telemetry (also on --resume) [default: the scenario's serve.requests_per_device, 0]."),
 ) -> None:
     """Run a heterogeneous fleet on this machine: data, warm model, broker, controller, agents, Flower rounds, report.
 
@@ -50,7 +52,8 @@ def simulate(
     if resume is not None and out is not None and out != resume:
         fail("--resume RUN already names the run folder; drop --out")
     opts = SimulateOptions(config=config, out=resume or out, rounds=rounds, broker=broker, db=db, resume=resume is not None,
-                           cache_dir=cache, actors=actors, report=report, verbose=verbose, overwrite=overwrite)
+                           cache_dir=cache, actors=actors, report=report, verbose=verbose, overwrite=overwrite,
+                           serve=serve)
     out_console = console if console.is_terminal else Console(width=160)  # logs and CI: no wrapping at 80
     try:
         summary = run(opts, out_console)
