@@ -64,10 +64,11 @@ class LayerRunner(nn.Module):
     """Front end + encoder layers of an HF WavLM / HuBERT / wav2vec 2.0 / Whisper model, layer by layer.
 
     Whisper only: ``pad_to_window`` pads every clip to Whisper's 30 s window (what the HF encoder
-    requires); False runs each clip at its own length with the learned positions sliced.
+    requires); False runs each clip at its own length plus ``tail_s`` seconds of silence, with the
+    learned positions sliced.
     """
 
-    def __init__(self, backbone: nn.Module, pad_to_window: bool = False):
+    def __init__(self, backbone: nn.Module, pad_to_window: bool = False, tail_s: float = 0.0):
         super().__init__()
         self.backbone = backbone
         self.family = family_of(backbone)
@@ -75,6 +76,7 @@ class LayerRunner(nn.Module):
         self.layers = self.encoder.layers
         self.stable_layer_norm = bool(getattr(backbone.config, "do_stable_layer_norm", False))
         self.pad_to_window = pad_to_window
+        self.tail_s = tail_s
         self.log_mel = whisper_log_mel(backbone) if self.family == "whisper" else None
 
     @property
@@ -112,7 +114,9 @@ class LayerRunner(nn.Module):
         return FrontEnd(hidden=hidden, features=features, frame_mask=frame_mask)
 
     def _whisper_front_end(self, waveform: Tensor, attention_mask: Tensor | None) -> FrontEnd:
-        mel, mel_frames = whisper.batch_log_mel(self.log_mel, waveform, attention_mask, self.pad_to_window)
+        mel, mel_frames = whisper.batch_log_mel(
+            self.log_mel, waveform, attention_mask, self.pad_to_window, self.tail_s
+        )
         features, frame_mask = whisper.conv_front_end(self.encoder, mel, mel_frames)
         hidden = whisper.add_positions(self.encoder, features)
         hidden = nn.functional.dropout(hidden, p=self.encoder.dropout, training=self.training)

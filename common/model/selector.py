@@ -36,8 +36,18 @@ class LayerSelector(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(2 * feature_dim, hidden), nn.GELU(), nn.Linear(hidden, num_layers))
 
     def forward(self, features: Tensor, frame_mask: Tensor | None = None) -> Tensor:
-        mean, std = masked_mean_std(features, frame_mask)
-        return self.mlp(self.norm(torch.cat([mean, std], dim=-1)))
+        return self.from_pooled(pooled_features(features, frame_mask))
+
+    def from_pooled(self, pooled: Tensor) -> Tensor:
+        """Scores [B, L] from pooled features [B, 2 * D] (see ``pooled_features``), so a trainer can
+        cache the pooled summary of every clip instead of its frames."""
+        return self.mlp(self.norm(pooled))
+
+
+def pooled_features(features: Tensor, frame_mask: Tensor | None = None) -> Tensor:
+    """What the selector looks at: mean and std over real frames, concatenated, [B, 2 * D]."""
+    mean, std = masked_mean_std(features, frame_mask)
+    return torch.cat([mean, std], dim=-1)
 
 
 class StaticScores(nn.Module):

@@ -70,14 +70,16 @@ class LogMel:
 
 
 def batch_log_mel(
-    log_mel: LogMel, waveform: Tensor, attention_mask: Tensor | None, pad_to_window: bool
+    log_mel: LogMel, waveform: Tensor, attention_mask: Tensor | None, pad_to_window: bool, tail_s: float = 0.0
 ) -> tuple[Tensor, Tensor]:
     """Log-mel of each clip of a batch, padded with zeros to the longest (or to 30 s).
 
     waveform [B, samples] float at 16 kHz; attention_mask [B, samples] (1 = real sample) or None.
     Returns mel [B, n_mels, F] and the real mel frames per clip [B]. With ``pad_to_window`` every
     clip is first padded with silence to 30 s, exactly as the HF feature extractor does, so the
-    whole window is real input; clips longer than 30 s raise ``ValueError``.
+    whole window is real input; clips longer than 30 s raise ``ValueError``. Otherwise ``tail_s``
+    seconds of silence are appended to each clip (capped at 30 s in all), which is what tells
+    Whisper's decoder that the speech has ended.
     """
     lengths = (
         torch.full((waveform.shape[0],), waveform.shape[1], dtype=torch.long)
@@ -87,10 +89,12 @@ def batch_log_mel(
     mels = []
     for wave, n in zip(waveform, lengths.tolist()):
         clip = wave[:n]
+        if n > log_mel.window_samples:
+            raise ValueError(f"clip of {n} samples is longer than Whisper's 30 s window")
         if pad_to_window:
-            if n > log_mel.window_samples:
-                raise ValueError(f"clip of {n} samples is longer than Whisper's 30 s window")
             clip = F.pad(clip, (0, log_mel.window_samples - n))
+        elif tail_s > 0:
+            clip = F.pad(clip, (0, min(int(tail_s * SAMPLE_RATE), log_mel.window_samples - n)))
         mels.append(log_mel(clip))
     frames = torch.tensor([m.shape[-1] for m in mels])
     longest = int(frames.max())

@@ -94,17 +94,28 @@ def train(
 
 
 def evaluate(
-    run: Path = typer.Option(..., "--run", help="A run folder made by `ldfleet train`."),
-    data: Path = typer.Option(..., "--data", help="Speech Commands folder; its test split (held-out speakers) is used."),
+    run: Path = typer.Option(None, "--run", help="A run folder made by `ldfleet train` (or by `make real-bench`)."),
+    data: Path = typer.Option(..., "--data", help="Speech Commands folder (kws; its test split, held-out speakers), "
+                              "or a Hugging Face audiofolder (asr; DATA or DATA/SPLIT with metadata.csv)."),
     keep: str = typer.Option("0.25,0.5,0.75,1.0", help="Comma-separated keep ratios."),
     methods: str = typer.Option("full,random,early_exit,static,selector", help="Comma-separated strategies."),
     split: str = typer.Option("test", help="train | val | test"),
     seed: int = typer.Option(-1, help="Split seed (default: the run's training seed)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    backbone: str = typer.Option(None, "--backbone", help="asr without a run: a Whisper hub id or local HF folder "
+                                 "(e.g. from `ldfleet model import`)."),
+    task: str = typer.Option("", "--task", help="kws | asr (default: what the run was trained for; asr with --backbone)."),
+    language: str = typer.Option("en", help="asr: language token Whisper's decoder is forced to ('' = detect)."),
+    pad_to_window: bool = typer.Option(False, "--pad-to-window/--unpadded",
+                                       help="asr with --backbone: pad clips to Whisper's 30 s window, or run them at their own length."),
+    limit: int = typer.Option(0, min=0, help="asr: evaluate only the first N clips (0 = all)."),
+    batch_size: int = typer.Option(8, min=1, help="asr: clips per encoder batch."),
 ) -> None:
-    """Accuracy, layers run, MACs and ms per example for every method at every keep ratio."""
-    from ldfleet.common.evaluate import evaluate as run_eval
-    from ldfleet.common.model.checkpoint import load_model, read_meta
+    """Accuracy (kws) or WER/CER (asr), layers run and ms per example for every method at every keep ratio.
+
+    asr: rows `method, keep, k, wer, cer, mean_layers, encoder_ms, ms_per_example, distinct_layer_sets`;
+    `--backbone DIR` evaluates a pretrained Whisper with no run folder (full, random, early_exit).
+    """
     from ldfleet.common.model.strategies import STRATEGY_NAMES
 
     keeps = _keeps(keep)
@@ -112,6 +123,20 @@ def evaluate(
     unknown = [m for m in names if m not in STRATEGY_NAMES]
     if unknown:
         raise typer.BadParameter(f"unknown methods {unknown}; choose from {', '.join(STRATEGY_NAMES)}")
+    if (run is None) == (backbone is None):
+        raise typer.BadParameter("give exactly one of --run and --backbone")
+    from ldfleet.common.model.whisper_dynamic import is_whisper_run
+
+    if backbone is not None or task == "asr" or is_whisper_run(run):
+        if backbone is not None and task not in ("", "asr"):
+            raise typer.BadParameter("--backbone evaluates speech recognition (--task asr)")
+        from ldfleet.commands.whisper_eval import eval_whisper
+
+        eval_whisper(run if backbone is None else None, backbone, data, split, names, keeps, language,
+                     pad_to_window, limit, batch_size, as_json, _progress)
+        return
+    from ldfleet.common.evaluate import evaluate as run_eval
+    from ldfleet.common.model.checkpoint import load_model, read_meta
     try:
         meta = read_meta(run)
     except FileNotFoundError as exc:
@@ -193,7 +218,8 @@ def demo(
     train(data=data, out=out, backbone="tiny", family="wavlm", epochs=epochs, strategy_epochs=strategy_epochs,
           layerdrop=0.1, batch_size=32, seed=seed, threads=0)
     evaluate(run=out, data=data, keep="0.25,0.5,0.75,1.0", methods="full,random,early_exit,static,selector",
-             split="test", seed=seed, as_json=False)
+             split="test", seed=seed, as_json=False, backbone=None, task="", language="en", pad_to_window=False,
+             limit=0, batch_size=8)
 
 
 def register(app: typer.Typer) -> None:
