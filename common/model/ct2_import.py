@@ -337,7 +337,8 @@ def import_ct2(
     model.tie_weights()
     ct2_config = json.loads((src / "config.json").read_text())
     model.generation_config = generation_config(
-        ct2_config, tokenizer, special, multilingual=config.vocab_size >= 51865, max_length=config.max_target_positions
+        ct2_config, tokenizer, special, multilingual=len(ct2_config.get("lang_ids", [])) > 1,
+        max_length=config.max_target_positions,
     )
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

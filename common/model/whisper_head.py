@@ -136,10 +136,12 @@ class WhisperDecoderHead(nn.Module):
         if max_new_tokens is None:
             max_new_tokens = 10 + int(6 * hidden.shape[1] / 50)
         max_new_tokens = min(max_new_tokens, self.whisper.config.max_target_positions - len(self.prompt_ids()))
+        forced = {}
+        if getattr(self.whisper.generation_config, "is_multilingual", False):
+            forced = {"language": self.language, "task": "transcribe"}
         ids = self.whisper.generate(
-            encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
-            language=self.language, task="transcribe", do_sample=False, num_beams=1,
-            max_new_tokens=max_new_tokens,
+            encoder_outputs=BaseModelOutput(last_hidden_state=hidden), do_sample=False, num_beams=1,
+            max_new_tokens=max_new_tokens, **forced,
         )
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
