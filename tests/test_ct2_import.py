@@ -33,9 +33,9 @@ def test_round_trip_gives_the_same_weights_and_encoder_output(source, tmp_path):
     assert gen.decoder_start_token_id == len(WORDS) + 1
     wave = torch.randn(1, 16000)
     with torch.inference_mode():
-        a = LayerRunner(loaded)(wave)
+        a = LayerRunner(loaded, pad_to_window=False)(wave)
         source.load_state_dict(half)
-        b = LayerRunner(source)(wave)
+        b = LayerRunner(source, pad_to_window=False)(wave)
     assert torch.allclose(a, b, atol=1e-5)
 
 

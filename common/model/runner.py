@@ -64,11 +64,12 @@ class LayerRunner(nn.Module):
     """Front end + encoder layers of an HF WavLM / HuBERT / wav2vec 2.0 / Whisper model, layer by layer.
 
     Whisper only: ``pad_to_window`` pads every clip to Whisper's 30 s window (what the HF encoder
-    requires); False runs each clip at its own length plus ``tail_s`` seconds of silence, with the
-    learned positions sliced.
+    requires, and the default: unpadded clips make the stock decoder loop, WER 350% vs 9% on
+    English prompts); False runs each clip at its own length plus ``tail_s`` seconds of silence,
+    with the learned positions sliced (~10x less encoder time for a 3 s clip).
     """
 
-    def __init__(self, backbone: nn.Module, pad_to_window: bool = False, tail_s: float = 0.0):
+    def __init__(self, backbone: nn.Module, pad_to_window: bool = True, tail_s: float = 0.0):
         super().__init__()
         self.backbone = backbone
         self.family = family_of(backbone)

@@ -45,7 +45,7 @@ class WhisperDynamic(nn.Module):
     """``front_end(waves) -> FrontEnd``; ``run(front, strategy, k) -> (hidden [B, T, D], keep [B, L])``;
     ``transcribe(front, strategy, k) -> (texts, keep)``."""
 
-    def __init__(self, whisper: nn.Module, tokenizer, language: str | None = "en", pad_to_window: bool = False,
+    def __init__(self, whisper: nn.Module, tokenizer, language: str | None = "en", pad_to_window: bool = True,
                  selector_hidden: int = 64):
         super().__init__()
         self.runner = LayerRunner(whisper, pad_to_window=pad_to_window)
@@ -54,7 +54,7 @@ class WhisperDynamic(nn.Module):
         self.selector_hidden = selector_hidden
 
     @classmethod
-    def from_pretrained(cls, name: str, language: str | None = "en", pad_to_window: bool = False) -> "WhisperDynamic":
+    def from_pretrained(cls, name: str, language: str | None = "en", pad_to_window: bool = True) -> "WhisperDynamic":
         """From a Whisper hub id or local folder (e.g. made by ``ldfleet model import``)."""
         from transformers import WhisperTokenizerFast
 
@@ -106,7 +106,7 @@ class WhisperDynamic(nn.Module):
     def load(cls, run: str | Path) -> "WhisperDynamic":
         run = Path(run)
         meta = read_whisper_meta(run)
-        model = cls.from_pretrained(str(run / BACKBONE_DIR), meta["head"].get("language"), meta.get("pad_to_window", False))
+        model = cls.from_pretrained(str(run / BACKBONE_DIR), meta["head"].get("language"), meta.get("pad_to_window", True))
         model.strategies.load_state_dict(load_file(str(run / STRATEGIES_FILE)))
         return model.eval()
 
