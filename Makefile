@@ -46,7 +46,8 @@ real-data: setup
 	$(PY) scripts/real_data.py --out data/real
 
 # The paper's table on real speech: trains the static ranking and the selector (frozen Whisper),
-# writes runs/real-bench/eval.json and leaves the run in runs/real-bench/run. Tens of minutes on 2 cores.
+# writes runs/real-bench/eval.json and leaves the run in runs/real-bench/run. ~25 min on 2 idle cores
+# (every clip runs Whisper's 30 s window); fewer clips: scripts/real_bench.py --help.
 real-bench: setup
 	nice -n 10 $(PY) scripts/real_bench.py --data data/real --out runs/real-bench
 
