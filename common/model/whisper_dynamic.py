@@ -1,12 +1,23 @@
-"""A dynamic Whisper for speech recognition: layer runner + layer-choice strategies + decoder head.
+"""A dynamic Whisper for speech recognition: a :class:`~.dynamic.DynamicModel` with Whisper's decoder head.
 
-The same pieces as ``DynamicModel`` (runner, ``build_strategies``, a head), with one difference that
-matters for size: every strategy shares the one Whisper decoder (frozen), because it is as large as
-the encoder; the strategies differ only in which encoder layers they keep.
+It is the generic ``DynamicModel`` (runner, ``build_strategies``, a :class:`~.heads.TaskHead`) with
+three Whisper-specific parts:
 
-Run folder (``save`` / ``load``): ``backbone/`` (HF ``save_pretrained`` of the whole Whisper model,
-tokenizer and feature extractor), ``strategies.safetensors`` and ``model.json`` (head spec, padding
-mode, what was trained).
+* every strategy's head is the ONE ``WhisperDecoderHead`` (the decoder is as large as the encoder and
+  frozen; the strategies differ only in which encoder layers they keep);
+* ``front_end`` also takes a list of clips of any length (padded here; the runner's log-mel front end
+  either pads to the 30 s window or slices positions, ``pad_to_window``); audio is never
+  waveform-normalised (the input spec of a Whisper config says ``features="log_mel"``);
+* its run folder (``save`` / ``load``): ``backbone/`` (HF ``save_pretrained`` of the whole Whisper
+  model, tokenizer and feature extractor), ``strategies.safetensors`` and ``model.json`` (head spec,
+  padding mode, what was trained).
+
+Not yet folded into the generic code (what remains): the run folder format (the generic
+``checkpoint.save_model`` stores the backbone config + one safetensors and has no tokenizer, so it
+cannot rebuild the decoder head; ``checkpoint.load_model`` would need to store ``backbone/`` the way
+``save`` does here), evaluation (:mod:`ldfleet.common.asr_eval`, not ``common.evaluate``: no oracle,
+MACs or condition rows) and training (:mod:`ldfleet.common.whisper_train`, listwise layer-set tables
+on a frozen model, not ``common.train.Trainer``).
 """
 
 from __future__ import annotations
@@ -19,10 +30,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..budget import layers_for_keep
 from .backbone import load_backbone
-from .runner import FrontEnd, LayerRunner
-from .strategies import STRATEGY_NAMES, LayerChoice, build_strategies
+from .dynamic import DynamicModel
+from .runner import FrontEnd
 from .whisper_head import WhisperDecoderHead
 
 MODEL_JSON = "model.json"
@@ -41,17 +51,20 @@ def pad_batch(waves: list[np.ndarray]) -> tuple[Tensor, Tensor]:
     return wave, mask
 
 
-class WhisperDynamic(nn.Module):
+class WhisperDynamic(DynamicModel):
     """``front_end(waves) -> FrontEnd``; ``run(front, strategy, k) -> (hidden [B, T, D], keep [B, L])``;
     ``transcribe(front, strategy, k) -> (texts, keep)``."""
 
     def __init__(self, whisper: nn.Module, tokenizer, language: str | None = "en", pad_to_window: bool = True,
                  selector_hidden: int = 64):
-        super().__init__()
-        self.runner = LayerRunner(whisper, pad_to_window=pad_to_window)
-        self.strategies = build_strategies(self.runner.num_layers, self.runner.hidden_size, selector_hidden)
-        self.head = WhisperDecoderHead(whisper, tokenizer, language)
-        self.selector_hidden = selector_hidden
+        head = WhisperDecoderHead(whisper, tokenizer, language)
+        super().__init__(whisper, head, selector_hidden)
+        self.runner.pad_to_window = pad_to_window
+        self.heads = nn.ModuleDict({name: head for name in self.heads})  # one shared decoder head
+
+    @property
+    def head(self) -> WhisperDecoderHead:
+        return self.heads["base"]
 
     @classmethod
     def from_pretrained(cls, name: str, language: str | None = "en", pad_to_window: bool = True) -> "WhisperDynamic":
@@ -61,29 +74,15 @@ class WhisperDynamic(nn.Module):
         whisper = load_backbone(name, "whisper")
         return cls(whisper, WhisperTokenizerFast.from_pretrained(name), language, pad_to_window)
 
-    @property
-    def num_layers(self) -> int:
-        return self.runner.num_layers
-
-    def k_for(self, keep: float) -> int:
-        return layers_for_keep(keep, self.num_layers)
-
-    def strategy(self, name: str) -> LayerChoice:
-        if name not in self.strategies:
-            raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGY_NAMES)}")
-        return self.strategies[name]
-
-    def front_end(self, waves: list[np.ndarray]) -> FrontEnd:
-        wave, mask = pad_batch(waves)
-        return self.runner.front_end(wave, mask)
-
-    def run(self, front: FrontEnd, strategy: str, k: int, generator: torch.Generator | None = None):
-        keep = self.strategy(strategy).choose(front, k, generator)
-        return self.runner.run_layers(front, keep), keep
+    def front_end(self, waves: list[np.ndarray] | Tensor, attention_mask: Tensor | None = None) -> FrontEnd:
+        """Clips (a list of float32 arrays at 16 kHz, any lengths) or a padded batch [B, samples]."""
+        if isinstance(waves, (list, tuple)):
+            waves, attention_mask = pad_batch(list(waves))
+        return super().front_end(waves, attention_mask)
 
     def transcribe(self, front: FrontEnd, strategy: str, k: int, generator: torch.Generator | None = None):
-        hidden, keep = self.run(front, strategy, k, generator)
-        return self.head.predict(hidden, front.frame_mask), keep
+        """Greedy transcripts and the keep mask [B, L]: ``DynamicModel.predict`` under its Whisper name."""
+        return self.predict(front, strategy, k, generator)
 
     # ---- run folder -------------------------------------------------------------------------
 

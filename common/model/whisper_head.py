@@ -1,6 +1,7 @@
 """Whisper's own decoder as the speech-recognition head on whatever encoder layers ran.
 
-The head follows the task/head interface (``targets``, ``logits``, ``loss``, ``predict``, ``spec``):
+The head is a :class:`~.heads.TaskHead` (``targets``, ``logits``, ``loss``, ``example_losses``,
+``predict``, ``spec``) and :func:`~.heads.head_from_spec` rebuilds it from ``{"type": "whisper_decoder"}``:
 
 * ``predict``: greedy decoding with HF ``generate(encoder_outputs=...)`` and the checkpoint's
   generation config (language and task forced as the head was built with), decoded by the tokenizer;
@@ -25,23 +26,21 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from transformers.modeling_outputs import BaseModelOutput
 
-IGNORE = -100
+from .heads import IGNORE, Targets, TaskHead
 
 
 @dataclass
-class TokenTargets:
-    """Teacher-forcing inputs ``[B, S]`` (prompt + transcript, padded with the end token) and labels
-    ``[B, S]`` (next token; -100 where nothing is scored); ``lengths [B]`` = real tokens per row."""
+class TokenTargets(Targets):
+    """Teacher-forcing inputs ``ids [B, S]`` (prompt + transcript, padded with the end token), labels
+    ``[B, S]`` (next token; -100 where nothing is scored) and ``lengths [B]`` = real tokens per row."""
 
-    ids: Tensor
-    labels: Tensor
-    lengths: Tensor
+    labels: Tensor | None = None
 
     def select(self, rows: Tensor) -> "TokenTargets":
-        return TokenTargets(self.ids[rows], self.labels[rows], self.lengths[rows])
+        return TokenTargets(ids=self.ids[rows], lengths=self.lengths[rows], labels=self.labels[rows])
 
 
-class WhisperDecoderHead(nn.Module):
+class WhisperDecoderHead(TaskHead):
     task: ClassVar[str] = "asr"
 
     def __init__(self, whisper: nn.Module, tokenizer, language: str | None = "en", train_decoder: bool = False):
@@ -87,7 +86,7 @@ class WhisperDecoderHead(nn.Module):
             nxt = r + [eot]
             labels[i, len(prompt) - 1 : len(prompt) - 1 + len(nxt)] = torch.tensor(nxt)
             lengths[i] = len(seq)
-        return TokenTargets(ids, labels, lengths)
+        return TokenTargets(ids=ids, lengths=lengths, labels=labels)
 
     def logits(self, hidden: Tensor, frame_mask: Tensor | None, targets: TokenTargets | None = None) -> Tensor:
         """Teacher-forced decoder logits [B, S, V] for encoder states ``hidden`` [B, T, D].
@@ -114,7 +113,10 @@ class WhisperDecoderHead(nn.Module):
 
     def per_example_loss(self, hidden: Tensor, frame_mask: Tensor | None, targets: TokenTargets) -> Tensor:
         """Mean token cross-entropy of each example [B] (for choosing layer sets)."""
-        logits = self.logits(hidden, frame_mask, targets)
+        return self.example_losses(self.logits(hidden, frame_mask, targets), frame_mask, targets)
+
+    def example_losses(self, logits: Tensor, frame_mask: Tensor | None, targets: TokenTargets) -> Tensor:
+        """Mean token cross-entropy of each example [B] from teacher-forced logits [B, S, V]."""
         ce = F.cross_entropy(logits.transpose(1, 2), targets.labels, ignore_index=IGNORE, reduction="none")
         scored = (targets.labels != IGNORE).to(ce.dtype)
         return (ce * scored).sum(1) / scored.sum(1).clamp(min=1)
@@ -145,5 +147,23 @@ class WhisperDecoderHead(nn.Module):
         )
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
+    def decode(self, logits: Tensor, frame_mask: Tensor | None) -> list[str]:
+        raise NotImplementedError("the Whisper decoder head decodes from encoder states: use predict(hidden, frame_mask)")
+
     def spec(self) -> dict:
         return {"type": "whisper_decoder", "language": self.language, "train_decoder": self.train_decoder}
+
+
+def whisper_head_from_spec(spec: dict, whisper: nn.Module | None) -> WhisperDecoderHead:
+    """The head a run folder's spec describes, on ``whisper`` (a loaded WhisperForConditionalGeneration);
+    the tokenizer is read from the folder the model came from. ValueError when either is missing."""
+    from transformers import WhisperTokenizerFast
+
+    folder = getattr(getattr(whisper, "config", None), "_name_or_path", "") if whisper is not None else ""
+    if not hasattr(whisper, "generate") or not folder:
+        raise ValueError("a whisper_decoder head needs the Whisper model it decodes with, loaded from a folder with its tokenizer")
+    try:
+        tokenizer = WhisperTokenizerFast.from_pretrained(folder)
+    except OSError as exc:
+        raise ValueError(f"no Whisper tokenizer in {folder}: {exc}") from exc
+    return WhisperDecoderHead(whisper, tokenizer, spec.get("language", "en"), bool(spec.get("train_decoder", False)))
