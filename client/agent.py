@@ -14,6 +14,12 @@ Births and deaths are ordered as Sparkplug B does: a boot counter kept in the st
 A status on its own topic from a boot id that is neither this one nor its predecessor means a
 second agent runs with this device id: the agent says so, and a connection the broker then closes
 counts as a session takeover (hard backoff, then it gives up: ``ldfleet.common.mqtt_reasons``).
+
+Re-announcing: the agent publishes birth, profile and last ack again when the controller asks
+(``ldfleet/v1/dev/{id}/rebirth``, a ``RebirthRequest``: the controller's reconciliation lacks this
+device's state or ack), and by itself, with jittered exponential backoff (``common/reannounce.py``),
+while no desired policy has arrived since the last connect (its birth or profile may have been lost).
+A re-announcement is the same connection's birth again: it does not change ``seq``.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ from ldfleet.common.budget import expected_latency_ms
 from ldfleet.common.mqtt import BrokerURL, MqttSession, Will, new_id, paho_protocol, parse_broker_url
 from ldfleet.common.mqtt_reasons import ReconnectPolicy
 from ldfleet.common.policy import k_for_budget
-from ldfleet.common.schemas import BudgetPolicy, DeviceProfile, PolicyAck, Status, Telemetry, decode, utcnow
+from ldfleet.common.reannounce import ReannounceBackoff
+from ldfleet.common.schemas import BudgetPolicy, DeviceProfile, PolicyAck, RebirthRequest, Status, Telemetry, decode, utcnow
 
 log = logging.getLogger("ldfleet.agent")
 
@@ -186,9 +193,9 @@ class DeviceAgent:
         self.session = MqttSession(
             self.url,
             client_id=f"ldfleet-dev-{device_id}",
-            subscriptions=[(topics.policy_desired(device_id), 1), (topics.status(device_id), 1)],
+            subscriptions=[(topics.policy_desired(device_id), 1), (topics.status(device_id), 1), (topics.rebirth(device_id), 1)],
             on_message=self._on_message,
-            on_connected=self._announce,
+            on_connected=self._on_connected,
             on_disconnected=self._next_connection,
             on_fatal=self._give_up,
             will=self._death(),
@@ -199,6 +206,9 @@ class DeviceAgent:
             protocol=paho_protocol(mqtt_version),
         )
         self._telemetry_thread: threading.Thread | None = None
+        self.reannounce = ReannounceBackoff()
+        self._policy_seen = threading.Event()  # a desired policy arrived since the last connect
+        self._reannounce_thread: threading.Thread | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> DeviceAgent:
@@ -211,6 +221,9 @@ class DeviceAgent:
         if self.telemetry_interval_s > 0 and self._telemetry_thread is None:
             self._telemetry_thread = threading.Thread(target=self._telemetry_loop, name=f"telemetry-{self.device_id}", daemon=True)
             self._telemetry_thread.start()
+        if self._reannounce_thread is None:
+            self._reannounce_thread = threading.Thread(target=self._reannounce_loop, name=f"reannounce-{self.device_id}", daemon=True)
+            self._reannounce_thread.start()
         return self
 
     def stop(self) -> None:
@@ -219,9 +232,10 @@ class DeviceAgent:
         self._running = False
         offline = self._status(online=False)
         self.session.stop(final=[(topics.status(self.device_id), offline.to_json(), 1, True)])
-        if self._telemetry_thread is not None:
-            self._telemetry_thread.join(timeout=2)
-            self._telemetry_thread = None
+        for t in (self._telemetry_thread, self._reannounce_thread):
+            if t is not None:
+                t.join(timeout=2)
+        self._telemetry_thread = self._reannounce_thread = None
 
     def run_forever(self, retry_every_s: float = 60.0) -> None:
         """Run until ``request_stop`` or a fatal refusal (then ``self.fatal`` says why)."""
@@ -268,6 +282,11 @@ class DeviceAgent:
             self.handle_policy(waiting)
 
     # -- MQTT handlers (paho network thread) ----------------------------------------------
+    def _on_connected(self) -> None:
+        self._policy_seen.clear()
+        self.reannounce.reset()
+        self._announce()
+
     def _status(self, online: bool) -> Status:
         return Status(device_id=self.device_id, online=online, boot_id=self.boot_id, boot_seq=self.boot_seq,
                       seq=self.seq, sent_at=self.clock())
@@ -312,12 +331,28 @@ class DeviceAgent:
             if status is not None:
                 self._check_status(status)
             return
+        if parsed is not None and parsed.device_id == self.device_id and parsed.channel is topics.Channel.REBIRTH:
+            request = decode(RebirthRequest, payload, topic=topic, topic_device_id=self.device_id, logger=log)
+            if request is not None:
+                log.info("%s: controller %s asks for a rebirth (%s)", self.device_id, request.controller_id, request.reason)
+                self._announce()
+            return
         if parsed is None or parsed.device_id != self.device_id or parsed.channel is not topics.Channel.POLICY_DESIRED:
             log.warning("%s: dropped message on unexpected topic %s", self.device_id, topic)
             return
         policy = decode(BudgetPolicy, payload, topic=topic, topic_device_id=self.device_id, logger=log)
         if policy is not None:
+            self._policy_seen.set()
             self.handle_policy(policy)
+
+    def _reannounce_loop(self) -> None:
+        """Re-announce, with jittered exponential backoff, while no desired policy arrives."""
+        while not self._stop.wait(self.reannounce.next_delay()):
+            if self._policy_seen.is_set() or not self.session.connected:
+                self.reannounce.reset()
+                continue
+            log.info("%s: no desired policy since connecting; announcing again", self.device_id)
+            self._announce()
 
     def handle_policy(self, policy: BudgetPolicy) -> PolicyAck | None:
         with self._lock:

@@ -38,6 +38,24 @@ INSTALL_HINT = (
 _SEARCH = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/opt/homebrew/sbin/mosquitto", "/usr/local/opt/mosquitto/sbin/mosquitto")
 
 
+#: Queue and in-flight limits of the embedded broker, sized for a fleet of up to ~10 000 devices on one
+#: broker (README, "Control plane capacity"). Mosquitto's limits are per client; the client that needs
+#: them is the controller, which hears from every device: on a fleet reboot a birth, a profile and an
+#: ack each. The controller asks for a receive maximum of 65 535 (MQTT 5), so the broker has that
+#: many messages in flight to it and queues only beyond that; these limits are the second line, for a
+#: controller on MQTT 3.1.1 (in flight: ``max_inflight_messages``) or one that falls behind.
+SIZING = (
+    # 10 000 devices x (birth + profile + ack), with headroom; above it Mosquitto drops and logs
+    # "Outgoing messages are being dropped" (the controller's reconciliation then recovers them).
+    "max_queued_messages 50000",
+    # bytes are the sharper bound: ldfleet payloads are <= 16 KiB, typically ~1 KiB (profiles)
+    "max_queued_bytes 268435456",
+    # the in-flight window of clients that do not set a receive maximum (MQTT 3.1.1 devices get
+    # one or two messages per change, so this only matters to a 3.1.1 controller)
+    "max_inflight_messages 1000",
+)
+
+
 class BrokerNotInstalled(RuntimeError):
     pass
 
@@ -159,7 +177,7 @@ class EmbeddedBroker:
             f"persistence_location {self.data_dir}/",
             "persistence_file mosquitto.db",
             "autosave_interval 10",
-            "max_queued_messages 100000",
+            *SIZING,
             "set_tcp_nodelay true",
             f"log_dest file {self.log_path}",
             "log_type error",

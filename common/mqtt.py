@@ -26,6 +26,8 @@ from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ldfleet.common.mqtt_reasons import Action, ReconnectPolicy, Verdict, reason_for
@@ -174,8 +176,11 @@ class MqttSession:
         max_queued: int = 10_000,
         max_inflight: int = 100,
         policy: ReconnectPolicy | None = None,
+        connect_properties: dict[str, int] | None = None,
     ) -> None:
         self.url = url
+        #: MQTT 5 CONNECT properties by paho name, e.g. ``{"ReceiveMaximum": 65535}`` (ignored on 3.1.1)
+        self.connect_properties = dict(connect_properties or {})
         self.client_id = client_id
         self.subscriptions = list(subscriptions)
         self._on_message = on_message
@@ -224,6 +229,11 @@ class MqttSession:
         kw: dict[str, Any] = {}
         if self._protocol == paho.MQTTv5:
             kw["clean_start"] = True
+            if self.connect_properties:
+                props = Properties(PacketTypes.CONNECT)
+                for name, value in self.connect_properties.items():
+                    setattr(props, name, value)
+                kw["properties"] = props
         self.client.connect_async(self.url.host, self.url.port, keepalive=self._keepalive, **kw)
         self.client.loop_start()
 

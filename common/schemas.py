@@ -280,6 +280,24 @@ class PolicyChanged(Payload):
     sent_at: AwareDatetime | None = None
 
 
+class RebirthRequest(Payload):
+    """Controller -> one device on ``ldfleet/v1/dev/{id}/rebirth``: publish your birth status,
+    profile and last ack again (Sparkplug B's "rebirth" idea). Sent by the controller's
+    reconciliation when the registry lacks the device's state or its ack of the current version;
+    rate-limited there, and harmless to repeat (everything re-announced is retained and versioned).
+    """
+
+    SCHEMA: ClassVar[str] = "ldfleet.rebirth/1"
+    schema_: Literal["ldfleet.rebirth/1"] = Field("ldfleet.rebirth/1", alias="schema")
+    device_id: DeviceId
+    #: Why: the registry holds no profile, or no ack of the desired version within the bound.
+    reason: Literal["no-profile", "no-ack"]
+    #: The desired version the controller waits for an ack of (0 with ``no-profile``).
+    desired_version: Version = 0
+    controller_id: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    sent_at: AwareDatetime | None = None
+
+
 P = TypeVar("P", bound=Payload)
 
 

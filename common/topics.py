@@ -6,6 +6,7 @@ ldfleet/v1/dev/{device_id}/profile          device -> retained QoS1: DeviceProfi
 ldfleet/v1/dev/{device_id}/policy/desired   controller -> retained QoS1: BudgetPolicy (this device only)
 ldfleet/v1/dev/{device_id}/policy/reported  device -> retained QoS1: PolicyAck
 ldfleet/v1/dev/{device_id}/telemetry        device -> QoS0: Telemetry
+ldfleet/v1/dev/{device_id}/rebirth          controller -> QoS1: RebirthRequest (device re-announces)
 ldfleet/v1/ctl/status                       controller -> retained QoS1: ControllerStatus; Last Will: offline
 ldfleet/v1/ctl/policy-changed               operator CLI -> QoS1: PolicyChanged (controller re-resolves)
 ```
@@ -40,6 +41,8 @@ class Channel(str, Enum):
     POLICY_DESIRED = "policy/desired"
     POLICY_REPORTED = "policy/reported"
     TELEMETRY = "telemetry"
+    #: Controller -> device: "re-announce yourself" (the idea of Sparkplug B's rebirth request).
+    REBIRTH = "rebirth"
 
 
 CTL_STATUS = f"{CTL_ROOT}/status"
@@ -77,9 +80,22 @@ def telemetry(device_id: str) -> str:
     return device_topic(device_id, Channel.TELEMETRY)
 
 
+def rebirth(device_id: str) -> str:
+    return device_topic(device_id, Channel.REBIRTH)
+
+
 def all_devices(channel: Channel) -> str:
     """Subscription filter for one channel of every device (``ldfleet/v1/dev/+/...``)."""
     return f"{DEV_ROOT}/+/{channel.value}"
+
+
+def shared(group: str, topic_filter: str) -> str:
+    """MQTT 5 shared subscription ``$share/{group}/{filter}``: the broker hands each message to one
+    member of the group (several controllers share the fleet's traffic). Retained messages are
+    never delivered on a shared subscription (MQTT 5.0, 4.8.2)."""
+    if not _DEVICE_ID_RE.match(group):
+        raise ValueError(f"invalid shared-subscription group {group!r}: must match {DEVICE_ID_PATTERN}")
+    return f"$share/{group}/{topic_filter}"
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,9 @@
 """The fleet controller: registers devices, resolves and publishes their policies, tracks convergence.
 
-Threads: paho's network thread only stamps and enqueues ``(topic, payload, received_at)``; one
-worker thread takes whatever is queued (up to ``batch_max`` messages) and applies it to the
-registry in one transaction (profiles through the ORM, statuses/acks/telemetry as executemany
-statements). It then resolves the devices that need it in chunks of ``resolve_chunk``: each chunk
-is committed, then its desired policies are published (retained, QoS 1, one topic per device), so
-the first devices hear of a change while the rest are still being resolved. The controller is the
-only writer of ``devices``; run one controller per registry.
+Threads: paho's network thread only hands each message to the intake queue (``server/intake.py``);
+one worker thread takes whatever is queued (up to ``batch_max`` messages), applies it to the registry
+in one transaction, then resolves and publishes the devices that need it (``server/publisher.py``),
+and every ``reconcile_interval_s`` recovers devices a burst left behind (``server/reconcile.py``).
 
 What triggers a resolution: a device's (new) profile, an operator notice on
 ``ldfleet/v1/ctl/policy-changed`` (sent by ``ldfleet budget set``), a new row in ``policies`` seen
@@ -15,49 +12,49 @@ expiring, a device reporting a version above what we think we published (registr
 every (re)connect to the broker (which also re-publishes every device's current desired policy,
 so a broker that lost its retained messages is healed; devices ignore versions they already have).
 
-Every message is parsed with the common schemas; anything refused is logged with its reason and
-dropped. A failing batch is retried, then processed one message at a time so that one bad message
-never stops the controller.
+Several controllers can share one fleet and one (PostgreSQL) registry: give them the same
+``shared_group`` and the broker hands each device message to one of them (MQTT 5 shared
+subscriptions); versions are claimed through a unique constraint, so no version is published twice.
+
+MQTT session choices (the burst is what they are chosen for):
+
+* ``ReceiveMaximum`` 65535: the broker may have that many QoS 1 messages in flight to the controller.
+  Mosquitto's ``max_queued_messages`` (default 1000) only counts messages *beyond* the in-flight
+  window, so with Mosquitto's default window (20) a burst of births or acks overflows the queue and is
+  dropped; with a wide window the messages wait in the socket instead, and the intake drains them.
+* clean start, no session expiry: recovery does not rely on the broker queueing for an absent
+  controller (reconnect re-reads retained state and reconciliation asks devices again). A persistent
+  session would make the broker keep up to ``max_queued_messages`` for a dead controller and, with
+  shared subscriptions, route part of the fleet's messages into that dead member's queue.
+* QoS 1 for births, profiles, acks and notices (each must arrive at least once; all are idempotent),
+  QoS 0 for telemetry (a lost sample does not matter).
+
+A failing batch is retried, then processed one message at a time so that one bad message never
+stops the controller.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import signal
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
-
-from sqlalchemy import bindparam, insert, or_, select, update
-from sqlalchemy.orm import Session
 
 from ldfleet.common import topics
 from ldfleet.common.mqtt import BrokerURL, MqttSession, Will, new_id, paho_protocol, parse_broker_url
-from ldfleet.common.schemas import (
-    BudgetPolicy,
-    ControllerStatus,
-    DeviceProfile,
-    PolicyAck,
-    PolicyChanged,
-    Status,
-    Telemetry,
-    decode,
-    utcnow,
-)
-from ldfleet.server import liveness
-from ldfleet.server.acks import store as acks_store
-from ldfleet.server.policy import resolve, signature_of
-from ldfleet.server.registry.models import Device, DeviceClass
+from ldfleet.common.schemas import ControllerStatus, utcnow
+from ldfleet.server.intake import CONNECTED, BatchWriter, Intake, Item
+from ldfleet.server.publisher import PolicyPublisher, Work
+from ldfleet.server.reconcile import Reconciler
 from ldfleet.server.registry.store import Registry
-from ldfleet.server.telemetry import InferenceRollups
 
 log = logging.getLogger("ldfleet.controller")
 
-_CONNECTED = "__connected__"
+#: The MQTT 5 receive maximum the controller asks for (the protocol's largest; see the module docstring).
+RECEIVE_MAXIMUM = 65535
 
 
 @dataclass
@@ -69,24 +66,18 @@ class ControllerStats:
     batches: int = 0
     failed_batches: int = 0
     resolutions: int = 0
+    lost_claims: int = 0
+    rebirth_requests: int = 0
     last_error: str | None = None
     started_at: float = field(default_factory=time.time)
 
 
-@dataclass
-class _Work:
-    """What one batch asks the resolver to do."""
-
-    devices: set[str] = field(default_factory=set)
-    classes: set[str] = field(default_factory=set)
-    all: bool = False
-    republish: bool = False
-
-    def any(self) -> bool:
-        return bool(self.devices or self.classes or self.all or self.republish)
-
-
 class Controller:
+    """One controller process (see the module docstring). ``shared_group``: share the fleet with the
+    other controllers of that group (MQTT 5 only; use one PostgreSQL registry for all of them).
+    ``ack_bound_s``, ``reconcile_interval_s``, ``reconcile_rate`` (requests/s): reconciliation, see
+    ``server/reconcile.py``. Raises ValueError for bad settings."""
+
     def __init__(
         self,
         broker: str | BrokerURL,
@@ -101,52 +92,88 @@ class Controller:
         reconnect_max_s: float = 30.0,
         controller_id: str = "controller",
         mqtt_version: int = 5,
+        shared_group: str | None = None,
+        ack_bound_s: float = 10.0,
+        reconcile_interval_s: float = 2.0,
+        reconcile_rate: float = 200.0,
     ) -> None:
         protocol = paho_protocol(mqtt_version)
         if not (0.0 < default_keep <= 1.0):
             raise ValueError(f"default keep fraction must be in (0, 1], got {default_keep}")
+        if shared_group is not None and mqtt_version != 5:
+            raise ValueError("shared subscriptions (several controllers) need MQTT 5")
         self.url = broker if isinstance(broker, BrokerURL) else parse_broker_url(broker, ca_file=ca_file)
         self._own_registry = not isinstance(db, Registry)
         self.registry = db if isinstance(db, Registry) else Registry(db)
-        self.default_keep = default_keep
-        self.strict_classes = strict_classes
         self.poll_interval_s = poll_interval_s
         self.batch_max = batch_max
-        self.resolve_chunk = resolve_chunk
         self.controller_id = controller_id
         self.boot_id = new_id()
-        self.stats = ControllerStats()
-        self._queue: queue.Queue[tuple[str, bytes | None, datetime]] = queue.Queue()
+        self._started_at = time.time()
+        self._failed_batches = 0
+        self._batches = 0
+        self._last_error: str | None = None
+        self.intake = Intake()
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
         self._policy_head = 0
-        self._next_expiry: datetime | None = None
+        self._pending_poll: list[Any] = []  # policy rows seen by the last poll
+        self._covered: dict[str, int] = {}  # class or device id -> newest policy id its last resolution saw
+        self._covered_all = 0
+        self._next_expiry: Any = None
         self._last_poll = 0.0
-        self._profiles: dict[str, tuple[Any, DeviceProfile]] = {}
         self.idle = threading.Event()
+        self.publisher = PolicyPublisher(
+            self.registry, self._publish_retained, controller_id=controller_id, default_keep=default_keep, resolve_chunk=resolve_chunk,
+        )
+        self.writer = BatchWriter(self.publisher.profiles, strict_classes=strict_classes)
+        self.reconciler = Reconciler(
+            self.registry, self._send, controller_id=controller_id,
+            ack_bound_s=ack_bound_s, interval_s=reconcile_interval_s, rate_per_s=reconcile_rate,
+        )
+        device_filters = [
+            (topics.all_devices(topics.Channel.STATUS), 1),
+            (topics.all_devices(topics.Channel.PROFILE), 1),
+            (topics.all_devices(topics.Channel.POLICY_REPORTED), 1),
+            (topics.all_devices(topics.Channel.TELEMETRY), 0),
+            (topics.CTL_POLICY_CHANGED, 1),
+        ]
+        if shared_group is not None:  # one member of the group gets each message
+            device_filters = [(topics.shared(shared_group, f), q) for f, q in device_filters]
         will = Will(topics.CTL_STATUS, self._status(False).to_json())
         self.session = MqttSession(
             self.url,
             client_id=f"ldfleet-{controller_id}-{self.boot_id[:6]}",
-            subscriptions=[
-                (topics.all_devices(topics.Channel.STATUS), 1),
-                (topics.all_devices(topics.Channel.PROFILE), 1),
-                (topics.all_devices(topics.Channel.POLICY_REPORTED), 1),
-                (topics.all_devices(topics.Channel.TELEMETRY), 0),
-                (topics.CTL_POLICY_CHANGED, 1),
-            ],
-            on_message=self._enqueue,
+            subscriptions=device_filters,
+            on_message=self.intake.put,
             on_connected=self._on_connected,
             on_fatal=lambda why: self._stop.set(),  # bad credentials, not authorised: run_forever ends
             will=will,
             reconnect_max_s=reconnect_max_s,
-            max_queued=100_000,
+            max_queued=1_000_000,  # paho's own outgoing queue: a desired policy per device, plus headroom
             max_inflight=1000,
             protocol=protocol,
+            connect_properties={"ReceiveMaximum": RECEIVE_MAXIMUM, "SessionExpiryInterval": 0},
+        )
+
+    @property
+    def stats(self) -> ControllerStats:
+        """A snapshot of the counters of the intake, the publisher and reconciliation."""
+        w, p, r = self.writer.stats, self.publisher.stats, self.reconciler.stats
+        return ControllerStats(
+            received=w.received, dropped=w.dropped, acks=w.acks, published=p.published, batches=self._batches,
+            failed_batches=self._failed_batches, resolutions=p.resolutions, lost_claims=p.lost_claims,
+            rebirth_requests=r.rebirth_requests, last_error=self._last_error, started_at=self._started_at,
         )
 
     def _status(self, online: bool) -> ControllerStatus:
         return ControllerStatus(controller_id=self.controller_id, online=online, boot_id=self.boot_id, sent_at=utcnow())
+
+    def _publish_retained(self, topic: str, payload: bytes) -> None:
+        self.session.publish(topic, payload, qos=1, retain=True)
+
+    def _send(self, topic: str, payload: bytes) -> None:
+        self.session.publish(topic, payload, qos=1, retain=False)
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> Controller:
@@ -190,48 +217,43 @@ class Controller:
         """Block until the queue is empty and the worker has nothing in hand (tests)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self._queue.empty() and self.idle.is_set():
+            if self.intake.empty() and self.idle.is_set():
                 return True
             time.sleep(0.02)
         return False
 
     # -- network thread ----------------------------------------------------------------------
-    def _enqueue(self, topic: str, payload: bytes, retained: bool) -> None:
-        self._queue.put((topic, payload, utcnow()))
-
     def _on_connected(self) -> None:
         self.session.publish(topics.CTL_STATUS, self._status(True).to_json(), qos=1, retain=True)
-        self._queue.put((_CONNECTED, None, utcnow()))
+        self.intake.put(CONNECTED, None)
 
     # -- worker ------------------------------------------------------------------------------
     def _work_loop(self) -> None:
         while not self._stop.is_set():
-            try:
-                first = self._queue.get(timeout=min(0.5, self.poll_interval_s))
-            except queue.Empty:
-                self.idle.set()
-                self._maybe_poll()
-                continue
-            self.idle.clear()
-            batch = [first]
-            while len(batch) < self.batch_max:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            self._run_batch(batch)
+            batch = self.intake.take(self.batch_max, timeout=min(0.5, self.poll_interval_s))
+            if batch:
+                self.idle.clear()
+                self._run_batch(batch)
             self._maybe_poll()
-            if self._queue.empty():
+            self._guarded(lambda: self.reconciler.maybe_run(self.intake.quiet_for()), "reconciliation")
+            if self.intake.empty():
                 self.idle.set()
 
-    def _run_batch(self, batch: list[tuple[str, bytes | None, datetime]]) -> None:
+    def _guarded(self, fn: Any, what: str) -> None:
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - database down, a bug: never stop the worker
+            self._last_error = f"{type(exc).__name__}: {exc}"
+            log.exception("%s failed", what)
+
+    def _run_batch(self, batch: list[Item]) -> None:
         for attempt in range(3):
             try:
                 self._process(batch)
                 return
-            except Exception as exc:  # noqa: BLE001 - database down, a bug: never stop
-                self.stats.failed_batches += 1
-                self.stats.last_error = f"{type(exc).__name__}: {exc}"
+            except Exception as exc:  # noqa: BLE001 - database down, a bug, a race with another controller
+                self._failed_batches += 1
+                self._last_error = f"{type(exc).__name__}: {exc}"
                 log.exception("batch of %d messages failed (attempt %d)", len(batch), attempt + 1)
                 if self._stop.wait(0.5 * (attempt + 1)):
                     return
@@ -241,254 +263,64 @@ class Controller:
                 try:
                     self._process([item])
                 except Exception:  # noqa: BLE001
-                    self.stats.dropped += 1
+                    self.writer.stats.dropped += 1
                     log.exception("dropped message on %s: processing failed", item[0])
 
     def _maybe_poll(self) -> None:
         """The safety net behind operator notices: resolve what changed in ``policies`` since the
-        last look (a notice lost while the broker was down), and everything when a policy expired."""
+        last look (a notice lost while the broker was down, or delivered to another controller), and
+        everything when a policy expired. New rows wait one poll and are skipped when a resolution
+        (normally the notice's) has taken them into account in the meantime."""
         now = time.monotonic()
         if now - self._last_poll < self.poll_interval_s:
             return
         self._last_poll = now
-        try:
-            head, nxt = self.registry.policy_head()
-            expired = self._next_expiry is not None and utcnow() >= self._next_expiry
-            if expired:
-                log.info("registry poll: a policy expired; re-resolving the fleet")
-                self._process([], _Work(all=True))
-            elif head != self._policy_head:
-                work = _Work()
-                for p in self.registry.policies_since(self._policy_head):
-                    if p.device_id:
-                        work.devices.add(p.device_id)
-                    else:
-                        work.classes.add(p.device_class)
-                log.debug("registry poll: policy rows %d..%d changed %s", self._policy_head + 1, head, work)
-                self._process([], work)
-            self._policy_head = head
-            self._next_expiry = nxt
-        except Exception as exc:  # noqa: BLE001
-            self.stats.last_error = f"{type(exc).__name__}: {exc}"
-            log.exception("registry poll failed")
+        self._guarded(self._poll, "registry poll")
 
-    def _process(self, batch: list[tuple[str, bytes | None, datetime]], work: _Work | None = None) -> None:
+    def _poll(self) -> None:
+        head, nxt = self.registry.policy_head()
+        pending, self._pending_poll = self._pending_poll, []
+        if self._next_expiry is not None and utcnow() >= self._next_expiry:
+            log.info("registry poll: a policy expired; re-resolving the fleet")
+            self._process([], Work(all=True))
+        else:
+            work = Work()
+            for p in pending:
+                seen = max(self._covered.get(f"class:{p.device_class}", 0), self._covered.get(f"device:{p.device_id}", 0), self._covered_all)
+                if p.id <= seen:
+                    continue
+                if p.device_id:
+                    work.devices.add(p.device_id)
+                else:
+                    work.classes.add(p.device_class)
+            if work.any():
+                log.debug("registry poll: resolving policy changes no notice brought: %s", work)
+                self._process([], work)
+        if head != self._policy_head:
+            self._pending_poll = self.registry.policies_since(self._policy_head)
+        self._policy_head = head
+        self._next_expiry = nxt
+
+    def _process(self, batch: list[Item], work: Work | None = None) -> None:
         """Apply a batch of messages to the registry (one transaction), then resolve what it asks for."""
-        work = work or _Work()
-        self.stats.batches += 1
+        work = work or Work()
+        self._batches += 1
         t0 = time.perf_counter()
         if batch:
             with self.registry.session(write=True) as s:
-                self._apply(s, batch, work)
+                self.writer.apply(s, batch, work)
+            self.writer.committed()
         t1 = time.perf_counter()
-        published = self._resolve_and_publish(work) if work.any() else 0
+        published = self.publisher.resolve_and_publish(work) if work.any() else 0
+        upto = self.publisher.covered_policy_id
+        if work.all:
+            self._covered_all = max(self._covered_all, upto)
+        for key in [f"class:{c}" for c in work.classes] + [f"device:{d}" for d in work.devices]:
+            self._covered[key] = max(self._covered.get(key, 0), upto)
         log.debug(
             "batch: %d messages in %.1f ms; %d publishes after %.1f ms",
             len(batch), (t1 - t0) * 1000, published, (time.perf_counter() - t1) * 1000,
         )
-
-    # -- message handlers (worker thread, inside the batch transaction) -----------------------
-    def _decode(self, topic: str, payload: bytes, work: _Work) -> tuple[str, Any] | None:
-        """Validate one message; control notices go straight into ``work``."""
-        if topic == topics.CTL_POLICY_CHANGED:
-            notice = decode(PolicyChanged, payload, topic=topic, logger=log)
-            if notice is None:
-                self.stats.dropped += 1
-            elif notice.device_id:
-                work.devices.add(notice.device_id)
-            elif notice.device_class:
-                work.classes.add(notice.device_class)
-            else:
-                work.all = True
-            return None
-        parsed = topics.parse_device_topic(topic)
-        if parsed is None:
-            self.stats.dropped += 1
-            log.warning("dropped message on %s: not a device topic", topic)
-            return None
-        model = _MODELS.get(parsed.channel)
-        if model is None:  # e.g. a device publishing on its own desired topic
-            self.stats.dropped += 1
-            log.warning("dropped message on %s: the controller does not read this channel", topic)
-            return None
-        obj = decode(model, payload, topic=topic, topic_device_id=parsed.device_id, logger=log)
-        if obj is None:
-            self.stats.dropped += 1
-            return None
-        return parsed.channel.value, obj
-
-    def _apply(self, s: Session, batch: list[tuple[str, bytes | None, datetime]], work: _Work) -> None:
-        items: list[tuple[str, Any, datetime]] = []
-        for topic, payload, received in batch:
-            if topic == _CONNECTED:
-                work.all = work.republish = True
-                continue
-            self.stats.received += 1
-            try:
-                item = self._decode(topic, payload or b"", work)
-            except Exception:  # noqa: BLE001 - a bug on one message must not spoil the batch
-                self.stats.dropped += 1
-                log.exception("dropped message on %s: handler failed", topic)
-                continue
-            if item is not None:
-                items.append((item[0], item[1], received))
-        if not items:
-            return
-        C = topics.Channel
-        # Profiles first, through the ORM (class checks, device creation). A database error here
-        # fails the batch, which is retried and then processed message by message.
-        for kind, obj, now in items:
-            if kind == C.PROFILE.value:
-                self._apply_profile(s, obj, now, work)
-        s.flush()
-        # Everything else in bulk: one SELECT, one INSERT of new devices, executemany UPDATEs.
-        ids = sorted({obj.device_id for _, obj, _ in items})
-        desired: dict[str, int] = {}
-        for part in _chunks(ids, 500):
-            desired.update(s.execute(select(Device.device_id, Device.desired_version).where(Device.device_id.in_(part))).all())
-        new_rows: dict[str, dict[str, Any]] = {}
-        tel_upd: dict[str, dict[str, Any]] = {}
-        statuses: list[tuple[Status, datetime]] = []
-        acks: list[tuple[PolicyAck, datetime]] = []
-        rollups = InferenceRollups()
-        for kind, obj, now in items:
-            did = obj.device_id
-            if kind == C.TELEMETRY.value:
-                if did in desired:
-                    tel_upd[did] = {"device_id": did, "telemetry": obj.model_dump(mode="json", by_alias=True), "telemetry_at": now, "last_seen": now}
-                rollups.add(obj, now, known_device=did in desired)
-                continue
-            if kind not in (C.STATUS.value, C.POLICY_REPORTED.value):
-                continue
-            if did not in desired and did not in new_rows:
-                new_rows[did] = {"device_id": did, "first_seen": now, "online": False, "class_pinned": False, "desired_version": 0, "applied_version": 0}
-            (statuses if kind == C.STATUS.value else acks).append((obj, now))
-            if kind == C.POLICY_REPORTED.value and obj.applied_version > desired.get(did, 0):
-                work.devices.add(did)  # the device is ahead of the registry: publish above it
-        if new_rows:
-            s.execute(insert(_DEVICES), list(new_rows.values()))
-        ack_upd = acks_store(s, acks, desired)
-        self.stats.acks += len(ack_upd)
-        for upd in (liveness.updates(s, statuses), ack_upd, list(tel_upd.values())):
-            if upd:
-                _bulk_update_devices(s, upd)
-        rollups.write(s)
-
-    def _apply_profile(self, s: Session, prof: DeviceProfile, now: datetime, work: _Work) -> None:
-        did = prof.device_id
-        dev = s.get(Device, did)
-        pinned = dev is not None and dev.class_pinned
-        if not pinned and s.get(DeviceClass, prof.device_class) is None:
-            if self.strict_classes:
-                self.stats.dropped += 1
-                log.warning("dropped profile of %s: unknown device class %r (controller runs with strict classes)", did, prof.device_class)
-                return
-            s.add(DeviceClass(name=prof.device_class, description="created from a device profile"))
-            s.flush()  # the class row must exist before a device refers to it
-        doc = prof.model_dump(mode="json", by_alias=True)
-        if dev is not None and dev.profile == doc and (pinned or dev.device_class == prof.device_class):
-            return  # delivered again: changes nothing
-        if dev is None:
-            dev = Device(device_id=did, first_seen=now, desired_version=0, applied_version=0, online=False, class_pinned=False)
-            s.add(dev)
-        if not pinned:
-            dev.device_class = prof.device_class
-        dev.profile = doc
-        dev.profile_revision = prof.revision
-        dev.profile_at = now
-        dev.model_id = prof.model_id
-        dev.num_layers = prof.num_layers
-        dev.cores = prof.cores
-        dev.memory_mb = prof.memory_mb
-        dev.last_seen = now
-        self._profiles[did] = (dev.profile, prof)
-        work.devices.add(did)
-
-    # -- resolution ----------------------------------------------------------------------------
-    def _profile_of(self, device_id: str, stored: dict[str, Any]) -> DeviceProfile | None:
-        cached = self._profiles.get(device_id)
-        if cached is not None and cached[0] == stored:
-            return cached[1]
-        try:
-            prof = DeviceProfile.model_validate(stored, strict=False)
-        except Exception as exc:  # noqa: BLE001 - a stored profile from an older schema
-            log.warning("device %s: stored profile unusable (%s); waiting for a new one", device_id, exc)
-            return None
-        self._profiles[device_id] = (stored, prof)
-        return prof
-
-    def _resolve_and_publish(self, work: _Work) -> int:
-        """Resolve the devices ``work`` names, in chunks: each chunk is committed, then published,
-        so the first devices hear of a change while the controller still resolves the rest."""
-        with self.registry.session() as s:
-            q = select(Device.device_id).where(Device.profile.is_not(None), Device.device_class.is_not(None))
-            if not work.all:
-                conds = []
-                if work.devices:
-                    conds.append(Device.device_id.in_(sorted(work.devices)))
-                if work.classes:
-                    conds.append(Device.device_class.in_(sorted(work.classes)))
-                if not conds:
-                    return 0
-                q = q.where(or_(*conds))
-            ids = list(s.scalars(q.order_by(Device.device_id)))
-            active = self.registry.active_policies(s)
-        now = utcnow()
-        total = changed = 0
-        cols = (Device.device_id, Device.device_class, Device.profile, Device.desired_version, Device.applied_version, Device.desired)
-        for part in _chunks(ids, self.resolve_chunk):
-            out: list[tuple[str, bytes]] = []
-            updates: list[dict[str, Any]] = []
-            with self.registry.session(write=True) as s:
-                for did, dclass, stored, dver, aver, desired in s.execute(select(*cols).where(Device.device_id.in_(part))):
-                    prof = self._profile_of(did, stored)
-                    if prof is None:
-                        continue
-                    self.stats.resolutions += 1
-                    res = resolve(did, dclass, prof, active, default_keep=self.default_keep, now=now)
-                    if res.signature() != signature_of(desired) or aver > dver:
-                        version = max(dver, aver) + 1
-                        doc = res.to_policy(did, version).stamped(now)
-                        updates.append({"device_id": did, "desired_version": version, "desired": doc.model_dump(mode="json", by_alias=True), "desired_at": now})
-                        out.append((topics.policy_desired(did), doc.to_json()))
-                        if res.note:
-                            log.warning("device %s: %s (published without k; the device decides)", did, res.note)
-                    elif work.republish and desired:
-                        out.append((topics.policy_desired(did), BudgetPolicy.model_validate(desired, strict=False).stamped(utcnow()).to_json()))
-                if updates:
-                    _bulk_update_devices(s, updates)
-            for topic, payload in out:
-                self.session.publish(topic, payload, qos=1, retain=True)
-            changed += len(updates)
-            total += len(out)
-        self.stats.published += total
-        if changed:
-            log.info("published %d new desired policies", changed)
-        return total
-
-
-_MODELS: dict[topics.Channel, type] = {
-    topics.Channel.STATUS: Status,
-    topics.Channel.PROFILE: DeviceProfile,
-    topics.Channel.POLICY_REPORTED: PolicyAck,
-    topics.Channel.TELEMETRY: Telemetry,
-}
-
-
-_DEVICES = Device.__table__
-
-
-def _bulk_update_devices(s: Session, rows: list[dict[str, Any]]) -> None:
-    """One executemany UPDATE ... WHERE device_id = ? (Core: no per-row ORM bookkeeping).
-    Every row carries ``device_id`` and the same other keys."""
-    keys = [k for k in rows[0] if k != "device_id"]
-    stmt = update(_DEVICES).where(_DEVICES.c.device_id == bindparam("_id")).values({k: bindparam(k) for k in keys})
-    s.execute(stmt, [{"_id": r["device_id"], **{k: r[k] for k in keys}} for r in rows])
-
-
-def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
 
 
 def run_controller(broker: str, db: str | None = None, **kwargs: Any) -> None:

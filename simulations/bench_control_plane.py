@@ -1,20 +1,27 @@
 """Control-plane benchmark: how long a budget change takes to reach and be acknowledged by N devices.
 
 Set-up: a broker (a private Mosquitto by default, or ``--broker URL``), a registry (a temporary SQLite
-file by default, or ``--db URL``), the real controller in its own process, and N simulated devices
-(aiomqtt, one asyncio process, see ``sim_devices``). After the fleet has converged on its initial
-policy, each round does what ``ldfleet budget set`` does (registry write + notice to the controller)
-on a quiet, converged fleet and measures, per device, the time from just before the registry write
-to the device's ack arriving at the controller (``policy_acks.received_at``, stamped in the
+file by default, or ``--db URL``), the real controller(s) in their own processes (several share the
+fleet through an MQTT 5 shared subscription), and N simulated devices (aiomqtt, spread over
+``fleet_procs`` processes, see ``sim_devices``). After the fleet has converged on its initial policy,
+each round does what ``ldfleet budget set`` does (registry write + notice to the controller) on a
+quiet, converged fleet and measures, per device, the time from just before the registry write to the
+device's ack of the new version arriving at a controller (``policy_acks.received_at``, stamped in the
 controller's MQTT thread on arrival, before any database work); also when the new desired policy
 reached each device (fan-out, noted by the device) and when the registry held every ack.
 
-Processes: this one (orchestration, registry writes and reads), the controller, the simulated
-fleet, and Mosquitto, all on the same machine. Arrival times use the wall clock (controller) and
-``time.perf_counter`` (devices, CLOCK_MONOTONIC on Linux), each compared with the same clock here.
-A first version timed acks with an extra subscriber in the fleet's event loop and over-reported by
-~1 s at N=1000; a later one in its own process cost ~15% more CPU for the same figure.
-``LDFLEET_CONTROLLER_LOG=DEBUG`` shows the controller's batch timings.
+Honest figures: a device that never acknowledges within the round's timeout counts as a miss, at the
+timeout, in p50/p99/max (so one missing device makes ``max_ms`` the timeout); ``converged_pct`` is
+the share of devices that acknowledged. After the run the registry's ``desired_policies`` are audited:
+per device, versions 1..n with no gap (``version_gaps``) and ``devices.desired_version`` equal to the
+newest claimed version (``version_mismatches``); the unique constraint rules out duplicates. When
+the benchmark runs the broker it also reports the broker's "Outgoing messages are being dropped"
+notices, and with ``restart_broker`` it restarts that broker in the middle of round 1.
+
+Processes: this one (orchestration, registry writes and reads), the controller(s), the simulated
+fleet processes, and Mosquitto, all on the same machine. Arrival times use the wall clock
+(controller) and ``time.perf_counter`` (devices, CLOCK_MONOTONIC on Linux), each compared with the
+same clock here. ``LDFLEET_CONTROLLER_LOG=DEBUG`` shows the controllers' batch timings.
 """
 
 from __future__ import annotations
@@ -35,12 +42,24 @@ from sqlalchemy import func, select
 
 from ldfleet.common import topics
 from ldfleet.common.broker import EmbeddedBroker
-from ldfleet.common.process import stop_process
 from ldfleet.common.mqtt import new_id, parse_broker_url, publish_once
+from ldfleet.common.process import stop_process
 from ldfleet.server.operator import set_budget
-from ldfleet.server.registry import PolicyAckRecord, Registry
+from ldfleet.server.registry import DesiredPolicyRecord, Device, PolicyAckRecord, Registry
 
 GOAL_P99_MS = 1000.0
+#: Devices per simulated-fleet process when ``fleet_procs`` is left to the benchmark.
+DEVICES_PER_FLEET_PROC = 2500
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (Linux ``/proc``; NaN elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return math.nan
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -58,12 +77,18 @@ class RoundResult:
     budget: str
     devices: int
     acked: int
+    #: share of the devices that acknowledged the new version within the timeout, in %
+    converged_pct: float
+    #: over all devices; a missing ack counts at the timeout
     p50_ms: float
     p99_ms: float
     max_ms: float
     fanout_p50_ms: float
     fanout_max_ms: float
     registry_converged_ms: float | None
+    restarted_broker: bool = False
+    #: CPU seconds each part used during the round (where the time goes on a shared machine)
+    cpu_s: dict[str, float] = field(default_factory=dict)
     latencies_ms: list[float] = field(default_factory=list, repr=False)
 
 
@@ -72,6 +97,8 @@ class BenchResult:
     devices: int
     broker: str
     registry: str
+    controllers: int
+    fleet_procs: int
     connect_s: float
     initial_converge_s: float
     rounds: list[RoundResult]
@@ -79,6 +106,15 @@ class BenchResult:
     p99_ms: float
     max_ms: float
     all_acked: bool
+    #: "Outgoing messages are being dropped" lines in the log of the broker the benchmark ran (None: external)
+    broker_drop_notices: int | None = None
+    #: devices whose claimed versions (desired_policies) are not exactly 1..n
+    version_gaps: int = 0
+    #: devices whose desired_version is not their newest claimed version
+    version_mismatches: int = 0
+    #: summed over the controllers / the simulated devices
+    controller_stats: dict[str, int] = field(default_factory=dict)
+    device_stats: dict[str, int] = field(default_factory=dict)
     goal_p99_ms: float = GOAL_P99_MS
     #: 1-minute load average before the run and the CPUs this machine has: the benchmark shares them
     #: with the broker, controller and fleet, and with whatever else runs on the machine.
@@ -87,7 +123,7 @@ class BenchResult:
 
     @property
     def goal_met(self) -> bool:
-        return self.all_acked and self.p99_ms < self.goal_p99_ms
+        return self.all_acked and self.p99_ms < self.goal_p99_ms and self.version_gaps == 0 and self.version_mismatches == 0
 
     def as_dict(self, with_samples: bool = False) -> dict[str, Any]:
         d = asdict(self)
@@ -99,22 +135,37 @@ class BenchResult:
 
 
 _CONTROLLER_CODE = (
-    "import json, logging, os, sys\n"
+    "import dataclasses, json, logging, os, sys\n"
     "logging.basicConfig(level=os.environ.get('LDFLEET_CONTROLLER_LOG', 'WARNING'),\n"
     "                    format='%(asctime)s controller %(levelname)s %(name)s: %(message)s')\n"
-    "from ldfleet.server.controller import run_controller\n"
-    "run_controller(**json.loads(sys.stdin.readline()))\n"
+    "from ldfleet.server.controller import Controller\n"
+    "kw = json.loads(sys.stdin.readline())\n"
+    "c = Controller(kw.pop('broker'), kw.pop('db'), **kw)\n"
+    "c.run_forever()\n"
+    "print('stats ' + json.dumps(dataclasses.asdict(c.stats)), flush=True)\n"
 )
 
 
-def start_controller_process(broker: str, db: str, **kwargs: Any) -> subprocess.Popen[bytes]:
+def start_controller_process(broker: str, db: str, *, capture: bool = False, **kwargs: Any) -> subprocess.Popen[bytes]:
     """The real controller in its own Python process (arguments go over stdin, not argv, so a
-    password in the broker URL does not show up in ``ps``). Stop it with ``stop_process``."""
-    proc = subprocess.Popen([sys.executable, "-c", _CONTROLLER_CODE], stdin=subprocess.PIPE)
+    password in the broker URL does not show up in ``ps``). Stop it with ``stop_process``; with
+    ``capture`` its stdout ends with ``stats {...}`` (``controller_stats``)."""
+    proc = subprocess.Popen([sys.executable, "-c", _CONTROLLER_CODE], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE if capture else None)
     assert proc.stdin is not None
     proc.stdin.write((json.dumps({"broker": broker, "db": db, **kwargs}) + "\n").encode())
     proc.stdin.close()
     return proc
+
+
+def controller_stats(proc: subprocess.Popen[bytes]) -> dict[str, Any]:
+    """Stop a controller started with ``capture=True`` and return its final counters."""
+    stop_process(proc)
+    out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+    for line in out.splitlines():
+        if line.startswith("stats "):
+            return json.loads(line[len("stats "):])
+    return {}
 
 
 def _clear_retained(url: str, device_ids: list[str]) -> None:
@@ -128,6 +179,66 @@ def _clear_retained(url: str, device_ids: list[str]) -> None:
         publish_once(u, msgs[i:i + 2000], timeout=30)
 
 
+class _Fleet:
+    """Simulated devices spread over several processes (``sim_devices.fleet_process_main``)."""
+
+    def __init__(self, procs: list[asyncio.subprocess.Process]) -> None:
+        self.procs = procs
+
+    @classmethod
+    async def start(cls, ids: list[str], nprocs: int, cfg: dict[str, Any]) -> _Fleet:
+        procs = []
+        for k in range(nprocs):
+            p = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", "from ldfleet.simulations.sim_devices import fleet_process_main; fleet_process_main()",
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=64 * 1024 * 1024,
+            )
+            assert p.stdin is not None
+            p.stdin.write((json.dumps({**cfg, "device_ids": ids[k::nprocs]}) + "\n").encode())
+            await p.stdin.drain()
+            procs.append(p)
+        return cls(procs)
+
+    async def wait_connected(self, timeout_s: float) -> bool:
+        async def one(p: asyncio.subprocess.Process) -> bool:
+            assert p.stdout is not None
+            return (await p.stdout.readline()).startswith(b"connected")
+        try:
+            return all(await asyncio.wait_for(asyncio.gather(*(one(p) for p in self.procs)), timeout_s))
+        except asyncio.TimeoutError:
+            return False
+
+    async def stop(self) -> dict[str, Any]:
+        """Close each process's stdin (devices say goodbye); merge what they report."""
+        merged: dict[str, Any] = {"received": {}, "applied": 0, "rebirths": 0, "reannounced": 0}
+        for p in self.procs:
+            rep = await _stop_fleet_proc(p)
+            merged["received"].update(rep.get("received", {}))
+            for k in ("applied", "rebirths", "reannounced"):
+                merged[k] += int(rep.get(k, 0))
+        self.procs = []
+        return merged
+
+
+async def _stop_fleet_proc(p: asyncio.subprocess.Process) -> dict[str, Any]:
+    assert p.stdin is not None and p.stdout is not None
+    rep: dict[str, Any] = {}
+    if p.returncode is None:
+        p.stdin.close()
+        try:
+            while True:
+                line = await asyncio.wait_for(p.stdout.readline(), 60)
+                if not line:
+                    break
+                if line.startswith(b"stopped "):
+                    rep = json.loads(line[len(b"stopped "):])
+            await asyncio.wait_for(p.wait(), 30)
+        except asyncio.TimeoutError:
+            p.kill()
+            await p.wait()
+    return rep
+
+
 async def _bench(
     ids: list[str],
     url: str,
@@ -138,14 +249,20 @@ async def _bench(
     num_layers: int,
     timeout_s: float,
     connect_concurrency: int,
+    controllers: int,
+    fleet_procs: int,
+    broker: EmbeddedBroker | None,
+    restart_broker: bool,
     progress: Any,
 ) -> BenchResult:
     n = len(ids)
     load_before = os.getloadavg()[0]
     bu = parse_broker_url(url)
-    registry = Registry(db)  # migrates before the controller opens it
-    ctl = start_controller_process(url, db, poll_interval_s=2.0)
-    fleet: asyncio.subprocess.Process | None = None
+    registry = Registry(db)  # migrates before the controllers open it
+    group = {"shared_group": "ldfleet-bench"} if controllers > 1 else {}
+    ctls = [start_controller_process(url, db, capture=True, poll_interval_s=2.0, controller_id=f"controller-{i}", **group)
+            for i in range(controllers)]
+    fleet: _Fleet | None = None
 
     def _converged() -> bool:
         c, total = registry.convergence(device_class)
@@ -153,79 +270,137 @@ async def _bench(
 
     try:
         t_conn = time.perf_counter()
-        progress(f"connecting {n} simulated devices (one asyncio process) to {bu}")
-        fleet = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", "from ldfleet.simulations.sim_devices import fleet_process_main; fleet_process_main()",
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=64 * 1024 * 1024,
-        )
+        progress(f"connecting {n} simulated devices ({fleet_procs} processes) to {bu}; {controllers} controller(s)")
         cfg = {
-            "broker": url, "device_ids": ids, "device_class": device_class, "num_layers": num_layers,
+            "broker": url, "device_class": device_class, "num_layers": num_layers,
             "layer_ms": [1.0 + 0.1 * i for i in range(num_layers)], "front_end_ms": 4.0,
             "connect_concurrency": connect_concurrency,
         }
-        assert fleet.stdin is not None and fleet.stdout is not None
-        fleet.stdin.write((json.dumps(cfg) + "\n").encode())
-        await fleet.stdin.drain()
-        try:
-            line = await asyncio.wait_for(fleet.stdout.readline(), timeout_s)
-        except asyncio.TimeoutError:
-            line = b""
-        if not line.startswith(b"connected"):
-            raise RuntimeError(f"the simulated fleet did not connect within {timeout_s:.0f} s")
+        fleet = await _Fleet.start(ids, fleet_procs, cfg)
+        if not await fleet.wait_connected(max(timeout_s, n / 50)):
+            raise RuntimeError(f"the simulated fleet did not connect within {max(timeout_s, n / 50):.0f} s")
         connect_s = time.perf_counter() - t_conn
         progress(f"{n} connected in {connect_s:.1f} s; waiting for the initial policy to converge")
-        if not await _poll(_converged, timeout_s, 0.1):
+        settle_s = max(timeout_s, n / 50)  # a connect burst of N births and profiles takes longer than a round
+        if not await _poll(_converged, settle_s, 0.1):
             c, total = registry.convergence(device_class)
-            raise RuntimeError(f"only {c}/{n} devices converged on their initial policy (is the controller running?)")
+            raise RuntimeError(f"only {c}/{n} devices converged on their initial policy within {settle_s:.0f} s")
         initial_s = time.perf_counter() - t_conn
         keeps = [0.5, 0.75, 0.25, 1.0]
-        measured: list[tuple[int, str, float, dict[str, int], list[float], float | None]] = []
+        measured = []
         for r in range(rounds):
             keep = keeps[r % len(keeps)]
+            restart = restart_broker and r == 0
             # start from a quiet, converged fleet: the controller has written every ack
             await _poll(_converged, timeout_s, 0.05)
             await asyncio.sleep(0.5)
-            prev = {d.device_id: d.applied_version for d in registry.devices(device_class)}
+            prev = dict(await asyncio.to_thread(_applied_versions, registry, device_class))
+            parts = {"controllers": [p.pid for p in ctls], "fleet": [p.pid for p in fleet.procs], "bench": [os.getpid()]}
+            if broker is not None and broker.proc is not None:
+                parts["broker"] = [broker.proc.pid]
+            cpu0 = {k: sum(cpu_seconds(pid) for pid in pids) for k, pids in parts.items()}
+            floor = min(prev.values()) if prev else 0
             last_ack = await asyncio.to_thread(_last_ack_id, registry)
             t0_wall, t0 = time.time(), time.perf_counter()
             change = await asyncio.to_thread(set_budget, registry, url, device_class, keep=keep, issued_by="bench", create_class=True)
+            restarter = asyncio.ensure_future(_restart_midway(broker, registry, last_ack, floor, n, progress)) if restart else None
+
+            def _done() -> bool:
+                return _count_acked_since(registry, last_ack, floor) >= n
+
             # a cheap COUNT every 50 ms (polling harder steals CPU from what is measured), then the times
-            ok = await _poll(lambda: _count_applied_since(registry, last_ack) >= n, timeout_s, 0.05)
+            ok = await _poll(_done, timeout_s, 0.05)
             reg_ms = (time.perf_counter() - t0) * 1000 if ok else None
-            got = await asyncio.to_thread(_applied_acks_since, registry, last_ack)
-            lat = [(ts - t0_wall) * 1000 for ts in got.values()]
+            if restarter is not None:
+                await restarter
+            cpu = {k: round(sum(cpu_seconds(pid) for pid in pids) - cpu0[k], 2) for k, pids in parts.items()}
+            cpu = {k: v for k, v in cpu.items() if math.isfinite(v)}  # a restarted broker is a new process
+            got = await asyncio.to_thread(_acks_since, registry, last_ack, prev)
+            lat = [(got[d] - t0_wall) * 1000 if d in got else timeout_s * 1000 for d in ids]
             budget = f"keep {keep:g}" + ("" if change.notified else " (no notice: registry poll)")
-            measured.append((r + 1, budget, t0, prev, lat, reg_ms))
+            measured.append((r + 1, budget, t0, prev, lat, len(got), reg_ms, restart, cpu))
             progress(
-                f"round {r + 1}: {len(lat)}/{n} acked, p50 {percentile(lat, 50):.0f} ms, p99 {percentile(lat, 99):.0f} ms"
-                + ("" if ok else f" (timed out after {timeout_s:.0f} s)")
+                f"round {r + 1}: {len(got)}/{n} acked, p50 {percentile(lat, 50):.0f} ms, p99 {percentile(lat, 99):.0f} ms"
+                + (" (broker restarted mid-round)" if restart else "") + ("" if ok else f" (timed out after {timeout_s:.0f} s)")
+                + f"; CPU s {cpu}"
             )
-        received = await _stop_fleet(fleet)
+        dev_report = await fleet.stop()
         fleet = None
         results = []
-        for rnd, budget, t0, prev, lat, reg_ms in measured:
+        for rnd, budget, t0, prev, lat, acked, reg_ms, restart, cpu in measured:
             fan = []
             for d in ids:
-                arrivals = [t for v, t in received.get(d, {}).items() if int(v) > prev.get(d, 0)]
+                arrivals = [t for v, t in dev_report["received"].get(d, {}).items() if int(v) > prev.get(d, 0)]
                 if arrivals:
                     fan.append((min(arrivals) - t0) * 1000)
             results.append(RoundResult(
-                round=rnd, budget=budget, devices=n, acked=len(lat),
-                p50_ms=percentile(lat, 50), p99_ms=percentile(lat, 99), max_ms=max(lat) if lat else math.nan,
+                round=rnd, budget=budget, devices=n, acked=acked, converged_pct=100.0 * acked / n,
+                p50_ms=percentile(lat, 50), p99_ms=percentile(lat, 99), max_ms=max(lat),
                 fanout_p50_ms=percentile(fan, 50), fanout_max_ms=max(fan) if fan else math.nan,
-                registry_converged_ms=reg_ms, latencies_ms=lat,
+                registry_converged_ms=reg_ms, restarted_broker=restart, cpu_s=cpu, latencies_ms=lat,
             ))
         allv = [x for res in results for x in res.latencies_ms]
+        gaps, mismatches = await asyncio.to_thread(audit_versions, registry, device_class)
+        cstats: dict[str, int] = {}
+        for proc in ctls:
+            for k, v in controller_stats(proc).items():
+                if isinstance(v, int):
+                    cstats[k] = cstats.get(k, 0) + v
+        ctls = []
         return BenchResult(
-            devices=n, broker=str(bu), registry=registry.backend, connect_s=connect_s, initial_converge_s=initial_s,
-            rounds=results, p50_ms=percentile(allv, 50), p99_ms=percentile(allv, 99), max_ms=max(allv) if allv else math.nan,
-            all_acked=all(res.acked == n for res in results), load_before=load_before, cpus=os.cpu_count() or 0,
+            devices=n, broker=str(bu), registry=registry.backend, controllers=controllers, fleet_procs=fleet_procs,
+            connect_s=connect_s, initial_converge_s=initial_s, rounds=results,
+            p50_ms=percentile(allv, 50), p99_ms=percentile(allv, 99), max_ms=max(allv) if allv else math.nan,
+            all_acked=all(res.acked == n for res in results),
+            broker_drop_notices=broker_drop_notices(broker) if broker is not None else None,
+            version_gaps=gaps, version_mismatches=mismatches, controller_stats=cstats,
+            device_stats={k: int(dev_report[k]) for k in ("rebirths", "reannounced")},
+            load_before=load_before, cpus=os.cpu_count() or 0,
         )
     finally:
         if fleet is not None:
-            await _stop_fleet(fleet)
-        stop_process(ctl)
+            await fleet.stop()
+        for proc in ctls:
+            stop_process(proc)
         registry.close()
+
+
+async def _restart_midway(broker: EmbeddedBroker | None, registry: Registry, last_ack: int, floor: int, n: int, progress: Any) -> None:
+    """Restart the broker once about half the fleet acknowledged (or after 2 s)."""
+    assert broker is not None
+    await _poll(lambda: _count_acked_since(registry, last_ack, floor) >= n // 2, 2.0, 0.02)
+    acked = await asyncio.to_thread(_count_acked_since, registry, last_ack, floor)
+    progress(f"restarting the broker with {acked}/{n} acks in")
+    await asyncio.to_thread(broker.restart)
+
+
+def broker_drop_notices(broker: EmbeddedBroker) -> int:
+    try:
+        return broker.log_path.read_text(errors="replace").count("being dropped")
+    except OSError:
+        return 0
+
+
+def audit_versions(registry: Registry, device_class: str) -> tuple[int, int]:
+    """(devices whose claimed versions are not exactly 1..n, devices whose desired_version is not the
+    newest claimed one) over one class."""
+    with registry.session() as s:
+        rows = s.execute(
+            select(DesiredPolicyRecord.device_id, func.count(), func.min(DesiredPolicyRecord.version), func.max(DesiredPolicyRecord.version))
+            .join(Device, Device.device_id == DesiredPolicyRecord.device_id)
+            .where(Device.device_class == device_class)
+            .group_by(DesiredPolicyRecord.device_id)
+        ).all()
+        desired = dict(s.execute(select(Device.device_id, Device.desired_version).where(Device.device_class == device_class)).all())
+    gaps = sum(1 for _, cnt, lo, hi in rows if lo != 1 or hi != cnt)
+    newest = {d: hi for d, _, _, hi in rows}
+    mismatches = sum(1 for d, v in desired.items() if v != newest.get(d, 0))
+    return gaps, mismatches
+
+
+def _applied_versions(registry: Registry, device_class: str) -> list[tuple[str, int]]:
+    with registry.session() as s:
+        return list(s.execute(select(Device.device_id, Device.applied_version).where(Device.device_class == device_class)).all())
 
 
 def _last_ack_id(registry: Registry) -> int:
@@ -233,46 +408,32 @@ def _last_ack_id(registry: Registry) -> int:
         return int(s.scalar(select(func.max(PolicyAckRecord.id))) or 0)
 
 
-def _count_applied_since(registry: Registry, after_id: int) -> int:
+def _count_acked_since(registry: Registry, after_id: int, floor: int) -> int:
+    """Devices with an applied ack of a version above ``floor`` since ack ``after_id`` (one COUNT)."""
     with registry.session() as s:
         return int(s.scalar(
             select(func.count(func.distinct(PolicyAckRecord.device_id)))
-            .where(PolicyAckRecord.id > after_id, PolicyAckRecord.status == "applied", PolicyAckRecord.version > 0)
+            .where(PolicyAckRecord.id > after_id, PolicyAckRecord.status == "applied", PolicyAckRecord.applied_version > floor)
         ) or 0)
 
 
-def _applied_acks_since(registry: Registry, after_id: int) -> dict[str, float]:
-    """device -> when the controller received its first applied ack after ``after_id`` (epoch s).
+def _acks_since(registry: Registry, after_id: int, prev: dict[str, int]) -> dict[str, float]:
+    """device -> when a controller received its first applied ack of a version above the one it had
+    before the round (epoch s). A re-announced old ack (after a broker restart) does not count.
 
     ``received_at`` is stamped in the controller's MQTT thread as the message arrives, before any
     database work: the time the ack reached the controller."""
     with registry.session() as s:
         rows = s.execute(
-            select(PolicyAckRecord.device_id, func.min(PolicyAckRecord.received_at))
-            .where(PolicyAckRecord.id > after_id, PolicyAckRecord.status == "applied", PolicyAckRecord.version > 0)
-            .group_by(PolicyAckRecord.device_id)
+            select(PolicyAckRecord.device_id, PolicyAckRecord.applied_version, PolicyAckRecord.received_at)
+            .where(PolicyAckRecord.id > after_id, PolicyAckRecord.status == "applied")
         ).all()
-    return {d: ts.timestamp() for d, ts in rows}
-
-
-async def _stop_fleet(fleet: asyncio.subprocess.Process) -> dict[str, dict[str, float]]:
-    """Close the fleet's stdin (devices say goodbye), collect when each desired version reached them."""
-    assert fleet.stdin is not None and fleet.stdout is not None
-    received: dict[str, dict[str, float]] = {}
-    if fleet.returncode is None:
-        fleet.stdin.close()
-        try:
-            while True:
-                line = await asyncio.wait_for(fleet.stdout.readline(), 60)
-                if not line:
-                    break
-                if line.startswith(b"stopped "):
-                    received = json.loads(line[len(b"stopped "):]).get("received", {})
-            await asyncio.wait_for(fleet.wait(), 30)
-        except asyncio.TimeoutError:
-            fleet.kill()
-            await fleet.wait()
-    return received
+    first: dict[str, float] = {}
+    for d, applied, ts in rows:
+        if applied > prev.get(d, 0):
+            t = ts.timestamp()
+            first[d] = min(first.get(d, t), t)
+    return first
 
 
 async def _poll(pred: Any, timeout_s: float, step: float) -> bool:
@@ -291,14 +452,26 @@ def run_bench(
     broker: str | None = None,
     db: str | None = None,
     rounds: int = 3,
-    device_class: str = "bench",
+    device_class: str | None = None,
     num_layers: int = 12,
     timeout_s: float = 120.0,
     connect_concurrency: int = 64,
+    controllers: int = 1,
+    fleet_procs: int = 0,
+    restart_broker: bool = False,
     progress: Any = None,
 ) -> BenchResult:
-    """Run the benchmark for one fleet size (starts and stops everything it needs)."""
+    """Run the benchmark for one fleet size (starts and stops everything it needs).
+
+    ``fleet_procs`` 0: one simulated-fleet process per ``DEVICES_PER_FLEET_PROC`` devices.
+    ``restart_broker`` needs the benchmark's own broker (``broker`` None). Raises ``ValueError`` for
+    bad arguments, ``RuntimeError`` when the fleet does not connect or converge initially."""
     progress = progress or (lambda msg: None)
+    if restart_broker and broker is not None:
+        raise ValueError("--restart-broker restarts the broker the benchmark runs; leave out --broker")
+    if controllers < 1:
+        raise ValueError("need at least one controller")
+    fleet_procs = fleet_procs or max(1, math.ceil(n_devices / DEVICES_PER_FLEET_PROC))
     tmp = tempfile.mkdtemp(prefix="ldfleet-bench-")
     own_broker = None
     run = new_id()[:6]
@@ -311,8 +484,9 @@ def run_bench(
             url = broker
         db_url = db or f"sqlite:///{tmp}/registry.db"
         return asyncio.run(
-            _bench(ids, url, db_url, rounds=rounds, device_class=device_class, num_layers=num_layers,
-                   timeout_s=timeout_s, connect_concurrency=connect_concurrency, progress=progress)
+            _bench(ids, url, db_url, rounds=rounds, device_class=device_class or f"bench-{run}", num_layers=num_layers,
+                   timeout_s=timeout_s, connect_concurrency=connect_concurrency, controllers=controllers,
+                   fleet_procs=min(fleet_procs, n_devices), broker=own_broker, restart_broker=restart_broker, progress=progress)
         )
     finally:
         if own_broker is not None:

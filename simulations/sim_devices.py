@@ -2,8 +2,10 @@
 
 paho's select() loop stalls past ~340 clients per process, so a simulated fleet uses aiomqtt (one
 asyncio task per device). Each simulated device behaves like ``ldfleet agent`` on the wire: birth
-status and profile (retained) with an offline Last Will, subscription to its own desired policy,
-the same decision function (``ldfleet.client.agent.evaluate_policy``) and a retained ack. Its state
+status and profile (retained) with an offline Last Will, its last ack again on every connect,
+subscription to its own desired policy and rebirth requests, the same decision function
+(``ldfleet.client.agent.evaluate_policy``), a retained ack, and the same jittered re-announcement
+while no desired policy arrives (``common/reannounce.py``). Its state
 lives in memory (``persist_dir`` writes it atomically like the real agent, at a disk cost).
 Each device notes when (``time.perf_counter()``, CLOCK_MONOTONIC: comparable across processes on
 Linux) each desired version reached it; the benchmark reads when acks reached the controller from
@@ -26,7 +28,8 @@ from ldfleet.client.state import DeviceState, save_device_state
 from ldfleet.common import topics
 from ldfleet.common.mqtt import BrokerURL, aiomqtt_kwargs, new_id
 from ldfleet.common.process import raise_fd_limit
-from ldfleet.common.schemas import BudgetPolicy, DeviceProfile, PolicyAck, Status, decode, utcnow
+from ldfleet.common.reannounce import ReannounceBackoff
+from ldfleet.common.schemas import BudgetPolicy, DeviceProfile, PolicyAck, RebirthRequest, Status, decode, utcnow
 
 log = logging.getLogger("ldfleet.sim")
 
@@ -41,6 +44,11 @@ class SimDevice:
     applied: int = 0
     #: desired version -> when it reached this device (perf_counter seconds)
     received: dict[int, float] = field(default_factory=dict)
+    last_ack: PolicyAck | None = None
+    #: re-announcements: asked by the controller (rebirth requests) and by itself (no policy arrived)
+    rebirths: int = 0
+    reannounced: int = 0
+    reannounce: ReannounceBackoff = field(default_factory=ReannounceBackoff)
 
     def __post_init__(self) -> None:
         self.state = DeviceState(device_id=self.profile.device_id, device_class=self.profile.device_class, profile=self.profile)
@@ -62,20 +70,50 @@ class SimDevice:
             self.state = d.state
         if d.ack is not None and d.ack.status == "applied":
             self.applied += 1
+        if d.ack is not None:
+            self.last_ack = d.ack
         return d.ack
 
-    async def _serve(self, client: aiomqtt.Client, seq: int) -> None:
+    async def _announce(self, client: aiomqtt.Client, seq: int) -> None:
         did = self.device_id
-        await client.subscribe(topics.policy_desired(did), qos=1)
         birth = Status(device_id=did, online=True, boot_id=self.boot_id, seq=seq, sent_at=utcnow())
         await client.publish(topics.status(did), birth.to_json(), qos=1, retain=True)
         await client.publish(topics.profile(did), self.profile.to_json(), qos=1, retain=True)
+        if self.last_ack is not None:
+            await client.publish(topics.policy_reported(did), self.last_ack.to_json(), qos=1, retain=True)
+
+    async def _reannounce_loop(self, client: aiomqtt.Client, seq: int, policy_seen: asyncio.Event) -> None:
+        self.reannounce.reset()
+        while True:
+            try:
+                await asyncio.wait_for(policy_seen.wait(), self.reannounce.next_delay())
+                return
+            except asyncio.TimeoutError:
+                self.reannounced += 1
+                await self._announce(client, seq)
+
+    async def _serve(self, client: aiomqtt.Client, seq: int) -> None:
+        did = self.device_id
+        await client.subscribe([(topics.policy_desired(did), 1), (topics.rebirth(did), 1)])
+        await self._announce(client, seq)
         self.connected.set()
         reported = topics.policy_reported(did)
-        async for msg in client.messages:
-            ack = self.decide(bytes(msg.payload), str(msg.topic))  # type: ignore[arg-type]
-            if ack is not None:
-                await client.publish(reported, ack.to_json(), qos=1, retain=True)
+        policy_seen = asyncio.Event()
+        waiter = asyncio.ensure_future(self._reannounce_loop(client, seq, policy_seen))
+        try:
+            async for msg in client.messages:
+                topic, payload = str(msg.topic), bytes(msg.payload)  # type: ignore[arg-type]
+                if topic.endswith("/" + topics.Channel.REBIRTH.value):
+                    if decode(RebirthRequest, payload, topic=topic, topic_device_id=did, logger=log) is not None:
+                        self.rebirths += 1
+                        await self._announce(client, seq)
+                    continue
+                policy_seen.set()
+                ack = self.decide(payload, topic)
+                if ack is not None:
+                    await client.publish(reported, ack.to_json(), qos=1, retain=True)
+        finally:
+            waiter.cancel()
 
     async def run(
         self,
@@ -96,7 +134,7 @@ class SimDevice:
                     async with connect_slots:
                         client = aiomqtt.Client(
                             **aiomqtt_kwargs(url), identifier=f"ldfleet-sim-{did}", protocol=protocol,
-                            will=will, keepalive=60, timeout=30,
+                            will=will, keepalive=60, timeout=10,  # a connect accepted by a broker that is shutting down gets no CONNACK: give up soon
                         )
                         await client.__aenter__()
                     try:
@@ -183,7 +221,8 @@ def fleet_process_main() -> None:
     Reads one JSON line from stdin: ``{"broker", "device_ids", "device_class", "num_layers",
     "layer_ms", "front_end_ms", "connect_concurrency"}``; prints ``connected <n>`` once every device
     is connected; stops (each device says goodbye) when stdin closes or SIGTERM arrives, and then
-    prints ``stopped {"applied": n, "received": {device: {version: perf_counter seconds}}}``.
+    prints ``stopped {"applied": n, "received": {device: {version: perf_counter seconds}},
+    "rebirths": n, "reannounced": n}``.
     """
     import json
     import signal
@@ -210,6 +249,9 @@ def fleet_process_main() -> None:
 
         devices = await run_fleet(url, profiles, stop, connect_concurrency=cfg.get("connect_concurrency", 64), on_connected=connected)
         received = {d.device_id: {str(v): t for v, t in d.received.items()} for d in devices}
-        print("stopped " + json.dumps({"applied": sum(d.applied for d in devices), "received": received}), flush=True)
+        print("stopped " + json.dumps({
+            "applied": sum(d.applied for d in devices), "received": received,
+            "rebirths": sum(d.rebirths for d in devices), "reannounced": sum(d.reannounced for d in devices),
+        }), flush=True)
 
     asyncio.run(main())

@@ -12,6 +12,7 @@ from ldfleet.common.data.audio import write_wav
 from ldfleet.common.model.backbone import load_backbone
 from ldfleet.common.model.checkpoint import save_model
 from ldfleet.common.model.dynamic import DynamicModel
+from ldfleet.common.model.heads import with_head
 
 
 @pytest.fixture(scope="session")
@@ -19,7 +20,7 @@ def tiny_run(tmp_path_factory) -> Path:
     """A tiny WavLM dynamic model with random weights (export and runtimes do not need training)."""
     torch.manual_seed(0)
     run = tmp_path_factory.mktemp("edge") / "run"
-    save_model(DynamicModel(load_backbone("tiny", "wavlm"), num_classes=12), run)
+    save_model(DynamicModel(*with_head(load_backbone("tiny", "wavlm"))), run)
     return run
 
 

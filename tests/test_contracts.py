@@ -28,6 +28,7 @@ from ldfleet.common.schemas import (
     PayloadError,
     PolicyAck,
     PolicyChanged,
+    RebirthRequest,
     Status,
     Telemetry,
     decode,
@@ -56,6 +57,7 @@ VALID = {
     Telemetry: lambda: Telemetry(device_id="pi-01", load=0.5, layer_usage=[0.5, 1.0]),
     ControllerStatus: lambda: ControllerStatus(controller_id="controller", online=True, boot_id="x1"),
     PolicyChanged: lambda: PolicyChanged(device_class="pi4", policy_version=2),
+    RebirthRequest: lambda: RebirthRequest(device_id="pi-01", reason="no-ack", desired_version=3, controller_id="controller"),
 }
 
 

@@ -132,5 +132,12 @@ def test_bench_control_plane_command_on_a_small_fleet(tmp_path, monkeypatch):
     (res,) = json.loads(out[out.index("["):])
     assert res["devices"] == 20 and res["all_acked"] and len(res["rounds"]) == 2
     for r in res["rounds"]:
-        assert r["acked"] == 20 and 0 < r["p50_ms"] <= r["p99_ms"] <= r["max_ms"]
+        assert r["acked"] == 20 and r["converged_pct"] == 100.0 and 0 < r["p50_ms"] <= r["p99_ms"] <= r["max_ms"]
         assert r["registry_converged_ms"] is not None and r["fanout_p50_ms"] <= r["max_ms"]
+    # its own broker: no drop notices; the registry's audit: versions 1..3 on every device
+    assert res["broker_drop_notices"] == 0 and res["version_gaps"] == 0 and res["version_mismatches"] == 0
+
+
+def test_bench_control_plane_refuses_a_broker_restart_on_a_broker_it_does_not_run():
+    code, out = cli("bench", "control-plane", "--devices", "5", "--restart-broker", "--broker", "mqtt://127.0.0.1:1")
+    assert code != 0 and "--restart-broker" in out

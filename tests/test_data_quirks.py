@@ -133,11 +133,12 @@ def test_train_and_eval_strict_stop_naming_the_file_and_default_loads_report_ski
     from ldfleet.common.model.backbone import load_backbone
     from ldfleet.common.model.checkpoint import save_model
     from ldfleet.common.model.dynamic import DynamicModel
+    from ldfleet.common.model.heads import with_head
 
     train = CliRunner().invoke(app, ["train", "--data", str(quirky), "--out", str(tmp_path / "run"), "--strict"])
     assert train.exit_code != 0 and "white.wav#2: non-finite" in train.output.replace("\n", "")
     assert not (tmp_path / "run").exists()  # stopped before any training
-    save_model(DynamicModel(load_backbone("tiny"), 12), tmp_path / "tiny-run")
+    save_model(DynamicModel(*with_head(load_backbone("tiny"))), tmp_path / "tiny-run")
     evaluate = CliRunner().invoke(app, ["eval", "--run", str(tmp_path / "tiny-run"), "--data", str(quirky), "--strict"])
     assert evaluate.exit_code != 0 and "white.wav#2: non-finite" in evaluate.output.replace("\n", "")
     splits = load_data(quirky, seed=0)

@@ -13,6 +13,7 @@ from ldfleet.common.model.backbone import build_config, load_backbone
 from ldfleet.common.model.checkpoint import MODEL_JSON, load_model, save_model
 from ldfleet.common.model.compat import UnsupportedCheckpoint
 from ldfleet.common.model.dynamic import DynamicModel
+from ldfleet.common.model.heads import with_head
 from ldfleet.common.model.inputs import CONFIG_KEY, InputSpec
 
 FAMILY = {"wavlm": "WavLMModel", "hubert": "HubertModel", "wav2vec2": "Wav2Vec2Model"}
@@ -38,7 +39,7 @@ def checkpoint(tmp_path, family="wavlm", extractor: dict | None = None, dtype=to
 @pytest.mark.parametrize("family", sorted(FAMILY))
 def test_do_normalize_false_means_the_front_end_sees_raw_samples(tmp_path, family):
     folder = checkpoint(tmp_path, family, extractor={"do_normalize": False})
-    model = DynamicModel(load_backbone(str(folder)), num_classes=3).eval()
+    model = DynamicModel(*with_head(load_backbone(str(folder)), labels=["a", "b", "c"])).eval()
     assert model.input_spec.do_normalize is False and "preprocessor_config.json" in model.input_spec.source
     wave = 0.05 * torch.randn(2, 16000, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -50,14 +51,14 @@ def test_do_normalize_false_means_the_front_end_sees_raw_samples(tmp_path, famil
 
 
 def test_do_normalize_true_normalises_so_level_does_not_matter(tmp_path):
-    model = DynamicModel(load_backbone(str(checkpoint(tmp_path, extractor={"do_normalize": True}))), 3).eval()
+    model = DynamicModel(*with_head(load_backbone(str(checkpoint(tmp_path, extractor={"do_normalize": True}))), labels=["a", "b", "c"])).eval()
     wave = 0.05 * torch.randn(1, 16000, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (model.front_end(4 * wave).hidden - model.front_end(wave).hidden).abs().max() < 1e-4
 
 
 def test_the_spec_is_saved_with_the_run_and_restored(tmp_path):
-    model = DynamicModel(load_backbone(str(checkpoint(tmp_path, extractor={"do_normalize": False}))), 3).eval()
+    model = DynamicModel(*with_head(load_backbone(str(checkpoint(tmp_path, extractor={"do_normalize": False}))), labels=["a", "b", "c"])).eval()
     save_model(model, tmp_path / "run")
     meta = json.loads((tmp_path / "run" / MODEL_JSON).read_text())
     assert meta["backbone_config"][CONFIG_KEY]["do_normalize"] is False
@@ -71,17 +72,17 @@ def test_the_spec_is_saved_with_the_run_and_restored(tmp_path):
 def test_in_code_sizes_and_old_runs_normalise_as_before(tmp_path):
     from ldfleet.common.model.backbone import backbone_from_config
 
-    model = DynamicModel(load_backbone("tiny"), 3)
+    model = DynamicModel(*with_head(load_backbone("tiny"), labels=["a", "b", "c"]))
     assert model.input_spec == InputSpec()
     save_model(model, tmp_path / "run")
     meta = json.loads((tmp_path / "run" / MODEL_JSON).read_text())
     assert CONFIG_KEY not in meta["backbone_config"]  # nothing written for in-code sizes: old runs look the same
-    assert DynamicModel(backbone_from_config(meta["backbone_config"]), 3).input_spec.do_normalize is True
+    assert DynamicModel(*with_head(backbone_from_config(meta["backbone_config"]), labels=["a", "b", "c"])).input_spec.do_normalize is True
 
 
 def test_a_checkpoint_without_preprocessor_config_gets_hf_defaults_and_says_so(tmp_path):
     backbone = load_backbone(str(checkpoint(tmp_path)))
-    spec = DynamicModel(backbone, 3).input_spec
+    spec = DynamicModel(*with_head(backbone, labels=["a", "b", "c"])).input_spec
     assert spec.do_normalize is True and spec.sampling_rate == 16000 and "no preprocessor_config.json" in spec.source
 
 
@@ -116,7 +117,7 @@ def test_missing_encoder_weights_are_refused_not_filled_randomly(tmp_path):
 
 
 def test_a_float16_checkpoint_loads_as_float32_and_runs(tmp_path):
-    model = DynamicModel(load_backbone(str(checkpoint(tmp_path, dtype=torch.float16))), 3).eval()
+    model = DynamicModel(*with_head(load_backbone(str(checkpoint(tmp_path, dtype=torch.float16))), labels=["a", "b", "c"])).eval()
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     with torch.no_grad():
         assert torch.isfinite(model(torch.randn(1, 16000), strategy="full").logits).all()

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import edge_runtime
-from .checkpoint import load_model, read_meta
+from .checkpoint import load_model
 from .dynamic import DynamicModel
 from .inference import DEVICE_STRATEGY, TorchEngine, head_logits, labels_of
 
@@ -137,7 +137,6 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, int8: bool = True,
     """
     step = on_step or (lambda _msg: None)
     model = load_model(run_dir).eval()
-    meta = read_meta(run_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     L = model.num_layers
@@ -168,7 +167,7 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, int8: bool = True,
     manifest = {
         "format": edge_runtime.FORMAT, "source_run": str(Path(run_dir).resolve()), "task": "kws",
         "strategy": DEVICE_STRATEGY, "num_layers": L, "hidden_size": model.runner.hidden_size,
-        "labels": labels_of(meta, model.num_classes), "sample_rate": edge_runtime.SAMPLE_RATE, "opset": OPSET,
+        "labels": labels_of(model), "sample_rate": edge_runtime.SAMPLE_RATE, "opset": OPSET,
         "graphs": graphs,
     }
     (out / edge_runtime.MANIFEST).write_text(json.dumps(manifest, indent=2))

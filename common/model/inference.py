@@ -10,7 +10,6 @@ runtime (``ldfleet.common.edge_runtime.EdgeModel``), so the governor, ``ldfleet 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,33 +17,31 @@ import torch
 from torch import Tensor
 
 from ..edge_runtime import Result, next_layer_fits
-from .checkpoint import load_model, read_meta
+from .checkpoint import load_model
 from .dynamic import DynamicModel
 
 #: The strategy a device runs: the input-conditioned selector.
 DEVICE_STRATEGY = "selector"
 
 
-def labels_of(meta: dict, num_classes: int) -> list[str]:
-    """Class names of a run (``labels`` in model.json, else the keyword label set)."""
-    if meta.get("labels"):
-        return list(meta["labels"])
-    from ..data.labels import LABELS
-
-    return list(LABELS[:num_classes])
+def labels_of(model: DynamicModel) -> list[str]:
+    """Class names of a keyword-spotting model; ValueError for other tasks (the edge runtime serves
+    classification heads; a transcript needs a decoder the ONNX path does not have yet)."""
+    head = model.head_for(DEVICE_STRATEGY)
+    if getattr(head, "task", None) != "kws":
+        raise ValueError(f"the edge runtime serves keyword models; this run's task is {getattr(head, 'task', '?')!r}")
+    return list(head.labels)
 
 
 def head_logits(model: DynamicModel, hidden: Tensor, frame_mask: Tensor | None) -> Tensor:
     """Head output ``[batch, classes]`` for last hidden states ``[batch, frames, dim]``."""
-    return model.head_for(DEVICE_STRATEGY)(hidden, frame_mask)
+    return model.head_for(DEVICE_STRATEGY).logits(hidden, frame_mask)
 
 
-def predict(model: DynamicModel, hidden: Tensor, frame_mask: Tensor | None,
-            labels: Sequence[str] | None = None) -> list[str]:
-    """Answers (label names), one per example, from last hidden states ``[batch, frames, dim]``
-    (``frame_mask`` [batch, frames] bool or None); ``labels`` default to the keyword label set."""
-    names = labels if labels is not None else labels_of({}, model.num_classes)
-    return [names[int(i)] for i in head_logits(model, hidden, frame_mask).argmax(-1)]
+def predict(model: DynamicModel, hidden: Tensor, frame_mask: Tensor | None) -> list[str]:
+    """Answers (label names or transcripts, from the run's own head), one per example, from last
+    hidden states ``[batch, frames, dim]`` (``frame_mask`` [batch, frames] bool or None)."""
+    return model.head_for(DEVICE_STRATEGY).predict(hidden, frame_mask)
 
 
 class TorchEngine:
@@ -56,7 +53,7 @@ class TorchEngine:
         if threads:
             torch.set_num_threads(threads)
         self.model = load_model(run_dir).eval()
-        self.labels = labels_of(read_meta(run_dir), self.model.num_classes)
+        self.labels = labels_of(self.model)
         self.num_layers = self.model.num_layers
 
     def k_for(self, keep: float) -> int:
@@ -90,7 +87,7 @@ class TorchEngine:
             layer_ms.append((time.perf_counter() - s) * 1000)
         layers = layers[:len(layer_ms)]
         t3 = time.perf_counter()
-        answer = predict(model, runner._finish(hidden), None, self.labels)[0]
+        answer = predict(model, runner._finish(hidden), None)[0]
         t4 = time.perf_counter()
         return Result(answer, k, layers, (t4 - t0) * 1000, (t1 - t0) * 1000, (t2 - t1) * 1000, layer_ms,
                       (t4 - t3) * 1000)

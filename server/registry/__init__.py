@@ -10,10 +10,12 @@ from ldfleet.server.registry.models import (
     Round,
     RoundMetric,
 )
+from ldfleet.server.registry.desired import DesiredPolicyRecord
 from ldfleet.server.registry.store import Registry, RegistryError, upgrade
 
 __all__ = [
     "Base",
+    "DesiredPolicyRecord",
     "Device",
     "DeviceClass",
     "InferenceRollup",
