@@ -16,6 +16,8 @@ from ldfleet.common.data.transcribed import load_speech_items
 from ldfleet.common.data.espeak import synthesize
 from ldfleet.common.metrics import normalize_text, score
 from ldfleet.common.model.ct2_import import import_ct2
+from ldfleet.common.model.heads import TaskHead, head_from_spec
+from ldfleet.common.model.whisper_head import WhisperDecoderHead
 from ldfleet.common.model.whisper_dynamic import WhisperDynamic
 from ldfleet.common.whisper_train import FitConfig, chosen_loss, fit_strategy, layer_sets, loss_table
 
@@ -109,6 +111,35 @@ def test_layer_set_tables_train_static_and_selector(folders, tmp_path):
     model.save(tmp_path / "run")
     again = WhisperDynamic.load(tmp_path / "run")
     assert torch.equal(again.strategies["static"].scorer.scores, model.strategies["static"].scorer.scores)
+    # the saved run evaluates through the one eval command, rows as the interface names them
+    result = CliRunner().invoke(app, ["eval", "--run", str(tmp_path / "run"), "--data", str(folders[1]),
+                                      "--methods", "full,static", "--keep", "0.5", "--limit", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout[result.stdout.index("{"):])["rows"]
+    assert {(r["method"], r["keep"]) for r in rows} == {("full", 1.0), ("static", 0.5)}
+    assert all(r["examples"] == 2 for r in rows)
+    wrong = CliRunner().invoke(app, ["eval", "--backbone", str(folders[0]), "--data", str(folders[1]), "--task", "kws"])
+    assert wrong.exit_code == 2 and "--task asr" in wrong.output
+
+
+def test_whisper_follows_the_task_head_interface(folders):
+    """The decoder head is a TaskHead that head_from_spec rebuilds; the input spec says log-mel, so the
+    waveform is not normalised (a louder clip gives other features); predict == transcribe."""
+    model = WhisperDynamic.from_pretrained(str(folders[0]), language="en", pad_to_window=False).eval()
+    assert isinstance(model.head, TaskHead) and model.head.spec()["type"] == "whisper_decoder"
+    rebuilt = head_from_spec(model.head.spec(), model.runner.hidden_size, model.runner.backbone)
+    assert isinstance(rebuilt, WhisperDecoderHead) and rebuilt.spec() == model.head.spec()
+    with pytest.raises(ValueError, match="Whisper model"):
+        head_from_spec(model.head.spec(), model.runner.hidden_size, None)
+    assert all(model.head_for(s) is model.head for s in ("full", "early_exit", "static", "selector"))
+    spec = model.input_spec
+    assert spec.do_normalize is False and spec.features == "log_mel" and spec.feature_size == 80
+    wave = torch.as_tensor(load_speech_items(folders[1], limit=1)[0].waveform).unsqueeze(0)
+    with torch.no_grad():
+        quiet, loud = model.front_end(wave).features, model.front_end(4 * wave).features
+        assert (quiet - loud).abs().max() > 1e-2
+        front = model.front_end([wave[0].numpy()])
+        assert model.predict(front, "full", 4)[0] == model.transcribe(front, "full", 4)[0]
 
 
 @pytest.mark.slow
