@@ -16,6 +16,7 @@ from ldfleet.common.data.transcribed import load_speech_items
 from ldfleet.common.data.espeak import synthesize
 from ldfleet.common.metrics import normalize_text, score
 from ldfleet.common.model.ct2_import import import_ct2
+from ldfleet.common.model.checkpoint import load_model
 from ldfleet.common.model.heads import TaskHead, head_from_spec
 from ldfleet.common.model.whisper_head import WhisperDecoderHead
 from ldfleet.common.model.whisper_dynamic import WhisperDynamic
@@ -118,6 +119,9 @@ def test_layer_set_tables_train_static_and_selector(folders, tmp_path):
     rows = json.loads(result.stdout[result.stdout.index("{"):])["rows"]
     assert {(r["method"], r["keep"]) for r in rows} == {("full", 1.0), ("static", 0.5)}
     assert all(r["examples"] == 2 for r in rows)
+    assert isinstance(load_model(tmp_path / "run"), WhisperDynamic)  # the generic loader knows Whisper runs
+    refused = CliRunner().invoke(app, ["infer", "--run", str(tmp_path / "run"), "--keep", "1.0", str(next(folders[1].glob("*.wav")))])
+    assert refused.exit_code != 0 and "keyword" in refused.output
     wrong = CliRunner().invoke(app, ["eval", "--backbone", str(folders[0]), "--data", str(folders[1]), "--task", "kws"])
     assert wrong.exit_code == 2 and "--task asr" in wrong.output
 
