@@ -5,6 +5,12 @@ and its time is added to every row. Each (method, keep) row carries WER and CER 
 shared normaliser), the mean number of encoder layers run, encoder ms per clip (front end + kept
 layers) and end-to-end ms per clip (encoder + greedy decoding), plus how often each layer ran and
 how many distinct layer sets were used.
+
+Whisper-only for now; the generic :mod:`ldfleet.common.evaluate` (which runs ``DynamicModel.predict``
+and so would serve a ``WhisperDynamic`` too) is not used yet because it lacks what this harness
+needs for Whisper and has what it lacks: to fold, ``evaluate`` needs a per-batch token budget for the
+decoder, encoder-vs-end-to-end timing and ``SpeechItem`` input; this module needs the oracle rows,
+MACs and per-condition usage ``evaluate`` has.
 """
 
 from __future__ import annotations

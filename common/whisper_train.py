@@ -1,7 +1,9 @@
 """Training the layer-choice strategies of a dynamic Whisper from a table of layer-set losses.
 
-Whisper-specific for now (the generic trainer is being rebuilt for ``--task asr``): the encoder and
-decoder stay frozen, and only the two learned strategies train, ``static`` (one layer ranking) and
+Whisper-specific for now (not ``common.train.Trainer``, which trains the backbone under LayerDrop and
+each strategy by gradient through the run; folding this in means a Trainer stage "listwise from a
+layer-set table" and a ``train --backbone WHISPER_DIR --task asr`` path; ``make real-bench`` calls
+this module directly): the encoder and decoder stay frozen, and only the two learned strategies train, ``static`` (one layer ranking) and
 ``selector`` (a ranking per clip from its pooled front-end features).
 
 1. ``loss_table``: for every training clip and every layer set of size k (k in ``ks``), the
