@@ -27,7 +27,7 @@ app = typer.Typer(
 )
 
 # Command groups, in the order they appear in --help. A module missing here simply is not wired.
-COMMAND_MODULES = ("data", "model", "control", "fleet", "edge")
+COMMAND_MODULES = ("data", "model", "checkpoints", "control", "fleet", "edge")
 
 
 @app.callback()

@@ -103,6 +103,24 @@ def read_manifest(manifest: str | Path) -> list[Utterance]:
     return items
 
 
+@dataclass(frozen=True)
+class SpeechItem:
+    """One loaded utterance, for code that works on clips rather than a Dataset (Whisper eval/training)."""
+
+    waveform: np.ndarray  # float32 [samples] at 16 kHz
+    text: str
+    speaker: str
+    file_name: str
+
+
+def load_speech_items(data: str | Path, limit: int | None = None) -> list[SpeechItem]:
+    """The utterances of an audiofolder or manifest in file order (the first ``limit`` when given),
+    audio read by :func:`read_utterance`. Raises ValueError / FileNotFoundError as :func:`scan_transcribed`,
+    :class:`~.validate.BadClip` for a clip that fails the checks."""
+    items = scan_transcribed(data)
+    return [SpeechItem(read_utterance(u.path), u.text, u.speaker, u.path.name) for u in items[: limit or None]]
+
+
 def is_transcribed(data: str | Path) -> bool:
     """Whether ``data`` is an audiofolder or a manifest (rather than a Speech Commands folder)."""
     data = Path(data)

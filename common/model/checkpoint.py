@@ -62,7 +62,13 @@ def head_spec_of(meta: dict) -> dict:
 
 
 def load_model(run_dir: str | Path) -> DynamicModel:
+    """The run's model, weights loaded, in eval mode. A Whisper run (``"family": "whisper"``) keeps
+    its own folder format and loads as a :class:`~.whisper_dynamic.WhisperDynamic` (a DynamicModel)."""
     meta = read_meta(run_dir)
+    if meta.get("family") == "whisper":
+        from .whisper_dynamic import WhisperDynamic
+
+        return WhisperDynamic.load(run_dir)
     backbone = backbone_from_config(meta["backbone_config"])
     head = head_from_spec(head_spec_of(meta), backbone.config.hidden_size, backbone)
     model = DynamicModel(backbone, head, meta.get("selector_hidden", 64), meta.get("selector_budget", False))

@@ -16,6 +16,10 @@ fields of each family. What it cannot reproduce is refused here with the field a
 * inputs ldfleet cannot give as the checkpoint expects (see :mod:`.inputs`): a sampling rate other than
   16 kHz (ldfleet clips are 16 kHz), a feature size other than 1 (raw waveform), non-zero padding.
 
+Whisper (the fourth family) is outside these rules: its runner (:mod:`.whisper`) is checked against
+HF's ``WhisperEncoder`` in ``tests/test_model_whisper.py``, and it takes log-mel features computed by
+the runner itself (its input spec says ``features="log_mel"``).
+
 HF's own LayerDrop and in-model SpecAugment (``apply_spec_augment``, ``mask_*_prob``) are switched off
 for every backbone (``backbone._ALWAYS``): layer choice and augmentation are ldfleet's, and with
 them off the HF forward and the runner agree in training mode too.

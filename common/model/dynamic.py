@@ -88,8 +88,8 @@ class DynamicModel(nn.Module):
 
     def predict(self, front: FrontEnd, strategy: str, k: int, generator: torch.Generator | None = None) -> tuple[list[str], Tensor]:
         """Label names or transcripts, and the keep mask ``[B, L]``."""
-        out = self.classify(front, strategy, k, generator)
-        return self.head_for(strategy).decode(out.logits, out.frame_mask), out.keep
+        hidden, keep = self.run(front, strategy, k, generator)
+        return self.head_for(strategy).predict(hidden, front.frame_mask), keep
 
     def forward(
         self,

@@ -6,7 +6,9 @@ care which task they serve:
 
 * :class:`ClassificationHead` — utterance classification (keyword spotting) over any label set;
 * :class:`CTCHead` — speech recognition with connectionist temporal classification over characters
-  (Graves et al., 2006), greedy decoding.
+  (Graves et al., 2006), greedy decoding;
+* ``WhisperDecoderHead`` (:mod:`.whisper_head`) — Whisper's own decoder, greedy ``generate``; it
+  overrides ``predict`` (it decodes from encoder states, not from logits).
 
 ``spec()`` is the JSON a run folder stores; :func:`head_from_spec` rebuilds the same head.
 """
@@ -223,13 +225,20 @@ def with_head(backbone: nn.Module, task: str = "kws", **kwargs) -> tuple[nn.Modu
 
 
 def head_from_spec(spec: dict, hidden_size: int, backbone=None) -> TaskHead:
-    """Rebuild a head from ``spec()`` (as stored in a run folder's ``model.json``)."""
+    """Rebuild a head from ``spec()`` (as stored in a run folder's ``model.json``).
+
+    ``whisper_decoder`` needs ``backbone``: the loaded ``WhisperForConditionalGeneration`` whose decoder
+    the head uses, with its tokenizer in the folder it was loaded from. Raises ValueError otherwise."""
     kind = spec.get("type")
     if kind == "classification":
         return ClassificationHead(hidden_size, spec["labels"])
     if kind == "ctc":
         return CTCHead(hidden_size, CharVocab(spec["vocab"]))
-    raise ValueError(f"unknown head type {kind!r} (expected classification or ctc)")
+    if kind == "whisper_decoder":
+        from .whisper_head import whisper_head_from_spec
+
+        return whisper_head_from_spec(spec, backbone)
+    raise ValueError(f"unknown head type {kind!r} (expected classification, ctc or whisper_decoder)")
 
 
 def copy_head(head: TaskHead) -> TaskHead:

@@ -10,6 +10,10 @@ The spec is read with HF's ``AutoFeatureExtractor`` (so fields a json leaves out
 defaults), attached to the backbone config under :data:`CONFIG_KEY`, and therefore saved in a
 run's ``model.json`` (``backbone_config``) and restored with it. Sizes built in code and runs
 saved before the spec existed get :class:`InputSpec`'s defaults: normalised 16 kHz waveforms.
+
+Whisper is fed differently: the runner turns raw (un-normalised) 16 kHz waveforms into Whisper's
+log-mel features itself (``features="log_mel"``, ``feature_size`` = mel bins), so its spec says
+``do_normalize=False`` whether or not a ``WhisperFeatureExtractor`` config was found.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class InputSpec:
     do_normalize: bool = True  # zero mean, unit variance per example over its real samples
     feature_size: int = 1  # 1: raw waveform samples
     padding_value: float = 0.0
+    features: str = "waveform"  # what the encoder's front end takes: "waveform" or "log_mel" (Whisper)
     source: str = "in-code default"  # where these values came from
 
     def as_dict(self) -> dict:
@@ -43,6 +48,8 @@ class InputSpec:
 
 
 def _from_extractor(extractor, source: str) -> InputSpec:
+    if type(extractor).__name__ == "WhisperFeatureExtractor":
+        return whisper_spec(int(extractor.feature_size), int(extractor.sampling_rate), source)
     return InputSpec(
         sampling_rate=int(getattr(extractor, "sampling_rate", 16_000)),
         do_normalize=bool(getattr(extractor, "do_normalize", True)),
@@ -71,7 +78,17 @@ def attach(config: PretrainedConfig, spec: InputSpec) -> None:
     setattr(config, CONFIG_KEY, spec.as_dict())
 
 
+def whisper_spec(mel_bins: int, sampling_rate: int = 16_000, source: str = "Whisper log-mel") -> InputSpec:
+    """Raw waveforms in, log-mel computed by the runner: never waveform-normalised."""
+    return InputSpec(sampling_rate=sampling_rate, do_normalize=False, feature_size=mel_bins, features="log_mel", source=source)
+
+
 def spec_of(config: PretrainedConfig) -> InputSpec:
-    """The spec attached to a backbone config; the default (normalise) for in-code sizes and old runs."""
+    """The spec attached to a backbone config; the default (normalise) for in-code sizes and old runs,
+    Whisper's log-mel spec for a Whisper config without one."""
     values = getattr(config, CONFIG_KEY, None)
-    return InputSpec.from_dict(values) if isinstance(values, dict) else InputSpec()
+    if isinstance(values, dict):
+        return InputSpec.from_dict(values)
+    if getattr(config, "model_type", None) == "whisper":
+        return whisper_spec(int(config.num_mel_bins), source="Whisper log-mel (in-code default)")
+    return InputSpec()

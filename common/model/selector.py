@@ -42,13 +42,23 @@ class LayerSelector(nn.Module):
 
     def forward(self, features: Tensor, frame_mask: Tensor | None = None, k: int | None = None) -> Tensor:
         """Scores ``[B, L]`` from features ``[B, T, D]``; ``k`` (layers to keep) is needed with ``budget``."""
-        mean, std = masked_mean_std(features, frame_mask)
-        x = self.norm(torch.cat([mean, std], dim=-1))
+        return self.from_pooled(pooled_features(features, frame_mask), k)
+
+    def from_pooled(self, pooled: Tensor, k: int | None = None) -> Tensor:
+        """Scores [B, L] from pooled features [B, 2 * D] (see ``pooled_features``), so a trainer can
+        cache the pooled summary of every clip instead of its frames."""
+        x = self.norm(pooled)
         if self.budget:
             if k is None:
                 raise ValueError("a budget-conditioned selector needs k")
             x = torch.cat([x, x.new_full((x.shape[0], 1), k / self.num_layers)], dim=-1)
         return self.mlp(x)
+
+
+def pooled_features(features: Tensor, frame_mask: Tensor | None = None) -> Tensor:
+    """What the selector looks at: mean and std over real frames, concatenated, [B, 2 * D]."""
+    mean, std = masked_mean_std(features, frame_mask)
+    return torch.cat([mean, std], dim=-1)
 
 
 class StaticScores(nn.Module):

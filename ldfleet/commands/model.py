@@ -140,8 +140,8 @@ def train(
 
 
 def evaluate(
-    run: Path = typer.Option(..., "--run", help="A run folder made by `ldfleet train` (its task and labels are used)."),
-    data: Path = typer.Option(..., "--data", help="kws: Speech Commands folder; asr: audiofolder or manifest. Its test split (held-out speakers) is used."),
+    run: Path = typer.Option(None, "--run", help="A run folder made by `ldfleet train` or `make real-bench` (its task and labels are used)."),
+    data: Path = typer.Option(..., "--data", help="kws: Speech Commands folder; asr: audiofolder or manifest (DATA or DATA/SPLIT for --backbone). Its test split (held-out speakers) is used."),
     keep: str = typer.Option("0.25,0.5,0.75,1.0", help="Comma-separated keep ratios."),
     methods: str = typer.Option("full,random,early_exit,static,selector,oracle", help="Comma-separated methods; oracle also adds oracle_static."),
     split: str = typer.Option("test", help="train | val | test"),
@@ -149,11 +149,22 @@ def evaluate(
     oracle_sets: int = typer.Option(16, min=1, help="Candidate layer sets per budget for the oracle rows."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
     strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
+    backbone: str = typer.Option(None, "--backbone", help="asr without a run: a Whisper hub id or local HF folder "
+                                 "(e.g. from `ldfleet model import`)."),
+    task: str = typer.Option("", "--task", help="kws | asr (default: what the run was trained for; asr with --backbone)."),
+    language: str = typer.Option("en", help="Whisper: language token the decoder is forced to ('' = detect)."),
+    pad_to_window: bool = typer.Option(True, "--pad-to-window/--unpadded",
+                                       help="Whisper with --backbone: pad clips to the 30 s window (default: the stock "
+                                       "decoder loops on unpadded clips), or run them at their own length (~10x less encoder time)."),
+    limit: int = typer.Option(0, min=0, help="Whisper: evaluate only the first N clips (0 = all)."),
+    batch_size: int = typer.Option(8, min=1, help="Whisper: clips per encoder batch."),
 ) -> None:
     """Accuracy (kws) or WER/CER (asr), layers run, MACs and ms per example for every method at every keep ratio.
 
     The oracle rows bound what input conditioning can win: per input, the best of --oracle-sets
     random layer sets (oracle) against the best single one of them for all inputs (oracle_static).
+    Whisper (`--backbone DIR --task asr`, or a Whisper run): rows `method, keep, k, wer, cer,
+    mean_layers, encoder_ms, ms_per_example, distinct_layer_sets`; no oracle rows.
     """
     from ldfleet.common.evaluate import ORACLE_METHODS, evaluate as run_eval
     from ldfleet.common.model.checkpoint import head_spec_of, load_model, read_meta
@@ -164,6 +175,18 @@ def evaluate(
     unknown = [m for m in names if m not in STRATEGY_NAMES + ORACLE_METHODS]
     if unknown:
         raise typer.BadParameter(f"unknown methods {unknown}; choose from {', '.join(STRATEGY_NAMES + ORACLE_METHODS)}")
+    if (run is None) == (backbone is None):
+        raise typer.BadParameter("give exactly one of --run and --backbone")
+    if backbone is not None and task not in ("", "asr"):
+        raise typer.BadParameter("--backbone evaluates speech recognition (--task asr)")
+    from ldfleet.common.model.whisper_dynamic import is_whisper_run
+
+    if backbone is not None or is_whisper_run(run):
+        from ldfleet.commands.whisper_eval import eval_whisper
+
+        eval_whisper(run if backbone is None else None, backbone, data, split, [m for m in names if m in STRATEGY_NAMES],
+                     keeps, language, pad_to_window, limit, batch_size, as_json, _progress)
+        return
     try:
         meta = read_meta(run)
     except FileNotFoundError as exc:
@@ -171,7 +194,10 @@ def evaluate(
     if seed < 0:
         seed = meta.get("train_config", {}).get("seed", 0)
     spec = head_spec_of(meta)
-    task = "asr" if spec["type"] != "classification" else "kws"
+    run_task = "asr" if spec["type"] != "classification" else "kws"
+    if task and task != run_task:
+        raise typer.BadParameter(f"--task {task}, but {run} was trained for {run_task}")
+    task = run_task
     labels = ",".join(spec["labels"]) if task == "kws" else "keywords"
     splits = _load_data(task, data, seed, labels, strict).splits
     if split not in splits:
@@ -264,7 +290,8 @@ def demo(
           strategy_epochs=strategy_epochs, layerdrop=0.1, batch_size=32, lr=None, distill=None, selector_budget=None,
           oracle_weight=None, seed=seed, threads=0, strict=False)
     evaluate(run=out, data=data, keep="0.25,0.5,0.75,1.0", methods="full,random,early_exit,static,selector",
-             split="test", seed=seed, oracle_sets=16, as_json=False, strict=False)
+             split="test", seed=seed, oracle_sets=16, as_json=False, strict=False, backbone=None, task="",
+             language="en", pad_to_window=True, limit=0, batch_size=8)
 
 
 def register(app: typer.Typer) -> None:

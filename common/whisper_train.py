@@ -1,0 +1,170 @@
+"""Training the layer-choice strategies of a dynamic Whisper from a table of layer-set losses.
+
+Whisper-specific for now (not ``common.train.Trainer``, which trains the backbone under LayerDrop and
+each strategy by gradient through the run; folding this in means a Trainer stage "listwise from a
+layer-set table" and a ``train --backbone WHISPER_DIR --task asr`` path; ``make real-bench`` calls
+this module directly): the encoder and decoder stay frozen, and only the two learned strategies train, ``static`` (one layer ranking) and
+``selector`` (a ranking per clip from its pooled front-end features).
+
+1. ``loss_table``: for every training clip and every layer set of size k (k in ``ks``), the
+   teacher-forced decoder cross-entropy of the reference transcript when only that set runs. All
+   sets of one clip run as one batch through the gathering runner (each layer only on the rows that
+   keep it), so a 3 s clip's 41 sets for k = 3, 4, 5 cost about 150 layer passes.
+2. Both strategies score layers; a set's score is the sum of its layers' scores, and top-k of the
+   layer scores is exactly the best-scoring set of size k. They learn by matching, per clip and k,
+   the softmax of set scores to the softmax of the sets' negative losses (a listwise ranking loss,
+   as in ListNet, Cao et al. 2007). The static ranking sees no input, so it learns the sets that
+   are best on average; the selector can learn which clips need which layers.
+3. Model selection on the validation table: the epoch whose chosen sets have the lowest mean loss.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from .data.transcribed import SpeechItem
+from .model.selector import LayerSelector, pooled_features
+from .model.whisper_dynamic import WhisperDynamic
+
+
+def layer_sets(num_layers: int, k: int) -> Tensor:
+    """All sets of k layers as a bool matrix [C(L, k), L], in lexicographic order."""
+    combos = list(itertools.combinations(range(num_layers), k))
+    mask = torch.zeros(len(combos), num_layers, dtype=torch.bool)
+    for i, c in enumerate(combos):
+        mask[i, list(c)] = True
+    return mask
+
+
+@dataclass
+class LossTable:
+    """Per clip: pooled features [N, 2D] and, per k, set losses [N, C(L, k)] over ``sets[k]``."""
+
+    pooled: Tensor
+    losses: dict[int, Tensor]
+    sets: dict[int, Tensor]
+
+    def to_dict(self) -> dict:
+        return {"pooled": self.pooled, "losses": self.losses, "sets": self.sets}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LossTable":
+        return cls(d["pooled"], {int(k): v for k, v in d["losses"].items()}, {int(k): v for k, v in d["sets"].items()})
+
+
+@torch.inference_mode()
+def loss_table(model: WhisperDynamic, items: Sequence[SpeechItem], ks: Sequence[int],
+               on_item: Callable[[int, int], None] | None = None, chunk_rows: int = 8) -> LossTable:
+    """Teacher-forced cross-entropy of every layer set of each size in ``ks``, for every clip
+    (``chunk_rows`` sets at a time, which bounds memory on 30 s windows)."""
+    model.eval()
+    sets = {k: layer_sets(model.num_layers, k) for k in ks}
+    every = torch.cat([sets[k] for k in ks])
+    pooled, rows = [], []
+    for i, item in enumerate(items):
+        front = model.front_end([item.waveform])
+        pooled.append(pooled_features(front.features, front.frame_mask)[0])
+        losses = []
+        for chunk in every.split(chunk_rows):
+            many = front.select(torch.zeros(chunk.shape[0], dtype=torch.long))
+            hidden = model.runner.run_layers(many, chunk)
+            targets = model.head.targets([item.text] * chunk.shape[0])
+            losses.append(model.head.per_example_loss(hidden, many.frame_mask, targets))
+        rows.append(torch.cat(losses))
+        if on_item:
+            on_item(i + 1, len(items))
+    table = torch.stack(rows)  # [N, sum of C(L, k)]
+    losses, start = {}, 0
+    for k in ks:
+        losses[k] = table[:, start : start + sets[k].shape[0]]
+        start += sets[k].shape[0]
+    return LossTable(torch.stack(pooled), losses, sets)
+
+
+def listwise_loss(scores: Tensor, table: LossTable, rows: Tensor, temperature: float) -> Tensor:
+    """Mean over k of KL(target || model) over layer sets; scores [B, L] for clips ``rows``."""
+    total = 0.0
+    for k, sets in table.sets.items():
+        set_scores = scores @ sets.to(scores.dtype).T  # [B, C]
+        target = F.softmax(-table.losses[k][rows] / temperature, dim=-1)
+        total = total + F.kl_div(F.log_softmax(set_scores, -1), target, reduction="batchmean")
+    return total / len(table.sets)
+
+
+def chosen_loss(scores: Tensor, table: LossTable) -> dict[int, float]:
+    """Mean loss of the sets that top-k of ``scores`` [N, L] picks, per k."""
+    out = {}
+    for k, sets in table.sets.items():
+        top = scores.topk(k, dim=-1).indices
+        chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
+        index = (chosen.unsqueeze(1) == sets.unsqueeze(0)).all(-1).float().argmax(-1)  # [N]
+        out[k] = float(table.losses[k].gather(1, index.unsqueeze(1)).mean())
+    return out
+
+
+@dataclass
+class FitConfig:
+    epochs: int = 300
+    lr: float = 3e-3
+    weight_decay: float = 1e-2
+    temperature: float = 0.25  # of the target softmax over set losses (nats per token)
+    batch_size: int = 64
+    seed: int = 0
+
+
+def fit_strategy(name: str, model: WhisperDynamic, train: LossTable, val: LossTable, cfg: FitConfig,
+                 log: Callable[[str], None] = print) -> dict:
+    """Train ``static`` or ``selector`` on a loss table; keeps the epoch best on ``val``."""
+    scorer = model.strategy(name).scorer
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    def scores_of(table: LossTable, rows: Tensor | None = None) -> Tensor:
+        pooled = table.pooled if rows is None else table.pooled[rows]
+        if isinstance(scorer, LayerSelector):
+            return scorer.from_pooled(pooled)
+        return scorer.scores.unsqueeze(0).expand(pooled.shape[0], -1)
+
+    opt = torch.optim.AdamW(scorer.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    best = (float("inf"), None, -1)
+    n = train.pooled.shape[0]
+    for epoch in range(cfg.epochs):
+        scorer.train()
+        for rows in torch.randperm(n, generator=gen).split(cfg.batch_size):
+            loss = listwise_loss(scores_of(train, rows), train, rows, cfg.temperature)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        scorer.eval()
+        with torch.no_grad():
+            val_chosen = chosen_loss(scores_of(val), val)
+        mean_val = sum(val_chosen.values()) / len(val_chosen)
+        if mean_val < best[0]:
+            best = (mean_val, {k: v.clone() for k, v in scorer.state_dict().items()}, epoch)
+    scorer.load_state_dict(best[1])
+    scorer.eval()
+    with torch.no_grad():
+        result = {"best_epoch": best[2], "val_chosen_loss": chosen_loss(scores_of(val), val),
+                  "train_chosen_loss": chosen_loss(scores_of(train), train)}
+    log(f"{name}: epoch {best[2]} best; val loss of chosen sets {result['val_chosen_loss']}")
+    return result
+
+
+def table_summary(table: LossTable) -> dict:
+    """Reference points on a table: the best single set per k (best static), and the per-clip oracle."""
+    out = {}
+    for k, losses in table.losses.items():
+        mean = losses.mean(0)
+        best = int(mean.argmin())
+        out[k] = {
+            "best_static_set": [i for i, x in enumerate(table.sets[k][best].tolist()) if x],
+            "best_static_loss": float(mean[best]),
+            "oracle_loss": float(losses.min(1).values.mean()),
+            "mean_loss": float(mean.mean()),
+        }
+    return out

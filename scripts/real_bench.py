@@ -1,0 +1,166 @@
+"""`make real-bench`: the paper's table on a real pretrained model (Whisper base) and real speech.
+
+Benchmark orchestration, not product code (run `make real-data` first). Phases, each cached in
+--out so a re-run continues where it stopped:
+
+1. parity: full-model WER through ldfleet vs Hugging Face's own `generate` on the same English
+   test clips, and ldfleet unpadded vs padded to the 30 s window (the default follows the figure);
+2. tables: teacher-forced loss of every layer set (k = 3 and 4 of 6) on training and validation
+   clips (frozen Whisper; see common/whisper_train.py);
+3. fit: the static ranking and the selector on those tables; the run goes to OUT/run;
+4. eval: WER/CER, mean layers, encoder and end-to-end ms at 6/6..3/6 for full, random, early_exit,
+   static, selector on the English test prompts (prompts never trained on) and on the Dutch test
+   voice (a speaker never heard in training); rows to OUT/eval.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from ldfleet.common.asr_eval import evaluate_asr, token_budget
+from ldfleet.common.data.transcribed import load_speech_items
+from ldfleet.common.metrics import score
+from ldfleet.common.model.whisper_dynamic import WhisperDynamic
+from ldfleet.common.whisper_train import FitConfig, LossTable, fit_strategy, loss_table, table_summary
+
+METHODS = ("full", "random", "early_exit", "static", "selector")
+
+
+def say(msg: str) -> None:
+    print(f"[real-bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+@torch.inference_mode()
+def parity(model: WhisperDynamic, items, batch_size: int, path: Path, unpadded_clips: int) -> dict:
+    """WER of HF generate (30 s features from the HF extractor) vs ldfleet padded, on the same clips,
+    and ldfleet unpadded vs padded on the first ``unpadded_clips`` of them (decoding loops make
+    unpadded slow). Each figure is saved to ``path`` as soon as it is known."""
+    from transformers import WhisperFeatureExtractor
+
+    whisper, tok = model.runner.backbone, model.head.tokenizer
+    extractor = WhisperFeatureExtractor.from_pretrained(whisper.config._name_or_path)
+    out = json.loads(path.read_text()) if path.is_file() else {}
+    for name in ("hf_generate", "ldfleet_padded", "ldfleet_unpadded", "ldfleet_padded_same_clips_as_unpadded"):
+        if name in out:
+            continue
+        subset = items if name in ("hf_generate", "ldfleet_padded") else items[:unpadded_clips]
+        refs = [it.text for it in subset]
+        texts, start = [], time.perf_counter()
+        for i in range(0, len(subset), batch_size):
+            batch = subset[i : i + batch_size]
+            budget = token_budget(max(len(it.waveform) for it in batch) / 16000)
+            if name == "hf_generate":
+                feats = extractor([it.waveform for it in batch], sampling_rate=16000, return_tensors="pt").input_features
+                ids = whisper.generate(feats, language="en", task="transcribe", max_new_tokens=budget)
+                texts += [t.strip() for t in tok.batch_decode(ids, skip_special_tokens=True)]
+                continue
+            model.runner.pad_to_window = name != "ldfleet_unpadded"
+            front = model.front_end([it.waveform for it in batch])
+            hidden, _ = model.run(front, "full", model.num_layers)
+            texts += model.head.predict(hidden, front.frame_mask, max_new_tokens=budget)
+        out[name] = {**score("asr", texts, refs), "clips": len(subset), "seconds": time.perf_counter() - start,
+                     "predictions": texts, "references": refs}
+        say(f"parity {name}: WER {out[name]['wer']:.4f} CER {out[name]['cer']:.4f} on {len(subset)} clips")
+        path.write_text(json.dumps(out, indent=2))
+    model.runner.pad_to_window = True
+    return out
+
+
+def tables(model: WhisperDynamic, train, val, path: Path, ks=(3, 4)) -> tuple[LossTable, LossTable]:
+    if path.is_file():
+        say(f"cached: {path}")
+        d = torch.load(path)
+        return LossTable.from_dict(d["train"]), LossTable.from_dict(d["val"])
+    out = {}
+    for name, items in (("train", train), ("val", val)):
+        start = time.perf_counter()
+        out[name] = loss_table(model, items, ks, on_item=lambda i, n: say(f"table {name} {i}/{n}") if i % 4 == 0 else None)
+        say(f"table {name}: {len(items)} clips in {time.perf_counter() - start:.0f} s")
+    torch.save({k: v.to_dict() for k, v in out.items()}, path)
+    return out["train"], out["val"]
+
+
+def eval_set(model: WhisperDynamic, items, keeps, batch_size: int, language: str) -> dict:
+    """Every method at every keep < 1 (at 6/6 every method is the full model: its row is copied)."""
+    model.head.language = language
+    start = time.perf_counter()
+    res = evaluate_asr(model, items, METHODS, [k for k in keeps if k < 1.0], batch_size=batch_size,
+                       on_batch=lambda i, n: say(f"eval {language} batch {i}/{n}"))
+    model.head.language = "en"
+    d = res.as_dict(with_predictions=True)
+    full = next(r for r in d["rows"] if r["method"] == "full")
+    d["rows"] += [{**full, "method": m, "same_as_full": True} for m in METHODS[1:]]
+    d["references"] = [it.text for it in items]
+    say(f"eval {language}: {len(items)} clips in {time.perf_counter() - start:.0f} s")
+    return d
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=Path("data/real"))
+    ap.add_argument("--out", type=Path, default=Path("runs/real-bench"))
+    # Defaults sized for ~45 min on 2 shared CPU cores (a 30 s window per clip is the cost).
+    ap.add_argument("--train-clips", type=int, default=12)
+    ap.add_argument("--val-clips", type=int, default=6)
+    ap.add_argument("--test-clips", type=int, default=24)
+    ap.add_argument("--unseen-test-clips", type=int, default=16, help="Dutch test voice (0 = skip)")
+    ap.add_argument("--parity-clips", type=int, default=16)
+    ap.add_argument("--unpadded-clips", type=int, default=6)
+    ap.add_argument("--keeps", default="0.5,0.6667,0.8333")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    args.out.mkdir(parents=True, exist_ok=True)
+    keeps = [float(k) for k in args.keeps.split(",")]
+    en = args.data / "asterisk-en"
+    model = WhisperDynamic.from_pretrained(str(args.data / "whisper-base"), language="en", pad_to_window=True).eval()
+    # A fixed sample spread evenly over each split (every n-th clip).
+    sample = lambda items, n: items[:: max(1, len(items) // n)][:n] if n else []  # noqa: E731
+    test = sample(load_speech_items(en / "test"), args.test_clips)
+
+    par = parity(model, test[: args.parity_clips], args.batch_size, args.out / "parity.json", args.unpadded_clips)
+    say(f"parity: HF generate WER {par['hf_generate']['wer']:.3f}, ldfleet padded {par['ldfleet_padded']['wer']:.3f}, "
+        f"unpadded {par['ldfleet_unpadded']['wer']:.3f} -> default: padded to the 30 s window")
+
+    train = sample(load_speech_items(en / "train"), args.train_clips)
+    val = sample(load_speech_items(en / "val"), args.val_clips)
+    train_table, val_table = tables(model, train, val, args.out / "tables.pt")
+    summary = {"train": table_summary(train_table), "val": table_summary(val_table)}
+    fit = {name: fit_strategy(name, model, train_table, val_table, FitConfig(), log=say) for name in ("static", "selector")}
+    model.save(args.out / "run", extra={"train": {"clips": len(train), "val_clips": len(val), "fit": fit,
+                                                   "tables": summary, "data": str(en)}})
+    say(f"run saved to {args.out / 'run'}")
+
+    sets = {"asterisk-en-test": eval_set(model, test, keeps, args.batch_size, "en")}
+    if args.unseen_test_clips:
+        nl = sample(load_speech_items(args.data / "fillets-nl" / "test"), args.unseen_test_clips)
+        sets["fillets-nl-test-unseen-voice"] = eval_set(model, nl, keeps, args.batch_size, "nl")
+    result = {
+        "rows": sets["asterisk-en-test"]["rows"],
+        "layer_usage": sets["asterisk-en-test"]["layer_usage"],
+        "sets": sets,
+        "parity": {k: {m: x for m, x in v.items() if m not in ("predictions", "references")} for k, v in par.items()},
+        "training": {"fit": fit, "tables": summary, "train_clips": len(train), "val_clips": len(val)},
+        "conditions": {"threads": torch.get_num_threads(), "pad_to_window": True, "cpu": "2 shared cores, heavily loaded"},
+    }
+    (args.out / "eval.json").write_text(json.dumps(result, indent=2))
+    say(f"wrote {args.out / 'eval.json'}")
+    for r in sorted(result["rows"], key=lambda r: (r["method"], -r["keep"])):
+        say(f"{r['method']:>10} keep {r['keep']:.2f}: WER {r['wer']:.3f} CER {r['cer']:.3f} layers {r['mean_layers']:.2f} "
+            f"enc {r['encoder_ms']:.0f} ms e2e {r['ms_per_example']:.0f} ms sets {r['distinct_layer_sets']}")
+
+
+if __name__ == "__main__":
+    main()
