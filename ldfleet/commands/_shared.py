@@ -6,6 +6,7 @@ from typing import NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 console = Console()
 err = Console(stderr=True)  # errors, warnings and progress notes: stdout stays clean for --json
@@ -13,7 +14,9 @@ err = Console(stderr=True)  # errors, warnings and progress notes: stdout stays 
 
 def fail(message: object, code: int = 2) -> NoReturn:
     """Print a one-line error (no traceback) and exit with ``code`` (2: bad input, 1: the work failed)."""
-    err.print(f"[bold red]error:[/] {message}")
+    # soft_wrap: one line whatever the terminal width (logs and scripts grep it); escape: a path such as
+    # "clips[1]" is text, not rich markup.
+    err.print(f"[bold red]error:[/] {escape(str(message))}", soft_wrap=True)
     raise typer.Exit(code)
 
 
