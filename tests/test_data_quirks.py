@@ -144,3 +144,12 @@ def test_train_and_eval_strict_stop_naming_the_file_and_default_loads_report_ski
     splits = load_data(quirky, seed=0)
     said = capsys.readouterr().err.replace("\n", "")
     assert len(splits["val"]) >= 1 and "6 bad audio files/windows skipped" in said and "gg77_nohash_0.wav" in said
+
+
+def test_client_strict_refuses_to_start_a_device_on_a_bad_folder(quirky, tmp_path):
+    # Nothing is started (no agent, no SuperNode): the folder is checked first and the bad file named.
+    result = CliRunner().invoke(app, ["client", "--device-id", "d1", "--device-class", "rpi4",
+                                      "--superlink", "127.0.0.1:1", "--insecure", "--model", str(tmp_path / "model"),
+                                      "--data", str(quirky), "--state-dir", str(tmp_path / "state"), "--strict"])
+    assert result.exit_code == 2 and "--strict:" in result.output and "white.wav#2: non-finite" in result.output
+    assert not (tmp_path / "state").exists()

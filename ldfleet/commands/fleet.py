@@ -347,11 +347,15 @@ def client(
     profile_json: Optional[Path] = typer.Option(None, "--profile-json", help="Advertise this profile instead of measuring."),
     ca_file: Optional[Path] = typer.Option(None, "--ca-file", help="CA bundle for an mqtts:// broker."),
     agent: bool = typer.Option(True, "--agent/--no-agent", help="Run the budget agent in this process (else run `ldfleet agent`)."),
+    strict: bool = typer.Option(False, "--strict", help="Check every clip of --data before the device starts and refuse "
+                                "to start at the first bad one (naming it and why); without it bad clips are skipped and logged."),
 ) -> None:
     """Start a device: its budget agent (MQTT) and its Flower SuperNode (runs until Ctrl-C)."""
     from ldfleet.client.node import NodeError, SuperNode, device_node_config, model_profile
     from ldfleet.common.runtime import default_broker_url, default_device_state_dir
 
+    if strict:
+        _check_every_clip(data)
     stop = _stop_on_signals()
     state = state_dir or default_device_state_dir(device_id)
     ag = None
@@ -376,6 +380,18 @@ def client(
     finally:
         if ag is not None:
             ag.stop()
+
+
+def _check_every_clip(data: Path) -> None:
+    """Decode and check every clip of a device's folder; exit (code 2) naming the first bad file."""
+    from ldfleet.commands.data import file_progress
+    from ldfleet.common.data.folder import describe
+
+    try:
+        with file_progress("checking audio files") as progress:
+            describe(data, strict=True, progress=progress)
+    except (FileNotFoundError, NotADirectoryError, ValueError) as exc:  # BadClip is a ValueError
+        fail(f"--strict: {exc}")
 
 
 def federate(
