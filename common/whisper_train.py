@@ -30,6 +30,7 @@ from torch.nn import functional as F
 
 from .data.transcribed import SpeechItem
 from .model.selector import LayerSelector, pooled_features
+from .model.skip_maps import SkipMaps, fit_skip_maps
 from .model.whisper_dynamic import WhisperDynamic
 
 
@@ -153,6 +154,17 @@ def fit_strategy(name: str, model: WhisperDynamic, train: LossTable, val: LossTa
                   "train_chosen_loss": chosen_loss(scores_of(train), train)}
     log(f"{name}: epoch {best[2]} best; val loss of chosen sets {result['val_chosen_loss']}")
     return result
+
+
+def fit_whisper_skip_maps(model: WhisperDynamic, items: Sequence[SpeechItem], batch_size: int = 4,
+                          on_batch: Callable[[int, int], None] | None = None) -> SkipMaps:
+    """Fit the encoder's skip maps on ``items`` (full-model states of their padded windows) and
+    install them on ``model.runner``; every later table, fit and eval then uses them."""
+    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+    fronts = (model.front_end([it.waveform for it in batch]) for batch in batches)
+    maps = fit_skip_maps(model.runner, fronts, on_batch=(lambda n: on_batch(n, len(batches))) if on_batch else None)
+    model.runner.skip_maps = maps
+    return maps
 
 
 def table_summary(table: LossTable) -> dict:

@@ -5,10 +5,13 @@ Benchmark orchestration, not product code (run `make real-data` first). Phases, 
 
 1. parity: full-model WER through ldfleet vs Hugging Face's own `generate` on the same English
    test clips, and ldfleet unpadded vs padded to the 30 s window (the default follows the figure);
-2. tables: teacher-forced loss of every layer set (k = 3 and 4 of 6) on training and validation
+2. skip maps (unless --no-skip-maps): an affine stand-in per encoder layer, fitted in closed form
+   on the full model's states of --map-clips training clips (common/model/skip_maps.py): the frozen
+   encoder then tolerates skipped layers;
+3. tables: teacher-forced loss of every layer set (k = 3 and 4 of 6) on training and validation
    clips (frozen Whisper; see common/whisper_train.py);
-3. fit: the static ranking and the selector on those tables; the run goes to OUT/run;
-4. eval: WER/CER, mean layers, encoder and end-to-end ms at 6/6..3/6 for full, random, early_exit,
+4. fit: the static ranking and the selector on those tables; the run goes to OUT/run;
+5. eval: WER/CER, mean layers, encoder and end-to-end ms at 6/6..3/6 for full, random, early_exit,
    static, selector on the English test prompts (prompts never trained on) and on the Dutch test
    voice (a speaker never heard in training); rows to OUT/eval.json.
 """
@@ -27,7 +30,9 @@ from ldfleet.common.asr_eval import evaluate_asr, token_budget
 from ldfleet.common.data.transcribed import load_speech_items
 from ldfleet.common.metrics import score
 from ldfleet.common.model.whisper_dynamic import WhisperDynamic
-from ldfleet.common.whisper_train import FitConfig, LossTable, fit_strategy, loss_table, table_summary
+from ldfleet.common.model.skip_maps import SkipMaps
+from ldfleet.common.whisper_train import (FitConfig, LossTable, fit_strategy, fit_whisper_skip_maps, loss_table,
+                                          table_summary)
 
 METHODS = ("full", "random", "early_exit", "static", "selector")
 
@@ -86,6 +91,20 @@ def tables(model: WhisperDynamic, train, val, path: Path, ks=(3, 4)) -> tuple[Lo
     return out["train"], out["val"]
 
 
+def skip_maps(model: WhisperDynamic, items, path: Path) -> None:
+    """Fit (or load from ``path``) the skip maps and install them on the model."""
+    from safetensors.torch import load_file, save_file
+
+    if path.is_file():
+        say(f"cached: {path}")
+        model.runner.skip_maps = SkipMaps(load_file(str(path))["weight"])
+        return
+    start = time.perf_counter()
+    maps = fit_whisper_skip_maps(model, items, on_batch=lambda i, n: say(f"skip maps batch {i}/{n}"))
+    save_file({"weight": maps.weight}, str(path))
+    say(f"skip maps: {len(items)} clips in {time.perf_counter() - start:.0f} s")
+
+
 def eval_set(model: WhisperDynamic, items, keeps, batch_size: int, language: str) -> dict:
     """Every method at every keep < 1 (at 6/6 every method is the full model: its row is copied)."""
     model.head.language = language
@@ -112,6 +131,9 @@ def main() -> None:
     ap.add_argument("--unseen-test-clips", type=int, default=16, help="Dutch test voice (0 = skip)")
     ap.add_argument("--parity-clips", type=int, default=16)
     ap.add_argument("--unpadded-clips", type=int, default=6)
+    ap.add_argument("--map-clips", type=int, default=32, help="training clips the skip maps are fitted on")
+    ap.add_argument("--no-skip-maps", dest="skip_maps", action="store_false",
+                    help="frozen encoder only: a skipped layer passes its input through (the figures before skip maps)")
     ap.add_argument("--keeps", default="0.5,0.6667,0.8333")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
@@ -134,9 +156,11 @@ def main() -> None:
     say(f"parity: HF generate WER {par['hf_generate']['wer']:.3f}, ldfleet padded {par['ldfleet_padded']['wer']:.3f}, "
         f"unpadded {par['ldfleet_unpadded']['wer']:.3f} -> default: padded to the 30 s window")
 
-    train = sample(load_speech_items(en / "train"), args.train_clips)
-    val = sample(load_speech_items(en / "val"), args.val_clips)
-    train_table, val_table = tables(model, train, val, args.out / "tables.pt")
+    train_items = load_speech_items(en / "train")
+    train, val = sample(train_items, args.train_clips), sample(load_speech_items(en / "val"), args.val_clips)
+    if args.skip_maps:
+        skip_maps(model, sample(train_items, args.map_clips), args.out / "skip_maps.safetensors")
+    train_table, val_table = tables(model, train, val, args.out / ("tables-skip-maps.pt" if args.skip_maps else "tables.pt"))
     summary = {"train": table_summary(train_table), "val": table_summary(val_table)}
     fit = {name: fit_strategy(name, model, train_table, val_table, FitConfig(), log=say) for name in ("static", "selector")}
     model.save(args.out / "run", extra={"train": {"clips": len(train), "val_clips": len(val), "fit": fit,
@@ -153,7 +177,8 @@ def main() -> None:
         "sets": sets,
         "parity": {k: {m: x for m, x in v.items() if m not in ("predictions", "references")} for k, v in par.items()},
         "training": {"fit": fit, "tables": summary, "train_clips": len(train), "val_clips": len(val)},
-        "conditions": {"threads": torch.get_num_threads(), "pad_to_window": True, "cpu": "2 shared cores, heavily loaded"},
+        "conditions": {"threads": torch.get_num_threads(), "pad_to_window": True, "skip_maps": args.skip_maps,
+                       "map_clips": args.map_clips if args.skip_maps else 0, "cpu": "2 shared cores, heavily loaded"},
     }
     (args.out / "eval.json").write_text(json.dumps(result, indent=2))
     say(f"wrote {args.out / 'eval.json'}")

@@ -91,3 +91,47 @@ def test_too_long_input_is_refused(model):
     runner = LayerRunner(model, pad_to_window=True)
     with pytest.raises(ValueError, match="30 s"):
         runner.front_end(torch.zeros(1, 480001))
+
+
+@torch.inference_mode()
+def test_skip_maps_fit_each_layer_better_than_skipping_and_keep_the_full_model_exact(model):
+    from ldfleet.common.model.skip_maps import fit_skip_maps
+
+    runner = LayerRunner(model, pad_to_window=False).eval()
+    wave, mask = clips([16000, 24000, 12000], seed=2)
+    front = runner.front_end(wave, mask)
+    maps = fit_skip_maps(runner, [front], ridge=1e-6)
+    assert maps.weight.shape == (runner.num_layers, runner.hidden_size + 1, runner.hidden_size)
+    # least squares on the fitting frames: each stand-in is closer to its layer than passing through
+    real = front.frame_mask
+    hidden = front.hidden
+    ctx = runner._layer_context(hidden, real)
+    for i in range(runner.num_layers):
+        out = runner._run_layer(i, hidden, *ctx)
+        err_map = (maps(i, hidden) - out)[real].pow(2).mean()
+        err_skip = (hidden - out)[real].pow(2).mean()
+        assert err_map < 0.5 * err_skip, (i, float(err_map), float(err_skip))
+        hidden = out
+    full = runner.run_layers(front, None)
+    runner.skip_maps = maps
+    try:
+        assert torch.equal(runner.run_layers(front, torch.ones(3, runner.num_layers, dtype=torch.bool)), full)
+        none = torch.zeros(3, runner.num_layers, dtype=torch.bool)
+        assert (runner.run_layers(front, none) - runner.encoder.layer_norm(front.hidden)).abs().max() > 1e-3
+        keep = torch.tensor([[True, False, True, False], [False, True, True, True], [False, False, False, True]])
+        batched = runner.run_layers(front, keep)
+        for i in range(3):
+            n = int(mask[i].sum())
+            single = runner(wave[i : i + 1, :n], keep=keep[i : i + 1])
+            assert (batched[i, : single.shape[1]] - single[0]).abs().max() <= 1e-4
+        gated = runner.run_layers_gated(front, keep.float())
+        assert (gated - batched)[real].abs().max() <= 1e-4  # hard gates through the soft path: the same
+    finally:
+        runner.skip_maps = None
+
+
+def test_skip_maps_refuse_a_wrong_shape():
+    from ldfleet.common.model.skip_maps import SkipMaps
+
+    with pytest.raises(ValueError, match="layers, D \\+ 1, D"):
+        SkipMaps(torch.zeros(4, 64, 64))

@@ -158,3 +158,27 @@ def test_real_whisper_base_on_real_speech():
     assert keep.all()
     assert score("asr", texts, [it.text for it in items])["wer"] <= 0.5, texts
     assert np.isfinite(items[0].waveform).all()
+
+
+def test_skip_maps_travel_with_the_run_and_change_what_a_short_budget_transcribes(folders, tmp_path):
+    from ldfleet.common.whisper_train import fit_whisper_skip_maps
+
+    model = WhisperDynamic.from_pretrained(str(folders[0]), language="en", pad_to_window=False).eval()
+    items = load_speech_items(folders[1])
+    with torch.inference_mode():
+        front = model.front_end([it.waveform for it in items])
+        before, _ = model.run(front, "early_exit", 1)
+        maps = fit_whisper_skip_maps(model, items, batch_size=2)
+        after, keep = model.run(front, "early_exit", 1)
+    assert keep.sum(1).tolist() == [1, 1, 1] and (after - before).abs().max() > 1e-4
+    model.save(tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "model.json").read_text())["skip_maps"] is True
+    again = WhisperDynamic.load(tmp_path / "run")
+    assert torch.equal(again.runner.skip_maps.weight, maps.weight)
+    with torch.inference_mode():
+        assert torch.equal(again.run(again.front_end([it.waveform for it in items]), "early_exit", 1)[0], after)
+    from ldfleet.common.model.export import export_onnx
+
+    with pytest.raises(ValueError):  # the edge runtime serves keyword models without stand-ins
+        export_onnx(tmp_path / "run", tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists()

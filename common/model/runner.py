@@ -81,6 +81,9 @@ class LayerRunner(nn.Module):
         self.pad_to_window = pad_to_window
         self.tail_s = tail_s
         self.log_mel = whisper_log_mel(backbone) if self.family == "whisper" else None
+        # Optional affine stand-ins for skipped layers (``skip_maps.SkipMaps``, fitted on a frozen
+        # pretrained encoder); None: a skipped layer passes its input through unchanged.
+        self.skip_maps: nn.Module | None = None
 
     @property
     def num_layers(self) -> int:
@@ -155,7 +158,8 @@ class LayerRunner(nn.Module):
         return hidden
 
     def run_layers(self, front: FrontEnd, keep: Tensor | None = None) -> Tensor:
-        """Hard mask ``keep`` [B, L] (bool; None = all layers): each layer runs only where kept."""
+        """Hard mask ``keep`` [B, L] (bool; None = all layers): each layer runs only where kept;
+        where it is skipped, its skip map (if any) stands in for it."""
         hidden = front.hidden
         mask, bias = self._layer_context(hidden, front.frame_mask)
         batch = hidden.shape[0]
@@ -164,14 +168,17 @@ class LayerRunner(nn.Module):
                 hidden = self._run_layer(i, hidden, mask, bias)
                 continue
             rows = keep[:, i].nonzero().squeeze(1)
-            if rows.numel() == 0:
-                continue
             if rows.numel() == batch:
                 hidden = self._run_layer(i, hidden, mask, bias)
                 continue
-            sub_mask = None if mask is None else mask.index_select(0, rows)
-            out = self._run_layer(i, hidden.index_select(0, rows), sub_mask, bias)
-            hidden = hidden.index_copy(0, rows, out)
+            new = hidden
+            if rows.numel():
+                sub_mask = None if mask is None else mask.index_select(0, rows)
+                new = new.index_copy(0, rows, self._run_layer(i, hidden.index_select(0, rows), sub_mask, bias))
+            if self.skip_maps is not None:
+                skipped = (~keep[:, i]).nonzero().squeeze(1)
+                new = new.index_copy(0, skipped, self.skip_maps(i, hidden.index_select(0, skipped)))
+            hidden = new
         return self._finish(hidden)
 
     def run_layers_gated(self, front: FrontEnd, gates: Tensor) -> Tensor:
@@ -180,8 +187,9 @@ class LayerRunner(nn.Module):
         mask, bias = self._layer_context(hidden, front.frame_mask)
         for i in range(self.num_layers):
             out = self._run_layer(i, hidden, mask, bias)
+            skipped = hidden if self.skip_maps is None else self.skip_maps(i, hidden)
             g = gates[:, i].to(hidden.dtype).view(-1, 1, 1)
-            hidden = hidden + g * (out - hidden)
+            hidden = skipped + g * (out - skipped)
         return self._finish(hidden)
 
     def forward(self, input_values: Tensor, attention_mask: Tensor | None = None, keep: Tensor | None = None) -> Tensor:

@@ -10,7 +10,7 @@ three Whisper-specific parts:
   waveform-normalised (the input spec of a Whisper config says ``features="log_mel"``);
 * its run folder (``save`` / ``load``): ``backbone/`` (HF ``save_pretrained`` of the whole Whisper
   model, tokenizer and feature extractor), ``strategies.safetensors`` and ``model.json`` (head spec,
-  padding mode, what was trained).
+  padding mode, what was trained), and ``skip_maps.safetensors`` when the run has skip maps.
 
 Not yet folded into the generic code (what remains): the run folder format (the generic
 ``checkpoint.save_model`` stores the backbone config + one safetensors and has no tokenizer, so it
@@ -33,10 +33,12 @@ from torch import Tensor, nn
 from .backbone import load_backbone
 from .dynamic import DynamicModel
 from .runner import FrontEnd
+from .skip_maps import SkipMaps
 from .whisper_head import WhisperDecoderHead
 
 MODEL_JSON = "model.json"
 STRATEGIES_FILE = "strategies.safetensors"
+SKIP_MAPS_FILE = "skip_maps.safetensors"  # optional: affine stand-ins for skipped layers (skip_maps.py)
 BACKBONE_DIR = "backbone"
 
 
@@ -97,8 +99,11 @@ class WhisperDynamic(DynamicModel):
                 (run / BACKBONE_DIR / "preprocessor_config.json").write_bytes((src / "preprocessor_config.json").read_bytes())
         state = {k: v.detach().contiguous().clone() for k, v in self.strategies.state_dict().items()}
         save_file(state, str(run / STRATEGIES_FILE))
+        maps = self.runner.skip_maps
+        if maps is not None:
+            save_file({"weight": maps.weight.contiguous()}, str(run / SKIP_MAPS_FILE))
         meta = {"task": "asr", "family": "whisper", "head": self.head.spec(), "pad_to_window": self.runner.pad_to_window,
-                "selector_hidden": self.selector_hidden, **(extra or {})}
+                "selector_hidden": self.selector_hidden, "skip_maps": maps is not None, **(extra or {})}
         (run / MODEL_JSON).write_text(json.dumps(meta, indent=2))
 
     @classmethod
@@ -107,6 +112,11 @@ class WhisperDynamic(DynamicModel):
         meta = read_whisper_meta(run)
         model = cls.from_pretrained(str(run / BACKBONE_DIR), meta["head"].get("language"), meta.get("pad_to_window", True))
         model.strategies.load_state_dict(load_file(str(run / STRATEGIES_FILE)))
+        if meta.get("skip_maps"):
+            weight = load_file(str(run / SKIP_MAPS_FILE))["weight"]
+            if weight.shape[0] != model.num_layers or weight.shape[2] != model.runner.hidden_size:
+                raise ValueError(f"{run / SKIP_MAPS_FILE}: shape {list(weight.shape)} does not fit this encoder")
+            model.runner.skip_maps = SkipMaps(weight)
         return model.eval()
 
 
