@@ -348,7 +348,7 @@ def build_report(run_dir: str | Path, db_url: str | None = None, console: Consol
         k = max(1, min(num_layers, round(keep * num_layers)))
         heldout_table.append([f"{keep:.3f}", k] + [_pct(central_acc(m, k)) for m in (*METHODS, "selector_before_fl")])
     name = "WER" if metric == "wer" else "accuracy"
-    Name = name[0].upper() + name[1:]
+    heading = name[0].upper() + name[1:]  # "WER", "Accuracy"
     sections: list[tuple[str, str, list[str] | None, list[list[Any]] | None, str | None]] = [
         ("Classes at their budget" + (": WER per class and keep ratio" if metric == "wer" else ""),
          "Held-out = the corpus test split (speakers no device has), final model; fleet = devices' local test clips, last round."
@@ -356,9 +356,9 @@ def build_report(run_dir: str | Path, db_url: str | None = None, console: Consol
          ["class", "budget", "k", "keep ratio", f"held-out selector {name}", f"held-out random {name}", f"held-out early exit {name}",
           f"selector before FL {name}", *(["held-out selector CER"] if metric == "wer" else []), f"fleet {name}",
           "fleet mean layers"], class_rows, None),
-        (f"{Name} vs keep ratio (held-out speakers)", f"{cen['examples']} clips.",
+        (f"{heading} vs keep ratio (held-out speakers)", f"{cen['examples']} clips.",
          ["keep", "k", "selector", "random", "early exit", "selector before FL"], heldout_table, files.get("vs_keep")),
-        (f"{Name} and layers per class per round", "", None, None, files.get("per_round")),
+        (f"{heading} and layers per class per round", "", None, None, files.get("per_round")),
         ("Layer usage by device class", "", None, None, files.get("layer_usage")),
         ("Devices", "Latency: measured here per example (cached front end + kept layers + head); "
          "expected: the device's advertised profile under its policy.",
