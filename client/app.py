@@ -86,7 +86,7 @@ def resolve_device(context: Context, manifest_path: str | None = None) -> Device
     def pooled() -> tuple[object, object]:
         from ldfleet.client.learning import pooled_split
 
-        pool = pooled_split(manifest.data_dir, manifest.split_seed, manifest.pool_split)
+        pool = pooled_split(manifest.data_dir, manifest.split_seed, manifest.pool_split, manifest.task)
         return pool.subset(dev.train_indices), pool.subset(dev.test_indices)  # type: ignore[attr-defined]
 
     return DeviceSetup(dev.device_id, dev.device_class, dev.state_dir, dev.cache_dir, manifest.model_dir,
@@ -97,11 +97,18 @@ def _device_record(dev: DeviceSetup) -> ConfigRecord:
     return ConfigRecord({L.NODE_DEVICE_ID: dev.device_id, L.NODE_DEVICE_CLASS: dev.device_class})
 
 
+def _scores(result) -> dict[str, float | int]:
+    """kws: ``accuracy``; asr: ``wer``, ``cer`` and the reference ``words`` (no accuracy)."""
+    if result.wer is not None:
+        return {L.M_WER: float(result.wer), L.M_CER: float(result.cer), L.M_WORDS: int(result.words)}
+    return {L.M_ACCURACY: float(result.accuracy)}
+
+
 def _metrics(result, budget, seconds: float) -> MetricRecord:
     return MetricRecord({
         L.M_EXAMPLES: int(result.num_examples),
         L.M_LOSS: float(result.loss) if np.isfinite(result.loss) else -1.0,
-        L.M_ACCURACY: float(result.accuracy),
+        **_scores(result),
         L.M_MEAN_LAYERS: float(result.mean_layers),
         L.M_LAYER_USAGE: [float(x) for x in result.layer_usage],
         L.M_LATENCY_MS: float(result.latency_ms),

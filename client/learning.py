@@ -28,7 +28,7 @@ from ldfleet.common.budget import layers_for_keep
 from ldfleet.common.learning import TRAINED_STRATEGY
 from ldfleet.common.model.checkpoint import WEIGHTS, load_model
 from ldfleet.common.model.dynamic import DynamicModel
-from ldfleet.common.metrics import score
+from ldfleet.common.metrics import error_counts, score
 from ldfleet.common.train import FrontEndCache, cache_front_ends
 
 log = logging.getLogger("ldfleet.client.learning")
@@ -191,16 +191,29 @@ def _from_blob(blob: dict, prefix: str) -> FrontEndCache:
 
 # ---- the device's clips ------------------------------------------------------------------------------
 
-_POOLS: dict[tuple[str, int, str], Dataset] = {}
+_POOLS: dict[tuple[str, int, str, str], Dataset] = {}
 
 
-def pooled_split(data_dir: str, seed: int, split: str) -> Dataset:
-    """One split of a corpus, loaded once per process (simulated devices share it)."""
+def load_pool_splits(data_dir: str | os.PathLike[str], seed: int, task: str = "kws") -> dict[str, Dataset]:
+    """Train/val/test of a fleet's corpus: a Speech Commands folder (kws, ``ClipDataset`` with
+    ``speakers`` and ``labels``) or an audiofolder / manifest (asr, ``UtteranceDataset`` with
+    ``speakers``, its own split column when it has one). Raises ValueError on an unknown task."""
+    if task == "asr":
+        from ldfleet.common.data.transcribed import load_transcribed_splits
+
+        return dict(load_transcribed_splits(data_dir, seed=seed))
+    if task != "kws":
+        raise ValueError(f"unknown task {task!r} (kws or asr)")
     from ldfleet.common.data.folder import load_splits
 
-    key = (str(Path(data_dir).resolve()), seed, split)
+    return load_splits(data_dir, seed=seed)
+
+
+def pooled_split(data_dir: str, seed: int, split: str, task: str = "kws") -> Dataset:
+    """One split of a corpus, loaded once per process (simulated devices share it)."""
+    key = (str(Path(data_dir).resolve()), seed, split, task)
     if key not in _POOLS:
-        _POOLS[key] = load_splits(data_dir, seed=seed)[split]
+        _POOLS[key] = load_pool_splits(data_dir, seed, task)[split]
     return _POOLS[key]
 
 
@@ -226,16 +239,23 @@ def folder_datasets(data_dir: str | os.PathLike[str], test_share: float = 0.2, s
 class LocalResult:
     num_examples: int
     loss: float
-    accuracy: float  # kws: share of correct labels; asr: 1 - WER (so "higher is better" holds for both)
+    accuracy: float | None  # kws: share of correct labels; None on an asr device
     mean_layers: float
     layer_usage: list[float]
     latency_ms: float
     seconds: float
+    wer: float | None = None  # asr: word error rate (edits / reference words; may exceed 1); None for kws
+    cer: float | None = None  # asr: character error rate
+    words: int = 0  # asr: reference words behind ``wer``
 
 
-def _task_scores(task: str, predictions: list[str], references: list[str]) -> dict[str, float]:
-    scores = score(task, predictions, references)
-    return {"accuracy": scores["accuracy"] if task == "kws" else max(0.0, 1.0 - scores["wer"])}
+def _task_scores(task: str, predictions: list[str], references: list[str]) -> dict[str, float | int | None]:
+    """kws: ``accuracy``; asr: ``wer``, ``cer`` and the reference ``words`` (accuracy None)."""
+    if task == "kws":
+        return {"accuracy": score(task, predictions, references)["accuracy"]}
+    c = error_counts(predictions, references)
+    return {"accuracy": None, "wer": c["word_edits"] / max(1, c["words"]), "cer": c["char_edits"] / max(1, c["chars"]),
+            "words": int(c["words"])}
 
 
 def train_selector(

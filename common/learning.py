@@ -65,7 +65,10 @@ CFG_DELAY_S = "delay-s"
 # ---- reply metrics (MetricRecord: numbers and lists of numbers only) ---------------------------
 M_EXAMPLES = "num-examples"
 M_LOSS = "loss"
-M_ACCURACY = "accuracy"
+M_ACCURACY = "accuracy"  # kws: share of correct labels (an asr device does not send it)
+M_WER = "wer"  # asr: word error rate, edits / reference words (may exceed 1)
+M_CER = "cer"  # asr: character error rate
+M_WORDS = "words"  # asr: reference words behind ``wer`` (weights the per-class WER: sum edits / sum words)
 M_MEAN_LAYERS = "mean-layers"
 M_LAYER_USAGE = "layer-usage"  # share of examples that ran each layer, length L
 M_LATENCY_MS = "latency-ms"  # measured on the device, per example (front end + kept layers + head)
@@ -80,6 +83,8 @@ TRAIN_METRICS = (
     M_EXAMPLES, M_LOSS, M_ACCURACY, M_MEAN_LAYERS, M_LAYER_USAGE, M_LATENCY_MS, M_EXPECTED_LATENCY_MS,
     M_POLICY_VERSION, M_K, M_NUM_LAYERS, M_SECONDS,
 )
+#: What replaces ``accuracy`` in the replies of a speech-recognition device.
+ASR_METRICS = (M_WER, M_CER, M_WORDS)
 EVAL_METRICS = TRAIN_METRICS
 
 
@@ -106,6 +111,8 @@ class FleetManifest(BaseModel):
 
     schema_: Literal["ldfleet.fleet-manifest/1"] = Field(MANIFEST_SCHEMA, alias="schema")
     run_id: str
+    #: kws: ``data_dir`` is a Speech Commands-layout folder; asr: an audiofolder (or manifest).
+    task: Literal["kws", "asr"] = "kws"
     data_dir: str
     split_seed: int = 0
     pool_split: Literal["train", "val", "test"] = "train"

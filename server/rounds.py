@@ -76,6 +76,9 @@ class MetricRow:
     layer_usage: list[float] | None
     #: Why a ``*-failed`` row failed.
     reason: str | None = None
+    #: Word / character error rates (asr fleets; None for kws, whose score is ``accuracy``).
+    wer: float | None = None
+    cer: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -98,6 +101,7 @@ def metric_rows(registry: Registry, run_id: str, phase: str | None = None) -> li
                 policy_version=m.policy_version, k=m.k, accuracy=m.accuracy, loss=m.loss,
                 num_examples=m.num_examples, mean_kept_layers=m.mean_kept_layers, latency_ms=m.latency_ms,
                 layer_usage=list(m.layer_usage) if m.layer_usage is not None else None, reason=m.reason,
+                wer=m.wer, cer=m.cer,
             ))
         return out
 

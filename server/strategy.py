@@ -107,7 +107,8 @@ class DeviceResult:
 
 
 def class_aggregates(results: list[DeviceResult]) -> dict[str, dict[str, float]]:
-    """Per device class: example-weighted accuracy, loss, mean layers, latency; device count."""
+    """Per device class: example-weighted accuracy (kws) or word-weighted WER and CER (asr), loss, mean
+    layers, latency; device count."""
     groups: dict[str, list[DeviceResult]] = defaultdict(list)
     for r in results:
         groups[r.device.device_class].append(r)
@@ -128,13 +129,28 @@ def class_aggregates(results: list[DeviceResult]) -> dict[str, dict[str, float]]
             tot = sum(weights) or 1.0
             usage = [sum(u[i] * w for u, w in zip(usage_rows, weights)) / tot for i in range(len(usage_rows[0]))]
         out[cls] = {
-            "devices": len(rows), "examples": n, "accuracy": wmean(L.M_ACCURACY), "loss": wmean(L.M_LOSS),
+            "devices": len(rows), "examples": n, "loss": wmean(L.M_LOSS),
             "mean_layers": wmean(L.M_MEAN_LAYERS), "latency_ms": wmean(L.M_LATENCY_MS),
             "k_mean": sum(float(r.metrics.get(L.M_K, 0)) for r in rows) / len(rows),
         }
+        scored = [r for r in rows if L.M_WER in r.metrics]
+        if scored:  # speech recognition: the class's WER/CER over all its reference words
+            out[cls].update(_error_rates(scored))
+        if len(scored) < len(rows):
+            out[cls]["accuracy"] = wmean(L.M_ACCURACY)
         if usage is not None:
             out[cls]["layer_usage"] = usage  # type: ignore[assignment]
     return out
+
+
+def _error_rates(rows: list[DeviceResult]) -> dict[str, float]:
+    """WER and CER of a group of asr devices: each device's rate weighted by its reference words
+    (= summed edits / summed words), or by its examples when a reply has no word count."""
+    words = [float(r.metrics.get(L.M_WORDS, 0) or 0) for r in rows]
+    weights = words if all(w > 0 for w in words) else [float(r.metrics.get(L.M_EXAMPLES, 0)) for r in rows]
+    total = sum(weights) or 1.0
+    return {key: sum(float(r.metrics.get(m, 0.0)) * w for r, w in zip(rows, weights)) / total
+            for key, m in (("wer", L.M_WER), ("cer", L.M_CER))}
 
 
 class FleetFedAvg(FedAvg):
@@ -328,7 +344,8 @@ class FleetFedAvg(FedAvg):
             self.registry.record_round_metric(
                 self._round_id, r.device.device_id, phase=phase, device_class=r.device.device_class,
                 policy_version=int(m.get(L.M_POLICY_VERSION, 0)), k=int(m.get(L.M_K, 0)) or None,
-                accuracy=_scalar(m, L.M_ACCURACY), loss=_scalar(m, L.M_LOSS), num_examples=int(m[L.M_EXAMPLES]),
+                accuracy=_scalar(m, L.M_ACCURACY), wer=_scalar(m, L.M_WER), cer=_scalar(m, L.M_CER),
+                loss=_scalar(m, L.M_LOSS), num_examples=int(m[L.M_EXAMPLES]),
                 layer_usage=[float(x) for x in usage] if isinstance(usage, list) else None,
                 mean_kept_layers=_scalar(m, L.M_MEAN_LAYERS), latency_ms=_scalar(m, L.M_LATENCY_MS),
             )

@@ -5,8 +5,8 @@ A reply (a Flower ``RecordDict``) counts only when
 * ``metrics`` holds ``num-examples``: an integer (an int, or a float with no fractional part)
   from 1 to ``max_examples`` (NaN, Inf, 1e308, negative, zero, 2.5 are refused);
 * every metric is a finite int or float (or a list of them); ``layer-usage`` values are shares in
-  [0, 1] with one entry per encoder layer when the layer count is known; ``k`` and
-  ``policy-version`` are whole numbers >= 0;
+  [0, 1] with one entry per encoder layer when the layer count is known; ``wer`` and ``cer``
+  (speech recognition) are >= 0; ``k``, ``policy-version`` and ``words`` are whole numbers >= 0;
 * for training, ``arrays`` is a non-empty ArrayRecord whose names are among the global model's,
   each with the global array's shape and dtype and only finite values.
 
@@ -72,7 +72,11 @@ def check_metrics(metrics: dict[str, Any], num_layers: int | None = None) -> Non
             raise BadReply(f"metric {L.M_LAYER_USAGE!r} must be a list of shares in [0, 1]")
         if num_layers is not None and len(usage) != num_layers:
             raise BadReply(f"metric {L.M_LAYER_USAGE!r} has {len(usage)} entries, the model has {num_layers} layers")
-    for key in (L.M_K, L.M_POLICY_VERSION):
+    for key in (L.M_WER, L.M_CER):  # edits / reference length: >= 0, above 1 when hypotheses run long
+        x = metrics.get(key)
+        if x is not None and (isinstance(x, list) or x < 0):
+            raise BadReply(f"metric {key!r} must be an error rate >= 0, got {x!r}")
+    for key in (L.M_K, L.M_POLICY_VERSION, L.M_WORDS):
         x = metrics.get(key)
         if x is not None and (isinstance(x, list) or x < 0 or not float(x).is_integer() or x > 2**53):
             raise BadReply(f"metric {key!r} must be a whole number >= 0, got {x!r}")

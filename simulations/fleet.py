@@ -45,9 +45,12 @@ def prepare_corpus(scn: Scenario, cache_dir: Path, progress=None) -> Path:
     """The scenario's corpus: a given folder, or a cached espeak-ng corpus made on first use."""
     if scn.data.source != "synth":
         path = Path(scn.data.source).expanduser()
-        if not path.is_dir():
-            raise FileNotFoundError(f"data.source {path} is not a folder (use 'synth' or a Speech Commands folder)")
+        if not path.exists() or (scn.task == "kws" and not path.is_dir()):
+            raise FileNotFoundError(f"data.source {path} is not a folder (use 'synth' or a Speech Commands folder"
+                                    + (", an audiofolder or a manifest)" if scn.task == "asr" else ")"))
         return path
+    if scn.task == "asr":
+        return prepare_asr_corpus(scn, cache_dir)
     from ldfleet.common.data.espeak import ENGLISH_VOICES
     from ldfleet.common.data.synth import SynthConfig, synthesize_corpus
 
@@ -66,14 +69,40 @@ def prepare_corpus(scn: Scenario, cache_dir: Path, progress=None) -> Path:
     return out
 
 
+def prepare_asr_corpus(scn: Scenario, cache_dir: Path) -> Path:
+    """The cached espeak-ng phrase corpus (audiofolder) of a ``task: asr`` scenario, made on first use."""
+    import hashlib
+
+    from ldfleet.common.data.espeak import ACCENT_VOICES, ENGLISH_VOICES
+    from ldfleet.common.data.synth_asr import AsrSynthConfig, synthesize_asr_corpus
+
+    c = scn.data.asr_corpus
+    assert c is not None  # filled in by the scenario's validation
+    out = cache_dir / f"asr-corpus-{hashlib.sha256(c.model_dump_json().encode()).hexdigest()[:8]}"
+    if (out / "metadata.csv").is_file():
+        return out
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cfg = AsrSynthConfig(out=tmp, seed=c.seed, voices=(ENGLISH_VOICES + ACCENT_VOICES)[: c.voices],
+                         variants_per_voice=c.variants_per_voice, utterances_per_speaker=c.utterances_per_speaker,
+                         noise=c.noise)
+    summary = synthesize_asr_corpus(cfg, progress=False)
+    if summary.failures:
+        log.warning("asr corpus: %d utterance(s) failed to render, e.g. %s", len(summary.failures), summary.failures[0])
+    tmp.replace(out)
+    return out
+
+
 def _corpus_key(scn: Scenario) -> str:
     import hashlib
 
     return hashlib.sha256(scn.data.corpus.model_dump_json().encode()).hexdigest()[:8]
 
 
-def partition_devices(scn: Scenario, pool_speakers: list[str], pool_labels: list[int]) -> dict[str, tuple[list[int], list[int]]]:
-    """device id -> (train indices, local test indices) into the pooled training split."""
+def partition_devices(scn: Scenario, pool_speakers: list[str], pool_labels: list[int] | None = None
+                      ) -> dict[str, tuple[list[int], list[int]]]:
+    """device id -> (train indices, local test indices) into the pooled training split (``pool_labels``
+    only for a Dirichlet partition)."""
     from ldfleet.common.data.partition import partition_by_speaker, partition_dirichlet
 
     devices = scn.device_ids()
@@ -82,6 +111,8 @@ def partition_devices(scn: Scenario, pool_speakers: list[str], pool_labels: list
     if part.kind == "voice":
         parts = partition_by_speaker(pool_speakers, n, seed=scn.data.split_seed + scn.seed)
     else:
+        if pool_labels is None:
+            raise ValueError("a dirichlet partition needs the clips' labels")
         parts = partition_dirichlet(pool_labels, n, part.alpha, seed=scn.data.split_seed + scn.seed, min_size=4)
     rng = np.random.default_rng(scn.seed + 17)
     # shuffle the device order so that a class does not get neighbouring speakers
@@ -102,20 +133,19 @@ def prepare_warm(scn: Scenario, data_dir: Path, cache_dir: Path, train_indices: 
 
     import torch
 
-    from ldfleet.common.data.folder import load_splits
+    from ldfleet.client.learning import load_pool_splits
     from ldfleet.common.model.checkpoint import load_model
     from ldfleet.common.model.profiling import profile_runner
-    from ldfleet.common.train import STATE_FILE, TrainConfig, Trainer
+    from ldfleet.common.train import STATE_FILE, Trainer, config_for
 
     w = scn.warm
-    out = cache_dir / f"warm-{scn.fingerprint('data', 'warm')}"
+    out = cache_dir / f"warm-{warm_key(scn)}"
     state = out / STATE_FILE
     done = state.is_file() and json.loads(state.read_text()).get("done")
     if not done:
-        splits = load_splits(data_dir, seed=scn.data.split_seed)
-        cfg = TrainConfig(
-            backbone=w.backbone, family=w.family, epochs=w.epochs, strategy_epochs=0, batch_size=w.batch_size, seed=w.seed,
-        )
+        splits = load_pool_splits(data_dir, scn.data.split_seed, scn.task)
+        cfg = config_for(scn.task, backbone=w.backbone, family=w.family, epochs=w.epochs, strategy_epochs=0,
+                         batch_size=w.batch_size, seed=w.seed, lr=w.lr, layerdrop=w.layerdrop)
         train = splits["train"].subset(train_indices)
         # per-stage epochs: Trainer uses one strategy_epochs for all stage-2 strategies, so run it per stage
         trainer = Trainer(out, train, splits["val"], cfg, log=log_fn or (lambda *_: None))
@@ -137,6 +167,12 @@ def prepare_warm(scn: Scenario, data_dir: Path, cache_dir: Path, train_indices: 
             "ratio_p90": lat.ratio_p90, "ratio_p99": lat.ratio_p99,
         }, indent=1))
     return out
+
+
+def warm_key(scn: Scenario) -> str:
+    """Cache key of the warm model: the data and warm sections (and the task, when not kws)."""
+    key = scn.fingerprint("data", "warm")
+    return key if scn.task == "kws" else f"{scn.task}-{key}"
 
 
 def _train_stage(run: Path, trainer, stage: str, epochs: int, seed: int, batch_size: int) -> None:
@@ -189,18 +225,18 @@ def device_profiles(scn: Scenario, latency: dict):
 
 def build_fleet(scn: Scenario, run_dir: Path, cache_dir: Path, run_id: str, timings: dict[str, float], say=print) -> FleetData:
     """Corpus, partitions, warm model and the manifest of a new run (or the existing one when resuming)."""
-    from ldfleet.common.data.folder import load_splits
+    from ldfleet.client.learning import load_pool_splits
 
     run_dir = Path(run_dir)
     t = time.perf_counter()
     data_dir = prepare_corpus(scn, cache_dir)
     timings["data"] = time.perf_counter() - t
     t = time.perf_counter()
-    splits = load_splits(data_dir, seed=scn.data.split_seed)
+    splits = load_pool_splits(data_dir, scn.data.split_seed, scn.task)
     pool = splits["train"]
-    parts = partition_devices(scn, pool.speakers, pool.labels)
+    parts = partition_devices(scn, pool.speakers, getattr(pool, "labels", None))
     timings["partition"] = time.perf_counter() - t
-    say(f"data: {data_dir} ({len(pool)} training clips over {len(parts)} devices, "
+    say(f"data{' (asr)' if scn.task == 'asr' else ''}: {data_dir} ({len(pool)} training clips over {len(parts)} devices, "
         f"{len(splits['test'])} held-out test clips) in {timings['data']:.0f} s")
     t = time.perf_counter()
     train_pool = sorted(i for tr, _ in parts.values() for i in tr)
@@ -216,7 +252,7 @@ def build_fleet(scn: Scenario, run_dir: Path, cache_dir: Path, run_id: str, timi
             cache_dir=str((folder / "fl-cache").resolve()), train_indices=tr, test_indices=te,
         ))
     manifest = FleetManifest(
-        run_id=run_id, data_dir=str(Path(data_dir).resolve()), split_seed=scn.data.split_seed, pool_split="train",
+        run_id=run_id, task=scn.task, data_dir=str(Path(data_dir).resolve()), split_seed=scn.data.split_seed, pool_split="train",
         model_dir=str(warm_dir.resolve()), allow_faults=True, devices=devices,
     )
     return FleetData(Path(data_dir), manifest, warm_dir)
@@ -230,7 +266,7 @@ def warm_device_caches(manifest: FleetManifest, timings: dict[str, float]) -> No
 
     t = time.perf_counter()
     model, fingerprint = frozen_model(manifest.model_dir)
-    pool = pooled_split(manifest.data_dir, manifest.split_seed, manifest.pool_split)
+    pool = pooled_split(manifest.data_dir, manifest.split_seed, manifest.pool_split, manifest.task)
     threads = torch.get_num_threads()
     try:
         for dev in manifest.devices:

@@ -7,6 +7,8 @@ held-out speakers, and writes ``RUN/report/``:
 * ``accuracy_per_round.png``: fleet accuracy (devices' local test clips) and mean layers per class per round;
 * ``accuracy_vs_keep.png``: held-out accuracy vs keep ratio for the federated selector, random dropping,
   early exit (and the selector before federated training);
+* a speech-recognition run (``task: asr``) reports WER (and CER) instead of accuracy everywhere:
+  ``wer_per_round.png``, ``wer_vs_keep.png``, WER per class at its keep ratio, ``*_wer`` keys in JSON;
 * ``layer_usage.png``: share of inputs running each layer, per device class (last round);
 * ``report.md`` / ``report.html``: tables of classes (at their budget, selector vs random), devices
   (budget, applied policy version, accuracy, mean layers, latency), rounds, traffic and timings;
@@ -61,15 +63,16 @@ def _pct(x: float | None) -> str:
 
 
 def central_evaluation(manifest, scn, final_arrays: dict | None, keeps: list[float]) -> dict[str, Any]:
-    """Held-out test split: final model (warm + global selector) for every method and keep."""
+    """Held-out test split: final model (warm + global selector) for every method and keep; rows carry
+    ``accuracy`` (kws) or ``wer`` and ``cer`` (asr)."""
     import numpy as np
     import torch
 
-    from ldfleet.common.data.folder import load_splits
+    from ldfleet.client.learning import load_pool_splits
     from ldfleet.common.evaluate import evaluate
     from ldfleet.common.model.checkpoint import load_model
 
-    test = load_splits(manifest.data_dir, seed=manifest.split_seed)["test"]
+    test = load_pool_splits(manifest.data_dir, manifest.split_seed, manifest.task)["test"]
     warm = load_model(manifest.model_dir)
     before = evaluate(warm, test, ["selector"], keeps)
     model = load_model(manifest.model_dir)
@@ -96,7 +99,9 @@ def base_traffic() -> dict[str, int]:
             "npy_header_bytes": NPY_HEADER_BYTES}
 
 
-def _plots(out: Path, per_round: dict, classes: list[str], central: dict, usage: dict[str, list[float]], num_layers: int) -> dict[str, str]:
+def _plots(out: Path, per_round: dict, classes: list[str], central: dict, usage: dict[str, list[float]], num_layers: int,
+           metric: str = "accuracy") -> dict[str, str]:
+    """PNG plots; ``metric`` is the task's score (``accuracy`` for kws, ``wer`` for asr)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,9 +113,10 @@ def _plots(out: Path, per_round: dict, classes: list[str], central: dict, usage:
     for c in classes:
         pts = sorted((r, v) for r, v in per_round.get(c, {}).items())
         if pts:
-            axes[0].plot([r for r, _ in pts], [100 * v["accuracy"] for _, v in pts], marker="o", label=c)
+            axes[0].plot([r for r, _ in pts], [100 * v[metric] for _, v in pts], marker="o", label=c)
             axes[1].plot([r for r, _ in pts], [v["mean_layers"] for _, v in pts], marker="o", label=c)
-    axes[0].set(xlabel="round", ylabel="accuracy on local test clips (%)", title="Accuracy per class per round")
+    name = "WER" if metric == "wer" else "accuracy"
+    axes[0].set(xlabel="round", ylabel=f"{name} on local test clips (%)", title=f"{name[0].upper() + name[1:]} per class per round")
     axes[1].set(xlabel="round", ylabel="mean encoder layers run", title="Mean layers per class per round", ylim=(0, num_layers + 0.5))
     from matplotlib.ticker import MaxNLocator
 
@@ -120,24 +126,24 @@ def _plots(out: Path, per_round: dict, classes: list[str], central: dict, usage:
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "accuracy_per_round.png", dpi=110)
+    files["per_round"] = f"{metric}_per_round.png"
+    fig.savefig(out / files["per_round"], dpi=110)
     plt.close(fig)
-    files["accuracy_per_round"] = "accuracy_per_round.png"
     # accuracy vs keep on held-out speakers
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     styles = {"selector": ("o-", "selector (federated)"), "random": ("s--", "random dropping"),
               "early_exit": ("^-.", "early exit"), "selector_before_fl": ("x:", "selector before FL")}
     for method, (style, label) in styles.items():
-        pts = sorted((r["keep"], r["accuracy"]) for r in central["rows"] if r["method"] == method)
+        pts = sorted((r["keep"], r[metric]) for r in central["rows"] if r["method"] == method and r.get(metric) is not None)
         if pts:
             ax.plot([k for k, _ in pts], [100 * a for _, a in pts], style, label=label)
-    ax.set(xlabel="keep ratio (k / L)", ylabel="accuracy, held-out speakers (%)", title="Final accuracy vs budget")
+    ax.set(xlabel="keep ratio (k / L)", ylabel=f"{name}, held-out speakers (%)", title=f"Final {name} vs budget")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "accuracy_vs_keep.png", dpi=110)
+    files["vs_keep"] = f"{metric}_vs_keep.png"
+    fig.savefig(out / files["vs_keep"], dpi=110)
     plt.close(fig)
-    files["accuracy_vs_keep"] = "accuracy_vs_keep.png"
     # layer usage heatmap
     rows = [c for c in classes if c in usage]
     if rows:
@@ -184,6 +190,7 @@ def build_report(run_dir: str | Path, db_url: str | None = None, console: Consol
     out = run_dir / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
     classes = [c.name for c in scn.classes]
+    metric = "wer" if scn.task == "asr" else "accuracy"  # the task's score: higher (accuracy) or lower (WER) is better
     with Registry(db_url or info["db_url"]) as reg:
         round_rows = rounds(reg, info["run_id"])
         metrics = metric_rows(reg, info["run_id"])
@@ -199,7 +206,8 @@ def build_report(run_dir: str | Path, db_url: str | None = None, console: Consol
     per_round: dict[str, dict[int, dict[str, float]]] = defaultdict(dict)
     for r in finished:
         for cls, m in ((r.summary or {}).get("eval") or {}).items():
-            per_round[cls][r.number] = {"accuracy": m["accuracy"], "mean_layers": m["mean_layers"], "devices": m["devices"]}
+            if m.get(metric) is not None:
+                per_round[cls][r.number] = {metric: m[metric], "mean_layers": m["mean_layers"], "devices": m["devices"]}
     usage: dict[str, list[float]] = {}
     last_eval = [m for m in metrics if m.phase == EVAL and m.round == last_round and m.layer_usage]
     for cls in classes:
@@ -227,6 +235,7 @@ def build_report(run_dir: str | Path, db_url: str | None = None, console: Consol
             "device_id": dev.device_id, "device_class": dev.device_class, "budget": budget,
             "applied_policy_version": st.get("applied_version"), "desired_policy_version": st.get("desired_version"),
             "k": st.get("effective_k"), "accuracy": last.accuracy if last else None,
+            **({"wer": last.wer if last else None, "cer": last.cer if last else None} if metric == "wer" else {}),
             "mean_layers": last.mean_kept_layers if last else None, "latency_ms": last.latency_ms if last else None,
             "expected_latency_ms": st.get("expected_latency_ms"), "rounds_trained": len(trains), "failures": len(fails),
             "train_clips": len(dev.train_indices), "test_clips": len(dev.test_indices),
@@ -235,7 +244,7 @@ def build_report(run_dir: str | Path, db_url: str | None = None, console: Consol
         device_json.append(rec)
         device_rows.append([
             rec["device_id"], rec["device_class"], budget, f"v{rec['applied_policy_version']}", rec["k"] or "-",
-            _pct(rec["accuracy"]), f"{rec['mean_layers']:.2f}" if rec["mean_layers"] is not None else "-",
+            _pct(rec[metric]), f"{rec['mean_layers']:.2f}" if rec["mean_layers"] is not None else "-",
             f"{rec['latency_ms']:.1f}" if rec["latency_ms"] is not None else "-",
             f"{rec['expected_latency_ms']:.1f}" if rec["expected_latency_ms"] is not None else "-",
             rec["rounds_trained"], rec["failures"],
@@ -251,11 +260,14 @@ def build_report(run_dir: str | Path, db_url: str | None = None, console: Consol
     keeps = sorted(set(scn.report_keeps) | {k / num_layers for k in class_k.values()})
     cen = central_evaluation(manifest, scn, final_arrays, keeps) if central else {"rows": [], "examples": 0, "layer_usage": {}}
 
-    def central_acc(method: str, k: int) -> float | None:
+    def central_acc(method: str, k: int, key: str = metric) -> float | None:
         for r in cen["rows"]:
             if r["method"] == method and r["k"] == k:
-                return r["accuracy"]
+                return r.get(key)
         return None
+
+    # kws keeps its keys (accuracy); asr names the metric in every key, so a WER never reads as an accuracy
+    sfx = "" if metric == "accuracy" else f"_{metric}"
 
     class_rows, class_json = [], []
     for cls in classes:
@@ -265,16 +277,16 @@ def build_report(run_dir: str | Path, db_url: str | None = None, console: Consol
         rec = {
             "device_class": cls, "budget": active.get(f"class:{cls}", (budgets[cls], 0))[0], "k": k,
             "keep_ratio": k / num_layers if k else None,
-            "heldout_selector": central_acc("selector", k) if k else None,
-            "heldout_random": central_acc("random", k) if k else None,
-            "heldout_early_exit": central_acc("early_exit", k) if k else None,
-            "heldout_selector_before_fl": central_acc("selector_before_fl", k) if k else None,
-            "fleet_accuracy_last_round": fleet_last.get("accuracy"), "fleet_mean_layers_last_round": fleet_last.get("mean_layers"),
+            **{f"heldout_{m}{sfx}": central_acc(m, k) if k else None for m in (*METHODS, "selector_before_fl")},
+            f"fleet_{metric}_last_round": fleet_last.get(metric), "fleet_mean_layers_last_round": fleet_last.get("mean_layers"),
         }
+        if metric == "wer":
+            rec["heldout_selector_cer"] = central_acc("selector", k, "cer") if k else None
         class_json.append(rec)
         class_rows.append([
-            cls, rec["budget"], f"{k}/{num_layers}" if k else "-", _pct(rec["heldout_selector"]), _pct(rec["heldout_random"]),
-            _pct(rec["heldout_early_exit"]), _pct(rec["heldout_selector_before_fl"]), _pct(rec["fleet_accuracy_last_round"]),
+            cls, rec["budget"], f"{k}/{num_layers}" if k else "-", f"{rec['keep_ratio']:.3f}" if k else "-",
+            *[_pct(rec[f"heldout_{m}{sfx}"]) for m in (*METHODS, "selector_before_fl")],
+            *([_pct(rec["heldout_selector_cer"])] if metric == "wer" else []), _pct(rec[f"fleet_{metric}_last_round"]),
             f"{rec['fleet_mean_layers_last_round']:.2f}" if rec["fleet_mean_layers_last_round"] is not None else "-",
         ])
 
@@ -294,14 +306,14 @@ def build_report(run_dir: str | Path, db_url: str | None = None, console: Consol
         ev = (s.get("eval") or {}).get("(all)", {})
         versions = sorted(set((s.get("policy_versions") or {}).values()))
         round_json.append({"round": r.number, "status": r.status, "wall_s": wall, "sampled": len(s.get("sampled") or []),
-                           "offline": len(s.get("offline") or []), "failed": failed, "eval_accuracy": ev.get("accuracy"),
+                           "offline": len(s.get("offline") or []), "failed": failed, f"eval_{metric}": ev.get(metric),
                            "eval_mean_layers": ev.get("mean_layers"), "policy_versions": s.get("policy_versions"),
                            "k": s.get("k")})
         round_table.append([
             r.number, r.status, f"{wall:.1f}" if wall is not None else "-", len(s.get("sampled") or []),
             len(s.get("offline") or []),
             "; ".join(f"{f['device_id']} ({f['phase']}: {f['reason'][:60]})" for f in failed) or "-",
-            _pct(ev.get("accuracy")), f"{ev['mean_layers']:.2f}" if ev.get("mean_layers") is not None else "-",
+            _pct(ev.get(metric)), f"{ev['mean_layers']:.2f}" if ev.get("mean_layers") is not None else "-",
             ",".join(f"v{v}" for v in versions) or "-",
         ])
     walls = [x["wall_s"] for x in round_json if x["wall_s"] is not None and x["status"] == "finished"]
@@ -318,7 +330,8 @@ def build_report(run_dir: str | Path, db_url: str | None = None, console: Consol
     }
     timings = info.get("timings", {})
     summary = {
-        "run_id": info["run_id"], "scenario": scn.name, "status": info.get("status"), "devices": scn.num_devices,
+        "run_id": info["run_id"], "scenario": scn.name, "task": scn.task, "metric": metric, "status": info.get("status"),
+        "devices": scn.num_devices,
         "classes": class_json, "rounds_finished": len(finished), "rounds_planned": scn.rounds,
         "wall_s_per_round": {"mean": statistics.mean(walls) if walls else None, "median": statistics.median(walls) if walls else None,
                              "max": max(walls) if walls else None, "min": min(walls) if walls else None},
@@ -326,7 +339,7 @@ def build_report(run_dir: str | Path, db_url: str | None = None, console: Consol
         "heldout": {"examples": cen["examples"], "rows": cen["rows"]}, "devices_table": device_json, "rounds": round_json,
         "layer_usage_by_class": usage, "num_layers": num_layers, "inference_usage": served,
     }
-    files = _plots(out, per_round, classes, cen, usage, num_layers)
+    files = _plots(out, per_round, classes, cen, usage, num_layers, metric)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
 
     # ---- Markdown / HTML -------------------------------------------------------------------------
@@ -334,20 +347,24 @@ def build_report(run_dir: str | Path, db_url: str | None = None, console: Consol
     for keep in keeps:
         k = max(1, min(num_layers, round(keep * num_layers)))
         heldout_table.append([f"{keep:.3f}", k] + [_pct(central_acc(m, k)) for m in (*METHODS, "selector_before_fl")])
+    name = "WER" if metric == "wer" else "accuracy"
+    heading = name[0].upper() + name[1:]  # "WER", "Accuracy"
     sections: list[tuple[str, str, list[str] | None, list[list[Any]] | None, str | None]] = [
-        ("Classes at their budget",
-         "Held-out = the corpus test split (speakers no device has), final model; fleet = devices' local test clips, last round.",
-         ["class", "budget", "k", "held-out selector", "held-out random", "held-out early exit", "selector before FL",
-          "fleet accuracy", "fleet mean layers"], class_rows, None),
-        ("Accuracy vs keep ratio (held-out speakers)", f"{cen['examples']} clips.",
-         ["keep", "k", "selector", "random", "early exit", "selector before FL"], heldout_table, files.get("accuracy_vs_keep")),
-        ("Accuracy and layers per class per round", "", None, None, files.get("accuracy_per_round")),
+        ("Classes at their budget" + (": WER per class and keep ratio" if metric == "wer" else ""),
+         "Held-out = the corpus test split (speakers no device has), final model; fleet = devices' local test clips, last round."
+         + (" WER and CER: word / character edits over reference words / characters (jiwer), lower is better." if metric == "wer" else ""),
+         ["class", "budget", "k", "keep ratio", f"held-out selector {name}", f"held-out random {name}", f"held-out early exit {name}",
+          f"selector before FL {name}", *(["held-out selector CER"] if metric == "wer" else []), f"fleet {name}",
+          "fleet mean layers"], class_rows, None),
+        (f"{heading} vs keep ratio (held-out speakers)", f"{cen['examples']} clips.",
+         ["keep", "k", "selector", "random", "early exit", "selector before FL"], heldout_table, files.get("vs_keep")),
+        (f"{heading} and layers per class per round", "", None, None, files.get("per_round")),
         ("Layer usage by device class", "", None, None, files.get("layer_usage")),
         ("Devices", "Latency: measured here per example (cached front end + kept layers + head); "
          "expected: the device's advertised profile under its policy.",
-         ["device", "class", "budget", "applied policy", "k", "accuracy", "mean layers", "latency ms", "expected ms",
+         ["device", "class", "budget", "applied policy", "k", name, "mean layers", "latency ms", "expected ms",
           "rounds trained", "failures"], device_rows, None),
-        ("Rounds", "", ["round", "status", "wall s", "sampled", "offline", "failures", "accuracy", "mean layers",
+        ("Rounds", "", ["round", "status", "wall s", "sampled", "offline", "failures", name, "mean layers",
                         "policy versions used"], round_table, None),
         ("Traffic per client per round", "Payload bytes of the arrays (Flower Array = .npy: header + data).",
          ["what", "bytes"], [

@@ -95,6 +95,19 @@ class CorpusSpec(_Strict):
     seed: int = 0
 
 
+class AsrCorpusSpec(_Strict):
+    """The espeak-ng phrase corpus of a ``task: asr`` scenario (``ldfleet data synth --task asr``):
+    speakers = voices x variants_per_voice, each voice's speakers split train / validation / test."""
+
+    #: The first ``voices`` English voices, then the foreign-accent ones (de, es, nl, it).
+    voices: Annotated[int, Field(ge=1, le=12)] = 8
+    variants_per_voice: Annotated[int, Field(ge=1, le=40)] = 5
+    utterances_per_speaker: Annotated[int, Field(ge=1, le=1000)] = 12
+    #: Background noise at a range of SNRs (off: clean speech; the channels still vary).
+    noise: bool = True
+    seed: int = 0
+
+
 class Partition(_Strict):
     kind: Literal["voice", "dirichlet"] = "voice"
     alpha: Annotated[float, Field(gt=0.0, le=1e4)] = 0.5
@@ -104,6 +117,8 @@ class DataSpec(_Strict):
     #: ``synth`` (make or reuse an espeak-ng corpus) or a path to a Speech Commands-layout folder.
     source: str = "synth"
     corpus: CorpusSpec = CorpusSpec()
+    #: ``task: asr`` only: the phrase corpus (made once and cached like the keyword corpus).
+    asr_corpus: AsrCorpusSpec | None = None
     partition: Partition = Partition()
     #: Share of each device's clips kept back as its local test split (never trained on).
     local_test_share: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.25
@@ -122,6 +137,10 @@ class WarmSpec(_Strict):
     selector_epochs: Annotated[int, Field(ge=0, le=1000)] = 0
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
     seed: int = 0
+    #: Backbone learning rate and LayerDrop rate of stage 1 (None: the task's default recipe,
+    #: ``ldfleet.common.train.config_for``).
+    lr: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
+    layerdrop: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None
 
 
 class TrainingSpec(_Strict):
@@ -200,9 +219,14 @@ class ServeSpec(_Strict):
     deadline_ms: Annotated[float, Field(gt=0.0)] | None = None
 
 
+TASKS = ("kws", "asr")
+
+
 class Scenario(_Strict):
     name: str = "fleet"
     description: str = ""
+    #: kws: keyword spotting (accuracy); asr: speech recognition with a CTC head (WER / CER).
+    task: str = "kws"
     seed: int = 0
     rounds: Annotated[int, Field(ge=1, le=10_000)] = 5
     fraction_sampled: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
@@ -231,9 +255,20 @@ class Scenario(_Strict):
             raise ValueError(f"device class names must be unique; repeated: {', '.join(dupes)}")
         return v
 
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str) -> str:
+        if v not in TASKS:
+            raise ValueError(f"unknown task {v!r}; choose kws (keyword spotting) or asr (speech recognition)")
+        return v
+
     @model_validator(mode="after")
     def _consistent(self) -> Scenario:
         names = {c.name for c in self.classes}
+        if self.task == "asr":
+            self._check_asr()
+        elif self.data.asr_corpus is not None:
+            raise ValueError("data.asr_corpus: only a task: asr scenario has a phrase corpus")
         for i, ev in enumerate(self.events):
             if ev.round > self.rounds:
                 raise ValueError(f"events.{i}: round {ev.round} is after the last round ({self.rounds})")
@@ -247,7 +282,7 @@ class Scenario(_Strict):
                                      f"(known: {', '.join(sorted(self.profiles))})")
         if self.min_devices > self.num_devices:
             raise ValueError(f"min_devices ({self.min_devices}) exceeds the fleet size ({self.num_devices})")
-        if self.data.partition.kind == "voice" and self.data.source == "synth":
+        if self.data.partition.kind == "voice" and self.data.source == "synth" and self.task == "kws":
             speakers = self.data.corpus.voices * self.data.corpus.variants_per_voice
             if speakers < self.num_devices:
                 raise ValueError(
@@ -256,6 +291,23 @@ class Scenario(_Strict):
                     "use more variants or partition: {kind: dirichlet}"
                 )
         return self
+
+    def _check_asr(self) -> None:
+        """A speech-recognition fleet: whole speakers per device, enough training speakers."""
+        if self.data.partition.kind != "voice":
+            raise ValueError("data.partition: a task: asr fleet is partitioned by speaker ({kind: voice}); "
+                             "a label skew (dirichlet) has no meaning for transcripts")
+        if self.data.source == "synth":
+            if self.data.asr_corpus is None:
+                self.data.asr_corpus = AsrCorpusSpec()
+            c = self.data.asr_corpus
+            # the corpus splits each voice's speakers train / validation / test (80 / 10 / 10)
+            train_speakers = c.voices * max(1, c.variants_per_voice - 2 * max(1, round(0.1 * c.variants_per_voice)))
+            if c.variants_per_voice < 3 or train_speakers < self.num_devices:
+                raise ValueError(
+                    f"data.asr_corpus: every device needs whole training speakers, but the corpus has about "
+                    f"{train_speakers} (voices x variants_per_voice, less each voice's validation and test speakers) for "
+                    f"{self.num_devices} devices; use more voices or variants (at least 3 per voice)")
 
     @property
     def num_devices(self) -> int:
@@ -271,7 +323,8 @@ class Scenario(_Strict):
 
     def fingerprint(self, *parts: str) -> str:
         """Hash of the named sections (e.g. "data", "warm"): cache keys for corpus and warm model."""
-        blob = json.dumps({p: getattr(self, p).model_dump(mode="json") for p in parts}, sort_keys=True)
+        # unset optional fields (None) are left out, so sections added later keep old cache keys valid
+        blob = json.dumps({p: getattr(self, p).model_dump(mode="json", exclude_none=True) for p in parts}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

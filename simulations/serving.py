@@ -72,7 +72,7 @@ class FleetServing:
         """``requests`` held-out waveforms ``[samples]`` (16 kHz) of the device, continuing round after round."""
         from ldfleet.client.learning import pooled_split
 
-        pool = pooled_split(self.manifest.data_dir, self.manifest.split_seed, self.manifest.pool_split)
+        pool = pooled_split(self.manifest.data_dir, self.manifest.split_seed, self.manifest.pool_split, self.manifest.task)
         idx = dev.test_indices or dev.train_indices
         start = (rnd - 1) * self.requests
         return [pool[idx[(start + j) % len(idx)]][0].numpy() for j in range(self.requests)]

@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import random
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from ldfleet.common.learning import MANIFEST_FILE, FleetManifest
+from ldfleet.simulations.progress import Display, MemorySampler
 from ldfleet.simulations.scenario import Scenario, ScenarioError, load_scenario, parse_scenario
 from ldfleet.simulations.serving import SERVING_FILE, FleetServing
 from ldfleet.simulations.waits import wait_converged, wait_registered
@@ -102,90 +102,6 @@ class RunInfo:
             broker_url=data.get("broker_url", ""), rounds=int(data.get("rounds", 0)),
             peak_rss_mb=float(data.get("peak_rss_mb", 0.0)), torch_threads=int(data.get("torch_threads", 0)),
         )
-
-
-# ---- memory of the whole process tree (Ray actors included) ------------------------------------
-
-
-def _tree_rss_mb(root: int) -> float:
-    children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    page = os.sysconf("SC_PAGE_SIZE")
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                parts = f.read().rsplit(")", 1)[1].split()
-            ppid = int(parts[1])
-            with open(f"/proc/{entry}/statm") as f:
-                rss[int(entry)] = int(f.read().split()[1]) * page
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    total, stack = 0, [root]
-    while stack:
-        pid = stack.pop()
-        total += rss.get(pid, 0)
-        stack.extend(children.get(pid, []))
-    return total / 2**20
-
-
-class MemorySampler(threading.Thread):
-    """Peak resident memory of this process and all its descendants (sampled every 0.5 s)."""
-
-    def __init__(self) -> None:
-        super().__init__(name="memory-sampler", daemon=True)
-        self.peak_mb = 0.0
-        self._halt = threading.Event()
-
-    def run(self) -> None:
-        while not self._halt.wait(0.5):
-            try:
-                self.peak_mb = max(self.peak_mb, _tree_rss_mb(os.getpid()))
-            except OSError:
-                pass
-
-    def stop(self) -> float:
-        self._halt.set()
-        try:
-            self.peak_mb = max(self.peak_mb, _tree_rss_mb(os.getpid()))
-        except OSError:
-            pass
-        return self.peak_mb
-
-
-# ---- progress display ---------------------------------------------------------------------------
-
-
-class Display:
-    """One line per round: devices sampled/offline/failed, accuracy and mean layers per class."""
-
-    def __init__(self, console: Console, scn: Scenario) -> None:
-        self.console = console
-        self.classes = [c.name for c in scn.classes]
-        self.total = scn.rounds
-        self.lock = threading.Lock()
-
-    def say(self, text: str) -> None:
-        with self.lock:
-            self.console.print(text)
-
-    def header(self) -> None:
-        cols = "  ".join(f"{c[:10]:>14}" for c in self.classes)
-        self.say(f"[bold]round  sampled offline failed  {cols}    time[/bold]   (class: accuracy % / mean layers, local test)")
-
-    def round_done(self, rnd: int, s: dict[str, Any]) -> None:
-        ev = s.get("eval") or {}
-        cells = []
-        for c in self.classes:
-            m = ev.get(c)
-            cells.append(f"{100 * m['accuracy']:6.1f} / {m['mean_layers']:4.1f}" if m else f"{'-':>14}")
-        failed = len(s.get("failed", []))
-        fail_txt = f"[red]{failed:6d}[/red]" if failed else f"{failed:6d}"
-        secs = s.get("seconds", {}).get("total", 0.0)
-        self.say(f"{rnd:3d}/{self.total:<3d}{len(s.get('sampled', [])):7d} {len(s.get('offline', [])):7d} {fail_txt}  "
-                 + "  ".join(cells) + f"  {secs:5.1f}s")
 
 
 # ---- the control plane of the simulated fleet -----------------------------------------------------

@@ -110,6 +110,33 @@ def test_class_aggregates_weight_by_examples():
     assert agg["x"]["accuracy"] == pytest.approx(0.25) and agg["x"]["devices"] == 2
     assert agg["(all)"]["accuracy"] == pytest.approx((1 + 0 + 1) / 6)
     assert agg["y"]["layer_usage"] == [1.0, 0.0]
+    assert "wer" not in agg["x"]
+
+
+def test_class_aggregates_of_asr_devices_give_wer_over_all_reference_words(tmp_path):
+    """An asr class's WER is its devices' summed word edits over their summed reference words, not an
+    example-weighted mean, and no accuracy is made up; the registry stores WER and CER per device."""
+    mk = lambda d, n, wer, words: DeviceResult(DeviceInfo(d, "x"), 0, {  # noqa: E731
+        L.M_EXAMPLES: n, L.M_WER: wer, L.M_CER: wer / 2, L.M_WORDS: words, L.M_LOSS: 1.0, L.M_MEAN_LAYERS: 2.0,
+        L.M_LATENCY_MS: 1.0, L.M_K: 2})
+    agg = class_aggregates([mk("a", 1, 1.5, 10), mk("b", 3, 0.1, 30)])  # 15 + 3 edits over 40 words
+    assert agg["x"]["wer"] == pytest.approx(18 / 40) and agg["x"]["cer"] == pytest.approx(9 / 40)
+    assert "accuracy" not in agg["x"] and agg["(all)"]["wer"] == pytest.approx(18 / 40)
+    reg = Registry(f"sqlite:///{tmp_path / 'r.db'}")
+    rid = reg.start_round("run", 1).id
+    reg.record_round_metric(rid, "a", phase="eval", device_class="x", k=2, wer=1.5, cer=0.75, num_examples=1)
+    (row,) = metric_rows(reg, "run", "eval")
+    assert (row.wer, row.cer, row.accuracy, row.device_class, row.k) == (1.5, 0.75, None, "x", 2)
+    reg.close()
+
+
+def test_reply_checks_refuse_negative_error_rates():
+    from ldfleet.server.validate_reply import BadReply, check_metrics
+
+    check_metrics({L.M_WER: 1.4, L.M_CER: 0.0, L.M_WORDS: 12})  # above 1 is a valid WER (long hypotheses)
+    for bad in ({L.M_WER: -0.1}, {L.M_CER: [0.1]}, {L.M_WORDS: 2.5}, {L.M_WORDS: -1}):
+        with pytest.raises(BadReply):
+            check_metrics(bad)
 
 
 def test_checkpoints_roundtrip(tmp_path):

@@ -99,3 +99,38 @@ def test_rounds_override_and_missing_file(tmp_path):
     bad.write_text("classes: [1, 2\n")
     with pytest.raises(ScenarioError, match="not valid YAML"):
         load_scenario(bad)
+
+
+def test_fleet_asr_is_a_speech_recognition_fleet():
+    scn = load_scenario(CONFIGS / "fleet-asr.yaml")
+    assert scn.task == "asr" and scn.data.asr_corpus is not None
+    assert scn.data.partition.kind == "voice" and len(scn.classes) >= 3
+    assert {c.budget.keep for c in scn.classes} == {0.25, 0.5, 0.75}
+    assert load_scenario(CONFIGS / "fleet-small.yaml").task == "kws"  # the default task
+
+
+def test_unknown_task_is_named():
+    data = _base()
+    data["task"] = "translation"
+    msg = _error(data)
+    assert "task: unknown task 'translation'" in msg and "kws" in msg and "asr" in msg
+
+
+def test_asr_needs_speakers_per_device_and_a_voice_partition():
+    data = yaml.safe_load((CONFIGS / "fleet-asr.yaml").read_text())
+    data["data"]["asr_corpus"] = {"voices": 1, "variants_per_voice": 3}
+    msg = _error(data)
+    assert "data.asr_corpus" in msg and "6 devices" in msg
+    data = yaml.safe_load((CONFIGS / "fleet-asr.yaml").read_text())
+    data["data"]["partition"] = {"kind": "dirichlet", "alpha": 0.5}
+    assert "task: asr fleet is partitioned by speaker" in _error(data)
+    data = _base()
+    data["data"]["asr_corpus"] = {"voices": 2}
+    assert "only a task: asr scenario" in _error(data)
+
+
+def test_kws_cache_keys_are_unchanged_by_the_asr_fields():
+    """The optional asr fields (None for kws) stay out of the fingerprint: the kws scenarios keep the cache
+    keys they had before the fields existed (values computed with that version), so cached warm models stay valid."""
+    assert load_scenario(CONFIGS / "fleet-small.yaml").fingerprint("data", "warm") == "e939a17f5546"
+    assert load_scenario(CONFIGS / "fleet-100.yaml").fingerprint("data", "warm") == "81a2f3455201"

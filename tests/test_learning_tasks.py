@@ -39,7 +39,22 @@ def test_local_round_on_either_task(task, tmp_path):
     assert again.train.texts == data.train.texts and torch.equal(again.train.hidden, data.train.hidden)
     before = {k: v.clone() for k, v in model.trainable_state("selector").items()}
     result = train_selector(model, data, 4, epochs=1, batch_size=2)
-    assert result.mean_layers == pytest.approx(4.0) and 0.0 <= result.accuracy <= 1.0
+    assert result.mean_layers == pytest.approx(4.0)
+    if task == "kws":
+        assert 0.0 <= result.accuracy <= 1.0 and result.wer is None
+    else:  # WER carried as WER (edits / reference words, >= 0), never as an accuracy
+        assert result.accuracy is None and result.wer >= 0 and result.cer >= 0
+        assert result.words == sum(len(t.split()) for _, t in items[:4])
     assert any(not torch.equal(before[k], v) for k, v in model.trainable_state("selector").items())
     ev = evaluate_selector(model, data, 2)
     assert ev.num_examples == 2 and ev.mean_layers == pytest.approx(2.0) and ev.loss > 0
+    if task == "asr":
+        from ldfleet.client.app import _metrics
+        from ldfleet.client.learning import Budget
+        from ldfleet.common import learning as L
+        from ldfleet.server.validate_reply import check_metrics
+
+        metrics = dict(_metrics(ev, Budget(k=2, num_layers=8, version=1), 0.1))
+        assert L.M_ACCURACY not in metrics and metrics[L.M_WER] == pytest.approx(ev.wer)
+        assert metrics[L.M_WORDS] == sum(len(t.split()) for _, t in items[4:])
+        check_metrics(metrics, 8)  # the server accepts it

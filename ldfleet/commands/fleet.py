@@ -78,13 +78,15 @@ def report(
     if as_json:
         print(json.dumps(summary, indent=1, default=str))
         return
-    t = Table(title=f"{summary['scenario']}: classes at their budget (held-out speakers)")
-    for col in ("class", "budget", "k", "selector", "random", "early exit", "fleet acc", "layers"):
+    metric = summary.get("metric", "accuracy")
+    sfx, name = ("", "acc") if metric == "accuracy" else (f"_{metric}", metric.upper())
+    t = Table(title=f"{summary['scenario']}: classes at their budget (held-out speakers{', WER' if metric == 'wer' else ''})")
+    for col in ("class", "budget", "k", "selector", "random", "early exit", f"fleet {name}", "layers"):
         t.add_column(col, justify="left" if col in ("class", "budget") else "right")
     pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"  # noqa: E731
     for c in summary["classes"]:
-        t.add_row(c["device_class"], str(c["budget"]), str(c["k"]), pct(c["heldout_selector"]), pct(c["heldout_random"]),
-                  pct(c["heldout_early_exit"]), pct(c["fleet_accuracy_last_round"]),
+        t.add_row(c["device_class"], str(c["budget"]), str(c["k"]), pct(c[f"heldout_selector{sfx}"]), pct(c[f"heldout_random{sfx}"]),
+                  pct(c[f"heldout_early_exit{sfx}"]), pct(c[f"fleet_{metric}_last_round"]),
                   f"{c['fleet_mean_layers_last_round']:.2f}" if c["fleet_mean_layers_last_round"] is not None else "-")
     console.print(t)
     tr = summary["traffic"]
@@ -127,7 +129,8 @@ _JSON_OPT = typer.Option(False, "--json", help="Print JSON.")
 @registry_app.command("rounds")
 def registry_rounds(run: Optional[Path] = _RUN_OPT, run_id: Optional[str] = _RUN_ID_OPT, db: Optional[str] = _DB_OPT,
                     as_json: bool = _JSON_OPT) -> None:
-    """One line per round: status, devices sampled/offline/failed, accuracy and mean layers."""
+    """One line per round: status, devices sampled/offline/failed, accuracy (WER for speech recognition) and
+    mean layers; --json adds the per-class aggregates of every round."""
     from ldfleet.server.rounds import metric_rows, rounds
 
     reg, rid = _registry_target(run, run_id, db)
@@ -147,18 +150,20 @@ def registry_rounds(run: Optional[Path] = _RUN_OPT, run_id: Optional[str] = _RUN
             "sampled": len(s.get("sampled") or []), "offline": len(s.get("offline") or []),
             "train_rows": sum(1 for m in mine if m.phase == "train"), "eval_rows": sum(1 for m in mine if m.phase == "eval"),
             "failed": s.get("failed") or [], "accuracy": ev.get("accuracy"), "mean_layers": ev.get("mean_layers"),
+            **({"wer": ev.get("wer"), "cer": ev.get("cer")} if "wer" in ev else {}),
             "classes": {k: v for k, v in (s.get("eval") or {}).items() if k != "(all)"},
         })
     if as_json:
         print(json.dumps({"run_id": rid, "rounds": out}, indent=1, default=str))
         return
+    metric = "wer" if any("wer" in o for o in out) else "accuracy"  # asr runs: WER (eval, all devices)
     t = Table(title=f"rounds of {rid}")
-    for col in ("round", "status", "sampled", "offline", "train rows", "failed", "accuracy", "mean layers"):
+    for col in ("round", "status", "sampled", "offline", "train rows", "failed", "WER" if metric == "wer" else "accuracy", "mean layers"):
         t.add_column(col, justify="right")
     for o in out:
         t.add_row(str(o["round"]), o["status"], str(o["sampled"]), str(o["offline"]), str(o["train_rows"]),
                   ", ".join(f["device_id"] for f in o["failed"]) or "-",
-                  "-" if o["accuracy"] is None else f"{100 * o['accuracy']:.1f}%",
+                  "-" if o.get(metric) is None else f"{100 * o[metric]:.1f}%",
                   "-" if o["mean_layers"] is None else f"{o['mean_layers']:.2f}")
     console.print(t)
 
@@ -166,7 +171,8 @@ def registry_rounds(run: Optional[Path] = _RUN_OPT, run_id: Optional[str] = _RUN
 @registry_app.command("devices")
 def registry_devices(run: Optional[Path] = _RUN_OPT, run_id: Optional[str] = _RUN_ID_OPT, db: Optional[str] = _DB_OPT,
                      as_json: bool = _JSON_OPT) -> None:
-    """Per device: class, policy versions used in rounds, k, last accuracy, mean layers, latency, failures."""
+    """Per device: class, policy versions used in rounds, k, last accuracy (WER for speech recognition), mean
+    layers, latency, failures; --json adds every round's result with its k."""
     from ldfleet.server.rounds import device_status, metric_rows
 
     reg, rid = _registry_target(run, run_id, db)
@@ -188,6 +194,10 @@ def registry_devices(run: Optional[Path] = _RUN_OPT, run_id: Optional[str] = _RU
             "applied_policy_version": st.get("applied_version"),
             "policy_versions_used": sorted({m.policy_version for m in ok if m.policy_version is not None}),
             "k": last.k if last else None, "accuracy": last.accuracy if last else None,
+            **({"wer": last.wer, "cer": last.cer} if last is not None and last.wer is not None else {}),
+            # every round's result, with the k it ran under: accuracy (kws) or WER and CER (asr)
+            "rounds": [{"round": m.round, "phase": m.phase, "k": m.k, "mean_layers": m.mean_kept_layers,
+                        **({"wer": m.wer, "cer": m.cer} if m.wer is not None else {"accuracy": m.accuracy})} for m in ok],
             "mean_layers": last.mean_kept_layers if last else None, "latency_ms": last.latency_ms if last else None,
             "rounds_trained": sum(1 for m in ok if m.phase == "train"),
             "failures": [{"round": m.round, "phase": m.phase} for m in rows if m.phase.endswith("-failed")],
@@ -195,13 +205,15 @@ def registry_devices(run: Optional[Path] = _RUN_OPT, run_id: Optional[str] = _RU
     if as_json:
         print(json.dumps({"run_id": rid, "devices": out}, indent=1, default=str))
         return
+    metric = "wer" if any("wer" in o for o in out) else "accuracy"  # asr runs: the last round's WER
     t = Table(title=f"devices of {rid}")
-    for col in ("device", "class", "policy now", "versions used", "k", "accuracy", "layers", "latency ms", "trained", "failures"):
+    for col in ("device", "class", "policy now", "versions used", "k", "WER" if metric == "wer" else "accuracy", "layers",
+                "latency ms", "trained", "failures"):
         t.add_column(col, justify="left" if col in ("device", "class") else "right")
     for o in out:
         t.add_row(o["device_id"], str(o["device_class"]), f"v{o['applied_policy_version']}" if o["applied_policy_version"] is not None else "-",
                   ",".join(f"v{v}" for v in o["policy_versions_used"]), str(o["k"] or "-"),
-                  "-" if o["accuracy"] is None else f"{100 * o['accuracy']:.1f}%",
+                  "-" if o.get(metric) is None else f"{100 * o[metric]:.1f}%",
                   "-" if o["mean_layers"] is None else f"{o['mean_layers']:.2f}",
                   "-" if o["latency_ms"] is None else f"{o['latency_ms']:.1f}", str(o["rounds_trained"]),
                   ", ".join(f"r{f['round']} {f['phase']}" for f in o["failures"]) or "-")

@@ -218,7 +218,12 @@ class RoundMetric(Base):
     phase: Mapped[str] = mapped_column(String(16), default="train")
     policy_version: Mapped[int | None] = mapped_column(Integer)
     k: Mapped[int | None] = mapped_column(Integer)
+    #: Share of correct labels (kws); NULL for speech recognition, which reports ``wer``/``cer``.
     accuracy: Mapped[float | None] = mapped_column(Float)
+    #: Word and character error rates on the device's clips (asr; NULL for kws): edits / reference
+    #: words (characters), so they may exceed 1.
+    wer: Mapped[float | None] = mapped_column(Float)
+    cer: Mapped[float | None] = mapped_column(Float)
     loss: Mapped[float | None] = mapped_column(Float)
     num_examples: Mapped[int | None] = mapped_column(Integer)
     #: Share of examples that ran each layer (length L).

@@ -413,11 +413,13 @@ class Registry:
         mean_kept_layers: float | None = None,
         latency_ms: float | None = None,
         reason: str | None = None,
+        wer: float | None = None,
+        cer: float | None = None,
     ) -> RoundMetric:
         """Insert or replace one device's metrics of one round and phase (``reason``: why a failure
-        row failed)."""
+        row failed; ``accuracy`` for kws, ``wer``/``cer`` for asr)."""
         values = dict(
-            device_class=device_class, policy_version=policy_version, k=k, accuracy=accuracy, loss=loss,
+            device_class=device_class, policy_version=policy_version, k=k, accuracy=accuracy, wer=wer, cer=cer, loss=loss,
             num_examples=num_examples, layer_usage=list(layer_usage) if layer_usage is not None else None,
             mean_kept_layers=mean_kept_layers, latency_ms=latency_ms, reason=reason[:2000] if reason else None,
             recorded_at=utcnow(),
