@@ -122,7 +122,7 @@ class Controller:
         self._covered_all = 0
         self._next_expiry: Any = None
         self._last_poll = 0.0
-        self.idle = threading.Event()
+        self.idle = self.intake.idle  # cleared by take() as soon as a batch is in hand
         self.publisher = PolicyPublisher(
             self.registry, self._publish_retained, controller_id=controller_id, default_keep=default_keep, resolve_chunk=resolve_chunk,
         )

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -50,6 +51,16 @@ _MODELS: dict[topics.Channel, type] = {
 _DEVICES = Device.__table__
 _CLASSES = DeviceClass.__table__
 _TELEMETRY_SUFFIX = "/" + topics.Channel.TELEMETRY.value
+#: How long the worker lets a batch of device messages fill before writing it, in seconds. A
+#: batch's registry cost is mostly per statement (~10 per batch whatever its size), so under a burst
+#: of acks (~1 000/s) a 0.1 s linger turns ~150 small transactions into ~10 and halves the
+#: controller's CPU per ack. It delays registry writes only: arrival times are stamped on arrival.
+LINGER_S = 0.1
+LINGER_STEP_S = 0.02
+
+
+def _urgent(topic: str) -> bool:
+    return topic == CONNECTED or topic == topics.CTL_POLICY_CHANGED
 
 
 class Intake:
@@ -59,6 +70,8 @@ class Intake:
         self._q: queue.SimpleQueue[Item] = queue.SimpleQueue()
         #: ``time.monotonic()`` when a birth, profile, ack or notice last arrived (telemetry does not count)
         self.last_arrival = 0.0
+        #: set by the worker when it has nothing in hand; cleared by ``take`` as soon as it holds a batch
+        self.idle = threading.Event()
 
     def put(self, topic: str, payload: bytes | None, retained: bool = False) -> None:
         self._q.put((topic, payload, utcnow()))
@@ -70,17 +83,29 @@ class Intake:
         (a worker busy resolving has not even read the acks that did arrive)."""
         return time.monotonic() - self.last_arrival if self._q.empty() else 0.0
 
-    def take(self, max_items: int, timeout: float) -> list[Item]:
-        """Wait up to ``timeout`` s for a first item, then take what is queued (at most ``max_items``)."""
+    def take(self, max_items: int, timeout: float, linger_s: float = LINGER_S) -> list[Item]:
+        """Wait up to ``timeout`` s for a first item, then let the batch fill for up to ``linger_s``
+        (checking every ``LINGER_STEP_S``) and take what is queued (at most ``max_items``). A batch
+        holding an operator notice or a reconnect marker is handed over at once: those start
+        resolutions, whose latency counts."""
         try:
             batch = [self._q.get(timeout=timeout)]
         except queue.Empty:
             return []
+        self.idle.clear()  # a batch is in hand
+        deadline = time.monotonic() + linger_s
+        urgent = _urgent(batch[0][0])
         while len(batch) < max_items:
             try:
-                batch.append(self._q.get_nowait())
+                item = self._q.get_nowait()
             except queue.Empty:
-                break
+                left = deadline - time.monotonic()
+                if urgent or left <= 0:
+                    break
+                time.sleep(min(left, LINGER_STEP_S))
+                continue
+            batch.append(item)
+            urgent = urgent or _urgent(item[0])
         return batch
 
     def empty(self) -> bool:

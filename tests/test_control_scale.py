@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -13,8 +14,10 @@ from sqlalchemy import delete, func, select, update
 from control_fixtures import broker, db_url, fleet, pg_admin, pg_url, sqlite_fleet  # noqa: F401 - fixtures
 from control_fixtures import Fleet, converged, wait_until
 from ldfleet.client.profile import synthetic_profile
+from ldfleet.common import topics
 from ldfleet.common.reannounce import ReannounceBackoff
 from ldfleet.common.schemas import utcnow
+from ldfleet.server.intake import Intake
 from ldfleet.server.publisher import PolicyPublisher, Work
 from ldfleet.server.registry import DesiredPolicyRecord, Device, Registry
 from ldfleet.server.registry.models import PolicyAckRecord
@@ -113,3 +116,34 @@ def test_second_controller_shares_the_fleet_and_a_missed_birth_is_re_announced(s
         rows = s.execute(select(DesiredPolicyRecord.device_id, DesiredPolicyRecord.version)).all()
     assert sorted(rows) == sorted((d, v) for d in ids for v in (1, 2))
     assert sum(c.stats.received for c in ctls) > 0 and all(c.stats.dropped == 0 for c in ctls)
+
+
+def test_intake_lets_a_batch_of_acks_fill_but_hands_over_an_operator_notice_at_once():
+    intake = Intake()
+    ack = topics.policy_reported("dev-1")
+
+    def then_put(*topics_: str) -> threading.Thread:
+        def run() -> None:  # once the worker holds the first message, more arrive
+            while intake.idle.is_set() or not intake.empty():
+                time.sleep(0.001)
+            for t in topics_:
+                intake.put(t, b"{}")
+        th = threading.Thread(target=run)
+        th.start()
+        return th
+
+    intake.idle.set()
+    intake.put(ack, b"{}")
+    th = then_put(ack, ack)
+    batch = intake.take(3, timeout=5, linger_s=60)  # returns once 3 are in: the later two joined
+    th.join()
+    assert [t for t, _, _ in batch] == [ack, ack, ack]
+
+    intake.idle.set()
+    intake.put(ack, b"{}")
+    th = then_put(topics.CTL_POLICY_CHANGED)
+    t0 = time.monotonic()
+    batch = intake.take(100, timeout=5, linger_s=60)
+    th.join()
+    assert [t for t, _, _ in batch] == [ack, topics.CTL_POLICY_CHANGED]
+    assert time.monotonic() - t0 < 60  # did not sit out the linger: a notice starts a resolution
