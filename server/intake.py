@@ -132,13 +132,16 @@ class BatchWriter:
         self.strict_classes = strict_classes
         self.stats = IntakeStats()
         self._uncommitted: list[tuple[str, datetime, DeviceProfile]] = []
+        #: devices whose rows this controller has seen in a committed batch (they exist)
+        self._known: set[str] = set()
+        self._seen: set[str] = set()
 
     def apply(self, s: Session, batch: list[Item], work: Work) -> None:
         """Phases: decode; create missing device (and class) rows and lock the batch's device rows in
         id order; profiles, then statuses, acks and telemetry, each as one executemany UPDATE in id
         order. A database error fails the batch, which the controller retries and then applies
         message by message. Call ``committed()`` once the transaction is committed."""
-        self._uncommitted = []
+        self._uncommitted, self._seen = [], set()
         items = self._decode_all(batch, work)
         if not items:
             return
@@ -153,6 +156,8 @@ class BatchWriter:
         for did, stamp, prof in self._uncommitted:
             self.profiles.put(did, stamp, prof)
         self._uncommitted = []
+        self._known |= self._seen
+        self._seen = set()
 
     # -- phases ----------------------------------------------------------------------------
     def _decode_all(self, batch: list[Item], work: Work) -> list[tuple[topics.Channel, Any, datetime]]:
@@ -202,8 +207,8 @@ class BatchWriter:
         return parsed.channel, obj
 
     def _ensure_and_lock(self, s: Session, items: list[tuple[topics.Channel, Any, datetime]]) -> tuple[dict[str, int], set[str], set[str] | None]:
-        """Insert the batch's unknown devices (and, unless strict, unknown classes of profiles)
-        with ON CONFLICT DO NOTHING, then lock its device rows in id order (PostgreSQL; SQLite has one
+        """Insert the batch's devices this controller has not seen committed yet (and, unless strict,
+        unknown classes of profiles) with ON CONFLICT DO NOTHING, then lock its device rows in id order (PostgreSQL; SQLite has one
         writer anyway) and return their desired versions. Several controllers may write the same
         devices at once: creating rows this way cannot fail on a duplicate, and locking in one order
         cannot deadlock. Returns (desired version by device, pinned devices, known classes of the
@@ -218,11 +223,30 @@ class BatchWriter:
             refused = kind is topics.Channel.PROFILE and self.strict_classes and obj.device_class not in known
             if kind is not topics.Channel.TELEMETRY and not refused:
                 first.setdefault(obj.device_id, now)
-        if first:
-            rows = [{"device_id": did, "first_seen": now, "online": False, "class_pinned": False, "desired_version": 0, "applied_version": 0}
-                    for did, now in sorted(first.items())]
-            s.execute(insert_ignore(_DEVICES).on_conflict_do_nothing(index_elements=["device_id"]), rows)
         ids = sorted({obj.device_id for _, obj, _ in items})
+        # rows this controller saw committed need no INSERT (it would be a no-op); a row deleted
+        # since then is found missing by the SELECT and inserted in a second pass
+        desired, pinned = self._lock(s, insert_ignore, ids, {d: t for d, t in first.items() if d not in self._known})
+        missing = {d: t for d, t in first.items() if d not in desired}
+        if missing:
+            more, more_pinned = self._lock(s, insert_ignore, sorted(missing), missing)
+            desired.update(more)
+            pinned |= more_pinned
+        self._seen = set(desired)
+        classes = sorted({obj.device_class for kind, obj, _ in items if kind is topics.Channel.PROFILE and obj.device_id not in pinned})
+        if classes and not self.strict_classes:
+            s.execute(insert_ignore(_CLASSES).on_conflict_do_nothing(index_elements=["name"]),
+                      [{"name": c, "description": "created from a device profile", "created_at": utcnow()} for c in classes])
+        return desired, pinned, (known if self.strict_classes else None)
+
+    @staticmethod
+    def _lock(s: Session, insert_ignore: Any, ids: list[str], create: dict[str, datetime]) -> tuple[dict[str, int], set[str]]:
+        """INSERT the ``create`` rows (device -> first seen) ignoring existing ones, then SELECT ...
+        FOR UPDATE the ``ids`` rows in id order: (desired version by device, pinned devices)."""
+        if create:
+            rows = [{"device_id": did, "first_seen": now, "online": False, "class_pinned": False, "desired_version": 0, "applied_version": 0}
+                    for did, now in sorted(create.items())]
+            s.execute(insert_ignore(_DEVICES).on_conflict_do_nothing(index_elements=["device_id"]), rows)
         desired: dict[str, int] = {}
         pinned: set[str] = set()
         for part in chunks(ids, 500):
@@ -231,11 +255,7 @@ class BatchWriter:
                 desired[did] = dver
                 if pin:
                     pinned.add(did)
-        classes = sorted({obj.device_class for kind, obj, _ in items if kind is topics.Channel.PROFILE and obj.device_id not in pinned})
-        if classes and not self.strict_classes:
-            s.execute(insert_ignore(_CLASSES).on_conflict_do_nothing(index_elements=["name"]),
-                      [{"name": c, "description": "created from a device profile", "created_at": utcnow()} for c in classes])
-        return desired, pinned, (known if self.strict_classes else None)
+        return desired, pinned
 
     def _apply_profiles(
         self, s: Session, profiles: list[tuple[DeviceProfile, datetime]], pinned: set[str], known: set[str] | None, work: Work

@@ -16,9 +16,9 @@ from control_fixtures import Fleet, converged, wait_until
 from ldfleet.client.profile import synthetic_profile
 from ldfleet.common import topics
 from ldfleet.common.reannounce import ReannounceBackoff
-from ldfleet.common.schemas import utcnow
-from ldfleet.server.intake import Intake
-from ldfleet.server.publisher import PolicyPublisher, Work
+from ldfleet.common.schemas import PolicyAck, Status, utcnow
+from ldfleet.server.intake import BatchWriter, Intake
+from ldfleet.server.publisher import PolicyPublisher, ProfileCache, Work
 from ldfleet.server.registry import DesiredPolicyRecord, Device, Registry
 from ldfleet.server.registry.models import PolicyAckRecord
 
@@ -147,3 +147,26 @@ def test_intake_lets_a_batch_of_acks_fill_but_hands_over_an_operator_notice_at_o
     th.join()
     assert [t for t, _, _ in batch] == [ack, topics.CTL_POLICY_CHANGED]
     assert time.monotonic() - t0 < 60  # did not sit out the linger: a notice starts a resolution
+
+
+def test_a_device_row_deleted_after_the_intake_saw_it_is_created_again(db_url):
+    """The intake skips the INSERT of devices it has seen committed; a row gone since is re-created."""
+    reg = Registry(db_url)
+    writer = BatchWriter(ProfileCache())
+
+    def apply(*msgs) -> None:
+        with reg.session(write=True) as s:
+            writer.apply(s, [(t, m.to_json(), utcnow()) for t, m in msgs], Work())
+        writer.committed()
+
+    try:
+        apply((topics.status("d1"), Status(device_id="d1", online=True, boot_id="b1", seq=1, sent_at=utcnow())))
+        assert reg.device("d1").online
+        with reg.session() as s:
+            s.execute(delete(Device).where(Device.device_id == "d1"))
+        assert reg.device("d1") is None
+        apply((topics.policy_reported("d1"), PolicyAck(device_id="d1", version=1, applied_version=1, status="applied")))
+        assert reg.device("d1").applied_version == 1
+        assert [a.version for a in reg.acks("d1")] == [1]
+    finally:
+        reg.close()
