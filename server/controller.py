@@ -15,6 +15,8 @@ so a broker that lost its retained messages is healed; devices ignore versions t
 Several controllers can share one fleet and one (PostgreSQL) registry: give them the same
 ``shared_group`` and the broker hands each device message to one of them (MQTT 5 shared
 subscriptions); versions are claimed through a unique constraint, so no version is published twice.
+Shared subscriptions deliver no retained messages: after each connect such a controller reads the
+devices' retained state once through a second, short session (``server/snapshot.py``).
 
 MQTT session choices (the burst is what they are chosen for):
 
@@ -23,14 +25,12 @@ MQTT session choices (the burst is what they are chosen for):
   window, so with Mosquitto's default window (20) a burst of births or acks overflows the queue and is
   dropped; with a wide window the messages wait in the socket instead, and the intake drains them.
 * clean start, no session expiry: recovery does not rely on the broker queueing for an absent
-  controller (reconnect re-reads retained state and reconciliation asks devices again). A persistent
-  session would make the broker keep up to ``max_queued_messages`` for a dead controller and, with
-  shared subscriptions, route part of the fleet's messages into that dead member's queue.
-* QoS 1 for births, profiles, acks and notices (each must arrive at least once; all are idempotent),
-  QoS 0 for telemetry (a lost sample does not matter).
+  controller (reconnect re-reads retained state, reconciliation asks devices again); a persistent
+  session would make the broker queue for a dead controller, with shared subscriptions part of the
+  fleet's messages. QoS 1 for births, profiles, acks and notices (each must arrive at least once;
+  all are idempotent), QoS 0 for telemetry (a lost sample does not matter).
 
-A failing batch is retried, then processed one message at a time so that one bad message never
-stops the controller.
+A failing batch is retried, then processed one message at a time: one bad message never stops it.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from ldfleet.common.schemas import ControllerStatus, utcnow
 from ldfleet.server.intake import CONNECTED, BatchWriter, Intake, Item
 from ldfleet.server.publisher import PolicyPublisher, Work
 from ldfleet.server.reconcile import Reconciler
+from ldfleet.server.snapshot import start_reader
 from ldfleet.server.registry.store import Registry
 
 log = logging.getLogger("ldfleet.controller")
@@ -105,6 +106,8 @@ class Controller:
             raise ValueError(f"default keep fraction must be in (0, 1], got {default_keep}")
         if shared_group is not None and mqtt_version != 5:
             raise ValueError("shared subscriptions (several controllers) need MQTT 5")
+        self.status_topic = topics.ctl_status(controller_id)  # its own (ValueError for a bad id); all hear all
+        self.shared_group = shared_group
         self.url = broker if isinstance(broker, BrokerURL) else parse_broker_url(broker, ca_file=ca_file)
         self._own_registry = not isinstance(db, Registry)
         self.registry = db if isinstance(db, Registry) else Registry(db)
@@ -129,11 +132,11 @@ class Controller:
         self.publisher = PolicyPublisher(
             self.registry, self._publish_retained, controller_id=controller_id, default_keep=default_keep, resolve_chunk=resolve_chunk,
         )
-        self.writer = BatchWriter(self.publisher.profiles, strict_classes=strict_classes)
         self.reconciler = Reconciler(
             self.registry, self._send, controller_id=controller_id,
             ack_bound_s=ack_bound_s, interval_s=reconcile_interval_s, rate_per_s=reconcile_rate,
         )
+        self.writer = BatchWriter(self.publisher.profiles, strict_classes=strict_classes, on_controller_status=self.reconciler.note_controller)
         device_filters = [
             (topics.all_devices(topics.Channel.STATUS), 1),
             (topics.all_devices(topics.Channel.PROFILE), 1),
@@ -143,11 +146,11 @@ class Controller:
         ]
         if shared_group is not None:  # one member of the group gets each message
             device_filters = [(topics.shared(shared_group, f), q) for f, q in device_filters]
-        will = Will(topics.CTL_STATUS, self._status(False).to_json())
+        will = Will(self.status_topic, self._status(False).to_json())
         self.session = MqttSession(
             self.url,
             client_id=f"ldfleet-{controller_id}-{self.boot_id[:6]}",
-            subscriptions=device_filters,
+            subscriptions=device_filters + [(topics.ALL_CONTROLLERS, 1)],
             on_message=self.intake.put,
             on_connected=self._on_connected,
             on_fatal=lambda why: self._stop.set(),  # bad credentials, not authorised: run_forever ends
@@ -192,7 +195,7 @@ class Controller:
         if self._worker is not None:
             self._worker.join(timeout=30)
             self._worker = None
-        self.session.stop(final=[(topics.CTL_STATUS, self._status(False).to_json(), 1, True)])
+        self.session.stop(final=[(self.status_topic, self._status(False).to_json(), 1, True)])
         if self._own_registry:
             self.registry.close()
 
@@ -227,8 +230,10 @@ class Controller:
 
     # -- network thread ----------------------------------------------------------------------
     def _on_connected(self) -> None:
-        self.session.publish(topics.CTL_STATUS, self._status(True).to_json(), qos=1, retain=True)
+        self.session.publish(self.status_topic, self._status(True).to_json(), qos=1, retain=True)
         self.intake.put(CONNECTED, None)
+        if self.shared_group is not None:  # the shared subscriptions delivered no retained state
+            start_reader(self.url, f"ldfleet-{self.controller_id}-{self.boot_id[:6]}-retained", self.intake.put, self._stop)
 
     # -- worker ------------------------------------------------------------------------------
     def _work_loop(self) -> None:
@@ -324,9 +329,3 @@ class Controller:
             "batch: %d messages in %.1f ms; %d publishes after %.1f ms",
             len(batch), (t1 - t0) * 1000, published, (time.perf_counter() - t1) * 1000,
         )
-
-
-def run_controller(broker: str, db: str | None = None, **kwargs: Any) -> None:
-    """Blocking entry point (CLI, benchmark subprocess): runs until SIGINT/SIGTERM."""
-    Controller(broker, db, **kwargs).run_forever()
-

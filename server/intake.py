@@ -20,6 +20,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -28,7 +29,7 @@ from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 
 from ldfleet.common import topics
-from ldfleet.common.schemas import DeviceProfile, PolicyAck, PolicyChanged, Status, Telemetry, decode, utcnow
+from ldfleet.common.schemas import ControllerStatus, DeviceProfile, PolicyAck, PolicyChanged, Status, Telemetry, decode, utcnow
 from ldfleet.server.publisher import ProfileCache, Work, chunks, insert_ignoring
 from ldfleet.server import liveness
 from ldfleet.server.acks import store as acks_store
@@ -127,8 +128,10 @@ class BatchWriter:
     """Applies one batch of messages to the registry (inside the caller's transaction) and notes in
     a ``Work`` which devices need resolving."""
 
-    def __init__(self, profiles: ProfileCache, *, strict_classes: bool = False) -> None:
+    def __init__(self, profiles: ProfileCache, *, strict_classes: bool = False,
+                 on_controller_status: Callable[[ControllerStatus], Any] | None = None) -> None:
         self.profiles = profiles
+        self.on_controller_status = on_controller_status
         self.strict_classes = strict_classes
         self.stats = IntakeStats()
         self._uncommitted: list[tuple[str, datetime, DeviceProfile]] = []
@@ -189,6 +192,16 @@ class BatchWriter:
                 work.classes.add(notice.device_class)
             else:
                 work.all = True
+            return None
+        cid = topics.parse_ctl_status(topic)
+        if cid is not None:  # a controller's liveness (every controller's, this one's too)
+            st = decode(ControllerStatus, payload, topic=topic, logger=log)  # logs why it refused one
+            if st is None or st.controller_id != cid:
+                self.stats.dropped += 1
+                if st is not None:
+                    log.warning("dropped message on %s: the status says it is from %r", topic, st.controller_id)
+            elif self.on_controller_status is not None:
+                self.on_controller_status(st)
             return None
         parsed = topics.parse_device_topic(topic)
         if parsed is None:

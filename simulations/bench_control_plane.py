@@ -2,7 +2,7 @@
 
 Set-up: a broker (a private Mosquitto by default, or ``--broker URL``), a registry (a temporary SQLite
 file by default, or ``--db URL``), the real controller(s) in their own processes (several share the
-fleet through an MQTT 5 shared subscription), and N simulated devices (aiomqtt, spread over
+fleet through an MQTT 5 shared subscription), and N simulated devices (paho MQTT 5 clients, spread over
 ``fleet_procs`` processes, see ``sim_devices``). After the fleet has converged on its initial policy,
 each round does what ``ldfleet budget set`` does (registry write + notice to the controller) on a
 quiet, converged fleet and measures, per device, the time from just before the registry write to the

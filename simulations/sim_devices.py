@@ -167,7 +167,7 @@ class SimDevice:
             log.exception("%s: message on %s failed", did, topic)
 
     async def _connect(self, url: BrokerURL, loop: asyncio.AbstractEventLoop) -> paho.Client | None:
-        """Connect (TCP/TLS in a worker thread, like aiomqtt) and wait for the CONNACK (10 s)."""
+        """Connect (TCP and TLS in a worker thread: they block) and wait for the CONNACK (10 s)."""
         self._lost = loop.create_future()
         c = self._client(url, loop)
         up = asyncio.ensure_future(self.connected.wait())
