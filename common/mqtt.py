@@ -125,17 +125,6 @@ def tls_context(url: BrokerURL) -> ssl.SSLContext:
     return ctx
 
 
-def aiomqtt_kwargs(url: BrokerURL) -> dict[str, Any]:
-    """Keyword arguments for ``aiomqtt.Client`` (host, port, credentials, TLS)."""
-    kw: dict[str, Any] = {"hostname": url.host, "port": url.port}
-    if url.username is not None:
-        kw["username"] = url.username
-        kw["password"] = url.password
-    if url.tls:
-        kw["tls_context"] = tls_context(url)
-    return kw
-
-
 @dataclass(frozen=True)
 class Will:
     topic: str

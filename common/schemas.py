@@ -254,7 +254,7 @@ class Telemetry(Payload):
 
 
 class ControllerStatus(Payload):
-    """Controller liveness on ``ldfleet/v1/ctl/status`` (retained; Last Will says offline)."""
+    """Controller liveness on ``ldfleet/v1/ctl/status/{controller_id}`` (retained; Last Will says offline)."""
 
     SCHEMA: ClassVar[str] = "ldfleet.ctl-status/1"
     schema_: Literal["ldfleet.ctl-status/1"] = Field("ldfleet.ctl-status/1", alias="schema")

@@ -7,7 +7,7 @@ ldfleet/v1/dev/{device_id}/policy/desired   controller -> retained QoS1: BudgetP
 ldfleet/v1/dev/{device_id}/policy/reported  device -> retained QoS1: PolicyAck
 ldfleet/v1/dev/{device_id}/telemetry        device -> QoS0: Telemetry
 ldfleet/v1/dev/{device_id}/rebirth          controller -> QoS1: RebirthRequest (device re-announces)
-ldfleet/v1/ctl/status                       controller -> retained QoS1: ControllerStatus; Last Will: offline
+ldfleet/v1/ctl/status/{controller_id}       controller -> retained QoS1: ControllerStatus; Last Will: offline
 ldfleet/v1/ctl/policy-changed               operator CLI -> QoS1: PolicyChanged (controller re-resolves)
 ```
 
@@ -45,7 +45,9 @@ class Channel(str, Enum):
     REBIRTH = "rebirth"
 
 
-CTL_STATUS = f"{CTL_ROOT}/status"
+CTL_STATUS_ROOT = f"{CTL_ROOT}/status"
+#: Subscription filter for every controller's liveness topic (``ctl_status``).
+ALL_CONTROLLERS = f"{CTL_STATUS_ROOT}/+"
 CTL_POLICY_CHANGED = f"{CTL_ROOT}/policy-changed"
 
 
@@ -82,6 +84,21 @@ def telemetry(device_id: str) -> str:
 
 def rebirth(device_id: str) -> str:
     return device_topic(device_id, Channel.REBIRTH)
+
+
+def ctl_status(controller_id: str) -> str:
+    """One controller's liveness topic: each controller has its own, so that the retained status and
+    Last Will of one never overwrite another's. Controller ids follow the device-id rule (ValueError)."""
+    if not is_valid_device_id(controller_id):
+        raise ValueError(f"invalid controller id {controller_id!r}: must match {DEVICE_ID_PATTERN}")
+    return f"{CTL_STATUS_ROOT}/{controller_id}"
+
+
+def parse_ctl_status(topic: str) -> str | None:
+    """The controller id of a ``ctl/status/{controller_id}`` topic; None for any other topic."""
+    prefix = CTL_STATUS_ROOT + "/"
+    cid = topic[len(prefix):] if topic.startswith(prefix) else ""
+    return cid if is_valid_device_id(cid) else None
 
 
 def all_devices(channel: Channel) -> str:

@@ -15,6 +15,8 @@ so a broker that lost its retained messages is healed; devices ignore versions t
 Several controllers can share one fleet and one (PostgreSQL) registry: give them the same
 ``shared_group`` and the broker hands each device message to one of them (MQTT 5 shared
 subscriptions); versions are claimed through a unique constraint, so no version is published twice.
+Shared subscriptions deliver no retained messages: after each connect such a controller reads the
+devices' retained state once through a second, short session (``server/snapshot.py``).
 
 MQTT session choices (the burst is what they are chosen for):
 
@@ -23,14 +25,12 @@ MQTT session choices (the burst is what they are chosen for):
   window, so with Mosquitto's default window (20) a burst of births or acks overflows the queue and is
   dropped; with a wide window the messages wait in the socket instead, and the intake drains them.
 * clean start, no session expiry: recovery does not rely on the broker queueing for an absent
-  controller (reconnect re-reads retained state and reconciliation asks devices again). A persistent
-  session would make the broker keep up to ``max_queued_messages`` for a dead controller and, with
-  shared subscriptions, route part of the fleet's messages into that dead member's queue.
-* QoS 1 for births, profiles, acks and notices (each must arrive at least once; all are idempotent),
-  QoS 0 for telemetry (a lost sample does not matter).
+  controller (reconnect re-reads retained state, reconciliation asks devices again); a persistent
+  session would make the broker queue for a dead controller, with shared subscriptions part of the
+  fleet's messages. QoS 1 for births, profiles, acks and notices (each must arrive at least once;
+  all are idempotent), QoS 0 for telemetry (a lost sample does not matter).
 
-A failing batch is retried, then processed one message at a time so that one bad message never
-stops the controller.
+A failing batch is retried, then processed one message at a time: one bad message never stops it.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,12 +48,17 @@ from ldfleet.common.schemas import ControllerStatus, utcnow
 from ldfleet.server.intake import CONNECTED, BatchWriter, Intake, Item
 from ldfleet.server.publisher import PolicyPublisher, Work
 from ldfleet.server.reconcile import Reconciler
+from ldfleet.server.snapshot import start_reader
 from ldfleet.server.registry.store import Registry
 
 log = logging.getLogger("ldfleet.controller")
 
 #: The MQTT 5 receive maximum the controller asks for (the protocol's largest; see the module docstring).
 RECEIVE_MAXIMUM = 65535
+#: QoS 1 publishes the controller keeps in flight (paho's window). paho walks the window on every
+#: PUBACK, so a burst of N desired policies costs O(N x window) CPU: a window of 1 000 made a
+#: 5 000-message burst cost twice the CPU of 200, which still moves thousands a second at a 50 ms RTT.
+MAX_INFLIGHT = 200
 
 
 @dataclass
@@ -102,6 +106,8 @@ class Controller:
             raise ValueError(f"default keep fraction must be in (0, 1], got {default_keep}")
         if shared_group is not None and mqtt_version != 5:
             raise ValueError("shared subscriptions (several controllers) need MQTT 5")
+        self.status_topic = topics.ctl_status(controller_id)  # its own (ValueError for a bad id); all hear all
+        self.shared_group = shared_group
         self.url = broker if isinstance(broker, BrokerURL) else parse_broker_url(broker, ca_file=ca_file)
         self._own_registry = not isinstance(db, Registry)
         self.registry = db if isinstance(db, Registry) else Registry(db)
@@ -122,15 +128,15 @@ class Controller:
         self._covered_all = 0
         self._next_expiry: Any = None
         self._last_poll = 0.0
-        self.idle = threading.Event()
+        self.idle = self.intake.idle  # cleared by take() as soon as a batch is in hand
         self.publisher = PolicyPublisher(
             self.registry, self._publish_retained, controller_id=controller_id, default_keep=default_keep, resolve_chunk=resolve_chunk,
         )
-        self.writer = BatchWriter(self.publisher.profiles, strict_classes=strict_classes)
         self.reconciler = Reconciler(
             self.registry, self._send, controller_id=controller_id,
             ack_bound_s=ack_bound_s, interval_s=reconcile_interval_s, rate_per_s=reconcile_rate,
         )
+        self.writer = BatchWriter(self.publisher.profiles, strict_classes=strict_classes, on_controller_status=self.reconciler.note_controller)
         device_filters = [
             (topics.all_devices(topics.Channel.STATUS), 1),
             (topics.all_devices(topics.Channel.PROFILE), 1),
@@ -140,18 +146,18 @@ class Controller:
         ]
         if shared_group is not None:  # one member of the group gets each message
             device_filters = [(topics.shared(shared_group, f), q) for f, q in device_filters]
-        will = Will(topics.CTL_STATUS, self._status(False).to_json())
+        will = Will(self.status_topic, self._status(False).to_json())
         self.session = MqttSession(
             self.url,
             client_id=f"ldfleet-{controller_id}-{self.boot_id[:6]}",
-            subscriptions=device_filters,
+            subscriptions=device_filters + [(topics.ALL_CONTROLLERS, 1)],
             on_message=self.intake.put,
             on_connected=self._on_connected,
             on_fatal=lambda why: self._stop.set(),  # bad credentials, not authorised: run_forever ends
             will=will,
             reconnect_max_s=reconnect_max_s,
             max_queued=1_000_000,  # paho's own outgoing queue: a desired policy per device, plus headroom
-            max_inflight=1000,
+            max_inflight=MAX_INFLIGHT,
             protocol=protocol,
             connect_properties={"ReceiveMaximum": RECEIVE_MAXIMUM, "SessionExpiryInterval": 0},
         )
@@ -189,7 +195,7 @@ class Controller:
         if self._worker is not None:
             self._worker.join(timeout=30)
             self._worker = None
-        self.session.stop(final=[(topics.CTL_STATUS, self._status(False).to_json(), 1, True)])
+        self.session.stop(final=[(self.status_topic, self._status(False).to_json(), 1, True)])
         if self._own_registry:
             self.registry.close()
 
@@ -224,8 +230,10 @@ class Controller:
 
     # -- network thread ----------------------------------------------------------------------
     def _on_connected(self) -> None:
-        self.session.publish(topics.CTL_STATUS, self._status(True).to_json(), qos=1, retain=True)
+        self.session.publish(self.status_topic, self._status(True).to_json(), qos=1, retain=True)
         self.intake.put(CONNECTED, None)
+        if self.shared_group is not None:  # the shared subscriptions delivered no retained state
+            start_reader(self.url, f"ldfleet-{self.controller_id}-{self.boot_id[:6]}-retained", self.intake.put, self._stop)
 
     # -- worker ------------------------------------------------------------------------------
     def _work_loop(self) -> None:
@@ -321,14 +329,3 @@ class Controller:
             "batch: %d messages in %.1f ms; %d publishes after %.1f ms",
             len(batch), (t1 - t0) * 1000, published, (time.perf_counter() - t1) * 1000,
         )
-
-
-def run_controller(broker: str, db: str | None = None, **kwargs: Any) -> None:
-    """Blocking entry point (CLI, benchmark subprocess): runs until SIGINT/SIGTERM."""
-    Controller(broker, db, **kwargs).run_forever()
-
-
-def converged_devices(registry: Registry, device_ids: Iterable[str] | None = None) -> dict[str, bool]:
-    devs = registry.devices()
-    wanted = set(device_ids) if device_ids is not None else None
-    return {d.device_id: d.converged for d in devs if wanted is None or d.device_id in wanted}

@@ -23,6 +23,13 @@ Devices known to be offline (their last status said so) are left alone: their ne
 them back. Devices the registry has never heard of cannot be asked; they re-announce by themselves
 with jittered backoff when no desired policy arrives (``common/reannounce.py``).
 
+Several controllers (a shared group) split the lagging devices instead of each asking all of them:
+every controller hears the others' retained statuses (``ctl/status/+``), and a device is asked by
+the online controller at ``crc32(device id) mod n`` in the sorted list of online controller ids
+(``peers``, itself always included). When a controller goes (its Last Will says offline) the others
+take its share at their next run; while membership changes a device may be asked twice or a run
+late, which is harmless: a rebirth request is idempotent.
+
 Storm control: each device is retried with exponential backoff (``ack_bound_s``, then x2 up to
 ``backoff_max_s``, jittered), and a token bucket caps the requests at ``rate_per_s`` for the whole
 fleet. Everything sent is idempotent: retained, versioned documents and re-announcements.
@@ -34,6 +41,7 @@ import logging
 import math
 import random
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -41,7 +49,7 @@ from datetime import timedelta
 from sqlalchemy import and_, not_, or_, select
 
 from ldfleet.common import topics
-from ldfleet.common.schemas import RebirthRequest, utcnow
+from ldfleet.common.schemas import ControllerStatus, RebirthRequest, utcnow
 from ldfleet.server.registry.models import Device
 from ldfleet.server.registry.store import Registry
 
@@ -81,6 +89,20 @@ class Reconciler:
     _last_run: float = 0.0
     _tokens: float = 0.0
     _rng: random.Random = field(default_factory=random.Random)
+    #: controller id -> online, from the controllers' statuses (``note_controller``)
+    peers: dict[str, bool] = field(default_factory=dict)
+
+    def note_controller(self, status: ControllerStatus) -> None:
+        """A controller's (retained) status: who shares the fleet's reconciliation."""
+        self.peers[status.controller_id] = status.online
+
+    def partition(self) -> Callable[[str], bool]:
+        """-> ``mine(device_id)``: whether this controller asks that device (see the module docstring)."""
+        live = sorted({c for c, online in self.peers.items() if online} | {self.controller_id})
+        if len(live) == 1:
+            return lambda device_id: True
+        me = live.index(self.controller_id)
+        return lambda device_id: zlib.crc32(device_id.encode()) % len(live) == me
 
     def maybe_run(self, quiet_for_s: float = math.inf) -> int:
         """Run when ``interval_s`` has passed since the last run; ``quiet_for_s``: seconds since the
@@ -95,7 +117,8 @@ class Reconciler:
 
     def run(self, now: float, bound_s: float) -> int:
         self.stats.runs += 1
-        lagging = self._lagging(bound_s)
+        mine = self.partition()
+        lagging = {did: v for did, v in self._lagging(bound_s).items() if mine(did)}
         for gone in set(self._retry) - set(lagging):  # converged (or offline) since: forget the backoff
             del self._retry[gone]
         due = [did for did in lagging if self._retry.get(did, _Retry()).next_at <= now]

@@ -1,37 +1,46 @@
-"""Simulated devices for control-plane scale tests: many MQTT connections in one asyncio process.
+"""Simulated devices for control-plane scale tests: many MQTT 5 connections in one asyncio process.
 
-paho's select() loop stalls past ~340 clients per process, so a simulated fleet uses aiomqtt (one
-asyncio task per device). Each simulated device behaves like ``ldfleet agent`` on the wire: birth
-status and profile (retained) with an offline Last Will, its last ack again on every connect,
-subscription to its own desired policy and rebirth requests, the same decision function
-(``ldfleet.client.agent.evaluate_policy``), a retained ack, and the same jittered re-announcement
-while no desired policy arrives (``common/reannounce.py``). Its state
-lives in memory (``persist_dir`` writes it atomically like the real agent, at a disk cost).
-Each device notes when (``time.perf_counter()``, CLOCK_MONOTONIC: comparable across processes on
-Linux) each desired version reached it; the benchmark reads when acks reached the controller from
-the registry.
+Each device is a paho MQTT 5 client (as ``ldfleet agent`` is), driven by the fleet's asyncio loop
+through paho's external-loop API: the loop's epoll watches every socket and calls ``loop_read``;
+writes go straight to the socket (``loop_write`` once a callback has queued them; a writer is
+registered only while the socket is full); one task runs ``loop_misc`` (keepalive) for all of them.
+(paho's own select() loop stalls past ~340 clients per process; aiomqtt's per-client tasks, queues,
+events and timers cost about as much CPU per message as everything else in the device together.)
+
+Each simulated device behaves like ``ldfleet agent`` on the wire: birth status and profile
+(retained) with an offline Last Will, its last ack again on every connect, subscription to its own
+desired policy and rebirth requests, every payload validated with the common schemas, the same
+decision function (``ldfleet.client.agent.evaluate_policy``), a retained QoS 1 ack, and the same
+jittered re-announcement while no desired policy arrives (``common/reannounce.py``). Its state
+lives in memory (``persist_dir`` writes it atomically like the real agent, at a disk cost). Each
+device notes when (``time.perf_counter()``, CLOCK_MONOTONIC: comparable across processes on Linux)
+each desired version reached it; the benchmark reads when acks reached the controller from the
+registry.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
 from pathlib import Path
 
-import aiomqtt
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
 
 from ldfleet.client.agent import evaluate_policy
 from ldfleet.client.state import DeviceState, save_device_state
 from ldfleet.common import topics
-from ldfleet.common.mqtt import BrokerURL, aiomqtt_kwargs, new_id
+from ldfleet.common.mqtt import BrokerURL, new_id, tls_context
 from ldfleet.common.process import raise_fd_limit
 from ldfleet.common.reannounce import ReannounceBackoff
 from ldfleet.common.schemas import BudgetPolicy, DeviceProfile, PolicyAck, RebirthRequest, Status, decode, utcnow
 
 log = logging.getLogger("ldfleet.sim")
+_REBIRTH_SUFFIX = "/" + topics.Channel.REBIRTH.value
 
 
 @dataclass
@@ -49,6 +58,9 @@ class SimDevice:
     rebirths: int = 0
     reannounced: int = 0
     reannounce: ReannounceBackoff = field(default_factory=ReannounceBackoff)
+    _seq: int = field(init=False, default=0)  # connection number, in births
+    _timer: asyncio.TimerHandle | None = field(init=False, default=None)  # next re-announcement
+    _lost: asyncio.Future[None] | None = field(init=False, default=None)  # done when the connection ends
 
     def __post_init__(self) -> None:
         self.state = DeviceState(device_id=self.profile.device_id, device_class=self.profile.device_class, profile=self.profile)
@@ -74,116 +86,141 @@ class SimDevice:
             self.last_ack = d.ack
         return d.ack
 
-    async def _announce(self, client: aiomqtt.Client, seq: int) -> None:
+    # -- MQTT (paho on the fleet's event loop; every callback runs on the loop thread) ------------
+    def _client(self, url: BrokerURL, loop: asyncio.AbstractEventLoop) -> paho.Client:
         did = self.device_id
-        birth = Status(device_id=did, online=True, boot_id=self.boot_id, seq=seq, sent_at=utcnow())
-        await client.publish(topics.status(did), birth.to_json(), qos=1, retain=True)
-        await client.publish(topics.profile(did), self.profile.to_json(), qos=1, retain=True)
+        c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"ldfleet-sim-{did}", protocol=paho.MQTTv5)
+        c.suppress_exceptions = True
+        c.enable_logger(log)
+        if url.username is not None:
+            c.username_pw_set(url.username, url.password)
+        if url.tls:
+            c.tls_set_context(tls_context(url))
+        c.will_set(topics.status(did), Status(device_id=did, online=False, boot_id=self.boot_id).to_json(), qos=1, retain=True)
+        c.on_connect = self._on_connect
+        c.on_message = self._on_message
+        c.on_disconnect = lambda *a: self._lost is not None and not self._lost.done() and self._lost.set_result(None)
+        c.on_socket_close = lambda cl, ud, sock: (loop.remove_reader(sock.fileno()), loop.remove_writer(sock.fileno()))
+        return c
+
+    def _flush(self, c: paho.Client) -> None:
+        """Send what paho queued (a publish inside a callback only queues); wait for the socket
+        to take the rest when it is full."""
+        if c.want_write():
+            c.loop_write()
+            if c.want_write() and c.socket() is not None:
+                asyncio.get_running_loop().add_writer(c.socket().fileno(), self._writable, c)
+
+    def _writable(self, c: paho.Client) -> None:
+        c.loop_write()
+        if not c.want_write() and c.socket() is not None:
+            asyncio.get_running_loop().remove_writer(c.socket().fileno())
+
+    def _readable(self, c: paho.Client) -> None:
+        c.loop_read()  # packets -> callbacks; a lost connection closes the socket, calls on_disconnect
+        self._flush(c)
+
+    def _announce(self, c: paho.Client) -> None:
+        did = self.device_id
+        birth = Status(device_id=did, online=True, boot_id=self.boot_id, seq=self._seq, sent_at=utcnow())
+        c.publish(topics.status(did), birth.to_json(), qos=1, retain=True)
+        c.publish(topics.profile(did), self.profile.to_json(), qos=1, retain=True)
         if self.last_ack is not None:
-            await client.publish(topics.policy_reported(did), self.last_ack.to_json(), qos=1, retain=True)
+            c.publish(topics.policy_reported(did), self.last_ack.to_json(), qos=1, retain=True)
 
-    async def _reannounce_loop(self, client: aiomqtt.Client, seq: int, policy_seen: asyncio.Event) -> None:
-        self.reannounce.reset()
-        while True:
-            try:
-                await asyncio.wait_for(policy_seen.wait(), self.reannounce.next_delay())
-                return
-            except asyncio.TimeoutError:
-                self.reannounced += 1
-                await self._announce(client, seq)
-
-    async def _serve(self, client: aiomqtt.Client, seq: int) -> None:
+    def _on_connect(self, c: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if reason.is_failure:
+            log.debug("%s: connection refused: %s", self.device_id, reason)
+            return  # paho closes the socket: on_disconnect
         did = self.device_id
-        await client.subscribe([(topics.policy_desired(did), 1), (topics.rebirth(did), 1)])
-        await self._announce(client, seq)
+        c.subscribe([(topics.policy_desired(did), 1), (topics.rebirth(did), 1)])
+        self._announce(c)
         self.connected.set()
-        reported = topics.policy_reported(did)
-        policy_seen = asyncio.Event()
-        waiter = asyncio.ensure_future(self._reannounce_loop(client, seq, policy_seen))
-        try:
-            async for msg in client.messages:
-                topic, payload = str(msg.topic), bytes(msg.payload)  # type: ignore[arg-type]
-                if topic.endswith("/" + topics.Channel.REBIRTH.value):
-                    if decode(RebirthRequest, payload, topic=topic, topic_device_id=did, logger=log) is not None:
-                        self.rebirths += 1
-                        await self._announce(client, seq)
-                    continue
-                policy_seen.set()
-                ack = self.decide(payload, topic)
-                if ack is not None:
-                    await client.publish(reported, ack.to_json(), qos=1, retain=True)
-        finally:
-            waiter.cancel()
+        self.reannounce.reset()
+        self._schedule_reannounce(c)
 
-    async def run(
-        self,
-        url: BrokerURL,
-        stop: asyncio.Event,
-        connect_slots: asyncio.Semaphore,
-        protocol: aiomqtt.ProtocolVersion = aiomqtt.ProtocolVersion.V311,
-    ) -> None:
-        """Stay connected until ``stop`` is set (reconnecting with backoff), then say goodbye."""
+    def _schedule_reannounce(self, c: paho.Client) -> None:
+        """Re-announce with jittered backoff until a desired policy arrives (``common/reannounce.py``)."""
+        def fire() -> None:
+            if self.connected.is_set():
+                self.reannounced += 1
+                self._announce(c)
+                self._flush(c)
+                self._schedule_reannounce(c)
+        self._timer = asyncio.get_running_loop().call_later(self.reannounce.next_delay(), fire)
+
+    def _on_message(self, c: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        topic, payload, did = msg.topic, msg.payload, self.device_id
+        try:
+            if topic.endswith(_REBIRTH_SUFFIX):
+                if decode(RebirthRequest, payload, topic=topic, topic_device_id=did, logger=log) is not None:
+                    self.rebirths += 1
+                    self._announce(c)
+                return
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            ack = self.decide(payload, topic)
+            if ack is not None:
+                c.publish(topics.policy_reported(did), ack.to_json(), qos=1, retain=True)
+        except Exception:  # noqa: BLE001 - one bad message never stops a device
+            log.exception("%s: message on %s failed", did, topic)
+
+    async def _connect(self, url: BrokerURL, loop: asyncio.AbstractEventLoop) -> paho.Client | None:
+        """Connect (TCP and TLS in a worker thread: they block) and wait for the CONNACK (10 s)."""
+        self._lost = loop.create_future()
+        c = self._client(url, loop)
+        up = asyncio.ensure_future(self.connected.wait())
+        try:
+            await loop.run_in_executor(None, functools.partial(c.connect, url.host, url.port, keepalive=60, clean_start=True))
+            loop.add_reader(c.socket().fileno(), self._readable, c)
+            self._flush(c)
+            await asyncio.wait({self._lost, up}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+        except (OSError, ValueError) as exc:
+            log.debug("%s: connect failed: %s", self.device_id, exc)
+        finally:
+            up.cancel()
+        if self.connected.is_set():
+            return c
+        c.disconnect()
+        return None
+
+    async def run(self, url: BrokerURL, stop: asyncio.Event, connect_slots: asyncio.Semaphore, misc: set[paho.Client]) -> None:
+        """Stay connected until ``stop`` is set (reconnecting with backoff), then say goodbye.
+        ``misc``: the fleet's connected clients (keepalive pings, ``loop_misc``)."""
+        loop = asyncio.get_running_loop()
         did = self.device_id
-        will = aiomqtt.Will(topics.status(did), Status(device_id=did, online=False, boot_id=self.boot_id).to_json(), qos=1, retain=True)
-        seq = 0
         backoff = 0.5
         stopper = asyncio.ensure_future(stop.wait())
         try:
             while not stop.is_set():
-                try:
-                    async with connect_slots:
-                        client = aiomqtt.Client(
-                            **aiomqtt_kwargs(url), identifier=f"ldfleet-sim-{did}", protocol=protocol,
-                            will=will, keepalive=60, timeout=10,  # a connect accepted by a broker that is shutting down gets no CONNACK: give up soon
-                        )
-                        await client.__aenter__()
-                    try:
-                        seq += 1
-                        serving = asyncio.ensure_future(self._serve(client, seq))
-                        await asyncio.wait({serving, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                        if serving.done():
-                            serving.result()  # raises the MqttError that ended the connection
-                            continue
-                        serving.cancel()
-                        off = Status(device_id=did, online=False, boot_id=self.boot_id, seq=seq, sent_at=utcnow())
-                        await client.publish(topics.status(did), off.to_json(), qos=1, retain=True, timeout=5)
-                    finally:
-                        self.connected.clear()
-                        try:
-                            await client.__aexit__(None, None, None)
-                        except Exception:  # noqa: BLE001
-                            pass
+                async with connect_slots:
+                    self._seq += 1
+                    c = await self._connect(url, loop)
+                if c is not None:
                     backoff = 0.5
-                except (aiomqtt.MqttError, OSError) as exc:
+                    misc.add(c)
+                    await asyncio.wait({self._lost, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                    misc.discard(c)
+                    self.connected.clear()
+                    if self._timer is not None:
+                        self._timer.cancel()
+                        self._timer = None
                     if stop.is_set():
+                        off = Status(device_id=did, online=False, boot_id=self.boot_id, seq=self._seq, sent_at=utcnow())
+                        c.publish(topics.status(did), off.to_json(), qos=1, retain=True)
+                        c.disconnect()  # sent after the goodbye on the same connection; no Last Will
                         break
-                    log.debug("%s: connection lost (%s); retrying in %.1f s", did, exc, backoff)
-                    try:
-                        await asyncio.wait_for(asyncio.shield(stopper), backoff)
-                    except asyncio.TimeoutError:
-                        pass
-                    backoff = min(backoff * 2, 10.0)
+                    log.debug("%s: connection lost; reconnecting", did)
+                    continue
+                log.debug("%s: not connected; retrying in %.1f s", did, backoff)
+                try:
+                    await asyncio.wait_for(asyncio.shield(stopper), backoff)
+                except asyncio.TimeoutError:
+                    pass
+                backoff = min(backoff * 2, 10.0)
         finally:
             stopper.cancel()
-
-
-async def wait_until(predicate, timeout: float, event: asyncio.Event | None = None, step: float = 0.05) -> bool:
-    """Poll ``predicate`` (or wake on ``event``) until true or ``timeout`` seconds pass."""
-    deadline = time.perf_counter() + timeout
-    while True:
-        if predicate():
-            return True
-        left = deadline - time.perf_counter()
-        if left <= 0:
-            return False
-        if event is not None:
-            event.clear()
-            try:
-                await asyncio.wait_for(event.wait(), min(step, left))
-            except asyncio.TimeoutError:
-                pass
-        else:
-            await asyncio.sleep(min(step, left))
 
 
 async def run_fleet(
@@ -198,7 +235,14 @@ async def run_fleet(
     raise_fd_limit()
     devices = [SimDevice(p) for p in profiles]
     slots = asyncio.Semaphore(connect_concurrency)
-    tasks = [asyncio.ensure_future(d.run(url, stop, slots)) for d in devices]
+    clients: set[paho.Client] = set()
+    tasks = [asyncio.ensure_future(d.run(url, stop, slots, clients)) for d in devices]
+
+    async def keepalive() -> None:  # paho's loop_misc for every connection: pings, ping timeouts
+        while True:
+            await asyncio.sleep(1.0)
+            for c in list(clients):
+                c.loop_misc()
 
     async def announce() -> None:
         while not all(d.connected.is_set() for d in devices):
@@ -206,9 +250,10 @@ async def run_fleet(
         if on_connected is not None:
             on_connected()
 
-    watcher = asyncio.ensure_future(announce())
+    watcher, pinger = asyncio.ensure_future(announce()), asyncio.ensure_future(keepalive())
     await stop.wait()
     watcher.cancel()
+    pinger.cancel()
     await asyncio.wait(tasks, timeout=60)
     for t in tasks:
         t.cancel()

@@ -70,7 +70,11 @@ def test_topic_tree_round_trips():
         assert parsed == topics.DeviceTopic("pi-01", ch)
     assert topics.policy_desired("a.b_c-1") == "ldfleet/v1/dev/a.b_c-1/policy/desired"
     assert topics.all_devices(topics.Channel.POLICY_REPORTED) == "ldfleet/v1/dev/+/policy/reported"
-    assert topics.CTL_STATUS == "ldfleet/v1/ctl/status"
+    assert topics.ctl_status("controller-0") == "ldfleet/v1/ctl/status/controller-0"
+    assert topics.parse_ctl_status("ldfleet/v1/ctl/status/controller-0") == "controller-0"
+    assert topics.parse_ctl_status("ldfleet/v1/ctl/status") is None and topics.parse_ctl_status("ldfleet/v1/ctl/status/a/b") is None
+    with pytest.raises(ValueError):
+        topics.ctl_status("a/b")
 
 
 @pytest.mark.parametrize("bad", ["", "a/b", "a+b", "a#", "-lead", "x" * 65, "spa ce", "ü"])

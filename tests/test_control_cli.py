@@ -141,3 +141,13 @@ def test_bench_control_plane_command_on_a_small_fleet(tmp_path, monkeypatch):
 def test_bench_control_plane_refuses_a_broker_restart_on_a_broker_it_does_not_run():
     code, out = cli("bench", "control-plane", "--devices", "5", "--restart-broker", "--broker", "mqtt://127.0.0.1:1")
     assert code != 0 and "--restart-broker" in out
+
+
+@pytest.mark.slow
+def test_bench_control_plane_restarts_its_broker_in_round_1_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("LDFLEET_HOME", str(tmp_path))
+    code, out = cli("bench", "control-plane", "--devices", "20", "--rounds", "2", "--restart-broker", "--json")
+    assert code == 0, out
+    (res,) = json.loads(out[out.index("["):])
+    assert [r["restarted_broker"] for r in res["rounds"]] == [True, False]
+    assert res["all_acked"] and res["version_gaps"] == 0 and res["version_mismatches"] == 0

@@ -31,7 +31,7 @@ def test_budget_set_reaches_every_connected_device_of_the_class(fleet: Fleet):
     devs = {d.device_id: d for d in reg.devices()}
     assert devs["edge-0"].device_class == "edge" and devs["hub-0"].device_class == "hub"
     assert all(d.online and d.num_layers == 12 and d.cores == 1 and d.effective_k == 12 for d in devs.values())
-    assert json.loads(read_retained(fleet.broker.url, topics.CTL_STATUS))["online"] is True
+    assert json.loads(read_retained(fleet.broker.url, topics.ctl_status(ctl.controller_id)))["online"] is True
 
     res = set_budget(reg, fleet.broker.url, "edge", keep=0.5, issued_by="alice")
     assert res.notified and res.policy.version == 1
@@ -132,7 +132,7 @@ def test_broker_restart_mid_run_heals_by_itself(sqlite_fleet: Fleet):
     assert converged(reg, ids, 2)
     set_budget(reg, f.broker.url, "pi4", keep=0.25, issued_by="alice")
     assert wait_until(lambda: converged(reg, ids, 3), 30)
-    assert ControllerStatus.model_validate_json(read_retained(f.broker.url, topics.CTL_STATUS)).online
+    assert ControllerStatus.model_validate_json(read_retained(f.broker.url, topics.ctl_status(ctl.controller_id))).online
 
 
 def test_bad_input_is_refused_with_a_reason_and_changes_nothing(sqlite_fleet: Fleet, caplog):

@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 from datetime import timedelta
 
 import pytest
 from sqlalchemy import delete, func, select, update
 
 from control_fixtures import broker, db_url, fleet, pg_admin, pg_url, sqlite_fleet  # noqa: F401 - fixtures
-from control_fixtures import Fleet, converged, wait_until
+from control_fixtures import Fleet, converged, read_retained, wait_until
 from ldfleet.client.profile import synthetic_profile
+from ldfleet.common import topics
+from ldfleet.common.mqtt import parse_broker_url, publish_once
 from ldfleet.common.reannounce import ReannounceBackoff
-from ldfleet.common.schemas import utcnow
-from ldfleet.server.publisher import PolicyPublisher, Work
+from ldfleet.common.schemas import ControllerStatus, PolicyAck, Status, utcnow
+from ldfleet.server.intake import BatchWriter, Intake
+from ldfleet.server.publisher import PolicyPublisher, ProfileCache, Work
+from ldfleet.server.reconcile import Reconciler
 from ldfleet.server.registry import DesiredPolicyRecord, Device, Registry
 from ldfleet.server.registry.models import PolicyAckRecord
 
@@ -93,17 +98,21 @@ def test_a_lost_ack_is_recovered_by_reconciliation(sqlite_fleet: Fleet):
     assert ag.state.version == f.registry.device("lost-1").desired_version  # nothing new was applied
 
 
-def test_second_controller_shares_the_fleet_and_a_missed_birth_is_re_announced(sqlite_fleet: Fleet):
-    """Controllers in a shared group get no retained messages (MQTT 5), so devices that announced
-    before any controller listened are unknown to it: they re-announce by themselves (backoff) and
-    converge; the two controllers never publish the same version twice."""
-    f = sqlite_fleet
-    agents = [f.agent(f"late-{i}", "pi4") for i in range(4)]
-    for ag in agents:
-        ag.reannounce = ReannounceBackoff(first_s=1.0, max_s=2.0)
-        assert ag.session.wait_connected(15)
-    ctls = [f.controller(shared_group="ctl", controller_id=f"c{i}") for i in range(2)]
+def _two_controllers_after_the_fleet(f: Fleet, backoff: ReannounceBackoff, *, lose_births: bool) -> list[str]:
+    """Four devices announce, then (``lose_births``: their retained birth and profile are lost) two
+    controllers of one shared group start, a budget change follows; both versions reach every
+    device, claimed once each."""
+    agents = [f.agent(f"late-{i}", "pi4", start=False) for i in range(4)]
     ids = [ag.device_id for ag in agents]
+    for ag in agents:
+        ag.reannounce = backoff  # before start: the first wait already uses it
+        ag.start()
+    for ag in agents:
+        assert ag.session.wait_connected(15)
+    if lose_births:
+        assert wait_until(lambda: all(read_retained(f.broker.url, topics.profile(d), 1) for d in ids), 15)
+        publish_once(parse_broker_url(f.broker.url), [(getattr(topics, ch)(d), b"", 1, True) for d in ids for ch in ("status", "profile")])
+    ctls = [f.controller(shared_group="ctl", controller_id=f"c{i}") for i in range(2)]
     assert wait_until(lambda: converged(f.registry, ids), 40)
     f.registry.set_policy("pi4", keep=0.5, issued_by="test")
     from ldfleet.server.operator import notify_controller
@@ -113,3 +122,107 @@ def test_second_controller_shares_the_fleet_and_a_missed_birth_is_re_announced(s
         rows = s.execute(select(DesiredPolicyRecord.device_id, DesiredPolicyRecord.version)).all()
     assert sorted(rows) == sorted((d, v) for d in ids for v in (1, 2))
     assert sum(c.stats.received for c in ctls) > 0 and all(c.stats.dropped == 0 for c in ctls)
+    return ids
+
+
+def test_controllers_that_start_after_the_fleet_read_its_retained_state(sqlite_fleet: Fleet):
+    """Shared subscriptions deliver no retained messages: the controllers read them once, so devices
+    that announced before any controller listened converge without re-announcing (their backoff
+    is an hour here)."""
+    _two_controllers_after_the_fleet(sqlite_fleet, ReannounceBackoff(first_s=3600.0, max_s=3600.0), lose_births=False)
+
+
+def test_devices_whose_birth_was_lost_re_announce_and_converge(sqlite_fleet: Fleet):
+    """A birth and profile the broker lost (deleted here) reach no controller, retained or not: the
+    devices re-announce by themselves (backoff) and converge."""
+    _two_controllers_after_the_fleet(sqlite_fleet, ReannounceBackoff(first_s=1.0, max_s=2.0), lose_births=True)
+
+
+def test_intake_lets_a_batch_of_acks_fill_but_hands_over_an_operator_notice_at_once():
+    intake = Intake()
+    ack = topics.policy_reported("dev-1")
+
+    def then_put(*topics_: str) -> threading.Thread:
+        def run() -> None:  # once the worker holds the first message, more arrive
+            while intake.idle.is_set() or not intake.empty():
+                time.sleep(0.001)
+            for t in topics_:
+                intake.put(t, b"{}")
+        th = threading.Thread(target=run)
+        th.start()
+        return th
+
+    intake.idle.set()
+    intake.put(ack, b"{}")
+    th = then_put(ack, ack)
+    batch = intake.take(3, timeout=5, linger_s=60)  # returns once 3 are in: the later two joined
+    th.join()
+    assert [t for t, _, _ in batch] == [ack, ack, ack]
+
+    intake.idle.set()
+    intake.put(ack, b"{}")
+    th = then_put(topics.CTL_POLICY_CHANGED)
+    t0 = time.monotonic()
+    batch = intake.take(100, timeout=5, linger_s=60)
+    th.join()
+    assert [t for t, _, _ in batch] == [ack, topics.CTL_POLICY_CHANGED]
+    assert time.monotonic() - t0 < 60  # did not sit out the linger: a notice starts a resolution
+
+
+def test_a_device_row_deleted_after_the_intake_saw_it_is_created_again(db_url):
+    """The intake skips the INSERT of devices it has seen committed; a row gone since is re-created."""
+    reg = Registry(db_url)
+    writer = BatchWriter(ProfileCache())
+
+    def apply(*msgs) -> None:
+        with reg.session(write=True) as s:
+            writer.apply(s, [(t, m.to_json(), utcnow()) for t, m in msgs], Work())
+        writer.committed()
+
+    try:
+        apply((topics.status("d1"), Status(device_id="d1", online=True, boot_id="b1", seq=1, sent_at=utcnow())))
+        assert reg.device("d1").online
+        with reg.session() as s:
+            s.execute(delete(Device).where(Device.device_id == "d1"))
+        assert reg.device("d1") is None
+        apply((topics.policy_reported("d1"), PolicyAck(device_id="d1", version=1, applied_version=1, status="applied")))
+        assert reg.device("d1").applied_version == 1
+        assert [a.version for a in reg.acks("d1")] == [1]
+    finally:
+        reg.close()
+
+
+def test_reconciliation_is_split_between_the_live_controllers(db_url):
+    """Two controllers on one registry ask each lagging device once between them; alone, one asks all."""
+    reg = Registry(db_url)
+    old = utcnow() - timedelta(minutes=5)
+    ids = [f"lag-{i:03d}" for i in range(60)]
+    with reg.session() as s:
+        s.add_all(Device(device_id=d, first_seen=old, online=True, class_pinned=False, desired_version=1, applied_version=0, desired_at=old)
+                  for d in ids)
+    sent: dict[str, list[str]] = {"c0": [], "c1": []}
+    recs = [Reconciler(reg, lambda t, p, c=c: sent[c].append(topics.parse_device_topic(t).device_id), controller_id=c, rate_per_s=1000)
+            for c in sent]
+    try:
+        for r in recs:
+            for c in sent:
+                r.note_controller(ControllerStatus(controller_id=c, online=True, boot_id="b"))
+            r.maybe_run()  # the first run: 2 s of tokens at 1000/s, lag bound 10 s
+        assert sorted(sent["c0"] + sent["c1"]) == ids  # every lagging device asked, none twice
+        assert sent["c0"] and sent["c1"]
+        recs[0].note_controller(ControllerStatus(controller_id="c1", online=False, boot_id="b"))  # c1's Last Will
+        assert all(recs[0].partition()(d) for d in ids)
+    finally:
+        reg.close()
+
+
+def test_each_controller_has_its_own_status_topic_and_hears_the_others(sqlite_fleet: Fleet):
+    f = sqlite_fleet
+    ctls = [f.controller(shared_group="ctl", controller_id=f"c{i}") for i in range(2)]
+    assert wait_until(lambda: all(c.reconciler.peers == {"c0": True, "c1": True} for c in ctls), 15)
+    ctls[1].stop()
+    f.controllers.remove(ctls[1])
+    assert wait_until(lambda: ctls[0].reconciler.peers == {"c0": True, "c1": False}, 15)
+    # c1's goodbye went to its own topic: c0's retained status still says online
+    assert ControllerStatus.model_validate_json(read_retained(f.broker.url, topics.ctl_status("c0"))).online
+    assert not ControllerStatus.model_validate_json(read_retained(f.broker.url, topics.ctl_status("c1"))).online

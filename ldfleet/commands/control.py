@@ -168,7 +168,7 @@ def controller(
     poll_interval: float = typer.Option(2.0, "--poll-interval", min=0.1, help="Seconds between registry polls (missed notices, expiries)."),
     mqtt_version: int = typer.Option(5, "--mqtt-version", help="5 (default) or 311 for brokers that only speak MQTT 3.1.1."),
     shared_group: str = typer.Option(None, "--shared-group", help="Share the fleet with the other controllers of this group (MQTT 5 shared subscription; one PostgreSQL registry for all)."),
-    controller_id: str = typer.Option("controller", "--controller-id", help="Name of this controller (in logs and the registry's desired_policies.published_by)."),
+    controller_id: str = typer.Option("controller", "--controller-id", help="Name of this controller, unique in its group: its status topic ldfleet/v1/ctl/status/ID, logs, desired_policies.published_by (letters, digits, . _ -)."),
 ) -> None:
     """Register devices, resolve and publish their policies, track convergence (runs until Ctrl-C)."""
     from ldfleet.server.controller import Controller
@@ -477,12 +477,12 @@ def bench_control_plane(
     rounds: int = typer.Option(3, "--rounds", min=1, help="Budget changes per fleet size."),
     timeout: float = typer.Option(120.0, "--timeout", min=1.0, help="Seconds to wait for a phase before giving up; a device that has not acked by then is a miss."),
     controllers: int = typer.Option(1, "--controllers", min=1, help="Controller processes sharing the fleet (MQTT 5 shared subscription)."),
-    restart_broker: bool = typer.Option(False, "--restart-broker", help="Restart the benchmark's own broker in the middle of round 1 (not with --broker)."),
+    restart_broker: bool = typer.Option(False, "--restart-broker", help="Restart the benchmark's own broker once, in the middle of round 1 only (later rounds run on the restarted broker; the JSON marks the round: restarted_broker). Not with --broker."),
     fleet_procs: int = typer.Option(0, "--fleet-procs", min=0, help="Processes the simulated devices are spread over (0: one per 2 500 devices)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Time from `budget set` to every simulated device's ack at the controller (real controllers and
-    Mosquitto, N aiomqtt devices). Exits 1 when any device misses a round or the registry's version
+    Mosquitto, N simulated MQTT 5 devices). Exits 1 when any device misses a round or the registry's version
     audit finds a gap."""
     from ldfleet.simulations.bench_control_plane import run_bench
 
