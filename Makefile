@@ -45,9 +45,10 @@ real-data: setup
 	$(PY) -m pip install -q 'g722>=1.2,<2'
 	$(PY) -m ldfleet.simulations.real_data --out data/real
 
-# The paper's table on real speech: trains the static ranking and the selector (frozen Whisper),
-# writes runs/real-bench/eval.json and leaves the run in runs/real-bench/run. ~25 min on 2 idle cores
-# (every clip runs Whisper's 30 s window); fewer clips: python -m ldfleet.simulations.real_bench --help.
+# The paper's table on real speech: fits the skip maps, trains the static ranking and the selector
+# (frozen Whisper), writes runs/real-bench/eval.json and leaves the run in runs/real-bench/run.
+# 38 min measured on 2 CPU cores shared with a training job (every clip runs Whisper's 30 s window);
+# fewer clips: python -m ldfleet.simulations.real_bench --help.
 real-bench: setup
 	nice -n 10 $(PY) -m ldfleet.simulations.real_bench --data data/real --out runs/real-bench
 
