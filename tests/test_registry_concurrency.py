@@ -86,3 +86,34 @@ def test_a_postgresql_serialization_failure_is_retried_by_its_sqlstate(pg_url):
                 c.execute(text("INSERT INTO counter VALUES (1, 5)"))
         assert transient_reason(info.value) is None
         assert transient_reason(info.value, integrity=True) == "a concurrent writer took the same key"
+
+
+def test_a_round_metric_written_while_another_writer_commits_is_not_lost(tmp_path):
+    """Read-then-write on SQLite (WAL): the metric's transaction holds the write lock from its first
+    read, so a writer that commits in between waits instead of making the insert fail "database is
+    locked" (a stale read snapshot cannot be upgraded to a write; the busy timeout does not apply)."""
+    import sqlite3
+
+    from sqlalchemy import event
+
+    path = tmp_path / "registry.db"
+    with Registry(f"sqlite:///{path}") as reg:
+        round_id = reg.start_round("run-1", 1).id
+        other = []
+
+        def write_from_another_connection(conn, cursor, statement, *args):
+            if statement.lstrip().upper().startswith("INSERT INTO ROUND_METRICS") and not other:
+                con = sqlite3.connect(path, timeout=0.2, isolation_level=None)
+                try:
+                    con.execute("INSERT INTO device_classes (name, created_at) VALUES ('late', '2026-01-01 00:00:00')")
+                    other.append("committed")
+                except sqlite3.OperationalError as exc:
+                    other.append(str(exc))
+                finally:
+                    con.close()
+
+        event.listen(reg.engine, "before_cursor_execute", write_from_another_connection)
+        reg.record_round_metric(round_id, "dev-1", phase="eval", k=2, accuracy=0.5)
+        event.remove(reg.engine, "before_cursor_execute", write_from_another_connection)
+        assert other == ["database is locked"]  # the other writer had to wait: this one held the lock
+        assert [(m.device_id, m.accuracy) for _, m in reg.round_metrics("run-1")] == [("dev-1", 0.5)]

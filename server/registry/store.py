@@ -206,7 +206,7 @@ class Registry:
     def add_class(self, name: str, description: str | None = None) -> bool:
         """Create a class; False if it already existed."""
         _check_name(name, DEVICE_CLASS_PATTERN, "device class")
-        with self.session() as s:
+        with self.session(write=True) as s:  # read-then-write: take the write lock first
             if s.get(DeviceClass, name) is not None:
                 return False
             s.add(DeviceClass(name=name, description=description))
@@ -359,7 +359,7 @@ class Registry:
     def pin_class(self, device_id: str, device_class: str, *, create_class: bool = False) -> Device:
         """Put a device into a class for good (its profiles no longer change the class)."""
         _check_name(device_class, DEVICE_CLASS_PATTERN, "device class")
-        with self.session() as s:
+        with self.session(write=True) as s:  # read-then-write: take the write lock first
             dev = s.get(Device, device_id)
             if dev is None:
                 raise RegistryError(f"unknown device {device_id!r}")
@@ -388,7 +388,7 @@ class Registry:
             return r
 
     def finish_round(self, round_id: int, *, status: str = "finished", summary: dict[str, Any] | None = None) -> None:
-        with self.session() as s:
+        with self.session(write=True) as s:  # read-then-write: take the write lock first
             r = s.get(Round, round_id)
             if r is None:
                 raise RegistryError(f"unknown round id {round_id}")
@@ -424,7 +424,7 @@ class Registry:
             mean_kept_layers=mean_kept_layers, latency_ms=latency_ms, reason=reason[:2000] if reason else None,
             recorded_at=utcnow(),
         )
-        with self.session() as s:
+        with self.session(write=True) as s:  # read-then-write: take the write lock first
             row = s.scalars(
                 select(RoundMetric).where(
                     RoundMetric.round_id == round_id, RoundMetric.device_id == device_id, RoundMetric.phase == phase
