@@ -93,15 +93,13 @@ def tables(model: WhisperDynamic, train, val, path: Path, ks=(3, 4)) -> tuple[Lo
 
 def skip_maps(model: WhisperDynamic, items, path: Path) -> None:
     """Fit (or load from ``path``) the skip maps and install them on the model."""
-    from safetensors.torch import load_file, save_file
-
     if path.is_file():
         say(f"cached: {path}")
-        model.runner.skip_maps = SkipMaps(load_file(str(path))["weight"])
+        model.runner.skip_maps = SkipMaps.load(path)
         return
     start = time.perf_counter()
     maps = fit_whisper_skip_maps(model, items, on_batch=lambda i, n: say(f"skip maps batch {i}/{n}"))
-    save_file({"weight": maps.weight}, str(path))
+    maps.save(path)
     say(f"skip maps: {len(items)} clips in {time.perf_counter() - start:.0f} s")
 
 

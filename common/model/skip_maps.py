@@ -21,8 +21,10 @@ model on real human speech".
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .runner import FrontEnd, LayerRunner
@@ -40,6 +42,14 @@ class SkipMaps(nn.Module):
     @property
     def num_layers(self) -> int:
         return self.weight.shape[0]
+
+    def save(self, path: str | Path) -> None:
+        save_file({"weight": self.weight.contiguous()}, str(path))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SkipMaps":
+        """Raises FileNotFoundError for a missing file, ValueError for a wrong shape."""
+        return cls(load_file(str(path))["weight"])
 
     def forward(self, index: int, hidden: Tensor) -> Tensor:
         """hidden [B, T, D] -> the stand-in output of layer ``index`` [B, T, D]."""

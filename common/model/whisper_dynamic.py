@@ -101,7 +101,7 @@ class WhisperDynamic(DynamicModel):
         save_file(state, str(run / STRATEGIES_FILE))
         maps = self.runner.skip_maps
         if maps is not None:
-            save_file({"weight": maps.weight.contiguous()}, str(run / SKIP_MAPS_FILE))
+            maps.save(run / SKIP_MAPS_FILE)
         meta = {"task": "asr", "family": "whisper", "head": self.head.spec(), "pad_to_window": self.runner.pad_to_window,
                 "selector_hidden": self.selector_hidden, "skip_maps": maps is not None, **(extra or {})}
         (run / MODEL_JSON).write_text(json.dumps(meta, indent=2))
@@ -113,10 +113,10 @@ class WhisperDynamic(DynamicModel):
         model = cls.from_pretrained(str(run / BACKBONE_DIR), meta["head"].get("language"), meta.get("pad_to_window", True))
         model.strategies.load_state_dict(load_file(str(run / STRATEGIES_FILE)))
         if meta.get("skip_maps"):
-            weight = load_file(str(run / SKIP_MAPS_FILE))["weight"]
-            if weight.shape[0] != model.num_layers or weight.shape[2] != model.runner.hidden_size:
-                raise ValueError(f"{run / SKIP_MAPS_FILE}: shape {list(weight.shape)} does not fit this encoder")
-            model.runner.skip_maps = SkipMaps(weight)
+            maps = SkipMaps.load(run / SKIP_MAPS_FILE)
+            if maps.num_layers != model.num_layers or maps.weight.shape[2] != model.runner.hidden_size:
+                raise ValueError(f"{run / SKIP_MAPS_FILE}: shape {list(maps.weight.shape)} does not fit this encoder")
+            model.runner.skip_maps = maps
         return model.eval()
 
 
