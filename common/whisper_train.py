@@ -3,13 +3,14 @@
 Whisper-specific for now (not ``common.train.Trainer``, which trains the backbone under LayerDrop and
 each strategy by gradient through the run; folding this in means a Trainer stage "listwise from a
 layer-set table" and a ``train --backbone WHISPER_DIR --task asr`` path; ``make real-bench`` calls
-this module directly): the encoder and decoder stay frozen, and only the two learned strategies train, ``static`` (one layer ranking) and
-``selector`` (a ranking per clip from its pooled front-end features).
+this module directly): the encoder and decoder stay frozen, and only the two learned strategies train, ``static`` (one layer ranking,
+or one per k) and ``selector`` (a ranking per clip from its pooled front-end features, and k if
+budget-conditioned).
 
 1. ``loss_table``: for every training clip and every layer set of size k (k in ``ks``), the
-   teacher-forced decoder cross-entropy of the reference transcript when only that set runs. All
-   sets of one clip run as one batch through the gathering runner (each layer only on the rows that
-   keep it), so a 3 s clip's 41 sets for k = 3, 4, 5 cost about 150 layer passes.
+   teacher-forced decoder cross-entropy of the reference transcript when only that set runs. The
+   sets of one clip share their common prefixes (``LayerRunner.run_layer_sets``): the 35 sets for
+   k = 3, 4 cost 49 layer passes, not 120.
 2. Both strategies score layers; a set's score is the sum of its layers' scores, and top-k of the
    layer scores is exactly the best-scoring set of size k. They learn by matching, per clip and k,
    the softmax of set scores to the softmax of the sets' negative losses (a listwise ranking loss,
@@ -64,6 +65,8 @@ def loss_table(model: WhisperDynamic, items: Sequence[SpeechItem], ks: Sequence[
                on_item: Callable[[int, int], None] | None = None, chunk_rows: int = 8) -> LossTable:
     """Teacher-forced cross-entropy of every layer set of each size in ``ks``, for every clip
     (``chunk_rows`` sets at a time, which bounds memory on 30 s windows)."""
+    if not all(1 <= k <= model.num_layers for k in ks):
+        raise ValueError(f"layer-set sizes {list(ks)}: each must be between 1 and {model.num_layers}")
     model.eval()
     sets = {k: layer_sets(model.num_layers, k) for k in ks}
     every = torch.cat([sets[k] for k in ks])
@@ -71,12 +74,12 @@ def loss_table(model: WhisperDynamic, items: Sequence[SpeechItem], ks: Sequence[
     for i, item in enumerate(items):
         front = model.front_end([item.waveform])
         pooled.append(pooled_features(front.features, front.frame_mask)[0])
+        hidden = model.runner.run_layer_sets(front, every, max_rows=chunk_rows)  # [C, T, D]
         losses = []
-        for chunk in every.split(chunk_rows):
-            many = front.select(torch.zeros(chunk.shape[0], dtype=torch.long))
-            hidden = model.runner.run_layers(many, chunk)
+        for chunk in hidden.split(chunk_rows):
+            mask = None if front.frame_mask is None else front.frame_mask.expand(chunk.shape[0], -1)
             targets = model.head.targets([item.text] * chunk.shape[0])
-            losses.append(model.head.per_example_loss(hidden, many.frame_mask, targets))
+            losses.append(model.head.per_example_loss(chunk, mask, targets))
         rows.append(torch.cat(losses))
         if on_item:
             on_item(i + 1, len(items))
@@ -88,22 +91,32 @@ def loss_table(model: WhisperDynamic, items: Sequence[SpeechItem], ks: Sequence[
     return LossTable(torch.stack(pooled), losses, sets)
 
 
-def listwise_loss(scores: Tensor, table: LossTable, rows: Tensor, temperature: float) -> Tensor:
+Scores = Tensor | Callable[[int], Tensor]
+
+
+def _at(scores: Scores, k: int) -> Tensor:
+    """Layer scores [B, L] for budget k: the same tensor for every k, or a function of k
+    (a budget-conditioned strategy)."""
+    return scores(k) if callable(scores) else scores
+
+
+def listwise_loss(scores: Scores, table: LossTable, rows: Tensor, temperature: float) -> Tensor:
     """Mean over k of KL(target || model) over layer sets; scores [B, L] for clips ``rows``."""
     total = 0.0
     for k, sets in table.sets.items():
-        set_scores = scores @ sets.to(scores.dtype).T  # [B, C]
+        at_k = _at(scores, k)
+        set_scores = at_k @ sets.to(at_k.dtype).T  # [B, C]
         target = F.softmax(-table.losses[k][rows] / temperature, dim=-1)
         total = total + F.kl_div(F.log_softmax(set_scores, -1), target, reduction="batchmean")
     return total / len(table.sets)
 
 
-def chosen_loss(scores: Tensor, table: LossTable) -> dict[int, float]:
+def chosen_loss(scores: Scores, table: LossTable) -> dict[int, float]:
     """Mean loss of the sets that top-k of ``scores`` [N, L] picks, per k."""
     out = {}
     for k, sets in table.sets.items():
-        top = scores.topk(k, dim=-1).indices
-        chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
+        top = _at(scores, k).topk(k, dim=-1).indices
+        chosen = torch.zeros(top.shape[0], sets.shape[1], dtype=torch.bool).scatter_(-1, top, True)
         index = (chosen.unsqueeze(1) == sets.unsqueeze(0)).all(-1).float().argmax(-1)  # [N]
         out[k] = float(table.losses[k].gather(1, index.unsqueeze(1)).mean())
     return out
@@ -125,11 +138,11 @@ def fit_strategy(name: str, model: WhisperDynamic, train: LossTable, val: LossTa
     scorer = model.strategy(name).scorer
     gen = torch.Generator().manual_seed(cfg.seed)
 
-    def scores_of(table: LossTable, rows: Tensor | None = None) -> Tensor:
+    def scores_of(table: LossTable, rows: Tensor | None = None) -> Callable[[int], Tensor]:
         pooled = table.pooled if rows is None else table.pooled[rows]
         if isinstance(scorer, LayerSelector):
-            return scorer.from_pooled(pooled)
-        return scorer.scores.unsqueeze(0).expand(pooled.shape[0], -1)
+            return lambda k: scorer.from_pooled(pooled, k)
+        return lambda k: scorer.for_batch(pooled.shape[0], k)
 
     opt = torch.optim.AdamW(scorer.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     best = (float("inf"), None, -1)

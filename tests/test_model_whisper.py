@@ -135,3 +135,27 @@ def test_skip_maps_refuse_a_wrong_shape():
 
     with pytest.raises(ValueError, match="layers, D \\+ 1, D"):
         SkipMaps(torch.zeros(4, 64, 64))
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("with_maps", [False, True])
+def test_layer_sets_sharing_prefixes_equal_running_each_set(model, with_maps):
+    from itertools import combinations
+
+    from ldfleet.common.model.skip_maps import fit_skip_maps
+
+    runner = LayerRunner(model, pad_to_window=False).eval()
+    wave, _ = clips([20000], seed=4)
+    front = runner.front_end(wave)
+    runner.skip_maps = fit_skip_maps(runner, [front], ridge=1e-3) if with_maps else None
+    try:
+        L = runner.num_layers
+        sets = torch.tensor([[j in c for j in range(L)] for k in (1, 2, 3) for c in combinations(range(L), k)])
+        shared = runner.run_layer_sets(front, sets, max_rows=3)
+        each = runner.run_layers(front.select(torch.zeros(len(sets), dtype=torch.long)), sets)
+        assert shared.shape == each.shape and (shared - each).abs().max() <= 1e-5
+        assert len({tuple(x.flatten()[:8].tolist()) for x in shared}) == len(sets)  # every set differs
+        with pytest.raises(ValueError, match="one clip"):
+            runner.run_layer_sets(front.select(torch.zeros(2, dtype=torch.long)), sets)
+    finally:
+        runner.skip_maps = None

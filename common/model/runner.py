@@ -181,6 +181,40 @@ class LayerRunner(nn.Module):
             hidden = new
         return self._finish(hidden)
 
+    @torch.no_grad()
+    def run_layer_sets(self, front: FrontEnd, sets: Tensor, max_rows: int = 8) -> Tensor:
+        """One clip (``front`` of batch 1) under many layer sets ``sets`` [C, L] (bool): [C, T, D].
+
+        Equal to ``run_layers`` on the clip repeated C times with ``keep=sets``, but sets that agree
+        on layers 0..i share the state after layer i, so each distinct kept prefix runs its layer
+        once: the 35 sets of 3 or 4 of 6 layers cost 49 layer passes instead of 120. At most
+        ``max_rows`` states run through a layer at a time (memory on 30 s windows).
+        """
+        if front.hidden.shape[0] != 1:
+            raise ValueError(f"run_layer_sets takes one clip, got a batch of {front.hidden.shape[0]}")
+        states: dict[tuple[bool, ...], Tensor] = {(): front.hidden}
+        rows = [tuple(bool(x) for x in s) for s in sets.tolist()]
+        for i in range(self.num_layers):
+            prefixes = sorted({r[: i + 1] for r in rows})
+            new: dict[tuple[bool, ...], Tensor] = {}
+            for kept in (True, False):
+                group = [p for p in prefixes if p[-1] == kept]
+                if not kept and self.skip_maps is None:
+                    new.update({p: states[p[:-1]] for p in group})
+                    continue
+                for start in range(0, len(group), max_rows):
+                    chunk = group[start : start + max_rows]
+                    hidden = torch.cat([states[p[:-1]] for p in chunk])
+                    if kept:
+                        frame_mask = None if front.frame_mask is None else front.frame_mask.expand(len(chunk), -1)
+                        mask, bias = self._layer_context(hidden, frame_mask)
+                        out = self._run_layer(i, hidden, mask, bias)
+                    else:
+                        out = self.skip_maps(i, hidden)
+                    new.update({p: out[j : j + 1] for j, p in enumerate(chunk)})
+            states = new
+        return self._finish(torch.cat([states[r] for r in rows]))
+
     def run_layers_gated(self, front: FrontEnd, gates: Tensor) -> Tensor:
         """Soft/straight-through gates [B, L]: every layer runs, blended so gradients reach gates."""
         hidden = front.hidden
