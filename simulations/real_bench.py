@@ -8,9 +8,10 @@ Benchmark orchestration, not product code (run `make real-data` first). Phases, 
 2. skip maps (unless --no-skip-maps): an affine stand-in per encoder layer, fitted in closed form
    on the full model's states of --map-clips training clips (common/model/skip_maps.py): the frozen
    encoder then tolerates skipped layers;
-3. tables: teacher-forced loss of every layer set (k = 3 and 4 of 6) on training and validation
-   clips (frozen Whisper; see common/whisper_train.py);
-4. fit: the static ranking and the selector on those tables; the run goes to OUT/run;
+3. tables: teacher-forced loss of every layer set of each size the keeps need (k = 3, 4, 5 of 6)
+   on training and validation clips (frozen Whisper; see common/whisper_train.py);
+4. fit: static and selector on those tables, each choosing its set per k (the budget is an input;
+   --no-budget: top-k of one ranking); the run goes to OUT/run;
 5. eval: WER/CER, mean layers, encoder and end-to-end ms at 6/6..3/6 for full, random, early_exit,
    static, selector on the English test prompts (prompts never trained on) and on the Dutch test
    voice (a speaker never heard in training); rows to OUT/eval.json.
@@ -77,7 +78,8 @@ def parity(model: WhisperDynamic, items, batch_size: int, path: Path, unpadded_c
     return out
 
 
-def tables(model: WhisperDynamic, train, val, path: Path, ks=(3, 4)) -> tuple[LossTable, LossTable]:
+def tables(model: WhisperDynamic, train, val, path: Path, ks) -> tuple[LossTable, LossTable]:
+    """Layer-set loss tables (``whisper_train.loss_table``) of every set size in ``ks``, cached at ``path``."""
     if path.is_file():
         say(f"cached: {path}")
         d = torch.load(path)
@@ -123,8 +125,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path("data/real"))
     ap.add_argument("--out", type=Path, default=Path("runs/real-bench"))
     # Defaults: the README table (38 min on 2 CPU cores shared with a training job; a 30 s window per clip is the cost).
-    ap.add_argument("--train-clips", type=int, default=12)
-    ap.add_argument("--val-clips", type=int, default=6)
+    ap.add_argument("--train-clips", type=int, default=24)
+    ap.add_argument("--val-clips", type=int, default=12)
     ap.add_argument("--test-clips", type=int, default=24)
     ap.add_argument("--unseen-test-clips", type=int, default=12, help="Dutch test voice (0 = skip)")
     ap.add_argument("--parity-clips", type=int, default=8)
@@ -132,6 +134,9 @@ def main() -> None:
     ap.add_argument("--map-clips", type=int, default=24, help="training clips the skip maps are fitted on")
     ap.add_argument("--no-skip-maps", dest="skip_maps", action="store_false",
                     help="frozen encoder only: a skipped layer passes its input through (the figures before skip maps)")
+    ap.add_argument("--no-budget", dest="budget", action="store_false",
+                    help="static and selector keep top-k of one ranking for every k (nested sets); default: "
+                         "each chooses its set per k (the budget is an input)")
     ap.add_argument("--keeps", default="0.5,0.6667,0.8333")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
@@ -145,7 +150,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     keeps = [float(k) for k in args.keeps.split(",")]
     en = args.data / "asterisk-en"
-    model = WhisperDynamic.from_pretrained(str(args.data / "whisper-base"), language="en", pad_to_window=True).eval()
+    model = WhisperDynamic.from_pretrained(str(args.data / "whisper-base"), language="en", pad_to_window=True,
+                                           budget=args.budget).eval()
     # A fixed sample spread evenly over each split (every n-th clip).
     sample = lambda items, n: items[:: max(1, len(items) // n)][:n] if n else []  # noqa: E731
     test = sample(load_speech_items(en / "test"), args.test_clips)
@@ -157,8 +163,11 @@ def main() -> None:
     train_items = load_speech_items(en / "train")
     train, val = sample(train_items, args.train_clips), sample(load_speech_items(en / "val"), args.val_clips)
     if args.skip_maps:
-        skip_maps(model, sample(train_items, args.map_clips), args.out / "skip_maps.safetensors")
-    train_table, val_table = tables(model, train, val, args.out / ("tables-skip-maps.pt" if args.skip_maps else "tables.pt"))
+        skip_maps(model, sample(train_items, args.map_clips), args.out / f"skip_maps-{args.map_clips}.safetensors")
+    # cached per setting, so a rerun with other sizes never reuses a table of other clips
+    ks = sorted({model.k_for(keep) for keep in keeps if keep < 1.0})  # every budget the table evaluates
+    cache = f"tables-{len(train)}-{len(val)}-k{''.join(map(str, ks))}" + (f"-maps{args.map_clips}" if args.skip_maps else "") + ".pt"
+    train_table, val_table = tables(model, train, val, args.out / cache, ks)
     summary = {"train": table_summary(train_table), "val": table_summary(val_table)}
     fit = {name: fit_strategy(name, model, train_table, val_table, FitConfig(), log=say) for name in ("static", "selector")}
     model.save(args.out / "run", extra={"train": {"clips": len(train), "val_clips": len(val), "fit": fit,
@@ -176,6 +185,7 @@ def main() -> None:
         "parity": {k: {m: x for m, x in v.items() if m not in ("predictions", "references")} for k, v in par.items()},
         "training": {"fit": fit, "tables": summary, "train_clips": len(train), "val_clips": len(val)},
         "conditions": {"threads": torch.get_num_threads(), "pad_to_window": True, "skip_maps": args.skip_maps,
+                       "budget_conditioned": args.budget,
                        "map_clips": args.map_clips if args.skip_maps else 0, "cpu": "2 shared cores, heavily loaded"},
     }
     (args.out / "eval.json").write_text(json.dumps(result, indent=2))

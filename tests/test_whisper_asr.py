@@ -94,6 +94,28 @@ def test_eval_cli_with_backbone_and_no_run(folders):
     assert bad.exit_code == 2 and "audiofolder" in bad.output
 
 
+def test_budget_conditioned_strategies_choose_a_set_per_k_and_survive_save(folders, tmp_path):
+    model = WhisperDynamic.from_pretrained(str(folders[0]), language="en", pad_to_window=False, budget=True).eval()
+    items = load_speech_items(folders[1])
+    with pytest.raises(ValueError, match="between 1 and 2"):
+        loss_table(model, items, ks=(1, 3))
+    table = loss_table(model, items, ks=(1, 2))
+    static = fit_strategy("static", model, table, table, FitConfig(epochs=80, lr=3e-2), log=lambda m: None)
+    for k, losses in table.losses.items():  # per k the best single set, nested with the other ks or not
+        assert static["train_chosen_loss"][k] == pytest.approx(float(losses.mean(0).min()), abs=1e-5)
+    fit_strategy("selector", model, table, table, FitConfig(epochs=20, lr=1e-2), log=lambda m: None)
+    with pytest.raises(ValueError, match="needs k"):
+        model.strategy("static").scorer(torch.zeros(1, 5, 8))
+    model.save(tmp_path / "run")
+    again = WhisperDynamic.load(tmp_path / "run")
+    assert again.selector_budget and again.static_budget
+    assert torch.equal(again.strategies["static"].scorer.scores, model.strategies["static"].scorer.scores)
+    front = again.front_end([it.waveform for it in items])
+    for name in ("static", "selector"):
+        _, keep = again.run(front, name, 2)
+        assert keep.sum(1).tolist() == [2, 2, 2]
+
+
 def test_layer_set_tables_train_static_and_selector(folders, tmp_path):
     model = WhisperDynamic.from_pretrained(str(folders[0]), language="en", pad_to_window=False).eval()
     items = load_speech_items(folders[1])

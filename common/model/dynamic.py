@@ -33,13 +33,15 @@ class Output:
 class DynamicModel(nn.Module):
     """One backbone, the strategies of :mod:`.strategies`, and a copy of ``head`` per head-name."""
 
-    def __init__(self, backbone: nn.Module, head: TaskHead, selector_hidden: int = 64, selector_budget: bool = False):
+    def __init__(self, backbone: nn.Module, head: TaskHead, selector_hidden: int = 64, selector_budget: bool = False,
+                 static_budget: bool = False):
         super().__init__()
         self.runner = LayerRunner(backbone)
         self.selector_hidden = selector_hidden
         self.selector_budget = selector_budget  # the selector also sees k / L
+        self.static_budget = static_budget  # static keeps one ranking per k
         dim, layers = self.runner.hidden_size, self.runner.num_layers
-        self.strategies = build_strategies(layers, dim, selector_hidden, selector_budget)
+        self.strategies = build_strategies(layers, dim, selector_hidden, selector_budget, static_budget)
         base = head
         self.heads = nn.ModuleDict({"base": base, **{n: copy_head(base) for n in HEAD_NAMES[1:]}})
 

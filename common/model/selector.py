@@ -62,14 +62,27 @@ def pooled_features(features: Tensor, frame_mask: Tensor | None = None) -> Tenso
 
 
 class StaticScores(nn.Module):
-    """One learned score per layer, the same for every input: the `static` baseline."""
+    """One learned score per layer, the same for every input: the `static` baseline.
 
-    def __init__(self, num_layers: int):
+    With ``budget=True`` there is one score row per k (``scores`` [L + 1, L]), so the static sets of
+    different budgets need not be nested either: the fair baseline for a budget-conditioned selector.
+    """
+
+    def __init__(self, num_layers: int, budget: bool = False):
         super().__init__()
-        self.scores = nn.Parameter(torch.zeros(num_layers))
+        self.budget = budget
+        self.scores = nn.Parameter(torch.zeros(num_layers + 1, num_layers) if budget else torch.zeros(num_layers))
 
     def forward(self, features: Tensor, frame_mask: Tensor | None = None, k: int | None = None) -> Tensor:
-        return self.scores.unsqueeze(0).expand(features.shape[0], -1)
+        return self.for_batch(features.shape[0], k)
+
+    def for_batch(self, batch: int, k: int | None = None) -> Tensor:
+        """The scores [batch, L] (every row the same) for budget k."""
+        if not self.budget:
+            return self.scores.unsqueeze(0).expand(batch, -1)
+        if k is None:
+            raise ValueError("a budget-conditioned static ranking needs k")
+        return self.scores[k].unsqueeze(0).expand(batch, -1)
 
 
 def topk_mask(scores: Tensor, k: int) -> Tensor:

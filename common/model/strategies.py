@@ -87,9 +87,9 @@ class StaticMask(ScoredChoice):
     name = "static"
     head = "static"
 
-    def __init__(self, num_layers: int):
+    def __init__(self, num_layers: int, budget: bool = False):
         super().__init__(num_layers)
-        self.scorer = StaticScores(num_layers)
+        self.scorer = StaticScores(num_layers, budget)
 
 
 class InputSelector(ScoredChoice):
@@ -106,13 +106,15 @@ class InputSelector(ScoredChoice):
 STRATEGY_NAMES = ("full", "random", "early_exit", "static", "selector")
 
 
-def build_strategies(num_layers: int, feature_dim: int, selector_hidden: int = 64, selector_budget: bool = False) -> nn.ModuleDict:
+def build_strategies(num_layers: int, feature_dim: int, selector_hidden: int = 64, selector_budget: bool = False,
+                     static_budget: bool = False) -> nn.ModuleDict:
+    """``selector_budget`` / ``static_budget``: that strategy's kept set depends on k (see the scorers)."""
     return nn.ModuleDict(
         {
             "full": FullModel(num_layers),
             "random": RandomDrop(num_layers),
             "early_exit": EarlyExit(num_layers),
-            "static": StaticMask(num_layers),
+            "static": StaticMask(num_layers, static_budget),
             "selector": InputSelector(num_layers, feature_dim, selector_hidden, selector_budget),
         }
     )

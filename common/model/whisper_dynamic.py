@@ -58,9 +58,10 @@ class WhisperDynamic(DynamicModel):
     ``transcribe(front, strategy, k) -> (texts, keep)``."""
 
     def __init__(self, whisper: nn.Module, tokenizer, language: str | None = "en", pad_to_window: bool = True,
-                 selector_hidden: int = 64):
+                 selector_hidden: int = 64, budget: bool = False):
+        """``budget``: static and selector choose their set per k (not top-k of one ranking)."""
         head = WhisperDecoderHead(whisper, tokenizer, language)
-        super().__init__(whisper, head, selector_hidden)
+        super().__init__(whisper, head, selector_hidden, selector_budget=budget, static_budget=budget)
         self.runner.pad_to_window = pad_to_window
         self.heads = nn.ModuleDict({name: head for name in self.heads})  # one shared decoder head
 
@@ -69,12 +70,13 @@ class WhisperDynamic(DynamicModel):
         return self.heads["base"]
 
     @classmethod
-    def from_pretrained(cls, name: str, language: str | None = "en", pad_to_window: bool = True) -> "WhisperDynamic":
+    def from_pretrained(cls, name: str, language: str | None = "en", pad_to_window: bool = True,
+                        budget: bool = False) -> "WhisperDynamic":
         """From a Whisper hub id or local folder (e.g. made by ``ldfleet model import``)."""
         from transformers import WhisperTokenizerFast
 
         whisper = load_backbone(name, "whisper")
-        return cls(whisper, WhisperTokenizerFast.from_pretrained(name), language, pad_to_window)
+        return cls(whisper, WhisperTokenizerFast.from_pretrained(name), language, pad_to_window, budget=budget)
 
     def front_end(self, waves: list[np.ndarray] | Tensor, attention_mask: Tensor | None = None) -> FrontEnd:
         """Clips (a list of float32 arrays at 16 kHz, any lengths) or a padded batch [B, samples]."""
@@ -103,14 +105,16 @@ class WhisperDynamic(DynamicModel):
         if maps is not None:
             maps.save(run / SKIP_MAPS_FILE)
         meta = {"task": "asr", "family": "whisper", "head": self.head.spec(), "pad_to_window": self.runner.pad_to_window,
-                "selector_hidden": self.selector_hidden, "skip_maps": maps is not None, **(extra or {})}
+                "selector_hidden": self.selector_hidden, "budget": self.selector_budget, "skip_maps": maps is not None,
+                **(extra or {})}
         (run / MODEL_JSON).write_text(json.dumps(meta, indent=2))
 
     @classmethod
     def load(cls, run: str | Path) -> "WhisperDynamic":
         run = Path(run)
         meta = read_whisper_meta(run)
-        model = cls.from_pretrained(str(run / BACKBONE_DIR), meta["head"].get("language"), meta.get("pad_to_window", True))
+        model = cls.from_pretrained(str(run / BACKBONE_DIR), meta["head"].get("language"), meta.get("pad_to_window", True),
+                                    budget=bool(meta.get("budget", False)))
         model.strategies.load_state_dict(load_file(str(run / STRATEGIES_FILE)))
         if meta.get("skip_maps"):
             maps = SkipMaps.load(run / SKIP_MAPS_FILE)
