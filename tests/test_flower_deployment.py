@@ -176,9 +176,22 @@ def test_server_client_federate_commands_run_rounds(tiny):
             p.stop()
         registry.close()
         broker.close()
-    # SIGTERM stopped every Flower process the commands started
-    left = subprocess.run(["pgrep", "-f", str(work)], capture_output=True, text=True).stdout.split()
+    # SIGTERM stopped every Flower process the commands started; grandchildren get their SIGTERM from
+    # the kernel (PR_SET_PDEATHSIG) when their parent exits, so they may still be exiting for a moment
+    left = _processes_mentioning(work, grace_s=15.0)
     assert not left, subprocess.run(["ps", "-fp", ",".join(left)], capture_output=True, text=True).stdout
+
+
+def _processes_mentioning(text: Path, grace_s: float) -> list[str]:
+    """PIDs whose command line mentions `text`, after waiting up to `grace_s` s for them to exit."""
+    import time
+
+    deadline = time.monotonic() + grace_s
+    while True:
+        left = subprocess.run(["pgrep", "-f", str(text)], capture_output=True, text=True).stdout.split()
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
 
 
 def test_federate_command_line_is_documented():
