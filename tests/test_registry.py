@@ -45,6 +45,19 @@ def test_sqlite_registry_uses_wal(tmp_path):
             assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
 
 
+def test_a_bare_postgresql_url_uses_the_installed_driver(pg_url):
+    """`postgresql://` names no driver (SQLAlchemy 2.1 then assumes psycopg 3, which ldfleet does not
+    ship): the registry takes the installed one; a URL whose driver is missing is a clear error."""
+    bare = pg_url.replace("postgresql+psycopg2://", "postgresql://")
+    assert bare.startswith("postgresql://")
+    with Registry(bare) as reg:
+        assert reg.backend == "postgresql" and reg.engine.url.drivername in ("postgresql+psycopg2", "postgresql+psycopg")
+        reg.add_class("bare-url")
+        assert "bare-url" in {c.name for c in reg.classes()}
+    with pytest.raises(RegistryError, match="no_such_driver driver"):
+        make_engine("postgresql+no_such_driver://u@127.0.0.1/db")
+
+
 def test_policies_are_versioned_per_scope_with_an_audit_trail(db_url):
     with Registry(db_url) as reg:
         p1 = reg.set_policy("pi4", keep=0.5, issued_by="alice", create_class=True, comment="first")

@@ -118,9 +118,35 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+#: PostgreSQL drivers SQLAlchemy can use, in order of preference, by module name.
+_PG_DRIVERS = (("psycopg", "psycopg"), ("psycopg2", "psycopg2"))
+
+
+def _with_installed_driver(u: Any) -> Any:
+    """A bare ``postgresql://`` URL names no driver and SQLAlchemy 2.1 then assumes psycopg 3;
+    ldfleet ships psycopg2, so a bare URL takes whichever driver is installed. RegistryError when a
+    URL's driver is missing."""
+    import importlib.util
+
+    if u.get_backend_name() != "postgresql":
+        return u
+    if u.drivername == "postgresql":
+        for module, driver in _PG_DRIVERS:
+            if importlib.util.find_spec(module) is not None:
+                return u.set(drivername=f"postgresql+{driver}")
+        raise RegistryError("a PostgreSQL registry needs a driver: pip install psycopg2-binary (or psycopg)")
+    driver = u.get_driver_name()  # the module of the same name (psycopg2, psycopg, pg8000, asyncpg)
+    if importlib.util.find_spec(driver) is None:
+        raise RegistryError(f"the registry URL asks for the {driver} driver, which is not installed "
+                            f"(pip install {driver}, or use postgresql+psycopg2://)")
+    return u
+
+
 def make_engine(url: str, *, echo: bool = False) -> Engine:
-    """Engine for a registry URL; SQLite gets WAL, a busy timeout and foreign keys on every connection."""
-    u = make_url(url)
+    """Engine for a registry URL; SQLite gets WAL, a busy timeout and foreign keys on every connection.
+    A bare ``postgresql://`` URL uses the installed PostgreSQL driver. Raises RegistryError when the
+    URL's driver is not installed."""
+    u = _with_installed_driver(make_url(url))
     if u.get_backend_name() == "sqlite":
         db = u.database
         if db and db != ":memory:" and not db.startswith("file:"):
