@@ -78,19 +78,22 @@ def parity(model: WhisperDynamic, items, batch_size: int, path: Path, unpadded_c
     return out
 
 
-def tables(model: WhisperDynamic, train, val, path: Path, ks) -> tuple[LossTable, LossTable]:
-    """Layer-set loss tables (``whisper_train.loss_table``) of every set size in ``ks``, cached at ``path``."""
-    if path.is_file():
-        say(f"cached: {path}")
-        d = torch.load(path)
-        return LossTable.from_dict(d["train"]), LossTable.from_dict(d["val"])
+def tables(model: WhisperDynamic, splits: dict[str, list], folder: Path, tag: str, ks) -> dict[str, LossTable]:
+    """Layer-set loss tables (``whisper_train.loss_table``) of every set size in ``ks``, one per split,
+    each cached as ``folder/tables-SPLIT-N-TAG.pt`` (a rerun with another training size keeps the
+    validation table)."""
     out = {}
-    for name, items in (("train", train), ("val", val)):
+    for name, items in splits.items():
+        path = folder / f"tables-{name}-{len(items)}-{tag}.pt"
+        if path.is_file():
+            say(f"cached: {path}")
+            out[name] = LossTable.from_dict(torch.load(path))
+            continue
         start = time.perf_counter()
         out[name] = loss_table(model, items, ks, on_item=lambda i, n: say(f"table {name} {i}/{n}") if i % 4 == 0 else None)
         say(f"table {name}: {len(items)} clips in {time.perf_counter() - start:.0f} s")
-    torch.save({k: v.to_dict() for k, v in out.items()}, path)
-    return out["train"], out["val"]
+        torch.save(out[name].to_dict(), path)
+    return out
 
 
 def skip_maps(model: WhisperDynamic, items, path: Path) -> None:
@@ -166,8 +169,9 @@ def main() -> None:
         skip_maps(model, sample(train_items, args.map_clips), args.out / f"skip_maps-{args.map_clips}.safetensors")
     # cached per setting, so a rerun with other sizes never reuses a table of other clips
     ks = sorted({model.k_for(keep) for keep in keeps if keep < 1.0})  # every budget the table evaluates
-    cache = f"tables-{len(train)}-{len(val)}-k{''.join(map(str, ks))}" + (f"-maps{args.map_clips}" if args.skip_maps else "") + ".pt"
-    train_table, val_table = tables(model, train, val, args.out / cache, ks)
+    tag = f"k{''.join(map(str, ks))}" + (f"-maps{args.map_clips}" if args.skip_maps else "")
+    made = tables(model, {"train": train, "val": val}, args.out, tag, ks)
+    train_table, val_table = made["train"], made["val"]
     summary = {"train": table_summary(train_table), "val": table_summary(val_table)}
     fit = {name: fit_strategy(name, model, train_table, val_table, FitConfig(), log=say) for name in ("static", "selector")}
     model.save(args.out / "run", extra={"train": {"clips": len(train), "val_clips": len(val), "fit": fit,
