@@ -150,4 +150,6 @@ def test_bench_control_plane_restarts_its_broker_in_round_1_only(tmp_path, monke
     assert code == 0, out
     (res,) = json.loads(out[out.index("["):])
     assert [r["restarted_broker"] for r in res["rounds"]] == [True, False]
+    first, second = res["rounds"]
+    assert isinstance(first["acked_before_restart"], int) and second["acked_before_restart"] is None
     assert res["all_acked"] and res["version_gaps"] == 0 and res["version_mismatches"] == 0
