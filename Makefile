@@ -45,9 +45,9 @@ real-data: setup
 	$(PY) -m pip install -q 'g722>=1.2,<2'
 	$(PY) -m ldfleet.simulations.real_data --out data/real
 
-# The paper's table on real speech: fits the skip maps, trains the static ranking and the selector
-# (frozen Whisper), writes runs/real-bench/eval.json and leaves the run in runs/real-bench/run.
-# 38 min measured on 2 CPU cores shared with a training job (every clip runs Whisper's 30 s window);
+# The paper's table on real speech: fits the skip maps, trains static and the selector (a layer set per budget each,
+# frozen Whisper), writes runs/real-bench/eval.json and leaves the run in runs/real-bench/run.
+# 35 min measured on 2 CPU cores (every clip runs Whisper's 30 s window; the layer-set table of 96 training clips is 23 of them);
 # fewer clips: python -m ldfleet.simulations.real_bench --help.
 real-bench: setup
 	nice -n 10 $(PY) -m ldfleet.simulations.real_bench --data data/real --out runs/real-bench
