@@ -118,8 +118,8 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
-#: PostgreSQL drivers SQLAlchemy can use, in order of preference, by module name.
-_PG_DRIVERS = (("psycopg", "psycopg"), ("psycopg2", "psycopg2"))
+#: PostgreSQL drivers SQLAlchemy can use (each is also its module's name), in order of preference.
+_PG_DRIVERS = ("psycopg", "psycopg2")
 
 
 def _with_installed_driver(u: Any) -> Any:
@@ -131,8 +131,8 @@ def _with_installed_driver(u: Any) -> Any:
     if u.get_backend_name() != "postgresql":
         return u
     if u.drivername == "postgresql":
-        for module, driver in _PG_DRIVERS:
-            if importlib.util.find_spec(module) is not None:
+        for driver in _PG_DRIVERS:
+            if importlib.util.find_spec(driver) is not None:
                 return u.set(drivername=f"postgresql+{driver}")
         raise RegistryError("a PostgreSQL registry needs a driver: pip install psycopg2-binary (or psycopg)")
     driver = u.get_driver_name()  # the module of the same name (psycopg2, psycopg, pg8000, asyncpg)
