@@ -64,8 +64,11 @@ def test_password_hash_matches_mosquitto_passwd(tmp_path):
 
 def test_ldfleet_broker_command_runs_in_the_foreground(tmp_path):
     env = {**os.environ, "LDFLEET_HOME": str(tmp_path)}
+    # a test run started in the background (`cmd &` in a non-interactive shell) inherits SIGINT
+    # ignored, and Python then keeps it ignored: give the command the Ctrl-C a terminal would
     proc = subprocess.Popen([sys.executable, "-c", "from ldfleet.cli import app; app()", "broker"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         info_file = tmp_path / "broker.json"
         assert wait_until(info_file.exists, 30), "ldfleet broker did not write its URL"
