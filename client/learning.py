@@ -28,7 +28,7 @@ from ldfleet.common.budget import layers_for_keep
 from ldfleet.common.learning import TRAINED_STRATEGY
 from ldfleet.common.model.checkpoint import WEIGHTS, load_model
 from ldfleet.common.model.dynamic import DynamicModel
-from ldfleet.common.metrics import error_counts, score
+from ldfleet.common.metrics import error_counts, error_rates, score
 from ldfleet.common.train import FrontEndCache, cache_front_ends
 
 log = logging.getLogger("ldfleet.client.learning")
@@ -254,8 +254,7 @@ def _task_scores(task: str, predictions: list[str], references: list[str]) -> di
     if task == "kws":
         return {"accuracy": score(task, predictions, references)["accuracy"]}
     c = error_counts(predictions, references)
-    return {"accuracy": None, "wer": c["word_edits"] / max(1, c["words"]), "cer": c["char_edits"] / max(1, c["chars"]),
-            "words": int(c["words"])}
+    return {"accuracy": None, **error_rates(c), "words": int(c["words"])}
 
 
 def train_selector(

@@ -42,6 +42,11 @@ def error_counts(predictions: Sequence[str], references: Sequence[str]) -> dict[
     return out
 
 
+def error_rates(counts: dict[str, int]) -> dict[str, float]:
+    """``{"wer", "cer"}`` from ``error_counts`` (edits / reference length; may exceed 1)."""
+    return {"wer": counts["word_edits"] / max(1, counts["words"]), "cer": counts["char_edits"] / max(1, counts["chars"])}
+
+
 def score(task: str, predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """kws -> ``{"accuracy"}``; asr -> ``{"wer", "cer"}``. Raises ValueError on an unknown task."""
     if len(predictions) != len(references):
@@ -49,6 +54,5 @@ def score(task: str, predictions: Sequence[str], references: Sequence[str]) -> d
     if task == "kws":
         return {"accuracy": sum(p == r for p, r in zip(predictions, references)) / max(1, len(references))}
     if task == "asr":
-        c = error_counts(predictions, references)
-        return {"wer": c["word_edits"] / max(1, c["words"]), "cer": c["char_edits"] / max(1, c["chars"])}
+        return error_rates(error_counts(predictions, references))
     raise ValueError(f"unknown task {task!r} (kws or asr)")
