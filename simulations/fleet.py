@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pydantic import BaseModel
 
 from ldfleet.common.learning import FleetManifest, ManifestDevice
 from ldfleet.simulations.scenario import Scenario
@@ -55,7 +56,7 @@ def prepare_corpus(scn: Scenario, cache_dir: Path, progress=None) -> Path:
     from ldfleet.common.data.synth import SynthConfig, synthesize_corpus
 
     c = scn.data.corpus
-    out = cache_dir / f"corpus-{_corpus_key(scn)}"
+    out = cache_dir / f"corpus-{_corpus_key(scn.data.corpus)}"
     if (out / "metadata.csv").is_file():
         return out
     tmp = out.with_name(out.name + ".partial")
@@ -71,14 +72,12 @@ def prepare_corpus(scn: Scenario, cache_dir: Path, progress=None) -> Path:
 
 def prepare_asr_corpus(scn: Scenario, cache_dir: Path) -> Path:
     """The cached espeak-ng phrase corpus (audiofolder) of a ``task: asr`` scenario, made on first use."""
-    import hashlib
-
     from ldfleet.common.data.espeak import ACCENT_VOICES, ENGLISH_VOICES
     from ldfleet.common.data.synth_asr import AsrSynthConfig, synthesize_asr_corpus
 
     c = scn.data.asr_corpus
     assert c is not None  # filled in by the scenario's validation
-    out = cache_dir / f"asr-corpus-{hashlib.sha256(c.model_dump_json().encode()).hexdigest()[:8]}"
+    out = cache_dir / f"asr-corpus-{_corpus_key(c)}"
     if (out / "metadata.csv").is_file():
         return out
     tmp = out.with_name(out.name + ".partial")
@@ -93,10 +92,11 @@ def prepare_asr_corpus(scn: Scenario, cache_dir: Path) -> Path:
     return out
 
 
-def _corpus_key(scn: Scenario) -> str:
+def _corpus_key(spec: BaseModel) -> str:
+    """Cache key of a synthetic corpus: a hash of its spec (the keyword or the phrase corpus)."""
     import hashlib
 
-    return hashlib.sha256(scn.data.corpus.model_dump_json().encode()).hexdigest()[:8]
+    return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:8]
 
 
 def partition_devices(scn: Scenario, pool_speakers: list[str], pool_labels: list[int] | None = None
