@@ -73,7 +73,7 @@ class Display:
         self.console = console
         self.classes = [c.name for c in scn.classes]
         self.total = scn.rounds
-        self.metric = "wer" if scn.task == "asr" else "accuracy"
+        self.metric = scn.metric
         self.lock = threading.Lock()
 
     def say(self, text: str) -> None:

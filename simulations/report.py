@@ -190,7 +190,7 @@ def build_report(run_dir: str | Path, db_url: str | None = None, console: Consol
     out = run_dir / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
     classes = [c.name for c in scn.classes]
-    metric = "wer" if scn.task == "asr" else "accuracy"  # the task's score: higher (accuracy) or lower (WER) is better
+    metric = scn.metric
     with Registry(db_url or info["db_url"]) as reg:
         round_rows = rounds(reg, info["run_id"])
         metrics = metric_rows(reg, info["run_id"])

@@ -310,6 +310,12 @@ class Scenario(_Strict):
                     f"{self.num_devices} devices; use more voices or variants (at least 3 per voice)")
 
     @property
+    def metric(self) -> str:
+        """The task's score in reports and progress: ``accuracy`` (kws, higher is better) or ``wer``
+        (asr, lower is better)."""
+        return "wer" if self.task == "asr" else "accuracy"
+
+    @property
     def num_devices(self) -> int:
         return sum(c.count for c in self.classes)
 
