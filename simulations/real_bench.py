@@ -10,7 +10,8 @@ Benchmark orchestration, not product code (run `make real-data` first). Phases, 
    encoder then tolerates skipped layers;
 3. tables: teacher-forced loss of every layer set of each size the keeps need (k = 3, 4, 5 of 6)
    on training and validation clips (frozen Whisper; see common/whisper_train.py);
-4. fit: static and selector on those tables, each choosing its set per k (the budget is an input;
+4. fit: static, then the selector started from static's ranking (--selector-from-scratch: from a
+   random start), on those tables, each choosing its set per k (the budget is an input;
    --no-budget: top-k of one ranking); the run goes to OUT/run;
 5. eval: WER/CER, mean layers, encoder and end-to-end ms at 6/6..3/6 for full, random, early_exit,
    static, selector on the English test prompts (prompts never trained on) and on the Dutch test
@@ -140,6 +141,9 @@ def main() -> None:
     ap.add_argument("--no-budget", dest="budget", action="store_false",
                     help="static and selector keep top-k of one ranking for every k (nested sets); default: "
                          "each chooses its set per k (the budget is an input)")
+    ap.add_argument("--selector-from-scratch", dest="selector_from_static", action="store_false",
+                    help="train the selector from a random start (default: it starts as the fitted static ranking "
+                         "and learns per-clip corrections; see common/whisper_train.py)")
     ap.add_argument("--keeps", default="0.5,0.6667,0.8333")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
@@ -173,7 +177,10 @@ def main() -> None:
     made = tables(model, {"train": train, "val": val}, args.out, tag, ks)
     train_table, val_table = made["train"], made["val"]
     summary = {"train": table_summary(train_table), "val": table_summary(val_table)}
-    fit = {name: fit_strategy(name, model, train_table, val_table, FitConfig(), log=say) for name in ("static", "selector")}
+    fit = {"static": fit_strategy("static", model, train_table, val_table, FitConfig(), log=say)}
+    if args.selector_from_static:
+        model.strategy("selector").scorer.start_from(model.strategy("static").scorer.scores.detach())
+    fit["selector"] = fit_strategy("selector", model, train_table, val_table, FitConfig(), log=say)
     model.save(args.out / "run", extra={"train": {"clips": len(train), "val_clips": len(val), "fit": fit,
                                                    "tables": summary, "data": str(en)}})
     say(f"run saved to {args.out / 'run'}")
@@ -189,7 +196,7 @@ def main() -> None:
         "parity": {k: {m: x for m, x in v.items() if m not in ("predictions", "references")} for k, v in par.items()},
         "training": {"fit": fit, "tables": summary, "train_clips": len(train), "val_clips": len(val)},
         "conditions": {"threads": torch.get_num_threads(), "pad_to_window": True, "skip_maps": args.skip_maps,
-                       "budget_conditioned": args.budget,
+                       "budget_conditioned": args.budget, "selector_from_static": args.selector_from_static,
                        "map_clips": args.map_clips if args.skip_maps else 0, "cpu": "2 shared cores, heavily loaded"},
     }
     (args.out / "eval.json").write_text(json.dumps(result, indent=2))

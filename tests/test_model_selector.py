@@ -89,6 +89,36 @@ def test_budget_conditioned_selector_ranks_per_budget():
         sel(feats)
 
 
+def test_selector_started_from_static_ranks_like_it_then_learns_corrections():
+    torch.manual_seed(0)
+    sel = LayerSelector(feature_dim=16, num_layers=6, hidden=8, budget=True)
+    static = torch.randn(7, 6)
+    sel.start_from(static)
+    feats = torch.randn(3, 10, 16)
+    for k in (2, 4):
+        assert torch.equal(sel(feats, None, k), static[k].expand(3, -1))
+    with pytest.raises(ValueError, match="expected"):
+        sel.start_from(torch.zeros(6))
+    # the zeroed output layer still learns (its input is not zero), so corrections can grow
+    sel(feats, None, 3).pow(2).sum().backward()
+    assert sel.mlp[-1].weight.grad.abs().sum() > 0
+
+
+def test_selector_saved_without_a_prior_loads_with_a_zero_one():
+    torch.manual_seed(0)
+    old = LayerSelector(feature_dim=16, num_layers=6, hidden=8)
+    state = {k: v for k, v in old.state_dict().items() if k != "prior"}  # a run saved before priors
+    new = LayerSelector(feature_dim=16, num_layers=6, hidden=8)
+    new.load_state_dict(state)  # strict: no complaint about the missing prior, which stays zero
+    assert torch.equal(new.prior, torch.zeros(6))
+    assert torch.equal(new(torch.ones(1, 4, 16)), old(torch.ones(1, 4, 16)))
+    new.prior.fill_(3.0)
+    new.load_state_dict(state, strict=False)  # a partial load (global arrays) keeps the local prior
+    assert torch.equal(new.prior, torch.full((6,), 3.0))
+    with pytest.raises(RuntimeError, match="mlp.0.weight"):  # other missing keys still fail a strict load
+        new.load_state_dict({k: v for k, v in state.items() if k != "mlp.0.weight"})
+
+
 def test_oracle_supervision_picks_each_inputs_lowest_loss_set():
     from ldfleet.common.train import oracle_keep
 

@@ -103,13 +103,18 @@ def test_budget_conditioned_strategies_choose_a_set_per_k_and_survive_save(folde
     static = fit_strategy("static", model, table, table, FitConfig(epochs=80, lr=3e-2), log=lambda m: None)
     for k, losses in table.losses.items():  # per k the best single set, nested with the other ks or not
         assert static["train_chosen_loss"][k] == pytest.approx(float(losses.mean(0).min()), abs=1e-5)
-    fit_strategy("selector", model, table, table, FitConfig(epochs=20, lr=1e-2), log=lambda m: None)
+    # the selector starts as static's ranking; model selection keeps that start unless an epoch beats it
+    model.strategy("selector").scorer.start_from(model.strategy("static").scorer.scores.detach())
+    sel = fit_strategy("selector", model, table, table, FitConfig(epochs=20, lr=1e-2), log=lambda m: None)
+    mean = lambda losses: sum(losses.values()) / len(losses)  # noqa: E731
+    assert mean(sel["val_chosen_loss"]) <= mean(static["val_chosen_loss"]) + 1e-6
     with pytest.raises(ValueError, match="needs k"):
         model.strategy("static").scorer(torch.zeros(1, 5, 8))
     model.save(tmp_path / "run")
     again = WhisperDynamic.load(tmp_path / "run")
     assert again.selector_budget and again.static_budget
     assert torch.equal(again.strategies["static"].scorer.scores, model.strategies["static"].scorer.scores)
+    assert torch.equal(again.strategies["selector"].scorer.prior, model.strategies["static"].scorer.scores)
     front = again.front_end([it.waveform for it in items])
     for name in ("static", "selector"):
         _, keep = again.run(front, name, 2)

@@ -30,6 +30,10 @@ class LayerSelector(nn.Module):
 
     With ``budget=True`` the share of layers to keep (k / L) is a second input, so the kept sets
     of different budgets need not be nested (top-k of one ranking).
+
+    ``prior`` is a fixed score per layer ([L], or [L + 1, L] per k with ``budget``) added to the
+    MLP's: zeros unless set. ``start_from`` sets it to a static ranking and zeroes the MLP's output,
+    so the selector starts as that ranking and learns per-input corrections to it.
     """
 
     def __init__(self, feature_dim: int, num_layers: int, hidden: int = 64, budget: bool = False):
@@ -39,6 +43,18 @@ class LayerSelector(nn.Module):
         self.budget = budget
         self.norm = nn.LayerNorm(2 * feature_dim)
         self.mlp = nn.Sequential(nn.Linear(2 * feature_dim + int(budget), hidden), nn.GELU(), nn.Linear(hidden, num_layers))
+        self.register_buffer("prior", torch.zeros(num_layers + 1, num_layers) if budget else torch.zeros(num_layers))
+        self.register_load_state_dict_post_hook(_prior_may_be_absent)
+
+    @torch.no_grad()
+    def start_from(self, scores: Tensor) -> None:
+        """Become the static ranking ``scores`` (shaped like ``prior``): prior := scores, MLP output := 0."""
+        if scores.shape != self.prior.shape:
+            raise ValueError(f"prior scores {tuple(scores.shape)}: expected {tuple(self.prior.shape)}")
+        self.prior.copy_(scores)
+        last = self.mlp[-1]
+        last.weight.zero_()
+        last.bias.zero_()
 
     def forward(self, features: Tensor, frame_mask: Tensor | None = None, k: int | None = None) -> Tensor:
         """Scores ``[B, L]`` from features ``[B, T, D]``; ``k`` (layers to keep) is needed with ``budget``."""
@@ -52,7 +68,16 @@ class LayerSelector(nn.Module):
             if k is None:
                 raise ValueError("a budget-conditioned selector needs k")
             x = torch.cat([x, x.new_full((x.shape[0], 1), k / self.num_layers)], dim=-1)
-        return self.mlp(x)
+            return self.mlp(x) + self.prior[k]
+        return self.mlp(x) + self.prior
+
+
+def _prior_may_be_absent(module: LayerSelector, incompatible_keys) -> None:
+    """A run saved before selectors had a prior loads (strictly too) and keeps the prior the module
+    has: zeros in a freshly built model, which is what that run computed."""
+    missing = incompatible_keys.missing_keys
+    for key in [k for k in missing if k == "prior" or k.endswith(".prior")]:
+        missing.remove(key)
 
 
 def pooled_features(features: Tensor, frame_mask: Tensor | None = None) -> Tensor:
