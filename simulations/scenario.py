@@ -30,6 +30,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ldfleet.common.data.splits import split_counts
 from ldfleet.common.topics import DEVICE_CLASS_PATTERN
 
 DEFAULT_PROFILES_FILE = "device-classes.yaml"
@@ -301,8 +302,8 @@ class Scenario(_Strict):
             if self.data.asr_corpus is None:
                 self.data.asr_corpus = AsrCorpusSpec()
             c = self.data.asr_corpus
-            # the corpus splits each voice's speakers train / validation / test (80 / 10 / 10)
-            train_speakers = c.voices * max(1, c.variants_per_voice - 2 * max(1, round(0.1 * c.variants_per_voice)))
+            # the corpus splits each voice's speakers train / validation / test
+            train_speakers = c.voices * split_counts(c.variants_per_voice)[0]
             if c.variants_per_voice < 3 or train_speakers < self.num_devices:
                 raise ValueError(
                     f"data.asr_corpus: every device needs whole training speakers, but the corpus has about "

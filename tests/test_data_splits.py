@@ -48,3 +48,14 @@ def test_other_seed_gives_another_split():
 def test_bad_fractions_are_rejected(bad):
     with pytest.raises(ValueError, match="fractions"):
         check_fractions(bad)
+
+
+def test_split_counts_are_what_split_by_speaker_gives():
+    from collections import Counter
+
+    from ldfleet.common.data.splits import split_counts
+
+    for n in range(1, 24):
+        got = Counter(split_by_speaker([f"s{i}" for i in range(n)], seed=n))
+        assert [got.get(name, 0) for name in ("train", "val", "test")] == split_counts(n), n
+    assert split_counts(15) == [12, 2, 1]  # a scenario's count of training speakers relies on this

@@ -20,7 +20,7 @@ from .clip import Clip
 from .dataset import ClipDataset
 from .labels import BACKGROUND_NOISE_DIR, LABEL_TO_ID, SILENCE, label_counts, label_id
 from .lists import ListMatch, match_lists
-from .splits import LIST_FILES, SPLITS, assign_splits, check_fractions, list_files
+from .splits import DEFAULT_FRACTIONS, LIST_FILES, SPLITS, assign_splits, check_fractions, list_files
 from .validate import BadClip, Skipped, check_samples, is_candidate, is_clip_dir, is_hidden, read_checked, read_frames
 
 log = logging.getLogger(__name__)
@@ -235,7 +235,7 @@ class FolderReport:
 def describe(
     root: str | Path,
     seed: int = 0,
-    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
     strict: bool = False,
     progress: Progress | None = None,
 ) -> FolderReport:
@@ -254,7 +254,7 @@ def describe(
 def load_folder(
     root: str | Path,
     seed: int = 0,
-    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
     preload: bool = True,
     strict: bool = False,
     progress: Progress | None = None,
@@ -267,7 +267,7 @@ def load_folder(
 def load_splits(
     root: str | Path,
     seed: int = 0,
-    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
     preload: bool = True,
     strict: bool = False,
 ) -> dict[str, ClipDataset]:

@@ -17,6 +17,8 @@ from .clip import Clip
 from .labels import BACKGROUND_NOISE_DIR
 
 SPLITS = ("train", "val", "test")
+#: The default shares of speakers per split (train, val, test).
+DEFAULT_FRACTIONS = (0.8, 0.1, 0.1)
 LIST_FILES = {"val": "validation_list.txt", "test": "testing_list.txt"}
 
 
@@ -29,8 +31,9 @@ def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
     return f  # type: ignore[return-value]
 
 
-def _allocate(n: int, fractions: Sequence[float]) -> list[int]:
-    """Largest-remainder counts; then every split with a share gets at least one, when n allows."""
+def split_counts(n: int, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> list[int]:
+    """How many of ``n`` speakers each split gets: largest-remainder counts, then every split with
+    a share gets at least one, when ``n`` allows (what ``split_by_speaker`` gives each stratum)."""
     raw = [f * n for f in fractions]
     counts = [math.floor(r) for r in raw]
     by_remainder = sorted(range(len(raw)), key=lambda i: (counts[i] - raw[i], i))
@@ -48,7 +51,7 @@ def _allocate(n: int, fractions: Sequence[float]) -> list[int]:
 
 def split_by_speaker(
     speakers: Sequence[str],
-    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
     seed: int = 0,
     strata: Sequence[str] | None = None,
 ) -> list[str]:
@@ -72,7 +75,7 @@ def split_by_speaker(
         members = sorted(groups[key])
         order = [members[i] for i in rng.permutation(len(members))]
         start = 0
-        for name, count in zip(SPLITS, _allocate(len(order), fractions)):
+        for name, count in zip(SPLITS, split_counts(len(order), fractions)):
             split_of.update((spk, name) for spk in order[start : start + count])
             start += count
     return [split_of[spk] for spk in speakers]
@@ -87,7 +90,7 @@ def list_files(root: str | Path) -> dict[str, Path]:
 def assign_splits(
     clips: Sequence[Clip],
     listed: dict[str, str] | None,
-    fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
     seed: int = 0,
 ) -> list[str]:
     """Split names for scanned clips: from ``listed`` (clip rel -> split) if given, else by speaker.

@@ -31,7 +31,7 @@ from scipy.signal import butter, fftconvolve, sosfilt
 from . import audio as A
 from .espeak import ACCENT_VOICES, DEFAULT_VARIANTS, ENGLISH_VOICES, ESPEAK, check_speakers, espeak_binary, synthesize
 from .labels import SAMPLE_RATE
-from .splits import split_by_speaker
+from .splits import DEFAULT_FRACTIONS, split_by_speaker
 from .synth import ESPEAK_AMPLITUDE, file_stem, prepare_out, render_all
 
 METADATA = "metadata.csv"
@@ -63,7 +63,7 @@ class AsrSynthConfig:
     variants: tuple[str, ...] = DEFAULT_VARIANTS
     variants_per_voice: int = 6
     utterances_per_speaker: int = 30
-    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train / validation / test, by speaker
+    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS  # train / validation / test, by speaker
     noise: bool = True
     workers: int | None = None
     overwrite: bool = False

@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 
 from .audio import read_audio
 from .validate import BadClip
-from .splits import SPLITS, split_by_speaker
+from .splits import DEFAULT_FRACTIONS, SPLITS, split_by_speaker
 
 log = logging.getLogger("ldfleet.data")
 
@@ -151,7 +151,7 @@ def scan_transcribed(data: str | Path) -> list[Utterance]:
     return items
 
 
-def assign_transcribed_splits(items: Sequence[Utterance], fractions: Sequence[float] = (0.8, 0.1, 0.1), seed: int = 0) -> list[str]:
+def assign_transcribed_splits(items: Sequence[Utterance], fractions: Sequence[float] = DEFAULT_FRACTIONS, seed: int = 0) -> list[str]:
     """The given split of every item, or a speaker-disjoint split when the data set has none."""
     if all(u.split for u in items):
         return [u.split for u in items]  # type: ignore[misc]
@@ -193,7 +193,7 @@ class UtteranceDataset(Dataset):
 
 
 def load_transcribed_splits(
-    data: str | Path, seed: int = 0, fractions: Sequence[float] = (0.8, 0.1, 0.1), preload: bool = True, strict: bool = False
+    data: str | Path, seed: int = 0, fractions: Sequence[float] = DEFAULT_FRACTIONS, preload: bool = True, strict: bool = False
 ) -> dict[str, UtteranceDataset]:
     """``{"train", "val", "test"}`` datasets of an audiofolder or manifest.
 
