@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 import warnings
 from pathlib import Path
@@ -153,6 +154,7 @@ def main() -> None:
 
     hf_logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
+    load_at_start = os.getloadavg()[0]
     torch.manual_seed(0)
     args.out.mkdir(parents=True, exist_ok=True)
     keeps = [float(k) for k in args.keeps.split(",")]
@@ -197,7 +199,9 @@ def main() -> None:
         "training": {"fit": fit, "tables": summary, "train_clips": len(train), "val_clips": len(val)},
         "conditions": {"threads": torch.get_num_threads(), "pad_to_window": True, "skip_maps": args.skip_maps,
                        "budget_conditioned": args.budget, "selector_from_static": args.selector_from_static,
-                       "map_clips": args.map_clips if args.skip_maps else 0, "cpu": "2 shared cores, heavily loaded"},
+                       "map_clips": args.map_clips if args.skip_maps else 0,
+                       # the timings' conditions, as read: cores, and the 1-minute load average at start and end
+                       "cpu_cores": os.cpu_count(), "load_avg_1m": [load_at_start, os.getloadavg()[0]]},
     }
     (args.out / "eval.json").write_text(json.dumps(result, indent=2))
     say(f"wrote {args.out / 'eval.json'}")
