@@ -47,6 +47,11 @@ def error_rates(counts: dict[str, int]) -> dict[str, float]:
     return {"wer": counts["word_edits"] / max(1, counts["words"]), "cer": counts["char_edits"] / max(1, counts["chars"])}
 
 
+def metric_label(metric: str) -> str:
+    """How a score is named in tables and plots: ``"WER"`` for ``wer``, else the name as it is."""
+    return "WER" if metric == "wer" else metric
+
+
 def score(task: str, predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """kws -> ``{"accuracy"}``; asr -> ``{"wer", "cer"}``. Raises ValueError on an unknown task."""
     if len(predictions) != len(references):

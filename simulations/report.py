@@ -26,6 +26,8 @@ from typing import Any
 
 from rich.console import Console
 
+from ldfleet.common.metrics import metric_label
+
 REPORT_DIR = "report"
 METHODS = ("selector", "random", "early_exit")
 
@@ -115,7 +117,7 @@ def _plots(out: Path, per_round: dict, classes: list[str], central: dict, usage:
         if pts:
             axes[0].plot([r for r, _ in pts], [100 * v[metric] for _, v in pts], marker="o", label=c)
             axes[1].plot([r for r, _ in pts], [v["mean_layers"] for _, v in pts], marker="o", label=c)
-    name = "WER" if metric == "wer" else "accuracy"
+    name = metric_label(metric)
     axes[0].set(xlabel="round", ylabel=f"{name} on local test clips (%)", title=f"{name[0].upper() + name[1:]} per class per round")
     axes[1].set(xlabel="round", ylabel="mean encoder layers run", title="Mean layers per class per round", ylim=(0, num_layers + 0.5))
     from matplotlib.ticker import MaxNLocator
@@ -347,7 +349,7 @@ def build_report(run_dir: str | Path, db_url: str | None = None, console: Consol
     for keep in keeps:
         k = max(1, min(num_layers, round(keep * num_layers)))
         heldout_table.append([f"{keep:.3f}", k] + [_pct(central_acc(m, k)) for m in (*METHODS, "selector_before_fl")])
-    name = "WER" if metric == "wer" else "accuracy"
+    name = metric_label(metric)
     heading = name[0].upper() + name[1:]  # "WER", "Accuracy"
     sections: list[tuple[str, str, list[str] | None, list[list[Any]] | None, str | None]] = [
         ("Classes at their budget" + (": WER per class and keep ratio" if metric == "wer" else ""),

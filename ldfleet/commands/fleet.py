@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ldfleet.commands._shared import console, err, fail
+from ldfleet.common.metrics import metric_label
 
 
 registry_app = typer.Typer(help="Read the registry of a run: rounds, devices, layer usage.", no_args_is_help=True)
@@ -158,7 +159,7 @@ def registry_rounds(run: Optional[Path] = _RUN_OPT, run_id: Optional[str] = _RUN
         return
     metric = "wer" if any("wer" in o for o in out) else "accuracy"  # asr runs: WER (eval, all devices)
     t = Table(title=f"rounds of {rid}")
-    for col in ("round", "status", "sampled", "offline", "train rows", "failed", "WER" if metric == "wer" else "accuracy", "mean layers"):
+    for col in ("round", "status", "sampled", "offline", "train rows", "failed", metric_label(metric), "mean layers"):
         t.add_column(col, justify="right")
     for o in out:
         t.add_row(str(o["round"]), o["status"], str(o["sampled"]), str(o["offline"]), str(o["train_rows"]),
@@ -207,7 +208,7 @@ def registry_devices(run: Optional[Path] = _RUN_OPT, run_id: Optional[str] = _RU
         return
     metric = "wer" if any("wer" in o for o in out) else "accuracy"  # asr runs: the last round's WER
     t = Table(title=f"devices of {rid}")
-    for col in ("device", "class", "policy now", "versions used", "k", "WER" if metric == "wer" else "accuracy", "layers",
+    for col in ("device", "class", "policy now", "versions used", "k", metric_label(metric), "layers",
                 "latency ms", "trained", "failures"):
         t.add_column(col, justify="left" if col in ("device", "class") else "right")
     for o in out:
