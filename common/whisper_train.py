@@ -21,7 +21,8 @@ budget-conditioned).
    weight decay pulls the corrections back towards static. Started from scratch on 96 clips it
    chose sets worse than static's on the test prompts (README, real-speech table).
 3. Model selection on the validation table: the epoch, or the starting state, whose chosen sets have
-   the lowest mean loss; a selector whose corrections never help on validation clips stays static.
+   the lowest mean loss (ties go to the later epoch: the same choices, fitted longer; static's
+   choices settle in the first epoch, its scores' scale, which the selector starts from, later).
 """
 
 from __future__ import annotations
@@ -167,7 +168,7 @@ def fit_strategy(name: str, model: WhisperDynamic, train: LossTable, val: LossTa
             loss.backward()
             opt.step()
         mean_val = val_loss()
-        if mean_val < best[0]:
+        if mean_val <= best[0]:  # a tie chooses the same sets on validation: keep the longer-fitted scores
             best = (mean_val, snapshot(), epoch)
     scorer.load_state_dict(best[1])
     scorer.eval()

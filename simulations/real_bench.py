@@ -131,8 +131,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/real-bench"))
     # Defaults: the README table (35 min on 2 CPU cores; a 30 s window per clip is the cost).
     ap.add_argument("--train-clips", type=int, default=96)
-    ap.add_argument("--val-clips", type=int, default=12)
-    ap.add_argument("--test-clips", type=int, default=24)
+    ap.add_argument("--val-clips", type=int, default=48)
+    ap.add_argument("--test-clips", type=int, default=48)
     ap.add_argument("--unseen-test-clips", type=int, default=12, help="Dutch test voice (0 = skip)")
     ap.add_argument("--parity-clips", type=int, default=8)
     ap.add_argument("--unpadded-clips", type=int, default=2)
