@@ -47,7 +47,7 @@ real-data: setup
 
 # The paper's table on real speech: fits the skip maps, trains static and the selector (a layer set per budget each,
 # frozen Whisper), writes runs/real-bench/eval.json and leaves the run in runs/real-bench/run.
-# 35 min measured on 2 CPU cores (every clip runs Whisper's 30 s window; the layer-set table of 96 training clips is 23 of them);
+# About 45 min on 2 CPU cores (every clip runs Whisper's 30 s window: the layer-set tables of 96 training and 48 validation clips take 26 of them, evaluation 12);
 # fewer clips: python -m ldfleet.simulations.real_bench --help.
 real-bench: setup
 	nice -n 10 $(PY) -m ldfleet.simulations.real_bench --data data/real --out runs/real-bench

@@ -16,10 +16,10 @@ budget-conditioned).
    the softmax of set scores to the softmax of the sets' negative losses (a listwise ranking loss,
    as in ListNet, Cao et al. 2007). The static ranking sees no input, so it learns the sets that
    are best on average; the selector can learn which clips need which layers.
-   By default the selector starts as the fitted static ranking (``LayerSelector.start_from``: its
-   MLP's output zeroed, the static scores as a fixed prior) and learns per-clip corrections to it;
-   weight decay pulls the corrections back towards static. Started from scratch on 96 clips it
-   chose sets worse than static's on the test prompts (README, real-speech table).
+   The selector may also start as the fitted static ranking (``LayerSelector.start_from``: its
+   MLP's output zeroed, the static scores as a fixed prior) and learn per-clip corrections to it
+   (``real_bench --selector-from-static``); on the real-speech tables both starts reach the same
+   validation loss (README, real-speech table).
 3. Model selection on the validation table: the epoch, or the starting state, whose chosen sets have
    the lowest mean loss (ties go to the later epoch: the same choices, fitted longer; static's
    choices settle in the first epoch, its scores' scale, which the selector starts from, later).
