@@ -1,6 +1,7 @@
 """Analytic cost, budgets, checkpoints and latency profiles."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -108,3 +109,24 @@ def test_a_measured_profile_carries_its_tail_and_a_p99_target_keeps_fewer_layers
     k_median, _ = k_for_budget(slow_tail, latency_ms=9.0)
     k_p99, _ = k_for_budget(slow_tail, latency_ms=9.0, percentile=99)
     assert (k_median, k_p99) == (8, 3)
+
+
+def test_whisper_cost_follows_the_runner_padded_or_not():
+    backbone = load_backbone("tiny", "whisper")
+    model = DynamicModel(*with_head(backbone))  # a keyword head on the Whisper encoder
+    for pad in (True, False):
+        model.runner.pad_to_window = pad
+        for seconds in (1.0, 2.5):
+            with torch.inference_mode():
+                front = model.front_end(torch.randn(1, int(seconds * 16000)))
+            cost = cost_of(model, seconds)
+            assert cost.frames == front.hidden.shape[1], (pad, seconds)
+            assert cost.layer == layer_macs(backbone.config, cost.frames)
+            assert 0 < cost.selector < cost.layer
+    model.runner.pad_to_window = True  # every clip costs the 30 s window
+    assert cost_of(model, 1.0).full == cost_of(model, 2.5).full
+    model.runner.pad_to_window = False
+    assert cost_of(model, 1.0).full < cost_of(model, 2.5).full
+    # Whisper base on the 30 s window (1500 frames, d 512, FFN 2048): 7.0 GMACs per encoder layer
+    base = SimpleNamespace(model_type="whisper", hidden_size=512, encoder_ffn_dim=2048)
+    assert layer_macs(base, 1500) == 7_022_592_000

@@ -104,3 +104,25 @@ def test_interrupted_training_resumes_without_repeating_epochs(corpus, tmp_path)
     final = resumed.fit()
     assert final.done
     assert [h["stage"] for h in final.history] == ["backbone", "backbone", *STAGES[1:]]
+
+
+def test_keyword_head_on_a_whisper_encoder_trains_evaluates_and_infers(corpus, tmp_path):
+    """Whisper is a backbone family like the others: a keyword head on its encoder (no decoder) goes
+    through train, eval (with MACs of Whisper's log-mel front end) and infer."""
+    from whisper_fixtures import tiny_whisper
+
+    tiny_whisper().save_pretrained(tmp_path / "whisper")
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--backbone", str(tmp_path / "whisper"), "--data", str(corpus), "--out", str(run),
+                                 "--epochs", "1", "--strategy-epochs", "1", "--batch-size", "16"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["eval", "--run", str(run), "--data", str(corpus), "--keep", "0.5",
+                                 "--methods", "full,selector,random", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {(r["method"], r["keep"]): r for r in json.loads(result.output)["rows"]}
+    assert set(rows) == {("full", 1.0), ("selector", 0.5), ("random", 0.5)}
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows.values())
+    assert 0 < rows[("random", 0.5)]["macs"] < rows[("selector", 0.5)]["macs"] < rows[("full", 1.0)]["macs"]
+    wav = next((corpus / "yes").glob("*.wav"))
+    result = runner.invoke(app, ["infer", "--run", str(run), "--keep", "0.5", str(wav)])
+    assert result.exit_code == 0, result.output

@@ -7,6 +7,7 @@ Encoder layers are identical, so a layer's cost depends only on the number of fr
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from torch import Tensor
@@ -35,9 +36,29 @@ def front_end_macs(config, samples: int) -> int:
     return macs
 
 
+def whisper_front_end(config, log_mel, samples: int, pad_to_window: bool, tail_s: float = 0.0) -> tuple[int, int]:
+    """``(encoder frames, MACs)`` of Whisper's front end for ``samples`` input samples, as the runner
+    runs it (``LayerRunner``: padded to the 30 s window, or the clip plus ``tail_s`` s of silence).
+
+    Log-mel: per 10 ms frame an FFT of ``n_fft`` points (counted as n_fft x log2 n_fft) and the mel
+    filterbank; then conv1 (kernel 3) and conv2 (kernel 3, stride 2: 20 ms frames); the learned
+    positions are an addition. ``log_mel``: the runner's ``whisper.LogMel``."""
+    if pad_to_window:
+        samples = log_mel.window_samples
+    else:
+        samples = min(samples + int(tail_s * SAMPLE_RATE), log_mel.window_samples)
+    mel = log_mel.frames(samples)
+    frames = (mel - 1) // 2 + 1
+    d, n_fft = config.d_model, log_mel.n_fft
+    macs = mel * (n_fft * math.ceil(math.log2(n_fft)) + (n_fft // 2 + 1) * log_mel.n_mels)
+    macs += mel * log_mel.n_mels * d * 3 + frames * d * d * 3
+    return frames, macs
+
+
 def layer_macs(config, frames: int) -> int:
     """One transformer layer: Q/K/V/O projections, attention scores and mixing, feed-forward."""
-    d, f, t = config.hidden_size, config.intermediate_size, frames
+    ffn = config.encoder_ffn_dim if config.model_type == "whisper" else config.intermediate_size
+    d, f, t = config.hidden_size, ffn, frames
     macs = t * (4 * d * d + 2 * d * f) + 2 * t * t * d
     if getattr(config, "model_type", "") == "wavlm":  # gated relative position bias
         macs += t * d * 8
@@ -87,13 +108,17 @@ class Cost:
 
 def cost_of(model, seconds: float = 1.0) -> Cost:
     """Cost of a ``DynamicModel`` for inputs of ``seconds`` seconds."""
-    cfg = model.runner.backbone.config
+    runner = model.runner
+    cfg = runner.backbone.config
     samples = int(round(seconds * SAMPLE_RATE))
-    t = frames_for(cfg, samples)
+    if runner.family == "whisper":
+        t, front = whisper_front_end(cfg, runner.log_mel, samples, runner.pad_to_window, runner.tail_s)
+    else:
+        t, front = frames_for(cfg, samples), front_end_macs(cfg, samples)
     return Cost(
         seconds=seconds,
         frames=t,
-        front_end=front_end_macs(cfg, samples),
+        front_end=front,
         layer=layer_macs(cfg, t),
         num_layers=cfg.num_hidden_layers,
         selector=selector_macs(cfg.hidden_size, model.selector_hidden, cfg.num_hidden_layers, t),
