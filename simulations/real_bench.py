@@ -144,7 +144,9 @@ def main() -> None:
                          "each chooses its set per k (the budget is an input)")
     ap.add_argument("--selector-from-static", action="store_true",
                     help="start the selector as the fitted static ranking, learning per-clip corrections to it "
-                         "(default: a random start; README, real-speech table, has both)")
+                         "(default: a random start; README, real-speech table, has both). Writes OUT/run and "
+                         "OUT/eval.json like the default: give it another --out, with OUT's tables-*.pt and "
+                         "skip_maps-*.safetensors copied there to reuse them")
     ap.add_argument("--keeps", default="0.5,0.6667,0.8333")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)

@@ -77,6 +77,10 @@ def test_unknown_strategy_is_a_clear_error(model):
 def test_trainable_state_is_only_selector_and_its_head(model):
     state = model.trainable_state("selector")
     assert state and all(k.startswith(("strategies.selector.", "heads.selector.")) for k in state)
+    # parameters only: the exchanged key set is what it was before selectors had a (buffer) prior
+    params = {n for n, _ in model.named_parameters()}
+    assert set(state) <= params and "strategies.selector.scorer.prior" not in state
+    assert not any(v.requires_grad for v in state.values())
     assert sum(v.numel() for v in state.values()) < 0.05 * model.parameter_count("backbone")
 
 

@@ -40,7 +40,7 @@ def whisper_front_end(config, log_mel, samples: int, pad_to_window: bool, tail_s
     """``(encoder frames, MACs)`` of Whisper's front end for ``samples`` input samples, as the runner
     runs it (``LayerRunner``: padded to the 30 s window, or the clip plus ``tail_s`` s of silence).
 
-    Log-mel: per 10 ms frame an FFT of ``n_fft`` points (counted as n_fft x log2 n_fft) and the mel
+    Log-mel: per 10 ms frame an FFT of ``n_fft`` points (counted as n_fft x ceil(log2 n_fft)) and the mel
     filterbank; then conv1 (kernel 3) and conv2 (kernel 3, stride 2: 20 ms frames); the learned
     positions are an addition. ``log_mel``: the runner's ``whisper.LogMel``."""
     if pad_to_window:

@@ -103,10 +103,11 @@ class DynamicModel(nn.Module):
         return self.classify(self.front_end(waveform, attention_mask), strategy, self.k_for(keep))
 
     def trainable_state(self, strategy: str = "selector") -> dict[str, Tensor]:
-        """The arrays a device fine-tunes for a learned strategy: its scorer and its head."""
+        """The arrays a device fine-tunes for a learned strategy: its scorer's and its head's parameters
+        (detached). Buffers stay local: a fixed selector prior is not trained, so not exchanged."""
         choice = self.strategy(strategy)
-        state = {f"strategies.{strategy}.{k}": v for k, v in choice.state_dict().items()}
-        state.update({f"heads.{choice.head}.{k}": v for k, v in self.heads[choice.head].state_dict().items()})
+        state = {f"strategies.{strategy}.{k}": v.detach() for k, v in choice.named_parameters()}
+        state.update({f"heads.{choice.head}.{k}": v.detach() for k, v in self.heads[choice.head].named_parameters()})
         return state
 
     def parameter_count(self, part: str) -> int:

@@ -44,7 +44,7 @@ class LayerSelector(nn.Module):
         self.norm = nn.LayerNorm(2 * feature_dim)
         self.mlp = nn.Sequential(nn.Linear(2 * feature_dim + int(budget), hidden), nn.GELU(), nn.Linear(hidden, num_layers))
         self.register_buffer("prior", torch.zeros(num_layers + 1, num_layers) if budget else torch.zeros(num_layers))
-        self.register_load_state_dict_post_hook(_prior_may_be_absent)
+        self.register_load_state_dict_pre_hook(_prior_may_be_absent)
 
     @torch.no_grad()
     def start_from(self, scores: Tensor) -> None:
@@ -72,12 +72,11 @@ class LayerSelector(nn.Module):
         return self.mlp(x) + self.prior
 
 
-def _prior_may_be_absent(module: LayerSelector, incompatible_keys) -> None:
-    """A run saved before selectors had a prior loads (strictly too) and keeps the prior the module
-    has: zeros in a freshly built model, which is what that run computed."""
-    missing = incompatible_keys.missing_keys
-    for key in [k for k in missing if k == "prior" or k.endswith(".prior")]:
-        missing.remove(key)
+def _prior_may_be_absent(module: LayerSelector, state_dict: dict, prefix: str, *args) -> None:
+    """A state without this selector's prior (a run saved before selectors had one, or arrays from
+    elsewhere) loads, also strictly, and the selector keeps the prior it has: zeros in a freshly
+    built model, which is what such a run computed."""
+    state_dict.setdefault(prefix + "prior", module.prior.clone())
 
 
 def pooled_features(features: Tensor, frame_mask: Tensor | None = None) -> Tensor:
