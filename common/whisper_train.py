@@ -21,8 +21,8 @@ budget-conditioned).
    (``real_bench --selector-from-static``); on the real-speech tables both starts reach the same
    validation loss (README, real-speech table).
 3. Model selection on the validation table: the epoch, or the starting state, whose chosen sets have
-   the lowest mean loss (ties go to the later epoch: the same choices, fitted longer; static's
-   choices settle in the first epoch, its scores' scale, which the selector starts from, later).
+   the lowest mean loss (ties go to the later epoch, fitted longer: static's choices settle in the
+   first epoch, the scale of its scores, which the selector may start from, only later).
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ def fit_strategy(name: str, model: WhisperDynamic, train: LossTable, val: LossTa
             loss.backward()
             opt.step()
         mean_val = val_loss()
-        if mean_val <= best[0]:  # a tie chooses the same sets on validation: keep the longer-fitted scores
+        if mean_val <= best[0]:  # a tie on validation: keep the longer-fitted scores
             best = (mean_val, snapshot(), epoch)
     scorer.load_state_dict(best[1])
     scorer.eval()
