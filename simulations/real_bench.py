@@ -56,9 +56,9 @@ def parity(model: WhisperDynamic, items, batch_size: int, path: Path, unpadded_c
     out = json.loads(path.read_text()) if path.is_file() else {}
     for name in ("hf_generate", "ldfleet_padded", "ldfleet_unpadded", "ldfleet_padded_same_clips_as_unpadded"):
         subset = items if name in ("hf_generate", "ldfleet_padded") else items[:unpadded_clips]
-        if out.get(name, {}).get("references") == [it.text for it in subset]:
-            continue  # measured on these clips by an earlier run
         refs = [it.text for it in subset]
+        if out.get(name, {}).get("references") == refs:
+            continue  # measured on these clips by an earlier run
         texts, start = [], time.perf_counter()
         for i in range(0, len(subset), batch_size):
             batch = subset[i : i + batch_size]

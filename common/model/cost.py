@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass
 
 from torch import Tensor
 
+from .whisper import encoder_frames
+
 SAMPLE_RATE = 16000
 
 
@@ -48,7 +50,7 @@ def whisper_front_end(config, log_mel, samples: int, pad_to_window: bool, tail_s
     else:
         samples = min(samples + int(tail_s * SAMPLE_RATE), log_mel.window_samples)
     mel = log_mel.frames(samples)
-    frames = (mel - 1) // 2 + 1
+    frames = encoder_frames(mel)
     d, n_fft = config.d_model, log_mel.n_fft
     macs = mel * (n_fft * math.ceil(math.log2(n_fft)) + (n_fft // 2 + 1) * log_mel.n_mels)
     macs += mel * log_mel.n_mels * d * 3 + frames * d * d * 3

@@ -102,8 +102,8 @@ def batch_log_mel(
     return mel, frames
 
 
-def encoder_frames(mel_frames: Tensor) -> Tensor:
-    """Encoder frames after the stride-2 convolution: ceil(F / 2)."""
+def encoder_frames(mel_frames: Tensor | int) -> Tensor | int:
+    """Encoder frames after the stride-2 convolution: ceil(F / 2) (per clip, or of one count)."""
     return (mel_frames + 1) // 2
 
 
