@@ -3,7 +3,7 @@
 ```
 ldfleet/v1/dev/{device_id}/status           device -> retained QoS1: birth (online); Last Will: offline
 ldfleet/v1/dev/{device_id}/profile          device -> retained QoS1: DeviceProfile
-ldfleet/v1/dev/{device_id}/policy/desired   controller -> retained QoS1: BudgetPolicy (this device only)
+ldfleet/v1/dev/{device_id}/policy/desired   controller -> retained QoS0: BudgetPolicy (this device only; its ack confirms it)
 ldfleet/v1/dev/{device_id}/policy/reported  device -> retained QoS1: PolicyAck
 ldfleet/v1/dev/{device_id}/telemetry        device -> QoS0: Telemetry
 ldfleet/v1/dev/{device_id}/rebirth          controller -> QoS1: RebirthRequest (device re-announces)

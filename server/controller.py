@@ -29,6 +29,15 @@ MQTT session choices (the burst is what they are chosen for):
   session would make the broker queue for a dead controller, with shared subscriptions part of the
   fleet's messages. QoS 1 for births, profiles, acks and notices (each must arrive at least once;
   all are idempotent), QoS 0 for telemetry (a lost sample does not matter).
+* desired policies go out retained at **QoS 0**. What confirms a policy is the device's reported
+  ack, end to end; the broker's PUBACK would only say the broker stored it. A lost desired document
+  is recovered without it: reconciliation re-sends to devices that have not acked within
+  ``ack_bound_s`` and every (re)connect re-publishes every document (Sparkplug B sends its commands
+  at QoS 0 for the same reason and recovers state by rebirth). QoS 1 would put a fan-out of N
+  documents under the broker's Receive Maximum (Mosquitto advertises 20, MQTT 5 forbids more in
+  flight): measured at 3 000 devices on 2 cores, p99 2.3 s with a window of 20 against 1.2-1.4 s at
+  QoS 0, and paho's own window re-scans every in-flight message on each PUBACK. At QoS 0 the device
+  sends no PUBACK either.
 
 A failing batch is retried, then processed one message at a time: one bad message never stops it.
 """
@@ -55,10 +64,9 @@ log = logging.getLogger("ldfleet.controller")
 
 #: The MQTT 5 receive maximum the controller asks for (the protocol's largest; see the module docstring).
 RECEIVE_MAXIMUM = 65535
-#: QoS 1 publishes the controller keeps in flight (paho's window). paho walks the window on every
-#: PUBACK, so a burst of N desired policies costs O(N x window) CPU: a window of 1 000 made a
-#: 5 000-message burst cost twice the CPU of 200, which still moves thousands a second at a 50 ms RTT.
-MAX_INFLIGHT = 200
+#: QoS 1 publishes the controller keeps in flight (paho's window): the Receive Maximum Mosquitto
+#: advertises by default. Only rebirth requests and status go out at QoS 1 (desired policies at QoS 0).
+MAX_INFLIGHT = 20
 
 
 @dataclass
@@ -176,7 +184,8 @@ class Controller:
         return ControllerStatus(controller_id=self.controller_id, online=online, boot_id=self.boot_id, sent_at=utcnow())
 
     def _publish_retained(self, topic: str, payload: bytes) -> None:
-        self.session.publish(topic, payload, qos=1, retain=True)
+        """A desired policy: retained, QoS 0 (see the module docstring)."""
+        self.session.publish(topic, payload, qos=0, retain=True)
 
     def _send(self, topic: str, payload: bytes) -> None:
         self.session.publish(topic, payload, qos=1, retain=False)

@@ -11,7 +11,7 @@ A resolution run takes the devices a ``Work`` names, in chunks of ``resolve_chun
    first transaction, then skip). Only the winner goes on;
 3. compare-and-set the winners' ``devices`` rows (``WHERE desired_version < v``: a version never
    goes down), commit;
-4. publish the winners' documents (retained, QoS 1, one topic per device) -- after the commit, so
+4. publish the winners' documents (retained, QoS 0, one topic per device) -- after the commit, so
    that a published version is always in the registry. The first devices hear of a change while the
    rest are still being resolved.
 
@@ -41,7 +41,7 @@ from ldfleet.server.registry.store import Registry
 
 log = logging.getLogger("ldfleet.controller")
 
-#: ``publish(topic, payload)``: retained, QoS 1 (the controller's MQTT session).
+#: ``publish(topic, payload)``: retained, QoS 0 (the controller's MQTT session; the device's ack confirms it).
 Publish = Callable[[str, bytes], Any]
 
 _DEVICES = Device.__table__
