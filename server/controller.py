@@ -15,6 +15,8 @@ so a broker that lost its retained messages is healed; devices ignore versions t
 Several controllers can share one fleet and one (PostgreSQL) registry: give them the same
 ``shared_group`` and the broker hands each device message to one of them (MQTT 5 shared
 subscriptions); versions are claimed through a unique constraint, so no version is published twice.
+Every member hears operator notices and resolves only its share of the devices they name
+(``server/group.py``), so a budget change on a large class is resolved and published in parallel.
 Shared subscriptions deliver no retained messages: after each connect such a controller reads the
 devices' retained state once through a second, short session (``server/snapshot.py``).
 
@@ -150,10 +152,11 @@ class Controller:
             (topics.all_devices(topics.Channel.PROFILE), 1),
             (topics.all_devices(topics.Channel.POLICY_REPORTED), 1),
             (topics.all_devices(topics.Channel.TELEMETRY), 0),
-            (topics.CTL_POLICY_CHANGED, 1),
         ]
-        if shared_group is not None:  # one member of the group gets each message
+        if shared_group is not None:  # one member of the group gets each device message
             device_filters = [(topics.shared(shared_group, f), q) for f, q in device_filters]
+        # every member hears operator notices and resolves its own share of what they name
+        device_filters.append((topics.CTL_POLICY_CHANGED, 1))
         will = Will(self.status_topic, self._status(False).to_json())
         self.session = MqttSession(
             self.url,
@@ -327,6 +330,10 @@ class Controller:
             with self.registry.session(write=True) as s:
                 self.writer.apply(s, batch, work)
             self.writer.committed()
+        if self.shared_group is not None:
+            if self.reconciler.group.take_changed():  # shares moved: cover what may have fallen between
+                work.all = True
+            work.share = self.reconciler.group.share()
         t1 = time.perf_counter()
         published = self.publisher.resolve_and_publish(work) if work.any() else 0
         upto = self.publisher.covered_policy_id

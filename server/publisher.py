@@ -60,6 +60,9 @@ class Work:
     republish: bool = False
     #: Devices (also in ``devices``) whose unchanged desired document goes out again: they re-announced.
     resend: set[str] = field(default_factory=set)
+    #: ``mine(device_id)``: limits the devices picked by ``classes`` or ``all`` to this controller's
+    #: share of a shared group (``server/group.py``); ``devices`` are always resolved. None: all.
+    share: Callable[[str], bool] | None = None
 
     def any(self) -> bool:
         return bool(self.devices or self.classes or self.all or self.republish)
@@ -167,7 +170,11 @@ class PolicyPublisher:
                 return []
             q = q.where(or_(*conds))
         with self.registry.session() as s:
-            return list(s.scalars(q.order_by(Device.device_id)))
+            ids = list(s.scalars(q.order_by(Device.device_id)))
+        if work.share is None:
+            return ids
+        named = work.devices
+        return [did for did in ids if did in named or work.share(did)]
 
     def _resolve_chunk(
         self, part: list[str], active: dict[str, Any], now: datetime, republish: bool, resend: set[str]

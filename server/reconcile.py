@@ -24,11 +24,9 @@ them back. Devices the registry has never heard of cannot be asked; they re-anno
 with jittered backoff when no desired policy arrives (``common/reannounce.py``).
 
 Several controllers (a shared group) split the lagging devices instead of each asking all of them:
-every controller hears the others' retained statuses (``ctl/status/+``), and a device is asked by
-the online controller at ``crc32(device id) mod n`` in the sorted list of online controller ids
-(``peers``, itself always included). When a controller goes (its Last Will says offline) the others
-take its share at their next run; while membership changes a device may be asked twice or a run
-late, which is harmless: a rebirth request is idempotent.
+each asks the devices of its own share (``server/group.py``). When a controller goes (its Last Will
+says offline) the others take its share at their next run; while membership changes a device may be
+asked twice or a run late, which is harmless: a rebirth request is idempotent.
 
 Storm control: each device is retried with exponential backoff (``ack_bound_s``, then x2 up to
 ``backoff_max_s``, jittered), and a token bucket caps the requests at ``rate_per_s`` for the whole
@@ -41,7 +39,6 @@ import logging
 import math
 import random
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -50,6 +47,7 @@ from sqlalchemy import and_, not_, or_, select
 
 from ldfleet.common import topics
 from ldfleet.common.schemas import ControllerStatus, RebirthRequest, utcnow
+from ldfleet.server.group import Group
 from ldfleet.server.registry.models import Device
 from ldfleet.server.registry.store import Registry
 
@@ -89,20 +87,25 @@ class Reconciler:
     _last_run: float = 0.0
     _tokens: float = 0.0
     _rng: random.Random = field(default_factory=random.Random)
-    #: controller id -> online, from the controllers' statuses (``note_controller``)
-    peers: dict[str, bool] = field(default_factory=dict)
+    #: the controllers sharing the fleet (``server/group.py``); the controller shares its own
+    group: Group | None = None
+
+    def __post_init__(self) -> None:
+        if self.group is None:
+            self.group = Group(self.controller_id)
+
+    @property
+    def peers(self) -> dict[str, bool]:
+        """controller id -> online, from the controllers' statuses."""
+        return self.group.online
 
     def note_controller(self, status: ControllerStatus) -> None:
         """A controller's (retained) status: who shares the fleet's reconciliation."""
-        self.peers[status.controller_id] = status.online
+        self.group.note(status)
 
     def partition(self) -> Callable[[str], bool]:
-        """-> ``mine(device_id)``: whether this controller asks that device (see the module docstring)."""
-        live = sorted({c for c, online in self.peers.items() if online} | {self.controller_id})
-        if len(live) == 1:
-            return lambda device_id: True
-        me = live.index(self.controller_id)
-        return lambda device_id: zlib.crc32(device_id.encode()) % len(live) == me
+        """-> ``mine(device_id)``: whether this controller asks that device (its share of the group)."""
+        return self.group.share()
 
     def maybe_run(self, quiet_for_s: float = math.inf) -> int:
         """Run when ``interval_s`` has passed since the last run; ``quiet_for_s``: seconds since the

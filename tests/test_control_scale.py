@@ -18,6 +18,7 @@ from ldfleet.common import topics
 from ldfleet.common.mqtt import parse_broker_url, publish_once
 from ldfleet.common.reannounce import ReannounceBackoff
 from ldfleet.common.schemas import ControllerStatus, PolicyAck, Status, utcnow
+from ldfleet.server.group import Group
 from ldfleet.server.intake import BatchWriter, Intake
 from ldfleet.server.publisher import PolicyPublisher, ProfileCache, Work
 from ldfleet.server.reconcile import Reconciler
@@ -189,6 +190,46 @@ def test_a_device_row_deleted_after_the_intake_saw_it_is_created_again(db_url):
         assert reg.device("d1").applied_version == 1
         assert [a.version for a in reg.acks("d1")] == [1]
     finally:
+        reg.close()
+
+
+def test_a_group_resolves_a_class_in_shares_and_covers_a_member_that_left(db_url):
+    """Two members of a group resolve a fleet-wide change: each publishes only its share, together
+    every device once. When one goes, the other hears the change and its next fleet-wide pass covers
+    the devices the gone member never published."""
+    reg = Registry(db_url)
+    reg.add_class("pi4")
+    reg.close()
+    reg = _registry_with_devices(db_url, 120)
+    groups = [Group(f"c{k}") for k in range(2)]
+    for g in groups:
+        for k in range(2):
+            g.note(ControllerStatus(controller_id=f"c{k}", online=True, boot_id="b"))
+        assert g.take_changed() and not g.take_changed()  # the peer coming online, reported once
+    published: list[list[str]] = [[], []]
+    pubs = [PolicyPublisher(Registry(db_url), lambda t, p, k=k: published[k].append(t), controller_id=f"c{k}") for k in range(2)]
+    try:
+        assert pubs[0].resolve_and_publish(Work(all=True, share=groups[0].share())) == len(published[0]) > 0
+        assert 0 < len(published[0]) < 120  # only its share
+        assert pubs[1].resolve_and_publish(Work(all=True, share=groups[1].share())) == len(published[1]) > 0
+        assert sorted(published[0] + published[1]) == sorted(set(published[0] + published[1]))  # none twice
+        assert len(published[0]) + len(published[1]) == 120
+        # a device named explicitly is resolved whatever its share (its profile came to this member)
+        reg.set_policy("pi4", keep=0.5, issued_by="test")
+        other = topics.parse_device_topic(published[1][0]).device_id
+        n = pubs[0].resolve_and_publish(Work(devices={other}, share=groups[0].share()))
+        assert n == 1 and published[0][-1] == topics.policy_desired(other)
+        # c1 publishes nothing for the class change and leaves; c0 hears it and takes the whole fleet
+        groups[0].note(ControllerStatus(controller_id="c1", online=False, boot_id="b"))
+        assert groups[0].take_changed()
+        before = len(published[0])
+        pubs[0].resolve_and_publish(Work(all=True, share=groups[0].share()))
+        with reg.session() as s:
+            assert set(s.scalars(select(Device.desired_version))) == {2}
+        assert len(published[0]) - before == 119  # every device but the one already at version 2
+    finally:
+        for p in pubs:
+            p.registry.close()
         reg.close()
 
 

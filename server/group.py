@@ -1,0 +1,53 @@
+"""The controllers sharing one fleet (a shared group), and each one's share of the devices.
+
+Every controller publishes a retained status on its own topic (``ldfleet/v1/ctl/status/{id}``, Last
+Will: offline) and hears everyone's. A device belongs to the online controller at
+``crc32(device id) mod n`` in the sorted list of the n online controller ids (this controller always
+counts itself). Shares decide who does fleet-wide work that every member hears: resolving a class
+after an operator's notice, re-resolving after an expiry or a (re)connect, asking lagging devices to
+re-announce. Work that arrives through the shared subscription (one device's profile or ack) is done
+by whoever received it.
+
+Views of the group differ for a moment when a member comes or goes (statuses arrive one by one), so
+a device may fall in two shares or in none. Two is harmless: versions are claimed in the registry
+and rebirth requests are idempotent. None is repaired by the change itself: every change of the
+group is reported once (``take_changed``), and the controller then re-resolves its new share of the
+whole fleet, which publishes nothing where the policy is already in force.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+
+from ldfleet.common.schemas import ControllerStatus
+
+
+class Group:
+    """The group as one controller sees it. ``online``: controller id -> online, from statuses."""
+
+    def __init__(self, controller_id: str) -> None:
+        self.controller_id = controller_id
+        self.online: dict[str, bool] = {}
+        self._changed = False
+
+    def note(self, status: ControllerStatus) -> None:
+        """A controller's (retained) status. A peer coming online or going offline is a change."""
+        cid = status.controller_id
+        before = self.online.get(cid, False)
+        self.online[cid] = status.online
+        if cid != self.controller_id and before != status.online:
+            self._changed = True
+
+    def take_changed(self) -> bool:
+        """Whether the group changed since the last call (then the shares moved)."""
+        changed, self._changed = self._changed, False
+        return changed
+
+    def share(self) -> Callable[[str], bool]:
+        """-> ``mine(device_id)``: whether the device is in this controller's share."""
+        live = sorted({c for c, up in self.online.items() if up} | {self.controller_id})
+        if len(live) == 1:
+            return lambda device_id: True
+        me = live.index(self.controller_id)
+        return lambda device_id: zlib.crc32(device_id.encode()) % len(live) == me
