@@ -264,10 +264,10 @@ def fleet_process_main() -> None:
     """Entry point of a simulated-fleet child process (see ``start_fleet_process``).
 
     Reads one JSON line from stdin: ``{"broker", "device_ids", "device_class", "num_layers",
-    "layer_ms", "front_end_ms", "connect_concurrency"}``; prints ``connected <n>`` once every device
-    is connected; stops (each device says goodbye) when stdin closes or SIGTERM arrives, and then
-    prints ``stopped {"applied": n, "received": {device: {version: perf_counter seconds}},
-    "rebirths": n, "reannounced": n}``.
+    "layer_ms", "front_end_ms", "connect_concurrency", "report"}``; prints ``connected <n>`` once every
+    device is connected; stops (each device says goodbye) when stdin closes or SIGTERM arrives, then
+    writes ``{"applied": n, "received": {device: {version: perf_counter seconds}}, "rebirths": n,
+    "reannounced": n}`` to the file ``report`` and prints ``stopped``.
     """
     import json
     import signal
@@ -294,9 +294,10 @@ def fleet_process_main() -> None:
 
         devices = await run_fleet(url, profiles, stop, connect_concurrency=cfg.get("connect_concurrency", 64), on_connected=connected)
         received = {d.device_id: {str(v): t for v, t in d.received.items()} for d in devices}
-        print("stopped " + json.dumps({
+        Path(cfg["report"]).write_text(json.dumps({
             "applied": sum(d.applied for d in devices), "received": received,
             "rebirths": sum(d.rebirths for d in devices), "reannounced": sum(d.reannounced for d in devices),
-        }), flush=True)
+        }))
+        print("stopped", flush=True)
 
     asyncio.run(main())
