@@ -168,8 +168,12 @@ class BudgetPolicy(Payload):
 
     def stamped(self, now: datetime) -> BudgetPolicy:
         """The document as sent at ``now`` (sender's clock): ``sent_at`` and the ``ttl_s`` left."""
-        ttl = None if self.expires_at is None else max(0.0, round((self.expires_at - now).total_seconds(), 3))
-        return self.model_copy(update={"sent_at": now, "ttl_s": ttl})
+        return self.model_copy(update={"sent_at": now, "ttl_s": ttl_left(self.expires_at, now)})
+
+
+def ttl_left(expires_at: datetime | None, now: datetime) -> float | None:
+    """Seconds from ``now`` to ``expires_at`` (ms resolution, never negative); None: no expiry."""
+    return None if expires_at is None else max(0.0, round((expires_at - now).total_seconds(), 3))
 
 
 class PolicyAck(Payload):

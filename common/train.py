@@ -36,7 +36,7 @@ from .metrics import score
 from .model.backbone import load_backbone
 from .model.checkpoint import load_model, save_model
 from .model.dynamic import DynamicModel
-from .model.heads import CharVocab, build_head
+from .model.heads import build_head, choose_vocab, vocab_from_spec
 from .model.runner import FrontEnd
 from .model.strategies import ScoredChoice
 
@@ -65,7 +65,8 @@ class TrainConfig:
     selector_hidden: int = 64
     seed: int = 0
     labels: list[str] | None = None  # kws label set (None: the 12 keyword labels)
-    vocab: list[str] | None = None  # asr characters (None: from the training transcripts)
+    vocab: list[str] | None = None  # asr tokens (None: from the training transcripts)
+    tokens: str = "auto"  # asr token unit: char | word | auto (heads.choose_vocab); a run stores its choice
     distill: float = 0.0  # stage-2 weight of KL(full model || strategy) on the head outputs
     selector_budget: bool = False  # the selector also sees the budget k / L
     oracle_weight: float = 0.0  # selector stage: weight of supervision by the per-batch oracle's layer sets
@@ -156,10 +157,14 @@ def texts_of(data: Dataset) -> list[str]:
 
 
 def new_head(cfg: TrainConfig, hidden_size: int, train: Dataset):
-    """The task head a new run starts with; the CTC vocabulary comes from the training transcripts."""
+    """The task head a new run starts with; the CTC vocabulary (characters, or words for a closed
+    vocabulary: ``heads.choose_vocab``) comes from the training transcripts."""
     if cfg.task == "asr":
-        vocab = CharVocab(cfg.vocab) if cfg.vocab else CharVocab.from_texts(texts_of(train))
-        cfg.vocab = vocab.tokens[2:]
+        if cfg.vocab:
+            vocab = vocab_from_spec("char" if cfg.tokens == "auto" else cfg.tokens, cfg.vocab)
+        else:
+            vocab = choose_vocab(texts_of(train), cfg.tokens)
+        cfg.tokens, cfg.vocab = vocab.unit, vocab.tokens[2:]
         return build_head("asr", hidden_size, vocab=vocab)
     return build_head("kws", hidden_size, labels=cfg.labels)
 

@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from ldfleet.common.policy import k_for_budget
-from ldfleet.common.schemas import BudgetPolicy, DeviceProfile, utcnow
+from ldfleet.common.schemas import BudgetPolicy, DeviceProfile, ttl_left, utcnow
 from ldfleet.server.registry.models import Policy
 from ldfleet.server.registry.store import class_scope, device_scope
 
@@ -48,7 +48,8 @@ class Resolution:
     expected_latency_ms: float | None
     note: str | None = None
 
-    def to_policy(self, device_id: str, version: int) -> BudgetPolicy:
+    def to_policy(self, device_id: str, version: int, sent_at: datetime | None = None) -> BudgetPolicy:
+        """The desired document; with ``sent_at`` stamped as sent then (``BudgetPolicy.stamped``)."""
         return BudgetPolicy(
             device_id=device_id,
             version=version,
@@ -64,6 +65,8 @@ class Resolution:
             issued_at=self.issued_at,
             issued_by=self.issued_by,
             expires_at=self.expires_at,
+            sent_at=sent_at,
+            ttl_s=None if sent_at is None else ttl_left(self.expires_at, sent_at),
         )
 
     def signature(self) -> tuple[Any, ...]:

@@ -183,9 +183,10 @@ class PolicyPublisher:
 
         The JSON columns (profile, desired document) are read only for devices whose cached copy is
         stale: on a steady fleet a resolution reads a few small columns per device."""
-        cols = (Device.device_id, Device.device_class, Device.profile_at, Device.desired_version, Device.applied_version)
+        d = _DEVICES.c  # Core columns: no ORM result processing on the hot path
+        cols = (d.device_id, d.device_class, d.profile_at, d.desired_version, d.applied_version)
         with self.registry.session() as s:
-            rows = s.execute(select(*cols).where(Device.device_id.in_(part))).all()
+            rows = s.execute(select(*cols).where(d.device_id.in_(part))).all()
             stale = [
                 did for did, _, stamp, dver, _ in rows
                 if self.profiles.get(did, stamp) is None or republish or did in resend or self._signatures.get(did, (None,))[0] != dver
@@ -193,7 +194,7 @@ class PolicyPublisher:
             docs = {}
             if stale:
                 docs = {did: (prof, desired) for did, prof, desired in
-                        s.execute(select(Device.device_id, Device.profile, Device.desired).where(Device.device_id.in_(stale)))}
+                        s.execute(select(d.device_id, d.profile, d.desired).where(d.device_id.in_(stale)))}
         claims: dict[str, BudgetPolicy] = {}
         unchanged: list[tuple[str, BudgetPolicy]] = []
         for did, dclass, stamp, dver, aver in rows:
@@ -206,7 +207,7 @@ class PolicyPublisher:
             self.stats.resolutions += 1
             res = resolve(did, dclass, prof, active, default_keep=self.default_keep, now=now)
             if res.signature() != self._signatures[did][1] or aver > dver:
-                claims[did] = res.to_policy(did, max(dver, aver) + 1).stamped(now)  # ttl_s: expiry not read off the device's clock
+                claims[did] = res.to_policy(did, max(dver, aver) + 1, sent_at=now)  # ttl_s: expiry not read off the device's clock
                 if res.note:
                     log.warning("device %s: %s (published without k; the device decides)", did, res.note)
             elif (republish or did in resend) and desired:

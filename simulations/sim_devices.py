@@ -239,8 +239,8 @@ async def run_fleet(
     tasks = [asyncio.ensure_future(d.run(url, stop, slots, clients)) for d in devices]
 
     async def keepalive() -> None:  # paho's loop_misc for every connection: pings, ping timeouts
-        while True:
-            await asyncio.sleep(1.0)
+        while True:  # every 5 s is plenty for a 60 s keepalive; every 1 s cost 5 % of a core at 2 500 devices
+            await asyncio.sleep(5.0)
             for c in list(clients):
                 c.loop_misc()
 

@@ -17,7 +17,7 @@ from ldfleet.common.data.labels import LABELS, SPEECH_COMMANDS_V2, UNKNOWN, labe
 from ldfleet.common.data.loading import pad_batch
 from ldfleet.common.data.transcribed import load_transcribed_splits, read_manifest, scan_transcribed
 from ldfleet.common.metrics import normalize_text, score
-from ldfleet.common.model.heads import CharVocab, ClassificationHead, CTCHead, head_from_spec
+from ldfleet.common.model.heads import CharVocab, ClassificationHead, CTCHead, WordVocab, choose_vocab, head_from_spec
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
 
@@ -50,6 +50,31 @@ def test_ctc_head_targets_loss_greedy_decoding_and_spec():
     assert head.decode(logits, None) == ["hh o"]
     rebuilt = head_from_spec(json.loads(json.dumps(head.spec())), 16)
     assert isinstance(rebuilt, CTCHead) and rebuilt.vocab.tokens == vocab.tokens
+
+
+def test_word_units_for_a_closed_vocabulary_and_characters_otherwise():
+    """`auto` picks whole-word CTC units for a small vocabulary seen often, characters for anything
+    open; a word head encodes unknown words as <unk>, decodes with spaces and round-trips its spec."""
+    closed = ["call bob", "dial one two", "call alice"] * 10
+    vocab = choose_vocab(closed)
+    assert isinstance(vocab, WordVocab) and vocab.tokens[:2] == ["<blank>", "<unk>"]
+    assert vocab.decode(vocab.encode("Call BOB, dial two!")) == "call bob dial two"
+    assert vocab.decode(vocab.encode("call carol")) == "call <unk>"
+    assert isinstance(choose_vocab(closed[:3]), CharVocab)  # each word seen fewer than 10 times
+    assert isinstance(choose_vocab([f"word{i} again" for i in range(300)] * 10), CharVocab)  # 301 words
+    assert isinstance(choose_vocab(closed, "char"), CharVocab) and isinstance(choose_vocab(closed[:3], "word"), WordVocab)
+    with pytest.raises(ValueError, match="unknown token unit"):
+        choose_vocab(closed, "phoneme")
+    head = CTCHead(16, vocab)
+    t = head.targets(["dial one two", "bob"])
+    assert t.lengths.tolist() == [3, 1]
+    ids = [vocab.index["dial"], vocab.index["dial"], 0, vocab.index["one"], 0, vocab.index["one"]]
+    logits = torch.nn.functional.one_hot(torch.tensor([ids]), len(vocab)).float()
+    assert head.decode(logits, None) == ["dial one one"]
+    rebuilt = head_from_spec(json.loads(json.dumps(head.spec())), 16)
+    assert isinstance(rebuilt.vocab, WordVocab) and rebuilt.vocab.tokens == vocab.tokens
+    legacy = {"type": "ctc", "vocab": CharVocab().tokens[2:]}  # a run saved before word units
+    assert isinstance(head_from_spec(legacy, 16).vocab, CharVocab)
 
 
 def test_label_sets_any_words():

@@ -6,7 +6,7 @@ care which task they serve:
 
 * :class:`ClassificationHead` — utterance classification (keyword spotting) over any label set;
 * :class:`CTCHead` — speech recognition with connectionist temporal classification over characters
-  (Graves et al., 2006), greedy decoding;
+  or, for closed vocabularies, whole words (Graves et al., 2006), greedy decoding;
 * ``WhisperDecoderHead`` (:mod:`.whisper_head`) — Whisper's own decoder, greedy ``generate``; it
   overrides ``predict`` (it decodes from encoder states, not from logits).
 
@@ -16,6 +16,7 @@ care which task they serve:
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -126,6 +127,7 @@ class ClassificationHead(TaskHead):
 class CharVocab:
     """Characters of normalised text; id 0 is the CTC blank and ``|`` stands for the space."""
 
+    unit: ClassVar[str] = "char"
     BLANK = "<blank>"
     SPACE = "|"
     DEFAULT = tuple("abcdefghijklmnopqrstuvwxyz'")
@@ -152,12 +154,74 @@ class CharVocab:
         return "".join(self.tokens[i] for i in ids if i != 0).replace(self.SPACE, " ").strip()
 
 
+class WordVocab:
+    """Whole words of normalised text; id 0 is the CTC blank, id 1 (``<unk>``) any other word.
+
+    For closed vocabularies (command sets, digit strings): one output per word, so the model
+    learns no spelling and a word is either right or wrong, as in isolated-word recognisers.
+    A word outside the vocabulary cannot be recognised (it decodes as ``<unk>``): open-vocabulary
+    speech needs :class:`CharVocab`. ``choose_vocab`` picks between them."""
+
+    unit: ClassVar[str] = "word"
+    BLANK = "<blank>"
+    UNK = "<unk>"
+
+    def __init__(self, words: Sequence[str]):
+        words = [w for w in dict.fromkeys(words) if w not in (self.BLANK, self.UNK)]
+        if not words or any(not w or " " in w for w in words):
+            raise ValueError(f"a word vocabulary needs non-empty words without spaces, got {list(words)[:10]}")
+        self.tokens = [self.BLANK, self.UNK, *words]
+        self.index = {t: i for i, t in enumerate(self.tokens)}
+
+    @classmethod
+    def from_texts(cls, texts: Sequence[str]) -> WordVocab:
+        return cls(sorted({w for t in texts for w in normalize_text(t).split()}))
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def encode(self, text: str) -> list[int]:
+        return [self.index.get(w, 1) for w in normalize_text(text).split()]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return " ".join(self.tokens[i] for i in ids if i != 0)
+
+
+#: ``choose_vocab``: word units when the training transcripts use at most this many distinct words...
+WORD_UNITS_MAX_WORDS = 200
+#: ...and each of them at least this often (enough examples to learn a word as a unit).
+WORD_UNITS_MIN_COUNT = 10
+
+
+def choose_vocab(texts: Sequence[str], unit: str = "auto") -> CharVocab | WordVocab:
+    """The CTC vocabulary of a training set: ``char``, ``word``, or ``auto`` = words for a closed
+    vocabulary (at most ``WORD_UNITS_MAX_WORDS`` distinct words, each seen ``WORD_UNITS_MIN_COUNT``
+    times or more), else characters. Raises ValueError for another ``unit``."""
+    if unit not in ("auto", "char", "word"):
+        raise ValueError(f"unknown token unit {unit!r} (auto, char or word)")
+    counts = Counter(w for t in texts for w in normalize_text(t).split())
+    closed = 0 < len(counts) <= WORD_UNITS_MAX_WORDS and min(counts.values()) >= WORD_UNITS_MIN_COUNT
+    if unit == "word" or (unit == "auto" and closed):
+        return WordVocab(sorted(counts))
+    return CharVocab.from_texts(texts)
+
+
+def vocab_from_spec(unit: str, tokens: Sequence[str]) -> CharVocab | WordVocab:
+    """A vocabulary as stored (``unit`` and the tokens after blank and space/unk)."""
+    if unit == "word":
+        return WordVocab(tokens)
+    if unit == "char":
+        return CharVocab(tokens)
+    raise ValueError(f"unknown token unit {unit!r} (char or word)")
+
+
 class CTCHead(TaskHead):
-    """Per-frame LayerNorm -> Linear(D, V) trained with CTC (blank = 0); greedy decoding."""
+    """Per-frame LayerNorm -> Linear(D, V) trained with CTC (blank = 0) over characters or words;
+    greedy decoding."""
 
     task = "asr"
 
-    def __init__(self, hidden_size: int, vocab: CharVocab | None = None, dropout: float = 0.1):
+    def __init__(self, hidden_size: int, vocab: CharVocab | WordVocab | None = None, dropout: float = 0.1):
         super().__init__()
         self.vocab = vocab or CharVocab()
         self.norm = nn.LayerNorm(hidden_size)
@@ -190,7 +254,7 @@ class CTCHead(TaskHead):
         return losses / targets.lengths.clamp(min=1)
 
     def loss_from_logits(self, logits, frame_mask, targets):
-        """Mean over the batch of CTC loss per target character (PyTorch's ``reduction='mean'``)."""
+        """Mean over the batch of CTC loss per target token (PyTorch's ``reduction='mean'``)."""
         return self.example_losses(logits, frame_mask, targets).mean()
 
     def decode(self, logits, frame_mask):
@@ -203,10 +267,10 @@ class CTCHead(TaskHead):
         return out
 
     def spec(self) -> dict:
-        return {"type": "ctc", "vocab": self.vocab.tokens[2:]}
+        return {"type": "ctc", "unit": self.vocab.unit, "vocab": self.vocab.tokens[2:]}
 
 
-def build_head(task: str, hidden_size: int, labels: Sequence[str] | None = None, vocab: CharVocab | None = None) -> TaskHead:
+def build_head(task: str, hidden_size: int, labels: Sequence[str] | None = None, vocab: CharVocab | WordVocab | None = None) -> TaskHead:
     """A fresh head for ``task``: kws over ``labels`` (default: the 12 keyword labels), asr over ``vocab``."""
     if task == "kws":
         if labels is None:
@@ -233,7 +297,7 @@ def head_from_spec(spec: dict, hidden_size: int, backbone=None) -> TaskHead:
     if kind == "classification":
         return ClassificationHead(hidden_size, spec["labels"])
     if kind == "ctc":
-        return CTCHead(hidden_size, CharVocab(spec["vocab"]))
+        return CTCHead(hidden_size, vocab_from_spec(spec.get("unit", "char"), spec["vocab"]))  # runs before word units: char
     if kind == "whisper_decoder":
         from .whisper_head import whisper_head_from_spec
 

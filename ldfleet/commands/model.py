@@ -86,8 +86,9 @@ def _conditions(dataset) -> dict[str, list[str]] | None:
 def train(
     data: Path = typer.Option(..., "--data", help="kws: a Speech Commands-layout folder; asr: an audiofolder (metadata.csv) or a JSON-lines manifest."),
     out: Path = typer.Option(..., "--out", help="Run folder: checkpoints, progress, config. Re-run to resume."),
-    task: str = typer.Option("kws", help="kws (keyword classification) or asr (CTC speech recognition over characters)."),
+    task: str = typer.Option("kws", help="kws (keyword classification) or asr (CTC speech recognition over characters or words)."),
     labels: str = typer.Option("keywords", help=LABELS_HELP),
+    tokens: str = typer.Option("auto", help="asr: CTC output units: char, word (a closed vocabulary: every word a unit) or auto (word when the training transcripts use at most 200 distinct words, each 10+ times; else char)."),
     backbone: str = typer.Option("tiny", help="`tiny` or `base` (built in code), a hub id, or a local checkpoint folder."),
     family: str = typer.Option("wavlm", help="wavlm | hubert | wav2vec2 (for `tiny`/`base`)."),
     epochs: Optional[int] = typer.Option(None, min=0, help="Stage-1 epochs (backbone + head under LayerDrop) [default: kws 20, asr 40].", show_default=False),
@@ -104,7 +105,7 @@ def train(
 ) -> None:
     """Train a dynamic model: backbone + head tolerant to dropped layers, then every strategy.
 
-    Stage 1 tunes the backbone and the task head (label classes, or CTC over characters) with random
+    Stage 1 tunes the backbone and the task head (label classes, or CTC over characters or words) with random
     per-example layer dropping; stage 2 freezes the backbone and trains the early-exit head, the
     static mask and the input-conditioned selector. Checkpoints (safetensors) are written after
     every epoch; running the same command again resumes an interrupted run.
@@ -119,7 +120,7 @@ def train(
     splits = task_data.splits
     cfg = config_for(task, backbone=backbone, family=family, epochs=epochs, strategy_epochs=strategy_epochs,
                      layerdrop=layerdrop, batch_size=batch_size, lr=lr, distill=distill, selector_budget=selector_budget, oracle_weight=oracle_weight, seed=seed,
-                     labels=list(task_data.labels) if task_data.labels else None)
+                     labels=list(task_data.labels) if task_data.labels else None, tokens=tokens)
     try:
         trainer = Trainer(out, splits["train"], splits["val"], cfg, log=console.print)
     except (OSError, ValueError) as exc:
