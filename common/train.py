@@ -66,7 +66,7 @@ class TrainConfig:
     seed: int = 0
     labels: list[str] | None = None  # kws label set (None: the 12 keyword labels)
     vocab: list[str] | None = None  # asr tokens (None: from the training transcripts)
-    tokens: str = "auto"  # asr token unit: char | word | auto (heads.choose_vocab); a run stores its choice
+    tokens: str = "char"  # asr token unit: char | word (heads.WordVocab: closed vocabularies only)
     distill: float = 0.0  # stage-2 weight of KL(full model || strategy) on the head outputs
     selector_budget: bool = False  # the selector also sees the budget k / L
     oracle_weight: float = 0.0  # selector stage: weight of supervision by the per-batch oracle's layer sets
@@ -157,14 +157,11 @@ def texts_of(data: Dataset) -> list[str]:
 
 
 def new_head(cfg: TrainConfig, hidden_size: int, train: Dataset):
-    """The task head a new run starts with; the CTC vocabulary (characters, or words for a closed
-    vocabulary: ``heads.choose_vocab``) comes from the training transcripts."""
+    """The task head a new run starts with; the CTC vocabulary (``cfg.tokens``: characters, or whole
+    words) comes from the training transcripts."""
     if cfg.task == "asr":
-        if cfg.vocab:
-            vocab = vocab_from_spec("char" if cfg.tokens == "auto" else cfg.tokens, cfg.vocab)
-        else:
-            vocab = choose_vocab(texts_of(train), cfg.tokens)
-        cfg.tokens, cfg.vocab = vocab.unit, vocab.tokens[2:]
+        vocab = vocab_from_spec(cfg.tokens, cfg.vocab) if cfg.vocab else choose_vocab(texts_of(train), cfg.tokens)
+        cfg.vocab = vocab.tokens[2:]
         return build_head("asr", hidden_size, vocab=vocab)
     return build_head("kws", hidden_size, labels=cfg.labels)
 

@@ -35,6 +35,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,7 +45,7 @@ from sqlalchemy import func, select
 
 from ldfleet.common import topics
 from ldfleet.common.broker import EmbeddedBroker
-from ldfleet.common.mqtt import new_id, parse_broker_url, publish_once
+from ldfleet.common.mqtt import MqttSession, new_id, parse_broker_url, publish_once
 from ldfleet.common.process import stop_process
 from ldfleet.server.operator import set_budget
 from ldfleet.server.registry import DesiredPolicyRecord, Device, PolicyAckRecord, Registry
@@ -323,8 +324,9 @@ async def _bench(
             floor = min(prev.values()) if prev else 0
             last_ack = await asyncio.to_thread(_last_ack_id, registry)
             t0_wall, t0 = time.time(), time.perf_counter()
+            watch = await asyncio.to_thread(_FanOutWatch.start, url, n) if restart else None
             change = await asyncio.to_thread(set_budget, registry, url, device_class, keep=keep, issued_by="bench", create_class=True)
-            restarter = asyncio.ensure_future(_restart_midway(broker, registry, last_ack, floor, n, progress)) if restart else None
+            restarter = asyncio.ensure_future(_restart_midway(broker, watch, registry, last_ack, floor, n, progress)) if watch else None
 
             def _done() -> bool:
                 return _count_acked_since(registry, last_ack, floor) >= n
@@ -386,15 +388,45 @@ async def _bench(
         registry.close()
 
 
-async def _restart_midway(broker: EmbeddedBroker | None, registry: Registry, last_ack: int, floor: int, n: int, progress: Any) -> int:
-    """Restart the broker as soon as the registry holds the change's first acks (or after 2 s): the
-    change is then mid-flight, some devices have it and most have not. (Waiting for half the fleet
-    was too late: acks are written in batches, and by the time half were in the registry every
-    device had already answered, so the restart hit the next round instead.)"""
+class _FanOutWatch:
+    """Counts the desired policies the controller publishes (a plain subscriber on every device's
+    desired topic), so that ``--restart-broker`` hits a change that some devices have and most lack."""
+
+    def __init__(self, url: str, n: int) -> None:
+        self.seen = 0
+        self.threshold = max(1, n // 10)
+        self.enough = threading.Event()
+        self.session = MqttSession(parse_broker_url(url), client_id=new_id("ldfleet-bench-watch-"),
+                                   subscriptions=[(topics.all_devices(topics.Channel.POLICY_DESIRED), 0)], on_message=self._on_message)
+
+    def _on_message(self, topic: str, payload: bytes, retained: bool) -> None:
+        if not retained:  # live: published for this change
+            self.seen += 1
+            if self.seen >= self.threshold:
+                self.enough.set()
+
+    @classmethod
+    def start(cls, url: str, n: int) -> _FanOutWatch:
+        """Connected and subscribed (RuntimeError when the broker cannot be reached)."""
+        watch = cls(url, n)
+        watch.session.start()
+        if not watch.session.wait_connected(10):
+            raise RuntimeError("the fan-out watcher could not connect to the broker")
+        time.sleep(0.3)  # its subscription is in place before the change goes out
+        return watch
+
+
+async def _restart_midway(broker: EmbeddedBroker | None, watch: _FanOutWatch, registry: Registry, last_ack: int, floor: int,
+                          n: int, progress: Any) -> int:
+    """Restart the broker once a tenth of the new desired policies has gone out (or after 5 s): the
+    change is then mid-flight, some devices have it and most have not. (Waiting for acks in the
+    registry was too late: acks are written in batches, and by the time the first batch was in,
+    every device had answered.) Returns the acks in the registry at the restart."""
     assert broker is not None
-    await _poll(lambda: _count_acked_since(registry, last_ack, floor) >= 1, 2.0, 0.01)
+    await asyncio.to_thread(watch.enough.wait, 5.0)
+    watch.session.stop()
     acked = await asyncio.to_thread(_count_acked_since, registry, last_ack, floor)
-    progress(f"restarting the broker with {acked}/{n} acks in")
+    progress(f"restarting the broker with {watch.seen} of {n} new desired policies out and {acked}/{n} acks in")
     await asyncio.to_thread(broker.restart)
     return acked
 

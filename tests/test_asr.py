@@ -52,17 +52,15 @@ def test_ctc_head_targets_loss_greedy_decoding_and_spec():
     assert isinstance(rebuilt, CTCHead) and rebuilt.vocab.tokens == vocab.tokens
 
 
-def test_word_units_for_a_closed_vocabulary_and_characters_otherwise():
-    """`auto` picks whole-word CTC units for a small vocabulary seen often, characters for anything
-    open; a word head encodes unknown words as <unk>, decodes with spaces and round-trips its spec."""
-    closed = ["call bob", "dial one two", "call alice"] * 10
-    vocab = choose_vocab(closed)
-    assert isinstance(vocab, WordVocab) and vocab.tokens[:2] == ["<blank>", "<unk>"]
+def test_word_units_for_a_closed_vocabulary():
+    """A word head: one unit per training word, unknown words as <unk>, decoding with spaces, its
+    spec round-trips; runs saved before word units load with characters."""
+    closed = ["call bob", "dial one two", "call alice"]
+    vocab = choose_vocab(closed, "word")
+    assert isinstance(vocab, WordVocab) and vocab.tokens[:2] == ["<blank>", "<unk>"] and len(vocab) == 8
     assert vocab.decode(vocab.encode("Call BOB, dial two!")) == "call bob dial two"
     assert vocab.decode(vocab.encode("call carol")) == "call <unk>"
-    assert isinstance(choose_vocab(closed[:3]), CharVocab)  # each word seen fewer than 10 times
-    assert isinstance(choose_vocab([f"word{i} again" for i in range(300)] * 10), CharVocab)  # 301 words
-    assert isinstance(choose_vocab(closed, "char"), CharVocab) and isinstance(choose_vocab(closed[:3], "word"), WordVocab)
+    assert isinstance(choose_vocab(closed), CharVocab)
     with pytest.raises(ValueError, match="unknown token unit"):
         choose_vocab(closed, "phoneme")
     head = CTCHead(16, vocab)

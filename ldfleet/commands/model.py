@@ -88,7 +88,7 @@ def train(
     out: Path = typer.Option(..., "--out", help="Run folder: checkpoints, progress, config. Re-run to resume."),
     task: str = typer.Option("kws", help="kws (keyword classification) or asr (CTC speech recognition over characters or words)."),
     labels: str = typer.Option("keywords", help=LABELS_HELP),
-    tokens: str = typer.Option("auto", help="asr: CTC output units: char, word (a closed vocabulary: every word a unit) or auto (word when the training transcripts use at most 200 distinct words, each 10+ times; else char)."),
+    tokens: str = typer.Option("char", help="asr: CTC output units: char, or word (closed vocabularies only: every training word is a unit, any other word is <unk>; from scratch it learns slower here)."),
     backbone: str = typer.Option("tiny", help="`tiny` or `base` (built in code), a hub id, or a local checkpoint folder."),
     family: str = typer.Option("wavlm", help="wavlm | hubert | wav2vec2 (for `tiny`/`base`)."),
     epochs: Optional[int] = typer.Option(None, min=0, help="Stage-1 epochs (backbone + head under LayerDrop) [default: kws 20, asr 40].", show_default=False),
