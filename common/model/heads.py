@@ -160,7 +160,7 @@ class WordVocab:
     learns no spelling and a word is either right or wrong, as in isolated-word recognisers.
     A word outside the vocabulary cannot be recognised (it decodes as ``<unk>``): open-vocabulary
     speech needs :class:`CharVocab`. Not the default: trained from scratch on the synthetic phrase
-    corpus (45 words), word units stayed on the CTC blank plateau (loss at the uniform level) for 7
+    corpus (38 words), word units stayed on the CTC blank plateau (loss at the uniform level) for 7
     epochs, with one divergence, where characters left it after 3 (the outputs are sparser: ~4
     labels per utterance instead of ~25, so emitting only blanks is nearly as good for longer)."""
 
