@@ -65,9 +65,34 @@ class EvalResult:
     # method -> keep -> condition column -> value -> per-layer share (asr data with metadata only)
     usage_by_condition: dict[str, dict[float, dict[str, dict[str, list[float]]]]] = field(default_factory=dict)
 
+    def headroom(self) -> list[dict]:
+        """Per keep with oracle rows: the error rate (WER for asr, 1 - accuracy for kws) of the best
+        single set (``oracle_static``), of the per-input oracle and of the selector; ``headroom``: the
+        relative gain conditioning could win, ``(static - oracle) / static``; ``captured``: the share of
+        it the selector won, ``(static - selector) / (static - oracle)`` (negative: worse than the best
+        single set; None without headroom)."""
+        def error(row: EvalRow) -> float:
+            return row.scores["wer"] if "wer" in row.scores else 1.0 - row.scores["accuracy"]
+
+        by = {(r.method, r.keep): r for r in self.rows}
+        out = []
+        for keep in sorted({r.keep for r in self.rows if r.method == "oracle"}):
+            static, oracle, selector = (by.get((m, keep)) for m in ("oracle_static", "oracle", "selector"))
+            if static is None or oracle is None:
+                continue
+            s, o = error(static), error(oracle)
+            entry = {"keep": keep, "best_single": s, "oracle": o, "headroom": (s - o) / s if s > 0 else 0.0,
+                     "selector": None, "captured": None}
+            if selector is not None:
+                entry["selector"] = error(selector)
+                entry["captured"] = (s - entry["selector"]) / (s - o) if s > o else None
+            out.append(entry)
+        return out
+
     def as_dict(self) -> dict:
         return {
             "rows": [r.as_dict() for r in self.rows],
+            "headroom": self.headroom(),
             "layer_usage": {m: {str(k): v for k, v in per.items()} for m, per in self.layer_usage.items()},
             "usage_by_condition": {m: {str(k): v for k, v in per.items()} for m, per in self.usage_by_condition.items()},
         }

@@ -197,7 +197,14 @@ def test_tiny_asr_train_then_eval_through_the_cli(asr_corpus, tmp_path):
         assert {"wer", "cer", "mean_layers", "ms_per_example", "distinct_sets"} <= set(row) and row["mean_layers"] == 4
     assert rows[("full", 1.0)]["mean_layers"] == 8 and 0 <= rows[("full", 1.0)]["wer"]
     assert rows[("oracle", 0.5)]["cer"] <= rows[("oracle_static", 0.5)]["cer"]
+    (room,) = report["headroom"]
+    best, oracle, sel = (rows[(m, 0.5)]["wer"] for m in ("oracle_static", "oracle", "selector"))
+    assert room["keep"] == 0.5 and (room["best_single"], room["oracle"], room["selector"]) == (best, oracle, sel)
+    if best > oracle:
+        assert room["captured"] == pytest.approx((best - sel) / (best - oracle))
     channels = {r["channel"] for r in csv.DictReader(open(out / "metadata.csv")) if r["split"] == "test"}
     assert set(report["usage_by_condition"]["selector"]["0.5"]["channel"]) == channels
-    table = cli.invoke(app, ["eval", "--run", str(run), "--data", str(out), "--keep", "0.5", "--methods", "selector"])
+    table = cli.invoke(app, ["eval", "--run", str(run), "--data", str(out), "--keep", "0.5", "--methods", "selector,oracle",
+                             "--oracle-sets", "3"])
     assert table.exit_code == 0 and "wer" in table.output and "by condition" in table.output
+    assert "input conditioning could win" in table.output

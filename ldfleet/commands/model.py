@@ -224,6 +224,18 @@ def evaluate(
         table.add_row(r.method, f"{r.keep:.2f}", str(r.k), *(f"{100 * r.scores[m]:.1f}%" for m in metrics),
                       f"{r.mean_layers:.2f}", str(r.distinct_sets), f"{r.macs / 1e9:.3f}", ms)
     console.print(table)
+    headroom = result.headroom()
+    if headroom:
+        err = "WER" if task != "kws" else "error"
+        room = Table(title=f"what input conditioning could win ({err}): best single set vs per-input oracle")
+        for col in ("keep", "best single set", "oracle", "headroom", "selector", "selector captured"):
+            room.add_column(col, justify="right")
+        for h in headroom:
+            sel = "-" if h["selector"] is None else f"{100 * h['selector']:.1f}%"
+            cap = "-" if h["captured"] is None else f"{100 * h['captured']:.0f}%"
+            room.add_row(f"{h['keep']:.2f}", f"{100 * h['best_single']:.1f}%", f"{100 * h['oracle']:.1f}%",
+                         f"{100 * h['headroom']:.0f}%", sel, cap)
+        console.print(room)
     if "selector" in result.layer_usage:
         usage = Table(title="selector: share of inputs running each layer")
         usage.add_column("keep")
