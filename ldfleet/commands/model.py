@@ -163,7 +163,8 @@ def evaluate(
     """Accuracy (kws) or WER/CER (asr), layers run, MACs and ms per example for every method at every keep ratio.
 
     The oracle rows bound what input conditioning can win: per input, the best of --oracle-sets
-    random layer sets (oracle) against the best single one of them for all inputs (oracle_static).
+    random layer sets (oracle) against the best single one of them for all inputs (oracle_static);
+    `headroom` (JSON) and its table give the gain between them and the share the selector took.
     Whisper (`--backbone DIR --task asr`, or a Whisper run): rows `method, keep, k, wer, cer,
     mean_layers, encoder_ms, ms_per_example, distinct_layer_sets`; no oracle rows.
     """
