@@ -60,6 +60,8 @@ GOAL_P99_MS_LARGEST = 3000.0
 def goal_p99_ms(devices: int) -> float:
     """The p99 goal (ms) for a fleet of ``devices`` (``GOAL_P99_MS``)."""
     return next((ms for upto, ms in GOAL_P99_MS if devices <= upto), GOAL_P99_MS_LARGEST)
+
+
 #: Devices per simulated-fleet process when ``fleet_procs`` is left to the benchmark.
 DEVICES_PER_FLEET_PROC = 2500
 
@@ -323,8 +325,8 @@ async def _bench(
             cpu0 = {k: sum(cpu_seconds(pid) for pid in pids) for k, pids in parts.items()}
             floor = min(prev.values()) if prev else 0
             last_ack = await asyncio.to_thread(_last_ack_id, registry)
+            watch = await asyncio.to_thread(_FanOutWatch.start, url, n) if restart else None  # before the clock starts
             t0_wall, t0 = time.time(), time.perf_counter()
-            watch = await asyncio.to_thread(_FanOutWatch.start, url, n) if restart else None
             change = await asyncio.to_thread(set_budget, registry, url, device_class, keep=keep, issued_by="bench", create_class=True)
             restarter = asyncio.ensure_future(_restart_midway(broker, watch, registry, last_ack, floor, n, progress)) if watch else None
 
