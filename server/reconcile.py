@@ -87,7 +87,8 @@ class Reconciler:
     _last_run: float = 0.0
     _tokens: float = 0.0
     _rng: random.Random = field(default_factory=random.Random)
-    #: the controllers sharing the fleet (``server/group.py``); the controller shares its own
+    #: the controllers sharing the fleet (``server/group.py``; made from ``controller_id`` when not
+    #: given); the controller resolves its share of fleet-wide work by the same group
     group: Group | None = None
 
     def __post_init__(self) -> None:
