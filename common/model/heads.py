@@ -189,22 +189,24 @@ class WordVocab:
         return " ".join(self.tokens[i] for i in ids if i != 0)
 
 
+#: CTC token units by name (``TrainConfig.tokens``, a head's spec).
+VOCABS: dict[str, type[CharVocab] | type[WordVocab]] = {"char": CharVocab, "word": WordVocab}
+
+
+def _vocab_class(unit: str) -> type[CharVocab] | type[WordVocab]:
+    if unit not in VOCABS:
+        raise ValueError(f"unknown token unit {unit!r} (char or word)")
+    return VOCABS[unit]
+
+
 def choose_vocab(texts: Sequence[str], unit: str = "char") -> CharVocab | WordVocab:
     """The CTC vocabulary of a training set in ``unit`` (``char`` or ``word``); ValueError otherwise."""
-    if unit == "word":
-        return WordVocab.from_texts(texts)
-    if unit == "char":
-        return CharVocab.from_texts(texts)
-    raise ValueError(f"unknown token unit {unit!r} (char or word)")
+    return _vocab_class(unit).from_texts(texts)
 
 
 def vocab_from_spec(unit: str, tokens: Sequence[str]) -> CharVocab | WordVocab:
-    """A vocabulary as stored (``unit`` and the tokens after blank and space/unk)."""
-    if unit == "word":
-        return WordVocab(tokens)
-    if unit == "char":
-        return CharVocab(tokens)
-    raise ValueError(f"unknown token unit {unit!r} (char or word)")
+    """A vocabulary as stored (``unit`` and the tokens after blank and space/unk); ValueError for another unit."""
+    return _vocab_class(unit)(tokens)
 
 
 class CTCHead(TaskHead):
