@@ -71,6 +71,7 @@ class TrainConfig:
     selector_budget: bool = False  # the selector also sees the budget k / L
     oracle_weight: float = 0.0  # selector stage: weight of supervision by the per-batch oracle's layer sets
     oracle_sets: int = 4  # candidate layer sets per batch for that supervision
+    from_run: str | None = None  # skip stage 1: start stage 2 from this run's trained backbone and base head
 
     @property
     def from_checkpoint(self) -> bool:
@@ -88,7 +89,7 @@ class TrainState:
 # ---- batches --------------------------------------------------------------------------------
 
 
-ASR_DEFAULTS = dict(epochs=40, strategy_epochs=4, batch_size=16, lr=2e-3, layerdrop=0.2)
+ASR_DEFAULTS = dict(epochs=24, strategy_epochs=4, batch_size=16, lr=2e-3, layerdrop=0.2)
 
 
 def config_for(task: str, **overrides) -> TrainConfig:
@@ -430,6 +431,31 @@ def validate(model: DynamicModel, cache: FrontEndCache, strategy: str, k: int, b
 # ---- the resumable driver -------------------------------------------------------------------
 
 
+def stage2_start(cfg: TrainConfig) -> tuple[DynamicModel, TrainState]:
+    """A model with the backbone and base head of ``cfg.from_run`` (whose stage 1 must be finished) and
+    fresh strategies built with ``cfg``'s options, and a state that starts at the first stage-2 stage.
+
+    Lets stage-2 options (``selector_budget``, ``distill``, ``oracle_weight``) be compared on one
+    trained encoder without training it again. ``cfg`` takes the source's task, token unit and
+    vocabulary; its stage-1 history is carried over. Raises ValueError when the source's stage 1 is
+    unfinished or its task differs, FileNotFoundError when it is not a run.
+    """
+    source = Path(cfg.from_run)
+    model = load_model(source)
+    src_cfg = json.loads((source / "train_config.json").read_text())
+    src_state = TrainState(**json.loads((source / STATE_FILE).read_text()))
+    if src_state.stage == "backbone" and src_state.epoch < src_cfg.get("epochs", 0):
+        raise ValueError(f"{source}: stage 1 is unfinished ({src_state.epoch} of {src_cfg.get('epochs')} epochs)")
+    if model.task != cfg.task:
+        raise ValueError(f"{source} is a {model.task} run, not {cfg.task}")
+    for name in ("backbone", "family", "epochs", "layerdrop", "lr", "labels", "vocab", "tokens"):
+        setattr(cfg, name, src_cfg.get(name, getattr(cfg, name)))
+    fresh = DynamicModel(model.runner.backbone, model.heads["base"], cfg.selector_hidden, cfg.selector_budget,
+                         static_budget=cfg.selector_budget)
+    history = [h for h in src_state.history if h.get("stage") == "backbone"]
+    return fresh, TrainState(stage=STAGES[1], history=history)
+
+
 class Trainer:
     """Runs the stages into ``run_dir``, picking up from ``train_state.json`` when present."""
 
@@ -447,10 +473,13 @@ class Trainer:
             self.log(f"resuming {self.run}: stage {self.state.stage}, {self.state.epoch} epoch(s) done")
         else:
             torch.manual_seed(cfg.seed)
-            backbone = load_backbone(cfg.backbone, cfg.family)
-            self.model = DynamicModel(backbone, new_head(cfg, backbone.config.hidden_size, train), cfg.selector_hidden,
-                                      cfg.selector_budget)
-            self.state = TrainState()
+            if cfg.from_run:
+                self.model, self.state = stage2_start(cfg)
+            else:
+                backbone = load_backbone(cfg.backbone, cfg.family)
+                self.model = DynamicModel(backbone, new_head(cfg, backbone.config.hidden_size, train), cfg.selector_hidden,
+                                          cfg.selector_budget, static_budget=cfg.selector_budget)
+                self.state = TrainState()
             (self.run / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
     def epochs_for(self, stage: str) -> int:

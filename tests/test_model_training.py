@@ -106,6 +106,33 @@ def test_interrupted_training_resumes_without_repeating_epochs(corpus, tmp_path)
     assert [h["stage"] for h in final.history] == ["backbone", "backbone", *STAGES[1:]]
 
 
+def test_from_run_trains_only_the_strategies_on_the_same_encoder(trained_run, corpus, tmp_path):
+    """`--from-run` reuses a finished stage 1: same encoder and base head, new stage-2 options."""
+    import torch
+    from safetensors.torch import load_file
+
+    from ldfleet.common.model.checkpoint import load_model
+
+    out = tmp_path / "budget"
+    result = runner.invoke(app, ["train", "--data", str(corpus), "--out", str(out), "--from-run", str(trained_run),
+                                 "--strategy-epochs", "1", "--batch-size", "16", "--selector-budget"])
+    assert result.exit_code == 0, result.output
+    state = json.loads((out / "train_state.json").read_text())
+    assert [h["stage"] for h in state["history"]] == ["backbone"] * 6 + list(STAGES[1:])
+    before, after = load_file(str(trained_run / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    frozen = [k for k in before if k.startswith(("runner.", "heads.base."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    model = load_model(out)  # the budget-conditioned selector and per-k static ranking reload
+    assert model.selector_budget and model.static_budget
+    assert model.strategy("static").scorer.scores.shape == (model.num_layers + 1, model.num_layers)
+
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(trained_run, unfinished)
+    (unfinished / "train_state.json").write_text(json.dumps({"stage": "backbone", "epoch": 2, "history": []}))
+    again = runner.invoke(app, ["train", "--data", str(corpus), "--out", str(tmp_path / "x"), "--from-run", str(unfinished)])
+    assert again.exit_code != 0 and "stage 1 is unfinished" in again.output
+
+
 def test_keyword_head_on_a_whisper_encoder_trains_evaluates_and_infers(corpus, tmp_path):
     """Whisper is a backbone family like the others: a keyword head on its encoder (no decoder) goes
     through train, eval (with MACs of Whisper's log-mel front end) and infer."""

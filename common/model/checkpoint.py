@@ -38,6 +38,7 @@ def save_model(model: DynamicModel, run_dir: str | Path, extra: dict | None = No
         "head": model.head_spec(),
         "selector_hidden": model.selector_hidden,
         "selector_budget": model.selector_budget,
+        "static_budget": model.static_budget,
         **(extra or {}),
     }
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
@@ -71,6 +72,7 @@ def load_model(run_dir: str | Path) -> DynamicModel:
         return WhisperDynamic.load(run_dir)
     backbone = backbone_from_config(meta["backbone_config"])
     head = head_from_spec(head_spec_of(meta), backbone.config.hidden_size, backbone)
-    model = DynamicModel(backbone, head, meta.get("selector_hidden", 64), meta.get("selector_budget", False))
+    model = DynamicModel(backbone, head, meta.get("selector_hidden", 64), meta.get("selector_budget", False),
+                         meta.get("static_budget", False))
     model.load_state_dict(load_file(str(Path(run_dir) / WEIGHTS)))
     return model.eval()

@@ -91,7 +91,7 @@ def train(
     tokens: str = typer.Option("char", help="asr: CTC output units: char, or word (closed vocabularies only: every training word is a unit, any other word is <unk>; from scratch it learns slower here)."),
     backbone: str = typer.Option("tiny", help="`tiny` or `base` (built in code), a hub id, or a local checkpoint folder."),
     family: str = typer.Option("wavlm", help="wavlm | hubert | wav2vec2 (for `tiny`/`base`)."),
-    epochs: Optional[int] = typer.Option(None, min=0, help="Stage-1 epochs (backbone + head under LayerDrop) [default: kws 20, asr 40].", show_default=False),
+    epochs: Optional[int] = typer.Option(None, min=0, help="Stage-1 epochs (backbone + head under LayerDrop) [default: kws 20, asr 24].", show_default=False),
     strategy_epochs: Optional[int] = typer.Option(None, min=0, help="Epochs for each of early_exit, static and selector [default: kws 6, asr 4].", show_default=False),
     layerdrop: Optional[float] = typer.Option(None, min=0.0, max=0.95, help="Stage-1 LayerDrop rate per layer and example [default: kws 0.1 (HF's), asr 0.2].", show_default=False),
     batch_size: Optional[int] = typer.Option(None, min=1, help="[default: kws 32, asr 16]", show_default=False),
@@ -99,6 +99,7 @@ def train(
     distill: Optional[float] = typer.Option(None, min=0.0, help="Stage-2 weight of KL distillation from the full model [default: 0].", show_default=False),
     selector_budget: Optional[bool] = typer.Option(None, "--selector-budget/--no-selector-budget", help="Give the selector the budget k/L as an input, so kept sets need not be nested [default: off].", show_default=False),
     oracle_weight: Optional[float] = typer.Option(None, min=0.0, help="Selector stage: weight of supervision by the per-batch oracle (best of 4 random layer sets per input) [default: 0].", show_default=False),
+    from_run: Optional[Path] = typer.Option(None, "--from-run", help="Skip stage 1: train only the stage-2 strategies, with this command's options, on the backbone and base head of RUN (a finished stage 1 on the same data), e.g. to compare --selector-budget or --distill without training the encoder again.", show_default=False),
     seed: int = typer.Option(0, help="Seed for initialisation, data order, splits and augmentation."),
     threads: int = typer.Option(0, min=0, help="torch threads (0 = torch's default)."),
     strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
@@ -120,7 +121,8 @@ def train(
     splits = task_data.splits
     cfg = config_for(task, backbone=backbone, family=family, epochs=epochs, strategy_epochs=strategy_epochs,
                      layerdrop=layerdrop, batch_size=batch_size, lr=lr, distill=distill, selector_budget=selector_budget, oracle_weight=oracle_weight, seed=seed,
-                     labels=list(task_data.labels) if task_data.labels else None, tokens=tokens)
+                     labels=list(task_data.labels) if task_data.labels else None, tokens=tokens,
+                     from_run=str(from_run) if from_run else None)
     try:
         trainer = Trainer(out, splits["train"], splits["val"], cfg, log=console.print)
     except (OSError, ValueError) as exc:
@@ -302,7 +304,7 @@ def demo(
         synthesize_corpus(SynthConfig(out=data, seed=seed))
     train(data=data, out=out, task="kws", labels="keywords", backbone="tiny", family="wavlm", epochs=epochs,
           strategy_epochs=strategy_epochs, layerdrop=0.1, batch_size=32, lr=None, distill=None, selector_budget=None,
-          oracle_weight=None, seed=seed, threads=0, strict=False)
+          oracle_weight=None, from_run=None, seed=seed, threads=0, strict=False)
     evaluate(run=out, data=data, keep="0.25,0.5,0.75,1.0", methods="full,random,early_exit,static,selector",
              split="test", seed=seed, oracle_sets=16, as_json=False, strict=False, backbone=None, task="",
              language="en", pad_to_window=True, limit=0, batch_size=8)
