@@ -13,6 +13,12 @@ head, which was trained under random layer dropping and so accepts any set):
   for kws; ties go to the first candidate) — an upper bound no selector can beat among them;
 * ``oracle_static``: the one candidate with the fewest errors over the whole test set — the best
   single set for all inputs, so ``oracle_static - oracle`` is the headroom of conditioning.
+
+With the test set's conditions (asr: noise, channel, accent, speed) the headroom also gives, per
+condition column, the error of the best candidate *per value* of that column (one set for the noisy
+clips, one for the clean, ...): what a selector that could tell only that condition would win. Part of
+the per-input oracle's gain is luck — the best of 16 draws on the very input it is scored on — and
+these figures show how much of it follows from properties a selector can see.
 """
 
 from __future__ import annotations
@@ -64,15 +70,21 @@ class EvalResult:
     layer_usage: dict[str, dict[float, list[float]]]  # method -> keep -> share of inputs running each layer
     # method -> keep -> condition column -> value -> per-layer share (asr data with metadata only)
     usage_by_condition: dict[str, dict[float, dict[str, dict[str, list[float]]]]] = field(default_factory=dict)
+    # keep -> condition column -> scores of the best oracle candidate per value of that column
+    best_set_by_condition: dict[float, dict[str, dict[str, float]]] = field(default_factory=dict)
 
     def headroom(self) -> list[dict]:
         """Per keep with oracle rows: the error rate (WER for asr, 1 - accuracy for kws) of the best
         single set (``oracle_static``), of the per-input oracle and of the selector; ``headroom``: the
         relative gain conditioning could win, ``(static - oracle) / static``; ``captured``: the share of
         it the selector won, ``(static - selector) / (static - oracle)`` (negative: worse than the best
-        single set; None without headroom)."""
+        single set; None without headroom); ``by_condition``: condition column -> error of the best
+        set per value of that column (empty without conditions)."""
+        def error_of(scores: dict[str, float]) -> float:
+            return scores["wer"] if "wer" in scores else 1.0 - scores["accuracy"]
+
         def error(row: EvalRow) -> float:
-            return row.scores["wer"] if "wer" in row.scores else 1.0 - row.scores["accuracy"]
+            return error_of(row.scores)
 
         by = {(r.method, r.keep): r for r in self.rows}
         out = []
@@ -81,8 +93,9 @@ class EvalResult:
             if static is None or oracle is None:
                 continue
             s, o = error(static), error(oracle)
+            by_condition = {col: error_of(sc) for col, sc in self.best_set_by_condition.get(keep, {}).items()}
             entry = {"keep": keep, "best_single": s, "oracle": o, "headroom": (s - o) / s if s > 0 else 0.0,
-                     "selector": None, "captured": None}
+                     "selector": None, "captured": None, "by_condition": by_condition}
             if selector is not None:
                 entry["selector"] = error(selector)
                 entry["captured"] = (s - entry["selector"]) / (s - o) if s > o else None
@@ -111,6 +124,19 @@ def oracle_candidates(num_layers: int, k: int, n: int, seed: int = 0) -> torch.T
     for i, idx in enumerate(sets):
         out[i, list(idx)] = True
     return out
+
+
+def best_set_per_group(errs: torch.Tensor, groups: Sequence[str]) -> torch.Tensor:
+    """Per input, the candidate with the fewest errors summed over the inputs of its group.
+
+    ``errs`` ``[C, N]`` errors of C candidates on N inputs; ``groups`` N group names. Returns ``[N]``
+    candidate indices (one per group; ties go to the first candidate).
+    """
+    choice = torch.empty(errs.shape[1], dtype=torch.long)
+    for value in set(groups):
+        rows = torch.tensor([j for j, g in enumerate(groups) if g == value])
+        choice[rows] = int(errs[:, rows].sum(1).argmin())
+    return choice
 
 
 def _errors(task: str, predictions: Sequence[str], references: Sequence[str]) -> list[float]:
@@ -202,14 +228,21 @@ def evaluate(
             on_batch(i + 1, len(loader))
     n = len(references)
     cost = cost_of(model, seconds=seconds / max(1, n))
+    best_by_condition: dict[float, dict[str, dict[str, float]]] = {}
     for keep in oracle_keeps:
         errs = torch.cat(cand_errs[keep], dim=1)  # [C, N]
+
+        def chosen(choice: torch.Tensor) -> list[str]:
+            return [cand_preds[keep][int(c)][j] for j, c in enumerate(choice.tolist())]
+
         best = errs.argmin(0)  # per input (first on ties)
         best_static = int(errs.sum(1).argmin())
         for name, choice in (("oracle", best), ("oracle_static", torch.full((n,), best_static))):
             a = _Acc()
-            a.add([cand_preds[keep][int(c)][j] for j, c in enumerate(choice.tolist())], cands[keep][choice], 0.0)
+            a.add(chosen(choice), cands[keep][choice], 0.0)
             acc[(name, keep)] = a
+        best_by_condition[keep] = {col: score(model.task, chosen(best_set_per_group(errs, vals)), references)
+                                   for col, vals in (conditions or {}).items()}
     rows, usage, by_condition = [], {}, {}
     for (method, keep), a in acc.items():
         mean_layers = a.layers / n
@@ -227,5 +260,5 @@ def evaluate(
                 col: {v: masks[[j for j, x in enumerate(vals) if x == v]].mean(0).tolist() for v in sorted(set(vals))}
                 for col, vals in conditions.items()
             }
-    return EvalResult(rows, usage, by_condition)
+    return EvalResult(rows, usage, by_condition, best_by_condition)
 

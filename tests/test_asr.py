@@ -204,7 +204,19 @@ def test_tiny_asr_train_then_eval_through_the_cli(asr_corpus, tmp_path):
         assert room["captured"] == pytest.approx((best - sel) / (best - oracle))
     channels = {r["channel"] for r in csv.DictReader(open(out / "metadata.csv")) if r["split"] == "test"}
     assert set(report["usage_by_condition"]["selector"]["0.5"]["channel"]) == channels
+    assert "channel" in room["by_condition"] and all(v >= 0 for v in room["by_condition"].values())
     table = cli.invoke(app, ["eval", "--run", str(run), "--data", str(out), "--keep", "0.5", "--methods", "selector,oracle",
                              "--oracle-sets", "3"])
     assert table.exit_code == 0 and "wer" in table.output and "by condition" in table.output
-    assert "input conditioning could win" in table.output
+    assert "input conditioning could win" in table.output and "best set per value of one condition" in table.output
+
+
+def test_best_set_per_group_picks_each_groups_own_best_candidate():
+    from ldfleet.common.evaluate import best_set_per_group
+
+    # 3 candidates x 5 inputs: candidate 1 is best for the noisy inputs, candidate 2 for the clean ones,
+    # candidate 0 is the best single one overall
+    errs = torch.tensor([[1., 1., 1., 1., 1.], [0., 0., 3., 3., 3.], [9., 9., 0., 0., 1.]])
+    groups = ["noisy", "noisy", "clean", "clean", "clean"]
+    assert best_set_per_group(errs, groups).tolist() == [1, 1, 2, 2, 2]
+    assert best_set_per_group(errs, ["all"] * 5).tolist() == [0] * 5

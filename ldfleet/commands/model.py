@@ -239,6 +239,15 @@ def evaluate(
             room.add_row(f"{h['keep']:.2f}", f"{100 * h['best_single']:.1f}%", f"{100 * h['oracle']:.1f}%",
                          f"{100 * h['headroom']:.0f}%", sel, cap)
         console.print(room)
+        columns = sorted({c for h in headroom for c in h["by_condition"]})
+        if columns:
+            cond = Table(title=f"{err} of the best set per value of one condition (a selector that sees only it)")
+            for col in ("keep", "best single set", *columns, "oracle"):
+                cond.add_column(col, justify="right")
+            for h in headroom:
+                cond.add_row(f"{h['keep']:.2f}", f"{100 * h['best_single']:.1f}%",
+                             *(f"{100 * h['by_condition'][c]:.1f}%" for c in columns), f"{100 * h['oracle']:.1f}%")
+            console.print(cond)
     if "selector" in result.layer_usage:
         usage = Table(title="selector: share of inputs running each layer")
         usage.add_column("keep")
