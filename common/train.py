@@ -441,7 +441,11 @@ def stage2_start(cfg: TrainConfig) -> tuple[DynamicModel, TrainState]:
     unfinished or its task differs, FileNotFoundError when it is not a run.
     """
     source = Path(cfg.from_run)
+    if not (source / STATE_FILE).is_file() or not (source / "train_config.json").is_file():
+        raise ValueError(f"{source} is not a run made by `ldfleet train` (no {STATE_FILE} or train_config.json)")
     model = load_model(source)
+    if type(model) is not DynamicModel:
+        raise ValueError(f"{source} is a {type(model).__name__} run; --from-run takes the SSL encoders' runs")
     src_cfg = json.loads((source / "train_config.json").read_text())
     src_state = TrainState(**json.loads((source / STATE_FILE).read_text()))
     if src_state.stage == "backbone" and src_state.epoch < src_cfg.get("epochs", 0):

@@ -131,6 +131,8 @@ def test_from_run_trains_only_the_strategies_on_the_same_encoder(trained_run, co
     (unfinished / "train_state.json").write_text(json.dumps({"stage": "backbone", "epoch": 2, "history": []}))
     again = runner.invoke(app, ["train", "--data", str(corpus), "--out", str(tmp_path / "x"), "--from-run", str(unfinished)])
     assert again.exit_code != 0 and "stage 1 is unfinished" in again.output
+    not_a_run = runner.invoke(app, ["train", "--data", str(corpus), "--out", str(tmp_path / "y"), "--from-run", str(corpus)])
+    assert not_a_run.exit_code == 2 and "not a run made by `ldfleet train`" in not_a_run.output
 
 
 def test_keyword_head_on_a_whisper_encoder_trains_evaluates_and_infers(corpus, tmp_path):
