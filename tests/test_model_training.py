@@ -125,6 +125,11 @@ def test_from_run_trains_only_the_strategies_on_the_same_encoder(trained_run, co
     model = load_model(out)  # the budget-conditioned selector and per-k static ranking reload
     assert model.selector_budget and model.static_budget
     assert model.strategy("static").scorer.scores.shape == (model.num_layers + 1, model.num_layers)
+    from ldfleet.common.model.export import export_onnx
+
+    with pytest.raises(ValueError, match="selector-budget"):  # refused before anything is written
+        export_onnx(out, tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists()
 
     unfinished = tmp_path / "unfinished"
     shutil.copytree(trained_run, unfinished)

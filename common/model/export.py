@@ -134,13 +134,16 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, int8: bool = True,
     """Write every graph, the manifest and the runtime module to ``out_dir``; returns the manifest.
 
     Raises FileNotFoundError when ``run_dir`` is not a trained run; ValueError, before anything is
-    written, for a model the edge runtime cannot serve (not keyword spotting, or with skip maps).
+    written, for a model the edge runtime cannot serve (not keyword spotting, with skip maps, or with a
+    budget-conditioned selector: its graph would need k as a second input).
     """
     step = on_step or (lambda _msg: None)
     model = load_model(run_dir).eval()
     labels_of(model)
     if model.runner.skip_maps is not None:
         raise ValueError("a run with skip maps cannot be exported yet: the edge runtime has no stand-in graphs")
+    if model.selector_budget:
+        raise ValueError("a run trained with --selector-budget cannot be exported yet: the selector graph takes no k")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     L = model.num_layers

@@ -97,7 +97,7 @@ def train(
     batch_size: Optional[int] = typer.Option(None, min=1, help="[default: kws 32, asr 16]", show_default=False),
     lr: Optional[float] = typer.Option(None, min=0.0, help="Backbone lr from scratch [default: kws 1e-3, asr 2e-3].", show_default=False),
     distill: Optional[float] = typer.Option(None, min=0.0, help="Stage-2 weight of KL distillation from the full model [default: 0].", show_default=False),
-    selector_budget: Optional[bool] = typer.Option(None, "--selector-budget/--no-selector-budget", help="Give the selector the budget k/L as an input, so kept sets need not be nested [default: off].", show_default=False),
+    selector_budget: Optional[bool] = typer.Option(None, "--selector-budget/--no-selector-budget", help="Give the selector the budget k/L as an input (and static one ranking per k), so kept sets need not be nested [default: kws off, asr on].", show_default=False),
     oracle_weight: Optional[float] = typer.Option(None, min=0.0, help="Selector stage: weight of supervision by the per-batch oracle (best of 4 random layer sets per input) [default: 0].", show_default=False),
     from_run: Optional[Path] = typer.Option(None, "--from-run", help="Skip stage 1: train only the stage-2 strategies, with this command's options, on the backbone and base head of RUN (a finished stage 1 on the same data), e.g. to compare --selector-budget or --distill without training the encoder again.", show_default=False),
     seed: int = typer.Option(0, help="Seed for initialisation, data order, splits and augmentation."),
