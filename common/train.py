@@ -8,6 +8,8 @@
    always-run front end is computed once and cached, so these stages run only encoder layers.
    Each starts its head from the base head. ``static`` and ``selector`` learn layer scores through
    straight-through Gumbel top-k gates; k is drawn per batch so one scorer serves every budget.
+   With ``set_table`` they are instead fitted on every layer set's loss over some training clips
+   (:mod:`.set_fit`) and keep the base head.
 
 The loops are task-agnostic: a batch is ``(waveforms, sample mask, texts)`` and the model's task
 head turns texts into targets and hidden states into a loss (cross-entropy over labels for kws,
@@ -39,6 +41,7 @@ from .model.dynamic import DynamicModel
 from .model.heads import build_head, choose_vocab, vocab_from_spec
 from .model.runner import FrontEnd
 from .model.strategies import ScoredChoice
+from .set_fit import TABLE_STRATEGIES, fit_from_tables, set_loss_table
 
 STAGES = ("backbone", "early_exit", "static", "selector")
 STATE_FILE = "train_state.json"
@@ -72,6 +75,9 @@ class TrainConfig:
     oracle_weight: float = 0.0  # selector stage: weight of supervision by the per-batch oracle's layer sets
     oracle_sets: int = 4  # candidate layer sets per batch for that supervision
     from_run: str | None = None  # skip stage 1: start stage 2 from this run's trained backbone and base head
+    # > 0: fit static and selector listwise on every layer set's loss over this many training clips
+    # (and a quarter as many validation clips) instead of by straight-through gates (common/set_fit.py)
+    set_table: int = 0
 
     @property
     def from_checkpoint(self) -> bool:
@@ -505,8 +511,32 @@ class Trainer:
             opt.load_state_dict(torch.load(self.run / OPTIM_FILE))
         return opt
 
+    def _set_tables(self, train_cache: FrontEndCache, val_cache: FrontEndCache, on_step: StepCallback | None):
+        """Layer-set loss tables on ``cfg.set_table`` random training clips and a quarter as many
+        validation clips (see :mod:`.set_fit`)."""
+        gen = torch.Generator().manual_seed(self.cfg.seed)
+        n = self.cfg.set_table
+        rows = {"train": torch.randperm(len(train_cache), generator=gen)[:n],
+                "val": torch.randperm(len(val_cache), generator=gen)[: max(1, n // 4)]}
+        step = (lambda split: (lambda i, total: on_step(f"set table ({split})", i, total))) if on_step else (lambda _: None)
+        return (set_loss_table(self.model, train_cache, rows["train"], on_item=step("train")),
+                set_loss_table(self.model, val_cache, rows["val"], on_item=step("val")))
+
+    def _fit_from_tables(self, stage: str, tables, val_cache: FrontEndCache) -> None:
+        fitted = fit_from_tables(self.model, stage, *tables, seed=self.cfg.seed, log=lambda _msg: None)
+        k = self.model.k_for(0.5)
+        stats = {"stage": stage, "epoch": 1, "fit": "set_table", "best_epoch": fitted["best_epoch"],
+                 "val_chosen_loss": fitted["val_chosen_loss"], "train_chosen_loss": fitted["train_chosen_loss"],
+                 **_prefixed("val_", validate(self.model, val_cache, stage, k))}
+        self.state.history.append(stats)
+        self.state.epoch = 1
+        self._save(None)
+        metric = "accuracy" if self.model.task == "kws" else "wer"
+        self.log(f"{stage} fitted on the set table: val {metric} {stats['val_' + metric]:.3f} at k={k}; "
+                 f"val loss of chosen sets per k {', '.join(f'{size}: {v:.3f}' for size, v in fitted['val_chosen_loss'].items())}")
+
     def fit(self, on_step: StepCallback | None = None) -> TrainState:
-        val_cache = train_cache = None
+        val_cache = train_cache = tables = None
         for stage in STAGES[STAGES.index(self.state.stage) :]:
             if self.state.stage != stage:
                 self.state.stage, self.state.epoch = stage, 0
@@ -519,6 +549,12 @@ class Trainer:
                     train_cache = cache_front_ends(self.model, self.train_data)
                     if self.cfg.distill > 0:
                         add_teacher(self.model, train_cache)
+                if self.cfg.set_table and stage in TABLE_STRATEGIES:
+                    val_cache = val_cache or cache_front_ends(self.model, self.val_data)
+                    if self.state.epoch == 0:
+                        tables = tables or self._set_tables(train_cache, val_cache, on_step)
+                        self._fit_from_tables(stage, tables, val_cache)
+                    continue
             optimizer = self._optimizer(stage)
             for epoch in range(self.state.epoch, self.epochs_for(stage)):
                 if stage == "backbone":

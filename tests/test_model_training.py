@@ -131,6 +131,37 @@ def test_from_run_trains_only_the_strategies_on_the_same_encoder(trained_run, co
         export_onnx(out, tmp_path / "onnx")
     assert not (tmp_path / "onnx").exists()
 
+    table = tmp_path / "table"
+    fitted = runner.invoke(app, ["train", "--data", str(corpus), "--out", str(table), "--from-run", str(trained_run),
+                                 "--strategy-epochs", "1", "--batch-size", "16", "--set-table", "24", "--selector-budget"])
+    assert fitted.exit_code == 0, fitted.output
+    history = {h["stage"]: h for h in json.loads((table / "train_state.json").read_text())["history"]}
+    fitted_model = load_model(table)
+    head_state = fitted_model.heads["base"].state_dict()
+    for name in ("static", "selector"):
+        assert history[name]["fit"] == "set_table"
+        kept = fitted_model.heads[name].state_dict()  # the strategies keep the base head
+        assert all(torch.equal(kept[key], head_state[key]) for key in head_state)
+    # static keeps, per k, the set with the lowest mean loss on the training table (same clips: seed 0)
+    from ldfleet.common.model.selector import topk_mask
+    from ldfleet.common.set_fit import set_loss_table
+    from ldfleet.common.train import cache_front_ends
+    from ldfleet.common.whisper_train import chosen_loss
+
+    splits = load_splits(corpus)
+    train_cache, val_cache = cache_front_ends(fitted_model, splits["train"]), cache_front_ends(fitted_model, splits["val"])
+    rows = torch.randperm(len(train_cache), generator=torch.Generator().manual_seed(0))[:24]
+    train_table = set_loss_table(fitted_model, train_cache, rows)
+    assert set(train_table.losses) == set(range(1, fitted_model.num_layers))
+    static = fitted_model.strategy("static").scorer
+    for k, losses in train_table.losses.items():
+        assert torch.equal(topk_mask(static.for_batch(1, k), k)[0], train_table.sets[k][int(losses.mean(0).argmin())])
+    # the selector, started from those sets, still loses less than the average set on validation clips
+    val_table = set_loss_table(fitted_model, val_cache, torch.arange(min(12, len(val_cache))))
+    selector = fitted_model.strategy("selector").scorer
+    chosen = chosen_loss(lambda k: selector.from_pooled(val_table.pooled, k), val_table)
+    assert sum(chosen.values()) < sum(float(v.mean()) for v in val_table.losses.values())
+
     unfinished = tmp_path / "unfinished"
     shutil.copytree(trained_run, unfinished)
     (unfinished / "train_state.json").write_text(json.dumps({"stage": "backbone", "epoch": 2, "history": []}))
