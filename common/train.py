@@ -75,7 +75,7 @@ class TrainConfig:
     oracle_weight: float = 0.0  # selector stage: weight of supervision by the per-batch oracle's layer sets
     oracle_sets: int = 4  # candidate layer sets per batch for that supervision
     from_run: str | None = None  # skip stage 1: start stage 2 from this run's trained backbone and base head
-    # > 0: fit static and selector listwise on every layer set's loss over this many training clips
+    # > 0: fit static and selector on every layer set's loss over this many training clips
     # (and a quarter as many validation clips) instead of by straight-through gates (common/set_fit.py)
     set_table: int = 0
 
@@ -445,8 +445,8 @@ def stage2_start(cfg: TrainConfig) -> tuple[DynamicModel, TrainState]:
 
     Lets stage-2 options (``selector_budget``, ``distill``, ``oracle_weight``) be compared on one
     trained encoder without training it again. ``cfg`` takes the source's task, token unit and
-    vocabulary; its stage-1 history is carried over. Raises ValueError when the source's stage 1 is
-    unfinished or its task differs, FileNotFoundError when it is not a run.
+    vocabulary; its stage-1 history is carried over. Raises ValueError when the source is not a run of
+    an SSL encoder, its stage 1 is unfinished or its task differs.
     """
     source = Path(cfg.from_run)
     if not (source / STATE_FILE).is_file() or not (source / "train_config.json").is_file():
