@@ -83,21 +83,18 @@ class EvalResult:
         def error_of(scores: dict[str, float]) -> float:
             return scores["wer"] if "wer" in scores else 1.0 - scores["accuracy"]
 
-        def error(row: EvalRow) -> float:
-            return error_of(row.scores)
-
         by = {(r.method, r.keep): r for r in self.rows}
         out = []
         for keep in sorted({r.keep for r in self.rows if r.method == "oracle"}):
             static, oracle, selector = (by.get((m, keep)) for m in ("oracle_static", "oracle", "selector"))
             if static is None or oracle is None:
                 continue
-            s, o = error(static), error(oracle)
+            s, o = error_of(static.scores), error_of(oracle.scores)
             by_condition = {col: error_of(sc) for col, sc in self.best_set_by_condition.get(keep, {}).items()}
             entry = {"keep": keep, "best_single": s, "oracle": o, "headroom": (s - o) / s if s > 0 else 0.0,
                      "selector": None, "captured": None, "by_condition": by_condition}
             if selector is not None:
-                entry["selector"] = error(selector)
+                entry["selector"] = error_of(selector.scores)
                 entry["captured"] = (s - entry["selector"]) / (s - o) if s > o else None
             out.append(entry)
         return out

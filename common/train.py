@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ from .set_fit import TABLE_STRATEGIES, fit_from_tables, set_loss_table
 
 STAGES = ("backbone", "early_exit", "static", "selector")
 STATE_FILE = "train_state.json"
+CONFIG_FILE = "train_config.json"
 OPTIM_FILE = "optimizer.pt"
 
 StepCallback = Callable[[str, int, int], None]  # (stage, step, total_steps)
@@ -439,6 +441,17 @@ def validate(model: DynamicModel, cache: FrontEndCache, strategy: str, k: int, b
 # ---- the resumable driver -------------------------------------------------------------------
 
 
+def read_progress(run: Path) -> tuple[dict, TrainState]:
+    """A run folder's saved config (as written: a dict) and progress."""
+    return json.loads((run / CONFIG_FILE).read_text()), TrainState(**json.loads((run / STATE_FILE).read_text()))
+
+
+def new_model(cfg: TrainConfig, backbone, head) -> DynamicModel:
+    """A model with fresh strategies per ``cfg``; a budget-conditioned selector gets the per-k static
+    ranking, its fair baseline."""
+    return DynamicModel(backbone, head, cfg.selector_hidden, cfg.selector_budget, static_budget=cfg.selector_budget)
+
+
 def stage2_start(cfg: TrainConfig) -> tuple[DynamicModel, TrainState]:
     """A model with the backbone and base head of ``cfg.from_run`` (whose stage 1 must be finished) and
     fresh strategies built with ``cfg``'s options, and a state that starts at the first stage-2 stage.
@@ -449,21 +462,19 @@ def stage2_start(cfg: TrainConfig) -> tuple[DynamicModel, TrainState]:
     an SSL encoder, its stage 1 is unfinished or its task differs.
     """
     source = Path(cfg.from_run)
-    if not (source / STATE_FILE).is_file() or not (source / "train_config.json").is_file():
-        raise ValueError(f"{source} is not a run made by `ldfleet train` (no {STATE_FILE} or train_config.json)")
+    if not (source / STATE_FILE).is_file() or not (source / CONFIG_FILE).is_file():
+        raise ValueError(f"{source} is not a run made by `ldfleet train` (no {STATE_FILE} or {CONFIG_FILE})")
     model = load_model(source)
     if type(model) is not DynamicModel:
         raise ValueError(f"{source} is a {type(model).__name__} run; --from-run takes the SSL encoders' runs")
-    src_cfg = json.loads((source / "train_config.json").read_text())
-    src_state = TrainState(**json.loads((source / STATE_FILE).read_text()))
+    src_cfg, src_state = read_progress(source)
     if src_state.stage == "backbone" and src_state.epoch < src_cfg.get("epochs", 0):
         raise ValueError(f"{source}: stage 1 is unfinished ({src_state.epoch} of {src_cfg.get('epochs')} epochs)")
     if model.task != cfg.task:
         raise ValueError(f"{source} is a {model.task} run, not {cfg.task}")
     for name in ("backbone", "family", "epochs", "layerdrop", "lr", "labels", "vocab", "tokens"):
         setattr(cfg, name, src_cfg.get(name, getattr(cfg, name)))
-    fresh = DynamicModel(model.runner.backbone, model.heads["base"], cfg.selector_hidden, cfg.selector_budget,
-                         static_budget=cfg.selector_budget)
+    fresh = new_model(cfg, model.runner.backbone, model.heads["base"])
     history = [h for h in src_state.history if h.get("stage") == "backbone"]
     return fresh, TrainState(stage=STAGES[1], history=history)
 
@@ -475,10 +486,8 @@ class Trainer:
         self.run = Path(run_dir)
         self.train_data, self.val_data, self.cfg, self.log = train, val, cfg, log
         self.run.mkdir(parents=True, exist_ok=True)
-        state_path = self.run / STATE_FILE
-        if state_path.exists():
-            self.state = TrainState(**json.loads(state_path.read_text()))
-            saved_cfg = json.loads((self.run / "train_config.json").read_text())
+        if (self.run / STATE_FILE).exists():
+            saved_cfg, self.state = read_progress(self.run)
             known = {k: v for k, v in saved_cfg.items() if k in TrainConfig.__dataclass_fields__}
             self.cfg = TrainConfig(**{**known, "epochs": cfg.epochs, "strategy_epochs": cfg.strategy_epochs})
             self.model = load_model(self.run)
@@ -489,10 +498,14 @@ class Trainer:
                 self.model, self.state = stage2_start(cfg)
             else:
                 backbone = load_backbone(cfg.backbone, cfg.family)
-                self.model = DynamicModel(backbone, new_head(cfg, backbone.config.hidden_size, train), cfg.selector_hidden,
-                                          cfg.selector_budget, static_budget=cfg.selector_budget)
+                self.model = new_model(cfg, backbone, new_head(cfg, backbone.config.hidden_size, train))
                 self.state = TrainState()
-            (self.run / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+            (self.run / CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=2))
+
+    @property
+    def metric(self) -> str:
+        """The task's headline score in logs: accuracy (kws) or WER (asr)."""
+        return "accuracy" if self.model.task == "kws" else "wer"
 
     def epochs_for(self, stage: str) -> int:
         return self.cfg.epochs if stage == "backbone" else self.cfg.strategy_epochs
@@ -518,9 +531,12 @@ class Trainer:
         n = self.cfg.set_table
         rows = {"train": torch.randperm(len(train_cache), generator=gen)[:n],
                 "val": torch.randperm(len(val_cache), generator=gen)[: max(1, n // 4)]}
-        step = (lambda split: (lambda i, total: on_step(f"set table ({split})", i, total))) if on_step else (lambda _: None)
-        return (set_loss_table(self.model, train_cache, rows["train"], on_item=step("train")),
-                set_loss_table(self.model, val_cache, rows["val"], on_item=step("val")))
+
+        def progress(split: str):
+            return partial(on_step, f"set table ({split})") if on_step else None
+
+        return (set_loss_table(self.model, train_cache, rows["train"], on_item=progress("train")),
+                set_loss_table(self.model, val_cache, rows["val"], on_item=progress("val")))
 
     def _fit_from_tables(self, stage: str, tables, val_cache: FrontEndCache) -> None:
         fitted = fit_from_tables(self.model, stage, *tables, seed=self.cfg.seed, log=lambda _msg: None)
@@ -531,7 +547,7 @@ class Trainer:
         self.state.history.append(stats)
         self.state.epoch = 1
         self._save(None)
-        metric = "accuracy" if self.model.task == "kws" else "wer"
+        metric = self.metric
         self.log(f"{stage} fitted on the set table: val {metric} {stats['val_' + metric]:.3f} at k={k}; "
                  f"val loss of chosen sets per k {', '.join(f'{size}: {v:.3f}' for size, v in fitted['val_chosen_loss'].items())}")
 
@@ -550,9 +566,11 @@ class Trainer:
                     if self.cfg.distill > 0:
                         add_teacher(self.model, train_cache)
                 if self.cfg.set_table and stage in TABLE_STRATEGIES:
-                    val_cache = val_cache or cache_front_ends(self.model, self.val_data)
+                    if val_cache is None:
+                        val_cache = cache_front_ends(self.model, self.val_data)
                     if self.state.epoch == 0:
-                        tables = tables or self._set_tables(train_cache, val_cache, on_step)
+                        if tables is None:
+                            tables = self._set_tables(train_cache, val_cache, on_step)
                         self._fit_from_tables(stage, tables, val_cache)
                     continue
             optimizer = self._optimizer(stage)
@@ -575,7 +593,7 @@ class Trainer:
                 self.state.history.append(stats)
                 self.state.epoch = epoch + 1
                 self._save(optimizer)
-                metric = "accuracy" if self.model.task == "kws" else "wer"
+                metric = self.metric
                 self.log(
                     f"{stage} epoch {epoch + 1}/{self.epochs_for(stage)}: loss {stats['loss']:.3f} "
                     f"train {metric} {stats['train_' + metric]:.3f} val {metric} {stats['val_' + metric]:.3f}"
