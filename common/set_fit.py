@@ -6,7 +6,7 @@ batch. On the synthetic speech corpus that settles on worse sets than the best o
 (:mod:`.whisper_train`): score every layer set of each size k on each of some training clips with the
 base head (its CTC or cross-entropy loss), then fit the scorers to those losses (see
 :func:`fit_from_tables`), keeping the fit whose chosen sets have the lowest loss on a validation table.
-The strategies keep the base head, which the table was computed with.
+The table is computed with the base head; the trainer may then tune each strategy's head on its sets.
 
 Cost per clip: one pass of each distinct kept prefix (``LayerRunner.run_layer_sets``), 255 layer
 passes for all 254 proper subsets of 8 layers.

@@ -8,8 +8,8 @@
    always-run front end is computed once and cached, so these stages run only encoder layers.
    Each starts its head from the base head. ``static`` and ``selector`` learn layer scores through
    straight-through Gumbel top-k gates; k is drawn per batch so one scorer serves every budget.
-   With ``set_table`` they are instead fitted on every layer set's loss over some training clips
-   (:mod:`.set_fit`) and keep the base head.
+   With ``set_table`` their scorers are instead fitted on every layer set's loss over some training
+   clips (:mod:`.set_fit`), then their heads alone learn on the fitted sets.
 
 The loops are task-agnostic: a batch is ``(waveforms, sample mask, texts)`` and the model's task
 head turns texts into targets and hidden states into a loss (cross-entropy over labels for kws,
@@ -78,7 +78,8 @@ class TrainConfig:
     oracle_sets: int = 4  # candidate layer sets per batch for that supervision
     from_run: str | None = None  # skip stage 1: start stage 2 from this run's trained backbone and base head
     # > 0: fit static and selector on every layer set's loss over this many training clips
-    # (and a quarter as many validation clips) instead of by straight-through gates (common/set_fit.py)
+    # (and a quarter as many validation clips) instead of by straight-through gates (common/set_fit.py);
+    # their strategy_epochs then train only their heads, on the fitted sets (0: keep the base head)
     set_table: int = 0
 
     @property
@@ -338,10 +339,11 @@ def oracle_keep(model: DynamicModel, front: FrontEnd, targets, k: int, n: int, g
     return out
 
 
-def strategy_optimizer(model: DynamicModel, name: str, cfg: TrainConfig) -> torch.optim.Optimizer:
+def strategy_optimizer(model: DynamicModel, name: str, cfg: TrainConfig, learn_scores: bool = True) -> torch.optim.Optimizer:
+    """AdamW over the strategy's head and, when ``learn_scores``, its scorer."""
     choice = model.strategy(name)
     groups = [{"params": model.heads[choice.head].parameters(), "lr": cfg.head_lr}]
-    if isinstance(choice, ScoredChoice):
+    if isinstance(choice, ScoredChoice) and learn_scores:
         groups.append({"params": choice.parameters(), "lr": cfg.selector_lr})
     return torch.optim.AdamW(groups, weight_decay=0.01)
 
@@ -360,8 +362,12 @@ def train_strategy_epoch(
     distill: float = 0.0,
     oracle_weight: float = 0.0,
     oracle_sets: int = 4,
+    learn_scores: bool = True,
 ) -> dict:
     """One epoch of a stage-2 strategy: its head (and scorer) learn under sampled budgets.
+
+    ``learn_scores=False``: a learned strategy's scorer stays as it is (e.g. fitted on a set table) and
+    its head learns on the hard sets it chooses.
 
     ``budgets`` restricts the layer counts drawn per batch (a device trains under its own budget);
     by default k is uniform in 1..L. With ``distill > 0`` (and ``cache.teacher`` set) the loss adds
@@ -387,7 +393,8 @@ def train_strategy_epoch(
         front, texts = cache.batch(rows)
         k = ks[int(torch.randint(len(ks), (1,), generator=gen))]
         _set_lr(optimizer, epoch * steps + step, total, warmup=20)
-        if isinstance(choice, ScoredChoice):
+        learning = isinstance(choice, ScoredChoice) and learn_scores
+        if learning:
             # Exploration noise fades linearly so the last steps train the sets used at run time.
             noise_scale = 1.0 - (epoch * steps + step) / max(1, total)
             gates = choice.gates(front, k, tau=1.0, noise_scale=noise_scale)
@@ -400,7 +407,7 @@ def train_strategy_epoch(
         logits = head.logits(hidden, front.frame_mask)
         targets = head.targets(texts)
         loss = head.loss_from_logits(logits, front.frame_mask, targets)
-        if oracle_weight > 0 and isinstance(choice, ScoredChoice) and k < model.num_layers:
+        if oracle_weight > 0 and learning and k < model.num_layers:
             best = oracle_keep(model, front, targets, k, oracle_sets, gen).float()
             loss = loss + oracle_weight * F.binary_cross_entropy_with_logits(choice.scores(front, k), best)
         teacher = cache.teacher_logits(rows, logits.shape[1]) if distill > 0 else None
@@ -518,8 +525,18 @@ class Trainer:
         tmp.write_text(json.dumps(asdict(self.state), indent=2))
         tmp.replace(self.run / STATE_FILE)
 
+    def _from_table(self, stage: str) -> bool:
+        """Whether ``stage``'s scorer is fitted on a set table (its epochs then train only its head)."""
+        return bool(self.cfg.set_table) and stage in TABLE_STRATEGIES
+
+    def _table_fitted(self, stage: str) -> bool:
+        return any(h["stage"] == stage and h.get("fit") == "set_table" for h in self.state.history)
+
     def _optimizer(self, stage: str) -> torch.optim.Optimizer:
-        opt = backbone_optimizer(self.model, self.cfg) if stage == "backbone" else strategy_optimizer(self.model, stage, self.cfg)
+        if stage == "backbone":
+            opt = backbone_optimizer(self.model, self.cfg)
+        else:
+            opt = strategy_optimizer(self.model, stage, self.cfg, learn_scores=not self._from_table(stage))
         if self.state.epoch > 0 and (self.run / OPTIM_FILE).exists():
             opt.load_state_dict(torch.load(self.run / OPTIM_FILE))
         return opt
@@ -541,11 +558,10 @@ class Trainer:
     def _fit_from_tables(self, stage: str, tables, val_cache: FrontEndCache) -> None:
         fitted = fit_from_tables(self.model, stage, *tables, seed=self.cfg.seed, log=lambda _msg: None)
         k = self.model.k_for(0.5)
-        stats = {"stage": stage, "epoch": 1, "fit": "set_table", "best_epoch": fitted["best_epoch"],
+        stats = {"stage": stage, "epoch": 0, "fit": "set_table", "best_epoch": fitted["best_epoch"],
                  "val_chosen_loss": fitted["val_chosen_loss"], "train_chosen_loss": fitted["train_chosen_loss"],
                  **_prefixed("val_", validate(self.model, val_cache, stage, k))}
         self.state.history.append(stats)
-        self.state.epoch = 1
         self._save(None)
         metric = self.metric
         self.log(f"{stage} fitted on the set table: val {metric} {stats['val_' + metric]:.3f} at k={k}; "
@@ -559,20 +575,16 @@ class Trainer:
             if stage != "backbone":
                 if self.state.epoch == 0:  # each stage-2 head starts from the trained base head
                     self.model.heads[self.model.strategy(stage).head].load_state_dict(self.model.heads["base"].state_dict())
-                if self.epochs_for(stage) == 0:
+                if self.epochs_for(stage) == 0 and not self._from_table(stage):
                     continue
                 if train_cache is None:
                     train_cache = cache_front_ends(self.model, self.train_data)
                     if self.cfg.distill > 0:
                         add_teacher(self.model, train_cache)
-                if self.cfg.set_table and stage in TABLE_STRATEGIES:
-                    if val_cache is None:
-                        val_cache = cache_front_ends(self.model, self.val_data)
-                    if self.state.epoch == 0:
-                        if tables is None:
-                            tables = self._set_tables(train_cache, val_cache, on_step)
-                        self._fit_from_tables(stage, tables, val_cache)
-                    continue
+                if self._from_table(stage) and not self._table_fitted(stage):
+                    val_cache = cache_front_ends(self.model, self.val_data) if val_cache is None else val_cache
+                    tables = self._set_tables(train_cache, val_cache, on_step) if tables is None else tables
+                    self._fit_from_tables(stage, tables, val_cache)
             optimizer = self._optimizer(stage)
             for epoch in range(self.state.epoch, self.epochs_for(stage)):
                 if stage == "backbone":
@@ -582,6 +594,7 @@ class Trainer:
                         self.model, stage, train_cache, optimizer, self.cfg.strategy_epochs, epoch,
                         seed=self.cfg.seed, batch_size=self.cfg.batch_size, on_step=on_step, distill=self.cfg.distill,
                         oracle_weight=self.cfg.oracle_weight if stage == "selector" else 0.0, oracle_sets=self.cfg.oracle_sets,
+                        learn_scores=not self._from_table(stage),
                     )
                 val_cache = cache_front_ends(self.model, self.val_data) if stage == "backbone" or val_cache is None else val_cache
                 strategy = "full" if stage == "backbone" else stage
