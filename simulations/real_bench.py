@@ -9,7 +9,7 @@ Benchmark orchestration, not product code (run `make real-data` first). Phases, 
    on the full model's states of --map-clips training clips (common/model/skip_maps.py): the frozen
    encoder then tolerates skipped layers;
 3. tables: teacher-forced loss of every layer set of each size the keeps need (k = 3, 4, 5 of 6)
-   on training and validation clips (frozen Whisper; see common/whisper_train.py);
+   on training and validation clips (frozen Whisper; see common/whisper_train.py and common/set_fit.py);
 4. fit: static and the selector (--selector-from-static: started as static's ranking) on those
    tables, each choosing its set per k (the budget is an input; --no-budget: top-k of one
    ranking); the run goes to OUT/run;
@@ -34,8 +34,8 @@ from ldfleet.common.data.transcribed import load_speech_items
 from ldfleet.common.metrics import score
 from ldfleet.common.model.whisper_dynamic import WhisperDynamic
 from ldfleet.common.model.skip_maps import SkipMaps
-from ldfleet.common.whisper_train import (FitConfig, LossTable, fit_strategy, fit_whisper_skip_maps, loss_table,
-                                          table_summary)
+from ldfleet.common.set_fit import FitConfig, LossTable, fit_strategy, table_summary
+from ldfleet.common.whisper_train import fit_whisper_skip_maps, loss_table
 
 METHODS = ("full", "random", "early_exit", "static", "selector")
 

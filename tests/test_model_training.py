@@ -146,9 +146,8 @@ def test_from_run_trains_only_the_strategies_on_the_same_encoder(trained_run, co
     # static keeps, per k, the set with the lowest mean loss on the training table (same clips: seed 0;
     # the table uses the base head, which is unchanged), through the head's epoch
     from ldfleet.common.model.selector import topk_mask
-    from ldfleet.common.set_fit import set_loss_table
+    from ldfleet.common.set_fit import chosen_loss, set_loss_table
     from ldfleet.common.train import cache_front_ends
-    from ldfleet.common.whisper_train import chosen_loss
 
     splits = load_splits(corpus)
     train_cache, val_cache = cache_front_ends(fitted_model, splits["train"]), cache_front_ends(fitted_model, splits["val"])

@@ -20,7 +20,8 @@ from ldfleet.common.model.checkpoint import load_model
 from ldfleet.common.model.heads import TaskHead, head_from_spec
 from ldfleet.common.model.whisper_head import WhisperDecoderHead
 from ldfleet.common.model.whisper_dynamic import WhisperDynamic
-from ldfleet.common.whisper_train import FitConfig, chosen_loss, fit_strategy, layer_sets, loss_table
+from ldfleet.common.set_fit import FitConfig, chosen_loss, fit_strategy, layer_sets
+from ldfleet.common.whisper_train import loss_table
 
 REAL = Path(__file__).resolve().parents[1] / "data" / "real"
 TEXTS = ["hello world", "press one", "press two"]
