@@ -14,7 +14,7 @@ that set runs (built by :func:`set_loss_table` here for the SSL encoders, by
 2. Model selection on a validation table: the epoch, or the starting state, whose chosen sets have
    the lowest mean loss (ties go to the later epoch, fitted longer).
 
-For the SSL encoders this replaces the default stage 2, which learns layer scores through
+For the SSL encoders this replaces how the default stage 2 learns layer scores: through
 straight-through top-k gates, one sampled set per batch, and on the synthetic speech corpus settles on
 worse sets than the best of 16 random ones (README, speech recognition); :func:`fit_from_tables`
 chooses a per-k static exactly instead of listwise. The table is computed with the base head; the

@@ -16,8 +16,8 @@ head turns texts into targets and hidden states into a loss (cross-entropy over 
 CTC over characters for asr). Stage 2 may add a KL term towards the full model's outputs
 (``distill``), the distillation of the authors' follow-up work.
 
-After every epoch the run folder holds the model, the optimiser and the progress, so an
-interrupted ``ldfleet train`` resumes where it stopped.
+After every epoch (and every set-table fit) the run folder holds the model, the optimiser (named by
+its stage) and the progress, so an interrupted ``ldfleet train`` resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -371,8 +371,8 @@ def train_strategy_epoch(
 
     ``budgets`` restricts the layer counts drawn per batch (a device trains under its own budget);
     by default k is uniform in 1..L. With ``distill > 0`` (and ``cache.teacher`` set) the loss adds
-    ``distill * KL(full model || strategy)`` of the head outputs; with ``oracle_weight > 0`` a learned
-    strategy's scores are also pushed (binary cross-entropy) towards the per-input best of
+    ``distill * KL(full model || strategy)`` of the head outputs; with ``oracle_weight > 0`` a strategy
+    whose scores learn (``learn_scores``) is also pushed (binary cross-entropy) towards the per-input best of
     ``oracle_sets`` random k-layer sets (:func:`oracle_keep`).
     """
     choice = model.strategy(name)
@@ -520,7 +520,7 @@ class Trainer:
     def _save(self, optimizer: torch.optim.Optimizer | None) -> None:
         save_model(self.model, self.run, {"train_config": asdict(self.cfg)})
         if optimizer is not None:
-            torch.save(optimizer.state_dict(), self.run / OPTIM_FILE)
+            torch.save({"stage": self.state.stage, "state": optimizer.state_dict()}, self.run / OPTIM_FILE)
         tmp = self.run / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps(asdict(self.state), indent=2))
         tmp.replace(self.run / STATE_FILE)
@@ -537,8 +537,11 @@ class Trainer:
             opt = backbone_optimizer(self.model, self.cfg)
         else:
             opt = strategy_optimizer(self.model, stage, self.cfg, learn_scores=not self._from_table(stage))
-        if self.state.epoch > 0 and (self.run / OPTIM_FILE).exists():
-            opt.load_state_dict(torch.load(self.run / OPTIM_FILE))
+        saved = torch.load(self.run / OPTIM_FILE) if self.state.epoch > 0 and (self.run / OPTIM_FILE).exists() else None
+        if saved is not None and "stage" not in saved:  # written before files named their stage
+            saved = {"stage": stage, "state": saved}
+        if saved is not None and saved["stage"] == stage:  # not a previous stage's (killed before the state was saved)
+            opt.load_state_dict(saved["state"])
         return opt
 
     def _set_tables(self, train_cache: FrontEndCache, val_cache: FrontEndCache, on_step: StepCallback | None):

@@ -105,6 +105,18 @@ def test_interrupted_training_resumes_without_repeating_epochs(corpus, tmp_path)
     assert final.done
     assert [h["stage"] for h in final.history] == ["backbone", "backbone", *STAGES[1:]]
 
+    # with --set-table, interrupted in static's head epoch (its fit saved): the fit is not repeated
+    table_cfg = TrainConfig(epochs=2, strategy_epochs=1, batch_size=16, set_table=12, selector_budget=True)
+    table_run = tmp_path / "table"
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(table_run, splits["train"], splits["val"], table_cfg).fit(interrupt_in_static)
+    state = json.loads((table_run / "train_state.json").read_text())
+    assert (state["stage"], state["epoch"]) == ("static", 0)
+    assert [h.get("fit") for h in state["history"] if h["stage"] == "static"] == ["set_table"]
+    final = Trainer(table_run, splits["train"], splits["val"], table_cfg).fit()
+    for name in ("static", "selector"):
+        assert [h.get("fit") for h in final.history if h["stage"] == name] == ["set_table", None]
+
 
 def test_from_run_trains_only_the_strategies_on_the_same_encoder(trained_run, corpus, tmp_path):
     """`--from-run` reuses a finished stage 1: same encoder and base head, new stage-2 options."""
@@ -143,6 +155,15 @@ def test_from_run_trains_only_the_strategies_on_the_same_encoder(trained_run, co
         assert [h.get("fit") for h in history if h["stage"] == name] == ["set_table", None]
         tuned = fitted_model.heads[name].state_dict()
         assert not all(torch.equal(tuned[key], head_state[key]) for key in head_state)
+    base_heads = tmp_path / "table-base-heads"  # --strategy-epochs 0: the fit only, heads stay the base head
+    fitted = runner.invoke(app, ["train", "--data", str(corpus), "--out", str(base_heads), "--from-run", str(trained_run),
+                                 "--strategy-epochs", "0", "--set-table", "24", "--selector-budget"])
+    assert fitted.exit_code == 0, fitted.output
+    untuned = load_model(base_heads)
+    for name in ("static", "selector"):
+        kept = untuned.heads[name].state_dict()
+        assert all(torch.equal(kept[key], head_state[key]) for key in head_state)
+    assert torch.equal(untuned.strategy("static").scorer.scores, fitted_model.strategy("static").scorer.scores)
     # static keeps, per k, the set with the lowest mean loss on the training table (same clips: seed 0;
     # the table uses the base head, which is unchanged), through the head's epoch
     from ldfleet.common.model.selector import topk_mask

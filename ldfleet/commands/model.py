@@ -118,7 +118,11 @@ def train(
 
     if threads:
         torch.set_num_threads(threads)
-    task_data = _load_data(_task(task), data, seed, labels, strict)
+    chosen = config_for(_task(task), set_table=set_table, oracle_weight=oracle_weight)
+    if chosen.set_table and chosen.oracle_weight:
+        fail("--oracle-weight supervises scores learned through gates; with --set-table (N > 0) the scores are fitted "
+             "on the table instead: give --set-table 0 with it")
+    task_data = _load_data(task, data, seed, labels, strict)
     splits = task_data.splits
     cfg = config_for(task, backbone=backbone, family=family, epochs=epochs, strategy_epochs=strategy_epochs,
                      layerdrop=layerdrop, batch_size=batch_size, lr=lr, distill=distill, selector_budget=selector_budget, oracle_weight=oracle_weight, seed=seed,
@@ -140,7 +144,7 @@ def train(
             progress.update(tasks[stage], completed=step)
 
         state = trainer.fit(on_step)
-    console.print(f"[green]done[/green]: stages {', '.join(STAGES)}; {len(state.history)} epochs logged in {out}/train_state.json")
+    console.print(f"[green]done[/green]: stages {', '.join(STAGES)}; {len(state.history)} epochs and fits logged in {out}/train_state.json")
 
 
 def evaluate(
