@@ -184,7 +184,7 @@ def test_tiny_asr_train_then_eval_through_the_cli(asr_corpus, tmp_path):
     cli = CliRunner()
     trained = cli.invoke(app, ["train", "--task", "asr", "--data", str(out), "--out", str(run), "--epochs", "1",
                                "--strategy-epochs", "1", "--batch-size", "4", "--distill", "0.5", "--selector-budget",
-                               "--oracle-weight", "0.5"])
+                               "--oracle-weight", "0.5", "--set-table", "0"])
     assert trained.exit_code == 0, trained.output
     model = load_model(run)
     assert model.task == "asr" and model.selector_budget and isinstance(model.heads["selector"], CTCHead)
@@ -209,6 +209,19 @@ def test_tiny_asr_train_then_eval_through_the_cli(asr_corpus, tmp_path):
                              "--oracle-sets", "3"])
     assert table.exit_code == 0 and "wer" in table.output and "by condition" in table.output
     assert "input conditioning could win" in table.output and "best set per value of one condition" in table.output
+    # the asr default fits static and selector on a layer-set table of CTC losses, then tunes their heads
+    fitted = cli.invoke(app, ["train", "--task", "asr", "--data", str(out), "--out", str(tmp_path / "table"),
+                              "--from-run", str(run), "--strategy-epochs", "1", "--batch-size", "4"])
+    assert fitted.exit_code == 0, fitted.output
+    history = json.loads((tmp_path / "table" / "train_state.json").read_text())["history"]
+    assert [h.get("fit") for h in history if h["stage"] == "selector"] == ["set_table", None]
+    (fit,) = [h for h in history if h["stage"] == "static" and h.get("fit")]  # CTC loss per token of the chosen sets
+    assert sorted(map(int, fit["val_chosen_loss"])) == list(range(1, model.num_layers))
+    assert all(0 < v < float("inf") for v in fit["val_chosen_loss"].values())
+    # oracle supervision trains gate-learned scores: with table-fitted ones it is refused, before any work
+    both = cli.invoke(app, ["train", "--task", "asr", "--data", str(out), "--out", str(tmp_path / "both"),
+                            "--set-table", "8", "--oracle-weight", "0.5"])
+    assert both.exit_code == 2 and "give --set-table 0 with it" in both.output and not (tmp_path / "both").exists()
 
 
 def test_best_set_per_group_picks_each_groups_own_best_candidate():
