@@ -96,7 +96,7 @@ def train(
     layerdrop: Optional[float] = typer.Option(None, min=0.0, max=0.95, help="Stage-1 LayerDrop rate per layer and example [default: 0.1, HF's].", show_default=False),
     batch_size: Optional[int] = typer.Option(None, min=1, help="[default: kws 32, asr 16]", show_default=False),
     lr: Optional[float] = typer.Option(None, min=0.0, help="Backbone lr from scratch [default: kws 1e-3, asr 2e-3].", show_default=False),
-    distill: Optional[float] = typer.Option(None, min=0.0, help="Stage-2 weight of KL distillation from the full model [default: 0].", show_default=False),
+    distill: Optional[float] = typer.Option(None, min=0.0, help="Stage-2 weight of KL distillation from the full model [default: kws 0, asr 1].", show_default=False),
     selector_budget: Optional[bool] = typer.Option(None, "--selector-budget/--no-selector-budget", help="Give the selector the budget k/L as an input (and static one ranking per k), so kept sets need not be nested [default: kws off, asr on].", show_default=False),
     oracle_weight: Optional[float] = typer.Option(None, min=0.0, help="Selector stage: weight of supervision by the per-batch oracle (best of 4 random layer sets per input) [default: 0].", show_default=False),
     set_table: Optional[int] = typer.Option(None, "--set-table", min=0, help="Fit static and selector on every layer set's loss over N training clips (and N/4 validation clips) instead of by straight-through gates: a per-k static takes each k's lowest-loss set, the selector starts from it; then --strategy-epochs train only their heads, on those sets (0: keep the base head) [default: kws 0 = gates, asr 512].", show_default=False),
