@@ -20,3 +20,12 @@ def test_an_error_is_one_line_on_a_narrow_terminal_and_keeps_brackets(tmp_path: 
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("error: ") and str(missing) in lines[0]
+
+
+def test_help_shows_the_defaults_written_in_option_help():
+    # "[default: ...]" in a help string is rich markup unless escaped: the default would vanish from --help.
+    env = {**os.environ, "COLUMNS": "300"}
+    for command, default in ((["train"], "[default: kws 20, asr 24]"), (["simulate"], "[default: runs/<scenario name>]")):
+        done = subprocess.run([sys.executable, "-c", "from ldfleet.cli import app; app()", *command, "--help"],
+                              capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0 and default in done.stdout, done.stdout

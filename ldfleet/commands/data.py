@@ -102,7 +102,7 @@ def synth(
         f"'all' (default; asr adds {', '.join(ACCENT_VOICES)} as foreign accents), or a comma-separated list.",
         show_default=False,
     ),
-    variants_per_voice: Optional[int] = typer.Option(None, min=1, help="Variants (timbres) drawn per voice; speakers = voices x this [default: kws 8, asr 6].", show_default=False),
+    variants_per_voice: Optional[int] = typer.Option(None, min=1, help="Variants (timbres) drawn per voice; speakers = voices x this \\[default: kws 8, asr 6].", show_default=False),
     utterances_per_speaker: int = typer.Option(90, min=1, help="asr: utterances per speaker."),
     variants: Optional[str] = typer.Option(
         None, help=f"Comma-separated pool of espeak-ng variants to draw from (default: {len(DEFAULT_VARIANTS)} "
@@ -114,7 +114,7 @@ def synth(
     silence_clips: int = typer.Option(256, help="_silence_ clips: white/pink/brown noise at low levels and near-silence."),
     snr_db: float = typer.Option(15.0, help="Lowest SNR (dB) of the background noise under speech; each clip draws SNR in [X, X+20]."),
     noise: bool = typer.Option(True, "--noise/--no-noise", help="Add background noise under speech clips."),
-    workers: Optional[int] = typer.Option(None, help="Parallel espeak-ng processes [default: CPU cores].", show_default=False),
+    workers: Optional[int] = typer.Option(None, help="Parallel espeak-ng processes \\[default: CPU cores].", show_default=False),
     overwrite: bool = typer.Option(False, help="Replace a corpus already in --out (only its label folders and metadata.csv)."),
 ) -> None:
     """Synthesize a keyword-spotting or speech-recognition corpus with espeak-ng (help text: SYNTH_HELP)."""

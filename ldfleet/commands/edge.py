@@ -227,7 +227,7 @@ def bench_runtime(
 
 
 def bench_serve(
-    run: Optional[Path] = typer.Option(None, "--run", help="Export folder (onnx) or run folder (torch) [default: the cached bench model]."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Export folder (onnx) or run folder (torch) \\[default: the cached bench model]."),
     runtime: str = typer.Option("onnx", "--runtime", help=RUNTIME_HELP),
     requests: int = typer.Option(1000, "--requests", min=10, help="Requests to send."),
     concurrency: int = typer.Option(200, "--concurrency", min=1, help="Most requests in flight at once."),

@@ -28,18 +28,18 @@ DB_HELP = "Registry URL (default: the run's own, from RUN/run.json; else $LDFLEE
 
 def simulate(
     config: Path = typer.Option(Path("configs/fleet-small.yaml"), "--config", "-c", help="Scenario YAML (see configs/fleet-*.yaml)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder [default: runs/<scenario name>]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder \\[default: runs/<scenario name>]."),
     rounds: Optional[int] = typer.Option(None, "--rounds", min=1, help="Override the scenario's number of rounds."),
-    broker: Optional[str] = typer.Option(None, "--broker", help="MQTT broker URL [default: a private Mosquitto for this run]."),
-    db: Optional[str] = typer.Option(None, "--db", help="Registry URL [default: sqlite:///RUN/registry.db]."),
+    broker: Optional[str] = typer.Option(None, "--broker", help="MQTT broker URL \\[default: a private Mosquitto for this run]."),
+    db: Optional[str] = typer.Option(None, "--db", help="Registry URL \\[default: sqlite:///RUN/registry.db]."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder after its last finished round."),
-    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache of corpora and warm models [default: runs/cache or $LDFLEET_SIM_CACHE]."),
-    actors: Optional[int] = typer.Option(None, "--actors", min=1, help="Ray actors running ClientApps [default: one per core]."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache of corpora and warm models \\[default: runs/cache or $LDFLEET_SIM_CACHE]."),
+    actors: Optional[int] = typer.Option(None, "--actors", min=1, help="Ray actors running ClientApps \\[default: one per core]."),
     report: bool = typer.Option(True, "--report/--no-report", help="Write RUN/report/ at the end."),
     verbose: bool = typer.Option(False, "--verbose", help="Show Flower's and Ray's logs on the console."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a previous simulation in --out (keeps the cache)."),
     serve: Optional[int] = typer.Option(None, "--serve", min=0, help="After every round each device serves N inference requests "
-                                        "on its held-out clips and publishes telemetry (also on --resume) [default: the scenario's serve.requests_per_device, 0]."),
+                                        "on its held-out clips and publishes telemetry (also on --resume) \\[default: the scenario's serve.requests_per_device, 0]."),
 ) -> None:
     """Run a heterogeneous fleet on this machine: data, warm model, broker, controller, agents, Flower rounds, report.
 
@@ -122,7 +122,7 @@ def _registry_target(run: Path | None, run_id: str | None, db: str | None) -> tu
 
 
 _RUN_OPT = typer.Option(None, "--run", help="Run folder (its registry and run id).")
-_RUN_ID_OPT = typer.Option(None, "--run-id", help="Run id [default: the run of --run, else the newest in the registry].")
+_RUN_ID_OPT = typer.Option(None, "--run-id", help="Run id \\[default: the run of --run, else the newest in the registry].")
 _DB_OPT = typer.Option(None, "--db", help=DB_HELP)
 _JSON_OPT = typer.Option(False, "--json", help="Print JSON.")
 
@@ -223,7 +223,7 @@ def registry_devices(run: Optional[Path] = _RUN_OPT, run_id: Optional[str] = _RU
 
 @registry_app.command("usage")
 def registry_usage(run: Optional[Path] = _RUN_OPT, run_id: Optional[str] = _RUN_ID_OPT, db: Optional[str] = _DB_OPT,
-                   round_number: Optional[int] = typer.Option(None, "--round", help="Round [default: the last with results]."),
+                   round_number: Optional[int] = typer.Option(None, "--round", help="Round \\[default: the last with results]."),
                    phase: str = typer.Option("eval", "--phase", help="eval | train"),
                    per_device: bool = typer.Option(False, "--devices", help="One row per device instead of per class."),
                    source: str = typer.Option("rounds", "--source", help="rounds (federated rounds) | inference (devices' served requests, per device)."),
@@ -301,8 +301,8 @@ def _wait_forever(stop: Any, *procs: Any) -> None:
 
 
 def server(
-    db: Optional[str] = typer.Option(None, "--db", help="Registry URL [default: $LDFLEET_DB or ~/.ldfleet/registry.db]."),
-    broker: Optional[str] = typer.Option(None, "--broker", help="MQTT broker URL [default: $LDFLEET_BROKER / running `ldfleet broker`]."),
+    db: Optional[str] = typer.Option(None, "--db", help="Registry URL \\[default: $LDFLEET_DB or ~/.ldfleet/registry.db]."),
+    broker: Optional[str] = typer.Option(None, "--broker", help="MQTT broker URL \\[default: $LDFLEET_BROKER / running `ldfleet broker`]."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address the SuperLink listens on (Fleet, Control and Runtime APIs)."),
     port: int = typer.Option(9093, "--port", help="SuperLink port."),
     home: Path = typer.Option(Path("runs/superlink"), "--home", help="Folder for the SuperLink's FLWR_HOME and log."),
@@ -351,9 +351,9 @@ def client(
     superlink: str = typer.Option(..., "--superlink", help="HOST:PORT of the SuperLink."),
     model: Path = typer.Option(..., "--model", help="The model folder (model.json + model.safetensors) this device runs."),
     data: Path = typer.Option(..., "--data", help="Local clips in Speech Commands layout (word/<speaker>_nohash_<n>.wav)."),
-    broker: Optional[str] = typer.Option(None, "--broker", help="MQTT broker URL [default: $LDFLEET_BROKER / running `ldfleet broker`]."),
-    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="Device state [default: $LDFLEET_HOME/devices/ID]."),
-    home: Optional[Path] = typer.Option(None, "--home", help="FLWR_HOME of the SuperNode [default: STATE_DIR/flwr]."),
+    broker: Optional[str] = typer.Option(None, "--broker", help="MQTT broker URL \\[default: $LDFLEET_BROKER / running `ldfleet broker`]."),
+    state_dir: Optional[Path] = typer.Option(None, "--state-dir", help="Device state \\[default: $LDFLEET_HOME/devices/ID]."),
+    home: Optional[Path] = typer.Option(None, "--home", help="FLWR_HOME of the SuperNode \\[default: STATE_DIR/flwr]."),
     insecure: bool = typer.Option(False, "--insecure", help="No TLS (only with a loopback SuperLink)."),
     root_certificates: Optional[Path] = typer.Option(None, "--root-certificates", help="CA certificate of the SuperLink."),
     auth_supernode_private_key: Optional[Path] = typer.Option(None, "--auth-supernode-private-key"),
@@ -413,7 +413,7 @@ def federate(
     out: Path = typer.Option(..., "--out", help="Run folder on the server: checkpoints, the Flower app, FLWR_HOME."),
     db: Optional[str] = typer.Option(None, "--db", help="Registry URL the ServerApp writes rounds and metrics to."),
     rounds: int = typer.Option(3, "--rounds", min=1),
-    run_id: Optional[str] = typer.Option(None, "--run-id", help="Registry run id [default: the --out folder name]; reuse to resume."),
+    run_id: Optional[str] = typer.Option(None, "--run-id", help="Registry run id \\[default: the --out folder name]; reuse to resume."),
     fraction_train: float = typer.Option(1.0, "--fraction-train"),
     min_nodes: int = typer.Option(1, "--min-nodes", min=1, help="Wait for this many SuperNodes before the first round."),
     local_epochs: int = typer.Option(1, "--local-epochs", min=1),
