@@ -59,6 +59,14 @@ class LossTable:
         return {"pooled": self.pooled, "losses": self.losses, "sets": self.sets}
 
     @classmethod
+    def from_rows(cls, pooled: list[Tensor], rows: list[Tensor], sets: dict[int, Tensor]) -> "LossTable":
+        """Per-clip pooled features [2D] and loss rows [sum of C(L, k)], the sets of each k in the order
+        of ``sets`` (as ``torch.cat(list(sets.values()))`` runs them), split into one table per k."""
+        table = torch.stack(rows)  # [N, sum of C(L, k)]
+        losses = dict(zip(sets, table.split([len(s) for s in sets.values()], dim=1)))
+        return cls(torch.stack(pooled), losses, sets)
+
+    @classmethod
     def from_dict(cls, d: dict) -> "LossTable":
         return cls(d["pooled"], {int(k): v for k, v in d["losses"].items()}, {int(k): v for k, v in d["sets"].items()})
 
@@ -169,7 +177,7 @@ def set_loss_table(model: DynamicModel, cache, rows: Tensor, ks: tuple[int, ...]
     model.eval()
     ks = ks or tuple(range(1, model.num_layers))
     sets = {k: layer_sets(model.num_layers, k) for k in ks}
-    every = torch.cat([sets[k] for k in ks])
+    every = torch.cat(list(sets.values()))
     head = model.heads["base"]
     pooled, losses = [], []
     for n, i in enumerate(rows.tolist()):
@@ -181,12 +189,7 @@ def set_loss_table(model: DynamicModel, cache, rows: Tensor, ks: tuple[int, ...]
         losses.append(head.example_losses(logits, mask, head.targets(texts * hidden.shape[0])))
         if on_item:
             on_item(n + 1, len(rows))
-    table = torch.stack(losses)  # [N, sum of C(L, k)]
-    per_k, start = {}, 0
-    for k in ks:
-        per_k[k] = table[:, start : start + len(sets[k])]
-        start += len(sets[k])
-    return LossTable(torch.stack(pooled), per_k, sets)
+    return LossTable.from_rows(pooled, losses, sets)
 
 
 def fit_from_tables(model: DynamicModel, name: str, train: LossTable, val: LossTable, seed: int = 0,

@@ -35,7 +35,7 @@ def loss_table(model: WhisperDynamic, items: Sequence[SpeechItem], ks: Sequence[
         raise ValueError(f"layer-set sizes {list(ks)}: each must be between 1 and {model.num_layers}")
     model.eval()
     sets = {k: layer_sets(model.num_layers, k) for k in ks}
-    every = torch.cat([sets[k] for k in ks])
+    every = torch.cat(list(sets.values()))
     pooled, rows = [], []
     for i, item in enumerate(items):
         front = model.front_end([item.waveform])
@@ -49,12 +49,7 @@ def loss_table(model: WhisperDynamic, items: Sequence[SpeechItem], ks: Sequence[
         rows.append(torch.cat(losses))
         if on_item:
             on_item(i + 1, len(items))
-    table = torch.stack(rows)  # [N, sum of C(L, k)]
-    losses, start = {}, 0
-    for k in ks:
-        losses[k] = table[:, start : start + sets[k].shape[0]]
-        start += sets[k].shape[0]
-    return LossTable(torch.stack(pooled), losses, sets)
+    return LossTable.from_rows(pooled, rows, sets)
 
 
 def fit_whisper_skip_maps(model: WhisperDynamic, items: Sequence[SpeechItem], batch_size: int = 4,
