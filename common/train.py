@@ -82,6 +82,11 @@ class TrainConfig:
     # their strategy_epochs then train only their heads, on the fitted sets (0: keep the base head)
     set_table: int = 0
 
+    def __post_init__(self) -> None:
+        if self.set_table and self.oracle_weight:
+            raise ValueError("--oracle-weight supervises scores learned through gates; with --set-table (N > 0) the "
+                             "scores are fitted on the table instead: give --set-table 0 with it")
+
     @property
     def from_checkpoint(self) -> bool:
         return self.backbone not in ("tiny", "base")
@@ -586,7 +591,7 @@ class Trainer:
                     continue
                 if train_cache is None:
                     train_cache = cache_front_ends(self.model, self.train_data)
-                    if self.cfg.distill > 0:
+                    if self.cfg.distill > 0 and self.cfg.strategy_epochs > 0:  # read only by head epochs
                         add_teacher(self.model, train_cache)
                 if self._from_table(stage) and not self._table_fitted(stage):
                     val_cache = cache_front_ends(self.model, self.val_data) if val_cache is None else val_cache

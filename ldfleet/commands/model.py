@@ -118,10 +118,10 @@ def train(
 
     if threads:
         torch.set_num_threads(threads)
-    chosen = config_for(_task(task), set_table=set_table, oracle_weight=oracle_weight)
-    if chosen.set_table and chosen.oracle_weight:
-        fail("--oracle-weight supervises scores learned through gates; with --set-table (N > 0) the scores are fitted "
-             "on the table instead: give --set-table 0 with it")
+    try:  # options that contradict each other are refused before any data is read
+        config_for(_task(task), set_table=set_table, oracle_weight=oracle_weight)
+    except ValueError as exc:
+        fail(exc)
     task_data = _load_data(task, data, seed, labels, strict)
     splits = task_data.splits
     cfg = config_for(task, backbone=backbone, family=family, epochs=epochs, strategy_epochs=strategy_epochs,
