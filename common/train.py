@@ -10,11 +10,14 @@
    straight-through Gumbel top-k gates; k is drawn per batch so one scorer serves every budget.
    With ``set_table`` their scorers are instead fitted on every layer set's loss over some training
    clips (:mod:`.set_fit`), then their heads alone learn on the fitted sets.
+3. ``joint`` (``joint_epochs``, off by default for kws): the encoder layers are fine-tuned together
+   with every strategy's head, each on the layer sets it runs (:mod:`.joint_train`); the front end and
+   the scorers stay frozen, and every strategy is still compared on one encoder.
 
 The loops are task-agnostic: a batch is ``(waveforms, sample mask, texts)`` and the model's task
 head turns texts into targets and hidden states into a loss (cross-entropy over labels for kws,
 CTC over characters for asr). Stage 2 may add a KL term towards the full model's outputs
-(``distill``), the distillation of the authors' follow-up work.
+(``distill``), the distillation of the authors' follow-up work; so may stage 3.
 
 After every epoch (and every set-table fit) the run folder holds the model, the optimiser (named by
 its stage) and the progress, so an interrupted ``ldfleet train`` resumes where it stopped.
@@ -44,7 +47,8 @@ from .model.runner import FrontEnd
 from .model.strategies import ScoredChoice
 from .set_fit import TABLE_STRATEGIES, fit_from_tables, set_loss_table
 
-STAGES = ("backbone", "early_exit", "static", "selector")
+STAGES = ("backbone", "early_exit", "static", "selector", "joint")
+STRATEGY_STAGES = STAGES[1:4]  # stage 2: one strategy each, on the frozen backbone
 STATE_FILE = "train_state.json"
 CONFIG_FILE = "train_config.json"
 OPTIM_FILE = "optimizer.pt"
@@ -81,6 +85,8 @@ class TrainConfig:
     # (and a quarter as many validation clips) instead of by straight-through gates (common/set_fit.py);
     # their strategy_epochs then train only their heads, on the fitted sets (0: keep the base head)
     set_table: int = 0
+    # stage 3 (common/joint_train.py): epochs fine-tuning the shared encoder with every strategy on its own sets
+    joint_epochs: int = 0
 
     def __post_init__(self) -> None:
         if self.set_table and self.oracle_weight:
@@ -505,7 +511,8 @@ class Trainer:
         if (self.run / STATE_FILE).exists():
             saved_cfg, self.state = read_progress(self.run)
             known = {k: v for k, v in saved_cfg.items() if k in TrainConfig.__dataclass_fields__}
-            self.cfg = TrainConfig(**{**known, "epochs": cfg.epochs, "strategy_epochs": cfg.strategy_epochs})
+            self.cfg = TrainConfig(**{**known, "epochs": cfg.epochs, "strategy_epochs": cfg.strategy_epochs,
+                                       "joint_epochs": cfg.joint_epochs})
             self.model = load_model(self.run)
             self.log(f"resuming {self.run}: stage {self.state.stage}, {self.state.epoch} epoch(s) done")
         else:
@@ -524,7 +531,7 @@ class Trainer:
         return "accuracy" if self.model.task == "kws" else "wer"
 
     def epochs_for(self, stage: str) -> int:
-        return self.cfg.epochs if stage == "backbone" else self.cfg.strategy_epochs
+        return {"backbone": self.cfg.epochs, "joint": self.cfg.joint_epochs}.get(stage, self.cfg.strategy_epochs)
 
     def _save(self, optimizer: torch.optim.Optimizer | None) -> None:
         save_model(self.model, self.run, {"train_config": asdict(self.cfg)})
@@ -544,6 +551,10 @@ class Trainer:
     def _optimizer(self, stage: str) -> torch.optim.Optimizer:
         if stage == "backbone":
             opt = backbone_optimizer(self.model, self.cfg)
+        elif stage == "joint":
+            from .joint_train import joint_optimizer  # imports this module
+
+            opt = joint_optimizer(self.model, self.cfg)
         else:
             opt = strategy_optimizer(self.model, stage, self.cfg, learn_scores=not self._from_table(stage))
         saved = torch.load(self.run / OPTIM_FILE) if self.state.epoch > 0 and (self.run / OPTIM_FILE).exists() else None
@@ -579,50 +590,78 @@ class Trainer:
         self.log(f"{stage} fitted on the set table: val {metric} {stats['val_' + metric]:.3f} at k={k}; "
                  f"val loss of chosen sets per k {', '.join(f'{size}: {v:.3f}' for size, v in fitted['val_chosen_loss'].items())}")
 
+    # ---- fit: the stages in order, each a list of phases -----------------------------------
+
     def fit(self, on_step: StepCallback | None = None) -> TrainState:
-        val_cache = train_cache = tables = None
+        """Run every unfinished stage; returns the final state (``done``)."""
+        self._train_cache = self._val_cache = self._tables = None
+        self.state.done = False  # a finished run given more epochs (e.g. --joint-epochs) is unfinished again
         for stage in STAGES[STAGES.index(self.state.stage) :]:
             if self.state.stage != stage:
                 self.state.stage, self.state.epoch = stage, 0
+            if stage in STRATEGY_STAGES and self.state.epoch == 0:  # each strategy head starts from the base head
+                self.model.heads[self.model.strategy(stage).head].load_state_dict(self.model.heads["base"].state_dict())
+            if self.epochs_for(stage) == 0 and not self._from_table(stage):
+                continue
             if stage != "backbone":
-                if self.state.epoch == 0:  # each stage-2 head starts from the trained base head
-                    self.model.heads[self.model.strategy(stage).head].load_state_dict(self.model.heads["base"].state_dict())
-                if self.epochs_for(stage) == 0 and not self._from_table(stage):
-                    continue
-                if train_cache is None:
-                    train_cache = cache_front_ends(self.model, self.train_data)
-                    if self.cfg.distill > 0 and self.cfg.strategy_epochs > 0:  # read only by head epochs
-                        add_teacher(self.model, train_cache)
-                if self._from_table(stage) and not self._table_fitted(stage):
-                    val_cache = cache_front_ends(self.model, self.val_data) if val_cache is None else val_cache
-                    tables = self._set_tables(train_cache, val_cache, on_step) if tables is None else tables
-                    self._fit_from_tables(stage, tables, val_cache)
+                self._prepare_frozen_front_end(stage, on_step)
             optimizer = self._optimizer(stage)
             for epoch in range(self.state.epoch, self.epochs_for(stage)):
-                if stage == "backbone":
-                    stats = train_backbone_epoch(self.model, self.train_data, optimizer, self.cfg, epoch, on_step)
-                else:
-                    stats = train_strategy_epoch(
-                        self.model, stage, train_cache, optimizer, self.cfg.strategy_epochs, epoch,
-                        seed=self.cfg.seed, batch_size=self.cfg.batch_size, on_step=on_step, distill=self.cfg.distill,
-                        oracle_weight=self.cfg.oracle_weight if stage == "selector" else 0.0, oracle_sets=self.cfg.oracle_sets,
-                        learn_scores=not self._from_table(stage),
-                    )
-                val_cache = cache_front_ends(self.model, self.val_data) if stage == "backbone" or val_cache is None else val_cache
-                strategy = "full" if stage == "backbone" else stage
-                k = self.model.num_layers if stage == "backbone" else self.model.k_for(0.5)
-                stats.update(stage=stage, epoch=epoch + 1, **_prefixed("val_", validate(self.model, val_cache, strategy, k)))
-                if stage == "backbone":
-                    half = validate(self.model, val_cache, "random", self.model.k_for(0.5))
-                    stats.update(_prefixed("val_half_random_", half))
-                self.state.history.append(stats)
-                self.state.epoch = epoch + 1
-                self._save(optimizer)
-                metric = self.metric
-                self.log(
-                    f"{stage} epoch {epoch + 1}/{self.epochs_for(stage)}: loss {stats['loss']:.3f} "
-                    f"train {metric} {stats['train_' + metric]:.3f} val {metric} {stats['val_' + metric]:.3f}"
-                )
+                stats = self._train_epoch(stage, epoch, optimizer, on_step)
+                self._end_epoch(stage, epoch, stats, optimizer)
         self.state.done = True
         self._save(None)
         return self.state
+
+    def _prepare_frozen_front_end(self, stage: str, on_step: StepCallback | None) -> None:
+        """Stages after the backbone's: cache the training front ends (and the distillation teacher), and
+        fit a table strategy's scorer once."""
+        if self._train_cache is None:
+            self._train_cache = cache_front_ends(self.model, self.train_data)
+            if self.cfg.distill > 0 and (self.cfg.strategy_epochs > 0 or self.cfg.joint_epochs > 0):  # read only by epochs
+                add_teacher(self.model, self._train_cache)  # on a resumed joint stage: the current full model
+        if self._from_table(stage) and not self._table_fitted(stage):
+            val_cache = self._validation_cache()
+            if self._tables is None:
+                self._tables = self._set_tables(self._train_cache, val_cache, on_step)
+            self._fit_from_tables(stage, self._tables, val_cache)
+
+    def _validation_cache(self) -> FrontEndCache:
+        if self._val_cache is None:
+            self._val_cache = cache_front_ends(self.model, self.val_data)
+        return self._val_cache
+
+    def _train_epoch(self, stage: str, epoch: int, optimizer: torch.optim.Optimizer, on_step: StepCallback | None) -> dict:
+        if stage == "backbone":
+            return train_backbone_epoch(self.model, self.train_data, optimizer, self.cfg, epoch, on_step)
+        if stage == "joint":
+            from .joint_train import train_joint_epoch  # imports this module
+
+            return train_joint_epoch(self.model, self._train_cache, optimizer, self.cfg, epoch, on_step)
+        return train_strategy_epoch(
+            self.model, stage, self._train_cache, optimizer, self.cfg.strategy_epochs, epoch,
+            seed=self.cfg.seed, batch_size=self.cfg.batch_size, on_step=on_step, distill=self.cfg.distill,
+            oracle_weight=self.cfg.oracle_weight if stage == "selector" else 0.0, oracle_sets=self.cfg.oracle_sets,
+            learn_scores=not self._from_table(stage),
+        )
+
+    def _end_epoch(self, stage: str, epoch: int, stats: dict, optimizer: torch.optim.Optimizer) -> None:
+        """Validate (the full model after a backbone epoch, the selector at keep 0.5 otherwise), save, log."""
+        if stage == "backbone":
+            self._val_cache = None  # the front end changed
+        val_cache = self._validation_cache()
+        strategy = {"backbone": "full", "joint": "selector"}.get(stage, stage)
+        k = self.model.num_layers if stage == "backbone" else self.model.k_for(0.5)
+        stats.update(stage=stage, epoch=epoch + 1, **_prefixed("val_", validate(self.model, val_cache, strategy, k)))
+        if stage == "backbone":
+            stats.update(_prefixed("val_half_random_", validate(self.model, val_cache, "random", self.model.k_for(0.5))))
+        if stage == "joint":
+            stats.update(_prefixed("val_full_", validate(self.model, val_cache, "full", self.model.num_layers)))
+        self.state.history.append(stats)
+        self.state.epoch = epoch + 1
+        self._save(optimizer)
+        metric = self.metric
+        self.log(
+            f"{stage} epoch {epoch + 1}/{self.epochs_for(stage)}: loss {stats['loss']:.3f} "
+            f"train {metric} {stats['train_' + metric]:.3f} val {metric} {stats['val_' + metric]:.3f}"
+        )

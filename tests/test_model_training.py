@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from ldfleet.cli import app
 from ldfleet.common.data.folder import load_splits
 from ldfleet.common.data.synth import SynthConfig, synthesize_corpus
-from ldfleet.common.train import STAGES, TrainConfig, Trainer
+from ldfleet.common.train import STRATEGY_STAGES, TrainConfig, Trainer
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng (apt-get install espeak-ng)")
 
@@ -103,7 +103,7 @@ def test_interrupted_training_resumes_without_repeating_epochs(corpus, tmp_path)
     resumed = Trainer(tmp_path, splits["train"], splits["val"], cfg)
     final = resumed.fit()
     assert final.done
-    assert [h["stage"] for h in final.history] == ["backbone", "backbone", *STAGES[1:]]
+    assert [h["stage"] for h in final.history] == ["backbone", "backbone", *STRATEGY_STAGES]
 
     # with --set-table, interrupted in static's head epoch (its fit saved): the fit is not repeated
     table_cfg = TrainConfig(epochs=2, strategy_epochs=1, batch_size=16, set_table=12, selector_budget=True)
@@ -118,6 +118,45 @@ def test_interrupted_training_resumes_without_repeating_epochs(corpus, tmp_path)
         assert [h.get("fit") for h in final.history if h["stage"] == name] == ["set_table", None]
 
 
+def test_joint_stage_tunes_the_encoder_layers_for_every_strategy(trained_run, corpus, tmp_path):
+    """`--joint-epochs` on a finished run adds stage 3: the encoder layers and every head change, the front
+    end and the scorers do not, and an interrupted joint epoch resumes without repeating the others."""
+    import torch
+    from safetensors.torch import load_file
+
+    run = tmp_path / "joint"
+    shutil.copytree(trained_run, run)
+    splits = load_splits(corpus)
+    cfg = TrainConfig(epochs=6, strategy_epochs=1, batch_size=16, joint_epochs=2, distill=1.0)
+
+    def interrupt_in_second_joint_epoch(stage, step, total):
+        if stage == "joint" and trainer.state.epoch == 1:
+            raise KeyboardInterrupt
+
+    trainer = Trainer(run, splits["train"], splits["val"], cfg)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit(interrupt_in_second_joint_epoch)
+    state = json.loads((run / "train_state.json").read_text())
+    assert (state["stage"], state["epoch"], state["done"]) == ("joint", 1, False)
+    assert json.loads((run / "train_config.json").read_text())["joint_epochs"] == 0  # the source run's own config
+    final = Trainer(run, splits["train"], splits["val"], cfg).fit()
+    assert [h["stage"] for h in final.history] == ["backbone"] * 6 + list(STRATEGY_STAGES) + ["joint"] * 2
+    joint = final.history[-1]
+    assert all(joint[f"loss_{name}"] > 0 for name in ("random", "early_exit", "static", "selector"))
+    assert 0.0 <= joint["val_accuracy"] <= 1.0 and 0.0 <= joint["val_full_accuracy"] <= 1.0
+
+    before, after = load_file(str(trained_run / "model.safetensors")), load_file(str(run / "model.safetensors"))
+    changed = {key for key in before if not torch.equal(before[key], after[key])}
+    layers = {key for key in before if ".encoder.layers." in key}
+    assert layers and changed & layers  # the encoder layers learned
+    front_end = {key for key in before if any(part in key for part in ("feature_extractor", "feature_projection", "pos_conv_embed"))}
+    assert front_end and not changed & front_end  # cached, hence frozen
+    scorers = {key for key in before if key.startswith("strategies.")}
+    assert scorers and not changed & scorers  # the sets are the ones stage 2 chose
+    for head in ("base", "early_exit", "static", "selector"):
+        assert any(key.startswith(f"heads.{head}.") for key in changed), head
+
+
 def test_from_run_trains_only_the_strategies_on_the_same_encoder(trained_run, corpus, tmp_path):
     """`--from-run` reuses a finished stage 1: same encoder and base head, new stage-2 options."""
     import torch
@@ -130,7 +169,7 @@ def test_from_run_trains_only_the_strategies_on_the_same_encoder(trained_run, co
                                  "--strategy-epochs", "1", "--batch-size", "16", "--selector-budget"])
     assert result.exit_code == 0, result.output
     state = json.loads((out / "train_state.json").read_text())
-    assert [h["stage"] for h in state["history"]] == ["backbone"] * 6 + list(STAGES[1:])
+    assert [h["stage"] for h in state["history"]] == ["backbone"] * 6 + list(STRATEGY_STAGES)
     before, after = load_file(str(trained_run / "model.safetensors")), load_file(str(out / "model.safetensors"))
     frozen = [k for k in before if k.startswith(("runner.", "heads.base."))]
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)

@@ -100,6 +100,7 @@ def train(
     selector_budget: Optional[bool] = typer.Option(None, "--selector-budget/--no-selector-budget", help="Give the selector the budget k/L as an input (and static one ranking per k), so kept sets need not be nested \\[default: kws off, asr on].", show_default=False),
     oracle_weight: Optional[float] = typer.Option(None, min=0.0, help="Selector stage: weight of supervision by the per-batch oracle (best of 4 random layer sets per input) \\[default: 0].", show_default=False),
     set_table: Optional[int] = typer.Option(None, "--set-table", min=0, help="Fit static and selector on every layer set's loss over N training clips (and N/4 validation clips) instead of by straight-through gates: a per-k static takes each k's lowest-loss set, the selector starts from it; then --strategy-epochs train only their heads, on those sets (0: keep the base head) \\[default: kws 0 = gates, asr 512].", show_default=False),
+    joint_epochs: Optional[int] = typer.Option(None, "--joint-epochs", min=0, help="Stage 3: epochs fine-tuning the shared encoder layers together with every strategy's head, each on the layer sets it runs (random: LayerDrop as in stage 1; early exit: the first k; static, selector: their chosen sets); the front end and the scorers stay frozen. Re-running a finished run with more adds them \\[default: kws 0, asr 0].", show_default=False),
     from_run: Optional[Path] = typer.Option(None, "--from-run", help="Skip stage 1: train only the stage-2 strategies, with this command's options, on the backbone and base head of RUN (a finished stage 1 on the same data), e.g. to compare --selector-budget or --distill without training the encoder again.", show_default=False),
     seed: int = typer.Option(0, help="Seed for initialisation, data order, splits and augmentation."),
     threads: int = typer.Option(0, min=0, help="torch threads (0 = torch's default)."),
@@ -127,7 +128,7 @@ def train(
     cfg = config_for(task, backbone=backbone, family=family, epochs=epochs, strategy_epochs=strategy_epochs,
                      layerdrop=layerdrop, batch_size=batch_size, lr=lr, distill=distill, selector_budget=selector_budget, oracle_weight=oracle_weight, seed=seed,
                      labels=list(task_data.labels) if task_data.labels else None, tokens=tokens,
-                     from_run=str(from_run) if from_run else None, set_table=set_table)
+                     from_run=str(from_run) if from_run else None, set_table=set_table, joint_epochs=joint_epochs)
     try:
         trainer = Trainer(out, splits["train"], splits["val"], cfg, log=console.print)
     except (OSError, ValueError) as exc:
@@ -318,7 +319,7 @@ def demo(
         synthesize_corpus(SynthConfig(out=data, seed=seed))
     train(data=data, out=out, task="kws", labels="keywords", backbone="tiny", family="wavlm", epochs=epochs,
           strategy_epochs=strategy_epochs, layerdrop=0.1, batch_size=32, lr=None, distill=None, selector_budget=None,
-          oracle_weight=None, set_table=None, from_run=None, seed=seed, threads=0, strict=False)
+          oracle_weight=None, set_table=None, joint_epochs=None, from_run=None, seed=seed, threads=0, strict=False)
     evaluate(run=out, data=data, keep="0.25,0.5,0.75,1.0", methods="full,random,early_exit,static,selector",
              split="test", seed=seed, oracle_sets=16, as_json=False, strict=False, backbone=None, task="",
              language="en", pad_to_window=True, limit=0, batch_size=8)

@@ -1,0 +1,112 @@
+"""Stage 3, ``joint``: the shared encoder learns the layer sets every strategy actually runs.
+
+After stage 2 each strategy has its own way of choosing layers and its own head, but the encoder
+was trained (stage 1) only under LayerDrop, where a set of 6 of 8 layers is already rare. In the
+paper's recipe each method's model is fine-tuned with its own dropping in the loop (Hannan et al.,
+MLSP 2025: random dropping trained with random dropping, early exit with exits, the selector with
+the selector). ldfleet keeps one encoder for every strategy (a device ships one backbone), so this
+stage fine-tunes that one encoder with all of them at once. Per batch, with k drawn uniformly in
+1..L:
+
+* ``random`` (the base head, hence ``full`` and the oracle too): LayerDrop at the stage-1 rate,
+  exactly as stage 1 trained it, so the random baseline keeps its own recipe;
+* ``early_exit``: the first k layers, its head;
+* ``static``, ``selector``: the k-layer sets their (frozen) scorers choose, their heads.
+
+The loss is the sum of the four task losses (plus ``distill`` x KL towards the stored full-model
+outputs for the three budgeted strategies). The front end stays frozen (it is cached) and so do the
+scorers: the sets are the ones stage 2 chose; what changes is how well the encoder runs them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .metrics import score
+from .model.dynamic import DynamicModel
+from .train import FrontEndCache, StepCallback, TrainConfig, _prefixed, _set_lr, length_batches, random_keep
+
+JOINT_STRATEGIES = ("random", "early_exit", "static", "selector")
+
+
+def encoder_parameters(model: DynamicModel) -> list[torch.nn.Parameter]:
+    """The parameters after the (cached) front end: the encoder layers and, where the family puts it
+    after them, the final layer norm."""
+    params = list(model.runner.layers.parameters())
+    if model.runner.stable_layer_norm:
+        params += list(model.runner.encoder.layer_norm.parameters())
+    return params
+
+
+def joint_optimizer(model: DynamicModel, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the encoder layers (at a tenth of the stage-1 lr: they are fine-tuned, not learned)
+    and every head (at ``head_lr``)."""
+    lr = (cfg.pretrained_lr if cfg.from_checkpoint else cfg.lr) * 0.1
+    heads = {model.head_for(name) for name in JOINT_STRATEGIES}
+    return torch.optim.AdamW(
+        [{"params": encoder_parameters(model), "lr": lr},
+         {"params": [p for head in heads for p in head.parameters()], "lr": cfg.head_lr}],
+        weight_decay=0.01,
+    )
+
+
+def _keep_for(model: DynamicModel, name: str, front, k: int, layerdrop: float, gen: torch.Generator) -> Tensor:
+    """The bool mask ``[B, L]`` strategy ``name`` trains on this batch."""
+    if name == "random":
+        return random_keep(front.hidden.shape[0], model.num_layers, layerdrop, gen)
+    with torch.no_grad():
+        return model.strategy(name).choose(front, k, gen)
+
+
+def train_joint_epoch(
+    model: DynamicModel,
+    cache: FrontEndCache,
+    optimizer: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    epoch: int,
+    on_step: StepCallback | None = None,
+) -> dict:
+    """One epoch of the joint stage (see the module docstring) over the cached front ends.
+
+    Each strategy's loss is back-propagated on its own (one graph in memory at a time) and the
+    gradients add up before one optimiser step. Returns the mean summed loss, the train WER or
+    accuracy of the selector, and per-strategy mean losses (``loss_<strategy>``).
+    """
+    model.train()
+    model.strategies.requires_grad_(False)
+    model.runner.requires_grad_(False)
+    for p in encoder_parameters(model):
+        p.requires_grad_(True)
+    gen = torch.Generator().manual_seed(cfg.seed * 104729 + epoch)
+    batches = length_batches(cache.lengths(), cfg.batch_size, gen)
+    steps, total = len(batches), cfg.joint_epochs * len(batches)
+    sums = dict.fromkeys(JOINT_STRATEGIES, 0.0)
+    seen = 0
+    predictions, references = [], []
+    for step, rows in enumerate(batches):
+        front, texts = cache.batch(rows)
+        k = int(torch.randint(1, model.num_layers + 1, (1,), generator=gen))
+        _set_lr(optimizer, epoch * steps + step, total, warmup=20)
+        optimizer.zero_grad(set_to_none=True)
+        for name in JOINT_STRATEGIES:
+            head = model.head_for(name)
+            keep = _keep_for(model, name, front, k, cfg.layerdrop, gen)
+            logits = head.logits(model.runner.run_layers(front, keep), front.frame_mask)
+            loss = head.loss_from_logits(logits, front.frame_mask, head.targets(texts))
+            teacher = cache.teacher_logits(rows, logits.shape[1]) if cfg.distill > 0 and name != "random" else None
+            if teacher is not None:
+                loss = loss + cfg.distill * head.distill_loss(logits, teacher, front.frame_mask)
+            loss.backward()
+            sums[name] += loss.item() * len(texts)
+            if name == "selector":
+                predictions += head.decode(logits.detach(), front.frame_mask)
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 5.0)
+        optimizer.step()
+        seen += len(texts)
+        references += texts
+        if on_step:
+            on_step("joint", step + 1, steps)
+    model.eval()
+    return {"loss": sum(sums.values()) / seen, **{f"loss_{n}": v / seen for n, v in sums.items()},
+            **_prefixed("train_", score(model.task, predictions, references))}
