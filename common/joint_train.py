@@ -43,7 +43,7 @@ def joint_optimizer(model: DynamicModel, cfg: TrainConfig) -> torch.optim.Optimi
     """AdamW over the encoder layers (at a tenth of the stage-1 lr: they are fine-tuned, not learned)
     and every head (at ``head_lr``)."""
     lr = (cfg.pretrained_lr if cfg.from_checkpoint else cfg.lr) * 0.1
-    heads = {model.head_for(name) for name in JOINT_STRATEGIES}
+    heads = list(dict.fromkeys(model.head_for(name) for name in JOINT_STRATEGIES))  # fixed order: the saved state maps by position
     return torch.optim.AdamW(
         [{"params": encoder_parameters(model), "lr": lr},
          {"params": [p for head in heads for p in head.parameters()], "lr": cfg.head_lr}],

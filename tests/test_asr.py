@@ -18,6 +18,7 @@ from ldfleet.common.data.loading import pad_batch
 from ldfleet.common.data.transcribed import load_transcribed_splits, read_manifest, scan_transcribed
 from ldfleet.common.metrics import normalize_text, score
 from ldfleet.common.model.heads import CharVocab, ClassificationHead, CTCHead, WordVocab, choose_vocab, head_from_spec
+from ldfleet.common.train import ASR_DEFAULTS
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
 
@@ -184,7 +185,7 @@ def test_tiny_asr_train_then_eval_through_the_cli(asr_corpus, tmp_path):
     cli = CliRunner()
     trained = cli.invoke(app, ["train", "--task", "asr", "--data", str(out), "--out", str(run), "--epochs", "1",
                                "--strategy-epochs", "1", "--batch-size", "4", "--distill", "0.5", "--selector-budget",
-                               "--oracle-weight", "0.5", "--set-table", "0"])
+                               "--oracle-weight", "0.5", "--set-table", "0", "--joint-epochs", "1"])
     assert trained.exit_code == 0, trained.output
     model = load_model(run)
     assert model.task == "asr" and model.selector_budget and isinstance(model.heads["selector"], CTCHead)
@@ -209,12 +210,15 @@ def test_tiny_asr_train_then_eval_through_the_cli(asr_corpus, tmp_path):
                              "--oracle-sets", "3"])
     assert table.exit_code == 0 and "wer" in table.output and "by condition" in table.output
     assert "input conditioning could win" in table.output and "best set per value of one condition" in table.output
-    # the asr default fits static and selector on a layer-set table of CTC losses, then tunes their heads
+    assert [h["stage"] for h in json.loads((run / "train_state.json").read_text())["history"]][-1] == "joint"
+    # the asr default fits static and selector on a layer-set table of CTC losses, then tunes their heads,
+    # then tunes the encoder with every strategy (stage 3)
     fitted = cli.invoke(app, ["train", "--task", "asr", "--data", str(out), "--out", str(tmp_path / "table"),
                               "--from-run", str(run), "--strategy-epochs", "1", "--batch-size", "4"])
     assert fitted.exit_code == 0, fitted.output
     history = json.loads((tmp_path / "table" / "train_state.json").read_text())["history"]
     assert [h.get("fit") for h in history if h["stage"] == "selector"] == ["set_table", None]
+    assert [h["epoch"] for h in history if h["stage"] == "joint"] == list(range(1, ASR_DEFAULTS["joint_epochs"] + 1))
     (fit,) = [h for h in history if h["stage"] == "static" and h.get("fit")]  # CTC loss per token of the chosen sets
     assert sorted(map(int, fit["val_chosen_loss"])) == list(range(1, model.num_layers))
     assert all(0 < v < float("inf") for v in fit["val_chosen_loss"].values())

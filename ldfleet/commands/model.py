@@ -100,7 +100,7 @@ def train(
     selector_budget: Optional[bool] = typer.Option(None, "--selector-budget/--no-selector-budget", help="Give the selector the budget k/L as an input (and static one ranking per k), so kept sets need not be nested \\[default: kws off, asr on].", show_default=False),
     oracle_weight: Optional[float] = typer.Option(None, min=0.0, help="Selector stage: weight of supervision by the per-batch oracle (best of 4 random layer sets per input) \\[default: 0].", show_default=False),
     set_table: Optional[int] = typer.Option(None, "--set-table", min=0, help="Fit static and selector on every layer set's loss over N training clips (and N/4 validation clips) instead of by straight-through gates: a per-k static takes each k's lowest-loss set, the selector starts from it; then --strategy-epochs train only their heads, on those sets (0: keep the base head) \\[default: kws 0 = gates, asr 512].", show_default=False),
-    joint_epochs: Optional[int] = typer.Option(None, "--joint-epochs", min=0, help="Stage 3: epochs fine-tuning the shared encoder layers together with every strategy's head, each on the layer sets it runs (random: LayerDrop as in stage 1; early exit: the first k; static, selector: their chosen sets); the front end and the scorers stay frozen. Re-running a finished run with more adds them \\[default: kws 0, asr 0].", show_default=False),
+    joint_epochs: Optional[int] = typer.Option(None, "--joint-epochs", min=0, help="Stage 3: epochs fine-tuning the shared encoder layers together with every strategy's head, each on the layer sets it runs (random: LayerDrop as in stage 1; early exit: the first k; static, selector: their chosen sets); the front end and the scorers stay frozen. Re-running a finished run with more adds them \\[default: kws 0, asr 6].", show_default=False),
     from_run: Optional[Path] = typer.Option(None, "--from-run", help="Skip stage 1: train only the stage-2 strategies, with this command's options, on the backbone and base head of RUN (a finished stage 1 on the same data), e.g. to compare --selector-budget or --distill without training the encoder again.", show_default=False),
     seed: int = typer.Option(0, help="Seed for initialisation, data order, splits and augmentation."),
     threads: int = typer.Option(0, min=0, help="torch threads (0 = torch's default)."),
@@ -115,7 +115,7 @@ def train(
     """
     import torch
 
-    from ldfleet.common.train import STAGES, Trainer, config_for
+    from ldfleet.common.train import Trainer, config_for
 
     if threads:
         torch.set_num_threads(threads)
@@ -145,7 +145,8 @@ def train(
             progress.update(tasks[stage], completed=step)
 
         state = trainer.fit(on_step)
-    console.print(f"[green]done[/green]: stages {', '.join(STAGES)}; {len(state.history)} epochs and fits logged in {out}/train_state.json")
+    ran = dict.fromkeys(h["stage"] for h in state.history)  # the stages with epochs or fits, in order
+    console.print(f"[green]done[/green]: stages {', '.join(ran)}; {len(state.history)} epochs and fits logged in {out}/train_state.json")
 
 
 def evaluate(
