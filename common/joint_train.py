@@ -8,14 +8,19 @@ the selector). ldfleet keeps one encoder for every strategy (a device ships one 
 stage fine-tunes that one encoder with all of them at once. Per batch, with k drawn uniformly in
 1..L:
 
-* ``random`` (the base head, hence ``full`` and the oracle too): LayerDrop at the stage-1 rate,
-  exactly as stage 1 trained it, so the random baseline keeps its own recipe;
+* ``random`` (the base head, hence ``full`` and the oracle too): LayerDrop at the stage-1 rate, so
+  the random baseline keeps its own recipe (on cached, un-augmented front ends, at stage 3's lr);
 * ``early_exit``: the first k layers, its head;
 * ``static``, ``selector``: the k-layer sets their (frozen) scorers choose, their heads.
 
 The loss is the sum of the four task losses (plus ``distill`` x KL towards the stored full-model
 outputs for the three budgeted strategies). The front end stays frozen (it is cached) and so do the
-scorers: the sets are the ones stage 2 chose; what changes is how well the encoder runs them.
+scorers: the sets are the ones stage 2 chose; what changes is how well the encoder runs them. The
+encoder layers learn at a tenth of the stage-1 lr (warm-up, then cosine decay over the stage).
+
+The full-model outputs are computed when the stage starts; a run resumed in the middle of stage 3
+computes them again from its partly tuned encoder, so it distils towards a slightly different target
+than an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -31,12 +36,10 @@ JOINT_STRATEGIES = ("random", "early_exit", "static", "selector")
 
 
 def encoder_parameters(model: DynamicModel) -> list[torch.nn.Parameter]:
-    """The parameters after the (cached) front end: the encoder layers and, where the family puts it
-    after them, the final layer norm."""
-    params = list(model.runner.layers.parameters())
-    if model.runner.stable_layer_norm:
-        params += list(model.runner.encoder.layer_norm.parameters())
-    return params
+    """The parameters after the (cached) front end: the encoder layers and what runs after them
+    (``LayerRunner.after_layers``: a final layer norm, an adapter)."""
+    modules = [model.runner.layers, *model.runner.after_layers()]
+    return [p for module in modules for p in module.parameters()]
 
 
 def joint_optimizer(model: DynamicModel, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -49,6 +52,10 @@ def joint_optimizer(model: DynamicModel, cfg: TrainConfig) -> torch.optim.Optimi
          {"params": [p for head in heads for p in head.parameters()], "lr": cfg.head_lr}],
         weight_decay=0.01,
     )
+
+
+def _optimised(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
 
 
 def _keep_for(model: DynamicModel, name: str, front, k: int, layerdrop: float, gen: torch.Generator) -> Tensor:
@@ -74,10 +81,17 @@ def train_joint_epoch(
     accuracy of the selector, and per-strategy mean losses (``loss_<strategy>``).
     """
     model.train()
-    model.strategies.requires_grad_(False)
-    model.runner.requires_grad_(False)
-    for p in encoder_parameters(model):
+    model.requires_grad_(False)
+    for p in _optimised(optimizer):  # the encoder layers and the heads; front end and scorers stay frozen
         p.requires_grad_(True)
+    try:
+        return _joint_epoch(model, cache, optimizer, cfg, epoch, on_step)
+    finally:
+        model.requires_grad_(True)  # as a loaded model is: later code freezes what it needs
+        model.eval()
+
+
+def _joint_epoch(model, cache, optimizer, cfg, epoch, on_step) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed * 104729 + epoch)
     batches = length_batches(cache.lengths(), cfg.batch_size, gen)
     steps, total = len(batches), cfg.joint_epochs * len(batches)
@@ -101,12 +115,11 @@ def train_joint_epoch(
             sums[name] += loss.item() * len(texts)
             if name == "selector":
                 predictions += head.decode(logits.detach(), front.frame_mask)
-        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 5.0)
+        torch.nn.utils.clip_grad_norm_(_optimised(optimizer), 5.0)
         optimizer.step()
         seen += len(texts)
         references += texts
         if on_step:
             on_step("joint", step + 1, steps)
-    model.eval()
     return {"loss": sum(sums.values()) / seen, **{f"loss_{n}": v / seen for n, v in sums.items()},
             **_prefixed("train_", score(model.task, predictions, references))}

@@ -125,11 +125,21 @@ ASR_DEFAULTS = dict(epochs=24, strategy_epochs=4, batch_size=16, lr=2e-3, select
 def config_for(task: str, **overrides) -> TrainConfig:
     """The default recipe for ``task`` (asr: more epochs, smaller batches, a higher lr), then overrides.
 
-    ``None`` overrides are ignored, so CLI options left unset keep the task's default.
+    ``None`` overrides are ignored, so CLI options left unset keep the task's default; with ``from_run``
+    the default is no stage 3 (``joint_epochs=0``).
     """
     base = dict(ASR_DEFAULTS) if task == "asr" else {}
+    if overrides.get("from_run"):  # stage 2 on the source's encoder, as it is, unless stage 3 is asked for
+        base["joint_epochs"] = 0
     base.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig(task=task, **base)
+
+
+def saved_joint_epochs(run: str | Path) -> int | None:
+    """The ``joint_epochs`` a run folder was started with (0 for runs older than stage 3), or None when
+    ``run`` holds no run yet. Re-running a finished run keeps its own stage 3 unless told otherwise."""
+    path = Path(run) / CONFIG_FILE
+    return int(json.loads(path.read_text()).get("joint_epochs", 0)) if (Path(run) / STATE_FILE).is_file() and path.is_file() else None
 
 
 def augment(wave: Tensor, gen: torch.Generator, mask: Tensor | None = None) -> Tensor:
@@ -484,7 +494,8 @@ def stage2_start(cfg: TrainConfig) -> tuple[DynamicModel, TrainState]:
 
     Lets stage-2 options (``selector_budget``, ``distill``, ``oracle_weight``) be compared on one
     trained encoder without training it again. ``cfg`` takes the source's task, token unit and
-    vocabulary; its stage-1 history is carried over. Raises ValueError when the source is not a run of
+    vocabulary; the history of what made the encoder (stage 1, and stage 3 if the source ran it) is
+    carried over. Raises ValueError when the source is not a run of
     an SSL encoder, its stage 1 is unfinished or its task differs.
     """
     source = Path(cfg.from_run)
@@ -501,7 +512,7 @@ def stage2_start(cfg: TrainConfig) -> tuple[DynamicModel, TrainState]:
     for name in ("backbone", "family", "epochs", "layerdrop", "lr", "labels", "vocab", "tokens"):
         setattr(cfg, name, src_cfg.get(name, getattr(cfg, name)))
     fresh = new_model(cfg, model.runner.backbone, model.heads["base"])
-    history = [h for h in src_state.history if h.get("stage") == "backbone"]
+    history = [h for h in src_state.history if h.get("stage") in ("backbone", "joint")]  # what made this encoder
     return fresh, TrainState(stage=STAGES[1], history=history)
 
 
@@ -548,6 +559,9 @@ class Trainer:
     def _from_table(self, stage: str) -> bool:
         """Whether ``stage``'s scorer is fitted on a set table (its epochs then train only its head)."""
         return bool(self.cfg.set_table) and stage in TABLE_STRATEGIES
+
+    def _fit_pending(self, stage: str) -> bool:
+        return self._from_table(stage) and not self._table_fitted(stage)
 
     def _table_fitted(self, stage: str) -> bool:
         return any(h["stage"] == stage and h.get("fit") == "set_table" for h in self.state.history)
@@ -605,7 +619,7 @@ class Trainer:
                 self.state.stage, self.state.epoch = stage, 0
             if stage in STRATEGY_STAGES and self.state.epoch == 0:  # each strategy head starts from the base head
                 self.model.heads[self.model.strategy(stage).head].load_state_dict(self.model.heads["base"].state_dict())
-            if self.epochs_for(stage) == 0 and not self._from_table(stage):
+            if self.state.epoch >= self.epochs_for(stage) and not self._fit_pending(stage):
                 continue
             if stage != "backbone":
                 self._prepare_frozen_front_end(stage, on_step)
@@ -624,7 +638,7 @@ class Trainer:
             self._train_cache = cache_front_ends(self.model, self.train_data)
             if self.cfg.distill > 0 and (self.cfg.strategy_epochs > 0 or self.cfg.joint_epochs > 0):  # read only by epochs
                 add_teacher(self.model, self._train_cache)  # on a resumed joint stage: the current full model
-        if self._from_table(stage) and not self._table_fitted(stage):
+        if self._fit_pending(stage):
             val_cache = self._validation_cache()
             if self._tables is None:
                 self._tables = self._set_tables(self._train_cache, val_cache, on_step)

@@ -210,15 +210,18 @@ def test_tiny_asr_train_then_eval_through_the_cli(asr_corpus, tmp_path):
                              "--oracle-sets", "3"])
     assert table.exit_code == 0 and "wer" in table.output and "by condition" in table.output
     assert "input conditioning could win" in table.output and "best set per value of one condition" in table.output
-    assert [h["stage"] for h in json.loads((run / "train_state.json").read_text())["history"]][-1] == "joint"
-    # the asr default fits static and selector on a layer-set table of CTC losses, then tunes their heads,
-    # then tunes the encoder with every strategy (stage 3)
+    history = json.loads((run / "train_state.json").read_text())["history"]
+    assert [h["stage"] for h in history][-1] == "joint"
+    again = cli.invoke(app, ["train", "--task", "asr", "--data", str(out), "--out", str(run)])  # finished: nothing added
+    assert again.exit_code == 0 and json.loads((run / "train_state.json").read_text())["history"] == history
+    # the asr default fits static and selector on a layer-set table of CTC losses, then tunes their heads;
+    # from a run, stage 3 (which would tune the encoder) runs only when asked for
     fitted = cli.invoke(app, ["train", "--task", "asr", "--data", str(out), "--out", str(tmp_path / "table"),
                               "--from-run", str(run), "--strategy-epochs", "1", "--batch-size", "4"])
     assert fitted.exit_code == 0, fitted.output
     history = json.loads((tmp_path / "table" / "train_state.json").read_text())["history"]
     assert [h.get("fit") for h in history if h["stage"] == "selector"] == ["set_table", None]
-    assert [h["epoch"] for h in history if h["stage"] == "joint"] == list(range(1, ASR_DEFAULTS["joint_epochs"] + 1))
+    assert ASR_DEFAULTS["joint_epochs"] > 0 and [h["stage"] for h in history].count("joint") == 1  # the source's
     (fit,) = [h for h in history if h["stage"] == "static" and h.get("fit")]  # CTC loss per token of the chosen sets
     assert sorted(map(int, fit["val_chosen_loss"])) == list(range(1, model.num_layers))
     assert all(0 < v < float("inf") for v in fit["val_chosen_loss"].values())

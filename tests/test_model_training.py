@@ -127,7 +127,7 @@ def test_joint_stage_tunes_the_encoder_layers_for_every_strategy(trained_run, co
     run = tmp_path / "joint"
     shutil.copytree(trained_run, run)
     splits = load_splits(corpus)
-    cfg = TrainConfig(epochs=6, strategy_epochs=1, batch_size=16, joint_epochs=2, distill=1.0)
+    cfg = TrainConfig(epochs=6, strategy_epochs=1, batch_size=16, joint_epochs=2)
 
     def interrupt_in_second_joint_epoch(stage, step, total):
         if stage == "joint" and trainer.state.epoch == 1:

@@ -150,11 +150,17 @@ class LayerRunner(nn.Module):
         out, _ = layer(hidden, attention_mask=mask, position_bias=batch_bias, index=index)
         return out
 
-    def _finish(self, hidden: Tensor) -> Tensor:
-        if self.stable_layer_norm or self.family == "whisper":
-            hidden = self.encoder.layer_norm(hidden)
+    def after_layers(self) -> list[nn.Module]:
+        """The modules applied after the last encoder layer, in order: the final layer norm (pre-norm
+        encoders and Whisper) and the adapter (when the checkpoint has one)."""
+        modules = [self.encoder.layer_norm] if self.stable_layer_norm or self.family == "whisper" else []
         if getattr(self.backbone, "adapter", None) is not None:
-            hidden = self.backbone.adapter(hidden)
+            modules.append(self.backbone.adapter)
+        return modules
+
+    def _finish(self, hidden: Tensor) -> Tensor:
+        for module in self.after_layers():
+            hidden = module(hidden)
         return hidden
 
     def run_layers(self, front: FrontEnd, keep: Tensor | None = None) -> Tensor:

@@ -100,8 +100,8 @@ def train(
     selector_budget: Optional[bool] = typer.Option(None, "--selector-budget/--no-selector-budget", help="Give the selector the budget k/L as an input (and static one ranking per k), so kept sets need not be nested \\[default: kws off, asr on].", show_default=False),
     oracle_weight: Optional[float] = typer.Option(None, min=0.0, help="Selector stage: weight of supervision by the per-batch oracle (best of 4 random layer sets per input) \\[default: 0].", show_default=False),
     set_table: Optional[int] = typer.Option(None, "--set-table", min=0, help="Fit static and selector on every layer set's loss over N training clips (and N/4 validation clips) instead of by straight-through gates: a per-k static takes each k's lowest-loss set, the selector starts from it; then --strategy-epochs train only their heads, on those sets (0: keep the base head) \\[default: kws 0 = gates, asr 512].", show_default=False),
-    joint_epochs: Optional[int] = typer.Option(None, "--joint-epochs", min=0, help="Stage 3: epochs fine-tuning the shared encoder layers together with every strategy's head, each on the layer sets it runs (random: LayerDrop as in stage 1; early exit: the first k; static, selector: their chosen sets); the front end and the scorers stay frozen. Re-running a finished run with more adds them \\[default: kws 0, asr 6].", show_default=False),
-    from_run: Optional[Path] = typer.Option(None, "--from-run", help="Skip stage 1: train only the stage-2 strategies, with this command's options, on the backbone and base head of RUN (a finished stage 1 on the same data), e.g. to compare --selector-budget or --distill without training the encoder again.", show_default=False),
+    joint_epochs: Optional[int] = typer.Option(None, "--joint-epochs", min=0, help="Stage 3: epochs fine-tuning the shared encoder layers together with every strategy's head, each on the layer sets it runs (random: LayerDrop as in stage 1; early exit: the first k; static, selector: their chosen sets); the front end and the scorers stay frozen. Given on a finished run, adds them (re-running without it keeps the run's own) \\[default: kws 0, asr 6; with --from-run 0].", show_default=False),
+    from_run: Optional[Path] = typer.Option(None, "--from-run", help="Skip stage 1: train only the stage-2 strategies, with this command's options, on the backbone and base head of RUN (a finished stage 1 on the same data), e.g. to compare --selector-budget or --distill without training the encoder again (stage 3 runs only when --joint-epochs is given).", show_default=False),
     seed: int = typer.Option(0, help="Seed for initialisation, data order, splits and augmentation."),
     threads: int = typer.Option(0, min=0, help="torch threads (0 = torch's default)."),
     strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
@@ -110,12 +110,13 @@ def train(
 
     Stage 1 tunes the backbone and the task head (label classes, or CTC over characters or words) with random
     per-example layer dropping; stage 2 freezes the backbone and trains the early-exit head, the
-    static mask and the input-conditioned selector. Checkpoints (safetensors) are written after
-    every epoch; running the same command again resumes an interrupted run.
+    static mask and the input-conditioned selector; stage 3 (--joint-epochs) fine-tunes the encoder layers
+    with every strategy on its own layer sets. Checkpoints (safetensors) are written after every epoch;
+    running the same command again resumes an interrupted run.
     """
     import torch
 
-    from ldfleet.common.train import Trainer, config_for
+    from ldfleet.common.train import Trainer, config_for, saved_joint_epochs
 
     if threads:
         torch.set_num_threads(threads)
@@ -123,6 +124,8 @@ def train(
         config_for(_task(task), set_table=set_table, oracle_weight=oracle_weight)
     except ValueError as exc:
         fail(exc)
+    if joint_epochs is None:  # re-running a finished run does not add the default stage 3 to it
+        joint_epochs = saved_joint_epochs(out)
     task_data = _load_data(task, data, seed, labels, strict)
     splits = task_data.splits
     cfg = config_for(task, backbone=backbone, family=family, epochs=epochs, strategy_epochs=strategy_epochs,
@@ -145,8 +148,8 @@ def train(
             progress.update(tasks[stage], completed=step)
 
         state = trainer.fit(on_step)
-    ran = dict.fromkeys(h["stage"] for h in state.history)  # the stages with epochs or fits, in order
-    console.print(f"[green]done[/green]: stages {', '.join(ran)}; {len(state.history)} epochs and fits logged in {out}/train_state.json")
+    stages = dict.fromkeys(h["stage"] for h in state.history)  # with epochs or fits, in order (--from-run: the source's too)
+    console.print(f"[green]done[/green]: stages {', '.join(stages)}; {len(state.history)} epochs and fits logged in {out}/train_state.json")
 
 
 def evaluate(
