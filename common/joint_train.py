@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .metrics import score
 from .model.dynamic import DynamicModel
-from .train import FrontEndCache, StepCallback, TrainConfig, _prefixed, _set_lr, length_batches, random_keep
+from .train import FrontEndCache, StepCallback, TrainConfig, length_batches, prefixed, random_keep, set_lr
 
 JOINT_STRATEGIES = ("random", "early_exit", "static", "selector")
 
@@ -101,7 +101,7 @@ def _joint_epoch(model, cache, optimizer, cfg, epoch, on_step) -> dict:
     for step, rows in enumerate(batches):
         front, texts = cache.batch(rows)
         k = int(torch.randint(1, model.num_layers + 1, (1,), generator=gen))
-        _set_lr(optimizer, epoch * steps + step, total, warmup=20)
+        set_lr(optimizer, epoch * steps + step, total, warmup=20)
         optimizer.zero_grad(set_to_none=True)
         for name in JOINT_STRATEGIES:
             head = model.head_for(name)
@@ -122,4 +122,4 @@ def _joint_epoch(model, cache, optimizer, cfg, epoch, on_step) -> dict:
         if on_step:
             on_step("joint", step + 1, steps)
     return {"loss": sum(sums.values()) / seen, **{f"loss_{n}": v / seen for n, v in sums.items()},
-            **_prefixed("train_", score(model.task, predictions, references))}
+            **prefixed("train_", score(model.task, predictions, references))}

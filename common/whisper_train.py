@@ -1,6 +1,6 @@
 """Layer-set loss tables of a dynamic Whisper, and its encoder's skip maps.
 
-Whisper-specific (not ``common.train.Trainer``, which trains the backbone under LayerDrop; folding
+Whisper-specific (not ``common.trainer.Trainer``, which trains the backbone under LayerDrop; folding
 this in means a ``train --backbone WHISPER_DIR --task asr`` path; ``make real-bench`` calls this module
 directly): the encoder and decoder stay frozen, and only the two learned strategies train, fitted by
 :mod:`.set_fit` on the tables made here.

@@ -66,7 +66,8 @@ def default_model(cache: Path, log: Log) -> tuple[Path, Path]:
     """(run dir, corpus dir) of a small cached keyword model, trained here if missing."""
     from ldfleet.common.data.espeak import ENGLISH_VOICES
     from ldfleet.common.data.synth import METADATA, SynthConfig, synthesize_corpus
-    from ldfleet.common.train import TrainConfig, Trainer
+    from ldfleet.common.train import TrainConfig
+    from ldfleet.common.trainer import Trainer
     from ldfleet.common.data.folder import load_splits
 
     data, run = cache / "synth", cache / "run"

@@ -136,7 +136,8 @@ def prepare_warm(scn: Scenario, data_dir: Path, cache_dir: Path, train_indices: 
     from ldfleet.client.learning import load_pool_splits
     from ldfleet.common.model.checkpoint import load_model
     from ldfleet.common.model.profiling import profile_runner
-    from ldfleet.common.train import STATE_FILE, Trainer, config_for
+    from ldfleet.common.train import config_for
+    from ldfleet.common.trainer import STATE_FILE, Trainer
 
     w = scn.warm
     out = cache_dir / f"warm-{warm_key(scn)}"

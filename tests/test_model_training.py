@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 from ldfleet.cli import app
 from ldfleet.common.data.folder import load_splits
 from ldfleet.common.data.synth import SynthConfig, synthesize_corpus
-from ldfleet.common.train import STRATEGY_STAGES, TrainConfig, Trainer
+from ldfleet.common.train import TrainConfig
+from ldfleet.common.trainer import STRATEGY_STAGES, Trainer
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng (apt-get install espeak-ng)")
 

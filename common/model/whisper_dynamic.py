@@ -17,7 +17,7 @@ Not yet folded into the generic code (what remains): the run folder format (the 
 cannot rebuild the decoder head; ``checkpoint.load_model`` would need to store ``backbone/`` the way
 ``save`` does here), evaluation (:mod:`ldfleet.common.asr_eval`, not ``common.evaluate``: no oracle,
 MACs or condition rows) and training (:mod:`ldfleet.common.whisper_train` tables, fitted by :mod:`ldfleet.common.set_fit`
-on a frozen model, not ``common.train.Trainer``).
+on a frozen model, not ``common.trainer.Trainer``).
 """
 
 from __future__ import annotations

@@ -116,7 +116,8 @@ def train(
     """
     import torch
 
-    from ldfleet.common.train import Trainer, config_for, saved_joint_epochs
+    from ldfleet.common.train import config_for
+    from ldfleet.common.trainer import Trainer, saved_joint_epochs
 
     if threads:
         torch.set_num_threads(threads)
