@@ -20,6 +20,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from torch.utils.data import Dataset
 
 from .joint_train import joint_optimizer, train_joint_epoch
 from .model.backbone import load_backbone
@@ -49,8 +50,10 @@ class TrainState:
 def saved_joint_epochs(run: str | Path) -> int | None:
     """The ``joint_epochs`` a run folder was started with (0 for runs older than stage 3), or None when
     ``run`` holds no run yet. Re-running a finished run keeps its own stage 3 unless told otherwise."""
-    path = Path(run) / CONFIG_FILE
-    return int(json.loads(path.read_text()).get("joint_epochs", 0)) if (Path(run) / STATE_FILE).is_file() and path.is_file() else None
+    run = Path(run)
+    if not (run / STATE_FILE).is_file() or not (run / CONFIG_FILE).is_file():
+        return None
+    return int(json.loads((run / CONFIG_FILE).read_text()).get("joint_epochs", 0))
 
 
 def read_progress(run: Path) -> tuple[dict, TrainState]:
@@ -104,6 +107,8 @@ class Trainer:
             known = {k: v for k, v in saved_cfg.items() if k in TrainConfig.__dataclass_fields__}
             self.cfg = TrainConfig(**{**known, "epochs": cfg.epochs, "strategy_epochs": cfg.strategy_epochs,
                                        "joint_epochs": cfg.joint_epochs})
+            if saved_cfg.get("joint_epochs", 0) != self.cfg.joint_epochs:  # stage 3 added or changed: record it
+                (self.run / CONFIG_FILE).write_text(json.dumps({**saved_cfg, "joint_epochs": self.cfg.joint_epochs}, indent=2))
             self.model = load_model(self.run)
             self.log(f"resuming {self.run}: stage {self.state.stage}, {self.state.epoch} epoch(s) done")
         else:

@@ -29,3 +29,15 @@ def test_help_shows_the_defaults_written_in_option_help():
         done = subprocess.run([sys.executable, "-c", "from ldfleet.cli import app; app()", *command, "--help"],
                               capture_output=True, text=True, env=env, timeout=120)
         assert done.returncode == 0 and default in done.stdout, done.stdout
+
+
+def test_train_refuses_a_run_folder_whose_config_is_corrupt(tmp_path: Path):
+    # re-running `train` reads the run's own stage-3 setting first: a damaged config is a clear error, not a traceback
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train_state.json").write_text('{"stage": "selector", "epoch": 1, "history": []}')
+    (run / "train_config.json").write_text('{"task": "kws", "joint_epochs": ')
+    done = subprocess.run([sys.executable, "-c", "from ldfleet.cli import app; app()", "train", "--data", str(tmp_path),
+                           "--out", str(run)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("error: cannot resume") and str(run) in done.stderr

@@ -139,7 +139,7 @@ def test_joint_stage_tunes_the_encoder_layers_for_every_strategy(trained_run, co
         trainer.fit(interrupt_in_second_joint_epoch)
     state = json.loads((run / "train_state.json").read_text())
     assert (state["stage"], state["epoch"], state["done"]) == ("joint", 1, False)
-    assert json.loads((run / "train_config.json").read_text())["joint_epochs"] == 0  # the source run's own config
+    assert json.loads((run / "train_config.json").read_text())["joint_epochs"] == 2  # recorded for later re-runs
     final = Trainer(run, splits["train"], splits["val"], cfg).fit()
     assert [h["stage"] for h in final.history] == ["backbone"] * 6 + list(STRATEGY_STAGES) + ["joint"] * 2
     joint = final.history[-1]

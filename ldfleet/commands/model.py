@@ -126,7 +126,10 @@ def train(
     except ValueError as exc:
         fail(exc)
     if joint_epochs is None:  # re-running a finished run does not add the default stage 3 to it
-        joint_epochs = saved_joint_epochs(out)
+        try:
+            joint_epochs = saved_joint_epochs(out)
+        except (OSError, ValueError) as exc:
+            fail(f"cannot resume {out}: {exc}")
     task_data = _load_data(task, data, seed, labels, strict)
     splits = task_data.splits
     cfg = config_for(task, backbone=backbone, family=family, epochs=epochs, strategy_epochs=strategy_epochs,
