@@ -1,15 +1,15 @@
 """Stage 3, ``joint``: the shared encoder learns the layer sets every strategy actually runs.
 
 After stage 2 each strategy has its own way of choosing layers and its own head, but the encoder
-was trained (stage 1) only under LayerDrop, where a set of 6 of 8 layers is already rare. In the
-paper's recipe each method's model is fine-tuned with its own dropping in the loop (Hannan et al.,
-MLSP 2025: random dropping trained with random dropping, early exit with exits, the selector with
-the selector). ldfleet keeps one encoder for every strategy (a device ships one backbone), so this
-stage fine-tunes that one encoder with all of them at once. Per batch, with k drawn uniformly in
-1..L:
+was trained (stage 1) only under LayerDrop, where losing three or more of eight layers is rare (4%
+of examples at 0.1). Layer-dropping methods are usually trained with their own dropping in the loop
+(LayerDrop itself, early-exit heads on their exits); ldfleet keeps one encoder for every strategy (a
+device ships one backbone), so this stage fine-tunes that one encoder with all of them at once. Per
+batch, with k drawn uniformly in 1..L:
 
-* ``random`` (the base head, hence ``full`` and the oracle too): LayerDrop at the stage-1 rate, so
-  the random baseline keeps its own recipe (on cached, un-augmented front ends, at stage 3's lr);
+* ``random`` (the base head, hence ``full`` and the oracle too): k layers drawn at random per input,
+  i.e. random dropping trained at the budgets it is evaluated at (stage 1's LayerDrop 0.1 rarely
+  drops more than two of eight layers);
 * ``early_exit``: the first k layers, its head;
 * ``static``, ``selector``: the k-layer sets their (frozen) scorers choose, their heads.
 
@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .metrics import score
 from .model.dynamic import DynamicModel
-from .train import FrontEndCache, StepCallback, TrainConfig, length_batches, prefixed, random_keep, set_lr
+from .train import FrontEndCache, StepCallback, TrainConfig, length_batches, prefixed, set_lr
 
 JOINT_STRATEGIES = ("random", "early_exit", "static", "selector")
 
@@ -58,10 +58,8 @@ def _optimised(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
-def _keep_for(model: DynamicModel, name: str, front, k: int, layerdrop: float, gen: torch.Generator) -> Tensor:
-    """The bool mask ``[B, L]`` strategy ``name`` trains on this batch."""
-    if name == "random":
-        return random_keep(front.hidden.shape[0], model.num_layers, layerdrop, gen)
+def _keep_for(model: DynamicModel, name: str, front, k: int, gen: torch.Generator) -> Tensor:
+    """The bool mask ``[B, L]`` strategy ``name`` trains on this batch (``random``: its own k-set per input)."""
     with torch.no_grad():
         return model.strategy(name).choose(front, k, gen)
 
@@ -105,7 +103,7 @@ def _joint_epoch(model, cache, optimizer, cfg, epoch, on_step) -> dict:
         optimizer.zero_grad(set_to_none=True)
         for name in JOINT_STRATEGIES:
             head = model.head_for(name)
-            keep = _keep_for(model, name, front, k, cfg.layerdrop, gen)
+            keep = _keep_for(model, name, front, k, gen)
             logits = head.logits(model.runner.run_layers(front, keep), front.frame_mask)
             loss = head.loss_from_logits(logits, front.frame_mask, head.targets(texts))
             teacher = cache.teacher_logits(rows, logits.shape[1]) if cfg.distill > 0 and name != "random" else None

@@ -93,9 +93,9 @@ class TrainConfig:
 # a budget-conditioned selector beat the nested one (15% below random at keep 0.5 and 0.25, against
 # 3-4%); fitting it and static on a set table, then tuning their heads with distillation from the full
 # model, beat straight-through gates at 0.5 and 0.25 and tuning without distillation at every keep; 6
-# joint epochs then lowered every method's WER at every keep (the selector's most: 7.4 / 14.1 / 42.9% ->
-# 6.1 / 9.1 / 21.5% at keep 0.75 / 0.5 / 0.25, random 7.8 / 18.6 / 66.4% -> 6.4 / 13.8 / 54.0%); 3 epochs
-# gave 6.2 / 10.1 / 26.9%.
+# joint epochs then lowered every method's WER at every keep (selector 7.4 / 14.1 / 42.9% -> 6.2 / 9.2 /
+# 21.4% at keep 0.75 / 0.5 / 0.25, random 7.8 / 18.6 / 66.4% -> 6.4 / 12.2 / 38.8%); 3 epochs gave the
+# selector 6.2 / 10.1 / 26.9%.
 ASR_DEFAULTS = dict(epochs=24, strategy_epochs=4, batch_size=16, lr=2e-3, selector_budget=True, set_table=512, distill=1.0,
                     joint_epochs=6)
 
