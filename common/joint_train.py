@@ -26,7 +26,6 @@ than an uninterrupted run.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
 from .metrics import score
 from .model.dynamic import DynamicModel
@@ -56,12 +55,6 @@ def joint_optimizer(model: DynamicModel, cfg: TrainConfig) -> torch.optim.Optimi
 
 def _optimised(optimizer: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
     return [p for group in optimizer.param_groups for p in group["params"]]
-
-
-def _keep_for(model: DynamicModel, name: str, front, k: int, gen: torch.Generator) -> Tensor:
-    """The bool mask ``[B, L]`` strategy ``name`` trains on this batch (``random``: its own k-set per input)."""
-    with torch.no_grad():
-        return model.strategy(name).choose(front, k, gen)
 
 
 def train_joint_epoch(
@@ -103,7 +96,8 @@ def _joint_epoch(model, cache, optimizer, cfg, epoch, on_step) -> dict:
         optimizer.zero_grad(set_to_none=True)
         for name in JOINT_STRATEGIES:
             head = model.head_for(name)
-            keep = _keep_for(model, name, front, k, gen)
+            with torch.no_grad():  # [B, L]; random: its own k-layer set per input
+                keep = model.strategy(name).choose(front, k, gen)
             logits = head.logits(model.runner.run_layers(front, keep), front.frame_mask)
             loss = head.loss_from_logits(logits, front.frame_mask, head.targets(texts))
             teacher = cache.teacher_logits(rows, logits.shape[1]) if cfg.distill > 0 and name != "random" else None
