@@ -94,15 +94,14 @@ def _joint_epoch(model, cache, optimizer, cfg, epoch, on_step) -> dict:
         k = int(torch.randint(1, model.num_layers + 1, (1,), generator=gen))
         set_lr(optimizer, epoch * steps + step, total, warmup=20)
         optimizer.zero_grad(set_to_none=True)
+        targets = model.heads["base"].targets(texts)  # every head is a copy of the base head: same targets
         for name in JOINT_STRATEGIES:
             head = model.head_for(name)
             with torch.no_grad():  # [B, L]; random: its own k-layer set per input
                 keep = model.strategy(name).choose(front, k, gen)
             logits = head.logits(model.runner.run_layers(front, keep), front.frame_mask)
-            loss = head.loss_from_logits(logits, front.frame_mask, head.targets(texts))
-            teacher = cache.teacher_logits(rows, logits.shape[1]) if cfg.distill > 0 and name != "random" else None
-            if teacher is not None:
-                loss = loss + cfg.distill * head.distill_loss(logits, teacher, front.frame_mask)
+            loss = head.loss_from_logits(logits, front.frame_mask, targets)
+            loss = loss + cache.distill_term(head, logits, rows, front.frame_mask, 0.0 if name == "random" else cfg.distill)
             loss.backward()
             sums[name] += loss.item() * len(texts)
             if name == "selector":

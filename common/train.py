@@ -281,6 +281,12 @@ class FrontEndCache:
             return None
         return self.teacher[rows, :frames] if self.teacher.dim() == 3 else self.teacher[rows]
 
+    def distill_term(self, head, logits: Tensor, rows: Tensor, frame_mask: Tensor | None, weight: float) -> Tensor | float:
+        """``weight`` x KL(full model || ``head``) of the cached ``rows``' outputs ``logits``; 0 when ``weight``
+        is 0 or no full-model outputs are stored (:func:`add_teacher`)."""
+        teacher = self.teacher_logits(rows, logits.shape[1]) if weight > 0 else None
+        return 0.0 if teacher is None else weight * head.distill_loss(logits, teacher, frame_mask)
+
     def __len__(self) -> int:
         return len(self.texts)
 
@@ -411,9 +417,7 @@ def train_strategy_epoch(
         if oracle_weight > 0 and learning and k < model.num_layers:
             best = oracle_keep(model, front, targets, k, oracle_sets, gen).float()
             loss = loss + oracle_weight * F.binary_cross_entropy_with_logits(choice.scores(front, k), best)
-        teacher = cache.teacher_logits(rows, logits.shape[1]) if distill > 0 else None
-        if teacher is not None:
-            loss = loss + distill * head.distill_loss(logits, teacher, front.frame_mask)
+        loss = loss + cache.distill_term(head, logits, rows, front.frame_mask, distill)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
