@@ -71,8 +71,9 @@ class TrainConfig:
     # (and a quarter as many validation clips) instead of by straight-through gates (common/set_fit.py);
     # their strategy_epochs then train only their heads, on the fitted sets (0: keep the base head)
     set_table: int = 0
-    # stage 3 (common/joint_train.py): epochs fine-tuning the shared encoder with every strategy on its own sets
-    joint_epochs: int = 0
+    # stage 3 (common/joint_train.py): epochs fine-tuning the shared encoder with every strategy on its own sets;
+    # None: the task's default (DEFAULT_JOINT_EPOCHS; 0 with from_run) for a new run, the run's own on resume
+    joint_epochs: int | None = None
 
     def __post_init__(self) -> None:
         if self.set_table and self.oracle_weight:
@@ -96,19 +97,17 @@ class TrainConfig:
 # joint epochs then lowered every method's WER at every keep (selector 7.4 / 14.1 / 42.9% -> 6.2 / 9.2 /
 # 21.4% at keep 0.75 / 0.5 / 0.25, random 7.8 / 18.6 / 66.4% -> 6.4 / 12.2 / 38.8%); 3 epochs gave the
 # selector 6.2 / 10.1 / 26.9%.
-ASR_DEFAULTS = dict(epochs=24, strategy_epochs=4, batch_size=16, lr=2e-3, selector_budget=True, set_table=512, distill=1.0,
-                    joint_epochs=6)
+ASR_DEFAULTS = dict(epochs=24, strategy_epochs=4, batch_size=16, lr=2e-3, selector_budget=True, set_table=512, distill=1.0)
+DEFAULT_JOINT_EPOCHS = {"kws": 0, "asr": 6}  # a new run's stage 3 (common.trainer.joint_epochs_for)
 
 
 def config_for(task: str, **overrides) -> TrainConfig:
     """The default recipe for ``task`` (asr: more epochs, smaller batches, a higher lr), then overrides.
 
-    ``None`` overrides are ignored, so CLI options left unset keep the task's default; with ``from_run``
-    the default is no stage 3 (``joint_epochs=0``).
+    ``None`` overrides are ignored, so CLI options left unset keep the task's default. ``joint_epochs``
+    stays None unless given: the trainer resolves it (``common.trainer.joint_epochs_for``).
     """
     base = dict(ASR_DEFAULTS) if task == "asr" else {}
-    if overrides.get("from_run"):  # stage 2 on the source's encoder, as it is, unless stage 3 is asked for
-        base["joint_epochs"] = 0
     base.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig(task=task, **base)
 

@@ -15,7 +15,7 @@ more ``joint_epochs``, a finished run goes on with stage 3.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from .model.checkpoint import load_model, save_model
 from .model.dynamic import DynamicModel
 from .set_fit import TABLE_STRATEGIES, fit_from_tables, set_loss_table
 from .train import (
-    FrontEndCache, StepCallback, TrainConfig, add_teacher, backbone_optimizer, cache_front_ends, new_head, prefixed,
+    DEFAULT_JOINT_EPOCHS, FrontEndCache, StepCallback, TrainConfig, add_teacher, backbone_optimizer, cache_front_ends, new_head, prefixed,
     strategy_optimizer, train_backbone_epoch, train_strategy_epoch, validate,
 )
 
@@ -47,18 +47,37 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
 
 
-def saved_joint_epochs(run: str | Path) -> int | None:
-    """The ``joint_epochs`` a run folder was started with (0 for runs older than stage 3), or None when
-    ``run`` holds no run yet. Re-running a finished run keeps its own stage 3 unless told otherwise."""
-    run = Path(run)
-    if not (run / STATE_FILE).is_file() or not (run / CONFIG_FILE).is_file():
-        return None
-    return int(json.loads((run / CONFIG_FILE).read_text()).get("joint_epochs", 0))
+def joint_epochs_for(cfg: TrainConfig, saved: dict | None = None) -> int:
+    """Stage-3 epochs: ``cfg.joint_epochs`` when given; else a resumed run's own (``saved``: its config
+    as written; 0 for runs older than stage 3), so re-running a finished run adds nothing; else no
+    stage 3 with ``from_run`` (stage 2 compares options on the source's encoder as it is) and the
+    task's default otherwise (``DEFAULT_JOINT_EPOCHS``)."""
+    if cfg.joint_epochs is not None:
+        return cfg.joint_epochs
+    if saved is not None:
+        return int(saved.get("joint_epochs") or 0)
+    return 0 if cfg.from_run else DEFAULT_JOINT_EPOCHS.get(cfg.task, 0)
 
 
 def read_progress(run: Path) -> tuple[dict, TrainState]:
-    """A run folder's saved config (as written: a dict) and progress."""
-    return json.loads((run / CONFIG_FILE).read_text()), TrainState(**json.loads((run / STATE_FILE).read_text()))
+    """A run folder's saved config (as written: a dict) and progress; ValueError when either file is not
+    what `ldfleet train` writes."""
+    cfg, state = (json.loads((run / name).read_text()) for name in (CONFIG_FILE, STATE_FILE))
+    if not isinstance(cfg, dict) or not isinstance(state, dict):
+        raise ValueError(f"{CONFIG_FILE} and {STATE_FILE} must hold JSON objects")
+    return cfg, TrainState(**state)
+
+
+def saved_progress(run: str | Path) -> tuple[dict, TrainState] | None:
+    """What ``Trainer`` resumes from in ``run`` (see ``read_progress``), or None when ``run`` holds no run
+    yet. Raises ValueError "cannot resume RUN: ..." when its progress files are unreadable."""
+    run = Path(run)
+    if not (run / STATE_FILE).exists():
+        return None
+    try:
+        return read_progress(run)
+    except (OSError, ValueError, TypeError) as exc:  # TypeError: a JSON object that is not a run's progress
+        raise ValueError(f"cannot resume {run}: {exc}") from exc
 
 
 def new_model(cfg: TrainConfig, backbone, head) -> DynamicModel:
@@ -102,16 +121,18 @@ class Trainer:
         self.run = Path(run_dir)
         self.train_data, self.val_data, self.cfg, self.log = train, val, cfg, log
         self.run.mkdir(parents=True, exist_ok=True)
-        if (self.run / STATE_FILE).exists():
-            saved_cfg, self.state = read_progress(self.run)
+        saved = saved_progress(self.run)
+        if saved is not None:
+            saved_cfg, self.state = saved
             known = {k: v for k, v in saved_cfg.items() if k in TrainConfig.__dataclass_fields__}
             self.cfg = TrainConfig(**{**known, "epochs": cfg.epochs, "strategy_epochs": cfg.strategy_epochs,
-                                       "joint_epochs": cfg.joint_epochs})
+                                       "joint_epochs": joint_epochs_for(cfg, saved_cfg)})
             if saved_cfg.get("joint_epochs", 0) != self.cfg.joint_epochs:  # stage 3 added or changed: record it
                 (self.run / CONFIG_FILE).write_text(json.dumps({**saved_cfg, "joint_epochs": self.cfg.joint_epochs}, indent=2))
             self.model = load_model(self.run)
             self.log(f"resuming {self.run}: stage {self.state.stage}, {self.state.epoch} epoch(s) done")
         else:
+            self.cfg = cfg = replace(cfg, joint_epochs=joint_epochs_for(cfg))
             torch.manual_seed(cfg.seed)
             if cfg.from_run:
                 self.model, self.state = stage2_start(cfg)

@@ -18,7 +18,7 @@ from ldfleet.common.data.loading import pad_batch
 from ldfleet.common.data.transcribed import load_transcribed_splits, read_manifest, scan_transcribed
 from ldfleet.common.metrics import normalize_text, score
 from ldfleet.common.model.heads import CharVocab, ClassificationHead, CTCHead, WordVocab, choose_vocab, head_from_spec
-from ldfleet.common.train import ASR_DEFAULTS
+from ldfleet.common.train import DEFAULT_JOINT_EPOCHS
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng")
 
@@ -221,7 +221,7 @@ def test_tiny_asr_train_then_eval_through_the_cli(asr_corpus, tmp_path):
     assert fitted.exit_code == 0, fitted.output
     history = json.loads((tmp_path / "table" / "train_state.json").read_text())["history"]
     assert [h.get("fit") for h in history if h["stage"] == "selector"] == ["set_table", None]
-    assert ASR_DEFAULTS["joint_epochs"] > 0 and [h["stage"] for h in history].count("joint") == 1  # the source's
+    assert DEFAULT_JOINT_EPOCHS["asr"] > 0 and [h["stage"] for h in history].count("joint") == 1  # the source's
     (fit,) = [h for h in history if h["stage"] == "static" and h.get("fit")]  # CTC loss per token of the chosen sets
     assert sorted(map(int, fit["val_chosen_loss"])) == list(range(1, model.num_layers))
     assert all(0 < v < float("inf") for v in fit["val_chosen_loss"].values())

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 from ldfleet.cli import app
 from ldfleet.common.data.folder import load_splits
 from ldfleet.common.data.synth import SynthConfig, synthesize_corpus
-from ldfleet.common.train import TrainConfig
-from ldfleet.common.trainer import STRATEGY_STAGES, Trainer
+from ldfleet.common.train import DEFAULT_JOINT_EPOCHS, TrainConfig
+from ldfleet.common.trainer import STRATEGY_STAGES, Trainer, joint_epochs_for
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng (apt-get install espeak-ng)")
 
@@ -156,6 +156,18 @@ def test_joint_stage_tunes_the_encoder_layers_for_every_strategy(trained_run, co
     assert scorers and not changed & scorers  # the sets are the ones stage 2 chose
     for head in ("base", "early_exit", "static", "selector"):
         assert any(key.startswith(f"heads.{head}.") for key in changed), head
+    # through the API too, a re-run that does not name joint_epochs keeps the run's own: nothing is added
+    again = Trainer(run, splits["train"], splits["val"], TrainConfig(epochs=6, strategy_epochs=1, batch_size=16)).fit()
+    assert again.history == final.history
+
+
+def test_stage_3_defaults_to_the_task_for_a_new_run_and_to_the_run_for_a_resumed_one():
+    assert joint_epochs_for(TrainConfig(task="asr")) == DEFAULT_JOINT_EPOCHS["asr"] > 0
+    assert joint_epochs_for(TrainConfig(task="kws")) == DEFAULT_JOINT_EPOCHS["kws"] == 0
+    assert joint_epochs_for(TrainConfig(task="asr", from_run="elsewhere")) == 0  # stage 2 on the source's encoder as it is
+    assert joint_epochs_for(TrainConfig(task="asr"), saved={"task": "asr"}) == 0  # a run from before stage 3
+    assert joint_epochs_for(TrainConfig(task="asr"), saved={"joint_epochs": 3}) == 3
+    assert joint_epochs_for(TrainConfig(task="asr", joint_epochs=1), saved={"joint_epochs": 3}) == 1  # asked for
 
 
 def test_from_run_trains_only_the_strategies_on_the_same_encoder(trained_run, corpus, tmp_path):

@@ -117,19 +117,15 @@ def train(
     import torch
 
     from ldfleet.common.train import config_for
-    from ldfleet.common.trainer import Trainer, saved_joint_epochs
+    from ldfleet.common.trainer import Trainer, saved_progress
 
     if threads:
         torch.set_num_threads(threads)
     try:  # options that contradict each other are refused before any data is read
         config_for(_task(task), set_table=set_table, oracle_weight=oracle_weight)
+        saved_progress(out)  # a damaged run folder is refused before the data is read
     except ValueError as exc:
         fail(exc)
-    if joint_epochs is None:  # re-running a finished run does not add the default stage 3 to it
-        try:
-            joint_epochs = saved_joint_epochs(out)
-        except (OSError, ValueError) as exc:
-            fail(f"cannot resume {out}: {exc}")
     task_data = _load_data(task, data, seed, labels, strict)
     splits = task_data.splits
     cfg = config_for(task, backbone=backbone, family=family, epochs=epochs, strategy_epochs=strategy_epochs,
