@@ -35,6 +35,7 @@ from .data.loading import pad_batch
 from .metrics import error_counts, score
 from .model.cost import cost_of
 from .model.dynamic import DynamicModel
+from .model.own_encoders import EncoderSwitch
 from .model.runner import FrontEnd
 from .model.strategies import ScoredChoice
 
@@ -184,13 +185,25 @@ def evaluate(
     on_batch: Callable[[int, int], None] | None = None,
     oracle_sets: int = 16,
     conditions: dict[str, list[str]] | None = None,
+    encoders: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> EvalResult:
     """Rows for every method at every keep ratio (``full`` at 1.0 only).
 
     ``methods`` may include ``oracle`` (and then ``oracle_static`` is added). ``conditions`` maps a
-    metadata column to one value per example, for layer usage by condition.
+    metadata column to one value per example, for layer usage by condition. ``encoders``: the
+    strategies' own encoder copies of an ``own`` stage 3 (``own_encoders.load_encoders``), each
+    method then runs on its strategy's copy (swapped in outside the timed part); the model's own
+    weights are back in place on return.
     """
     model.eval()
+    switch = EncoderSwitch(model, encoders or {})
+    try:
+        return _evaluate(model, data, methods, keeps, batch_size, seed, on_batch, oracle_sets, conditions, switch)
+    finally:
+        switch.restore()
+
+
+def _evaluate(model, data, methods, keeps, batch_size, seed, on_batch, oracle_sets, conditions, switch) -> EvalResult:
     with_oracle = "oracle" in methods or "oracle_static" in methods
     plain = [m for m in methods if m not in ORACLE_METHODS]
     for m in plain:
@@ -213,9 +226,11 @@ def evaluate(
         seconds += float(wave.shape[1] * len(texts) if mask is None else mask.sum()) / 16000
         references += texts
         for method, keep in combos:
+            switch.use(method)
             start = time.perf_counter()
             preds, kept = model.predict(front, method, model.k_for(keep), gens[(method, keep)])
             acc[(method, keep)].add(preds, kept, (time.perf_counter() - start) * 1000)
+        switch.use("oracle")
         for keep in oracle_keeps:
             preds, errs = _oracle_batch(model, front, texts, model.k_for(keep), cands[keep])
             for c, p in enumerate(preds):

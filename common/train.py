@@ -42,6 +42,9 @@ from .model.strategies import ScoredChoice
 StepCallback = Callable[[str, int, int], None]  # (stage, step, total_steps)
 
 
+JOINT_ENCODERS = ("shared", "own")
+
+
 @dataclass
 class TrainConfig:
     task: str = "kws"  # kws | asr
@@ -74,8 +77,13 @@ class TrainConfig:
     # stage 3 (common/joint_train.py): epochs fine-tuning the shared encoder with every strategy on its own sets;
     # None: the task's default (DEFAULT_JOINT_EPOCHS; 0 with from_run) for a new run, the run's own on resume
     joint_epochs: int | None = None
+    # stage 3's encoders: "shared" (one copy tuned with every strategy's loss) or "own" (each strategy
+    # tunes its own copy; common/model/own_encoders.py)
+    joint_encoders: str = "shared"
 
     def __post_init__(self) -> None:
+        if self.joint_encoders not in JOINT_ENCODERS:
+            raise ValueError(f"joint_encoders must be one of {', '.join(JOINT_ENCODERS)}, not {self.joint_encoders!r}")
         if self.set_table and self.oracle_weight:
             raise ValueError("--oracle-weight supervises scores learned through gates; with --set-table (N > 0) the "
                              "scores are fitted on the table instead: give --set-table 0 with it")

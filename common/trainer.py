@@ -5,7 +5,10 @@
 2. ``early_exit``, ``static``, ``selector``: each strategy on the frozen backbone (``set_table``: static
    and selector fitted on a table of layer-set losses first, :mod:`.set_fit`).
 3. ``joint`` (``joint_epochs``; ``asr`` default 6, ``kws`` 0): the encoder layers fine-tuned with every
-   strategy's head on the layer sets it runs; front end and scorers frozen, one encoder for all.
+   strategy's head on the layer sets it runs; front end and scorers frozen, one encoder for all. With
+   ``joint_encoders="own"`` the stages ``joint_random`` ... ``joint_selector`` instead: each strategy
+   fine-tunes its own copy, from the same start (:mod:`.model.own_encoders`); the selector's is last
+   and stays in the model.
 
 After every epoch (and every set-table fit) the run folder holds the model, the optimiser (named by
 its stage) and the progress, so an interrupted ``ldfleet train`` resumes where it stopped; given
@@ -15,24 +18,28 @@ more ``joint_epochs``, a finished run goes on with stage 3.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
-from .joint_train import joint_optimizer, train_joint_epoch
+from .joint_train import JOINT_STRATEGIES, joint_optimizer, train_joint_epoch
 from .model.backbone import load_backbone
 from .model.checkpoint import load_model, save_model
 from .model.dynamic import DynamicModel
+from .model.own_encoders import START, encoder_path, encoder_state, load_encoder_state, save_encoder
 from .set_fit import TABLE_STRATEGIES, fit_from_tables, set_loss_table
 from .train import (
     DEFAULT_JOINT_EPOCHS, FrontEndCache, StepCallback, TrainConfig, add_teacher, backbone_optimizer, cache_front_ends, new_head, prefixed,
     strategy_optimizer, train_backbone_epoch, train_strategy_epoch, validate,
 )
 
-STAGES = ("backbone", "early_exit", "static", "selector", "joint")
+OWN_STAGES = {f"joint_{name}": name for name in JOINT_STRATEGIES}  # stage 3 with own encoders; the selector's last
+STAGES = ("backbone", "early_exit", "static", "selector", "joint", *OWN_STAGES)
 STRATEGY_STAGES = STAGES[1:4]  # stage 2: one strategy each, on the frozen backbone
 STATE_FILE = "train_state.json"
 CONFIG_FILE = "train_config.json"
@@ -110,7 +117,8 @@ def stage2_start(cfg: TrainConfig) -> tuple[DynamicModel, TrainState]:
     for name in ("backbone", "family", "epochs", "layerdrop", "lr", "labels", "vocab", "tokens"):
         setattr(cfg, name, src_cfg.get(name, getattr(cfg, name)))
     fresh = new_model(cfg, model.runner.backbone, model.heads["base"])
-    history = [h for h in src_state.history if h.get("stage") in ("backbone", "joint")]  # what made this encoder
+    made_encoder = ("backbone", "joint", "joint_selector")  # the source model carries the selector's own copy
+    history = [h for h in src_state.history if h.get("stage") in made_encoder]
     return fresh, TrainState(stage=STAGES[1], history=history)
 
 
@@ -148,7 +156,10 @@ class Trainer:
         return "accuracy" if self.model.task == "kws" else "wer"
 
     def epochs_for(self, stage: str) -> int:
-        return {"backbone": self.cfg.epochs, "joint": self.cfg.joint_epochs}.get(stage, self.cfg.strategy_epochs)
+        own = self.cfg.joint_encoders == "own"
+        if stage == "joint" or stage in OWN_STAGES:
+            return self.cfg.joint_epochs if own == (stage in OWN_STAGES) else 0
+        return self.cfg.epochs if stage == "backbone" else self.cfg.strategy_epochs
 
     def _save(self, optimizer: torch.optim.Optimizer | None) -> None:
         save_model(self.model, self.run, {"train_config": asdict(self.cfg)})
@@ -173,6 +184,8 @@ class Trainer:
             opt = backbone_optimizer(self.model, self.cfg)
         elif stage == "joint":
             opt = joint_optimizer(self.model, self.cfg)
+        elif stage in OWN_STAGES:
+            opt = joint_optimizer(self.model, self.cfg, (OWN_STAGES[stage],))
         else:
             opt = strategy_optimizer(self.model, stage, self.cfg, learn_scores=not self._from_table(stage))
         saved = torch.load(self.run / OPTIM_FILE) if self.state.epoch > 0 and (self.run / OPTIM_FILE).exists() else None
@@ -220,13 +233,17 @@ class Trainer:
             if stage in STRATEGY_STAGES and self.state.epoch == 0:  # each strategy head starts from the base head
                 self.model.heads[self.model.strategy(stage).head].load_state_dict(self.model.heads["base"].state_dict())
             if self.state.epoch >= self.epochs_for(stage) and not self._fit_pending(stage):
+                self._keep_own_encoder(stage)  # a run stopped between an own stage's last epoch and its copy
                 continue
             if stage != "backbone":
                 self._prepare_frozen_front_end(stage, on_step)
+            if stage in OWN_STAGES and self.state.epoch == 0:
+                self._start_own_encoder()
             optimizer = self._optimizer(stage)
             for epoch in range(self.state.epoch, self.epochs_for(stage)):
                 stats = self._train_epoch(stage, epoch, optimizer, on_step)
                 self._end_epoch(stage, epoch, stats, optimizer)
+            self._keep_own_encoder(stage)
         self.state.done = True
         self._save(None)
         return self.state
@@ -237,12 +254,40 @@ class Trainer:
         if self._train_cache is None:
             self._train_cache = cache_front_ends(self.model, self.train_data)
             if self.cfg.distill > 0 and (self.cfg.strategy_epochs > 0 or self.cfg.joint_epochs > 0):  # read only by epochs
-                add_teacher(self.model, self._train_cache)  # on a resumed joint stage: the current full model
+                with self._start_encoder_in_place():  # own stages: the encoder stage 3 started from
+                    add_teacher(self.model, self._train_cache)  # a resumed shared joint stage: the current full model
         if self._fit_pending(stage):
             val_cache = self._validation_cache()
             if self._tables is None:
                 self._tables = self._set_tables(self._train_cache, val_cache, on_step)
             self._fit_from_tables(stage, self._tables, val_cache)
+
+    def _start_own_encoder(self) -> None:
+        """Before an own stage's first epoch: its copy starts from the encoder stage 3 found (kept as
+        ``encoders/start`` by the first own stage)."""
+        if encoder_path(self.run, START).exists():
+            load_encoder_state(self.model, load_file(str(encoder_path(self.run, START))))
+        else:
+            save_encoder(self.model, self.run, START)
+
+    def _keep_own_encoder(self, stage: str) -> None:
+        """After an own stage's last epoch: its copy is the strategy's (``encoders/<strategy>``)."""
+        if stage in OWN_STAGES and self.epochs_for(stage) > 0 and not encoder_path(self.run, OWN_STAGES[stage]).exists():
+            save_encoder(self.model, self.run, OWN_STAGES[stage])
+
+    @contextmanager
+    def _start_encoder_in_place(self):
+        """The encoder stage 3 started from, in place for the block (when own stages have saved it)."""
+        path = encoder_path(self.run, START)
+        if not path.exists():
+            yield
+            return
+        current = encoder_state(self.model)
+        load_encoder_state(self.model, load_file(str(path)))
+        try:
+            yield
+        finally:
+            load_encoder_state(self.model, current)
 
     def _validation_cache(self) -> FrontEndCache:
         if self._val_cache is None:
@@ -254,6 +299,10 @@ class Trainer:
             return train_backbone_epoch(self.model, self.train_data, optimizer, self.cfg, epoch, on_step)
         if stage == "joint":
             return train_joint_epoch(self.model, self._train_cache, optimizer, self.cfg, epoch, on_step)
+        if stage in OWN_STAGES:
+            as_stage = (lambda _joint, step, total: on_step(stage, step, total)) if on_step else None
+            return train_joint_epoch(self.model, self._train_cache, optimizer, self.cfg, epoch, as_stage,
+                                     (OWN_STAGES[stage],))
         return train_strategy_epoch(
             self.model, stage, self._train_cache, optimizer, self.cfg.strategy_epochs, epoch,
             seed=self.cfg.seed, batch_size=self.cfg.batch_size, on_step=on_step, distill=self.cfg.distill,
@@ -262,16 +311,17 @@ class Trainer:
         )
 
     def _end_epoch(self, stage: str, epoch: int, stats: dict, optimizer: torch.optim.Optimizer) -> None:
-        """Validate (the full model after a backbone epoch, the selector at keep 0.5 otherwise), save, log."""
+        """Validate (the full model after a backbone epoch; else at keep 0.5 the stage's strategy, the
+        selector for a shared joint stage, and the full model on the encoder it runs on), save, log."""
         if stage == "backbone":
             self._val_cache = None  # the front end changed
         val_cache = self._validation_cache()
-        strategy = {"backbone": "full", "joint": "selector"}.get(stage, stage)
+        strategy = {"backbone": "full", "joint": "selector", **OWN_STAGES}.get(stage, stage)
         k = self.model.num_layers if stage == "backbone" else self.model.k_for(0.5)
         stats.update(stage=stage, epoch=epoch + 1, **prefixed("val_", validate(self.model, val_cache, strategy, k)))
         if stage == "backbone":
             stats.update(prefixed("val_half_random_", validate(self.model, val_cache, "random", self.model.k_for(0.5))))
-        if stage == "joint":
+        if stage in ("joint", "joint_random"):  # the encoder the full model runs on
             stats.update(prefixed("val_full_", validate(self.model, val_cache, "full", self.model.num_layers)))
         self.state.history.append(stats)
         self.state.epoch = epoch + 1

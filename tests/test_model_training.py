@@ -161,6 +161,56 @@ def test_joint_stage_tunes_the_encoder_layers_for_every_strategy(trained_run, co
     assert again.history == final.history
 
 
+def test_own_stage_3_gives_every_strategy_its_own_encoder_copy_and_eval_runs_each_on_its_own(trained_run, corpus, tmp_path):
+    """`--joint-encoders own`: each strategy fine-tunes a copy of the encoder from the same start; the
+    copies are kept in RUN/encoders, the model carries the selector's, and eval swaps each method's in."""
+    import torch
+    from safetensors.torch import load_file
+
+    from ldfleet.common.evaluate import evaluate
+    from ldfleet.common.model.checkpoint import load_model
+    from ldfleet.common.model.own_encoders import encoder_state, load_encoder_state, load_encoders
+
+    run = tmp_path / "own"
+    splits = load_splits(corpus)
+    cfg = TrainConfig(epochs=6, strategy_epochs=1, batch_size=16, joint_epochs=1, joint_encoders="own",
+                      from_run=str(trained_run))
+
+    def interrupt_in_the_static_copy(stage, step, total):
+        if stage == "joint_static" and step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(run, splits["train"], splits["val"], cfg).fit(interrupt_in_the_static_copy)
+    assert sorted(p.stem for p in (run / "encoders").iterdir()) == ["early_exit", "random", "start"]
+    final = Trainer(run, splits["train"], splits["val"], cfg).fit()  # resumes with the static copy, from the start copy
+    own = ["joint_random", "joint_early_exit", "joint_static", "joint_selector"]
+    assert [h["stage"] for h in final.history] == ["backbone"] * 6 + list(STRATEGY_STAGES) + own
+    assert "val_full_accuracy" in final.history[-4]  # the full model runs on random's copy
+
+    copies = load_encoders(run)
+    assert sorted(copies) == ["early_exit", "random", "selector", "static"]  # not the start copy
+    start = load_file(str(run / "encoders" / "start.safetensors"))
+    for name, copy in copies.items():
+        assert any(not torch.equal(copy[key], start[key]) for key in start), name  # each copy learned
+    assert any(not torch.equal(copies["random"][key], copies["selector"][key]) for key in start)
+    model = load_model(run)
+    assert all(torch.equal(v, copies["selector"][k]) for k, v in encoder_state(model).items())  # what a device runs
+    source = load_file(str(trained_run / "model.safetensors"))
+    after = load_file(str(run / "model.safetensors"))
+    front_end = [key for key in source if "feature_extractor" in key or "feature_projection" in key]
+    assert front_end and all(torch.equal(source[key], after[key]) for key in front_end)
+
+    test = splits["test"]
+    swapped = evaluate(model, test, ["random", "selector", "oracle"], [0.5], oracle_sets=2, encoders=copies)
+    assert all(torch.equal(v, copies["selector"][k]) for k, v in encoder_state(model).items())  # put back
+    load_encoder_state(model, copies["random"])
+    by_hand = evaluate(model, test, ["random", "oracle"], [0.5], oracle_sets=2)
+    row = {(r.method, r.keep): r for r in swapped.rows}
+    assert row[("random", 0.5)].scores == by_hand.rows[0].scores
+    assert [r.scores for r in swapped.rows if r.method.startswith("oracle")] == [r.scores for r in by_hand.rows if r.method.startswith("oracle")]
+
+
 def test_stage_3_defaults_to_the_task_for_a_new_run_and_to_the_run_for_a_resumed_one():
     assert joint_epochs_for(TrainConfig(task="asr")) == DEFAULT_JOINT_EPOCHS["asr"] > 0
     assert joint_epochs_for(TrainConfig(task="kws")) == DEFAULT_JOINT_EPOCHS["kws"] == 0
