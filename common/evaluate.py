@@ -73,6 +73,8 @@ class EvalResult:
     usage_by_condition: dict[str, dict[float, dict[str, dict[str, list[float]]]]] = field(default_factory=dict)
     # keep -> condition column -> scores of the best oracle candidate per value of that column
     best_set_by_condition: dict[float, dict[str, dict[str, float]]] = field(default_factory=dict)
+    # "shared": every method ran on the model's encoder; "own": each on its strategy's copy (own_encoders.OWNER)
+    encoders: str = "shared"
 
     def headroom(self) -> list[dict]:
         """Per keep with oracle rows: the error rate (WER for asr, 1 - accuracy for kws) of the best
@@ -103,6 +105,7 @@ class EvalResult:
     def as_dict(self) -> dict:
         return {
             "rows": [r.as_dict() for r in self.rows],
+            "encoders": self.encoders,
             "headroom": self.headroom(),
             "layer_usage": {m: {str(k): v for k, v in per.items()} for m, per in self.layer_usage.items()},
             "usage_by_condition": {m: {str(k): v for k, v in per.items()} for m, per in self.usage_by_condition.items()},
@@ -198,9 +201,11 @@ def evaluate(
     model.eval()
     switch = EncoderSwitch(model, encoders or {})
     try:
-        return _evaluate(model, data, methods, keeps, batch_size, seed, on_batch, oracle_sets, conditions, switch)
+        result = _evaluate(model, data, methods, keeps, batch_size, seed, on_batch, oracle_sets, conditions, switch)
     finally:
         switch.restore()
+    result.encoders = "own" if encoders else "shared"
+    return result
 
 
 def _evaluate(model, data, methods, keeps, batch_size, seed, on_batch, oracle_sets, conditions, switch) -> EvalResult:

@@ -206,6 +206,7 @@ def test_own_stage_3_gives_every_strategy_its_own_encoder_copy_and_eval_runs_eac
     assert all(torch.equal(v, copies["selector"][k]) for k, v in encoder_state(model).items())  # put back
     load_encoder_state(model, copies["random"])
     by_hand = evaluate(model, test, ["random", "oracle"], [0.5], oracle_sets=2)
+    assert (swapped.as_dict()["encoders"], by_hand.as_dict()["encoders"]) == ("own", "shared")
     row = {(r.method, r.keep): r for r in swapped.rows}
     assert row[("random", 0.5)].scores == by_hand.rows[0].scores
     assert [r.scores for r in swapped.rows if r.method.startswith("oracle")] == [r.scores for r in by_hand.rows if r.method.startswith("oracle")]

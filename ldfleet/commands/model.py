@@ -232,7 +232,8 @@ def evaluate(
         print(json.dumps(result.as_dict(), indent=2))
         return
     metrics = ("accuracy",) if task == "kws" else ("wer", "cer")
-    table = Table(title=f"{run} on {split} ({result.rows[0].examples} clips)")
+    own = ", each method on its strategy's own encoder" if result.encoders == "own" else ""
+    table = Table(title=f"{run} on {split} ({result.rows[0].examples} clips{own})")
     for col in ("method", "keep", "k", *metrics, "mean layers", "distinct sets", "GMACs", "ms/example"):
         table.add_column(col, justify="right" if col != "method" else "left")
     for r in result.rows:
