@@ -136,6 +136,10 @@ class Trainer:
             self.cfg = TrainConfig(**{**known, "epochs": cfg.epochs, "strategy_epochs": cfg.strategy_epochs,
                                        "joint_epochs": joint_epochs_for(cfg, saved_cfg)})
             if saved_cfg.get("joint_epochs", 0) != self.cfg.joint_epochs:  # stage 3 added or changed: record it
+                if any(h.get("stage") in OWN_STAGES for h in self.state.history):
+                    raise ValueError(f"cannot resume {self.run} with {self.cfg.joint_epochs} joint epochs: its stage 3 "
+                                     f"(own encoders) ran with {saved_cfg.get('joint_epochs')}, and the copies it "
+                                     "finished would not get the new count; train a new run with --from-run instead")
                 (self.run / CONFIG_FILE).write_text(json.dumps({**saved_cfg, "joint_epochs": self.cfg.joint_epochs}, indent=2))
             self.model = load_model(self.run)
             self.log(f"resuming {self.run}: stage {self.state.stage}, {self.state.epoch} epoch(s) done")
@@ -271,8 +275,9 @@ class Trainer:
             save_encoder(self.model, self.run, START)
 
     def _keep_own_encoder(self, stage: str) -> None:
-        """After an own stage's last epoch: its copy is the strategy's (``encoders/<strategy>``)."""
-        if stage in OWN_STAGES and self.epochs_for(stage) > 0 and not encoder_path(self.run, OWN_STAGES[stage]).exists():
+        """After an own stage's last epoch: its copy is the strategy's (``encoders/<strategy>``). Only the
+        stage a run resumes in can be finished on entry, so the model then holds that stage's copy."""
+        if stage in OWN_STAGES and self.epochs_for(stage) > 0:
             save_encoder(self.model, self.run, OWN_STAGES[stage])
 
     @contextmanager

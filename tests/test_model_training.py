@@ -188,6 +188,10 @@ def test_own_stage_3_gives_every_strategy_its_own_encoder_copy_and_eval_runs_eac
     assert [h["stage"] for h in final.history] == ["backbone"] * 6 + list(STRATEGY_STAGES) + own
     assert "val_full_accuracy" in final.history[-4]  # the full model runs on random's copy
 
+    with pytest.raises(ValueError, match="own encoders"):  # the finished copies would not get the new count
+        Trainer(run, splits["train"], splits["val"], TrainConfig(epochs=6, strategy_epochs=1, batch_size=16, joint_epochs=2))
+    assert Trainer(run, splits["train"], splits["val"], TrainConfig(epochs=6, strategy_epochs=1)).fit().history == final.history
+
     copies = load_encoders(run)
     assert sorted(copies) == ["early_exit", "random", "selector", "static"]  # not the start copy
     start = load_file(str(run / "encoders" / "start.safetensors"))
