@@ -24,7 +24,8 @@ ENCODERS_DIR = "encoders"
 # whose copy each evaluated method runs on
 OWNER = {"full": "random", "random": "random", "oracle": "random", "oracle_static": "random",
          "early_exit": "early_exit", "static": "static", "selector": "selector"}
-START = "start"  # the encoder as stage 3 found it (every copy starts from it)
+START = "start"  # the encoder (and base head) as stage 3 found them: every copy starts from that encoder
+STRATEGIES = ("random", "early_exit", "static", "selector")  # the strategies with a copy
 
 
 def _encoder(model) -> nn.ModuleList:
@@ -56,12 +57,38 @@ def save_encoder(model, run: str | Path, name: str) -> None:
     tmp.replace(path)
 
 
+def save_start(model, run: str | Path) -> None:
+    """Keep the encoder and the base head as stage 3 found them (``encoders/start``): every copy starts
+    from that encoder, and the full model they make is the distillation target of every own stage."""
+    path = encoder_path(run, START)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    head = {f"base_head.{k}": v.detach().clone().contiguous() for k, v in model.heads["base"].state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({**{f"encoder.{k}": v for k, v in encoder_state(model).items()}, **head}, str(tmp))
+    tmp.replace(path)
+
+
+def load_start(run: str | Path) -> tuple[dict[str, Tensor], dict[str, Tensor]] | None:
+    """The encoder copy and base-head weights ``save_start`` kept in ``run``, or None."""
+    path = encoder_path(run, START)
+    if not path.exists():
+        return None
+    state = load_file(str(path))
+    part = lambda prefix: {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}  # noqa: E731
+    return part("encoder."), part("base_head.")
+
+
 def load_encoders(run: str | Path) -> dict[str, dict[str, Tensor]]:
-    """The strategies' own copies in ``run`` (empty for a run with one shared encoder)."""
+    """The strategies' own copies in ``run``: empty for a run with one shared encoder; ValueError when
+    the run's own stage 3 has not finished every copy."""
     folder = Path(run) / ENCODERS_DIR
     if not folder.is_dir():
         return {}
-    return {p.stem: load_file(str(p)) for p in sorted(folder.glob("*.safetensors")) if p.stem in set(OWNER.values())}
+    missing = [name for name in STRATEGIES if not encoder_path(run, name).exists()]
+    if missing:
+        raise ValueError(f"{run}: stage 3 (own encoders) is unfinished, no copy yet for {', '.join(missing)}; "
+                         "resume it with the same `ldfleet train` command")
+    return {name: load_file(str(encoder_path(run, name))) for name in STRATEGIES}
 
 
 class EncoderSwitch:
@@ -77,11 +104,9 @@ class EncoderSwitch:
         self.current: str | None = None
 
     def use(self, method: str) -> None:
-        owner = OWNER.get(method)
-        if not self.encoders or owner is None or owner == self.current:
+        owner = OWNER.get(method, "selector")  # anything else runs as the model does
+        if not self.encoders or owner == self.current:
             return
-        if owner not in self.encoders:
-            raise ValueError(f"the run has its strategies' own encoders but none for {owner} (used by {method})")
         load_encoder_state(self.model, self.encoders[owner])
         self.current = owner
 

@@ -100,8 +100,8 @@ def train(
     selector_budget: Optional[bool] = typer.Option(None, "--selector-budget/--no-selector-budget", help="Give the selector the budget k/L as an input (and static one ranking per k), so kept sets need not be nested \\[default: kws off, asr on].", show_default=False),
     oracle_weight: Optional[float] = typer.Option(None, min=0.0, help="Selector stage: weight of supervision by the per-batch oracle (best of 4 random layer sets per input) \\[default: 0].", show_default=False),
     set_table: Optional[int] = typer.Option(None, "--set-table", min=0, help="Fit static and selector on every layer set's loss over N training clips (and N/4 validation clips) instead of by straight-through gates: a per-k static takes each k's lowest-loss set, the selector starts from it; then --strategy-epochs train only their heads, on those sets (0: keep the base head) \\[default: kws 0 = gates, asr 512].", show_default=False),
-    joint_epochs: Optional[int] = typer.Option(None, "--joint-epochs", min=0, help="Stage 3: epochs fine-tuning the shared encoder layers together with every strategy's head, each on the layer sets it runs (random: a random k-layer set per input; early exit: the first k; static, selector: their chosen sets; k drawn per batch); the front end and the scorers stay frozen. Given on a finished run, adds them (re-running without it keeps the run's own) \\[default: kws 0, asr 6; with --from-run 0].", show_default=False),
-    joint_encoders: Optional[str] = typer.Option(None, "--joint-encoders", help="Stage 3's encoders: `shared` (one copy tuned with every strategy's loss at once) or `own` (each strategy tunes its own copy from the same start, as each method would be fine-tuned for its own way of dropping; kept in RUN/encoders/, where eval finds them; the model a device runs carries the selector's). Set when a run starts \\[default: shared].", show_default=False),
+    joint_epochs: Optional[int] = typer.Option(None, "--joint-epochs", min=0, help="Stage 3: epochs fine-tuning the encoder layers with each strategy's head on the layer sets it runs (random: a random k-layer set per input; early exit: the first k; static, selector: their chosen sets; k drawn per batch); the front end and the scorers stay frozen. Given on a finished run with a shared stage 3, adds them (re-running without it keeps the run's own; an own stage 3, once started, keeps its count) \\[default: kws 0, asr 6; with --from-run 0].", show_default=False),
+    joint_encoders: Optional[str] = typer.Option(None, "--joint-encoders", help="Stage 3's encoders: `shared` (one copy, tuned with every strategy's loss at once) or `own` (each strategy tunes its own copy from the same start, as each method is fine-tuned for its own way of dropping; kept in RUN/encoders/, where eval finds them; the model a device runs carries the selector's). Can change until stage 3 starts \\[default: shared].", show_default=False),
     from_run: Optional[Path] = typer.Option(None, "--from-run", help="Skip stage 1: train only the stage-2 strategies, with this command's options, on the backbone and base head of RUN (a finished stage 1 on the same data), e.g. to compare --selector-budget or --distill without training the encoder again (stage 3 runs only when --joint-epochs is given).", show_default=False),
     seed: int = typer.Option(0, help="Seed for initialisation, data order, splits and augmentation."),
     threads: int = typer.Option(0, min=0, help="torch threads (0 = torch's default)."),
@@ -223,7 +223,10 @@ def evaluate(
         fail(f"the {split} split of {data} is empty")
     conditions = _conditions(dataset)
     model = load_model(run)
-    encoders = load_encoders(run)  # each strategy's own fine-tuned encoder, when stage 3 made them
+    try:
+        encoders = load_encoders(run)  # each strategy's own fine-tuned encoder, when stage 3 made them
+    except (OSError, ValueError) as exc:
+        fail(exc)
     with _progress() as progress:
         bar = progress.add_task(f"eval {split}", total=None)
         result = run_eval(model, dataset, names, keeps, oracle_sets=oracle_sets, conditions=conditions,
