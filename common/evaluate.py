@@ -82,7 +82,9 @@ class EvalResult:
         relative gain conditioning could win, ``(static - oracle) / static``; ``captured``: the share of
         it the selector won, ``(static - selector) / (static - oracle)`` (negative: worse than the best
         single set; None without headroom); ``by_condition``: condition column -> error of the best
-        set per value of that column (empty without conditions)."""
+        set per value of that column (empty without conditions). With own encoders (``encoders ==
+        "own"``) the oracle rows run on random's copy, the selector on its own: ``captured`` then also
+        counts what the selector's copy gained from being tuned to its sets, and may exceed 1."""
         def error_of(scores: dict[str, float]) -> float:
             return scores["wer"] if "wer" in scores else 1.0 - scores["accuracy"]
 
