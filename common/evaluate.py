@@ -35,7 +35,6 @@ from .data.loading import pad_batch
 from .metrics import error_counts, score
 from .model.cost import cost_of
 from .model.dynamic import DynamicModel
-from .model.own_encoders import EncoderSwitch
 from .model.runner import FrontEnd
 from .model.strategies import ScoredChoice
 
@@ -73,8 +72,6 @@ class EvalResult:
     usage_by_condition: dict[str, dict[float, dict[str, dict[str, list[float]]]]] = field(default_factory=dict)
     # keep -> condition column -> scores of the best oracle candidate per value of that column
     best_set_by_condition: dict[float, dict[str, dict[str, float]]] = field(default_factory=dict)
-    # "shared": every method ran on the model's encoder; "own": each on its strategy's copy (own_encoders.OWNER)
-    encoders: str = "shared"
 
     def headroom(self) -> list[dict]:
         """Per keep with oracle rows: the error rate (WER for asr, 1 - accuracy for kws) of the best
@@ -82,9 +79,7 @@ class EvalResult:
         relative gain conditioning could win, ``(static - oracle) / static``; ``captured``: the share of
         it the selector won, ``(static - selector) / (static - oracle)`` (negative: worse than the best
         single set; None without headroom); ``by_condition``: condition column -> error of the best
-        set per value of that column (empty without conditions). With own encoders (``encoders ==
-        "own"``) the oracle rows run on random's copy, the selector on its own: ``captured`` then also
-        counts what the selector's copy gained from being tuned to its sets, and may exceed 1."""
+        set per value of that column (empty without conditions)."""
         def error_of(scores: dict[str, float]) -> float:
             return scores["wer"] if "wer" in scores else 1.0 - scores["accuracy"]
 
@@ -107,7 +102,6 @@ class EvalResult:
     def as_dict(self) -> dict:
         return {
             "rows": [r.as_dict() for r in self.rows],
-            "encoders": self.encoders,
             "headroom": self.headroom(),
             "layer_usage": {m: {str(k): v for k, v in per.items()} for m, per in self.layer_usage.items()},
             "usage_by_condition": {m: {str(k): v for k, v in per.items()} for m, per in self.usage_by_condition.items()},
@@ -190,27 +184,13 @@ def evaluate(
     on_batch: Callable[[int, int], None] | None = None,
     oracle_sets: int = 16,
     conditions: dict[str, list[str]] | None = None,
-    encoders: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> EvalResult:
     """Rows for every method at every keep ratio (``full`` at 1.0 only).
 
     ``methods`` may include ``oracle`` (and then ``oracle_static`` is added). ``conditions`` maps a
-    metadata column to one value per example, for layer usage by condition. ``encoders``: the
-    strategies' own encoder copies of an ``own`` stage 3 (``own_encoders.load_encoders``), each
-    method then runs on its strategy's copy (swapped in outside the timed part); the model's own
-    weights are back in place on return.
+    metadata column to one value per example, for layer usage by condition.
     """
     model.eval()
-    switch = EncoderSwitch(model, encoders or {})
-    try:
-        result = _evaluate(model, data, methods, keeps, batch_size, seed, on_batch, oracle_sets, conditions, switch)
-    finally:
-        switch.restore()
-    result.encoders = "own" if encoders else "shared"
-    return result
-
-
-def _evaluate(model, data, methods, keeps, batch_size, seed, on_batch, oracle_sets, conditions, switch) -> EvalResult:
     with_oracle = "oracle" in methods or "oracle_static" in methods
     plain = [m for m in methods if m not in ORACLE_METHODS]
     for m in plain:
@@ -233,11 +213,9 @@ def _evaluate(model, data, methods, keeps, batch_size, seed, on_batch, oracle_se
         seconds += float(wave.shape[1] * len(texts) if mask is None else mask.sum()) / 16000
         references += texts
         for method, keep in combos:
-            switch.use(method)
             start = time.perf_counter()
             preds, kept = model.predict(front, method, model.k_for(keep), gens[(method, keep)])
             acc[(method, keep)].add(preds, kept, (time.perf_counter() - start) * 1000)
-        switch.use("oracle")
         for keep in oracle_keeps:
             preds, errs = _oracle_batch(model, front, texts, model.k_for(keep), cands[keep])
             for c, p in enumerate(preds):

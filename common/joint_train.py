@@ -18,13 +18,9 @@ outputs for the three budgeted strategies). The front end stays frozen (it is ca
 scorers: the sets are the ones stage 2 chose; what changes is how well the encoder runs them. The
 encoder layers learn at a tenth of the stage-1 lr (warm-up, then cosine decay over the stage).
 
-The full-model outputs are computed when the stage starts; a run resumed in the middle of a shared
-stage 3 computes them again from its partly tuned encoder, so it distils towards a slightly different
-target than an uninterrupted run.
-
-With ``joint_encoders="own"`` the same epoch runs once per strategy, each with only its own loss on
-its own copy of the encoder (``strategies=(name,)``; :mod:`.model.own_encoders`), distilling from the
-encoder stage 3 started from, also on resume.
+The full-model outputs are computed when the stage starts; a run resumed in the middle of stage 3
+computes them again from its partly tuned encoder, so it distils towards a slightly different target
+than an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -45,11 +41,11 @@ def encoder_parameters(model: DynamicModel) -> list[torch.nn.Parameter]:
     return [p for module in modules for p in module.parameters()]
 
 
-def joint_optimizer(model: DynamicModel, cfg: TrainConfig, strategies: tuple[str, ...] = JOINT_STRATEGIES) -> torch.optim.Optimizer:
+def joint_optimizer(model: DynamicModel, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW over the encoder layers (at a tenth of the stage-1 lr: they are fine-tuned, not learned)
-    and the heads of ``strategies`` (at ``head_lr``)."""
+    and every head (at ``head_lr``)."""
     lr = (cfg.pretrained_lr if cfg.from_checkpoint else cfg.lr) * 0.1
-    heads = list(dict.fromkeys(model.head_for(name) for name in strategies))  # fixed order: the saved state maps by position
+    heads = list(dict.fromkeys(model.head_for(name) for name in JOINT_STRATEGIES))  # fixed order: the saved state maps by position
     return torch.optim.AdamW(
         [{"params": encoder_parameters(model), "lr": lr},
          {"params": [p for head in heads for p in head.parameters()], "lr": cfg.head_lr}],
@@ -68,32 +64,29 @@ def train_joint_epoch(
     cfg: TrainConfig,
     epoch: int,
     on_step: StepCallback | None = None,
-    strategies: tuple[str, ...] = JOINT_STRATEGIES,
 ) -> dict:
-    """One epoch of the joint stage (see the module docstring) over the cached front ends, with the
-    losses of ``strategies`` (all four: one shared encoder; one: that strategy's own copy).
+    """One epoch of the joint stage (see the module docstring) over the cached front ends.
 
     Each strategy's loss is back-propagated on its own (one graph in memory at a time) and the
     gradients add up before one optimiser step. Returns the mean summed loss, the train WER or
-    accuracy of the last strategy (the selector, when it trains), and per-strategy mean losses
-    (``loss_<strategy>``).
+    accuracy of the selector, and per-strategy mean losses (``loss_<strategy>``).
     """
     model.train()
     model.requires_grad_(False)
     for p in _optimised(optimizer):  # the encoder layers and the heads; front end and scorers stay frozen
         p.requires_grad_(True)
     try:
-        return _joint_epoch(model, cache, optimizer, cfg, epoch, on_step, strategies)
+        return _joint_epoch(model, cache, optimizer, cfg, epoch, on_step)
     finally:
         model.requires_grad_(True)  # as a loaded model is: later code freezes what it needs
         model.eval()
 
 
-def _joint_epoch(model, cache, optimizer, cfg, epoch, on_step, strategies) -> dict:
+def _joint_epoch(model, cache, optimizer, cfg, epoch, on_step) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed * 104729 + epoch)
     batches = length_batches(cache.lengths(), cfg.batch_size, gen)
     steps, total = len(batches), cfg.joint_epochs * len(batches)
-    sums = dict.fromkeys(strategies, 0.0)
+    sums = dict.fromkeys(JOINT_STRATEGIES, 0.0)
     seen = 0
     predictions, references = [], []
     for step, rows in enumerate(batches):
@@ -102,7 +95,7 @@ def _joint_epoch(model, cache, optimizer, cfg, epoch, on_step, strategies) -> di
         set_lr(optimizer, epoch * steps + step, total, warmup=20)
         optimizer.zero_grad(set_to_none=True)
         targets = model.heads["base"].targets(texts)  # every head is a copy of the base head: same targets
-        for name in strategies:
+        for name in JOINT_STRATEGIES:
             head = model.head_for(name)
             with torch.no_grad():  # [B, L]; random: its own k-layer set per input
                 keep = model.strategy(name).choose(front, k, gen)
@@ -111,7 +104,7 @@ def _joint_epoch(model, cache, optimizer, cfg, epoch, on_step, strategies) -> di
             loss = loss + cache.distill_term(head, logits, rows, front.frame_mask, 0.0 if name == "random" else cfg.distill)
             loss.backward()
             sums[name] += loss.item() * len(texts)
-            if name == strategies[-1]:
+            if name == "selector":
                 predictions += head.decode(logits.detach(), front.frame_mask)
         torch.nn.utils.clip_grad_norm_(_optimised(optimizer), 5.0)
         optimizer.step()

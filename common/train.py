@@ -42,9 +42,6 @@ from .model.strategies import ScoredChoice
 StepCallback = Callable[[str, int, int], None]  # (stage, step, total_steps)
 
 
-JOINT_ENCODERS = ("shared", "own")
-
-
 @dataclass
 class TrainConfig:
     task: str = "kws"  # kws | asr
@@ -77,14 +74,8 @@ class TrainConfig:
     # stage 3 (common/joint_train.py): epochs fine-tuning the shared encoder with every strategy on its own sets;
     # None: the task's default (DEFAULT_JOINT_EPOCHS; 0 with from_run) for a new run, the run's own on resume
     joint_epochs: int | None = None
-    # stage 3's encoders: "shared" (one copy tuned with every strategy's loss) or "own" (each strategy
-    # tunes its own copy; common/model/own_encoders.py); None: the task's default for a new run
-    # (DEFAULT_JOINT_ENCODERS), the run's own on resume
-    joint_encoders: str | None = None
 
     def __post_init__(self) -> None:
-        if self.joint_encoders is not None and self.joint_encoders not in JOINT_ENCODERS:
-            raise ValueError(f"joint_encoders must be one of {', '.join(JOINT_ENCODERS)}, not {self.joint_encoders!r}")
         if self.set_table and self.oracle_weight:
             raise ValueError("--oracle-weight supervises scores learned through gates; with --set-table (N > 0) the "
                              "scores are fitted on the table instead: give --set-table 0 with it")
@@ -107,15 +98,14 @@ class TrainConfig:
 # 21.4% at keep 0.75 / 0.5 / 0.25, random 7.8 / 18.6 / 66.4% -> 6.4 / 12.2 / 38.8%); 3 epochs gave the
 # selector 6.2 / 10.1 / 26.9%.
 ASR_DEFAULTS = dict(epochs=24, strategy_epochs=4, batch_size=16, lr=2e-3, selector_budget=True, set_table=512, distill=1.0)
-DEFAULT_JOINT_EPOCHS = {"kws": 0, "asr": 6}  # a new run's stage 3 (common.trainer.stage3_config)
-DEFAULT_JOINT_ENCODERS = {"kws": "shared", "asr": "shared"}
+DEFAULT_JOINT_EPOCHS = {"kws": 0, "asr": 6}  # a new run's stage 3 (common.trainer.joint_epochs_for)
 
 
 def config_for(task: str, **overrides) -> TrainConfig:
     """The default recipe for ``task`` (asr: more epochs, smaller batches, a higher lr), then overrides.
 
     ``None`` overrides are ignored, so CLI options left unset keep the task's default. ``joint_epochs``
-    and ``joint_encoders`` stay None unless given: the trainer resolves them (``common.trainer.stage3_config``).
+    stays None unless given: the trainer resolves it (``common.trainer.joint_epochs_for``).
     """
     base = dict(ASR_DEFAULTS) if task == "asr" else {}
     base.update({k: v for k, v in overrides.items() if v is not None})

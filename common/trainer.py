@@ -5,20 +5,16 @@
 2. ``early_exit``, ``static``, ``selector``: each strategy on the frozen backbone (``set_table``: static
    and selector fitted on a table of layer-set losses first, :mod:`.set_fit`).
 3. ``joint`` (``joint_epochs``; ``asr`` default 6, ``kws`` 0): the encoder layers fine-tuned with every
-   strategy's head on the layer sets it runs; front end and scorers frozen, one encoder for all. With
-   ``joint_encoders="own"`` the stages ``joint_random`` ... ``joint_selector`` instead: each strategy
-   fine-tunes its own copy, from the same start (:mod:`.model.own_encoders`); the selector's is last
-   and stays in the model.
+   strategy's head on the layer sets it runs; front end and scorers frozen, one encoder for all.
 
 After every epoch (and every set-table fit) the run folder holds the model, the optimiser (named by
 its stage) and the progress, so an interrupted ``ldfleet train`` resumes where it stopped; given
-more ``joint_epochs``, a finished run goes on with a shared stage 3.
+more ``joint_epochs``, a finished run goes on with stage 3.
 """
 
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -26,20 +22,17 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from .joint_train import JOINT_STRATEGIES, joint_optimizer, train_joint_epoch
+from .joint_train import joint_optimizer, train_joint_epoch
 from .model.backbone import load_backbone
 from .model.checkpoint import load_model, save_model
 from .model.dynamic import DynamicModel
-from .model.own_encoders import encoder_state, load_encoder_state, load_start, save_encoder, save_start
 from .set_fit import TABLE_STRATEGIES, fit_from_tables, set_loss_table
 from .train import (
-    DEFAULT_JOINT_ENCODERS, DEFAULT_JOINT_EPOCHS, FrontEndCache, StepCallback, TrainConfig, add_teacher, backbone_optimizer, cache_front_ends, new_head, prefixed,
+    DEFAULT_JOINT_EPOCHS, FrontEndCache, StepCallback, TrainConfig, add_teacher, backbone_optimizer, cache_front_ends, new_head, prefixed,
     strategy_optimizer, train_backbone_epoch, train_strategy_epoch, validate,
 )
 
-OWN_STAGES = {f"joint_{name}": name for name in JOINT_STRATEGIES}  # stage 3 with own encoders; the selector's last
-STAGES = ("backbone", "early_exit", "static", "selector", "joint", *OWN_STAGES)
-STAGE3 = ("joint", *OWN_STAGES)
+STAGES = ("backbone", "early_exit", "static", "selector", "joint")
 STRATEGY_STAGES = STAGES[1:4]  # stage 2: one strategy each, on the frozen backbone
 STATE_FILE = "train_state.json"
 CONFIG_FILE = "train_config.json"
@@ -54,28 +47,16 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
 
 
-def stage3_config(cfg: TrainConfig, saved: dict | None = None, stage: str | None = None) -> dict:
-    """Stage 3's ``joint_epochs`` and ``joint_encoders`` for a run.
-
-    A new run (``saved`` None): what ``cfg`` gives, else the task's defaults, with no stage 3 after
-    ``from_run`` (stage 2 then compares options on the source's encoder as it is). A resumed run
-    (``saved``: its config as written; ``stage``: where its progress stands): its own settings (no stage
-    3 and shared for runs older than them), unless ``cfg`` names others. A shared stage 3 then goes on
-    with more epochs (or stops at fewer), but once stage 3 has started, ValueError for other encoders,
-    and for another epoch count with own encoders (the copies already finished would not get it).
-    """
-    if saved is None:
-        epochs = cfg.joint_epochs if cfg.joint_epochs is not None else 0 if cfg.from_run else DEFAULT_JOINT_EPOCHS.get(cfg.task, 0)
-        return {"joint_epochs": epochs, "joint_encoders": cfg.joint_encoders or DEFAULT_JOINT_ENCODERS.get(cfg.task, "shared")}
-    old = {"joint_epochs": int(saved.get("joint_epochs") or 0), "joint_encoders": saved.get("joint_encoders") or "shared"}
-    new = {"joint_epochs": old["joint_epochs"] if cfg.joint_epochs is None else cfg.joint_epochs,
-           "joint_encoders": cfg.joint_encoders or old["joint_encoders"]}
-    if stage in STAGE3 and new["joint_encoders"] != old["joint_encoders"]:
-        raise ValueError(f"its stage 3 has started with {old['joint_encoders']} encoders")
-    if stage in OWN_STAGES and new["joint_epochs"] != old["joint_epochs"]:
-        raise ValueError(f"its stage 3 (own encoders) has started with {old['joint_epochs']} epochs per copy, which the "
-                         f"finished copies would keep; `--from-run` it for a new run with {new['joint_epochs']}")
-    return new
+def joint_epochs_for(cfg: TrainConfig, saved: dict | None = None) -> int:
+    """Stage-3 epochs: ``cfg.joint_epochs`` when given; else a resumed run's own (``saved``: its config
+    as written; 0 for runs older than stage 3), so re-running a finished run adds nothing; else no
+    stage 3 with ``from_run`` (stage 2 compares options on the source's encoder as it is) and the
+    task's default otherwise (``DEFAULT_JOINT_EPOCHS``)."""
+    if cfg.joint_epochs is not None:
+        return cfg.joint_epochs
+    if saved is not None:
+        return int(saved.get("joint_epochs") or 0)
+    return 0 if cfg.from_run else DEFAULT_JOINT_EPOCHS.get(cfg.task, 0)
 
 
 def read_progress(run: Path) -> tuple[dict, TrainState]:
@@ -111,10 +92,9 @@ def stage2_start(cfg: TrainConfig) -> tuple[DynamicModel, TrainState]:
 
     Lets stage-2 options (``selector_budget``, ``distill``, ``oracle_weight``) be compared on one
     trained encoder without training it again. ``cfg`` takes the source's task, token unit and
-    vocabulary; the history of what made the encoder (stage 1, and a shared stage 3 if the source ran
-    it) is carried over. A source with own encoders gives the encoder and base head its stage 3 started
-    from. Raises ValueError when the source is not a run of an SSL encoder, its stage 1 or 3 is
-    unfinished or its task differs.
+    vocabulary; the history of what made the encoder (stage 1, and stage 3 if the source ran it) is
+    carried over. Raises ValueError when the source is not a run of
+    an SSL encoder, its stage 1 is unfinished or its task differs.
     """
     source = Path(cfg.from_run)
     if not (source / STATE_FILE).is_file() or not (source / CONFIG_FILE).is_file():
@@ -129,15 +109,8 @@ def stage2_start(cfg: TrainConfig) -> tuple[DynamicModel, TrainState]:
         raise ValueError(f"{source} is a {model.task} run, not {cfg.task}")
     for name in ("backbone", "family", "epochs", "layerdrop", "lr", "labels", "vocab", "tokens"):
         setattr(cfg, name, src_cfg.get(name, getattr(cfg, name)))
-    if src_state.stage in STAGE3 and not src_state.done:
-        raise ValueError(f"{source}: stage 3 is unfinished (resume it first)")
-    start = load_start(source)
-    if start is not None:  # own encoders: start from the encoder (and base head) as its stage 3 found them
-        load_encoder_state(model, start[0])
-        model.heads["base"].load_state_dict(start[1])
     fresh = new_model(cfg, model.runner.backbone, model.heads["base"])
-    made_encoder = ("backbone",) if start is not None else ("backbone", "joint")
-    history = [h for h in src_state.history if h.get("stage") in made_encoder]
+    history = [h for h in src_state.history if h.get("stage") in ("backbone", "joint")]  # what made this encoder
     return fresh, TrainState(stage=STAGES[1], history=history)
 
 
@@ -151,18 +124,15 @@ class Trainer:
         saved = saved_progress(self.run)
         if saved is not None:
             saved_cfg, self.state = saved
-            try:
-                stage3 = stage3_config(cfg, saved_cfg, self.state.stage)
-            except ValueError as exc:
-                raise ValueError(f"cannot resume {self.run}: {exc}") from exc
             known = {k: v for k, v in saved_cfg.items() if k in TrainConfig.__dataclass_fields__}
-            self.cfg = TrainConfig(**{**known, "epochs": cfg.epochs, "strategy_epochs": cfg.strategy_epochs, **stage3})
-            if any(saved_cfg.get(k) != v for k, v in stage3.items()):  # stage 3 added or changed: record it
-                (self.run / CONFIG_FILE).write_text(json.dumps({**saved_cfg, **stage3}, indent=2))
+            self.cfg = TrainConfig(**{**known, "epochs": cfg.epochs, "strategy_epochs": cfg.strategy_epochs,
+                                       "joint_epochs": joint_epochs_for(cfg, saved_cfg)})
+            if saved_cfg.get("joint_epochs", 0) != self.cfg.joint_epochs:  # stage 3 added or changed: record it
+                (self.run / CONFIG_FILE).write_text(json.dumps({**saved_cfg, "joint_epochs": self.cfg.joint_epochs}, indent=2))
             self.model = load_model(self.run)
             self.log(f"resuming {self.run}: stage {self.state.stage}, {self.state.epoch} epoch(s) done")
         else:
-            self.cfg = cfg = replace(cfg, **stage3_config(cfg))
+            self.cfg = cfg = replace(cfg, joint_epochs=joint_epochs_for(cfg))
             torch.manual_seed(cfg.seed)
             if cfg.from_run:
                 self.model, self.state = stage2_start(cfg)
@@ -178,10 +148,7 @@ class Trainer:
         return "accuracy" if self.model.task == "kws" else "wer"
 
     def epochs_for(self, stage: str) -> int:
-        own = self.cfg.joint_encoders == "own"
-        if stage == "joint" or stage in OWN_STAGES:
-            return self.cfg.joint_epochs if own == (stage in OWN_STAGES) else 0
-        return self.cfg.epochs if stage == "backbone" else self.cfg.strategy_epochs
+        return {"backbone": self.cfg.epochs, "joint": self.cfg.joint_epochs}.get(stage, self.cfg.strategy_epochs)
 
     def _save(self, optimizer: torch.optim.Optimizer | None) -> None:
         save_model(self.model, self.run, {"train_config": asdict(self.cfg)})
@@ -206,8 +173,6 @@ class Trainer:
             opt = backbone_optimizer(self.model, self.cfg)
         elif stage == "joint":
             opt = joint_optimizer(self.model, self.cfg)
-        elif stage in OWN_STAGES:
-            opt = joint_optimizer(self.model, self.cfg, (OWN_STAGES[stage],))
         else:
             opt = strategy_optimizer(self.model, stage, self.cfg, learn_scores=not self._from_table(stage))
         saved = torch.load(self.run / OPTIM_FILE) if self.state.epoch > 0 and (self.run / OPTIM_FILE).exists() else None
@@ -250,19 +215,14 @@ class Trainer:
         self._train_cache = self._val_cache = self._tables = None
         self.state.done = False  # a finished run given more epochs (e.g. --joint-epochs) is unfinished again
         for stage in STAGES[STAGES.index(self.state.stage) :]:
-            entering = self.state.stage != stage
-            if stage in STRATEGY_STAGES and (entering or self.state.epoch == 0):  # each strategy head starts from the base head
-                self.model.heads[self.model.strategy(stage).head].load_state_dict(self.model.heads["base"].state_dict())
-            if entering:
-                if self.epochs_for(stage) == 0 and not self._fit_pending(stage):
-                    continue  # nothing to run: the state stays at the last stage that ran (more epochs resume there)
+            if self.state.stage != stage:
                 self.state.stage, self.state.epoch = stage, 0
+            if stage in STRATEGY_STAGES and self.state.epoch == 0:  # each strategy head starts from the base head
+                self.model.heads[self.model.strategy(stage).head].load_state_dict(self.model.heads["base"].state_dict())
             if self.state.epoch >= self.epochs_for(stage) and not self._fit_pending(stage):
                 continue
             if stage != "backbone":
                 self._prepare_frozen_front_end(stage, on_step)
-            if stage in OWN_STAGES and self.state.epoch == 0:
-                self._start_own_encoder()
             optimizer = self._optimizer(stage)
             for epoch in range(self.state.epoch, self.epochs_for(stage)):
                 stats = self._train_epoch(stage, epoch, optimizer, on_step)
@@ -277,39 +237,12 @@ class Trainer:
         if self._train_cache is None:
             self._train_cache = cache_front_ends(self.model, self.train_data)
             if self.cfg.distill > 0 and (self.cfg.strategy_epochs > 0 or self.cfg.joint_epochs > 0):  # read only by epochs
-                with self._start_in_place():  # own stages: the full model stage 3 started from
-                    add_teacher(self.model, self._train_cache)  # a resumed shared joint stage: the current full model
+                add_teacher(self.model, self._train_cache)  # on a resumed joint stage: the current full model
         if self._fit_pending(stage):
             val_cache = self._validation_cache()
             if self._tables is None:
                 self._tables = self._set_tables(self._train_cache, val_cache, on_step)
             self._fit_from_tables(stage, self._tables, val_cache)
-
-    def _start_own_encoder(self) -> None:
-        """Before an own stage's first epoch: its copy starts from the encoder stage 3 found, which the
-        first own stage keeps (with the base head: ``own_encoders.save_start``)."""
-        start = load_start(self.run)
-        if start is None:
-            save_start(self.model, self.run)
-        else:
-            load_encoder_state(self.model, start[0])
-
-    @contextmanager
-    def _start_in_place(self):
-        """The full model as stage 3 found it (encoder and base head), in place for the block, once own
-        stages have kept it; otherwise the model as it is."""
-        start = load_start(self.run)
-        if start is None:
-            yield
-            return
-        encoder, head = encoder_state(self.model), {k: v.clone() for k, v in self.model.heads["base"].state_dict().items()}
-        load_encoder_state(self.model, start[0])
-        self.model.heads["base"].load_state_dict(start[1])
-        try:
-            yield
-        finally:
-            load_encoder_state(self.model, encoder)
-            self.model.heads["base"].load_state_dict(head)
 
     def _validation_cache(self) -> FrontEndCache:
         if self._val_cache is None:
@@ -321,10 +254,6 @@ class Trainer:
             return train_backbone_epoch(self.model, self.train_data, optimizer, self.cfg, epoch, on_step)
         if stage == "joint":
             return train_joint_epoch(self.model, self._train_cache, optimizer, self.cfg, epoch, on_step)
-        if stage in OWN_STAGES:
-            as_stage = (lambda _joint, step, total: on_step(stage, step, total)) if on_step else None
-            return train_joint_epoch(self.model, self._train_cache, optimizer, self.cfg, epoch, as_stage,
-                                     (OWN_STAGES[stage],))
         return train_strategy_epoch(
             self.model, stage, self._train_cache, optimizer, self.cfg.strategy_epochs, epoch,
             seed=self.cfg.seed, batch_size=self.cfg.batch_size, on_step=on_step, distill=self.cfg.distill,
@@ -333,22 +262,19 @@ class Trainer:
         )
 
     def _end_epoch(self, stage: str, epoch: int, stats: dict, optimizer: torch.optim.Optimizer) -> None:
-        """Validate (the full model after a backbone epoch; else at keep 0.5 the stage's strategy, the
-        selector for a shared joint stage, and the full model on the encoder it runs on), save, log."""
+        """Validate (the full model after a backbone epoch, the selector at keep 0.5 otherwise), save, log."""
         if stage == "backbone":
             self._val_cache = None  # the front end changed
         val_cache = self._validation_cache()
-        strategy = {"backbone": "full", "joint": "selector", **OWN_STAGES}.get(stage, stage)
+        strategy = {"backbone": "full", "joint": "selector"}.get(stage, stage)
         k = self.model.num_layers if stage == "backbone" else self.model.k_for(0.5)
         stats.update(stage=stage, epoch=epoch + 1, **prefixed("val_", validate(self.model, val_cache, strategy, k)))
         if stage == "backbone":
             stats.update(prefixed("val_half_random_", validate(self.model, val_cache, "random", self.model.k_for(0.5))))
-        if stage in ("joint", "joint_random"):  # the encoder the full model runs on
+        if stage == "joint":
             stats.update(prefixed("val_full_", validate(self.model, val_cache, "full", self.model.num_layers)))
         self.state.history.append(stats)
         self.state.epoch = epoch + 1
-        if stage in OWN_STAGES and self.state.epoch == self.epochs_for(stage):  # before the progress says it is done
-            save_encoder(self.model, self.run, OWN_STAGES[stage])
         self._save(optimizer)
         metric = self.metric
         self.log(

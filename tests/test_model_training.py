@@ -11,7 +11,7 @@ from ldfleet.cli import app
 from ldfleet.common.data.folder import load_splits
 from ldfleet.common.data.synth import SynthConfig, synthesize_corpus
 from ldfleet.common.train import DEFAULT_JOINT_EPOCHS, TrainConfig
-from ldfleet.common.trainer import STRATEGY_STAGES, Trainer, stage3_config
+from ldfleet.common.trainer import STRATEGY_STAGES, Trainer, joint_epochs_for
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng (apt-get install espeak-ng)")
 
@@ -161,93 +161,15 @@ def test_joint_stage_tunes_the_encoder_layers_for_every_strategy(trained_run, co
     assert again.history == final.history
 
 
-def test_own_stage_3_gives_every_strategy_its_own_encoder_copy_and_eval_runs_each_on_its_own(trained_run, corpus, tmp_path):
-    """`--joint-encoders own`: each strategy fine-tunes a copy of the encoder from the same start; the
-    copies are kept in RUN/encoders, the model carries the selector's, and eval swaps each method's in."""
-    import torch
-    from safetensors.torch import load_file
-
-    from ldfleet.common.evaluate import evaluate
-    from ldfleet.common.model.checkpoint import load_model
-    from ldfleet.common.model.own_encoders import encoder_state, load_encoder_state, load_encoders, load_start
-
-    run = tmp_path / "own"
-    splits = load_splits(corpus)
-    cfg = TrainConfig(epochs=6, strategy_epochs=1, batch_size=16, joint_epochs=1, joint_encoders="own",
-                      from_run=str(trained_run))
-
-    def interrupt_in_the_static_copy(stage, step, total):
-        if stage == "joint_static" and step == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(run, splits["train"], splits["val"], cfg).fit(interrupt_in_the_static_copy)
-    assert sorted(p.stem for p in (run / "encoders").iterdir()) == ["early_exit", "random", "start"]
-    with pytest.raises(ValueError, match="unfinished, no copy yet for static, selector"):
-        load_encoders(run)  # eval refuses a half-made set of copies
-    final = Trainer(run, splits["train"], splits["val"], cfg).fit()  # resumes with the static copy, from the start copy
-    own = ["joint_random", "joint_early_exit", "joint_static", "joint_selector"]
-    assert [h["stage"] for h in final.history] == ["backbone"] * 6 + list(STRATEGY_STAGES) + own
-    assert "val_full_accuracy" in final.history[-4]  # the full model runs on random's copy
-
-    with pytest.raises(ValueError, match="own encoders"):  # the finished copies would not get the new count
-        Trainer(run, splits["train"], splits["val"], TrainConfig(epochs=6, strategy_epochs=1, batch_size=16, joint_epochs=2))
-    assert Trainer(run, splits["train"], splits["val"], TrainConfig(epochs=6, strategy_epochs=1)).fit().history == final.history
-
-    copies = load_encoders(run)
-    assert sorted(copies) == ["early_exit", "random", "selector", "static"]  # not the start copy
-    start, _ = load_start(run)
-    for name, copy in copies.items():
-        assert any(not torch.equal(copy[key], start[key]) for key in start), name  # each copy learned
-    assert any(not torch.equal(copies["random"][key], copies["selector"][key]) for key in start)
-    model = load_model(run)
-    assert all(torch.equal(v, copies["selector"][k]) for k, v in encoder_state(model).items())  # what a device runs
-    source = load_file(str(trained_run / "model.safetensors"))
-    after = load_file(str(run / "model.safetensors"))
-    front_end = [key for key in source if "feature_extractor" in key or "feature_projection" in key]
-    assert front_end and all(torch.equal(source[key], after[key]) for key in front_end)
-
-    test = splits["test"]
-    swapped = evaluate(model, test, ["random", "selector", "oracle"], [0.5], oracle_sets=2, encoders=copies)
-    assert all(torch.equal(v, copies["selector"][k]) for k, v in encoder_state(model).items())  # put back
-    load_encoder_state(model, copies["random"])
-    by_hand = evaluate(model, test, ["random", "oracle"], [0.5], oracle_sets=2)
-    assert (swapped.as_dict()["encoders"], by_hand.as_dict()["encoders"]) == ("own", "shared")
-    row = {(r.method, r.keep): r for r in swapped.rows}
-    assert row[("random", 0.5)].scores == by_hand.rows[0].scores
-    result = runner.invoke(app, ["eval", "--run", str(run), "--data", str(corpus), "--keep", "0.5", "--methods",
-                                 "random,selector", "--json"])
-    assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["encoders"] == "own"
-    # --from-run on it starts from the encoder and base head its stage 3 started from
-    restart = Trainer(tmp_path / "restart", splits["train"], splits["val"],
-                      TrainConfig(epochs=6, strategy_epochs=0, batch_size=16, from_run=str(run)))
-    encoder, base_head = load_start(run)
-    assert all(torch.equal(v, encoder[k]) for k, v in encoder_state(restart.model).items())
-    assert all(torch.equal(v, base_head[k]) for k, v in restart.model.heads["base"].state_dict().items())
-    assert [h["stage"] for h in restart.state.history] == ["backbone"] * 6
-    assert [r.scores for r in swapped.rows if r.method.startswith("oracle")] == [r.scores for r in by_hand.rows if r.method.startswith("oracle")]
-
-
 def test_stage_3_defaults_to_the_task_for_a_new_run_and_to_the_run_for_a_resumed_one():
-    def epochs(cfg, saved=None, stage=None):
-        return stage3_config(cfg, saved, stage)["joint_epochs"]
+    assert joint_epochs_for(TrainConfig(task="asr")) == DEFAULT_JOINT_EPOCHS["asr"] > 0
+    assert joint_epochs_for(TrainConfig(task="kws")) == DEFAULT_JOINT_EPOCHS["kws"] == 0
+    assert joint_epochs_for(TrainConfig(task="asr", from_run="elsewhere")) == 0  # stage 2 on the source's encoder as it is
+    assert joint_epochs_for(TrainConfig(task="asr"), saved={"task": "asr"}) == 0  # a run from before stage 3
+    assert joint_epochs_for(TrainConfig(task="asr"), saved={"joint_epochs": 3}) == 3
+    assert joint_epochs_for(TrainConfig(task="asr", joint_epochs=1), saved={"joint_epochs": 3}) == 1  # asked for
 
-    assert epochs(TrainConfig(task="asr")) == DEFAULT_JOINT_EPOCHS["asr"] > 0
-    assert epochs(TrainConfig(task="kws")) == DEFAULT_JOINT_EPOCHS["kws"] == 0
-    assert epochs(TrainConfig(task="asr", from_run="elsewhere")) == 0  # stage 2 on the source's encoder as it is
-    assert epochs(TrainConfig(task="asr"), saved={"task": "asr"}) == 0  # a run from before stage 3
-    assert epochs(TrainConfig(task="asr"), saved={"joint_epochs": 3}) == 3
-    assert epochs(TrainConfig(task="asr", joint_epochs=1), saved={"joint_epochs": 3}, stage="joint") == 1  # asked for
-    assert stage3_config(TrainConfig(task="asr"), saved={"task": "asr"})["joint_encoders"] == "shared"  # older runs
-    own = {"joint_epochs": 3, "joint_encoders": "own"}
-    assert stage3_config(TrainConfig(task="asr"), saved=own, stage="joint_static") == own
-    with pytest.raises(ValueError, match="finished copies"):
-        stage3_config(TrainConfig(task="asr", joint_epochs=4), saved=own, stage="joint_static")
-    with pytest.raises(ValueError, match="started with shared"):
-        stage3_config(TrainConfig(task="asr", joint_encoders="own"), saved={"joint_epochs": 3}, stage="joint")
-    # before stage 3 starts, its encoders may still change
-    assert stage3_config(TrainConfig(task="asr", joint_encoders="own"), saved={"joint_epochs": 3}, stage="selector") == own
+
 def test_from_run_trains_only_the_strategies_on_the_same_encoder(trained_run, corpus, tmp_path):
     """`--from-run` reuses a finished stage 1: same encoder and base head, new stage-2 options."""
     import torch

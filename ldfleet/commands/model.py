@@ -100,8 +100,7 @@ def train(
     selector_budget: Optional[bool] = typer.Option(None, "--selector-budget/--no-selector-budget", help="Give the selector the budget k/L as an input (and static one ranking per k), so kept sets need not be nested \\[default: kws off, asr on].", show_default=False),
     oracle_weight: Optional[float] = typer.Option(None, min=0.0, help="Selector stage: weight of supervision by the per-batch oracle (best of 4 random layer sets per input) \\[default: 0].", show_default=False),
     set_table: Optional[int] = typer.Option(None, "--set-table", min=0, help="Fit static and selector on every layer set's loss over N training clips (and N/4 validation clips) instead of by straight-through gates: a per-k static takes each k's lowest-loss set, the selector starts from it; then --strategy-epochs train only their heads, on those sets (0: keep the base head) \\[default: kws 0 = gates, asr 512].", show_default=False),
-    joint_epochs: Optional[int] = typer.Option(None, "--joint-epochs", min=0, help="Stage 3: epochs fine-tuning the encoder layers with each strategy's head on the layer sets it runs (random: a random k-layer set per input; early exit: the first k; static, selector: their chosen sets; k drawn per batch); the front end and the scorers stay frozen. Given on a finished run with a shared stage 3, adds them (re-running without it keeps the run's own; an own stage 3, once started, keeps its count) \\[default: kws 0, asr 6; with --from-run 0].", show_default=False),
-    joint_encoders: Optional[str] = typer.Option(None, "--joint-encoders", help="Stage 3's encoders: `shared` (one copy, tuned with every strategy's loss at once) or `own` (each strategy tunes its own copy from the same start, as each method is fine-tuned for its own way of dropping; kept in RUN/encoders/, where eval finds them; the model a device runs carries the selector's). Can change until stage 3 starts \\[default: shared].", show_default=False),
+    joint_epochs: Optional[int] = typer.Option(None, "--joint-epochs", min=0, help="Stage 3: epochs fine-tuning the shared encoder layers together with every strategy's head, each on the layer sets it runs (random: a random k-layer set per input; early exit: the first k; static, selector: their chosen sets; k drawn per batch); the front end and the scorers stay frozen. Given on a finished run, adds them (re-running without it keeps the run's own) \\[default: kws 0, asr 6; with --from-run 0].", show_default=False),
     from_run: Optional[Path] = typer.Option(None, "--from-run", help="Skip stage 1: train only the stage-2 strategies, with this command's options, on the backbone and base head of RUN (a finished stage 1 on the same data), e.g. to compare --selector-budget or --distill without training the encoder again (stage 3 runs only when --joint-epochs is given).", show_default=False),
     seed: int = typer.Option(0, help="Seed for initialisation, data order, splits and augmentation."),
     threads: int = typer.Option(0, min=0, help="torch threads (0 = torch's default)."),
@@ -123,7 +122,7 @@ def train(
     if threads:
         torch.set_num_threads(threads)
     try:  # options that contradict each other are refused before any data is read
-        config_for(_task(task), set_table=set_table, oracle_weight=oracle_weight, joint_encoders=joint_encoders)
+        config_for(_task(task), set_table=set_table, oracle_weight=oracle_weight)
         saved_progress(out)  # a damaged run folder is refused before the data is read
     except ValueError as exc:
         fail(exc)
@@ -132,7 +131,7 @@ def train(
     cfg = config_for(task, backbone=backbone, family=family, epochs=epochs, strategy_epochs=strategy_epochs,
                      layerdrop=layerdrop, batch_size=batch_size, lr=lr, distill=distill, selector_budget=selector_budget, oracle_weight=oracle_weight, seed=seed,
                      labels=list(task_data.labels) if task_data.labels else None, tokens=tokens,
-                     from_run=str(from_run) if from_run else None, set_table=set_table, joint_epochs=joint_epochs, joint_encoders=joint_encoders)
+                     from_run=str(from_run) if from_run else None, set_table=set_table, joint_epochs=joint_epochs)
     try:
         trainer = Trainer(out, splits["train"], splits["val"], cfg, log=console.print)
     except (OSError, ValueError) as exc:
@@ -183,7 +182,6 @@ def evaluate(
     """
     from ldfleet.common.evaluate import ORACLE_METHODS, evaluate as run_eval
     from ldfleet.common.model.checkpoint import head_spec_of, load_model, read_meta
-    from ldfleet.common.model.own_encoders import load_encoders
     from ldfleet.common.model.strategies import STRATEGY_NAMES
 
     keeps = _keeps(keep)
@@ -223,20 +221,15 @@ def evaluate(
         fail(f"the {split} split of {data} is empty")
     conditions = _conditions(dataset)
     model = load_model(run)
-    try:
-        encoders = load_encoders(run)  # each strategy's own fine-tuned encoder, when stage 3 made them
-    except (OSError, ValueError) as exc:
-        fail(exc)
     with _progress() as progress:
         bar = progress.add_task(f"eval {split}", total=None)
         result = run_eval(model, dataset, names, keeps, oracle_sets=oracle_sets, conditions=conditions,
-                          on_batch=lambda i, n: progress.update(bar, completed=i, total=n), encoders=encoders)
+                          on_batch=lambda i, n: progress.update(bar, completed=i, total=n))
     if as_json:
         print(json.dumps(result.as_dict(), indent=2))
         return
     metrics = ("accuracy",) if task == "kws" else ("wer", "cer")
-    own = ", each method on its strategy's own encoder" if result.encoders == "own" else ""
-    table = Table(title=f"{run} on {split} ({result.rows[0].examples} clips{own})")
+    table = Table(title=f"{run} on {split} ({result.rows[0].examples} clips)")
     for col in ("method", "keep", "k", *metrics, "mean layers", "distinct sets", "GMACs", "ms/example"):
         table.add_column(col, justify="right" if col != "method" else "left")
     for r in result.rows:
@@ -330,7 +323,7 @@ def demo(
         synthesize_corpus(SynthConfig(out=data, seed=seed))
     train(data=data, out=out, task="kws", labels="keywords", backbone="tiny", family="wavlm", epochs=epochs,
           strategy_epochs=strategy_epochs, layerdrop=0.1, batch_size=32, lr=None, distill=None, selector_budget=None,
-          oracle_weight=None, set_table=None, joint_epochs=None, joint_encoders=None, from_run=None, seed=seed, threads=0, strict=False)
+          oracle_weight=None, set_table=None, joint_epochs=None, from_run=None, seed=seed, threads=0, strict=False)
     evaluate(run=out, data=data, keep="0.25,0.5,0.75,1.0", methods="full,random,early_exit,static,selector",
              split="test", seed=seed, oracle_sets=16, as_json=False, strict=False, backbone=None, task="",
              language="en", pad_to_window=True, limit=0, batch_size=8)
