@@ -34,7 +34,29 @@ def test_all_ones_mask_reproduces_hf_without_padding(runner):
 
 
 @torch.inference_mode()
-def test_all_ones_mask_reproduces_hf_with_padding(runner):
+def test_each_padded_clip_gets_what_hf_gives_it_alone(runner):
+    # the tiny configs' CNN is group-normed (over the whole input, padding included): a clip padded in
+    # a batch must still get the output it has alone, as a device runs it
+    assert runner.backbone.config.feat_extract_norm == "group"
+    wave, mask = padded_batch()
+    keep = torch.ones(3, runner.num_layers, dtype=torch.bool)
+    batched = runner(wave, attention_mask=mask, keep=keep)
+    frames = runner.front_end(wave, mask).frame_mask
+    for i, n in enumerate(mask.sum(1).tolist()):
+        alone = runner.backbone(wave[i : i + 1, :n]).last_hidden_state[0]
+        assert frames[i].sum() == alone.shape[0]
+        assert (batched[i, frames[i]] - alone).abs().max() <= 1e-4
+    padded_in_hf = runner.backbone(wave, attention_mask=mask).last_hidden_state  # what batching used to give
+    assert (batched[2, frames[2]] - padded_in_hf[2, frames[2]]).abs().max() > 1e-3
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_layer_normed_cnn_with_padding_reproduces_hf_batched(family):
+    # a layer-normed CNN (per frame) does not see the padding: the batch runs as HF runs it
+    torch.manual_seed(0)
+    runner = LayerRunner(backbone_from_config(build_config(family, "tiny").__class__(
+        **{**build_config(family, "tiny").to_dict(), "feat_extract_norm": "layer"}))).eval()
     wave, mask = padded_batch()
     ref = runner.backbone(wave, attention_mask=mask).last_hidden_state
     keep = torch.ones(3, runner.num_layers, dtype=torch.bool)

@@ -101,7 +101,7 @@ class LayerRunner(nn.Module):
         if self.family == "whisper":
             return self._whisper_front_end(input_values, attention_mask)
         bb, enc = self.backbone, self.encoder
-        extract = bb.feature_extractor(input_values).transpose(1, 2)
+        extract = self._cnn(input_values, attention_mask)
         frame_mask = None
         if attention_mask is not None:
             frame_mask = bb._get_feature_vector_attention_mask(extract.shape[1], attention_mask).bool()
@@ -118,6 +118,23 @@ class LayerRunner(nn.Module):
             hidden = enc.layer_norm(hidden)
         hidden = enc.dropout(hidden)
         return FrontEnd(hidden=hidden, features=features, frame_mask=frame_mask)
+
+    def _cnn(self, input_values: Tensor, attention_mask: Tensor | None) -> Tensor:
+        """CNN features [B, frames, channels]. A group-norm CNN (``feat_extract_norm="group"``, as in
+        wav2vec 2.0 base, HuBERT base and WavLM) normalises each channel over the whole input, padding
+        included, so a padded clip's features would depend on the longest clip of its batch (0.1-0.2
+        points of WER on the synthetic corpus); it runs each padded clip at its own length instead, as a
+        device runs one clip, and pads the outputs with zeros (masked frames)."""
+        cnn = self.backbone.feature_extractor
+        lengths = None if attention_mask is None else attention_mask.sum(-1).tolist()
+        if lengths is None or min(lengths) >= input_values.shape[1] or self.backbone.config.feat_extract_norm != "group":
+            return cnn(input_values).transpose(1, 2)
+        frames = int(self.backbone._get_feat_extract_output_lengths(input_values.shape[1]))
+        out = input_values.new_zeros(len(lengths), frames, self.backbone.config.conv_dim[-1])
+        for i, n in enumerate(lengths):
+            clip = cnn(input_values[i : i + 1, : max(int(n), 400)]).transpose(1, 2)[0]  # 400: the CNN's receptive field
+            out[i, : clip.shape[0]] = clip[:frames]
+        return out
 
     def _whisper_front_end(self, waveform: Tensor, attention_mask: Tensor | None) -> FrontEnd:
         mel, mel_frames = whisper.batch_log_mel(
