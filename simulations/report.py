@@ -180,7 +180,6 @@ def _html_table(headers: list[str], rows: list[list[Any]]) -> str:
 def build_report(run_dir: str | Path, db_url: str | None = None, console: Console | None = None,
                  central: bool = True) -> dict[str, Any]:
     """Write ``RUN/report/`` and return the JSON summary."""
-
     from ldfleet.server.checkpoints import checkpoint_rounds, load_checkpoint
     from ldfleet.server.registry.store import Registry
     from ldfleet.server.telemetry import usage as inference_usage
