@@ -48,6 +48,11 @@ def test_each_padded_clip_gets_what_hf_gives_it_alone(runner):
         assert (batched[i, frames[i]] - alone).abs().max() <= 1e-4
     padded_in_hf = runner.backbone(wave, attention_mask=mask).last_hidden_state  # what batching used to give
     assert (batched[2, frames[2]] - padded_in_hf[2, frames[2]]).abs().max() > 1e-3
+    runner.train()  # training keeps the batched CNN (twice as fast per epoch)
+    try:
+        assert torch.equal(runner._cnn(wave, mask), runner.backbone.feature_extractor(wave).transpose(1, 2))
+    finally:
+        runner.eval()
 
 
 @torch.inference_mode()
