@@ -129,9 +129,10 @@ class LayerRunner(nn.Module):
         stage-1 epoch took twice as long (34 s against 17 s on the fleet-asr corpus), and its length-sorted
         batches carry little padding."""
         cnn = self.backbone.feature_extractor
-        lengths = None if attention_mask is None else attention_mask.sum(-1).tolist()
-        if (self.training or lengths is None or min(lengths) >= input_values.shape[1]
-                or self.backbone.config.feat_extract_norm != "group"):
+        if self.training or attention_mask is None or self.backbone.config.feat_extract_norm != "group":
+            return cnn(input_values).transpose(1, 2)
+        lengths = attention_mask.sum(-1).tolist()
+        if min(lengths) >= input_values.shape[1]:  # nothing padded
             return cnn(input_values).transpose(1, 2)
         frames = int(self.backbone._get_feat_extract_output_lengths(input_values.shape[1]))
         out = input_values.new_zeros(len(lengths), frames, self.backbone.config.conv_dim[-1])
