@@ -80,6 +80,18 @@ def saved_progress(run: str | Path) -> tuple[dict, TrainState] | None:
         raise ValueError(f"cannot resume {run}: {exc}") from exc
 
 
+def source_progress(source: str | Path) -> tuple[dict, TrainState]:
+    """The saved config and progress of a ``--from-run`` source; ValueError naming ``source`` when it
+    is not a run folder or its progress files are damaged."""
+    source = Path(source)
+    if not (source / STATE_FILE).is_file() or not (source / CONFIG_FILE).is_file():
+        raise ValueError(f"{source} is not a run made by `ldfleet train` (no {STATE_FILE} or {CONFIG_FILE})")
+    try:
+        return read_progress(source)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ValueError(f"{source} is not a usable run: {exc}") from exc
+
+
 def new_model(cfg: TrainConfig, backbone, head) -> DynamicModel:
     """A model with fresh strategies per ``cfg``; a budget-conditioned selector gets the per-k static
     ranking, its fair baseline."""
@@ -97,12 +109,13 @@ def stage2_start(cfg: TrainConfig) -> tuple[DynamicModel, TrainState]:
     an SSL encoder, its stage 1 is unfinished or its task differs.
     """
     source = Path(cfg.from_run)
-    if not (source / STATE_FILE).is_file() or not (source / CONFIG_FILE).is_file():
-        raise ValueError(f"{source} is not a run made by `ldfleet train` (no {STATE_FILE} or {CONFIG_FILE})")
-    model = load_model(source)
+    src_cfg, src_state = source_progress(source)
+    try:
+        model = load_model(source)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:  # missing or damaged weights or meta
+        raise ValueError(f"{source}: its model cannot be loaded ({type(exc).__name__}: {exc})") from exc
     if type(model) is not DynamicModel:
         raise ValueError(f"{source} is a {type(model).__name__} run; --from-run takes the SSL encoders' runs")
-    src_cfg, src_state = read_progress(source)
     if src_state.stage == "backbone" and src_state.epoch < src_cfg.get("epochs", 0):
         raise ValueError(f"{source}: stage 1 is unfinished ({src_state.epoch} of {src_cfg.get('epochs')} epochs)")
     if model.task != cfg.task:

@@ -243,6 +243,17 @@ def test_from_run_trains_only_the_strategies_on_the_same_encoder(trained_run, co
     assert again.exit_code != 0 and "stage 1 is unfinished" in again.output
     not_a_run = runner.invoke(app, ["train", "--data", str(corpus), "--out", str(tmp_path / "y"), "--from-run", str(corpus)])
     assert not_a_run.exit_code == 2 and "not a run made by `ldfleet train`" in not_a_run.output
+    damaged = tmp_path / "damaged"  # progress cut short by a full disk: refused, naming the source
+    shutil.copytree(trained_run, damaged)
+    (damaged / "train_state.json").write_text('{"stage": "sel')
+    refused = runner.invoke(app, ["train", "--data", str(corpus), "--out", str(tmp_path / "z"), "--from-run", str(damaged)])
+    assert refused.exit_code == 2 and f"{damaged} is not a usable run" in refused.output
+    assert not (tmp_path / "z" / "train_config.json").exists()  # refused before anything was written
+    no_weights = tmp_path / "no-weights"
+    shutil.copytree(trained_run, no_weights)
+    next(no_weights.glob("*.safetensors")).unlink()
+    refused = runner.invoke(app, ["train", "--data", str(corpus), "--out", str(tmp_path / "w"), "--from-run", str(no_weights)])
+    assert refused.exit_code != 0 and "its model cannot be loaded" in refused.output and "Traceback" not in refused.output
 
 
 def test_keyword_head_on_a_whisper_encoder_trains_evaluates_and_infers(corpus, tmp_path):

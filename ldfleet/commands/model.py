@@ -117,13 +117,15 @@ def train(
     import torch
 
     from ldfleet.common.train import config_for
-    from ldfleet.common.trainer import Trainer, saved_progress
+    from ldfleet.common.trainer import Trainer, saved_progress, source_progress
 
     if threads:
         torch.set_num_threads(threads)
     try:  # options that contradict each other are refused before any data is read
         config_for(_task(task), set_table=set_table, oracle_weight=oracle_weight)
         saved_progress(out)  # a damaged run folder is refused before the data is read
+        if from_run:
+            source_progress(from_run)
     except ValueError as exc:
         fail(exc)
     task_data = _load_data(task, data, seed, labels, strict)
