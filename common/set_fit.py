@@ -25,7 +25,7 @@ prefix (``LayerRunner.run_layer_sets``), 255 layer passes for all 254 proper sub
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from .model.dynamic import DynamicModel
+from .model.runner import FrontEnd
 from .model.selector import LayerSelector, pooled_features
 
 TABLE_STRATEGIES = ("static", "selector")
@@ -169,6 +170,28 @@ def table_summary(table: LossTable) -> dict:
     return out
 
 
+def clip_loss_table(runner, clips: Iterable[tuple[FrontEnd, str]], count: int, sets: dict[int, Tensor],
+                    set_losses: Callable[[Tensor, Tensor | None, list[str]], Tensor], chunk_rows: int = 8,
+                    on_item: Callable[[int, int], None] | None = None) -> LossTable:
+    """The loss of every set in ``sets`` (``{k: bool [C_k, L]}``) on each of ``count`` clips, one clip at a
+    time: ``clips`` yields ``(front end of one clip, its transcript or label)``; the sets share their
+    common prefixes (``LayerRunner.run_layer_sets``) and ``set_losses(hidden [C, T, D], frame_mask [C, T]
+    or None, texts) -> [C]`` scores ``chunk_rows`` of them at a time (which bounds memory on long clips)."""
+    every = torch.cat(list(sets.values()))
+    pooled, rows = [], []
+    for n, (front, text) in enumerate(clips):
+        pooled.append(pooled_features(front.features, front.frame_mask)[0])
+        hidden = runner.run_layer_sets(front, every, max_rows=chunk_rows)  # [C, T, D]
+        losses = []
+        for chunk in hidden.split(chunk_rows):
+            mask = None if front.frame_mask is None else front.frame_mask.expand(chunk.shape[0], -1)
+            losses.append(set_losses(chunk, mask, [text] * chunk.shape[0]))
+        rows.append(torch.cat(losses))
+        if on_item:
+            on_item(n + 1, count)
+    return LossTable.from_rows(pooled, rows, sets)
+
+
 @torch.no_grad()  # not inference_mode: the fit's autograd reads the pooled features
 def set_loss_table(model: DynamicModel, cache, rows: Tensor, ks: tuple[int, ...] | None = None,
                    on_item: Callable[[int, int], None] | None = None) -> LossTable:
@@ -176,20 +199,18 @@ def set_loss_table(model: DynamicModel, cache, rows: Tensor, ks: tuple[int, ...]
     ``rows`` of ``cache`` (a :class:`~.train.FrontEndCache`): ``losses[k]`` is ``[len(rows), C(L, k)]``."""
     model.eval()
     ks = ks or tuple(range(1, model.num_layers))
-    sets = {k: layer_sets(model.num_layers, k) for k in ks}
-    every = torch.cat(list(sets.values()))
     head = model.heads["base"]
-    pooled, losses = [], []
-    for n, i in enumerate(rows.tolist()):
-        front, texts = cache.batch(torch.tensor([i]))
-        pooled.append(pooled_features(front.features, front.frame_mask)[0])
-        hidden = model.runner.run_layer_sets(front, every, max_rows=64)  # [C, T, D]
-        mask = None if front.frame_mask is None else front.frame_mask.expand(hidden.shape[0], -1)
-        logits = head.logits(hidden, mask)
-        losses.append(head.example_losses(logits, mask, head.targets(texts * hidden.shape[0])))
-        if on_item:
-            on_item(n + 1, len(rows))
-    return LossTable.from_rows(pooled, losses, sets)
+
+    def clips():
+        for i in rows.tolist():
+            front, texts = cache.batch(torch.tensor([i]))
+            yield front, texts[0]
+
+    def set_losses(hidden: Tensor, mask: Tensor | None, texts: list[str]) -> Tensor:
+        return head.example_losses(head.logits(hidden, mask), mask, head.targets(texts))
+
+    sets = {k: layer_sets(model.num_layers, k) for k in ks}
+    return clip_loss_table(model.runner, clips(), len(rows), sets, set_losses, chunk_rows=64, on_item=on_item)
 
 
 def fit_from_tables(model: DynamicModel, name: str, train: LossTable, val: LossTable, seed: int = 0,

@@ -20,10 +20,9 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .data.transcribed import SpeechItem
-from .model.selector import pooled_features
 from .model.skip_maps import SkipMaps, fit_skip_maps
 from .model.whisper_dynamic import WhisperDynamic
-from .set_fit import LossTable, layer_sets
+from .set_fit import LossTable, clip_loss_table, layer_sets
 
 
 @torch.inference_mode()
@@ -34,22 +33,13 @@ def loss_table(model: WhisperDynamic, items: Sequence[SpeechItem], ks: Sequence[
     if not all(1 <= k <= model.num_layers for k in ks):
         raise ValueError(f"layer-set sizes {list(ks)}: each must be between 1 and {model.num_layers}")
     model.eval()
+    clips = ((model.front_end([item.waveform]), item.text) for item in items)
+
+    def set_losses(hidden, mask, texts):
+        return model.head.per_example_loss(hidden, mask, model.head.targets(texts))
+
     sets = {k: layer_sets(model.num_layers, k) for k in ks}
-    every = torch.cat(list(sets.values()))
-    pooled, rows = [], []
-    for i, item in enumerate(items):
-        front = model.front_end([item.waveform])
-        pooled.append(pooled_features(front.features, front.frame_mask)[0])
-        hidden = model.runner.run_layer_sets(front, every, max_rows=chunk_rows)  # [C, T, D]
-        losses = []
-        for chunk in hidden.split(chunk_rows):
-            mask = None if front.frame_mask is None else front.frame_mask.expand(chunk.shape[0], -1)
-            targets = model.head.targets([item.text] * chunk.shape[0])
-            losses.append(model.head.per_example_loss(chunk, mask, targets))
-        rows.append(torch.cat(losses))
-        if on_item:
-            on_item(i + 1, len(items))
-    return LossTable.from_rows(pooled, rows, sets)
+    return clip_loss_table(model.runner, clips, len(items), sets, set_losses, chunk_rows=chunk_rows, on_item=on_item)
 
 
 def fit_whisper_skip_maps(model: WhisperDynamic, items: Sequence[SpeechItem], batch_size: int = 4,
