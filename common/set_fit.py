@@ -12,7 +12,9 @@ that set runs (built by :func:`set_loss_table` here for the SSL encoders, by
    static ranking (``LayerSelector.start_from``: its MLP's output zeroed, the static scores a fixed
    prior) and learn per-clip corrections.
 2. Model selection on a validation table: the epoch, or the starting state, whose chosen sets have
-   the lowest mean loss (ties go to the later epoch, fitted longer).
+   the lowest mean loss over all k (ties go to the later epoch, fitted longer); a selector started
+   from static then keeps its per-clip corrections only at the k where they beat static's set on
+   that table (:func:`keep_corrections_that_help`).
 
 For the SSL encoders this replaces how the default stage 2 learns layer scores: through
 straight-through top-k gates, one sampled set per batch, and on the synthetic speech corpus settles on
@@ -221,8 +223,10 @@ def fit_from_tables(model: DynamicModel, name: str, train: LossTable, val: LossT
     A per-k static takes, for each k, the set with the lowest mean loss on ``train`` (exact; a listwise
     fit would match the distribution of each clip's best set, whose mode need not be that set). A
     budget-conditioned selector then starts as that static ranking (``LayerSelector.start_from``) and
-    learns per-clip corrections listwise, kept only where they beat the start on ``val``. A nested
-    static or selector (one ranking for every k) is fitted listwise.
+    learns per-clip corrections listwise; the epoch kept is the one best on ``val`` over all k, and
+    then, per k, its corrections stay on only where its chosen sets lose less on ``val`` than the
+    ranking's (:func:`keep_corrections_that_help`; returned as ``corrected``). A nested static or
+    selector (one ranking for every k) is fitted listwise.
     """
     if name not in TABLE_STRATEGIES:
         raise ValueError(f"only {', '.join(TABLE_STRATEGIES)} are fitted from a set table, not {name!r}")
@@ -237,5 +241,25 @@ def fit_from_tables(model: DynamicModel, name: str, train: LossTable, val: LossT
         selector = model.strategy("selector").scorer
         if name == "selector" and selector.budget and static.budget:
             selector.start_from(static.scores.detach().clone())
+            with torch.enable_grad():
+                fitted = fit_strategy(name, model, train, val, cfg, log=log)
+            return {**fitted, **keep_corrections_that_help(selector, static, train, val)}
     with torch.enable_grad():
         return fit_strategy(name, model, train, val, cfg, log=log)
+
+
+@torch.no_grad()
+def keep_corrections_that_help(selector: LayerSelector, static, train: LossTable, val: LossTable) -> dict:
+    """Switch a budget selector's per-clip corrections off (``selector.corrected[k] = 0``) at every k
+    where its chosen sets do not lose less on ``val`` than the ranking it started from (``static``, a
+    budget :class:`~.model.selector.StaticScores`): the model selection of :func:`fit_strategy` is over
+    the mean of all k, so corrections that win at some k may lose at others. Returns ``corrected``
+    ({k: bool}) and the chosen sets' loss per k on both tables after the switch."""
+    def chosen(table: LossTable) -> dict[int, float]:
+        return chosen_loss(lambda k: selector.from_pooled(table.pooled, k), table)
+
+    start = chosen_loss(lambda k: static.for_batch(val.pooled.shape[0], k), val)
+    for k, loss in chosen(val).items():
+        selector.corrected[k] = float(loss < start[k])
+    return {"corrected": {k: bool(selector.corrected[k]) for k in val.sets},
+            "val_chosen_loss": chosen(val), "train_chosen_loss": chosen(train)}

@@ -214,12 +214,14 @@ class Trainer:
         k = self.model.k_for(0.5)
         stats = {"stage": stage, "epoch": 0, "fit": "set_table", "best_epoch": fitted["best_epoch"],
                  "val_chosen_loss": fitted["val_chosen_loss"], "train_chosen_loss": fitted["train_chosen_loss"],
+                 **({"corrected": fitted["corrected"]} if "corrected" in fitted else {}),
                  **prefixed("val_", validate(self.model, val_cache, stage, k))}
         self.state.history.append(stats)
         self._save(None)
         metric = self.metric
         self.log(f"{stage} fitted on the set table: val {metric} {stats['val_' + metric]:.3f} at k={k}; "
-                 f"val loss of chosen sets per k {', '.join(f'{size}: {v:.3f}' for size, v in fitted['val_chosen_loss'].items())}")
+                 f"val loss of chosen sets per k {', '.join(f'{size}: {v:.3f}' for size, v in fitted['val_chosen_loss'].items())}"
+                 + (f"; per-clip corrections kept at k = {[k for k, on in fitted['corrected'].items() if on]}" if "corrected" in fitted else ""))
 
     # ---- fit: the stages in order, each a list of phases -----------------------------------
 

@@ -162,3 +162,39 @@ def test_oracle_candidates_are_distinct_k_sets():
     assert cands.shape == (16, 8) and (cands.sum(1) == 3).all()
     assert len({tuple(c.tolist()) for c in cands}) == 16
     assert oracle_candidates(4, 3, 16).shape[0] == 4  # only C(4,3) = 4 sets exist
+
+
+def test_corrections_stay_on_only_at_the_budgets_where_they_beat_the_ranking():
+    """A fitted budget selector whose corrections lose at k=1, win at k=2 and tie at k=3 on validation
+    keeps them only at k=2; elsewhere it chooses the static ranking's set."""
+    from ldfleet.common.model.selector import StaticScores
+    from ldfleet.common.set_fit import LossTable, keep_corrections_that_help, layer_sets
+
+    torch.manual_seed(0)
+    static = StaticScores(num_layers=4, budget=True)
+    with torch.no_grad():
+        for k in (1, 2, 3):
+            static.scores[k, :k] = torch.arange(k, 0, -1.0)  # the ranking keeps the first k layers
+    sel = LayerSelector(feature_dim=1, num_layers=4, hidden=4, budget=True)
+    sel.start_from(static.scores.detach().clone())
+    with torch.no_grad():
+        sel.mlp[-1].bias.copy_(torch.tensor([0.0, 0.0, 0.0, 10.0]))  # the corrections always add layer 3
+    sets = {k: layer_sets(4, k) for k in (1, 2, 3)}
+
+    def losses(k: int, with_3: float, ranking: float) -> torch.Tensor:
+        row = torch.full((len(sets[k]),), 5.0)
+        row[(sets[k] == torch.arange(4).lt(k)).all(1)] = ranking
+        row[(sets[k] == (torch.arange(4).lt(k - 1) | (torch.arange(4) == 3))).all(1)] = with_3
+        return row.expand(6, -1).clone()
+
+    val = LossTable(torch.randn(6, 2), {1: losses(1, 2.0, 1.0), 2: losses(2, 0.5, 1.0), 3: losses(3, 1.0, 1.0)}, sets)
+    out = keep_corrections_that_help(sel, static, val, val)
+    assert out["corrected"] == {1: False, 2: True, 3: False}
+    assert out["val_chosen_loss"] == {1: 1.0, 2: 0.5, 3: 1.0}
+    feats = torch.randn(2, 5, 1)
+    assert topk_mask(sel(feats, None, 1), 1).tolist() == [[True, False, False, False]] * 2
+    assert topk_mask(sel(feats, None, 2), 2).tolist() == [[True, False, False, True]] * 2
+    state = sel.state_dict()  # the switch is saved with the selector and survives a reload
+    again = LayerSelector(feature_dim=1, num_layers=4, hidden=4, budget=True)
+    again.load_state_dict(state)
+    assert again.corrected.tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]

@@ -33,7 +33,10 @@ class LayerSelector(nn.Module):
 
     ``prior`` is a fixed score per layer ([L], or [L + 1, L] per k with ``budget``) added to the
     MLP's: zeros unless set. ``start_from`` sets it to a static ranking and zeroes the MLP's output,
-    so the selector starts as that ranking and learns per-input corrections to it.
+    so the selector starts as that ranking and learns per-input corrections to it. With ``budget``,
+    ``corrected`` ([L + 1], 1 or 0 per k) says at which k those corrections apply: a fit that finds
+    them no better than the ranking at some k on held-out clips switches them off there
+    (``set_fit.fit_from_tables``), and the selector keeps the ranking's set at that k.
     """
 
     def __init__(self, feature_dim: int, num_layers: int, hidden: int = 64, budget: bool = False):
@@ -44,7 +47,9 @@ class LayerSelector(nn.Module):
         self.norm = nn.LayerNorm(2 * feature_dim)
         self.mlp = nn.Sequential(nn.Linear(2 * feature_dim + int(budget), hidden), nn.GELU(), nn.Linear(hidden, num_layers))
         self.register_buffer("prior", torch.zeros(num_layers + 1, num_layers) if budget else torch.zeros(num_layers))
-        self.register_load_state_dict_pre_hook(_prior_may_be_absent)
+        if budget:
+            self.register_buffer("corrected", torch.ones(num_layers + 1))
+        self.register_load_state_dict_pre_hook(_buffers_may_be_absent)
 
     @torch.no_grad()
     def start_from(self, scores: Tensor) -> None:
@@ -68,15 +73,16 @@ class LayerSelector(nn.Module):
             if k is None:
                 raise ValueError("a budget-conditioned selector needs k")
             x = torch.cat([x, x.new_full((x.shape[0], 1), k / self.num_layers)], dim=-1)
-            return self.mlp(x) + self.prior[k]
+            return self.mlp(x) * self.corrected[k] + self.prior[k]
         return self.mlp(x) + self.prior
 
 
-def _prior_may_be_absent(module: LayerSelector, state_dict: dict, prefix: str, *args) -> None:
-    """A state without this selector's prior (a run saved before selectors had one, or arrays from
-    elsewhere) loads, also strictly, and the selector keeps the prior it has: zeros in a freshly
-    built model, which is what such a run computed."""
-    state_dict.setdefault(prefix + "prior", module.prior.clone())
+def _buffers_may_be_absent(module: LayerSelector, state_dict: dict, prefix: str, *args) -> None:
+    """A state without this selector's prior or ``corrected`` (a run saved before selectors had them,
+    or arrays from elsewhere) loads, also strictly, and the selector keeps the buffers it has: zeros
+    and ones in a freshly built model, which is what such a run computed."""
+    for name, buffer in module.named_buffers(recurse=False):
+        state_dict.setdefault(prefix + name, buffer.clone())
 
 
 def pooled_features(features: Tensor, frame_mask: Tensor | None = None) -> Tensor:
