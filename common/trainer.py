@@ -20,6 +20,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch.utils.data import Dataset
 
 from .joint_train import joint_optimizer, train_joint_epoch
@@ -112,7 +113,7 @@ def stage2_start(cfg: TrainConfig) -> tuple[DynamicModel, TrainState]:
     src_cfg, src_state = source_progress(source)
     try:
         model = load_model(source)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:  # missing or damaged weights or meta
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:  # missing or damaged weights or meta
         raise ValueError(f"{source}: its model cannot be loaded ({type(exc).__name__}: {exc})") from exc
     if type(model) is not DynamicModel:
         raise ValueError(f"{source} is a {type(model).__name__} run; --from-run takes the SSL encoders' runs")

@@ -123,8 +123,8 @@ def train(
         torch.set_num_threads(threads)
     try:  # options that contradict each other are refused before any data is read
         config_for(_task(task), set_table=set_table, oracle_weight=oracle_weight)
-        saved_progress(out)  # a damaged run folder is refused before the data is read
-        if from_run:
+        resuming = saved_progress(out) is not None  # a damaged run folder is refused before the data is read
+        if from_run and not resuming:  # a resumed run no longer reads its source
             source_progress(from_run)
     except ValueError as exc:
         fail(exc)
