@@ -201,3 +201,5 @@ def test_corrections_stay_on_only_at_the_budgets_where_they_beat_the_ranking():
     older = LayerSelector(feature_dim=1, num_layers=4, hidden=4, budget=True)  # a run saved before the switch
     older.load_state_dict({k: v for k, v in state.items() if k != "corrected"})  # loads strictly: corrections everywhere
     assert older.corrected.tolist() == [1.0] * 5
+    again.start_from(static.scores.detach().clone())  # a new fit starts with corrections everywhere
+    assert again.corrected.tolist() == [1.0] * 5

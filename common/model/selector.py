@@ -35,7 +35,7 @@ class LayerSelector(nn.Module):
     MLP's: zeros unless set. ``start_from`` sets it to a static ranking and zeroes the MLP's output,
     so the selector starts as that ranking and learns per-input corrections to it. With ``budget``,
     ``corrected`` ([L + 1], 1 or 0 per k) says at which k those corrections apply: a fit that finds
-    them no better than the ranking at some k on held-out clips switches them off there
+    them no better than the ranking at some k on its validation table switches them off there
     (``set_fit.fit_from_tables``), and the selector keeps the ranking's set at that k.
     """
 
@@ -57,6 +57,8 @@ class LayerSelector(nn.Module):
         if scores.shape != self.prior.shape:
             raise ValueError(f"prior scores {tuple(scores.shape)}: expected {tuple(self.prior.shape)}")
         self.prior.copy_(scores)
+        if self.budget:
+            self.corrected.fill_(1.0)  # a fit decides again where its corrections help
         last = self.mlp[-1]
         last.weight.zero_()
         last.bias.zero_()
@@ -72,8 +74,10 @@ class LayerSelector(nn.Module):
         if self.budget:
             if k is None:
                 raise ValueError("a budget-conditioned selector needs k")
+            if not self.corrected[k]:  # corrections switched off at this k: the ranking alone
+                return self.prior[k].expand(x.shape[0], -1)
             x = torch.cat([x, x.new_full((x.shape[0], 1), k / self.num_layers)], dim=-1)
-            return self.mlp(x) * self.corrected[k] + self.prior[k]
+            return self.mlp(x) + self.prior[k]
         return self.mlp(x) + self.prior
 
 
