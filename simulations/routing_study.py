@@ -6,10 +6,10 @@ then tunes the encoder on every set it chooses. Spread over many sets, each is t
 static's single set, and the corrections rarely survive stage 3 (README, speech recognition). Here,
 instead, the selector chooses among only R sets per k, so stage 3 trains each on its share of inputs.
 
-Phases (the run is read, never written):
+Phases (of the run, only a cache of its tables is written into it):
 
 1. tables: the run's front ends and its layer-set loss tables (the same clips as its stage 2;
-   cached in RUN as ``routing-tables-N.pt``);
+   cached in RUN as ``routing-tables-N.pt``, N training clips: give the data the run was trained on);
 2. candidates and router, per k: ``table``: R sets chosen greedily to minimise the mean over clips
    of the lowest loss among them (the first is static's set), and a small MLP fitted to predict each
    clip's best candidate (soft targets, the epoch kept by validation); ``cluster``: k-means of the
@@ -223,6 +223,8 @@ def main() -> None:
     stage2_done = state.done or (state.stage == "selector" and state.epoch >= saved.get("strategy_epochs", 0))
     if saved.get("task") != "asr" or any(h.get("stage") == "joint" for h in state.history) or not stage2_done:
         ap.error(f"{args.run}: give an asr run at the end of stage 2 (`ldfleet train --task asr --joint-epochs 0`)")
+    if not saved.get("set_table"):
+        ap.error(f"{args.run} was trained without a set table (--set-table 0): the candidates are chosen on one")
     cfg = replace(TrainConfig(**{k: v for k, v in saved.items() if k in TrainConfig.__dataclass_fields__}), joint_epochs=args.joint_epochs)
     model = load_model(args.run)
     try:
