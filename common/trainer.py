@@ -93,6 +93,14 @@ def source_progress(source: str | Path) -> tuple[dict, TrainState]:
         raise ValueError(f"{source} is not a usable run: {exc}") from exc
 
 
+def set_table_rows(train_size: int, val_size: int, n: int, seed: int) -> dict[str, torch.Tensor]:
+    """The clips stage 2's set tables are built on: ``n`` random training clips and a quarter as many
+    validation clips (at least one), drawn with ``seed``: ``{"train": [n], "val": [n // 4]}`` indices."""
+    gen = torch.Generator().manual_seed(seed)
+    return {"train": torch.randperm(train_size, generator=gen)[:n],
+            "val": torch.randperm(val_size, generator=gen)[: max(1, n // 4)]}
+
+
 def new_model(cfg: TrainConfig, backbone, head) -> DynamicModel:
     """A model with fresh strategies per ``cfg``; a budget-conditioned selector gets the per-k static
     ranking, its fair baseline."""
@@ -199,10 +207,7 @@ class Trainer:
     def _set_tables(self, train_cache: FrontEndCache, val_cache: FrontEndCache, on_step: StepCallback | None):
         """Layer-set loss tables on ``cfg.set_table`` random training clips and a quarter as many
         validation clips (see :mod:`.set_fit`)."""
-        gen = torch.Generator().manual_seed(self.cfg.seed)
-        n = self.cfg.set_table
-        rows = {"train": torch.randperm(len(train_cache), generator=gen)[:n],
-                "val": torch.randperm(len(val_cache), generator=gen)[: max(1, n // 4)]}
+        rows = set_table_rows(len(train_cache), len(val_cache), self.cfg.set_table, self.cfg.seed)
 
         def progress(split: str):
             return partial(on_step, f"set table ({split})") if on_step else None

@@ -43,7 +43,7 @@ from ldfleet.common.model.selector import pooled_features
 from ldfleet.common.model.strategies import LayerChoice
 from ldfleet.common.set_fit import LossTable, set_loss_table
 from ldfleet.common.train import FrontEndCache, TrainConfig, add_teacher, cache_front_ends
-from ldfleet.common.trainer import source_progress
+from ldfleet.common.trainer import set_table_rows, source_progress
 
 Route = Callable[[Tensor, int], Tensor]  # pooled features [B, 2D], k -> candidate index [B]
 
@@ -139,14 +139,12 @@ def kmeans(x: Tensor, r: int, iters: int = 50, seed: int = 0) -> Tensor:
 
 def tables_of(run: Path, model, cfg: TrainConfig, caches: dict[str, FrontEndCache]) -> tuple[LossTable, LossTable]:
     """The run's stage-2 tables: ``cfg.set_table`` training clips and a quarter as many validation
-    clips, drawn as the trainer draws them (cached in ``run``)."""
+    clips, the trainer's draw (``set_table_rows``; cached in ``run``)."""
     cached = run / f"routing-tables-{cfg.set_table}.pt"
     if cached.exists():
         saved = torch.load(cached)
         return LossTable.from_dict(saved["train"]), LossTable.from_dict(saved["val"])
-    gen = torch.Generator().manual_seed(cfg.seed)
-    rows = {"train": torch.randperm(len(caches["train"]), generator=gen)[: cfg.set_table],
-            "val": torch.randperm(len(caches["val"]), generator=gen)[: max(1, cfg.set_table // 4)]}
+    rows = set_table_rows(len(caches["train"]), len(caches["val"]), cfg.set_table, cfg.seed)
     train, val = (set_loss_table(model, caches[s], rows[s]) for s in ("train", "val"))
     torch.save({"train": train.to_dict(), "val": val.to_dict()}, cached)
     return train, val
