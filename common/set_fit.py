@@ -231,6 +231,8 @@ def fit_from_tables(model: DynamicModel, name: str, train: LossTable, val: LossT
     if name not in TABLE_STRATEGIES:
         raise ValueError(f"only {', '.join(TABLE_STRATEGIES)} are fitted from a set table, not {name!r}")
     static = model.strategy("static").scorer
+    selector = model.strategy("selector").scorer
+    from_static = name == "selector" and selector.budget and static.budget
     if name == "static" and static.budget:
         with torch.no_grad():
             for k, losses in train.losses.items():
@@ -238,14 +240,11 @@ def fit_from_tables(model: DynamicModel, name: str, train: LossTable, val: LossT
         cfg = FitConfig(seed=seed, epochs=0)  # nothing to fit: only the chosen losses are reported
     else:
         cfg = FitConfig(seed=seed)
-        selector = model.strategy("selector").scorer
-        if name == "selector" and selector.budget and static.budget:
+        if from_static:
             selector.start_from(static.scores.detach().clone())
-            with torch.enable_grad():
-                fitted = fit_strategy(name, model, train, val, cfg, log=log)
-            return {**fitted, **keep_corrections_that_help(selector, static, train, val)}
     with torch.enable_grad():
-        return fit_strategy(name, model, train, val, cfg, log=log)
+        fitted = fit_strategy(name, model, train, val, cfg, log=log)
+    return {**fitted, **keep_corrections_that_help(selector, static, train, val)} if from_static else fitted
 
 
 @torch.no_grad()

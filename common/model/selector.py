@@ -70,15 +70,15 @@ class LayerSelector(nn.Module):
     def from_pooled(self, pooled: Tensor, k: int | None = None) -> Tensor:
         """Scores [B, L] from pooled features [B, 2 * D] (see ``pooled_features``), so a trainer can
         cache the pooled summary of every clip instead of its frames."""
-        x = self.norm(pooled)
         if self.budget:
             if k is None:
                 raise ValueError("a budget-conditioned selector needs k")
             if not self.corrected[k]:  # corrections switched off at this k: the ranking alone
-                return self.prior[k].expand(x.shape[0], -1)
+                return self.prior[k].expand(pooled.shape[0], -1)
+            x = self.norm(pooled)
             x = torch.cat([x, x.new_full((x.shape[0], 1), k / self.num_layers)], dim=-1)
             return self.mlp(x) + self.prior[k]
-        return self.mlp(x) + self.prior
+        return self.mlp(self.norm(pooled)) + self.prior
 
 
 def _buffers_may_be_absent(module: LayerSelector, state_dict: dict, prefix: str, *args) -> None:
