@@ -36,7 +36,7 @@ from .metrics import error_counts, score
 from .model.cost import cost_of
 from .model.dynamic import DynamicModel
 from .model.runner import FrontEnd
-from .model.strategies import ScoredChoice
+from .model.selector import LayerSelector
 
 ORACLE_METHODS = ("oracle", "oracle_static")
 
@@ -161,6 +161,13 @@ class _Acc:
         self.masks.append(keep.cpu())
 
 
+def _selector_runs(model: DynamicModel, k: int) -> bool:
+    """Whether the selector's network runs at k, so its MACs count (not where its per-input corrections
+    are switched off, nor for a selector of another form, e.g. a study's router)."""
+    scorer = getattr(model.strategy("selector"), "scorer", None)
+    return isinstance(scorer, LayerSelector) and scorer.uses_input(k)
+
+
 def _oracle_batch(model: DynamicModel, front: FrontEnd, texts: list[str], k: int, candidates: torch.Tensor):
     """Per candidate: predictions and per-example errors (base head)."""
     head = model.heads["base"]
@@ -243,10 +250,10 @@ def evaluate(
     rows, usage, by_condition = [], {}, {}
     for (method, keep), a in acc.items():
         mean_layers = a.layers / n
-        learned = method in model.strategies and isinstance(model.strategy(method), ScoredChoice)
+        runs_selector = method == "selector" and _selector_runs(model, model.k_for(keep))
         rows.append(EvalRow(
             method=method, keep=keep, k=model.k_for(keep), scores=score(model.task, a.predictions, references),
-            mean_layers=mean_layers, macs=cost.total(mean_layers, with_selector=learned and method == "selector"),
+            mean_layers=mean_layers, macs=cost.total(mean_layers, with_selector=runs_selector),
             ms_per_example=(front_ms + a.ms) / n if method not in ORACLE_METHODS else None,
             examples=n, distinct_sets=len(a.sets),
         ))

@@ -194,6 +194,7 @@ def test_corrections_stay_on_only_at_the_budgets_where_they_beat_the_ranking():
     feats = torch.randn(2, 5, 1)
     assert topk_mask(sel(feats, None, 1), 1).tolist() == [[True, False, False, False]] * 2
     assert topk_mask(sel(feats, None, 2), 2).tolist() == [[True, False, False, True]] * 2
+    assert [sel.uses_input(k) for k in (1, 2, 3)] == [False, True, False]  # what eval counts the selector's MACs by
     state = sel.state_dict()  # the switch is saved with the selector and survives a reload
     again = LayerSelector(feature_dim=1, num_layers=4, hidden=4, budget=True)
     again.load_state_dict(state)

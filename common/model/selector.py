@@ -63,6 +63,11 @@ class LayerSelector(nn.Module):
         last.weight.zero_()
         last.bias.zero_()
 
+    def uses_input(self, k: int) -> bool:
+        """Whether the scores at ``k`` depend on the input (the MLP runs): False where a budget
+        selector's corrections are switched off, and it costs nothing but a lookup."""
+        return not self.budget or bool(self.corrected[k])
+
     def forward(self, features: Tensor, frame_mask: Tensor | None = None, k: int | None = None) -> Tensor:
         """Scores ``[B, L]`` from features ``[B, T, D]``; ``k`` (layers to keep) is needed with ``budget``."""
         return self.from_pooled(pooled_features(features, frame_mask), k)
@@ -73,7 +78,7 @@ class LayerSelector(nn.Module):
         if self.budget:
             if k is None:
                 raise ValueError("a budget-conditioned selector needs k")
-            if not self.corrected[k]:  # corrections switched off at this k: the ranking alone
+            if not self.uses_input(k):  # corrections switched off at this k: the ranking alone
                 return self.prior[k].expand(pooled.shape[0], -1)
             x = self.norm(pooled)
             x = torch.cat([x, x.new_full((x.shape[0], 1), k / self.num_layers)], dim=-1)
