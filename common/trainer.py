@@ -93,6 +93,11 @@ def source_progress(source: str | Path) -> tuple[dict, TrainState]:
         raise ValueError(f"{source} is not a usable run: {exc}") from exc
 
 
+def strategies_trained(saved: dict, state: TrainState) -> bool:
+    """Whether a run (its saved config and progress) has finished stage 2, so every strategy can run."""
+    return state.done or state.stage == "joint" or (state.stage == "selector" and state.epoch >= saved.get("strategy_epochs", 0))
+
+
 def set_table_rows(train_size: int, val_size: int, n: int, seed: int) -> dict[str, torch.Tensor]:
     """The clips stage 2's set tables are built on: ``n`` random training clips and a quarter as many
     validation clips (at least one), drawn with ``seed``: ``{"train": [n], "val": [n // 4]}`` indices."""

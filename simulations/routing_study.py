@@ -43,7 +43,7 @@ from ldfleet.common.model.selector import pooled_features
 from ldfleet.common.model.strategies import LayerChoice
 from ldfleet.common.set_fit import LossTable, set_loss_table
 from ldfleet.common.train import FrontEndCache, TrainConfig, add_teacher, cache_front_ends
-from ldfleet.common.trainer import set_table_rows, source_progress
+from ldfleet.common.trainer import set_table_rows, source_progress, strategies_trained
 
 Route = Callable[[Tensor, int], Tensor]  # pooled features [B, 2D], k -> candidate index [B]
 
@@ -218,8 +218,8 @@ def main() -> None:
         saved, state = source_progress(args.run)
     except ValueError as exc:
         ap.error(str(exc))
-    stage2_done = state.done or (state.stage == "selector" and state.epoch >= saved.get("strategy_epochs", 0))
-    if saved.get("task") != "asr" or any(h.get("stage") == "joint" for h in state.history) or not stage2_done:
+    stage3_begun = any(h.get("stage") == "joint" for h in state.history) or state.stage == "joint"
+    if saved.get("task") != "asr" or stage3_begun or not strategies_trained(saved, state):
         ap.error(f"{args.run}: give an asr run at the end of stage 2 (`ldfleet train --task asr --joint-epochs 0`)")
     if not saved.get("set_table"):
         ap.error(f"{args.run} was trained without a set table (--set-table 0): the candidates are chosen on one")

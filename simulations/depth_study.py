@@ -1,0 +1,265 @@
+"""Study: spending a keep ratio as a *mean* over inputs, each input given the depth it needs.
+
+Not product code: a measured experiment on a trained speech-recognition run, reproducible with one
+command. Every other strategy in ldfleet runs exactly k = keep x L layers on every input. A device's
+budget is compute over time, though, so an input-conditioned model may also choose *how many* layers
+an input gets: few for a clean, slow utterance, all of them for a noisy one, at the same mean.
+Adaptive computation time (Graves 2016) and confidence-based early exit (e.g. DeeBERT, Xin et al.
+2020) spend compute this way; here the kept sets stay the trained selector's (its top-k at each k).
+
+Phases:
+
+1. per-clip table, on the validation and test splits: for each method (``selector``, ``static``,
+   ``early_exit``) and every k = 1..L, the word edits of each clip and the mean over frames of the
+   CTC head's top posterior (its confidence); the reference word count; pooled front-end features;
+2. allocations at each keep (mean layers = keep x L), each reported as WER and the mean layers it ran:
+   * ``fixed``: k = keep x L for every clip (what ``ldfleet eval`` reports);
+   * ``allocated_oracle``: depths chosen (:func:`allocate`) on the test clips' own edits: what a
+     perfect depth predictor could win (and some luck: the best k of each clip on that clip);
+   * ``allocated_val`` / ``allocated_train``: the same with edits predicted from pooled features by a
+     small MLP fitted on the validation clips (speaker-disjoint from the test clips) or on the
+     training clips (many more, but the model has seen them, so their edits are few);
+   * ``confident_exit`` (early exit only): the first k whose confidence reaches a threshold, set to
+     the budget — the field's standard variable-depth baseline;
+   * ``cascade_K1_K2``: every clip runs the strategy's set at K1, the least confident of them go on
+     to K2 (as many as the budget allows; K1, K2 chosen on the validation clips). Costed as if the
+     K2 run continued the K1 run, which only nested sets allow (early exit's; not the selector's or
+     static's per-k sets): an optimistic bound for confidence-driven depth;
+   allocations and thresholds are set on the test clips' features or confidences (never their
+   transcripts), all of them at once, so they fit the budget exactly; a device would instead use a
+   lambda or threshold calibrated beforehand;
+3. OUT/report.json and a table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from ldfleet.common.data.loading import load_task_data, pad_batch
+from ldfleet.common.metrics import error_counts
+from ldfleet.common.model.checkpoint import load_model
+from ldfleet.common.model.dynamic import DynamicModel
+from ldfleet.common.model.selector import pooled_features
+from ldfleet.common.trainer import source_progress, strategies_trained
+
+METHODS = ("selector", "static", "early_exit")
+
+
+def confidence(logits: Tensor, frame_mask: Tensor | None) -> Tensor:
+    """Mean over real frames of the top posterior, [B], from CTC logits [B, T, V]."""
+    top = logits.softmax(-1).amax(-1)
+    if frame_mask is None:
+        return top.mean(1)
+    m = frame_mask[:, : top.shape[1]].to(top.dtype)
+    return (top * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+@torch.inference_mode()
+def clip_table(model: DynamicModel, data, methods=METHODS, batch_size: int = 32) -> dict:
+    """Per clip: ``edits[method]`` and ``conf[method]`` [N, L] (column k-1: k layers), ``words`` [N],
+    ``pooled`` [N, 2D]."""
+    model.eval()
+    L = model.num_layers
+    edits = {m: [] for m in methods}
+    conf = {m: [] for m in methods}
+    words, pooled = [], []
+    for wave, mask, texts in DataLoader(data, batch_size=batch_size, collate_fn=pad_batch):
+        front = model.front_end(wave, mask)
+        pooled.append(pooled_features(front.features, front.frame_mask))
+        words += [error_counts([t], [t])["words"] for t in texts]
+        for m in methods:
+            e, c = torch.zeros(len(texts), L), torch.zeros(len(texts), L)
+            for k in range(1, L + 1):
+                out = model.classify(front, m, k)
+                preds = model.head_for(m).decode(out.logits, out.frame_mask)
+                e[:, k - 1] = torch.tensor([float(error_counts([p], [t])["word_edits"]) for p, t in zip(preds, texts)])
+                c[:, k - 1] = confidence(out.logits, out.frame_mask)
+            edits[m].append(e)
+            conf[m].append(c)
+    return {"edits": {m: torch.cat(v) for m, v in edits.items()}, "conf": {m: torch.cat(v) for m, v in conf.items()},
+            "words": torch.tensor(words, dtype=torch.float), "pooled": torch.cat(pooled)}
+
+
+def allocate(cost: Tensor, mean_layers: float) -> Tensor:
+    """Depths k [N] (1..L) for the rows of ``cost`` [N, L] (column k-1: a clip's cost at k layers) with
+    a low total cost and a mean k of at most ``mean_layers``: every clip starts at one layer, then,
+    while layers are left and some step lowers a cost, the step of the best cost drop per layer
+    (from a clip's depth to any deeper one) is taken — the greedy rule for a multiple-choice knapsack.
+    It sees every row at once, so it suits a study of a test set, not one input at a time."""
+    n, num_layers = cost.shape
+    k = torch.ones(n, dtype=torch.long)
+    spare = int(mean_layers * n + 1e-6) - n
+    depths = torch.arange(1, num_layers + 1)
+    while spare > 0:
+        steps = depths.unsqueeze(0) - k.unsqueeze(1)  # [N, L] layers a move to each depth adds
+        gain = (cost.gather(1, (k - 1).unsqueeze(1)) - cost) / steps.clamp(min=1)
+        gain[(steps <= 0) | (steps > spare)] = -float("inf")
+        best = int(gain.argmax())
+        i, j = divmod(best, num_layers)
+        if gain[i, j] <= 0:
+            break
+        spare -= int(steps[i, j])
+        k[i] = j + 1
+    return k
+
+
+def first_confident(conf: Tensor, threshold: float) -> Tensor:
+    """Per row of ``conf`` [N, L] the first k whose confidence reaches ``threshold`` (L if none)."""
+    ok = conf >= threshold
+    ok[:, -1] = True
+    return ok.float().argmax(1) + 1
+
+
+def exit_threshold(conf: Tensor, mean_layers: float) -> float:
+    """The highest threshold (the latest exits) whose exits keep the mean k of ``conf``'s rows at most
+    ``mean_layers`` (bisection; a higher threshold never exits earlier)."""
+    lo, hi = 0.0, 1.0 + 1e-6
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if first_confident(conf, mid).float().mean() <= mean_layers else (lo, mid)
+    return lo
+
+
+def cascade(conf: Tensor, mean_layers: float, k1: int, k2: int) -> Tensor:
+    """Depths [N]: k1 for every clip, k2 for the least confident at k1 (``conf`` [N, L]), as many as
+    bring the mean depth to ``mean_layers`` (k1 < mean_layers < k2)."""
+    n = int((mean_layers - k1) / (k2 - k1) * len(conf) + 1e-6)
+    k = torch.full((len(conf),), k1, dtype=torch.long)
+    k[conf[:, k1 - 1].argsort()[:n]] = k2
+    return k
+
+
+def best_cascade(edits: Tensor, conf: Tensor, words: Tensor, mean_layers: float) -> tuple[int, int]:
+    """The (k1, k2) of the :func:`cascade` with the lowest WER on these clips."""
+    pairs = [(k1, k2) for k1 in range(1, int(mean_layers) + 1) for k2 in range(k1 + 1, edits.shape[1] + 1)
+             if k1 < mean_layers < k2]
+    return min(pairs, key=lambda p: wer_of(edits, words, cascade(conf, mean_layers, *p)))
+
+
+class EditPredictor(nn.Module):
+    """Predicted word edits per clip at every k, [N, L], from pooled features [N, 2D] (Poisson rates)."""
+
+    def __init__(self, dim: int, num_layers: int, hidden: int = 64):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(0.2), nn.Linear(hidden, num_layers))
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        return self.mlp(self.norm(pooled)).exp()
+
+
+def fit_predictor(pooled: Tensor, edits: Tensor, epochs: int = 200, folds: int = 5, seed: int = 0) -> tuple[EditPredictor, dict]:
+    """An :class:`EditPredictor` fitted by Poisson likelihood; the epoch count chosen by ``folds``-fold
+    cross-validation on these clips, then one fit on all of them."""
+    def train(rows: Tensor, n_epochs: int, held: Tensor | None = None) -> tuple[EditPredictor, list[float]]:
+        torch.manual_seed(seed)
+        net = EditPredictor(pooled.shape[1], edits.shape[1])
+        opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-2)
+        gen = torch.Generator().manual_seed(seed)
+        curve = []
+        for _ in range(n_epochs):
+            net.train()
+            for b in rows[torch.randperm(len(rows), generator=gen)].split(64):
+                loss = nn.functional.poisson_nll_loss(net(pooled[b]).log(), edits[b], log_input=True)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            if held is not None:
+                net.eval()
+                with torch.no_grad():
+                    curve.append(float(nn.functional.poisson_nll_loss(net(pooled[held]).log(), edits[held], log_input=True)))
+        net.eval()
+        return net, curve
+
+    order = torch.randperm(len(pooled), generator=torch.Generator().manual_seed(seed))
+    parts = order.tensor_split(folds)
+    curves = [train(torch.cat([p for j, p in enumerate(parts) if j != i]), epochs, parts[i])[1] for i in range(folds)]
+    mean_curve = torch.tensor(curves).mean(0)
+    best = int(mean_curve.argmin()) + 1
+    net, _ = train(order, best)
+    return net, {"epochs": best, "cv_loss": float(mean_curve[best - 1]), "cv_loss_first_epoch": float(mean_curve[0])}
+
+
+def wer_of(edits: Tensor, words: Tensor, k: Tensor) -> float:
+    return float(edits.gather(1, (k - 1).unsqueeze(1)).sum() / words.sum())
+
+
+def study(tables: dict[str, dict], keeps: list[float], num_layers: int) -> dict:
+    """Phase 2 on the clip tables (``val``, ``test``, optionally ``train`` with the selector only):
+    rows {method, allocation, keep, wer, mean_layers, depths}."""
+    val, test = tables["val"], tables["test"]
+    predictors = {(m, "val"): fit_predictor(val["pooled"], val["edits"][m]) for m in METHODS if m != "early_exit"}
+    if "train" in tables:
+        predictors[("selector", "train")] = fit_predictor(tables["train"]["pooled"], tables["train"]["edits"]["selector"])
+    rows = []
+    for keep in keeps:
+        budget = keep * num_layers
+        for m in METHODS:
+            e, words = test["edits"][m], test["words"]
+            plans = {"fixed": torch.full((len(words),), round(budget), dtype=torch.long)}
+            if m == "early_exit":
+                plans["confident_exit"] = first_confident(test["conf"][m], exit_threshold(test["conf"][m], budget))
+            else:
+                plans["allocated_oracle"] = allocate(e, budget)
+                k1, k2 = best_cascade(val["edits"][m], val["conf"][m], val["words"], budget)
+                plans[f"cascade_{k1}_{k2}"] = cascade(test["conf"][m], budget, k1, k2)
+            for (pm, fitted_on), (net, _) in predictors.items():
+                if pm == m:
+                    with torch.no_grad():
+                        plans[f"allocated_{fitted_on}"] = allocate(net(test["pooled"]), budget)
+            for name, k in plans.items():
+                rows.append({"method": m, "allocation": name, "keep": keep, "wer": wer_of(e, words, k),
+                             "mean_layers": float(k.float().mean()),
+                             "depths": torch.bincount(k - 1, minlength=num_layers).tolist()})
+    return {"rows": rows, "predictors": {f"{m}/{on}": info for (m, on), (_, info) in predictors.items()}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", type=Path, required=True, help="an asr run past stage 2 (`ldfleet train --task asr`)")
+    ap.add_argument("--data", type=Path, required=True, help="the data the run was trained on")
+    ap.add_argument("--out", type=Path, required=True, help="folder for report.json (the clip tables are cached there)")
+    ap.add_argument("--keep", default="0.25,0.5,0.75")
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    try:
+        saved, state = source_progress(args.run)
+    except ValueError as exc:
+        ap.error(str(exc))
+    if saved.get("task") != "asr" or not strategies_trained(saved, state):
+        ap.error(f"{args.run}: give an asr run past stage 2 (`ldfleet train --task asr`)")
+    model = load_model(args.run)
+    cached = args.out / "clip-tables.pt"  # phase 1 is the slow part; phase 2 may be re-run on it
+    tables = torch.load(cached) if cached.exists() else {}
+    if tables.get("run") != str(args.run.resolve()):
+        try:
+            splits = load_task_data("asr", args.data, seed=saved.get("seed", 0)).splits
+        except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
+            ap.error(f"cannot load {args.data}: {exc}")
+        tables = {s: clip_table(model, splits[s]) for s in ("val", "test")}
+        tables["train"] = clip_table(model, splits["train"], methods=("selector",))
+        tables["run"] = str(args.run.resolve())
+        torch.save(tables, cached)
+    print(f"[{time.perf_counter() - start:.0f} s] phase 1: clip tables", flush=True)
+    keeps = [float(x) for x in args.keep.split(",")]
+    report = study(tables, keeps, model.num_layers)
+    (args.out / "report.json").write_text(json.dumps(report, indent=1))
+    for r in report["rows"]:
+        print(f"{r['method']:11s} {r['allocation']:17s} keep {r['keep']:.2f}: WER {100 * r['wer']:5.2f}%  "
+              f"mean layers {r['mean_layers']:.2f}  depths {r['depths']}")
+    print(json.dumps(report["predictors"]))
+
+
+if __name__ == "__main__":
+    main()

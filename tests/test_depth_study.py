@@ -1,0 +1,56 @@
+"""The depth study's parts (simulations/depth_study.py): allocation under a mean budget, confident
+exits, the edit predictor. The study itself needs a trained speech-recognition run (README)."""
+
+import torch
+
+from ldfleet.simulations.depth_study import (
+    allocate, best_cascade, cascade, exit_threshold, first_confident, fit_predictor,
+)
+
+
+def test_allocate_gives_the_layers_to_the_clips_that_lose_most_without_them():
+    # two easy clips (no edits from k=2 on) and two hard ones (edits fall until k=4), 4 layers
+    cost = torch.tensor([[3.0, 0.0, 0.0, 0.0], [3.0, 0.0, 0.0, 0.0], [9.0, 6.0, 3.0, 0.0], [9.0, 6.0, 3.0, 0.0]])
+    k = allocate(cost, mean_layers=3.0)
+    assert k.tolist() == [2, 2, 4, 4]  # a uniform k=3 would cost 6 edits, this costs none
+    assert float(k.float().mean()) <= 3.0
+    tight = allocate(cost, mean_layers=2.0)
+    assert float(tight.float().mean()) == 2.0  # ties in cost per layer: any spending of 4 more layers
+    assert float(cost.gather(1, (tight - 1).unsqueeze(1)).sum()) == 24 - 3 * 4
+
+
+def test_allocate_stops_when_no_layer_lowers_a_cost():
+    cost = torch.tensor([[4.0, 2.0, 0.0], [1.0, 1.0, 1.0]])
+    assert allocate(cost, 3.0).tolist() == [3, 1]  # the second clip gains nothing from depth
+
+
+def test_first_confident_exits_at_the_first_layer_over_the_threshold_and_the_threshold_fits_the_budget():
+    conf = torch.tensor([[0.9, 0.95, 0.99], [0.2, 0.6, 0.7], [0.1, 0.2, 0.3]])
+    assert first_confident(conf, 0.5).tolist() == [1, 2, 3]  # no exit: every layer
+    t = exit_threshold(conf, mean_layers=2.0)
+    assert float(first_confident(conf, t).float().mean()) <= 2.0
+    assert float(first_confident(conf, t - 0.05).float().mean()) <= 2.0  # the lowest such threshold, within bisection
+    assert first_confident(conf, t).tolist() == [1, 2, 3]
+
+
+def test_edit_predictor_learns_which_clips_are_hard():
+    torch.manual_seed(0)
+    pooled = torch.randn(300, 6)
+    hard = pooled[:, 0] > pooled[:, 1]
+    edits = torch.stack([torch.where(hard, 4.0, 1.0), torch.where(hard, 2.0, 0.0)], dim=1)  # [N, L=2]
+    net, info = fit_predictor(pooled, torch.poisson(edits), epochs=30, folds=3)
+    assert info["cv_loss"] < info["cv_loss_first_epoch"]
+    test = torch.randn(200, 6)
+    with torch.no_grad():
+        pred = net(test)
+    truly_hard = test[:, 0] > test[:, 1]
+    assert float(pred[truly_hard, 1].mean()) > 3 * float(pred[~truly_hard, 1].mean())
+
+
+def test_cascade_escalates_the_least_confident_clips_within_the_budget():
+    conf = torch.tensor([[0.9, 0.0, 0.0], [0.2, 0.0, 0.0], [0.5, 0.0, 0.0], [0.95, 0.0, 0.0]])
+    k = cascade(conf, mean_layers=1.5, k1=1, k2=3)  # a quarter of the clips can go from 1 to 3 layers
+    assert k.tolist() == [1, 3, 1, 1] and float(k.float().mean()) == 1.5
+    edits = torch.tensor([[0.0, 0.0, 0.0], [4.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    # 1 -> 2 escalates both unsure clips and fixes both; 1 -> 3 can afford only the least sure one
+    assert best_cascade(edits, conf, torch.ones(4), mean_layers=1.5) == (1, 2)
