@@ -12,6 +12,7 @@ Phases:
 1. per-clip table, on the validation and test splits: for each method (``selector``, ``static``,
    ``early_exit``) and every k = 1..L, the word edits of each clip and the mean over frames of the
    CTC head's top posterior (its confidence); the reference word count; pooled front-end features;
+   the same for the selector alone on the training split (cached in OUT: the slow phase);
 2. allocations at each keep (mean layers = keep x L), each reported as WER and the mean layers it ran:
    * ``fixed``: k = keep x L for every clip (what ``ldfleet eval`` reports);
    * ``allocated_oracle``: depths chosen (:func:`allocate`) on the test clips' own edits: what a
@@ -21,13 +22,14 @@ Phases:
      training clips (many more, but the model has seen them, so their edits are few);
    * ``confident_exit`` (early exit only): the first k whose confidence reaches a threshold, set to
      the budget — the field's standard variable-depth baseline;
-   * ``cascade_K1_K2``: every clip runs the strategy's set at K1, the least confident of them go on
-     to K2 (as many as the budget allows; K1, K2 chosen on the validation clips). Costed as if the
-     K2 run continued the K1 run, which only nested sets allow (early exit's; not the selector's or
-     static's per-k sets): an optimistic bound for confidence-driven depth;
-   allocations and thresholds are set on the test clips' features or confidences (never their
-   transcripts), all of them at once, so they fit the budget exactly; a device would instead use a
-   lambda or threshold calibrated beforehand;
+   * ``cascade_K1_K2`` (early exit) / ``cascade_bound_K1_K2`` (selector, static): every clip runs the
+     strategy's set at K1, the least confident of them go on to K2 (as many as the budget allows;
+     K1, K2 chosen on the validation clips). Costed as if the K2 run continued the K1 run, which
+     only nested sets allow: exact for early exit; for the selector's and static's per-k sets, whose
+     K2 run would start again, an optimistic bound for confidence-driven depth;
+   except for ``allocated_oracle``, allocations and thresholds are set on the test clips' features or
+   confidences (never their transcripts), all of them at once, so they fit the budget exactly; a
+   device would instead use a lambda or threshold calibrated beforehand;
 3. OUT/report.json and a table on stdout.
 """
 
@@ -92,7 +94,10 @@ def allocate(cost: Tensor, mean_layers: float) -> Tensor:
     a low total cost and a mean k of at most ``mean_layers``: every clip starts at one layer, then,
     while layers are left and some step lowers a cost, the step of the best cost drop per layer
     (from a clip's depth to any deeper one) is taken — the greedy rule for a multiple-choice knapsack.
-    It sees every row at once, so it suits a study of a test set, not one input at a time."""
+    It sees every row at once, so it suits a study of a test set, not one input at a time.
+    Raises ValueError for a budget under one layer."""
+    if mean_layers < 1:
+        raise ValueError(f"a mean of {mean_layers} layers: every clip runs at least one")
     n, num_layers = cost.shape
     k = torch.ones(n, dtype=torch.long)
     spare = int(mean_layers * n + 1e-6) - n
@@ -136,11 +141,12 @@ def cascade(conf: Tensor, mean_layers: float, k1: int, k2: int) -> Tensor:
     return k
 
 
-def best_cascade(edits: Tensor, conf: Tensor, words: Tensor, mean_layers: float) -> tuple[int, int]:
-    """The (k1, k2) of the :func:`cascade` with the lowest WER on these clips."""
+def best_cascade(edits: Tensor, conf: Tensor, words: Tensor, mean_layers: float) -> tuple[int, int] | None:
+    """The (k1, k2) of the :func:`cascade` with the lowest WER on these clips; None when no pair
+    brackets the budget (one layer or fewer, all of them or more)."""
     pairs = [(k1, k2) for k1 in range(1, int(mean_layers) + 1) for k2 in range(k1 + 1, edits.shape[1] + 1)
              if k1 < mean_layers < k2]
-    return min(pairs, key=lambda p: wer_of(edits, words, cascade(conf, mean_layers, *p)))
+    return min(pairs, key=lambda p: wer_of(edits, words, cascade(conf, mean_layers, *p)), default=None)
 
 
 class EditPredictor(nn.Module):
@@ -151,8 +157,11 @@ class EditPredictor(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(0.2), nn.Linear(hidden, num_layers))
 
+    def log_rate(self, pooled: Tensor) -> Tensor:
+        return self.mlp(self.norm(pooled))
+
     def forward(self, pooled: Tensor) -> Tensor:
-        return self.mlp(self.norm(pooled)).exp()
+        return self.log_rate(pooled).exp()
 
 
 def fit_predictor(pooled: Tensor, edits: Tensor, epochs: int = 200, folds: int = 5, seed: int = 0) -> tuple[EditPredictor, dict]:
@@ -167,14 +176,14 @@ def fit_predictor(pooled: Tensor, edits: Tensor, epochs: int = 200, folds: int =
         for _ in range(n_epochs):
             net.train()
             for b in rows[torch.randperm(len(rows), generator=gen)].split(64):
-                loss = nn.functional.poisson_nll_loss(net(pooled[b]).log(), edits[b], log_input=True)
+                loss = nn.functional.poisson_nll_loss(net.log_rate(pooled[b]), edits[b], log_input=True)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
             if held is not None:
                 net.eval()
                 with torch.no_grad():
-                    curve.append(float(nn.functional.poisson_nll_loss(net(pooled[held]).log(), edits[held], log_input=True)))
+                    curve.append(float(nn.functional.poisson_nll_loss(net.log_rate(pooled[held]), edits[held], log_input=True)))
         net.eval()
         return net, curve
 
@@ -208,8 +217,9 @@ def study(tables: dict[str, dict], keeps: list[float], num_layers: int) -> dict:
                 plans["confident_exit"] = first_confident(test["conf"][m], exit_threshold(test["conf"][m], budget))
             else:
                 plans["allocated_oracle"] = allocate(e, budget)
-                k1, k2 = best_cascade(val["edits"][m], val["conf"][m], val["words"], budget)
-                plans[f"cascade_{k1}_{k2}"] = cascade(test["conf"][m], budget, k1, k2)
+            if pair := best_cascade(val["edits"][m], val["conf"][m], val["words"], budget):
+                name = "cascade" if m == "early_exit" else "cascade_bound"
+                plans[f"{name}_{pair[0]}_{pair[1]}"] = cascade(test["conf"][m], budget, *pair)
             for (pm, fitted_on), (net, _) in predictors.items():
                 if pm == m:
                     with torch.no_grad():
@@ -240,19 +250,26 @@ def main() -> None:
     if saved.get("task") != "asr" or not strategies_trained(saved, state):
         ap.error(f"{args.run}: give an asr run past stage 2 (`ldfleet train --task asr`)")
     model = load_model(args.run)
+    try:
+        keeps = [float(x) for x in args.keep.split(",")]
+    except ValueError:
+        ap.error(f"--keep {args.keep!r}: comma-separated keep ratios")
+    if not all(1 <= keep * model.num_layers < model.num_layers for keep in keeps):
+        ap.error(f"--keep {args.keep}: each must leave at least one of {model.num_layers} layers and drop one")
     cached = args.out / "clip-tables.pt"  # phase 1 is the slow part; phase 2 may be re-run on it
     tables = torch.load(cached) if cached.exists() else {}
-    if tables.get("run") != str(args.run.resolve()):
+    made_from = {"run": str(args.run.resolve()), "state": (args.run / "train_state.json").read_text(),
+                 "data": str(args.data.resolve())}  # a run trained further, or other data, is tabled again
+    if tables.get("made_from") != made_from:
         try:
             splits = load_task_data("asr", args.data, seed=saved.get("seed", 0)).splits
         except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
             ap.error(f"cannot load {args.data}: {exc}")
         tables = {s: clip_table(model, splits[s]) for s in ("val", "test")}
         tables["train"] = clip_table(model, splits["train"], methods=("selector",))
-        tables["run"] = str(args.run.resolve())
+        tables["made_from"] = made_from
         torch.save(tables, cached)
     print(f"[{time.perf_counter() - start:.0f} s] phase 1: clip tables", flush=True)
-    keeps = [float(x) for x in args.keep.split(",")]
     report = study(tables, keeps, model.num_layers)
     (args.out / "report.json").write_text(json.dumps(report, indent=1))
     for r in report["rows"]:

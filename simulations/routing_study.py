@@ -218,7 +218,7 @@ def main() -> None:
         saved, state = source_progress(args.run)
     except ValueError as exc:
         ap.error(str(exc))
-    stage3_begun = any(h.get("stage") == "joint" for h in state.history) or state.stage == "joint"
+    stage3_begun = any(h.get("stage") == "joint" for h in state.history)  # (a --joint-epochs 0 run ends at stage "joint")
     if saved.get("task") != "asr" or stage3_begun or not strategies_trained(saved, state):
         ap.error(f"{args.run}: give an asr run at the end of stage 2 (`ldfleet train --task asr --joint-epochs 0`)")
     if not saved.get("set_table"):

@@ -1,6 +1,7 @@
 """The depth study's parts (simulations/depth_study.py): allocation under a mean budget, confident
 exits, the edit predictor. The study itself needs a trained speech-recognition run (README)."""
 
+import pytest
 import torch
 
 from ldfleet.simulations.depth_study import (
@@ -22,6 +23,8 @@ def test_allocate_gives_the_layers_to_the_clips_that_lose_most_without_them():
 def test_allocate_stops_when_no_layer_lowers_a_cost():
     cost = torch.tensor([[4.0, 2.0, 0.0], [1.0, 1.0, 1.0]])
     assert allocate(cost, 3.0).tolist() == [3, 1]  # the second clip gains nothing from depth
+    with pytest.raises(ValueError):
+        allocate(cost, 0.5)
 
 
 def test_first_confident_exits_at_the_first_layer_over_the_threshold_and_the_threshold_fits_the_budget():
@@ -29,7 +32,7 @@ def test_first_confident_exits_at_the_first_layer_over_the_threshold_and_the_thr
     assert first_confident(conf, 0.5).tolist() == [1, 2, 3]  # no exit: every layer
     t = exit_threshold(conf, mean_layers=2.0)
     assert float(first_confident(conf, t).float().mean()) <= 2.0
-    assert float(first_confident(conf, t - 0.05).float().mean()) <= 2.0  # the lowest such threshold, within bisection
+    assert float(first_confident(conf, t + 0.05).float().mean()) > 2.0  # the highest such threshold: later exits overspend
     assert first_confident(conf, t).tolist() == [1, 2, 3]
 
 
@@ -54,3 +57,4 @@ def test_cascade_escalates_the_least_confident_clips_within_the_budget():
     edits = torch.tensor([[0.0, 0.0, 0.0], [4.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
     # 1 -> 2 escalates both unsure clips and fixes both; 1 -> 3 can afford only the least sure one
     assert best_cascade(edits, conf, torch.ones(4), mean_layers=1.5) == (1, 2)
+    assert best_cascade(edits, conf, torch.ones(4), mean_layers=3.0) is None  # no deeper k2 to go on to
