@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ldfleet.simulations.depth_study import (
-    allocate, best_cascade, cascade, exit_threshold, first_confident, fit_predictor,
+    allocate, best_cascade, calibrated_lambda, cascade, exit_threshold, first_confident, fit_predictor, lagrange_depths,
 )
 
 
@@ -58,3 +58,11 @@ def test_cascade_escalates_the_least_confident_clips_within_the_budget():
     # 1 -> 2 escalates both unsure clips and fixes both; 1 -> 3 can afford only the least sure one
     assert best_cascade(edits, conf, torch.ones(4), mean_layers=1.5) == (1, 2)
     assert best_cascade(edits, conf, torch.ones(4), mean_layers=3.0) is None  # no deeper k2 to go on to
+
+
+def test_a_lambda_calibrated_on_some_clips_sets_depths_one_clip_at_a_time():
+    cost = torch.tensor([[3.0, 0.5, 0.0, 0.0], [9.0, 6.0, 3.0, 0.0]])  # an easy clip and a hard one
+    lam = calibrated_lambda(cost, mean_layers=3.0)
+    assert lagrange_depths(cost, lam).tolist() == [2, 4]  # the hard clip gets every layer
+    assert lagrange_depths(cost[1:], lam).tolist() == [4]  # the same depth alone
+    assert lagrange_depths(cost, lam + 3.0).float().mean() < 3.0  # a dearer layer (past the hard clip's 3 edits per layer): fewer layers
