@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -121,11 +122,10 @@ def calibrated_lambda(cost: Tensor, mean_layers: float) -> float:
     """The smallest lambda (bisected) at which k = argmin(cost + lambda * k) per row of ``cost`` [N, L]
     keeps the mean k of these rows at most ``mean_layers``: what a device would take from
     validation clips and then apply to one input at a time (:func:`lagrange_depths`)."""
-    lo, hi = 0.0, float(cost.abs().max()) + 1.0
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if lagrange_depths(cost, mid).float().mean() <= mean_layers else (mid, hi)
-    return hi
+    def within(lam: float) -> bool:
+        return float(lagrange_depths(cost, lam).float().mean()) <= mean_layers
+
+    return _edge(within, inside=float(cost.abs().max()) + 1.0, outside=0.0, steps=60)
 
 
 def lagrange_depths(cost: Tensor, lam: float) -> Tensor:
@@ -144,11 +144,19 @@ def first_confident(conf: Tensor, threshold: float) -> Tensor:
 def exit_threshold(conf: Tensor, mean_layers: float) -> float:
     """The highest threshold (the latest exits) whose exits keep the mean k of ``conf``'s rows at most
     ``mean_layers`` (bisection; a higher threshold never exits earlier)."""
-    lo, hi = 0.0, 1.0 + 1e-6
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if first_confident(conf, mid).float().mean() <= mean_layers else (lo, mid)
-    return lo
+    def within(threshold: float) -> bool:
+        return float(first_confident(conf, threshold).float().mean()) <= mean_layers
+
+    return _edge(within, inside=0.0, outside=1.0 + 1e-6, steps=40)
+
+
+def _edge(within: Callable[[float], bool], inside: float, outside: float, steps: int) -> float:
+    """Bisection between a value where ``within`` holds and one where it need not: the value nearest
+    the edge, after ``steps`` halvings, at which it was seen to hold (``inside`` if never)."""
+    for _ in range(steps):
+        mid = (inside + outside) / 2
+        inside, outside = (mid, outside) if within(mid) else (inside, mid)
+    return inside
 
 
 def cascade(conf: Tensor, mean_layers: float, k1: int, k2: int) -> Tensor:
@@ -226,6 +234,8 @@ def study(tables: dict[str, dict], keeps: list[float], num_layers: int) -> dict:
     predictors = {(m, "val"): fit_predictor(val["pooled"], val["edits"][m]) for m in METHODS if m != "early_exit"}
     if "train" in tables:
         predictors[("selector", "train")] = fit_predictor(tables["train"]["pooled"], tables["train"]["edits"]["selector"])
+    with torch.no_grad():  # predicted edits [N, L] on the validation and test clips, per predictor
+        predicted = {key: (net(val["pooled"]), net(test["pooled"])) for key, (net, _) in predictors.items()}
     rows = []
     for keep in keeps:
         budget = keep * num_layers
@@ -239,13 +249,11 @@ def study(tables: dict[str, dict], keeps: list[float], num_layers: int) -> dict:
             if pair := best_cascade(val["edits"][m], val["conf"][m], val["words"], budget):
                 name = "cascade" if m == "early_exit" else "cascade_bound"
                 plans[f"{name}_{pair[0]}_{pair[1]}"] = cascade(test["conf"][m], budget, *pair)
-            for (pm, fitted_on), (net, _) in predictors.items():
+            for (pm, fitted_on), (on_val, on_test) in predicted.items():
                 if pm == m:
-                    with torch.no_grad():
-                        plans[f"allocated_{fitted_on}"] = allocate(net(test["pooled"]), budget)
-                        if fitted_on == "train":  # the deployable form: lambda from the validation clips
-                            lam = calibrated_lambda(net(val["pooled"]), budget)
-                            plans["allocated_train_lambda_val"] = lagrange_depths(net(test["pooled"]), lam)
+                    plans[f"allocated_{fitted_on}"] = allocate(on_test, budget)
+                    if fitted_on == "train":  # the deployable form: lambda from the validation clips
+                        plans["allocated_train_lambda_val"] = lagrange_depths(on_test, calibrated_lambda(on_val, budget))
             for name, k in plans.items():
                 rows.append({"method": m, "allocation": name, "keep": keep, "wer": wer_of(e, words, k),
                              "mean_layers": float(k.float().mean()),
