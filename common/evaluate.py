@@ -3,7 +3,8 @@
 The front end is the same for all strategies, so it is computed once per batch and its time is
 added to every row; each strategy then runs only its own layers. Rows carry the task's scores
 (accuracy for kws; WER and CER for asr), the mean number of layers run, analytic MACs per
-example and measured ms per example.
+example and measured ms per example. Every method runs exactly k layers per input at a keep ratio,
+except ``adaptive``, whose depth per input averages about k (its ``mean_layers`` is what it ran).
 
 Two extra methods measure what input conditioning could win at most (``oracle_sets`` candidate
 layer sets per budget, the same for all inputs, drawn with a fixed seed, all run with the base
@@ -32,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .data.loading import pad_batch
-from .metrics import error_counts, score
+from .metrics import example_errors, score
 from .model.cost import cost_of
 from .model.dynamic import DynamicModel
 from .model.runner import FrontEnd
@@ -47,11 +48,12 @@ class EvalRow:
     keep: float
     k: int
     scores: dict[str, float]  # accuracy (kws) or wer + cer (asr)
-    mean_layers: float
-    macs: float
+    mean_layers: float  # per clip
+    macs: float  # per example, at the duration-weighted mean of layers (which ``adaptive`` may spend unevenly)
     ms_per_example: float | None  # None for the oracles (they are not a runnable method)
     examples: int
     distinct_sets: int = 0  # distinct layer sets used over the test inputs
+    mean_layers_timed: float = 0.0  # mean layers weighted by clip duration: what compute follows
 
     def __getattr__(self, name: str) -> float:  # row.wer, row.accuracy, ...
         scores = self.__dict__.get("scores", {})
@@ -136,13 +138,6 @@ def best_set_per_group(errs: torch.Tensor, groups: Sequence[str]) -> torch.Tenso
     return choice
 
 
-def _errors(task: str, predictions: Sequence[str], references: Sequence[str]) -> list[float]:
-    """Per-example error count: character edits (asr) or 0/1 (kws)."""
-    if task == "kws":
-        return [float(p != r) for p, r in zip(predictions, references)]
-    return [float(error_counts([p], [r])["char_edits"]) for p, r in zip(predictions, references)]
-
-
 @dataclass
 class _Acc:
     predictions: list[str] = field(default_factory=list)
@@ -176,7 +171,7 @@ def _oracle_batch(model: DynamicModel, front: FrontEnd, texts: list[str], k: int
         keep = cand.unsqueeze(0).expand(front.hidden.shape[0], -1)
         p = head.predict(model.runner.run_layers(front, keep), front.frame_mask)
         preds.append(p)
-        errs.append(_errors(model.task, p, texts))
+        errs.append(example_errors(model.task, p, texts, unit="char"))
     return preds, torch.tensor(errs)  # [C, B]
 
 
@@ -211,13 +206,13 @@ def evaluate(
     cand_errs = {keep: [] for keep in oracle_keeps}
     references: list[str] = []
     front_ms = 0.0
-    seconds = 0.0
+    clip_seconds: list[torch.Tensor] = []
     loader = DataLoader(data, batch_size=batch_size, collate_fn=pad_batch)
     for i, (wave, mask, texts) in enumerate(loader):
         start = time.perf_counter()
         front = model.front_end(wave, mask)
         front_ms += (time.perf_counter() - start) * 1000
-        seconds += float(wave.shape[1] * len(texts) if mask is None else mask.sum()) / 16000
+        clip_seconds.append((torch.full((len(texts),), wave.shape[1]) if mask is None else mask.sum(1)).float() / 16000)
         references += texts
         for method, keep in combos:
             start = time.perf_counter()
@@ -231,7 +226,8 @@ def evaluate(
         if on_batch:
             on_batch(i + 1, len(loader))
     n = len(references)
-    cost = cost_of(model, seconds=seconds / max(1, n))
+    durations = torch.cat(clip_seconds) if clip_seconds else torch.zeros(0)
+    cost = cost_of(model, seconds=float(durations.sum()) / max(1, n))
     best_by_condition: dict[float, dict[str, dict[str, float]]] = {}
     for keep in oracle_keeps:
         errs = torch.cat(cand_errs[keep], dim=1)  # [C, N]
@@ -250,16 +246,18 @@ def evaluate(
     rows, usage, by_condition = [], {}, {}
     for (method, keep), a in acc.items():
         mean_layers = a.layers / n
-        runs_selector = method == "selector" and _selector_runs(model, model.k_for(keep))
+        masks = torch.cat(a.masks).float()  # [N, L]
+        timed = float((masks.sum(1) * durations).sum() / durations.sum().clamp(min=1e-9))
+        runs_selector = (method == "selector" and _selector_runs(model, model.k_for(keep))) or method == "adaptive"
+        chooser = model.strategy("adaptive").chooser.macs() if method == "adaptive" else 0
         rows.append(EvalRow(
             method=method, keep=keep, k=model.k_for(keep), scores=score(model.task, a.predictions, references),
-            mean_layers=mean_layers, macs=cost.total(mean_layers, with_selector=runs_selector),
+            mean_layers=mean_layers, macs=cost.total(timed, with_selector=runs_selector) + chooser, mean_layers_timed=timed,
             ms_per_example=(front_ms + a.ms) / n if method not in ORACLE_METHODS else None,
             examples=n, distinct_sets=len(a.sets),
         ))
         usage.setdefault(method, {})[keep] = (a.usage / n).tolist()
-        if conditions and method in ("selector", "oracle"):
-            masks = torch.cat(a.masks).float()
+        if conditions and method in ("selector", "adaptive", "oracle"):
             by_condition.setdefault(method, {})[keep] = {
                 col: {v: masks[[j for j, x in enumerate(vals) if x == v]].mean(0).tolist() for v in sorted(set(vals))}
                 for col, vals in conditions.items()

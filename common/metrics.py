@@ -52,6 +52,16 @@ def metric_label(metric: str) -> str:
     return "WER" if metric == "wer" else metric
 
 
+def example_errors(task: str, predictions: Sequence[str], references: Sequence[str], unit: str = "word") -> list[float]:
+    """Errors of each example: 0 or 1 (kws: wrong label); asr: its word edits (``unit="word"``) or
+    character edits (``"char"``). Raises ValueError on an unknown task or unit."""
+    if task == "kws":
+        return [float(p != r) for p, r in zip(predictions, references)]
+    if task != "asr" or unit not in ("word", "char"):
+        raise ValueError(f"errors of task {task!r} in unit {unit!r}: kws, or asr with word or char")
+    return [float(error_counts([p], [r])[f"{unit}_edits"]) for p, r in zip(predictions, references)]
+
+
 def score(task: str, predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
     """kws -> ``{"accuracy"}``; asr -> ``{"wer", "cer"}``. Raises ValueError on an unknown task."""
     if len(predictions) != len(references):

@@ -6,6 +6,10 @@
    and selector fitted on a table of layer-set losses first, :mod:`.set_fit`).
 3. ``joint`` (``joint_epochs``; ``asr`` default 6, ``kws`` 0): the encoder layers fine-tuned with every
    strategy's head on the layer sets it runs; front end and scorers frozen, one encoder for all.
+4. ``depth`` (``depth_clips``; ``asr`` default 4096, ``kws`` 0): the ``adaptive`` strategy's depth
+   chooser fitted on the selector's errors at every depth (:mod:`.depth_fit`): a fit after the last
+   epoch, logged as stage "depth"; the run's progress stays at its last trained stage, and any epoch
+   trained later (more joint epochs) makes it fit again.
 
 After every epoch (and every set-table fit) the run folder holds the model, the optimiser (named by
 its stage) and the progress, so an interrupted ``ldfleet train`` resumes where it stopped; given
@@ -23,6 +27,7 @@ import torch
 from safetensors import SafetensorError
 from torch.utils.data import Dataset
 
+from .depth_fit import fit_depth
 from .joint_train import joint_optimizer, train_joint_epoch
 from .model.backbone import load_backbone
 from .model.checkpoint import load_model, save_model
@@ -153,9 +158,10 @@ class Trainer:
             saved_cfg, self.state = saved
             known = {k: v for k, v in saved_cfg.items() if k in TrainConfig.__dataclass_fields__}
             self.cfg = TrainConfig(**{**known, "epochs": cfg.epochs, "strategy_epochs": cfg.strategy_epochs,
-                                       "joint_epochs": joint_epochs_for(cfg, saved_cfg)})
-            if saved_cfg.get("joint_epochs", 0) != self.cfg.joint_epochs:  # stage 3 added or changed: record it
-                (self.run / CONFIG_FILE).write_text(json.dumps({**saved_cfg, "joint_epochs": self.cfg.joint_epochs}, indent=2))
+                                       "joint_epochs": joint_epochs_for(cfg, saved_cfg), "depth_clips": cfg.depth_clips})
+            changed = {k: getattr(self.cfg, k) for k in ("joint_epochs", "depth_clips") if saved_cfg.get(k, 0) != getattr(self.cfg, k)}
+            if changed:  # stage 3 or 4 added or changed: record it
+                (self.run / CONFIG_FILE).write_text(json.dumps({**saved_cfg, **changed}, indent=2))
             self.model = load_model(self.run)
             self.log(f"resuming {self.run}: stage {self.state.stage}, {self.state.epoch} epoch(s) done")
         else:
@@ -252,10 +258,34 @@ class Trainer:
             optimizer = self._optimizer(stage)
             for epoch in range(self.state.epoch, self.epochs_for(stage)):
                 stats = self._train_epoch(stage, epoch, optimizer, on_step)
+                self.model.strategy("adaptive").chooser.fitted.zero_()  # the selector or the encoder changed: fit again
                 self._end_epoch(stage, epoch, stats, optimizer)
+        self._fit_depth_pending(on_step)
         self.state.done = True
         self._save(None)
         return self.state
+
+    def _fit_depth_pending(self, on_step: StepCallback | None) -> None:
+        """The depth fit (stage 4) when ``depth_clips`` asks for it and the run's chooser is not fitted
+        (or was fitted before the last epoch)."""
+        if not self.cfg.depth_clips or self.model.strategy("adaptive").chooser.is_fitted:
+            return
+        if self._train_cache is None:
+            self._train_cache = cache_front_ends(self.model, self.train_data)
+        try:
+            fitted = fit_depth(self.model, self._train_cache, self._validation_cache(), self.cfg.depth_clips, self.cfg.seed,
+                               on_step=partial(on_step, "depth") if on_step else None)
+        except ValueError as exc:  # too few clips: the run stays usable at fixed depths
+            self.log(f"depth stage skipped: {exc}")
+            return
+        k = self.model.k_for(0.5)
+        stats = {"stage": "depth", "epoch": 0, "fit": "depth", **fitted,
+                 **prefixed("val_", validate(self.model, self._validation_cache(), "adaptive", k))}
+        self.state.history.append(stats)
+        self._save(None)
+        metric = self.metric
+        self.log(f"depth chooser fitted on {fitted['clips']} clips ({fitted['epochs']} epochs): "
+                 f"val {metric} {stats['val_' + metric]:.3f} at a mean of k={k}")
 
     def _prepare_frozen_front_end(self, stage: str, on_step: StepCallback | None) -> None:
         """Stages after the backbone's: cache the training front ends (and the distillation teacher), and

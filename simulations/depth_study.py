@@ -18,7 +18,7 @@ Phases:
    * ``allocated_oracle``: depths chosen (:func:`allocate`) on the test clips' own edits: what a
      perfect depth predictor could win (and some luck: the best k of each clip on that clip);
    * ``allocated_val`` / ``allocated_train``: the same with edits predicted from pooled features by a
-     small MLP fitted on the validation clips (speaker-disjoint from the test clips) or on the
+     small MLP (the ``adaptive`` strategy's :class:`~ldfleet.common.model.depth.DepthChooser`) fitted on the validation clips (speaker-disjoint from the test clips) or on the
      training clips (many more, but the model has seen them, so their edits are few);
    * ``confident_exit`` (early exit only): the first k whose confidence reaches a threshold, set to
      the budget — the field's standard variable-depth baseline;
@@ -31,7 +31,8 @@ Phases:
    confidences (never their transcripts), all of them at once, so they fit the budget exactly; a
    device would instead use a lambda or threshold calibrated beforehand, as
    ``allocated_train_lambda_val`` does (each clip's k = argmin of predicted edits + lambda * k, lambda
-   set on the validation clips, so its mean depth on the test clips may miss the budget a little);
+   set on the validation clips, so its mean depth on the test clips may miss the budget a little):
+   the form the product took as the ``adaptive`` strategy (``ldfleet train``'s stage 4, ``ldfleet eval``);
 3. OUT/report.json and a table on stdout.
 """
 
@@ -40,16 +41,16 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from ldfleet.common.data.loading import load_task_data, pad_batch
 from ldfleet.common.metrics import error_counts
 from ldfleet.common.model.checkpoint import load_model
+from ldfleet.common.model.depth import bisect_edge, calibrated_lambda, fit_error_predictor, lagrange_depths
 from ldfleet.common.model.dynamic import DynamicModel
 from ldfleet.common.model.selector import pooled_features
 from ldfleet.common.trainer import source_progress, strategies_trained
@@ -118,22 +119,6 @@ def allocate(cost: Tensor, mean_layers: float) -> Tensor:
     return k
 
 
-def calibrated_lambda(cost: Tensor, mean_layers: float) -> float:
-    """The smallest lambda (bisected) at which k = argmin(cost + lambda * k) per row of ``cost`` [N, L]
-    keeps the mean k of these rows at most ``mean_layers``: what a device would take from
-    validation clips and then apply to one input at a time (:func:`lagrange_depths`)."""
-    def within(lam: float) -> bool:
-        return float(lagrange_depths(cost, lam).float().mean()) <= mean_layers
-
-    return _edge(within, inside=float(cost.abs().max()) + 1.0, outside=0.0, steps=60)
-
-
-def lagrange_depths(cost: Tensor, lam: float) -> Tensor:
-    """Per row of ``cost`` [N, L] the depth k (1..L) minimising cost + lambda * k."""
-    ks = torch.arange(1, cost.shape[1] + 1, dtype=cost.dtype)
-    return (cost + lam * ks).argmin(1) + 1
-
-
 def first_confident(conf: Tensor, threshold: float) -> Tensor:
     """Per row of ``conf`` [N, L] the first k whose confidence reaches ``threshold`` (L if none)."""
     ok = conf >= threshold
@@ -147,16 +132,7 @@ def exit_threshold(conf: Tensor, mean_layers: float) -> float:
     def within(threshold: float) -> bool:
         return float(first_confident(conf, threshold).float().mean()) <= mean_layers
 
-    return _edge(within, inside=0.0, outside=1.0 + 1e-6, steps=40)
-
-
-def _edge(within: Callable[[float], bool], inside: float, outside: float, steps: int) -> float:
-    """Bisection between a value where ``within`` holds and one where it need not: the value nearest
-    the edge, after ``steps`` halvings, at which it was seen to hold (``inside`` if never)."""
-    for _ in range(steps):
-        mid = (inside + outside) / 2
-        inside, outside = (mid, outside) if within(mid) else (inside, mid)
-    return inside
+    return bisect_edge(within, inside=0.0, outside=1.0 + 1e-6, steps=40)
 
 
 def cascade(conf: Tensor, mean_layers: float, k1: int, k2: int) -> Tensor:
@@ -176,53 +152,6 @@ def best_cascade(edits: Tensor, conf: Tensor, words: Tensor, mean_layers: float)
     return min(pairs, key=lambda p: wer_of(edits, words, cascade(conf, mean_layers, *p)), default=None)
 
 
-class EditPredictor(nn.Module):
-    """Predicted word edits per clip at every k, [N, L], from pooled features [N, 2D] (Poisson rates)."""
-
-    def __init__(self, dim: int, num_layers: int, hidden: int = 64):
-        super().__init__()
-        self.norm = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(0.2), nn.Linear(hidden, num_layers))
-
-    def log_rate(self, pooled: Tensor) -> Tensor:
-        return self.mlp(self.norm(pooled))
-
-    def forward(self, pooled: Tensor) -> Tensor:
-        return self.log_rate(pooled).exp()
-
-
-def fit_predictor(pooled: Tensor, edits: Tensor, epochs: int = 200, folds: int = 5, seed: int = 0) -> tuple[EditPredictor, dict]:
-    """An :class:`EditPredictor` fitted by Poisson likelihood; the epoch count chosen by ``folds``-fold
-    cross-validation on these clips, then one fit on all of them."""
-    def train(rows: Tensor, n_epochs: int, held: Tensor | None = None) -> tuple[EditPredictor, list[float]]:
-        torch.manual_seed(seed)
-        net = EditPredictor(pooled.shape[1], edits.shape[1])
-        opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-2)
-        gen = torch.Generator().manual_seed(seed)
-        curve = []
-        for _ in range(n_epochs):
-            net.train()
-            for b in rows[torch.randperm(len(rows), generator=gen)].split(64):
-                loss = nn.functional.poisson_nll_loss(net.log_rate(pooled[b]), edits[b], log_input=True)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-            if held is not None:
-                net.eval()
-                with torch.no_grad():
-                    curve.append(float(nn.functional.poisson_nll_loss(net.log_rate(pooled[held]), edits[held], log_input=True)))
-        net.eval()
-        return net, curve
-
-    order = torch.randperm(len(pooled), generator=torch.Generator().manual_seed(seed))
-    parts = order.tensor_split(folds)
-    curves = [train(torch.cat([p for j, p in enumerate(parts) if j != i]), epochs, parts[i])[1] for i in range(folds)]
-    mean_curve = torch.tensor(curves).mean(0)
-    best = int(mean_curve.argmin()) + 1
-    net, _ = train(order, best)
-    return net, {"epochs": best, "cv_loss": float(mean_curve[best - 1]), "cv_loss_first_epoch": float(mean_curve[0])}
-
-
 def wer_of(edits: Tensor, words: Tensor, k: Tensor) -> float:
     return float(edits.gather(1, (k - 1).unsqueeze(1)).sum() / words.sum())
 
@@ -231,9 +160,9 @@ def study(tables: dict[str, dict], keeps: list[float], num_layers: int) -> dict:
     """Phase 2 on the clip tables (``val``, ``test``, optionally ``train`` with the selector only):
     rows {method, allocation, keep, wer, mean_layers, depths}."""
     val, test = tables["val"], tables["test"]
-    predictors = {(m, "val"): fit_predictor(val["pooled"], val["edits"][m]) for m in METHODS if m != "early_exit"}
+    predictors = {(m, "val"): fit_error_predictor(val["pooled"], val["edits"][m]) for m in METHODS if m != "early_exit"}
     if "train" in tables:
-        predictors[("selector", "train")] = fit_predictor(tables["train"]["pooled"], tables["train"]["edits"]["selector"])
+        predictors[("selector", "train")] = fit_error_predictor(tables["train"]["pooled"], tables["train"]["edits"]["selector"])
     with torch.no_grad():  # predicted edits [N, L] on the validation and test clips, per predictor
         predicted = {key: (net(val["pooled"]), net(test["pooled"])) for key, (net, _) in predictors.items()}
     rows = []

@@ -146,9 +146,11 @@ def prepare_warm(scn: Scenario, data_dir: Path, cache_dir: Path, train_indices: 
     if not done:
         splits = load_pool_splits(data_dir, scn.data.split_seed, scn.task)
         # set_table=0: the fleet learns the selector's scores (by gradient, on the devices), not a set table;
-        # joint_epochs=0: the warm backbone is the stage-1 one the devices keep frozen
+        # joint_epochs=0: the warm backbone is the stage-1 one the devices keep frozen; depth_clips=0: devices run
+        # exactly their class's k layers (no adaptive depth chooser)
         cfg = config_for(scn.task, backbone=w.backbone, family=w.family, epochs=w.epochs, strategy_epochs=0,
-                         batch_size=w.batch_size, seed=w.seed, lr=w.lr, layerdrop=w.layerdrop, set_table=0, joint_epochs=0)
+                         batch_size=w.batch_size, seed=w.seed, lr=w.lr, layerdrop=w.layerdrop, set_table=0, joint_epochs=0,
+                         depth_clips=0)
         train = splits["train"].subset(train_indices)
         # per-stage epochs: Trainer uses one strategy_epochs for all stage-2 strategies, so run it per stage
         trainer = Trainer(out, train, splits["val"], cfg, log=log_fn or (lambda *_: None))

@@ -197,6 +197,10 @@ def test_tiny_asr_train_then_eval_through_the_cli(asr_corpus, tmp_path):
         row = rows[(method, 0.5)]
         assert {"wer", "cer", "mean_layers", "ms_per_example", "distinct_sets"} <= set(row) and row["mean_layers"] == 4
     assert rows[("full", 1.0)]["mean_layers"] == 8 and 0 <= rows[("full", 1.0)]["wer"]
+    # stage 4 (asr default) fitted the adaptive strategy's depth chooser: a depth per clip at a mean of k
+    adaptive = rows[("adaptive", 0.5)]
+    assert 1 <= adaptive["mean_layers"] <= 8 and adaptive["macs"] > rows[("selector", 0.5)]["macs"] * 0.1
+    assert "adaptive" in report["usage_by_condition"]
     assert rows[("oracle", 0.5)]["cer"] <= rows[("oracle_static", 0.5)]["cer"]
     (room,) = report["headroom"]
     best, oracle, sel = (rows[(m, 0.5)]["wer"] for m in ("oracle_static", "oracle", "selector"))
@@ -211,9 +215,14 @@ def test_tiny_asr_train_then_eval_through_the_cli(asr_corpus, tmp_path):
     assert table.exit_code == 0 and "wer" in table.output and "by condition" in table.output
     assert "input conditioning could win" in table.output and "best set per value of one condition" in table.output
     history = json.loads((run / "train_state.json").read_text())["history"]
-    assert [h["stage"] for h in history][-1] == "joint"
+    assert [h["stage"] for h in history][-2:] == ["joint", "depth"]
+    assert len(history[-1]["lambdas"]) == 8 and history[-1]["clips"] == sum(
+        r["split"] == "train" for r in csv.DictReader(open(out / "metadata.csv")))
     again = cli.invoke(app, ["train", "--task", "asr", "--data", str(out), "--out", str(run)])  # finished: nothing added
     assert again.exit_code == 0 and json.loads((run / "train_state.json").read_text())["history"] == history
+    more = cli.invoke(app, ["train", "--task", "asr", "--data", str(out), "--out", str(run), "--joint-epochs", "2"])
+    assert more.exit_code == 0, more.output  # one more joint epoch changes the encoder: the chooser is fitted again
+    assert [h["stage"] for h in json.loads((run / "train_state.json").read_text())["history"]][-4:] == ["joint", "depth", "joint", "depth"]
     # the asr default fits static and selector on a layer-set table of CTC losses, then tunes their heads;
     # from a run, stage 3 (which would tune the encoder) runs only when asked for
     fitted = cli.invoke(app, ["train", "--task", "asr", "--data", str(out), "--out", str(tmp_path / "table"),

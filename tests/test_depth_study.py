@@ -4,9 +4,7 @@ exits, the edit predictor. The study itself needs a trained speech-recognition r
 import pytest
 import torch
 
-from ldfleet.simulations.depth_study import (
-    allocate, best_cascade, calibrated_lambda, cascade, exit_threshold, first_confident, fit_predictor, lagrange_depths,
-)
+from ldfleet.simulations.depth_study import allocate, best_cascade, cascade, exit_threshold, first_confident
 
 
 def test_allocate_gives_the_layers_to_the_clips_that_lose_most_without_them():
@@ -36,20 +34,6 @@ def test_first_confident_exits_at_the_first_layer_over_the_threshold_and_the_thr
     assert first_confident(conf, t).tolist() == [1, 2, 3]
 
 
-def test_edit_predictor_learns_which_clips_are_hard():
-    torch.manual_seed(0)
-    pooled = torch.randn(300, 6)
-    hard = pooled[:, 0] > pooled[:, 1]
-    edits = torch.stack([torch.where(hard, 4.0, 1.0), torch.where(hard, 2.0, 0.0)], dim=1)  # [N, L=2]
-    net, info = fit_predictor(pooled, torch.poisson(edits), epochs=30, folds=3)
-    assert info["cv_loss"] < info["cv_loss_first_epoch"]
-    test = torch.randn(200, 6)
-    with torch.no_grad():
-        pred = net(test)
-    truly_hard = test[:, 0] > test[:, 1]
-    assert float(pred[truly_hard, 1].mean()) > 3 * float(pred[~truly_hard, 1].mean())
-
-
 def test_cascade_escalates_the_least_confident_clips_within_the_budget():
     conf = torch.tensor([[0.9, 0.0, 0.0], [0.2, 0.0, 0.0], [0.5, 0.0, 0.0], [0.95, 0.0, 0.0]])
     k = cascade(conf, mean_layers=1.5, k1=1, k2=3)  # a quarter of the clips can go from 1 to 3 layers
@@ -58,11 +42,3 @@ def test_cascade_escalates_the_least_confident_clips_within_the_budget():
     # 1 -> 2 escalates both unsure clips and fixes both; 1 -> 3 can afford only the least sure one
     assert best_cascade(edits, conf, torch.ones(4), mean_layers=1.5) == (1, 2)
     assert best_cascade(edits, conf, torch.ones(4), mean_layers=3.0) is None  # no deeper k2 to go on to
-
-
-def test_a_lambda_calibrated_on_some_clips_sets_depths_one_clip_at_a_time():
-    cost = torch.tensor([[3.0, 0.5, 0.0, 0.0], [9.0, 6.0, 3.0, 0.0]])  # an easy clip and a hard one
-    lam = calibrated_lambda(cost, mean_layers=3.0)
-    assert lagrange_depths(cost, lam).tolist() == [2, 4]  # the hard clip gets every layer
-    assert lagrange_depths(cost[1:], lam).tolist() == [4]  # the same depth alone
-    assert lagrange_depths(cost, lam + 3.0).float().mean() < 3.0  # a dearer layer (past the hard clip's 3 edits per layer): fewer layers

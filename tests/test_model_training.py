@@ -57,7 +57,8 @@ def test_eval_json_rows_cover_every_method_and_budget(trained_run, corpus):
     result = runner.invoke(app, ["eval", "--run", str(trained_run), "--data", str(corpus), "--keep", "0.25,0.5",
                                  "--json"])
     assert result.exit_code == 0, result.output
-    out = json.loads(result.output)
+    assert "no adaptive rows" in result.stderr  # kws trains no depth chooser by default: said, not an error
+    out = json.loads(result.stdout)
     rows = {(r["method"], r["keep"]): r for r in out["rows"]}
     methods = ("random", "early_exit", "static", "selector", "oracle", "oracle_static")
     assert set(rows) == {("full", 1.0)} | {(m, k) for m in methods for k in (0.25, 0.5)}
@@ -80,6 +81,8 @@ def test_eval_table_and_bad_input(trained_run, corpus, tmp_path):
     assert table.exit_code == 0 and "selector" in table.output and "share of inputs" in table.output
     bad_keep = runner.invoke(app, ["eval", "--run", str(trained_run), "--data", str(corpus), "--keep", "1.5"])
     assert bad_keep.exit_code != 0 and "keep ratios must be in (0, 1]" in bad_keep.output
+    unfitted = runner.invoke(app, ["eval", "--run", str(trained_run), "--data", str(corpus), "--methods", "adaptive"])
+    assert unfitted.exit_code == 2 and "--depth-clips" in unfitted.output
     bad_method = runner.invoke(app, ["eval", "--run", str(trained_run), "--data", str(corpus), "--methods", "bogus"])
     assert bad_method.exit_code != 0 and "unknown methods" in bad_method.output
     no_run = runner.invoke(app, ["eval", "--run", str(tmp_path / "nope"), "--data", str(corpus)])

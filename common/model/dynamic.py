@@ -18,7 +18,7 @@ from ..budget import layers_for_keep
 from .heads import TaskHead, copy_head
 from .inputs import InputSpec, spec_of
 from .runner import FrontEnd, LayerRunner, normalize_waveform
-from .strategies import STRATEGY_NAMES, LayerChoice, build_strategies
+from .strategies import STRATEGY_NAMES, AdaptiveDepth, LayerChoice, build_strategies
 
 HEAD_NAMES = ("base", "early_exit", "static", "selector")
 
@@ -78,9 +78,17 @@ class DynamicModel(nn.Module):
             waveform = normalize_waveform(waveform, attention_mask)
         return self.runner.front_end(waveform, attention_mask)
 
+    def choose(self, front: FrontEnd, strategy: str, k: int, generator: torch.Generator | None = None) -> Tensor:
+        """Keep mask ``[B, L]`` of ``strategy`` at ``k`` layers (``adaptive``: a mean of k, its sets from
+        the strategy it names)."""
+        choice = self.strategy(strategy)
+        if isinstance(choice, AdaptiveDepth):
+            return choice.choose_with(self.strategy(choice.sets_from), front, k, generator)
+        return choice.choose(front, k, generator)
+
     def run(self, front: FrontEnd, strategy: str, k: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Hard-mask encoder pass: ``(hidden [B, T, D], keep [B, L])`` for ``strategy`` at ``k`` layers."""
-        keep = self.strategy(strategy).choose(front, k, generator)
+        keep = self.choose(front, strategy, k, generator)
         return self.runner.run_layers(front, keep), keep
 
     def classify(self, front: FrontEnd, strategy: str, k: int, generator: torch.Generator | None = None) -> Output:

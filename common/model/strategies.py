@@ -1,7 +1,7 @@
 """Layer-choice strategies behind one interface, so every comparison runs through the same harness.
 
 A strategy turns the front-end output of a batch and a layer count ``k`` into a keep mask
-``[B, L]``. Learned strategies (``static``, ``selector``) also give straight-through gates for
+``[B, L]``: exactly k layers per input, except ``adaptive``, which runs a mean of k. Learned strategies (``static``, ``selector``) also give straight-through gates for
 training. Each strategy names the task head it is evaluated with: ``full`` and ``random`` use the
 base head trained with random layer dropping; the others fine-tune their own head for their masks.
 """
@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .depth import DepthChooser
 from .runner import FrontEnd
-from .selector import LayerSelector, StaticScores, gumbel_noise, straight_through_topk, topk_mask
+from .selector import LayerSelector, StaticScores, gumbel_noise, pooled_features, straight_through_topk, topk_mask
 
 
 class LayerChoice(nn.Module):
@@ -103,7 +104,40 @@ class InputSelector(ScoredChoice):
         self.scorer = LayerSelector(feature_dim, num_layers, hidden, budget)
 
 
-STRATEGY_NAMES = ("full", "random", "early_exit", "static", "selector")
+class AdaptiveDepth(LayerChoice):
+    """The selector with a depth per input: a mean of k layers over inputs instead of k on each.
+
+    Its :class:`~.depth.DepthChooser` gives each input a depth d (1..L) from its pooled front-end
+    features; the layers run at depth d are another strategy's (``sets_from``, the selector's) choice
+    at d, with that strategy's head. It needs that strategy, so it runs through
+    ``DynamicModel.choose``; ``choose`` alone raises TypeError.
+    """
+
+    name = "adaptive"
+    head = "selector"
+    sets_from = "selector"
+
+    def __init__(self, num_layers: int, feature_dim: int):
+        super().__init__(num_layers)
+        self.chooser = DepthChooser(feature_dim, num_layers)
+
+    def choose(self, front, k, generator=None):
+        raise TypeError("adaptive depth takes its layer sets from the selector: use DynamicModel.choose")
+
+    def choose_with(self, sets: LayerChoice, front: FrontEnd, k: int, generator: torch.Generator | None = None) -> Tensor:
+        """Keep mask [B, L]: row i keeps ``sets``' choice at depth d_i, the chooser's depth for input i at
+        a duration-weighted mean of ``k``. Raises ValueError when the chooser is unfitted."""
+        frames = (torch.full((front.hidden.shape[0],), front.hidden.shape[1]) if front.frame_mask is None
+                  else front.frame_mask.sum(1))
+        depth = self.chooser.depths(pooled_features(front.features, front.frame_mask), k, frames).to(front.hidden.device)
+        keep = torch.zeros(front.hidden.shape[0], self.num_layers, dtype=torch.bool, device=front.hidden.device)
+        for d in depth.unique().tolist():
+            rows = depth == d
+            keep[rows] = sets.choose(front, d, generator)[rows]
+        return keep
+
+
+STRATEGY_NAMES = ("full", "random", "early_exit", "static", "selector", "adaptive")
 
 
 def build_strategies(num_layers: int, feature_dim: int, selector_hidden: int = 64, selector_budget: bool = False,
@@ -116,5 +150,6 @@ def build_strategies(num_layers: int, feature_dim: int, selector_hidden: int = 6
             "early_exit": EarlyExit(num_layers),
             "static": StaticMask(num_layers, static_budget),
             "selector": InputSelector(num_layers, feature_dim, selector_hidden, selector_budget),
+            "adaptive": AdaptiveDepth(num_layers, feature_dim),
         }
     )

@@ -102,6 +102,7 @@ def train(
     set_table: Optional[int] = typer.Option(None, "--set-table", min=0, help="Fit static and selector on every layer set's loss over N training clips (and N/4 validation clips) instead of by straight-through gates: a per-k static takes each k's lowest-loss set, the selector starts from it; then --strategy-epochs train only their heads, on those sets (0: keep the base head) \\[default: kws 0 = gates, asr 512].", show_default=False),
     joint_epochs: Optional[int] = typer.Option(None, "--joint-epochs", min=0, help="Stage 3: epochs fine-tuning the shared encoder layers together with every strategy's head, each on the layer sets it runs (random: a random k-layer set per input; early exit: the first k; static, selector: their chosen sets; k drawn per batch); the front end and the scorers stay frozen. Given on a finished run, adds them (re-running without it keeps the run's own) \\[default: kws 0, asr 6; with --from-run 0].", show_default=False),
     from_run: Optional[Path] = typer.Option(None, "--from-run", help="Skip stage 1: train only the stage-2 strategies, with this command's options, on the backbone and base head of RUN (a finished stage 1 on the same data), e.g. to compare --selector-budget or --distill without training the encoder again (stage 3 runs only when --joint-epochs is given).", show_default=False),
+    depth_clips: Optional[int] = typer.Option(None, "--depth-clips", min=0, help="Stage 4: fit the `adaptive` strategy's depth chooser (a depth per input at a mean of k layers, its layers the selector's) on the selector's errors at every depth over N training clips, calibrated on the validation clips; a fit of a minute or two. Given on a finished run, fits it if it is not fitted (0: no stage 4) \\[default: kws 0, asr 4096].", show_default=False),
     seed: int = typer.Option(0, help="Seed for initialisation, data order, splits and augmentation."),
     threads: int = typer.Option(0, min=0, help="torch threads (0 = torch's default)."),
     strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
@@ -111,7 +112,8 @@ def train(
     Stage 1 tunes the backbone and the task head (label classes, or CTC over characters or words) with random
     per-example layer dropping; stage 2 freezes the backbone and trains the early-exit head, the
     static mask and the input-conditioned selector; stage 3 (--joint-epochs) fine-tunes the encoder layers
-    with every strategy on its own layer sets. Checkpoints (safetensors) are written after every epoch;
+    with every strategy on its own layer sets; stage 4 (--depth-clips) fits the depth chooser of `adaptive`,
+    the selector with a depth per input. Checkpoints (safetensors) are written after every epoch;
     running the same command again resumes an interrupted run.
     """
     import torch
@@ -133,7 +135,8 @@ def train(
     cfg = config_for(task, backbone=backbone, family=family, epochs=epochs, strategy_epochs=strategy_epochs,
                      layerdrop=layerdrop, batch_size=batch_size, lr=lr, distill=distill, selector_budget=selector_budget, oracle_weight=oracle_weight, seed=seed,
                      labels=list(task_data.labels) if task_data.labels else None, tokens=tokens,
-                     from_run=str(from_run) if from_run else None, set_table=set_table, joint_epochs=joint_epochs)
+                     from_run=str(from_run) if from_run else None, set_table=set_table, joint_epochs=joint_epochs,
+                     depth_clips=depth_clips)
     try:
         trainer = Trainer(out, splits["train"], splits["val"], cfg, log=console.print)
     except (OSError, ValueError) as exc:
@@ -154,11 +157,16 @@ def train(
     console.print(f"[green]done[/green]: stages {', '.join(stages)}; {len(state.history)} epochs and fits logged in {out}/train_state.json")
 
 
+EVAL_METHODS = "full,random,early_exit,static,selector,adaptive,oracle"
+
+
 def evaluate(
     run: Path = typer.Option(None, "--run", help="A run folder made by `ldfleet train` or `make real-bench` (its task and labels are used)."),
     data: Path = typer.Option(..., "--data", help="kws: Speech Commands folder; asr: audiofolder or manifest (DATA or DATA/SPLIT for --backbone). Its test split (held-out speakers) is used."),
     keep: str = typer.Option("0.25,0.5,0.75,1.0", help="Comma-separated keep ratios."),
-    methods: str = typer.Option("full,random,early_exit,static,selector,oracle", help="Comma-separated methods; oracle also adds oracle_static."),
+    methods: str = typer.Option(EVAL_METHODS, help="Comma-separated methods; oracle also adds oracle_static. adaptive "
+                                "(the selector with a depth per input at a mean of k layers) needs a run whose stage 4 "
+                                "fitted it; by default it is left out where none is."),
     split: str = typer.Option("test", help="train | val | test"),
     seed: int = typer.Option(-1, help="Split seed (default: the run's training seed)."),
     oracle_sets: int = typer.Option(16, min=1, help="Candidate layer sets per budget for the oracle rows."),
@@ -200,7 +208,9 @@ def evaluate(
     if backbone is not None or is_whisper_run(run):
         from ldfleet.commands.whisper_eval import eval_whisper
 
-        eval_whisper(run if backbone is None else None, backbone, data, split, [m for m in names if m in STRATEGY_NAMES],
+        if "adaptive" in names and methods != EVAL_METHODS:
+            raise typer.BadParameter("adaptive depth is not fitted for Whisper: leave it out of --methods")
+        eval_whisper(run if backbone is None else None, backbone, data, split, [m for m in names if m in STRATEGY_NAMES and m != "adaptive"],
                      keeps, language, pad_to_window, limit, batch_size, as_json, _progress)
         return
     try:
@@ -223,6 +233,12 @@ def evaluate(
         fail(f"the {split} split of {data} is empty")
     conditions = _conditions(dataset)
     model = load_model(run)
+    if "adaptive" in names and not model.strategy("adaptive").chooser.is_fitted:
+        if methods != EVAL_METHODS:
+            fail(f"{run} has no fitted depth chooser for adaptive: `ldfleet train --data DATA --out {run} --depth-clips 4096` "
+                 "fits it on the finished run (stage 4), or leave adaptive out of --methods")
+        names.remove("adaptive")
+        err.print(f"note: no adaptive rows ({run} has no fitted depth chooser; see `ldfleet train --help`, --depth-clips)")
     with _progress() as progress:
         bar = progress.add_task(f"eval {split}", total=None)
         result = run_eval(model, dataset, names, keeps, oracle_sets=oracle_sets, conditions=conditions,
@@ -241,8 +257,8 @@ def evaluate(
     console.print(table)
     headroom = result.headroom()
     if headroom:
-        err = "WER" if task != "kws" else "error"
-        room = Table(title=f"what input conditioning could win ({err}): best single set vs per-input oracle")
+        unit = "WER" if task != "kws" else "error"
+        room = Table(title=f"what input conditioning could win ({unit}): best single set vs per-input oracle")
         for col in ("keep", "best single set", "oracle", "headroom", "selector", "selector captured"):
             room.add_column(col, justify="right")
         for h in headroom:
@@ -253,7 +269,7 @@ def evaluate(
         console.print(room)
         columns = sorted({c for h in headroom for c in h["by_condition"]})
         if columns:
-            cond = Table(title=f"{err} of the best set per value of one condition (a selector that sees only it)")
+            cond = Table(title=f"{unit} of the best set per value of one condition (a selector that sees only it)")
             for col in ("keep", "best single set", *columns, "oracle"):
                 cond.add_column(col, justify="right")
             for h in headroom:
@@ -325,7 +341,8 @@ def demo(
         synthesize_corpus(SynthConfig(out=data, seed=seed))
     train(data=data, out=out, task="kws", labels="keywords", backbone="tiny", family="wavlm", epochs=epochs,
           strategy_epochs=strategy_epochs, layerdrop=0.1, batch_size=32, lr=None, distill=None, selector_budget=None,
-          oracle_weight=None, set_table=None, joint_epochs=None, from_run=None, seed=seed, threads=0, strict=False)
+          oracle_weight=None, set_table=None, joint_epochs=None, from_run=None, depth_clips=None, seed=seed, threads=0,
+          strict=False)
     evaluate(run=out, data=data, keep="0.25,0.5,0.75,1.0", methods="full,random,early_exit,static,selector",
              split="test", seed=seed, oracle_sets=16, as_json=False, strict=False, backbone=None, task="",
              language="en", pad_to_window=True, limit=0, batch_size=8)
