@@ -1,14 +1,12 @@
 """The adaptive strategy's depth chooser (common/model/depth.py): predicted errors per depth, one
-calibrated lambda per mean depth, a depth per input, the selector's sets at that depth, and the
-training stage that fits it."""
-
-import json
+calibrated lambda per mean depth, a depth per input, the selector's sets at that depth, saving and
+loading (the training stage that fits it: tests/test_asr.py)."""
 
 import pytest
 import torch
 
 from ldfleet.common.model.backbone import load_backbone
-from ldfleet.common.model.depth import DepthChooser, calibrated_lambda, fit_error_predictor, lagrange_depths
+from ldfleet.common.model.depth import calibrated_lambda, fit_error_predictor, lagrange_depths
 from ldfleet.common.model.dynamic import DynamicModel
 from ldfleet.common.model.heads import with_head
 from ldfleet.common.model.selector import pooled_features
