@@ -33,9 +33,9 @@ SETS_FROM = "selector"
 
 @torch.inference_mode()
 def errors_table(model: DynamicModel, cache: FrontEndCache, rows: Tensor, batch_size: int = 64,
-                 on_step: Callable[[int, int], None] | None = None) -> tuple[Tensor, Tensor]:
-    """Pooled features ``[N, 2D]`` and errors ``[N, L]`` (column d-1: the selector at depth d) of the
-    cached clips ``rows`` [N]."""
+                 on_step: Callable[[int, int], None] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Pooled features ``[N, 2D]``, lengths in frames ``[N]`` and errors ``[N, L]`` (column d-1: the
+    selector at depth d) of the cached clips ``rows`` [N]."""
     model.eval()
     head = model.head_for(SETS_FROM)
     pooled, errors = [], []
@@ -50,7 +50,7 @@ def errors_table(model: DynamicModel, cache: FrontEndCache, rows: Tensor, batch_
         errors.append(torch.tensor(per_depth).T)
         if on_step:
             on_step(i + 1, len(batches))
-    return torch.cat(pooled), torch.cat(errors)
+    return torch.cat(pooled), cache.lengths()[rows], torch.cat(errors)
 
 
 def fit_depth(model: DynamicModel, train: FrontEndCache, val: FrontEndCache, clips: int, seed: int = 0,
@@ -63,8 +63,8 @@ def fit_depth(model: DynamicModel, train: FrontEndCache, val: FrontEndCache, cli
         raise ValueError(f"{min(len(train), clips)} training and {len(val)} validation clips: too few to fit a depth chooser")
     gen = torch.Generator().manual_seed(seed)
     rows = torch.randperm(len(train), generator=gen)[:clips]
-    pooled, errors = errors_table(model, train, rows, on_step=on_step)
-    fitted, info = fit_error_predictor(pooled, errors, folds=min(5, len(rows)), seed=seed)
+    pooled, frames, errors = errors_table(model, train, rows, on_step=on_step)
+    fitted, info = fit_error_predictor(pooled, frames, errors, folds=min(5, len(rows)), seed=seed)
     chooser = model.strategy("adaptive").chooser
     chooser.load_state_dict(fitted.state_dict())
     chooser.calibrate(pooled_features(val.features, val.frame_mask), val.lengths())

@@ -70,15 +70,16 @@ def confidence(logits: Tensor, frame_mask: Tensor | None) -> Tensor:
 @torch.inference_mode()
 def clip_table(model: DynamicModel, data, methods=METHODS, batch_size: int = 32) -> dict:
     """Per clip: ``edits[method]`` and ``conf[method]`` [N, L] (column k-1: k layers), ``words`` [N],
-    ``pooled`` [N, 2D]."""
+    ``pooled`` [N, 2D], ``frames`` [N] (lengths)."""
     model.eval()
     L = model.num_layers
     edits = {m: [] for m in methods}
     conf = {m: [] for m in methods}
-    words, pooled = [], []
+    words, pooled, frames = [], [], []
     for wave, mask, texts in DataLoader(data, batch_size=batch_size, collate_fn=pad_batch):
         front = model.front_end(wave, mask)
         pooled.append(pooled_features(front.features, front.frame_mask))
+        frames.append(torch.full((len(texts),), front.hidden.shape[1]) if front.frame_mask is None else front.frame_mask.sum(1))
         words += [error_counts([t], [t])["words"] for t in texts]
         for m in methods:
             e, c = torch.zeros(len(texts), L), torch.zeros(len(texts), L)
@@ -90,7 +91,8 @@ def clip_table(model: DynamicModel, data, methods=METHODS, batch_size: int = 32)
             edits[m].append(e)
             conf[m].append(c)
     return {"edits": {m: torch.cat(v) for m, v in edits.items()}, "conf": {m: torch.cat(v) for m, v in conf.items()},
-            "words": torch.tensor(words, dtype=torch.float), "pooled": torch.cat(pooled)}
+            "words": torch.tensor(words, dtype=torch.float), "pooled": torch.cat(pooled),
+            "frames": torch.cat(frames)}
 
 
 def allocate(cost: Tensor, mean_layers: float) -> Tensor:
@@ -160,11 +162,11 @@ def study(tables: dict[str, dict], keeps: list[float], num_layers: int) -> dict:
     """Phase 2 on the clip tables (``val``, ``test``, optionally ``train`` with the selector only):
     rows {method, allocation, keep, wer, mean_layers, depths}."""
     val, test = tables["val"], tables["test"]
-    predictors = {(m, "val"): fit_error_predictor(val["pooled"], val["edits"][m]) for m in METHODS if m != "early_exit"}
+    predictors = {(m, "val"): fit_error_predictor(val["pooled"], val["frames"], val["edits"][m]) for m in METHODS if m != "early_exit"}
     if "train" in tables:
-        predictors[("selector", "train")] = fit_error_predictor(tables["train"]["pooled"], tables["train"]["edits"]["selector"])
+        predictors[("selector", "train")] = fit_error_predictor(tables["train"]["pooled"], tables["train"]["frames"], tables["train"]["edits"]["selector"])
     with torch.no_grad():  # predicted edits [N, L] on the validation and test clips, per predictor
-        predicted = {key: (net(val["pooled"]), net(test["pooled"])) for key, (net, _) in predictors.items()}
+        predicted = {key: (net(val["pooled"], val["frames"]), net(test["pooled"], test["frames"])) for key, (net, _) in predictors.items()}
     rows = []
     for keep in keeps:
         budget = keep * num_layers
@@ -218,7 +220,7 @@ def main() -> None:
     cached = args.out / "clip-tables.pt"  # phase 1 is the slow part; phase 2 may be re-run on it
     tables = torch.load(cached) if cached.exists() else {}
     made_from = {"run": str(args.run.resolve()), "state": (args.run / "train_state.json").read_text(),
-                 "data": str(args.data.resolve())}  # a run trained further, or other data, is tabled again
+                 "data": str(args.data.resolve()), "tables": 2}  # a run trained further, other data or older tables: again
     if tables.get("made_from") != made_from:
         try:
             splits = load_task_data("asr", args.data, seed=saved.get("seed", 0)).splits

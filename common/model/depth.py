@@ -5,7 +5,7 @@ compute over time, so an input-conditioned model may instead give each input the
 few layers to a clean, slow utterance, all of them to a noisy one — at a mean of k layers.
 
 :class:`DepthChooser` predicts, from the pooled front-end features the selector already computes
-(``[B, 2D]``), an input's expected errors at every depth 1..L (word edits for speech recognition, 0/1
+(``[B, 2D]``) and the input's length, its expected errors at every depth 1..L (word edits for speech recognition, 0/1
 for keyword spotting; Poisson rates from a small MLP). An input then runs at the depth ``d`` that
 minimises ``predicted_errors[d] + lambda_k * d * w``, the Lagrangian relaxation of "fewest errors at a
 mean of k layers" (Everett 1963), where ``w`` is the input's length in frames over the mean length of
@@ -40,7 +40,7 @@ class DepthChooser(nn.Module):
         super().__init__()
         self.num_layers = num_layers
         self.norm = nn.LayerNorm(2 * feature_dim)
-        self.mlp = nn.Sequential(nn.Linear(2 * feature_dim, hidden), nn.GELU(), nn.Dropout(0.2), nn.Linear(hidden, num_layers))
+        self.mlp = nn.Sequential(nn.Linear(2 * feature_dim + 1, hidden), nn.GELU(), nn.Dropout(0.2), nn.Linear(hidden, num_layers))
         self.register_buffer("lambdas", torch.zeros(num_layers + 1))
         self.register_buffer("ref_frames", torch.ones(()))
         self.register_buffer("fitted", torch.zeros(()))
@@ -50,13 +50,15 @@ class DepthChooser(nn.Module):
     def is_fitted(self) -> bool:
         return bool(self.fitted)
 
-    def log_rate(self, pooled: Tensor) -> Tensor:
-        """Log of the predicted errors ``[B, L]`` (column d-1: at depth d) from pooled ``[B, 2D]``."""
-        return self.mlp(self.norm(pooled))
+    def log_rate(self, pooled: Tensor, frames: Tensor) -> Tensor:
+        """Log of the predicted errors ``[B, L]`` (column d-1: at depth d) from pooled features ``[B, 2D]``
+        and lengths in frames ``[B]`` (seen as log(frames / 50): longer clips hold more words)."""
+        length = (frames.float().clamp(min=1) / 50).log().unsqueeze(1).to(pooled.dtype)
+        return self.mlp(torch.cat([self.norm(pooled), length], dim=1))
 
-    def forward(self, pooled: Tensor) -> Tensor:
-        """Predicted errors ``[B, L]`` from pooled features ``[B, 2D]``."""
-        return self.log_rate(pooled).exp()
+    def forward(self, pooled: Tensor, frames: Tensor) -> Tensor:
+        """Predicted errors ``[B, L]`` from pooled features ``[B, 2D]`` and lengths in frames ``[B]``."""
+        return self.log_rate(pooled, frames).exp()
 
     def macs(self) -> int:
         """Multiply-accumulates per input of the predictor's linear layers (the pooling is the selector's)."""
@@ -68,7 +70,7 @@ class DepthChooser(nn.Module):
         ``[N, 2D]`` and lengths in frames ``[N]``; for each k, the smallest lambda whose depths keep
         these clips' duration-weighted mean depth at most k."""
         self.ref_frames.fill_(float(frames.float().mean()))
-        predicted, weights = self(pooled), frames.float() / self.ref_frames
+        predicted, weights = self(pooled, frames), frames.float() / self.ref_frames
         for k in range(1, self.num_layers + 1):
             self.lambdas[k] = calibrated_lambda(predicted, float(k), weights)
         self.fitted.fill_(1.0)
@@ -83,7 +85,7 @@ class DepthChooser(nn.Module):
             raise ValueError("this run has no fitted depth chooser: run `ldfleet train` on it again to add the depth stage")
         if k >= self.num_layers:
             return torch.full((pooled.shape[0],), self.num_layers, dtype=torch.long, device=pooled.device)
-        return lagrange_depths(self(pooled), float(self.lambdas[k]), frames.float() / self.ref_frames)
+        return lagrange_depths(self(pooled, frames), float(self.lambdas[k]), frames.float() / self.ref_frames)
 
 
 def _state_may_be_absent(module: DepthChooser, state_dict: dict, prefix: str, *args) -> None:
@@ -125,10 +127,10 @@ def bisect_edge(within: Callable[[float], bool], inside: float, outside: float, 
     return inside
 
 
-def fit_error_predictor(pooled: Tensor, errors: Tensor, hidden: int = 64, epochs: int = 200, folds: int = 5,
-                        seed: int = 0) -> tuple[DepthChooser, dict]:
+def fit_error_predictor(pooled: Tensor, frames: Tensor, errors: Tensor, hidden: int = 64, epochs: int = 200,
+                        folds: int = 5, seed: int = 0) -> tuple[DepthChooser, dict]:
     """A :class:`DepthChooser`'s predictor fitted by Poisson likelihood to ``errors`` [N, L] (errors of
-    each clip at every depth) from ``pooled`` [N, 2D]; the epoch count chosen by ``folds``-fold
+    each clip at every depth) from ``pooled`` [N, 2D] and ``frames`` [N]; the epoch count chosen by ``folds``-fold
     cross-validation on these clips, then one fit on all of them. Not calibrated (:meth:`DepthChooser.calibrate`). Returns it and ``{"epochs", "cv_loss",
     "cv_loss_first_epoch"}`` (held-out Poisson NLL per clip and depth).
     Raises ValueError with fewer clips than folds."""
@@ -144,14 +146,14 @@ def fit_error_predictor(pooled: Tensor, errors: Tensor, hidden: int = 64, epochs
         for _ in range(n_epochs):
             net.train()
             for b in rows[torch.randperm(len(rows), generator=gen)].split(64):
-                loss = nn.functional.poisson_nll_loss(net.log_rate(pooled[b]), errors[b], log_input=True)
+                loss = nn.functional.poisson_nll_loss(net.log_rate(pooled[b], frames[b]), errors[b], log_input=True)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
             if held is not None:
                 net.eval()
                 with torch.no_grad():
-                    curve.append(float(nn.functional.poisson_nll_loss(net.log_rate(pooled[held]), errors[held], log_input=True)))
+                    curve.append(float(nn.functional.poisson_nll_loss(net.log_rate(pooled[held], frames[held]), errors[held], log_input=True)))
         net.eval()
         return net, curve
 
