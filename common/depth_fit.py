@@ -28,16 +28,14 @@ from .model.dynamic import DynamicModel
 from .model.selector import pooled_features
 from .train import FrontEndCache
 
-SETS_FROM = "selector"
-
-
 @torch.inference_mode()
 def errors_table(model: DynamicModel, cache: FrontEndCache, rows: Tensor, batch_size: int = 64,
                  on_step: Callable[[int, int], None] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Pooled features ``[N, 2D]``, lengths in frames ``[N]`` and errors ``[N, L]`` (column d-1: the
     selector at depth d) of the cached clips ``rows`` [N]."""
     model.eval()
-    head = model.head_for(SETS_FROM)
+    sets_from = model.strategy("adaptive").sets_from  # the strategy whose sets (and head) adaptive runs
+    head = model.head_for(sets_from)
     pooled, errors = [], []
     batches = rows.split(batch_size)
     for i, batch in enumerate(batches):
@@ -45,7 +43,7 @@ def errors_table(model: DynamicModel, cache: FrontEndCache, rows: Tensor, batch_
         pooled.append(pooled_features(front.features, front.frame_mask))
         per_depth = []
         for d in range(1, model.num_layers + 1):
-            hidden, _ = model.run(front, SETS_FROM, d)
+            hidden, _ = model.run(front, sets_from, d)
             per_depth.append(example_errors(model.task, head.predict(hidden, front.frame_mask), texts))
         errors.append(torch.tensor(per_depth).T)
         if on_step:

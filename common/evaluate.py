@@ -163,6 +163,21 @@ def _selector_runs(model: DynamicModel, k: int) -> bool:
     return isinstance(scorer, LayerSelector) and scorer.uses_input(k)
 
 
+def _macs(model: DynamicModel, cost, method: str, k: int, masks: torch.Tensor, timed_layers: float) -> float:
+    """Mean MACs per example of ``method``'s row: the layers it ran (``timed_layers``, the duration-weighted
+    mean of ``masks`` [N, L]), the selector's network on the share of inputs where it runs (``selector``
+    at k; ``adaptive`` at each input's own depth), and adaptive's depth chooser."""
+    if method == "selector":
+        share = float(_selector_runs(model, k))
+    elif method == "adaptive":
+        runs = {d: _selector_runs(model, d) for d in range(1, model.num_layers + 1)}
+        share = sum(runs[int(d)] for d in masks.sum(1).tolist()) / max(1, len(masks))
+    else:
+        share = 0.0
+    chooser = model.strategy("adaptive").chooser.macs() if method == "adaptive" else 0
+    return cost.total(timed_layers, with_selector=False) + share * cost.selector + chooser
+
+
 def _oracle_batch(model: DynamicModel, front: FrontEnd, texts: list[str], k: int, candidates: torch.Tensor):
     """Per candidate: predictions and per-example errors (base head)."""
     head = model.heads["base"]
@@ -248,11 +263,9 @@ def evaluate(
         mean_layers = a.layers / n
         masks = torch.cat(a.masks).float()  # [N, L]
         timed = float((masks.sum(1) * durations).sum() / durations.sum().clamp(min=1e-9))
-        runs_selector = (method == "selector" and _selector_runs(model, model.k_for(keep))) or method == "adaptive"
-        chooser = model.strategy("adaptive").chooser.macs() if method == "adaptive" else 0
         rows.append(EvalRow(
             method=method, keep=keep, k=model.k_for(keep), scores=score(model.task, a.predictions, references),
-            mean_layers=mean_layers, macs=cost.total(timed, with_selector=runs_selector) + chooser, mean_layers_timed=timed,
+            mean_layers=mean_layers, macs=_macs(model, cost, method, model.k_for(keep), masks, timed), mean_layers_timed=timed,
             ms_per_example=(front_ms + a.ms) / n if method not in ORACLE_METHODS else None,
             examples=n, distinct_sets=len(a.sets),
         ))

@@ -74,8 +74,9 @@ class TrainConfig:
     # stage 3 (common/joint_train.py): epochs fine-tuning the shared encoder with every strategy on its own sets;
     # None: the task's default (DEFAULT_JOINT_EPOCHS; 0 with from_run) for a new run, the run's own on resume
     joint_epochs: int | None = None
-    # stage 4 (common/depth_fit.py): training clips the adaptive strategy's depth chooser is fitted on (0: none)
-    depth_clips: int = 0
+    # stage 4 (common/depth_fit.py): training clips the adaptive strategy's depth chooser is fitted on (0: none);
+    # None: the task's default (DEFAULT_DEPTH_CLIPS) for a new run, the run's own on resume
+    depth_clips: int | None = None
 
     def __post_init__(self) -> None:
         if self.set_table and self.oracle_weight:
@@ -99,9 +100,9 @@ class TrainConfig:
 # joint epochs then lowered every method's WER at every keep (selector 7.4 / 14.1 / 42.9% -> 6.2 / 9.2 /
 # 21.4% at keep 0.75 / 0.5 / 0.25, random 7.8 / 18.6 / 66.4% -> 6.4 / 12.2 / 38.8%); 3 epochs gave the
 # selector 6.2 / 10.1 / 26.9%.
-ASR_DEFAULTS = dict(epochs=24, strategy_epochs=4, batch_size=16, lr=2e-3, selector_budget=True, set_table=512, distill=1.0,
-                    depth_clips=4096)
+ASR_DEFAULTS = dict(epochs=24, strategy_epochs=4, batch_size=16, lr=2e-3, selector_budget=True, set_table=512, distill=1.0)
 DEFAULT_JOINT_EPOCHS = {"kws": 0, "asr": 6}  # a new run's stage 3 (common.trainer.joint_epochs_for)
+DEFAULT_DEPTH_CLIPS = {"kws": 0, "asr": 4096}  # stage 4 (common.trainer.depth_clips_for)
 
 
 def config_for(task: str, **overrides) -> TrainConfig:

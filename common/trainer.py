@@ -34,7 +34,7 @@ from .model.checkpoint import load_model, save_model
 from .model.dynamic import DynamicModel
 from .set_fit import TABLE_STRATEGIES, fit_from_tables, set_loss_table
 from .train import (
-    DEFAULT_JOINT_EPOCHS, FrontEndCache, StepCallback, TrainConfig, add_teacher, backbone_optimizer, cache_front_ends, new_head, prefixed,
+    DEFAULT_DEPTH_CLIPS, DEFAULT_JOINT_EPOCHS, FrontEndCache, StepCallback, TrainConfig, add_teacher, backbone_optimizer, cache_front_ends, new_head, prefixed,
     strategy_optimizer, train_backbone_epoch, train_strategy_epoch, validate,
 )
 
@@ -63,6 +63,17 @@ def joint_epochs_for(cfg: TrainConfig, saved: dict | None = None) -> int:
     if saved is not None:
         return int(saved.get("joint_epochs") or 0)
     return 0 if cfg.from_run else DEFAULT_JOINT_EPOCHS.get(cfg.task, 0)
+
+
+def depth_clips_for(cfg: TrainConfig, saved: dict | None = None) -> int:
+    """Stage-4 training clips: ``cfg.depth_clips`` when given; else a resumed run's own (``saved``: its
+    config as written), else the task's default (``DEFAULT_DEPTH_CLIPS``; also for a run from before
+    stage 4, which then gets one)."""
+    if cfg.depth_clips is not None:
+        return cfg.depth_clips
+    if saved is not None and saved.get("depth_clips") is not None:
+        return int(saved["depth_clips"])
+    return DEFAULT_DEPTH_CLIPS.get(cfg.task, 0)
 
 
 def read_progress(run: Path) -> tuple[dict, TrainState]:
@@ -158,14 +169,15 @@ class Trainer:
             saved_cfg, self.state = saved
             known = {k: v for k, v in saved_cfg.items() if k in TrainConfig.__dataclass_fields__}
             self.cfg = TrainConfig(**{**known, "epochs": cfg.epochs, "strategy_epochs": cfg.strategy_epochs,
-                                       "joint_epochs": joint_epochs_for(cfg, saved_cfg), "depth_clips": cfg.depth_clips})
+                                       "joint_epochs": joint_epochs_for(cfg, saved_cfg),
+                                       "depth_clips": depth_clips_for(cfg, saved_cfg)})
             changed = {k: getattr(self.cfg, k) for k in ("joint_epochs", "depth_clips") if saved_cfg.get(k, 0) != getattr(self.cfg, k)}
             if changed:  # stage 3 or 4 added or changed: record it
                 (self.run / CONFIG_FILE).write_text(json.dumps({**saved_cfg, **changed}, indent=2))
             self.model = load_model(self.run)
             self.log(f"resuming {self.run}: stage {self.state.stage}, {self.state.epoch} epoch(s) done")
         else:
-            self.cfg = cfg = replace(cfg, joint_epochs=joint_epochs_for(cfg))
+            self.cfg = cfg = replace(cfg, joint_epochs=joint_epochs_for(cfg), depth_clips=depth_clips_for(cfg))
             torch.manual_seed(cfg.seed)
             if cfg.from_run:
                 self.model, self.state = stage2_start(cfg)
@@ -284,8 +296,8 @@ class Trainer:
         self.state.history.append(stats)
         self._save(None)
         metric = self.metric
-        self.log(f"depth chooser fitted on {fitted['clips']} clips ({fitted['epochs']} epochs): "
-                 f"val {metric} {stats['val_' + metric]:.3f} at a mean of k={k}")
+        self.log(f"depth chooser fitted on {fitted['clips']} clips ({fitted['epochs']} epochs): val {metric} "
+                 f"{stats['val_' + metric]:.3f} at a mean of k={k} (on its calibration clips, so within the budget)")
 
     def _prepare_frozen_front_end(self, stage: str, on_step: StepCallback | None) -> None:
         """Stages after the backbone's: cache the training front ends (and the distillation teacher), and

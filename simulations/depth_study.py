@@ -31,8 +31,10 @@ Phases:
    confidences (never their transcripts), all of them at once, so they fit the budget exactly; a
    device would instead use a lambda or threshold calibrated beforehand, as
    ``allocated_train_lambda_val`` does (each clip's k = argmin of predicted edits + lambda * k, lambda
-   set on the validation clips, so its mean depth on the test clips may miss the budget a little):
-   the form the product took as the ``adaptive`` strategy (``ldfleet train``'s stage 4, ``ldfleet eval``);
+   set on the validation clips, so its mean depth on the test clips may miss the budget a little);
+   ``allocated_train_lambda_val_timed`` is the form the product took as the ``adaptive`` strategy
+   (``ldfleet train``'s stage 4, ``ldfleet eval``): a layer priced by the clip's length, the budget a
+   duration-weighted mean (every row also reports that mean, ``mean_layers_timed``);
 3. OUT/report.json and a table on stdout.
 """
 
@@ -50,7 +52,7 @@ from torch.utils.data import DataLoader
 from ldfleet.common.data.loading import load_task_data, pad_batch
 from ldfleet.common.metrics import error_counts
 from ldfleet.common.model.checkpoint import load_model
-from ldfleet.common.model.depth import bisect_edge, calibrated_lambda, fit_error_predictor, lagrange_depths
+from ldfleet.common.model.depth import bisect_edge, calibrated_lambda, fit_error_predictor, lagrange_depths, weighted_mean
 from ldfleet.common.model.dynamic import DynamicModel
 from ldfleet.common.model.selector import pooled_features
 from ldfleet.common.trainer import source_progress, strategies_trained
@@ -160,8 +162,10 @@ def wer_of(edits: Tensor, words: Tensor, k: Tensor) -> float:
 
 def study(tables: dict[str, dict], keeps: list[float], num_layers: int) -> dict:
     """Phase 2 on the clip tables (``val``, ``test``, optionally ``train`` with the selector only):
-    rows {method, allocation, keep, wer, mean_layers, depths}."""
+    rows {method, allocation, keep, wer, mean_layers, mean_layers_timed (weighted by clip length), depths}."""
     val, test = tables["val"], tables["test"]
+    ref = val["frames"].float().mean()  # lengths relative to the validation clips' mean, as the product's chooser
+    w_val, w_test = val["frames"].float() / ref, test["frames"].float() / ref
     predictors = {(m, "val"): fit_error_predictor(val["pooled"], val["frames"], val["edits"][m]) for m in METHODS if m != "early_exit"}
     if "train" in tables:
         predictors[("selector", "train")] = fit_error_predictor(tables["train"]["pooled"], tables["train"]["frames"], tables["train"]["edits"]["selector"])
@@ -185,9 +189,12 @@ def study(tables: dict[str, dict], keeps: list[float], num_layers: int) -> dict:
                     plans[f"allocated_{fitted_on}"] = allocate(on_test, budget)
                     if fitted_on == "train":  # the deployable form: lambda from the validation clips
                         plans["allocated_train_lambda_val"] = lagrange_depths(on_test, calibrated_lambda(on_val, budget))
+                        # ... and the product's (the adaptive strategy): a layer priced by the clip's length
+                        plans["allocated_train_lambda_val_timed"] = lagrange_depths(
+                            on_test, calibrated_lambda(on_val, budget, w_val), w_test)
             for name, k in plans.items():
                 rows.append({"method": m, "allocation": name, "keep": keep, "wer": wer_of(e, words, k),
-                             "mean_layers": float(k.float().mean()),
+                             "mean_layers": float(k.float().mean()), "mean_layers_timed": weighted_mean(k, w_test),
                              "depths": torch.bincount(k - 1, minlength=num_layers).tolist()})
     return {"rows": rows, "predictors": {f"{m}/{on}": info for (m, on), (_, info) in predictors.items()}}
 
@@ -234,8 +241,8 @@ def main() -> None:
     report = study(tables, keeps, model.num_layers)
     (args.out / "report.json").write_text(json.dumps(report, indent=1))
     for r in report["rows"]:
-        print(f"{r['method']:11s} {r['allocation']:26s} keep {r['keep']:.2f}: WER {100 * r['wer']:5.2f}%  "
-              f"mean layers {r['mean_layers']:.2f}  depths {r['depths']}")
+        print(f"{r['method']:11s} {r['allocation']:32s} keep {r['keep']:.2f}: WER {100 * r['wer']:5.2f}%  "
+              f"mean layers {r['mean_layers']:.2f} (by duration {r['mean_layers_timed']:.2f})  depths {r['depths']}")
     print(json.dumps(report["predictors"]))
 
 

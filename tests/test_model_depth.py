@@ -52,6 +52,8 @@ def test_with_durations_the_budget_is_a_mean_weighted_by_length_and_long_clips_p
     assert float((d * weights).sum() / weights.sum()) <= 2.5
     assert int(d[0]) > int(d[1])  # the same errors are cheaper to remove on the short clip
     assert len(set(lagrange_depths(cost, lam).tolist())) == 1  # unweighted: one depth for both
+    short = torch.tensor([0.05, 1.0, 1.95])  # a very short clip pays little per layer, yet a budget of one layer holds
+    assert lagrange_depths(cost[:1].expand(3, -1), calibrated_lambda(cost[:1].expand(3, -1), 1.0, short), short).tolist() == [1, 1, 1]
 
 
 def test_a_fitted_and_calibrated_chooser_gives_hard_clips_more_layers_within_each_mean_budget():
@@ -120,5 +122,4 @@ def test_the_chooser_is_saved_with_the_run_and_an_older_run_loads_without_one(mo
     fresh = DynamicModel(*with_head(load_backbone("tiny", "wavlm")), selector_budget=True, static_budget=True)
     fresh.load_state_dict(older)  # strict
     assert not fresh.strategy("adaptive").chooser.is_fitted
-    assert set(model.trainable_state("selector")) == set(fresh.trainable_state("selector"))  # not exchanged in FL
-    assert not any("chooser" in k for k in model.trainable_state("selector"))
+    assert not any("chooser" in k for k in model.trainable_state("selector"))  # not exchanged in FL

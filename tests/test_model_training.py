@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 from ldfleet.cli import app
 from ldfleet.common.data.folder import load_splits
 from ldfleet.common.data.synth import SynthConfig, synthesize_corpus
-from ldfleet.common.train import DEFAULT_JOINT_EPOCHS, TrainConfig
-from ldfleet.common.trainer import STRATEGY_STAGES, Trainer, joint_epochs_for
+from ldfleet.common.train import DEFAULT_DEPTH_CLIPS, DEFAULT_JOINT_EPOCHS, TrainConfig
+from ldfleet.common.trainer import STRATEGY_STAGES, Trainer, depth_clips_for, joint_epochs_for
 
 pytestmark = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs espeak-ng (apt-get install espeak-ng)")
 
@@ -171,6 +171,15 @@ def test_stage_3_defaults_to_the_task_for_a_new_run_and_to_the_run_for_a_resumed
     assert joint_epochs_for(TrainConfig(task="asr"), saved={"task": "asr"}) == 0  # a run from before stage 3
     assert joint_epochs_for(TrainConfig(task="asr"), saved={"joint_epochs": 3}) == 3
     assert joint_epochs_for(TrainConfig(task="asr", joint_epochs=1), saved={"joint_epochs": 3}) == 1  # asked for
+
+
+def test_stage_4_defaults_to_the_task_for_a_new_or_older_run_and_to_the_run_for_a_resumed_one():
+    assert depth_clips_for(TrainConfig(task="asr")) == DEFAULT_DEPTH_CLIPS["asr"] > 0
+    assert depth_clips_for(TrainConfig(task="kws")) == DEFAULT_DEPTH_CLIPS["kws"] == 0
+    assert depth_clips_for(TrainConfig(task="asr"), saved={"task": "asr"}) == DEFAULT_DEPTH_CLIPS["asr"]  # before stage 4
+    assert depth_clips_for(TrainConfig(task="asr"), saved={"depth_clips": 0}) == 0  # a run trained without it stays so
+    assert depth_clips_for(TrainConfig(task="kws"), saved={"depth_clips": 64}) == 64
+    assert depth_clips_for(TrainConfig(task="asr", depth_clips=8), saved={"depth_clips": 0}) == 8  # asked for
 
 
 def test_from_run_trains_only_the_strategies_on_the_same_encoder(trained_run, corpus, tmp_path):

@@ -53,7 +53,7 @@ class DepthChooser(nn.Module):
     def log_rate(self, pooled: Tensor, frames: Tensor) -> Tensor:
         """Log of the predicted errors ``[B, L]`` (column d-1: at depth d) from pooled features ``[B, 2D]``
         and lengths in frames ``[B]`` (seen as log(frames / 50): longer clips hold more words)."""
-        length = (frames.float().clamp(min=1) / 50).log().unsqueeze(1).to(pooled.dtype)
+        length = (frames.to(pooled.device, pooled.dtype).clamp(min=1) / 50).log().unsqueeze(1)
         return self.mlp(torch.cat([self.norm(pooled), length], dim=1))
 
     def forward(self, pooled: Tensor, frames: Tensor) -> Tensor:
@@ -85,7 +85,7 @@ class DepthChooser(nn.Module):
             raise ValueError("this run has no fitted depth chooser: run `ldfleet train` on it again to add the depth stage")
         if k >= self.num_layers:
             return torch.full((pooled.shape[0],), self.num_layers, dtype=torch.long, device=pooled.device)
-        return lagrange_depths(self(pooled, frames), float(self.lambdas[k]), frames.float() / self.ref_frames)
+        return lagrange_depths(self(pooled, frames), float(self.lambdas[k]), frames.to(pooled.device).float() / self.ref_frames)
 
 
 def _state_may_be_absent(module: DepthChooser, state_dict: dict, prefix: str, *args) -> None:
@@ -115,7 +115,10 @@ def calibrated_lambda(cost: Tensor, mean_layers: float, weights: Tensor | None =
     def within(lam: float) -> bool:
         return weighted_mean(lagrange_depths(cost, lam, weights), weights) <= mean_layers
 
-    return bisect_edge(within, inside=float(cost.abs().max()) + 1.0, outside=0.0, steps=60)
+    inside = float(cost.max() - cost.min()) + 1.0  # every row at depth 1 once a layer costs more than any error it removes,
+    while not within(inside):  # ... on the row of least weight too
+        inside *= 2
+    return bisect_edge(within, inside=inside, outside=0.0, steps=60)
 
 
 def bisect_edge(within: Callable[[float], bool], inside: float, outside: float, steps: int) -> float:
@@ -138,7 +141,7 @@ def fit_error_predictor(pooled: Tensor, frames: Tensor, errors: Tensor, hidden: 
         raise ValueError(f"{len(pooled)} clips: the depth predictor needs at least {folds}")
 
     def train(rows: Tensor, n_epochs: int, held: Tensor | None = None):
-        torch.manual_seed(seed)
+        torch.manual_seed(seed)  # under fork_rng (below): the caller's random state is left as it was
         net = DepthChooser(pooled.shape[1] // 2, errors.shape[1], hidden)
         opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-2)
         gen = torch.Generator().manual_seed(seed)
@@ -159,8 +162,9 @@ def fit_error_predictor(pooled: Tensor, frames: Tensor, errors: Tensor, hidden: 
 
     order = torch.randperm(len(pooled), generator=torch.Generator().manual_seed(seed))
     parts = order.tensor_split(folds)
-    curves = [train(torch.cat([p for j, p in enumerate(parts) if j != i]), epochs, parts[i])[1] for i in range(folds)]
-    mean_curve = torch.tensor(curves).mean(0)
-    best = int(mean_curve.argmin()) + 1
-    net, _ = train(order, best)
+    with torch.random.fork_rng(devices=[]):
+        curves = [train(torch.cat([p for j, p in enumerate(parts) if j != i]), epochs, parts[i])[1] for i in range(folds)]
+        mean_curve = torch.tensor(curves).mean(0)
+        best = int(mean_curve.argmin()) + 1
+        net, _ = train(order, best)
     return net, {"epochs": best, "cv_loss": float(mean_curve[best - 1]), "cv_loss_first_epoch": float(mean_curve[0])}

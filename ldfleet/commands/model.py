@@ -125,11 +125,15 @@ def train(
         torch.set_num_threads(threads)
     try:  # options that contradict each other are refused before any data is read
         config_for(_task(task), set_table=set_table, oracle_weight=oracle_weight)
-        resuming = saved_progress(out) is not None  # a damaged run folder is refused before the data is read
-        if from_run and not resuming:  # a resumed run no longer reads its source
+        saved = saved_progress(out)  # a damaged run folder is refused before the data is read
+        if from_run and saved is None:  # a resumed run no longer reads its source
             source_progress(from_run)
     except ValueError as exc:
         fail(exc)
+    if saved is not None:  # the splits come from the command line: they must be the run's own, or test clips leak in
+        for name, given in (("task", _task(task)), ("seed", seed)):
+            if saved[0].get(name, given) != given:
+                fail(f"{out} was trained with --{name} {saved[0][name]}: give --{name} {saved[0][name]} to resume it")
     task_data = _load_data(task, data, seed, labels, strict)
     splits = task_data.splits
     cfg = config_for(task, backbone=backbone, family=family, epochs=epochs, strategy_epochs=strategy_epochs,
@@ -164,9 +168,10 @@ def evaluate(
     run: Path = typer.Option(None, "--run", help="A run folder made by `ldfleet train` or `make real-bench` (its task and labels are used)."),
     data: Path = typer.Option(..., "--data", help="kws: Speech Commands folder; asr: audiofolder or manifest (DATA or DATA/SPLIT for --backbone). Its test split (held-out speakers) is used."),
     keep: str = typer.Option("0.25,0.5,0.75,1.0", help="Comma-separated keep ratios."),
-    methods: str = typer.Option(EVAL_METHODS, help="Comma-separated methods; oracle also adds oracle_static. adaptive "
-                                "(the selector with a depth per input at a mean of k layers) needs a run whose stage 4 "
-                                "fitted it; by default it is left out where none is."),
+    methods: Optional[str] = typer.Option(None, help="Comma-separated methods; oracle also adds oracle_static. adaptive "
+                                          "(the selector with a depth per input at a duration-weighted mean of k layers) needs "
+                                          "a run whose stage 4 fitted it; by default it is left out where none is "
+                                          f"\\[default: {EVAL_METHODS}].", show_default=False),
     split: str = typer.Option("test", help="train | val | test"),
     seed: int = typer.Option(-1, help="Split seed (default: the run's training seed)."),
     oracle_sets: int = typer.Option(16, min=1, help="Candidate layer sets per budget for the oracle rows."),
@@ -195,7 +200,7 @@ def evaluate(
     from ldfleet.common.model.strategies import STRATEGY_NAMES
 
     keeps = _keeps(keep)
-    names = [m.strip() for m in methods.split(",") if m.strip()]
+    names = [m.strip() for m in (methods or EVAL_METHODS).split(",") if m.strip()]
     unknown = [m for m in names if m not in STRATEGY_NAMES + ORACLE_METHODS]
     if unknown:
         raise typer.BadParameter(f"unknown methods {unknown}; choose from {', '.join(STRATEGY_NAMES + ORACLE_METHODS)}")
@@ -208,7 +213,7 @@ def evaluate(
     if backbone is not None or is_whisper_run(run):
         from ldfleet.commands.whisper_eval import eval_whisper
 
-        if "adaptive" in names and methods != EVAL_METHODS:
+        if "adaptive" in names and methods is not None:
             raise typer.BadParameter("adaptive depth is not fitted for Whisper: leave it out of --methods")
         eval_whisper(run if backbone is None else None, backbone, data, split, [m for m in names if m in STRATEGY_NAMES and m != "adaptive"],
                      keeps, language, pad_to_window, limit, batch_size, as_json, _progress)
@@ -234,9 +239,11 @@ def evaluate(
     conditions = _conditions(dataset)
     model = load_model(run)
     if "adaptive" in names and not model.strategy("adaptive").chooser.is_fitted:
-        if methods != EVAL_METHODS:
-            fail(f"{run} has no fitted depth chooser for adaptive: `ldfleet train --data DATA --out {run} --depth-clips 4096` "
-                 "fits it on the finished run (stage 4), or leave adaptive out of --methods")
+        if methods is not None:
+            train_cfg = meta.get("train_config", {})
+            fail(f"{run} has no fitted depth chooser for adaptive: `ldfleet train --task {task} --data {data} --out {run} "
+                 f"--seed {train_cfg.get('seed', 0)}{' --labels ' + labels if task == 'kws' else ''} --depth-clips 4096` fits it "
+                 "on the finished run (stage 4), or leave adaptive out of --methods")
         names.remove("adaptive")
         err.print(f"note: no adaptive rows ({run} has no fitted depth chooser; see `ldfleet train --help`, --depth-clips)")
     with _progress() as progress:
@@ -248,12 +255,12 @@ def evaluate(
         return
     metrics = ("accuracy",) if task == "kws" else ("wer", "cer")
     table = Table(title=f"{run} on {split} ({result.rows[0].examples} clips)")
-    for col in ("method", "keep", "k", *metrics, "mean layers", "distinct sets", "GMACs", "ms/example"):
+    for col in ("method", "keep", "k", *metrics, "mean layers", "by duration", "distinct sets", "GMACs", "ms/example"):
         table.add_column(col, justify="right" if col != "method" else "left")
     for r in result.rows:
         ms = "-" if r.ms_per_example is None else f"{r.ms_per_example:.2f}"
         table.add_row(r.method, f"{r.keep:.2f}", str(r.k), *(f"{100 * r.scores[m]:.1f}%" for m in metrics),
-                      f"{r.mean_layers:.2f}", str(r.distinct_sets), f"{r.macs / 1e9:.3f}", ms)
+                      f"{r.mean_layers:.2f}", f"{r.mean_layers_timed:.2f}", str(r.distinct_sets), f"{r.macs / 1e9:.3f}", ms)
     console.print(table)
     headroom = result.headroom()
     if headroom:
