@@ -27,6 +27,7 @@ from .model.dynamic import DynamicModel
 from .model.selector import pooled_features
 from .train import FrontEndCache
 
+
 @torch.inference_mode()
 def errors_table(model: DynamicModel, cache: FrontEndCache, rows: Tensor, batch_size: int = 64,
                  on_step: Callable[[int, int], None] | None = None) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,8 +1,8 @@
 """Layer-choice strategies behind one interface, so every comparison runs through the same harness.
 
 A strategy turns the front-end output of a batch and a layer count ``k`` into a keep mask
-``[B, L]``: exactly k layers per input, except ``adaptive``, which runs a mean of k. Learned strategies (``static``, ``selector``) also give straight-through gates for
-training. Each strategy names the task head it is evaluated with: ``full`` and ``random`` use the
+``[B, L]``: exactly k layers per input, except ``adaptive``, which runs a mean of k. Learned
+strategies (``static``, ``selector``) also give straight-through gates for training. Each strategy names the task head it is evaluated with: ``full`` and ``random`` use the
 base head trained with random layer dropping; the others fine-tune their own head for their masks.
 """
 
