@@ -221,9 +221,6 @@ def test_tiny_asr_train_then_eval_through_the_cli(asr_corpus, tmp_path):
         r["split"] == "train" for r in csv.DictReader(open(out / "metadata.csv")))
     again = cli.invoke(app, ["train", "--task", "asr", "--data", str(out), "--out", str(run)])  # finished: nothing added
     assert again.exit_code == 0 and json.loads((run / "train_state.json").read_text())["history"] == history
-    more = cli.invoke(app, ["train", "--task", "asr", "--data", str(out), "--out", str(run), "--joint-epochs", "2"])
-    assert more.exit_code == 0, more.output  # one more joint epoch changes the encoder: the chooser is fitted again
-    assert [h["stage"] for h in json.loads((run / "train_state.json").read_text())["history"]][-4:] == ["joint", "depth", "joint", "depth"]
     # the asr default fits static and selector on a layer-set table of CTC losses, then tunes their heads;
     # from a run, stage 3 (which would tune the encoder) runs only when asked for
     fitted = cli.invoke(app, ["train", "--task", "asr", "--data", str(out), "--out", str(tmp_path / "table"),
@@ -239,6 +236,12 @@ def test_tiny_asr_train_then_eval_through_the_cli(asr_corpus, tmp_path):
     both = cli.invoke(app, ["train", "--task", "asr", "--data", str(out), "--out", str(tmp_path / "both"),
                             "--set-table", "8", "--oracle-weight", "0.5"])
     assert both.exit_code == 2 and "give --set-table 0 with it" in both.output and not (tmp_path / "both").exists()
+    # a finished run given one more joint epoch: the encoder changed, so the depth chooser is fitted again
+    more = cli.invoke(app, ["train", "--task", "asr", "--data", str(out), "--out", str(run), "--joint-epochs", "2"])
+    assert more.exit_code == 0, more.output  # one more joint epoch changes the encoder: the chooser is fitted again
+    assert [h["stage"] for h in json.loads((run / "train_state.json").read_text())["history"]][-4:] == ["joint", "depth", "joint", "depth"]
+    other_seed = cli.invoke(app, ["train", "--task", "asr", "--data", str(out), "--out", str(run), "--seed", "3"])
+    assert other_seed.exit_code == 2 and "give --seed 0 to resume it" in other_seed.output  # other splits: refused
 
 
 def test_best_set_per_group_picks_each_groups_own_best_candidate():
