@@ -81,7 +81,7 @@ def clip_table(model: DynamicModel, data, methods=METHODS, batch_size: int = 32)
     for wave, mask, texts in DataLoader(data, batch_size=batch_size, collate_fn=pad_batch):
         front = model.front_end(wave, mask)
         pooled.append(pooled_features(front.features, front.frame_mask))
-        frames.append(torch.full((len(texts),), front.hidden.shape[1]) if front.frame_mask is None else front.frame_mask.sum(1))
+        frames.append(front.lengths())
         words += [error_counts([t], [t])["words"] for t in texts]
         for m in methods:
             e, c = torch.zeros(len(texts), L), torch.zeros(len(texts), L)

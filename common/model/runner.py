@@ -43,6 +43,12 @@ class FrontEnd:
     features: Tensor
     frame_mask: Tensor | None
 
+    def lengths(self) -> Tensor:
+        """Real frames of each input ``[B]`` (long, on the front end's device)."""
+        if self.frame_mask is None:
+            return torch.full((self.hidden.shape[0],), self.hidden.shape[1], dtype=torch.long, device=self.hidden.device)
+        return self.frame_mask.sum(1)
+
     def select(self, rows: Tensor) -> "FrontEnd":
         mask = None if self.frame_mask is None else self.frame_mask[rows]
         return FrontEnd(self.hidden[rows], self.features[rows], mask)

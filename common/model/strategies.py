@@ -127,10 +127,8 @@ class AdaptiveDepth(LayerChoice):
     def choose_with(self, sets: LayerChoice, front: FrontEnd, k: int, generator: torch.Generator | None = None) -> Tensor:
         """Keep mask [B, L]: row i keeps ``sets``' choice at depth d_i, the chooser's depth for input i at
         a duration-weighted mean of ``k``. Raises ValueError when the chooser is unfitted."""
-        batch, device = front.hidden.shape[0], front.hidden.device
-        frames = torch.full((batch,), front.hidden.shape[1], device=device) if front.frame_mask is None else front.frame_mask.sum(1)
-        depth = self.chooser.depths(pooled_features(front.features, front.frame_mask), k, frames)
-        keep = torch.zeros(batch, self.num_layers, dtype=torch.bool, device=device)
+        depth = self.chooser.depths(pooled_features(front.features, front.frame_mask), k, front.lengths())
+        keep = torch.zeros(front.hidden.shape[0], self.num_layers, dtype=torch.bool, device=front.hidden.device)
         for d in depth.unique().tolist():
             rows = (depth == d).nonzero().squeeze(1)
             keep[rows] = sets.choose(front.select(rows), d, generator)
