@@ -5,8 +5,8 @@ compute over time, so an input-conditioned model may instead give each input the
 few layers to a clean, slow utterance, all of them to a noisy one — at a mean of k layers.
 
 :class:`DepthChooser` predicts, from the pooled front-end features the selector already computes
-(``[B, 2D]``) and the input's length, its expected errors at every depth 1..L (word edits for speech recognition, 0/1
-for keyword spotting; Poisson rates from a small MLP). An input then runs at the depth ``d`` that
+(``[B, 2D]``) and the input's length, its expected errors at every depth 1..L (word edits for speech
+recognition, 0/1 for keyword spotting; Poisson rates from a small MLP). An input then runs at the depth ``d`` that
 minimises ``predicted_errors[d] + lambda_k * d * w``, the Lagrangian relaxation of "fewest errors at a
 mean of k layers" (Everett 1963), where ``w`` is the input's length in frames over the mean length of
 the calibration clips: a layer costs compute in proportion to the frames it runs on, so the budget is
@@ -133,10 +133,10 @@ def bisect_edge(within: Callable[[float], bool], inside: float, outside: float, 
 def fit_error_predictor(pooled: Tensor, frames: Tensor, errors: Tensor, hidden: int = 64, epochs: int = 200,
                         folds: int = 5, seed: int = 0) -> tuple[DepthChooser, dict]:
     """A :class:`DepthChooser`'s predictor fitted by Poisson likelihood to ``errors`` [N, L] (errors of
-    each clip at every depth) from ``pooled`` [N, 2D] and ``frames`` [N]; the epoch count chosen by ``folds``-fold
-    cross-validation on these clips, then one fit on all of them. Not calibrated (:meth:`DepthChooser.calibrate`). Returns it and ``{"epochs", "cv_loss",
-    "cv_loss_first_epoch"}`` (held-out Poisson NLL per clip and depth).
-    Raises ValueError with fewer clips than folds."""
+    each clip at every depth) from ``pooled`` [N, 2D] and ``frames`` [N]; the epoch count chosen by
+    ``folds``-fold cross-validation on these clips, then one fit on all of them. Not calibrated
+    (:meth:`DepthChooser.calibrate`). Returns it and ``{"epochs", "cv_loss", "cv_loss_first_epoch"}``
+    (held-out Poisson NLL per clip and depth). Raises ValueError with fewer clips than folds."""
     if len(pooled) < folds:
         raise ValueError(f"{len(pooled)} clips: the depth predictor needs at least {folds}")
 

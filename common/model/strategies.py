@@ -2,8 +2,9 @@
 
 A strategy turns the front-end output of a batch and a layer count ``k`` into a keep mask
 ``[B, L]``: exactly k layers per input, except ``adaptive``, which runs a mean of k. Learned
-strategies (``static``, ``selector``) also give straight-through gates for training. Each strategy names the task head it is evaluated with: ``full`` and ``random`` use the
-base head trained with random layer dropping; the others fine-tune their own head for their masks.
+strategies (``static``, ``selector``) also give straight-through gates for training. Each strategy
+names the task head it is evaluated with: ``full`` and ``random`` use the base head trained with
+random layer dropping; the others fine-tune their own head for their masks.
 """
 
 from __future__ import annotations
