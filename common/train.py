@@ -36,7 +36,7 @@ from .data.loading import pad_batch
 from .metrics import score
 from .model.dynamic import DynamicModel
 from .model.heads import build_head, choose_vocab, vocab_from_spec
-from .model.runner import FrontEnd
+from .model.runner import FrontEnd, real_frames
 from .model.strategies import ScoredChoice
 
 StepCallback = Callable[[str, int, int], None]  # (stage, step, total_steps)
@@ -275,9 +275,7 @@ class FrontEndCache:
 
     def lengths(self) -> Tensor:
         """Real frames of every cached input ``[N]``."""
-        if self.frame_mask is None:
-            return torch.full((len(self),), self.hidden.shape[1], dtype=torch.long)
-        return self.frame_mask.sum(1)
+        return real_frames(self.hidden, self.frame_mask)
 
     def teacher_logits(self, rows: Tensor, frames: int) -> Tensor | None:
         if self.teacher is None:

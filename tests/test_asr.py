@@ -238,7 +238,7 @@ def test_tiny_asr_train_then_eval_through_the_cli(asr_corpus, tmp_path):
     assert both.exit_code == 2 and "give --set-table 0 with it" in both.output and not (tmp_path / "both").exists()
     # a finished run given one more joint epoch: the encoder changed, so the depth chooser is fitted again
     more = cli.invoke(app, ["train", "--task", "asr", "--data", str(out), "--out", str(run), "--joint-epochs", "2"])
-    assert more.exit_code == 0, more.output  # one more joint epoch changes the encoder: the chooser is fitted again
+    assert more.exit_code == 0, more.output
     assert [h["stage"] for h in json.loads((run / "train_state.json").read_text())["history"]][-4:] == ["joint", "depth", "joint", "depth"]
     other_seed = cli.invoke(app, ["train", "--task", "asr", "--data", str(out), "--out", str(run), "--seed", "3"])
     assert other_seed.exit_code == 2 and "give --seed 0 to resume it" in other_seed.output  # other splits: refused

@@ -45,13 +45,19 @@ class FrontEnd:
 
     def lengths(self) -> Tensor:
         """Real frames of each input ``[B]`` (long, on the front end's device)."""
-        if self.frame_mask is None:
-            return torch.full((self.hidden.shape[0],), self.hidden.shape[1], dtype=torch.long, device=self.hidden.device)
-        return self.frame_mask.sum(1)
+        return real_frames(self.hidden, self.frame_mask)
 
     def select(self, rows: Tensor) -> "FrontEnd":
         mask = None if self.frame_mask is None else self.frame_mask[rows]
         return FrontEnd(self.hidden[rows], self.features[rows], mask)
+
+
+def real_frames(hidden: Tensor, frame_mask: Tensor | None) -> Tensor:
+    """Real frames of each input ``[B]`` (long, on ``hidden``'s device) of layer inputs ``hidden``
+    ``[B, T, D]`` and their ``frame_mask`` ``[B, T]`` (None: nothing padded, every input has T)."""
+    if frame_mask is None:
+        return torch.full((hidden.shape[0],), hidden.shape[1], dtype=torch.long, device=hidden.device)
+    return frame_mask.sum(1)
 
 
 def normalize_waveform(waveform: Tensor, attention_mask: Tensor | None = None) -> Tensor:
