@@ -2,8 +2,9 @@
 
 After the strategies and the encoder are trained, in three phases on cached front ends:
 
-1. errors table: up to ``depth_clips`` training clips, each run by the selector at every depth
-   1..L with its head (word edits for asr, 0/1 for kws): ``[N, L]``, with the clips' pooled features;
+1. depth table (:func:`depth_table`): up to ``depth_clips`` training clips, each run by the selector
+   at every depth 1..L with its head: errors ``[N, L]`` (word edits for asr, 0/1 for kws), with the
+   clips' pooled features and lengths;
 2. fit: the chooser's predictor on that table (Poisson likelihood, epochs by cross-validation);
 3. calibrate: one lambda per mean depth k on the validation clips' pooled features and lengths, so
    their duration-weighted mean depth is at most k (clips the predictor never saw; the test speakers
@@ -17,6 +18,7 @@ duration-weighted mean of 6 / 4 / 2 of 8 layers the selector's WER went from 5.9
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -28,27 +30,37 @@ from .model.selector import pooled_features
 from .train import FrontEndCache
 
 
+@dataclass
+class DepthTable:
+    """One strategy run at every depth 1..L on N clips (row d-1 / column d-1: depth d)."""
+
+    pooled: Tensor  # [N, 2D] pooled front-end features (the depth chooser's input)
+    frames: Tensor  # [N] lengths in frames
+    errors: Tensor  # [N, L] word edits (asr) or 0/1 (kws)
+    confidence: Tensor  # [N, L] the head's confidence (TaskHead.confidence)
+    sets: Tensor  # bool [N, L, L]: the layers kept at each depth
+
+
 @torch.inference_mode()
-def errors_table(model: DynamicModel, cache: FrontEndCache, rows: Tensor, batch_size: int = 64,
-                 on_step: Callable[[int, int], None] | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Pooled features ``[N, 2D]``, lengths in frames ``[N]`` and errors ``[N, L]`` (column d-1: the
-    selector at depth d) of the cached clips ``rows`` [N]."""
+def depth_table(model: DynamicModel, cache: FrontEndCache, rows: Tensor, strategy: str, batch_size: int = 64,
+                on_step: Callable[[int, int], None] | None = None) -> DepthTable:
+    """``strategy`` (with its head) on the cached clips ``rows`` [N] at every depth 1..L; ``on_step(i, n)``
+    after each of n batches."""
     model.eval()
-    sets_from = model.strategy("adaptive").sets_from  # the strategy whose sets (and head) adaptive runs
-    head = model.head_for(sets_from)
-    pooled, errors = [], []
+    head = model.head_for(strategy)
+    pooled, errors, confidence, sets = [], [], [], []
     batches = rows.split(batch_size)
     for i, batch in enumerate(batches):
         front, texts = cache.batch(batch)
         pooled.append(pooled_features(front.features, front.frame_mask))
-        per_depth = []
-        for d in range(1, model.num_layers + 1):
-            hidden, _ = model.run(front, sets_from, d)
-            per_depth.append(example_errors(model.task, head.predict(hidden, front.frame_mask), texts))
-        errors.append(torch.tensor(per_depth).T)
+        per_depth = [model.classify(front, strategy, d) for d in range(1, model.num_layers + 1)]
+        errors.append(torch.tensor([example_errors(model.task, head.decode(out.logits, out.frame_mask), texts)
+                                    for out in per_depth]).T)
+        confidence.append(torch.stack([head.confidence(out.logits, out.frame_mask) for out in per_depth], 1))
+        sets.append(torch.stack([out.keep.cpu() for out in per_depth], 1))
         if on_step:
             on_step(i + 1, len(batches))
-    return torch.cat(pooled), cache.lengths()[rows], torch.cat(errors)
+    return DepthTable(torch.cat(pooled), cache.lengths()[rows], torch.cat(errors), torch.cat(confidence), torch.cat(sets))
 
 
 def fit_depth(model: DynamicModel, train: FrontEndCache, val: FrontEndCache, clips: int, seed: int = 0,
@@ -61,9 +73,9 @@ def fit_depth(model: DynamicModel, train: FrontEndCache, val: FrontEndCache, cli
         raise ValueError(f"{min(len(train), clips)} training and {len(val)} validation clips: too few to fit a depth chooser")
     gen = torch.Generator().manual_seed(seed)
     rows = torch.randperm(len(train), generator=gen)[:clips]
-    pooled, frames, errors = errors_table(model, train, rows, on_step=on_step)
-    fitted, info = fit_error_predictor(pooled, frames, errors, folds=min(5, len(rows)), seed=seed)
     chooser = model.strategy("adaptive").chooser
+    table = depth_table(model, train, rows, model.strategy("adaptive").sets_from, on_step=on_step)
+    fitted, info = fit_error_predictor(table.pooled, table.frames, table.errors, folds=min(5, len(rows)), seed=seed)
     chooser.load_state_dict(fitted.state_dict())
     chooser.calibrate(pooled_features(val.features, val.frame_mask), val.lengths())
     return {"clips": len(rows), **info, "lambdas": chooser.lambdas[1:].tolist()}

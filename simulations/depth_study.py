@@ -10,9 +10,10 @@ Adaptive computation time (Graves 2016) and confidence-based early exit (e.g. De
 Phases:
 
 1. per-clip table, on the validation and test splits: for each method (``selector``, ``static``,
-   ``early_exit``) and every k = 1..L, the word edits of each clip and the mean over frames of the
-   CTC head's top posterior (its confidence); the reference word count; pooled front-end features;
-   the same for the selector alone on the training split (cached in OUT: the slow phase);
+   ``early_exit``) and every k = 1..L, the word edits of each clip, the mean over frames of the
+   CTC head's top posterior (its confidence) and the layers kept (``common/depth_fit.depth_table``);
+   the reference word count; pooled front-end features; the same for the selector alone on the
+   training split (cached in OUT: the slow phase);
 2. allocations at each keep (mean layers = keep x L), each reported as WER and the mean layers it ran:
    * ``fixed``: k = keep x L for every clip (what ``ldfleet eval`` reports);
    * ``allocated_oracle``: depths chosen (:func:`allocate`) on the test clips' own edits: what a
@@ -47,54 +48,30 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 
-from ldfleet.common.data.loading import load_task_data, pad_batch
+from ldfleet.common.data.loading import load_task_data
+from ldfleet.common.depth_fit import depth_table
 from ldfleet.common.metrics import error_counts
 from ldfleet.common.model.checkpoint import load_model
 from ldfleet.common.model.depth import bisect_edge, calibrated_lambda, fit_error_predictor, lagrange_depths, weighted_mean
 from ldfleet.common.model.dynamic import DynamicModel
-from ldfleet.common.model.selector import pooled_features
+from ldfleet.common.train import cache_front_ends
 from ldfleet.common.trainer import source_progress, strategies_trained
 
 METHODS = ("selector", "static", "early_exit")
 
 
-def confidence(logits: Tensor, frame_mask: Tensor | None) -> Tensor:
-    """Mean over real frames of the top posterior, [B], from CTC logits [B, T, V]."""
-    top = logits.softmax(-1).amax(-1)
-    if frame_mask is None:
-        return top.mean(1)
-    m = frame_mask[:, : top.shape[1]].to(top.dtype)
-    return (top * m).sum(1) / m.sum(1).clamp(min=1)
-
-
-@torch.inference_mode()
-def clip_table(model: DynamicModel, data, methods=METHODS, batch_size: int = 32) -> dict:
-    """Per clip: ``edits[method]`` and ``conf[method]`` [N, L] (column k-1: k layers), ``words`` [N],
-    ``pooled`` [N, 2D], ``frames`` [N] (lengths)."""
-    model.eval()
-    L = model.num_layers
-    edits = {m: [] for m in methods}
-    conf = {m: [] for m in methods}
-    words, pooled, frames = [], [], []
-    for wave, mask, texts in DataLoader(data, batch_size=batch_size, collate_fn=pad_batch):
-        front = model.front_end(wave, mask)
-        pooled.append(pooled_features(front.features, front.frame_mask))
-        frames.append(front.lengths())
-        words += [error_counts([t], [t])["words"] for t in texts]
-        for m in methods:
-            e, c = torch.zeros(len(texts), L), torch.zeros(len(texts), L)
-            for k in range(1, L + 1):
-                out = model.classify(front, m, k)
-                preds = model.head_for(m).decode(out.logits, out.frame_mask)
-                e[:, k - 1] = torch.tensor([float(error_counts([p], [t])["word_edits"]) for p, t in zip(preds, texts)])
-                c[:, k - 1] = confidence(out.logits, out.frame_mask)
-            edits[m].append(e)
-            conf[m].append(c)
-    return {"edits": {m: torch.cat(v) for m, v in edits.items()}, "conf": {m: torch.cat(v) for m, v in conf.items()},
-            "words": torch.tensor(words, dtype=torch.float), "pooled": torch.cat(pooled),
-            "frames": torch.cat(frames)}
+def clip_table(model: DynamicModel, data, methods=METHODS) -> dict:
+    """Per clip: ``edits[method]`` and ``conf[method]`` [N, L] (column k-1: k layers), ``sets[method]``
+    bool [N, L, L] (row k-1: the layers kept at k), ``words`` [N], ``pooled`` [N, 2D], ``frames`` [N] (lengths)."""
+    cache = cache_front_ends(model, data)
+    rows = torch.arange(len(cache))
+    tables = {m: depth_table(model, cache, rows, m) for m in methods}
+    first = tables[methods[0]]
+    return {"edits": {m: t.errors for m, t in tables.items()}, "conf": {m: t.confidence for m, t in tables.items()},
+            "sets": {m: t.sets for m, t in tables.items()},
+            "words": torch.tensor([float(error_counts([t], [t])["words"]) for t in cache.texts]),
+            "pooled": first.pooled, "frames": first.frames}
 
 
 def allocate(cost: Tensor, mean_layers: float) -> Tensor:
@@ -227,7 +204,7 @@ def main() -> None:
     cached = args.out / "clip-tables.pt"  # phase 1 is the slow part; phase 2 may be re-run on it
     tables = torch.load(cached) if cached.exists() else {}
     made_from = {"run": str(args.run.resolve()), "state": (args.run / "train_state.json").read_text(),
-                 "data": str(args.data.resolve()), "tables": 2}  # a run trained further, other data or older tables: again
+                 "data": str(args.data.resolve()), "tables": 3}  # a run trained further, other data or older tables: again
     if tables.get("made_from") != made_from:
         try:
             splits = load_task_data("asr", args.data, seed=saved.get("seed", 0)).splits

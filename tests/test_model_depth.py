@@ -123,3 +123,27 @@ def test_the_chooser_is_saved_with_the_run_and_an_older_run_loads_without_one(mo
     fresh.load_state_dict(older)  # strict
     assert not fresh.strategy("adaptive").chooser.is_fitted
     assert not any("chooser" in k for k in model.trainable_state("selector"))  # not exchanged in FL
+
+
+@torch.no_grad()
+def test_a_depth_table_holds_each_clips_errors_confidence_and_kept_set_at_every_depth(model):
+    from ldfleet.common.depth_fit import depth_table
+    from ldfleet.common.train import FrontEndCache
+
+    wave = torch.randn(5, 16000) * torch.linspace(0.1, 2.0, 5).unsqueeze(1)
+    front = model.front_end(wave)
+    labels = model.head_for("selector").labels
+    texts = [labels[i % len(labels)] for i in range(5)]
+    cache = FrontEndCache(front.hidden, front.features, texts)
+    table = depth_table(model, cache, torch.tensor([4, 0, 2]), "selector", batch_size=2)
+    L = model.num_layers
+    assert table.errors.shape == table.confidence.shape == (3, L) and table.sets.shape == (3, L, L)
+    assert table.sets.sum(2).tolist() == [list(range(1, L + 1))] * 3  # d layers at depth d
+    assert ((table.confidence > 0) & (table.confidence <= 1)).all()
+    for row, clip in enumerate([4, 0, 2]):  # the same as running the clip alone, with the selector's head
+        one = front.select(torch.tensor([clip]))
+        for d in (1, L // 2, L):
+            out = model.classify(one, "selector", d)
+            assert torch.equal(table.sets[row, d - 1], out.keep[0])
+            assert float(table.errors[row, d - 1]) == float(model.head_for("selector").decode(out.logits, None)[0] != texts[clip])
+    assert table.frames.tolist() == [front.hidden.shape[1]] * 3

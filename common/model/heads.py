@@ -73,6 +73,17 @@ class TaskHead(nn.Module):
         """Label names (kws) or transcripts (asr), one per example."""
         return self.decode(self.logits(hidden, frame_mask), frame_mask)
 
+    def confidence(self, logits: Tensor, frame_mask: Tensor | None) -> Tensor:
+        """How sure the head is of each example, ``[B]`` in (0, 1]: the top posterior of logits ``[B, C]``,
+        or its mean over real frames (``frame_mask`` ``[B, T]``) of per-frame logits ``[B, T, V]``."""
+        top = logits.softmax(-1).amax(-1)
+        if top.dim() == 1:
+            return top
+        if frame_mask is None:
+            return top.mean(1)
+        m = frame_mask[:, : top.shape[1]].to(top.dtype)
+        return (top * m).sum(1) / m.sum(1).clamp(min=1)
+
     def distill_loss(self, logits: Tensor, teacher: Tensor, frame_mask: Tensor | None) -> Tensor:
         """KL(teacher || student) of the output distributions, averaged over real frames/examples."""
         kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher, -1), log_target=True, reduction="none").sum(-1)
