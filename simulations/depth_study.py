@@ -36,6 +36,12 @@ Phases:
    ``allocated_train_lambda_val_timed`` is the form the product took as the ``adaptive`` strategy
    (``ldfleet train``'s stage 4, ``ldfleet eval``): a layer priced by the clip's length, the budget a
    duration-weighted mean (every row also reports that mean, ``mean_layers_timed``);
+   * ``adaptive_escalated`` (selector): that ``adaptive`` form at a smaller budget, then the clips
+     least confident at their depth run again with every layer, reusing the hidden state of the
+     layers their first set shares with the full set's prefix (:func:`escalation`): a deployable
+     confidence cascade whose cost counts every layer run, the first run's included (the
+     ``cascade_bound`` rows' continuation is free); the smaller budget and the confidence threshold are
+     chosen on the validation clips, then applied clip by clip;
 3. OUT/report.json and a table on stdout.
 """
 
@@ -100,6 +106,61 @@ def allocate(cost: Tensor, mean_layers: float) -> Tensor:
     return k
 
 
+def shared_prefix(a: Tensor, b: Tensor) -> Tensor:
+    """Per row of keep masks ``a``, ``b`` [N, L]: the layers the two runs share before they first differ,
+    [N] — how much of a run of ``a`` a later run of ``b`` on the same input can reuse (its hidden state
+    after them is the same)."""
+    num_layers = a.shape[1]
+    differ = a != b
+    first = torch.where(differ.any(1), differ.float().argmax(1), torch.full((len(a),), num_layers))
+    return (a & (torch.arange(num_layers) < first.unsqueeze(1))).sum(1)
+
+
+def escalation(depths: Tensor, conf: Tensor, sets: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+    """Each clip runs its set at ``depths`` [N]; one whose confidence there (``conf`` [N, L]) is under
+    ``threshold`` runs again with every layer, reusing the layers its first set shares with the full
+    set's prefix (``sets`` [N, L, L]). Returns the final depths [N] and the layers run per clip [N]
+    (float: the first run plus the second's new layers)."""
+    num_layers = sets.shape[1]
+    rows = torch.arange(len(depths))
+    first = sets[rows, depths - 1]
+    go = (conf[rows, depths - 1] < threshold) & (depths < num_layers)
+    extra = num_layers - shared_prefix(first, sets[rows, num_layers - 1])
+    return torch.where(go, num_layers, depths), depths.float() + go.float() * extra
+
+
+def escalation_threshold(depths: Tensor, conf: Tensor, sets: Tensor, weights: Tensor, mean_layers: float) -> float:
+    """The highest confidence threshold whose :func:`escalation` keeps the ``weights``-weighted mean of
+    the layers run at most ``mean_layers`` (bisection; a higher threshold never sends fewer clips on)."""
+    def within(threshold: float) -> bool:
+        return weighted_mean(escalation(depths, conf, sets, threshold)[1], weights) <= mean_layers
+
+    return bisect_edge(within, inside=0.0, outside=1.0 + 1e-6, steps=40)
+
+
+def adaptive_escalation(pred: tuple[Tensor, Tensor], val: dict, test: dict, w: tuple[Tensor, Tensor],
+                        mean_layers: float, m: str = "selector", step: float = 0.25) -> tuple[Tensor, Tensor, dict]:
+    """The ``adaptive`` depths for a smaller budget b, then :func:`escalation` of the least confident
+    clips to every layer with what is left: b and the threshold chosen on the validation clips (lowest
+    WER), then applied clip by clip to the test clips. ``pred``: predicted edits [N, L] on (val, test);
+    ``w``: relative lengths on (val, test). Returns test depths, layers run and {base, threshold}."""
+    best = None
+    for i in range(int(2 / step) + 1):
+        base = mean_layers - i * step
+        if base < 1:
+            break
+        lam = calibrated_lambda(pred[0], base, w[0])
+        d_val = lagrange_depths(pred[0], lam, w[0])
+        t = escalation_threshold(d_val, val["conf"][m], val["sets"][m], w[0], mean_layers)
+        k_val, _ = escalation(d_val, val["conf"][m], val["sets"][m], t)
+        score = wer_of(val["edits"][m], val["words"], k_val)
+        if best is None or score < best[0]:
+            best = (score, base, lam, t)
+    _, base, lam, t = best
+    k, run = escalation(lagrange_depths(pred[1], lam, w[1]), test["conf"][m], test["sets"][m], t)
+    return k, run, {"base": base, "threshold": t}
+
+
 def first_confident(conf: Tensor, threshold: float) -> Tensor:
     """Per row of ``conf`` [N, L] the first k whose confidence reaches ``threshold`` (L if none)."""
     ok = conf >= threshold
@@ -148,7 +209,7 @@ def study(tables: dict[str, dict], keeps: list[float], num_layers: int) -> dict:
         predictors[("selector", "train")] = fit_error_predictor(tables["train"]["pooled"], tables["train"]["frames"], tables["train"]["edits"]["selector"])
     with torch.no_grad():  # predicted edits [N, L] on the validation and test clips, per predictor
         predicted = {key: (net(val["pooled"], val["frames"]), net(test["pooled"], test["frames"])) for key, (net, _) in predictors.items()}
-    rows = []
+    rows, escalations = [], {}
     for keep in keeps:
         budget = keep * num_layers
         for m in METHODS:
@@ -161,6 +222,7 @@ def study(tables: dict[str, dict], keeps: list[float], num_layers: int) -> dict:
             if pair := best_cascade(val["edits"][m], val["conf"][m], val["words"], budget):
                 name = "cascade" if m == "early_exit" else "cascade_bound"
                 plans[f"{name}_{pair[0]}_{pair[1]}"] = cascade(test["conf"][m], budget, *pair)
+            run = {}  # layers run per clip where a plan runs more than its final depth
             for (pm, fitted_on), (on_val, on_test) in predicted.items():
                 if pm == m:
                     plans[f"allocated_{fitted_on}"] = allocate(on_test, budget)
@@ -169,11 +231,16 @@ def study(tables: dict[str, dict], keeps: list[float], num_layers: int) -> dict:
                         # ... and the product's (the adaptive strategy): a layer priced by the clip's length
                         plans["allocated_train_lambda_val_timed"] = lagrange_depths(
                             on_test, calibrated_lambda(on_val, budget, w_val), w_test)
+                        # ... with the least confident clips sent on to every layer
+                        k, run["adaptive_escalated"], chosen = adaptive_escalation((on_val, on_test), val, test, (w_val, w_test), budget, m)
+                        plans["adaptive_escalated"] = k
+                        escalations[keep] = chosen
             for name, k in plans.items():
+                cost = run.get(name, k)
                 rows.append({"method": m, "allocation": name, "keep": keep, "wer": wer_of(e, words, k),
-                             "mean_layers": float(k.float().mean()), "mean_layers_timed": weighted_mean(k, w_test),
+                             "mean_layers": float(cost.float().mean()), "mean_layers_timed": weighted_mean(cost, w_test),
                              "depths": torch.bincount(k - 1, minlength=num_layers).tolist()})
-    return {"rows": rows, "predictors": {f"{m}/{on}": info for (m, on), (_, info) in predictors.items()}}
+    return {"rows": rows, "escalations": escalations, "predictors": {f"{m}/{on}": info for (m, on), (_, info) in predictors.items()}}
 
 
 def main() -> None:
