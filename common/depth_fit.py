@@ -1,4 +1,5 @@
-"""The ``depth`` stage: fitting the ``adaptive`` strategy's depth chooser (:mod:`.model.depth`).
+"""The ``depth`` stage: fitting the ``adaptive`` strategy's depth chooser (:mod:`.model.depth`), and
+calibrating ``confident_exit`` (:func:`calibrate_exits`), the field's variable-depth baseline.
 
 After the strategies and the encoder are trained, in three phases on cached front ends:
 
@@ -79,3 +80,16 @@ def fit_depth(model: DynamicModel, train: FrontEndCache, val: FrontEndCache, cli
     chooser.load_state_dict(fitted.state_dict())
     chooser.calibrate(pooled_features(val.features, val.frame_mask), val.lengths())
     return {"clips": len(rows), **info, "lambdas": chooser.lambdas[1:].tolist()}
+
+
+def calibrate_exits(model: DynamicModel, val: FrontEndCache, on_step: Callable[[int, int], None] | None = None) -> dict:
+    """Calibrate ``model``'s ``confident_exit`` in place on the validation clips: their early-exit
+    confidence at every depth, one threshold per mean depth k (duration-weighted, as ``adaptive``'s
+    budget). Returns ``{"exit_thresholds"}`` [L]. Raises ValueError without validation clips."""
+    if len(val) == 0:
+        raise ValueError("no validation clips to calibrate confident exit on")
+    exits = model.strategy("confident_exit")
+    table = depth_table(model, val, torch.arange(len(val)), "early_exit", on_step=on_step)
+    frames = table.frames.float()
+    exits.calibrate(table.confidence, frames / frames.mean())
+    return {"exit_thresholds": exits.thresholds[1:].tolist()}

@@ -4,7 +4,8 @@ The front end is the same for all strategies, so it is computed once per batch a
 added to every row; each strategy then runs only its own layers. Rows carry the task's scores
 (accuracy for kws; WER and CER for asr), the mean number of layers run, analytic MACs per
 example and measured ms per example. Every method runs exactly k layers per input at a keep ratio,
-except ``adaptive``, whose depth per input averages about k (its ``mean_layers`` is what it ran).
+except ``adaptive`` and ``confident_exit``, whose depth per input averages about k (their
+``mean_layers`` is what they ran).
 
 Two extra methods measure what input conditioning could win at most (``oracle_sets`` candidate
 layer sets per budget, the same for all inputs, drawn with a fixed seed, all run with the base
@@ -166,7 +167,8 @@ def _selector_runs(model: DynamicModel, k: int) -> bool:
 def _macs(model: DynamicModel, cost, method: str, k: int, masks: torch.Tensor, timed_layers: float) -> float:
     """Mean MACs per example of ``method``'s row: the layers it ran (``timed_layers``, the duration-weighted
     mean of ``masks`` [N, L]), the selector's network on the share of inputs where it runs (``selector``
-    at k; ``adaptive`` at each input's own depth), and adaptive's depth chooser."""
+    at k; ``adaptive`` at each input's own depth), adaptive's depth chooser, and confident exit's head
+    at every exit it passed."""
     if method == "selector":
         share = float(_selector_runs(model, k))
     elif method == "adaptive":
@@ -175,7 +177,8 @@ def _macs(model: DynamicModel, cost, method: str, k: int, masks: torch.Tensor, t
     else:
         share = 0.0
     chooser = model.strategy("adaptive").chooser.macs() if method == "adaptive" else 0
-    return cost.total(timed_layers, with_selector=False) + share * cost.selector + chooser
+    exits = (timed_layers - 1) * cost.head if method == "confident_exit" else 0.0  # the head at every exit passed
+    return cost.total(timed_layers, with_selector=False) + share * cost.selector + chooser + exits
 
 
 def _oracle_batch(model: DynamicModel, front: FrontEnd, texts: list[str], k: int, candidates: torch.Tensor):

@@ -7,9 +7,10 @@
 3. ``joint`` (``joint_epochs``; ``asr`` default 6, ``kws`` 0): the encoder layers fine-tuned with every
    strategy's head on the layer sets it runs; front end and scorers frozen, one encoder for all.
 4. ``depth`` (``depth_clips``; ``asr`` default 4096, ``kws`` 0): the ``adaptive`` strategy's depth
-   chooser fitted on the selector's errors at every depth (:mod:`.depth_fit`): a fit after the last
-   epoch, logged as stage "depth"; the run's progress stays at its last trained stage, and any epoch
-   trained later (more joint epochs) makes it fit again.
+   chooser fitted on the selector's errors at every depth, then ``confident_exit``'s thresholds
+   calibrated on the validation clips (:mod:`.depth_fit`): fits after the last epoch, each logged as
+   stage "depth" (``fit``: ``depth`` or ``confident_exit``); the run's progress stays at its last
+   trained stage, and any epoch trained later (more joint epochs) makes both fit again.
 
 After every epoch (and every set-table fit) the run folder holds the model, the optimiser (named by
 its stage) and the progress, so an interrupted ``ldfleet train`` resumes where it stopped; given
@@ -27,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 from torch.utils.data import Dataset
 
-from .depth_fit import fit_depth
+from .depth_fit import calibrate_exits, fit_depth
 from .joint_train import joint_optimizer, train_joint_epoch
 from .model.backbone import load_backbone
 from .model.checkpoint import load_model, save_model
@@ -270,7 +271,8 @@ class Trainer:
             optimizer = self._optimizer(stage)
             for epoch in range(self.state.epoch, self.epochs_for(stage)):
                 stats = self._train_epoch(stage, epoch, optimizer, on_step)
-                self.model.strategy("adaptive").chooser.fitted.zero_()  # the selector or the encoder changed: fit again
+                for fitted in (self.model.strategy("adaptive").chooser.fitted, self.model.strategy("confident_exit").fitted):
+                    fitted.zero_()  # the selector, a head or the encoder changed: fit again
                 self._end_epoch(stage, epoch, stats, optimizer)
         self._fit_depth_pending(on_step)
         self.state.done = True
@@ -278,26 +280,38 @@ class Trainer:
         return self.state
 
     def _fit_depth_pending(self, on_step: StepCallback | None) -> None:
-        """The depth fit (stage 4) when ``depth_clips`` asks for it and the run's chooser is not fitted
-        (or was fitted before the last epoch)."""
-        if not self.cfg.depth_clips or self.model.strategy("adaptive").chooser.is_fitted:
+        """Stage 4 when ``depth_clips`` asks for it: the depth chooser's fit where the run's chooser is not
+        fitted (or was fitted before the last epoch), then confident exit's calibration where it is not
+        calibrated. Too few clips: logged, and the run stays usable at fixed depths."""
+        if not self.cfg.depth_clips:
             return
-        if self._train_cache is None:
-            self._train_cache = cache_front_ends(self.model, self.train_data)
-        try:
-            fitted = fit_depth(self.model, self._train_cache, self._validation_cache(), self.cfg.depth_clips, self.cfg.seed,
-                               on_step=partial(on_step, "depth") if on_step else None)
-        except ValueError as exc:  # too few clips: the run stays usable at fixed depths
-            self.log(f"depth stage skipped: {exc}")
-            return
+        step = partial(on_step, "depth") if on_step else None
+        if not self.model.strategy("adaptive").chooser.is_fitted:
+            if self._train_cache is None:
+                self._train_cache = cache_front_ends(self.model, self.train_data)
+            try:
+                fitted = fit_depth(self.model, self._train_cache, self._validation_cache(), self.cfg.depth_clips, self.cfg.seed, on_step=step)
+            except ValueError as exc:
+                self.log(f"depth stage skipped: {exc}")
+                return
+            stats = self._log_depth_fit("depth", "adaptive", fitted)
+            self.log(f"depth chooser fitted on {fitted['clips']} clips ({fitted['epochs']} epochs): {stats}")
+        if not self.model.strategy("confident_exit").is_fitted:
+            try:
+                calibrated = calibrate_exits(self.model, self._validation_cache(), on_step=step)
+            except ValueError as exc:
+                self.log(f"confident exit not calibrated: {exc}")
+                return
+            self.log(f"confident exit calibrated: {self._log_depth_fit('confident_exit', 'confident_exit', calibrated)}")
+
+    def _log_depth_fit(self, fit: str, strategy: str, info: dict) -> str:
+        """Append a stage-4 fit to the history (with ``strategy``'s validation scores at a mean of half the
+        layers), save, and say the score."""
         k = self.model.k_for(0.5)
-        stats = {"stage": "depth", "epoch": 0, "fit": "depth", **fitted,
-                 **prefixed("val_", validate(self.model, self._validation_cache(), "adaptive", k))}
+        stats = {"stage": "depth", "epoch": 0, "fit": fit, **info, **prefixed("val_", validate(self.model, self._validation_cache(), strategy, k))}
         self.state.history.append(stats)
         self._save(None)
-        metric = self.metric
-        self.log(f"depth chooser fitted on {fitted['clips']} clips ({fitted['epochs']} epochs): val {metric} "
-                 f"{stats['val_' + metric]:.3f} at a mean of k={k} (on its calibration clips, so within the budget)")
+        return f"val {self.metric} {stats['val_' + self.metric]:.3f} at a mean of k={k} (on its calibration clips, so within the budget)"
 
     def _prepare_frozen_front_end(self, stage: str, on_step: StepCallback | None) -> None:
         """Stages after the backbone's: cache the training front ends (and the distillation teacher), and

@@ -59,7 +59,8 @@ from ldfleet.common.data.loading import load_task_data
 from ldfleet.common.depth_fit import depth_table
 from ldfleet.common.metrics import error_counts
 from ldfleet.common.model.checkpoint import load_model
-from ldfleet.common.model.depth import bisect_edge, calibrated_lambda, fit_error_predictor, lagrange_depths, weighted_mean
+from ldfleet.common.model.depth import (bisect_edge, calibrated_lambda, exit_threshold, first_confident, fit_error_predictor,
+                                        lagrange_depths, weighted_mean)
 from ldfleet.common.model.dynamic import DynamicModel
 from ldfleet.common.train import cache_front_ends
 from ldfleet.common.trainer import source_progress, strategies_trained
@@ -159,22 +160,6 @@ def adaptive_escalation(pred: tuple[Tensor, Tensor], val: dict, test: dict, w: t
     _, base, lam, t = best
     k, run = escalation(lagrange_depths(pred[1], lam, w[1]), test["conf"][m], test["sets"][m], t)
     return k, run, {"base": base, "threshold": t}
-
-
-def first_confident(conf: Tensor, threshold: float) -> Tensor:
-    """Per row of ``conf`` [N, L] the first k whose confidence reaches ``threshold`` (L if none)."""
-    ok = conf >= threshold
-    ok[:, -1] = True
-    return ok.float().argmax(1) + 1
-
-
-def exit_threshold(conf: Tensor, mean_layers: float) -> float:
-    """The highest threshold (the latest exits) whose exits keep the mean k of ``conf``'s rows at most
-    ``mean_layers`` (bisection; a higher threshold never exits earlier)."""
-    def within(threshold: float) -> bool:
-        return float(first_confident(conf, threshold).float().mean()) <= mean_layers
-
-    return bisect_edge(within, inside=0.0, outside=1.0 + 1e-6, steps=40)
 
 
 def cascade(conf: Tensor, mean_layers: float, k1: int, k2: int) -> Tensor:

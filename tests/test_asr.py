@@ -200,6 +200,9 @@ def test_tiny_asr_train_then_eval_through_the_cli(asr_corpus, tmp_path):
     # stage 4 (asr default) fitted the adaptive strategy's depth chooser: a depth per clip at a mean of k
     assert rows[("adaptive", 1.0)]["mean_layers"] == 8 and rows[("adaptive", 1.0)]["wer"] == rows[("selector", 1.0)]["wer"]
     assert rows[("adaptive", 0.5)]["mean_layers_timed"] > 0 and "adaptive" in report["usage_by_condition"]
+    # ... and calibrated confident exit: the early-exit head, each clip stopping at its first confident exit
+    assert rows[("confident_exit", 1.0)]["mean_layers"] == 8 and rows[("confident_exit", 1.0)]["wer"] == rows[("early_exit", 1.0)]["wer"]
+    assert 1 <= rows[("confident_exit", 0.5)]["mean_layers"] <= 8 and rows[("confident_exit", 0.5)]["macs"] > 0
     for method in ("random", "static", "selector"):  # exactly k layers on every clip: the weighting changes nothing
         assert rows[(method, 0.5)]["mean_layers_timed"] == pytest.approx(4)
     assert rows[("oracle", 0.5)]["cer"] <= rows[("oracle_static", 0.5)]["cer"]
@@ -216,9 +219,11 @@ def test_tiny_asr_train_then_eval_through_the_cli(asr_corpus, tmp_path):
     assert table.exit_code == 0 and "wer" in table.output and "by condition" in table.output
     assert "input conditioning could win" in table.output and "best set per value of one condition" in table.output
     history = json.loads((run / "train_state.json").read_text())["history"]
-    assert [h["stage"] for h in history][-2:] == ["joint", "depth"]
-    assert len(history[-1]["lambdas"]) == 8 and history[-1]["clips"] == sum(
+    assert [(h["stage"], h.get("fit")) for h in history][-3:] == [("joint", None), ("depth", "depth"), ("depth", "confident_exit")]
+    assert len(history[-2]["lambdas"]) == 8 and history[-2]["clips"] == sum(
         r["split"] == "train" for r in csv.DictReader(open(out / "metadata.csv")))
+    thresholds = history[-1]["exit_thresholds"]  # a bigger mean of layers: later exits, so a higher threshold
+    assert len(thresholds) == 8 and thresholds == sorted(thresholds)
     again = cli.invoke(app, ["train", "--task", "asr", "--data", str(out), "--out", str(run)])  # finished: nothing added
     assert again.exit_code == 0 and json.loads((run / "train_state.json").read_text())["history"] == history
     # the asr default fits static and selector on a layer-set table of CTC losses, then tunes their heads;
@@ -239,7 +244,7 @@ def test_tiny_asr_train_then_eval_through_the_cli(asr_corpus, tmp_path):
     # a finished run given one more joint epoch: the encoder changed, so the depth chooser is fitted again
     more = cli.invoke(app, ["train", "--task", "asr", "--data", str(out), "--out", str(run), "--joint-epochs", "2"])
     assert more.exit_code == 0, more.output
-    assert [h["stage"] for h in json.loads((run / "train_state.json").read_text())["history"]][-4:] == ["joint", "depth", "joint", "depth"]
+    assert [h["stage"] for h in json.loads((run / "train_state.json").read_text())["history"]][-6:] == ["joint", "depth", "depth", "joint", "depth", "depth"]
     other_seed = cli.invoke(app, ["train", "--task", "asr", "--data", str(out), "--out", str(run), "--seed", "3"])
     assert other_seed.exit_code == 2 and "give --seed 0 to resume it" in other_seed.output  # other splits: refused
 

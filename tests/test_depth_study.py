@@ -4,8 +4,9 @@ exits, escalation to every layer, the edit predictor. The study itself needs a t
 import pytest
 import torch
 
-from ldfleet.simulations.depth_study import (allocate, best_cascade, cascade, escalation, escalation_threshold, exit_threshold,
-                                             first_confident, shared_prefix)
+from ldfleet.common.model.depth import exit_threshold, first_confident
+from ldfleet.simulations.depth_study import (allocate, best_cascade, cascade, escalation, escalation_threshold,
+                                             shared_prefix)
 
 
 def test_allocate_gives_the_layers_to_the_clips_that_lose_most_without_them():

@@ -1,6 +1,6 @@
 """The adaptive strategy's depth chooser (common/model/depth.py): predicted errors per depth, one
 calibrated lambda per mean depth, a depth per input, the selector's sets at that depth, saving and
-loading (the training stage that fits it: tests/test_asr.py)."""
+loading; confident exit and the depth table (the training stage that fits them: tests/test_asr.py)."""
 
 import pytest
 import torch
@@ -118,10 +118,10 @@ def test_the_chooser_is_saved_with_the_run_and_an_older_run_loads_without_one(mo
     save_model(model, tmp_path / "run")
     again = load_model(tmp_path / "run").strategy("adaptive").chooser
     assert again.is_fitted and torch.equal(again.lambdas, chooser.lambdas) and torch.equal(again.ref_frames, chooser.ref_frames)
-    older = {k: v for k, v in model.state_dict().items() if ".chooser." not in k}
+    older = {k: v for k, v in model.state_dict().items() if ".chooser." not in k and ".confident_exit." not in k}
     fresh = DynamicModel(*with_head(load_backbone("tiny", "wavlm")), selector_budget=True, static_budget=True)
     fresh.load_state_dict(older)  # strict
-    assert not fresh.strategy("adaptive").chooser.is_fitted
+    assert not fresh.strategy("adaptive").chooser.is_fitted and not fresh.strategy("confident_exit").is_fitted
     assert not any("chooser" in k for k in model.trainable_state("selector"))  # not exchanged in FL
 
 
@@ -147,3 +147,30 @@ def test_a_depth_table_holds_each_clips_errors_confidence_and_kept_set_at_every_
             assert torch.equal(table.sets[row, d - 1], out.keep[0])
             assert float(table.errors[row, d - 1]) == float(model.head_for("selector").decode(out.logits, None)[0] != texts[clip])
     assert table.frames.tolist() == [front.hidden.shape[1]] * 3
+
+
+@torch.no_grad()
+def test_confident_exit_stops_each_input_at_its_first_confident_exit_within_a_mean_budget(model):
+    wave = torch.randn(10, 16000) * torch.linspace(0.05, 3.0, 10).unsqueeze(1)
+    front = model.front_end(wave)
+    L, head = model.num_layers, model.head_for("early_exit")
+    with pytest.raises(ValueError, match="ldfleet train"):
+        model.run(front, "confident_exit", 4)
+    with pytest.raises(TypeError, match="DynamicModel.run"):
+        model.choose(front, "confident_exit", 4)
+    conf = torch.stack([head.confidence(model.classify(front, "early_exit", d).logits, None) for d in range(1, L + 1)], 1)
+    exits = model.strategy("confident_exit")
+    exits.calibrate(conf)
+    for k in (2, 4, 6):
+        out = model.classify(front, "confident_exit", k)
+        depth = out.keep.sum(1)
+        assert float(depth.float().mean()) <= k
+        assert torch.equal(out.keep, torch.arange(L).unsqueeze(0) < depth.unsqueeze(1))  # the first layers, in order
+        assert torch.equal(conf.gather(1, (depth - 1).unsqueeze(1)).squeeze(1) >= exits.threshold(k), depth < L)
+        for i, d in enumerate(depth.tolist()):  # as if early exit had been asked for that input's depth
+            assert torch.allclose(out.logits[i], model.classify(front, "early_exit", d).logits[i], atol=1e-5)
+    assert model.classify(front, "confident_exit", L).keep.all()  # a mean of every layer: every layer
+    weights = torch.linspace(0.2, 1.8, 10)  # long clips cost more per layer: a duration-weighted budget
+    exits.calibrate(conf, weights)
+    depth = model.classify(front, "confident_exit", 3).keep.sum(1).float()
+    assert float((depth * weights).sum() / weights.sum()) <= 3

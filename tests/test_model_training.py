@@ -57,7 +57,7 @@ def test_eval_json_rows_cover_every_method_and_budget(trained_run, corpus):
     result = runner.invoke(app, ["eval", "--run", str(trained_run), "--data", str(corpus), "--keep", "0.25,0.5",
                                  "--json"])
     assert result.exit_code == 0, result.output
-    assert "no adaptive rows" in result.stderr  # kws trains no depth chooser by default: said, not an error
+    assert "no adaptive rows" in result.stderr and "no confident_exit rows" in result.stderr  # kws has no stage 4 by default: said, not an error
     out = json.loads(result.stdout)
     rows = {(r["method"], r["keep"]): r for r in out["rows"]}
     methods = ("random", "early_exit", "static", "selector", "oracle", "oracle_static")
@@ -83,6 +83,8 @@ def test_eval_table_and_bad_input(trained_run, corpus, tmp_path):
     assert bad_keep.exit_code != 0 and "keep ratios must be in (0, 1]" in bad_keep.output
     unfitted = runner.invoke(app, ["eval", "--run", str(trained_run), "--data", str(corpus), "--methods", "adaptive"])
     assert unfitted.exit_code == 2 and "--depth-clips" in unfitted.output
+    uncalibrated = runner.invoke(app, ["eval", "--run", str(trained_run), "--data", str(corpus), "--methods", "confident_exit"])
+    assert uncalibrated.exit_code == 2 and "no fitted confident_exit" in uncalibrated.output
     bad_method = runner.invoke(app, ["eval", "--run", str(trained_run), "--data", str(corpus), "--methods", "bogus"])
     assert bad_method.exit_code != 0 and "unknown methods" in bad_method.output
     no_run = runner.invoke(app, ["eval", "--run", str(tmp_path / "nope"), "--data", str(corpus)])

@@ -44,7 +44,7 @@ class DepthChooser(nn.Module):
         self.register_buffer("lambdas", torch.zeros(num_layers + 1))
         self.register_buffer("ref_frames", torch.ones(()))
         self.register_buffer("fitted", torch.zeros(()))
-        self.register_load_state_dict_pre_hook(_state_may_be_absent)
+        self.register_load_state_dict_pre_hook(state_may_be_absent)
 
     @property
     def is_fitted(self) -> bool:
@@ -88,8 +88,8 @@ class DepthChooser(nn.Module):
         return lagrange_depths(self(pooled, frames), float(self.lambdas[k]), frames.to(pooled.device).float() / self.ref_frames)
 
 
-def _state_may_be_absent(module: DepthChooser, state_dict: dict, prefix: str, *args) -> None:
-    """A run saved before the depth chooser existed loads (also strictly) with it unfitted."""
+def state_may_be_absent(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """A load hook: a run saved before ``module`` existed loads (also strictly) with it as built (unfitted)."""
     for name, value in module.state_dict().items():
         state_dict.setdefault(prefix + name, value.clone())
 
@@ -128,6 +128,24 @@ def bisect_edge(within: Callable[[float], bool], inside: float, outside: float, 
         mid = (inside + outside) / 2
         inside, outside = (mid, outside) if within(mid) else (inside, mid)
     return inside
+
+
+def first_confident(conf: Tensor, threshold: float) -> Tensor:
+    """Per row of ``conf`` [N, L] (column d-1: confidence after d layers) the first depth whose confidence
+    reaches ``threshold`` (L if none): where confidence-based early exit stops."""
+    ok = conf >= threshold
+    ok[:, -1] = True
+    return ok.float().argmax(1) + 1
+
+
+def exit_threshold(conf: Tensor, mean_layers: float, weights: Tensor | None = None) -> float:
+    """The highest threshold (the latest exits) whose :func:`first_confident` depths keep the
+    (``weights``-weighted) mean depth of ``conf``'s rows at most ``mean_layers`` (bisection; a higher
+    threshold never exits earlier)."""
+    def within(threshold: float) -> bool:
+        return weighted_mean(first_confident(conf, threshold), weights) <= mean_layers
+
+    return bisect_edge(within, inside=0.0, outside=1.0 + 1e-6, steps=40)
 
 
 def fit_error_predictor(pooled: Tensor, frames: Tensor, errors: Tensor, hidden: int = 64, epochs: int = 200,

@@ -18,7 +18,7 @@ from ..budget import layers_for_keep
 from .heads import TaskHead, copy_head
 from .inputs import InputSpec, spec_of
 from .runner import FrontEnd, LayerRunner, normalize_waveform
-from .strategies import STRATEGY_NAMES, AdaptiveDepth, LayerChoice, build_strategies
+from .strategies import STRATEGY_NAMES, AdaptiveDepth, ConfidentExit, LayerChoice, build_strategies
 
 HEAD_NAMES = ("base", "early_exit", "static", "selector")
 
@@ -87,9 +87,21 @@ class DynamicModel(nn.Module):
         return choice.choose(front, k, generator)
 
     def run(self, front: FrontEnd, strategy: str, k: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """Hard-mask encoder pass: ``(hidden [B, T, D], keep [B, L])`` for ``strategy`` at ``k`` layers."""
+        """Hard-mask encoder pass: ``(hidden [B, T, D], keep [B, L])`` for ``strategy`` at ``k`` layers
+        (``adaptive``, ``confident_exit``: a mean of k)."""
+        choice = self.strategy(strategy)
+        if isinstance(choice, ConfidentExit):
+            return self._run_confident(front, choice, k)
         keep = self.choose(front, strategy, k, generator)
         return self.runner.run_layers(front, keep), keep
+
+    def _run_confident(self, front: FrontEnd, choice: ConfidentExit, k: int) -> tuple[Tensor, Tensor]:
+        """Each input runs layers in order until its early-exit head is confident enough for a mean of k
+        (at k >= L the threshold is never reached: every layer). Raises ValueError when uncalibrated."""
+        head, threshold = self.heads[choice.head], choice.threshold(k)
+        hidden, depth = self.runner.run_with_exits(front, lambda h, frame_mask: head.confidence(head.logits(h, frame_mask), frame_mask) >= threshold)
+        keep = torch.arange(self.num_layers, device=depth.device).unsqueeze(0) < depth.unsqueeze(1)
+        return hidden, keep
 
     def classify(self, front: FrontEnd, strategy: str, k: int, generator: torch.Generator | None = None) -> Output:
         """Hard-mask inference from a computed front end (lets callers reuse one front end)."""

@@ -19,6 +19,7 @@ With an all-ones mask the result equals the HF model's ``last_hidden_state``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -220,6 +221,34 @@ class LayerRunner(nn.Module):
                 new = new.index_copy(0, skipped, self.skip_maps(i, hidden.index_select(0, skipped)))
             hidden = new
         return self._finish(hidden)
+
+    def run_with_exits(self, front: FrontEnd, exits: Callable[[Tensor, Tensor | None], Tensor]) -> tuple[Tensor, Tensor]:
+        """Layers in order, each on the inputs still running, with an exit after every layer (early exit).
+
+        After each layer but the last, ``exits(finished [b, T, D], frame_mask [b, T] or None)`` gets the
+        running inputs' states (passed through the final modules, as a head sees them) and says which
+        of them stop there (bool ``[b]``). Returns each input's state where it stopped ``[B, T, D]`` and
+        its depth ``[B]`` (layers run, 1..L)."""
+        batch, num_layers = front.hidden.shape[0], self.num_layers
+        mask, bias = self._layer_context(front.hidden, front.frame_mask)
+        out: Tensor | None = None  # allocated at the first exit: the final modules (an adapter) may change shape
+        depth = torch.full((batch,), num_layers, dtype=torch.long, device=front.hidden.device)
+        rows = torch.arange(batch, device=front.hidden.device)  # the inputs still running
+        hidden = front.hidden
+        for i in range(num_layers):
+            sub_mask = mask if mask is None or len(rows) == batch else mask.index_select(0, rows)
+            hidden = self._run_layer(i, hidden, sub_mask, bias)
+            finished = self._finish(hidden)
+            frame_mask = None if front.frame_mask is None else front.frame_mask.index_select(0, rows)
+            stop = torch.ones(len(rows), dtype=torch.bool, device=hidden.device) if i == num_layers - 1 else exits(finished, frame_mask)
+            if out is None:
+                out = finished.new_empty((batch, *finished.shape[1:]))
+            out[rows[stop]] = finished[stop]
+            depth[rows[stop]] = i + 1
+            rows, hidden = rows[~stop], hidden[~stop]
+            if not len(rows):
+                break
+        return out, depth
 
     @torch.no_grad()
     def run_layer_sets(self, front: FrontEnd, sets: Tensor, max_rows: int = 8) -> Tensor:

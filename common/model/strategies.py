@@ -1,8 +1,8 @@
 """Layer-choice strategies behind one interface, so every comparison runs through the same harness.
 
 A strategy turns the front-end output of a batch and a layer count ``k`` into a keep mask
-``[B, L]``: exactly k layers per input, except ``adaptive``, which runs a mean of k. Learned
-strategies (``static``, ``selector``) also give straight-through gates for training. Each strategy
+``[B, L]``: exactly k layers per input, except ``adaptive`` and ``confident_exit``, which run a mean
+of k. Learned strategies (``static``, ``selector``) also give straight-through gates for training. Each strategy
 names the task head it is evaluated with: ``full`` and ``random`` use the base head trained with
 random layer dropping; the others fine-tune their own head for their masks.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .depth import DepthChooser
+from .depth import DepthChooser, exit_threshold, state_may_be_absent
 from .runner import FrontEnd
 from .selector import LayerSelector, StaticScores, gumbel_noise, pooled_features, straight_through_topk, topk_mask
 
@@ -136,7 +136,48 @@ class AdaptiveDepth(LayerChoice):
         return keep
 
 
-STRATEGY_NAMES = ("full", "random", "early_exit", "static", "selector", "adaptive")
+class ConfidentExit(LayerChoice):
+    """Early exit by confidence: the first layers in order, stopping at the first exit where the
+    early-exit head's confidence (:meth:`~.heads.TaskHead.confidence`) reaches a threshold — the
+    field's variable-depth baseline (DeeBERT, Xin et al. 2020), beside ``adaptive``.
+
+    ``thresholds`` [L + 1] (index k) are calibrated so that held-out clips' duration-weighted mean
+    depth is at most k (``ldfleet train``'s depth stage); with ``fitted`` they are buffers, saved
+    with the run (an older run loads with them unfitted). Its depth is known only while it runs, so
+    it runs through ``DynamicModel.run``; ``choose`` raises TypeError.
+    """
+
+    name = "confident_exit"
+    head = "early_exit"
+
+    def __init__(self, num_layers: int):
+        super().__init__(num_layers)
+        self.register_buffer("thresholds", torch.zeros(num_layers + 1))
+        self.register_buffer("fitted", torch.zeros(()))
+        self.register_load_state_dict_pre_hook(state_may_be_absent)
+
+    @property
+    def is_fitted(self) -> bool:
+        return bool(self.fitted)
+
+    def calibrate(self, confidence: Tensor, weights: Tensor | None = None) -> None:
+        """``thresholds`` from held-out clips' early-exit confidence ``[N, L]`` (column d-1: after d
+        layers) and their relative lengths ``[N]`` (None: all alike)."""
+        for k in range(1, self.num_layers + 1):
+            self.thresholds[k] = exit_threshold(confidence, float(k), weights)
+        self.fitted.fill_(1.0)
+
+    def threshold(self, k: int) -> float:
+        """The exit threshold for a mean of ``k`` layers. Raises ValueError when never calibrated."""
+        if not self.is_fitted:
+            raise ValueError("this run has no calibrated confident exit: run `ldfleet train` on it again to add the depth stage")
+        return float(self.thresholds[min(k, self.num_layers)])
+
+    def choose(self, front, k, generator=None):
+        raise TypeError("confident exit decides its depth while it runs: use DynamicModel.run")
+
+
+STRATEGY_NAMES = ("full", "random", "early_exit", "static", "selector", "adaptive", "confident_exit")
 
 
 def build_strategies(num_layers: int, feature_dim: int, selector_hidden: int = 64, selector_budget: bool = False,
@@ -150,5 +191,6 @@ def build_strategies(num_layers: int, feature_dim: int, selector_hidden: int = 6
             "static": StaticMask(num_layers, static_budget),
             "selector": InputSelector(num_layers, feature_dim, selector_hidden, selector_budget),
             "adaptive": AdaptiveDepth(num_layers, feature_dim),
+            "confident_exit": ConfidentExit(num_layers),
         }
     )

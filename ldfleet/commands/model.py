@@ -102,7 +102,7 @@ def train(
     set_table: Optional[int] = typer.Option(None, "--set-table", min=0, help="Fit static and selector on every layer set's loss over N training clips (and N/4 validation clips) instead of by straight-through gates: a per-k static takes each k's lowest-loss set, the selector starts from it; then --strategy-epochs train only their heads, on those sets (0: keep the base head) \\[default: kws 0 = gates, asr 512].", show_default=False),
     joint_epochs: Optional[int] = typer.Option(None, "--joint-epochs", min=0, help="Stage 3: epochs fine-tuning the shared encoder layers together with every strategy's head, each on the layer sets it runs (random: a random k-layer set per input; early exit: the first k; static, selector: their chosen sets; k drawn per batch); the front end and the scorers stay frozen. Given on a finished run, adds them (re-running without it keeps the run's own) \\[default: kws 0, asr 6; with --from-run 0].", show_default=False),
     from_run: Optional[Path] = typer.Option(None, "--from-run", help="Skip stage 1: train only the stage-2 strategies, with this command's options, on the backbone and base head of RUN (a finished stage 1 on the same data), e.g. to compare --selector-budget or --distill without training the encoder again (stage 3 runs only when --joint-epochs is given).", show_default=False),
-    depth_clips: Optional[int] = typer.Option(None, "--depth-clips", min=0, help="Stage 4: fit the `adaptive` strategy's depth chooser (a depth per input at a mean of k layers, its layers the selector's) on the selector's errors at every depth over N training clips, calibrated on the validation clips (on the default asr corpus: under 7 minutes on 2 cores). Given on a finished run, fits it if it is not fitted (0: no stage 4) \\[default: kws 0, asr 4096; a resumed run keeps its own].", show_default=False),
+    depth_clips: Optional[int] = typer.Option(None, "--depth-clips", min=0, help="Stage 4: fit the `adaptive` strategy's depth chooser (a depth per input at a mean of k layers, its layers the selector's) on the selector's errors at every depth over N training clips, calibrated on the validation clips (on the default asr corpus: under 7 minutes on 2 cores), and calibrate `confident_exit` (early exit at the first confident exit, a mean of k layers) on the validation clips. Given on a finished run, fits what is not fitted (0: no stage 4) \\[default: kws 0, asr 4096; a resumed run keeps its own].", show_default=False),
     seed: int = typer.Option(0, help="Seed for initialisation, data order, splits and augmentation."),
     threads: int = typer.Option(0, min=0, help="torch threads (0 = torch's default)."),
     strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
@@ -113,7 +113,7 @@ def train(
     per-example layer dropping; stage 2 freezes the backbone and trains the early-exit head, the
     static mask and the input-conditioned selector; stage 3 (--joint-epochs) fine-tunes the encoder layers
     with every strategy on its own layer sets; stage 4 (--depth-clips) fits the depth chooser of `adaptive`,
-    the selector with a depth per input. Checkpoints (safetensors) are written after every epoch;
+    the selector with a depth per input, and calibrates `confident_exit`. Checkpoints (safetensors) are written after every epoch;
     running the same command again resumes an interrupted run.
     """
     import torch
@@ -161,7 +161,8 @@ def train(
     console.print(f"[green]done[/green]: stages {', '.join(stages)}; {len(state.history)} epochs and fits logged in {out}/train_state.json")
 
 
-EVAL_METHODS = "full,random,early_exit,static,selector,adaptive,oracle"
+EVAL_METHODS = "full,random,early_exit,static,selector,adaptive,confident_exit,oracle"
+DEPTH_METHODS = {"adaptive", "confident_exit"}  # a mean of k layers, fitted in the depth stage (stage 4)
 
 
 def evaluate(
@@ -169,8 +170,9 @@ def evaluate(
     data: Path = typer.Option(..., "--data", help="kws: Speech Commands folder; asr: audiofolder or manifest (DATA or DATA/SPLIT for --backbone). Its test split (held-out speakers) is used."),
     keep: str = typer.Option("0.25,0.5,0.75,1.0", help="Comma-separated keep ratios."),
     methods: Optional[str] = typer.Option(None, help="Comma-separated methods; oracle also adds oracle_static. adaptive "
-                                          "(the selector with a depth per input at a duration-weighted mean of k layers) needs "
-                                          "a run whose stage 4 fitted it; by default it is left out where none is "
+                                          "(the selector with a depth per input at a duration-weighted mean of k layers) and "
+                                          "confident_exit (early exit at the first exit confident enough for that mean) need "
+                                          "a run whose stage 4 fitted them; by default they are left out where none is "
                                           f"\\[default: {EVAL_METHODS}].", show_default=False),
     split: str = typer.Option("test", help="train | val | test"),
     seed: int = typer.Option(-1, help="Split seed (default: the run's training seed)."),
@@ -213,9 +215,9 @@ def evaluate(
     if backbone is not None or is_whisper_run(run):
         from ldfleet.commands.whisper_eval import eval_whisper
 
-        if "adaptive" in names and methods is not None:
-            raise typer.BadParameter("adaptive depth is not fitted for Whisper: leave it out of --methods")
-        eval_whisper(run if backbone is None else None, backbone, data, split, [m for m in names if m in STRATEGY_NAMES and m != "adaptive"],
+        if DEPTH_METHODS & set(names) and methods is not None:
+            raise typer.BadParameter("adaptive and confident_exit are not fitted for Whisper: leave them out of --methods")
+        eval_whisper(run if backbone is None else None, backbone, data, split, [m for m in names if m in STRATEGY_NAMES and m not in DEPTH_METHODS],
                      keeps, language, pad_to_window, limit, batch_size, as_json, _progress)
         return
     try:
@@ -238,14 +240,15 @@ def evaluate(
         fail(f"the {split} split of {data} is empty")
     conditions = _conditions(dataset)
     model = load_model(run)
-    if "adaptive" in names and not model.strategy("adaptive").chooser.is_fitted:
+    fitted = {"adaptive": model.strategy("adaptive").chooser.is_fitted, "confident_exit": model.strategy("confident_exit").is_fitted}
+    for method in [m for m in names if m in DEPTH_METHODS and not fitted[m]]:
         if methods is not None:
             train_cfg = meta.get("train_config", {})
-            fail(f"{run} has no fitted depth chooser for adaptive: `ldfleet train --task {task} --data {data} --out {run} "
+            fail(f"{run} has no fitted {method}: `ldfleet train --task {task} --data {data} --out {run} "
                  f"--seed {train_cfg.get('seed', 0)}{' --labels ' + labels if task == 'kws' else ''} --depth-clips 4096` fits it "
-                 "on the finished run (stage 4), or leave adaptive out of --methods")
-        names.remove("adaptive")
-        err.print(f"note: no adaptive rows ({run} has no fitted depth chooser; see `ldfleet train --help`, --depth-clips)")
+                 f"on the finished run (stage 4), or leave {method} out of --methods")
+        names.remove(method)
+        err.print(f"note: no {method} rows ({run} has no depth stage for it; see `ldfleet train --help`, --depth-clips)")
     with _progress() as progress:
         bar = progress.add_task(f"eval {split}", total=None)
         result = run_eval(model, dataset, names, keeps, oracle_sets=oracle_sets, conditions=conditions,
