@@ -5,7 +5,10 @@ The policy sets the ceiling (``policy_k``); the governor only ever lowers k, fro
 * a latency target (the request's deadline, else the policy's ``latency_ms``): the largest k whose
   predicted latency fits ``safety * target``. The prediction is front end + overhead + k x per-layer
   time, each a running estimate on this device (a high percentile of the last ``window`` requests,
-  so a burst of contention shows within a few requests);
+  so a burst of contention shows within a few requests). Inputs differ in length (an utterance, not a
+  1 s keyword clip), so the front end and the layers are estimated per second of audio and scaled by
+  the next input's duration: their cost grows about linearly with frames at these lengths (attention's
+  quadratic term is small next to the feed-forward and projections below ~30 s);
 * CPU contention (``/proc/stat``: busy share of all CPUs, and the CPU share a runnable task can
   expect from the number of runnable tasks): when it is worse than while the estimates were
   measured, the estimates are scaled up by the ratio, before any request has been slowed;
@@ -134,9 +137,9 @@ class Governor:
         self.low_battery, self.battery_keep = low_battery, battery_keep
         self.cpu = cpu or CpuMeter()
         self.battery = battery
-        self.front_ms: deque[float] = deque(maxlen=window)
-        self.layer_ms: deque[float] = deque(maxlen=window)  # mean per-layer ms of each request
-        self.other_ms: deque[float] = deque(maxlen=window)  # selector + head + glue
+        self.front_ms: deque[float] = deque(maxlen=window)  # front-end ms per second of audio
+        self.layer_ms: deque[float] = deque(maxlen=window)  # mean per-layer ms per second of audio, each request
+        self.other_ms: deque[float] = deque(maxlen=window)  # selector + head + glue (ms, whatever the length)
         self.busy_at: deque[float] = deque(maxlen=window)  # CPU busy share when each was measured
         self.share_at: deque[float] = deque(maxlen=window)  # CPU share per runnable task then
         self.decisions = 0
@@ -144,22 +147,25 @@ class Governor:
 
     # ---- estimates ---------------------------------------------------------------------------
 
-    def observe(self, result) -> None:
-        """Learn from one finished request (a runtime ``Result``: ms, front_end_ms, layer_ms)."""
-        self.front_ms.append(result.front_end_ms)
+    def observe(self, result, seconds: float = 1.0) -> None:
+        """Learn from one finished request (a runtime ``Result``: ms, front_end_ms, layer_ms) on an
+        input of ``seconds`` of audio."""
+        seconds = max(seconds, 1e-3)
+        self.front_ms.append(result.front_end_ms / seconds)
         if result.layer_ms:
-            self.layer_ms.append(sum(result.layer_ms) / len(result.layer_ms))
+            self.layer_ms.append(sum(result.layer_ms) / len(result.layer_ms) / seconds)
         self.other_ms.append(max(0.0, result.ms - result.front_end_ms - sum(result.layer_ms)))
         self.busy_at.append(self.cpu.busy)
         self.share_at.append(self.cpu.share)
 
-    def predict_ms(self, k: int, slowdown: float = 1.0) -> float | None:
-        """Predicted latency at k layers (None until a request has been observed)."""
+    def predict_ms(self, k: int, slowdown: float = 1.0, seconds: float = 1.0) -> float | None:
+        """Predicted latency in ms at k layers for an input of ``seconds`` of audio (None until a
+        request has been observed)."""
         if not self.front_ms or not self.layer_ms:
             return None
         q = self.quantile
-        base = _percentile(self.front_ms, q) + _percentile(self.other_ms, q) + k * _percentile(self.layer_ms, q)
-        return base * slowdown
+        per_second = _percentile(self.front_ms, q) + k * _percentile(self.layer_ms, q)
+        return (per_second * seconds + _percentile(self.other_ms, q)) * slowdown
 
     def _slowdown(self, busy: float, share: float) -> float:
         """How much slower than its estimates this process will now run (1 = as measured, at most 4):
@@ -174,8 +180,9 @@ class Governor:
 
     # ---- the decision --------------------------------------------------------------------------
 
-    def decide(self, policy_k: int, deadline_ms: float | None = None) -> Decision:
-        """k for the next request under ``policy_k`` and an optional latency target in ms."""
+    def decide(self, policy_k: int, deadline_ms: float | None = None, seconds: float = 1.0) -> Decision:
+        """k for the next request (an input of ``seconds`` of audio) under ``policy_k`` and an optional
+        latency target in ms."""
         policy_k = max(1, min(policy_k, self.num_layers))
         busy = self.cpu.sample()
         d = Decision(policy_k, policy_k, deadline_ms, None, busy)
@@ -188,10 +195,10 @@ class Governor:
         if deadline_ms is not None:
             slowdown = self._slowdown(busy, self.cpu.share)
             budget = self.safety * deadline_ms
-            predicted = self.predict_ms(d.k, slowdown)
+            predicted = self.predict_ms(d.k, slowdown, seconds)
             if predicted is not None and predicted > budget:
                 k = d.k
-                while k > 1 and self.predict_ms(k, slowdown) > budget:
+                while k > 1 and self.predict_ms(k, slowdown, seconds) > budget:
                     k -= 1
                 why = f"deadline {deadline_ms:.1f} ms: predicted {predicted:.1f} ms at k={d.k} > {budget:.1f} ms"
                 if slowdown > 1.0:
@@ -199,7 +206,7 @@ class Governor:
                             f" estimates x{slowdown:.2f})")
                 d.reasons.append(why + f" -> k={k}")
                 d.k = k
-            d.predicted_ms = self.predict_ms(d.k, slowdown)
+            d.predicted_ms = self.predict_ms(d.k, slowdown, seconds)
         self.decisions += 1
         if d.intervened:
             self.interventions += 1

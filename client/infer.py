@@ -21,7 +21,7 @@ import numpy as np
 from ldfleet.client.governor import Decision, Governor
 from ldfleet.client.state import load_device_state, state_path
 from ldfleet.client.telemetry import InferenceStats
-from ldfleet.common.edge_runtime import MANIFEST, EdgeModel, Result, keep_to_k
+from ldfleet.common.edge_runtime import MANIFEST, SAMPLE_RATE, EdgeModel, Result, keep_to_k
 from ldfleet.common.schemas import utcnow
 
 RUNTIMES = ("torch", "onnx", "onnx-int8")
@@ -124,31 +124,29 @@ class InferenceSession:
         self._lock = threading.Lock()
 
     def infer(self, waveform: np.ndarray, deadline_ms: float | None = None) -> tuple[Result, Decision, Policy]:
-        """Run one waveform ``[samples]`` (16 kHz); ``deadline_ms`` overrides the policy's latency target."""
+        """Run one waveform ``[samples]`` (16 kHz); ``deadline_ms`` overrides the policy's latency target.
+        The governor plans for the input's duration (utterances differ in length; clips are 1 s)."""
+        seconds = len(waveform) / SAMPLE_RATE
         with self._lock:
             policy = self.policy.current()
             target = deadline_ms if deadline_ms is not None else policy.latency_ms
-            decision = self.governor.decide(policy.k, target)
+            decision = self.governor.decide(policy.k, target, seconds)
             start = time.perf_counter()
             result = self.engine.run(waveform, decision.k, target)
             if len(result.layers) < decision.k:
                 decision.reasons.append(f"deadline guard: stopped after {len(result.layers)} of {decision.k} layers")
             result.ms = (time.perf_counter() - start) * 1000
-            self.governor.observe(result)
+            self.governor.observe(result, seconds)
             self.stats.record(result, decision)
             return result, decision, policy
 
 
-def clip_from_wav(data: bytes | str | Path) -> np.ndarray:
-    """WAV bytes or a path -> 1 s of 16 kHz mono float32, as training saw clips (resample, trim, centre).
-
-    Raises ValueError when the data is not audio soundfile can read.
-    """
+def _read_wav(data: bytes | str | Path) -> tuple[np.ndarray, int]:
+    """Samples ``[frames, channels]`` float32 and the rate of WAV bytes or a path (soundfile);
+    ValueError when it is not audio soundfile can read, or holds no samples."""
     import io
 
     import soundfile as sf
-
-    from ldfleet.common.data.audio import fix_length, resample, to_mono, trim_silence
 
     src = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else str(data)
     try:
@@ -157,4 +155,31 @@ def clip_from_wav(data: bytes | str | Path) -> np.ndarray:
         raise ValueError(f"not a readable WAV file: {exc}") from None
     if audio.shape[0] == 0:
         raise ValueError("the WAV file holds no samples")
+    if not np.isfinite(audio).all():
+        raise ValueError("the WAV file holds non-finite samples (NaN or infinity)")
+    return audio, rate
+
+
+def clip_from_wav(data: bytes | str | Path) -> np.ndarray:
+    """WAV bytes or a path -> 1 s of 16 kHz mono float32, as keyword training saw clips (resample,
+    trim, centre). Raises ValueError when the data is not audio soundfile can read."""
+    from ldfleet.common.data.audio import fix_length, resample, to_mono, trim_silence
+
+    audio, rate = _read_wav(data)
     return fix_length(trim_silence(resample(to_mono(audio), rate)))
+
+
+def utterance_from_wav(data: bytes | str | Path) -> np.ndarray:
+    """WAV bytes or a path -> the whole utterance as 16 kHz mono float32 ``[samples]``, untrimmed, as
+    speech-recognition training reads it (``common.data.transcribed.read_utterance``). Raises
+    ValueError when the data is not audio soundfile can read."""
+    from ldfleet.common.data.audio import resample, to_mono
+
+    audio, rate = _read_wav(data)
+    return resample(to_mono(audio), rate)
+
+
+def input_from_wav(data: bytes | str | Path, task: str) -> np.ndarray:
+    """A model input from WAV bytes or a path, as the run's task was trained: a 1 s clip (``kws``)
+    or the whole utterance (``asr``). Raises ValueError for unreadable audio."""
+    return utterance_from_wav(data) if task == "asr" else clip_from_wav(data)

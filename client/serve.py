@@ -4,9 +4,10 @@ API:
 
 * ``POST /v1/infer`` — body: a WAV file (16 kHz, mono or stereo, at most ``max_seconds``; PCM or
   float), optional query ``deadline_ms``. 200: ``{"prediction", "k", "layers", "ms", "queue_ms",
-  "policy_version", "governor"}``. 400 empty body, 413 over the size cap, 415 not a WAV file,
+  "policy_version", "governor"}``; ``prediction`` is a label (a keyword model; the audio is trimmed
+  and centred in 1 s) or a transcript (a speech-recognition model; the whole utterance). 400 empty body, 413 over the size cap, 415 not a WAV file,
   422 wrong sample rate / too long / no samples, 503 while shutting down.
-* ``GET /v1/health`` — ``{"status": "ok", "runtime", "num_layers", "policy": {...}, "requests"}``.
+* ``GET /v1/health`` — ``{"status": "ok", "runtime", "task", "num_layers", "policy": {...}, "requests"}``.
 * ``GET /metrics`` — Prometheus text format (prometheus_client): requests by status, latency
   histogram, k chosen, governor interventions, deadline misses, policy version.
 
@@ -44,8 +45,9 @@ class BadRequest(Exception):
         self.status, self.reason = status, reason
 
 
-def parse_wav(body: bytes, max_seconds: float = DEFAULT_MAX_SECONDS) -> np.ndarray:
-    """Validated WAV bytes -> float32 mono samples at 16 kHz; raises ``BadRequest`` with the reason."""
+def parse_wav(body: bytes, max_seconds: float = DEFAULT_MAX_SECONDS, task: str = "kws") -> np.ndarray:
+    """Validated WAV bytes -> the model input for ``task`` (``client.infer.input_from_wav``: a 1 s clip
+    or the whole utterance), float32 mono at 16 kHz; raises ``BadRequest`` with the reason."""
     if not body:
         raise BadRequest(400, "empty body: send a WAV file (16 kHz)")
     try:
@@ -60,10 +62,10 @@ def parse_wav(body: bytes, max_seconds: float = DEFAULT_MAX_SECONDS) -> np.ndarr
         raise BadRequest(422, "the WAV file holds no samples")
     if info.frames > max_seconds * SAMPLE_RATE:
         raise BadRequest(422, f"{info.frames / SAMPLE_RATE:.1f} s of audio is over the {max_seconds:g} s cap")
-    from ldfleet.client.infer import clip_from_wav
+    from ldfleet.client.infer import input_from_wav
 
     try:
-        return clip_from_wav(body)
+        return input_from_wav(body, task)
     except ValueError as exc:
         raise BadRequest(415, str(exc)) from None
 
@@ -87,6 +89,7 @@ def build_app(session: InferenceSession, max_bytes: int = DEFAULT_MAX_BYTES,
               max_seconds: float = DEFAULT_MAX_SECONDS) -> web.Application:
     """The aiohttp application around one ``InferenceSession``."""
     metrics = Metrics(session.engine.num_layers)
+    task = getattr(session.engine, "task", "kws")
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="infer")
     app = web.Application(client_max_size=max_bytes)
 
@@ -110,7 +113,7 @@ def build_app(session: InferenceSession, max_bytes: int = DEFAULT_MAX_BYTES,
         except ValueError:
             return refuse(400, f"deadline_ms must be a positive number of ms, got {deadline!r}")
         try:
-            wave = parse_wav(body, max_seconds)
+            wave = parse_wav(body, max_seconds, task)
         except BadRequest as exc:
             return refuse(exc.status, exc.reason)
         queued = time.perf_counter()
@@ -137,7 +140,8 @@ def build_app(session: InferenceSession, max_bytes: int = DEFAULT_MAX_BYTES,
     async def health(_request: web.Request) -> web.Response:
         p = session.policy.current()
         return web.json_response({
-            "status": "ok", "runtime": getattr(session.engine, "runtime", "onnx"), "num_layers": session.engine.num_layers,
+            "status": "ok", "runtime": getattr(session.engine, "runtime", "onnx"), "task": task,
+            "num_layers": session.engine.num_layers,
             "policy": {"k": p.k, "latency_ms": p.latency_ms, "version": p.version, "source": p.source},
             "requests": session.governor.decisions,
         })

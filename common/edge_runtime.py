@@ -1,10 +1,12 @@
 """Torch-free host runtime for an exported dynamic model: numpy + onnxruntime, nothing else.
 
 ``ldfleet export RUN --format onnx --out DIR`` writes one ONNX graph per part of the model: the
-front end (waveform -> hidden states and selector features), each encoder layer, the selector and
-the task head, with a ``manifest.json``. This module schedules them on the host: it runs the front
-end and the selector, keeps the k best-scoring layers, runs only those layer graphs in order, then
-the head. A dropped layer is a graph that is never called, so it costs nothing (per-layer graphs
+front end (waveform -> hidden states and selector features), each encoder layer, the selector (one
+graph per k when it was trained with the budget as an input) and the task head, with a
+``manifest.json``. This module schedules them on the host: it runs the front end and the selector,
+keeps the k best-scoring layers, runs only those layer graphs in order, then the head, and turns
+its logits into the answer: a label (keyword spotting, ``task: kws``) or a transcript (speech
+recognition, ``task: asr``: greedy CTC over the manifest's tokens). A dropped layer is a graph that is never called, so it costs nothing (per-layer graphs
 rather than an ONNX ``If``: runtimes often lose the saving of control flow, see PITFALLS.md).
 
 The module imports only the standard library, numpy and (when a model is opened) onnxruntime, so a
@@ -13,8 +15,10 @@ as ``edge_runtime.py``)::
 
     python3 edge_runtime.py EXPORT_DIR clip.wav --keep 0.5
 
-Shapes: waveforms are float32 ``[batch, samples]`` at 16 kHz; hidden states ``[batch, frames, dim]``;
-layer scores ``[batch, layers]``. The batch is run without padding (equal-length inputs).
+Shapes: waveforms are float32 ``[batch, samples]`` at 16 kHz (1 s clips for keyword spotting, a whole
+utterance for speech recognition); hidden states ``[batch, frames, dim]``; layer scores ``[batch,
+layers]``; head logits ``[batch, classes]`` (kws) or ``[batch, frames, tokens]`` (asr). The batch is
+run without padding (equal-length inputs).
 """
 
 from __future__ import annotations
@@ -75,6 +79,21 @@ def decode(logits: np.ndarray, labels: list[str]) -> list[str]:
     return [labels[int(i)] for i in np.asarray(logits).argmax(-1)]
 
 
+def ctc_decode(logits: np.ndarray, tokens: list[str], unit: str) -> list[str]:
+    """Transcripts from CTC logits ``[batch, frames, tokens]``: greedy (best token per frame, repeats
+    collapsed, blanks dropped), as the torch head decodes. ``tokens[0]`` is the blank; with ``unit``
+    ``char`` the tokens are characters and ``tokens[1]`` stands for the space, with ``word`` they are
+    words."""
+    out = []
+    for best in np.asarray(logits).argmax(-1):
+        ids = [int(t) for i, t in enumerate(best) if t != 0 and (i == 0 or t != best[i - 1])]
+        if unit == "char":
+            out.append("".join(tokens[i] for i in ids).replace(tokens[1], " ").strip())
+        else:
+            out.append(" ".join(tokens[i] for i in ids))
+    return out
+
+
 def read_wav(data: bytes | str | Path) -> np.ndarray:
     """A 16-bit PCM mono WAV at 16 kHz as float32 samples in [-1, 1] (stdlib ``wave``; raises ValueError)."""
     import io
@@ -114,7 +133,11 @@ class EdgeModel:
         if graphs is None:
             raise ValueError(f"{export_dir} has no {precision} graphs (export with --int8)")
         self.precision = precision
-        self.labels: list[str] = list(self.manifest["labels"])
+        self.task: str = self.manifest.get("task", "kws")
+        if self.task not in ("kws", "asr"):
+            raise ValueError(f"{path}: task {self.task!r}, expected kws or asr")
+        self.labels: list[str] = list(self.manifest.get("labels") or [])
+        self.ctc: dict = self.manifest.get("ctc") or {}
         self.num_layers: int = int(self.manifest["num_layers"])
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = max(0, threads)
@@ -125,15 +148,27 @@ class EdgeModel:
             return ort.InferenceSession(str(self.dir / name), opts, providers=["CPUExecutionProvider"])
 
         self.front_end = session(graphs["front_end"])
-        self.selector = session(graphs["selector"])
+        selector = graphs["selector"]  # one graph, or one per k = 1..L-1 (a budget-conditioned selector)
+        self.selectors = [session(g) for g in selector] if isinstance(selector, list) else [session(selector)]
         self.layers = [session(g) for g in graphs["layers"]]
         self.head = session(graphs["head"])
+
+    def selector_for(self, k: int):
+        """The selector graph that scores layers for budget k (1 <= k < L)."""
+        return self.selectors[k - 1] if len(self.selectors) > 1 else self.selectors[0]
+
+    def answers(self, logits: np.ndarray) -> list[str]:
+        """The head's logits as answers: labels (kws) or transcripts (asr), one per example."""
+        if self.task == "asr":
+            return ctc_decode(logits, self.ctc["tokens"], self.ctc["unit"])
+        return decode(logits, self.labels)
 
     def k_for(self, keep: float) -> int:
         return keep_to_k(keep, self.num_layers)
 
     def run_parts(self, waveform: np.ndarray, k: int, budget_ms: float | None = None) -> tuple[np.ndarray, Result]:
-        """Logits ``[1, classes]`` and timings for one waveform ``[samples]`` (or ``[1, samples]``) at k layers.
+        """Logits (``[1, classes]``, or ``[1, frames, tokens]`` for asr) and timings for one waveform
+        ``[samples]`` (or ``[1, samples]``) at k layers.
 
         With ``budget_ms`` the chosen layers stop early when the next one would end past it (the
         deadline guard): ``Result.layers`` then lists fewer than k layers."""
@@ -144,7 +179,7 @@ class EdgeModel:
         hidden, features = self.front_end.run(None, {"waveform": x})
         t1 = time.perf_counter()
         layers = list(range(self.num_layers)) if k >= self.num_layers else \
-            top_k_layers(self.selector.run(None, {"features": features})[0][0], k)
+            top_k_layers(self.selector_for(k).run(None, {"features": features})[0][0], k)
         t2 = time.perf_counter()
         layer_ms: list[float] = []
         for i in layers:
@@ -157,7 +192,7 @@ class EdgeModel:
         t3 = time.perf_counter()
         logits = self.head.run(None, {"hidden": hidden})[0]
         t4 = time.perf_counter()
-        result = Result(decode(logits, self.labels)[0], k, layers, (t4 - t0) * 1000, (t1 - t0) * 1000,
+        result = Result(self.answers(logits)[0], k, layers, (t4 - t0) * 1000, (t1 - t0) * 1000,
                         (t2 - t1) * 1000, layer_ms, (t4 - t3) * 1000)
         return logits, result
 

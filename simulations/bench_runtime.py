@@ -2,12 +2,13 @@
 
 (a) ``runtimes``: torch eager, onnxruntime fp32 and onnxruntime int8 at each keep ratio, batch 1, on
 held-out clips; the runtimes take turns clip by clip, so machine noise hits them alike. Rows:
-``runtime, keep, k, ms_p50, ms_p99, accuracy``.
+``runtime, keep, k, ms_p50, ms_p99, accuracy`` for a keyword model, ``wer`` and ``cer`` (accuracy
+null) for a speech-recognition model on held-out utterances (``--data`` an audiofolder or manifest).
 
 (b) ``load_step``: a stream of requests with a latency target; for the middle third of the stream
 CPU-spinning processes (one per core) compete with inference. Once with a fixed k (the policy's),
-once with the governor choosing k per request. Rows: ``mode, target_ms, p50_ms, p99_ms, miss_rate,
-accuracy`` (+ ``mean_k``, ``interventions``). The target defaults to ``target_factor`` x the
+once with the governor choosing k per request (for the input's duration). Rows: ``mode, target_ms,
+p50_ms, p99_ms, miss_rate, accuracy`` or ``wer`` (+ ``mean_k``, ``interventions``). The target defaults to ``target_factor`` x the
 unloaded p50 at the policy's k, measured just before.
 
 Without ``--run`` a small keyword model is trained once on a small synthetic corpus and cached in
@@ -29,6 +30,8 @@ from ldfleet.client.governor import Governor
 from ldfleet.client.infer import open_engine
 from ldfleet.client.profile import cpu_cores
 from ldfleet.client.telemetry import percentile
+from ldfleet.common.edge_runtime import SAMPLE_RATE
+from ldfleet.common.metrics import score
 
 Log = Callable[[str], None]
 
@@ -40,8 +43,10 @@ class RuntimeRow:
     k: int
     ms_p50: float
     ms_p99: float
-    accuracy: float
+    accuracy: float | None  # keyword models
     examples: int
+    wer: float | None = None  # speech-recognition models
+    cer: float | None = None
 
 
 @dataclass
@@ -51,13 +56,14 @@ class LoadStepRow:
     p50_ms: float
     p99_ms: float
     miss_rate: float
-    accuracy: float
+    accuracy: float | None  # keyword models; a speech-recognition model has ``wer``
     mean_k: float
     interventions: int
     requests: int
     loaded_requests: int
     front_end_p99_ms: float  # the part no k can save
     misses_at_one_layer: int  # misses although a single layer ran: the front end alone was too slow
+    wer: float | None = None
 
 
 # ---- the model and clips ------------------------------------------------------------------------
@@ -106,14 +112,27 @@ def ensure_export(run: Path, out: Path, log: Log) -> Path:
 
 
 def test_clips(data: Path, limit: int, seed: int = 0) -> list[tuple[np.ndarray, str]]:
-    """Up to ``limit`` held-out clips (waveform, label name): the test split, then validation, in order."""
+    """Up to ``limit`` held-out inputs (waveform, answer): the test split, then validation, in order.
+    A keyword corpus gives 1 s clips and label names; an audiofolder or manifest gives whole
+    utterances and their transcripts."""
     from ldfleet.common.data.audio import load_clip
     from ldfleet.common.data.folder import load_splits
     from ldfleet.common.data.labels import LABELS
+    from ldfleet.common.data.transcribed import is_transcribed, load_transcribed_splits, read_utterance
 
+    if is_transcribed(data):
+        splits = load_transcribed_splits(data, seed=seed, preload=False)
+        held_out = [*splits["test"].items, *splits["val"].items][:limit]
+        return [(read_utterance(u.path), u.text) for u in held_out]
     splits = load_splits(data, seed=seed, preload=False)
     clips = [*splits["test"].clips, *splits["val"].clips][:limit]
     return [(load_clip(c.path, trim=not c.is_silence, start=c.start, frames=c.frames), LABELS[c.label]) for c in clips]
+
+
+def quality(task: str, predictions: list[str], references: list[str]) -> dict:
+    """``accuracy`` (kws), or ``wer`` and ``cer`` (asr, jiwer via ``common.metrics``), the others None."""
+    scores = score(task, predictions, references)
+    return {"accuracy": scores.get("accuracy"), "wer": scores.get("wer"), "cer": scores.get("cer")}
 
 
 # ---- (a) runtimes side by side --------------------------------------------------------------------
@@ -122,20 +141,23 @@ def bench_runtimes(run: Path, export: Path, clips, keeps=(0.25, 0.5, 1.0), threa
                    warmup: int = 5, log: Log = lambda _m: None) -> list[RuntimeRow]:
     engines = {"torch": open_engine(run, "torch", threads), "onnx": open_engine(export, "onnx", threads),
                "onnx-int8": open_engine(export, "onnx-int8", threads)}
+    task = engines["torch"].task
     rows = []
     for keep in keeps:
         log(f"runtimes at keep {keep}")
         times = {name: [] for name in engines}
-        right = dict.fromkeys(engines, 0)
-        for i, (wave, label) in enumerate([*clips[:warmup], *clips]):
+        answers = {name: [] for name in engines}
+        for i, (wave, _answer) in enumerate([*clips[:warmup], *clips]):
             for name, engine in engines.items():
                 r = engine.run(wave, engine.k_for(keep))
                 if i >= warmup:
                     times[name].append(r.ms)
-                    right[name] += r.prediction == label
+                    answers[name].append(r.prediction)
+        references = [answer for _wave, answer in clips]
         for name, engine in engines.items():
             rows.append(RuntimeRow(name, keep, engine.k_for(keep), statistics.median(times[name]),
-                                   percentile(times[name], 99), right[name] / len(clips), len(clips)))
+                                   percentile(times[name], 99), examples=len(clips),
+                                   **quality(task, answers[name], references)))
     return rows
 
 
@@ -176,7 +198,7 @@ def load_step(engine, clips, mode: str, target_ms: float, requests: int, spinner
     L = engine.num_layers
     governor = Governor(L)
     hog = CpuHog(spinners)
-    lat, ks, fronts, right, interventions = [], [], [], 0, 0
+    lat, ks, fronts, answers, references, interventions = [], [], [], [], [], 0
     lo, hi = requests // 3, 2 * requests // 3
     try:
         for i in range(requests):
@@ -184,25 +206,28 @@ def load_step(engine, clips, mode: str, target_ms: float, requests: int, spinner
                 hog.start()
             if i == hi:
                 hog.stop()
-            wave, label = clips[i % len(clips)]
+            wave, answer = clips[i % len(clips)]
+            seconds = len(wave) / SAMPLE_RATE
             target = target_ms if mode == "governor" else None
-            decision = governor.decide(L, target)
+            decision = governor.decide(L, target, seconds)
             start = time.perf_counter()
             r = engine.run(wave, decision.k, target)
             r.ms = (time.perf_counter() - start) * 1000
-            governor.observe(r)
+            governor.observe(r, seconds)
             lat.append(r.ms)
             ks.append(len(r.layers))
             fronts.append(r.front_end_ms)
-            right += r.prediction == label
+            answers.append(r.prediction)
+            references.append(answer)
             interventions += decision.intervened or len(r.layers) < decision.k
             time.sleep(gap_ms / 1000)
     finally:
         hog.stop()
+    scores = quality(engine.task, answers, references)
     return LoadStepRow(mode, target_ms, statistics.median(lat), percentile(lat, 99),
-                       sum(t > target_ms for t in lat) / len(lat), right / len(lat), sum(ks) / len(ks),
+                       sum(t > target_ms for t in lat) / len(lat), scores["accuracy"], sum(ks) / len(ks),
                        interventions, len(lat), hi - lo, percentile(fronts, 99),
-                       sum(t > target_ms and k == 1 for t, k in zip(lat, ks)))
+                       sum(t > target_ms and k == 1 for t, k in zip(lat, ks)), scores["wer"])
 
 
 def bench_load_step(export: Path, clips, runtime: str = "onnx", requests: int = 300, target_ms: float | None = None,

@@ -1,4 +1,5 @@
-"""Shared by the edge-runtime tests: a tiny (untrained) run folder, its ONNX export, some WAV clips."""
+"""Shared by the edge-runtime tests: tiny (untrained) keyword and speech-recognition run folders, their
+ONNX exports, some WAV clips and utterances."""
 
 from __future__ import annotations
 
@@ -43,4 +44,42 @@ def wav_folder(tmp_path_factory) -> Path:
     for i in range(12):
         wave = 0.3 * np.sin(2 * np.pi * (200 + 90 * i) * t) * np.hanning(16000) + 0.05 * rng.standard_normal(16000)
         write_wav(folder / f"clip_{i:02d}.wav", wave.astype(np.float32))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_asr_run(tmp_path_factory) -> Path:
+    """A tiny WavLM with a CTC head over characters and a budget-conditioned selector (the speech-
+    recognition default), random weights; its per-k prior differs per k and its corrections are
+    switched off at k = 3, so each k's choice of layers is its own."""
+    torch.manual_seed(1)
+    run = tmp_path_factory.mktemp("edge") / "asr_run"
+    model = DynamicModel(*with_head(load_backbone("tiny", "wavlm"), task="asr"), selector_budget=True, static_budget=True)
+    with torch.no_grad():
+        selector = model.strategy("selector").scorer
+        selector.prior.normal_()
+        selector.corrected[3] = 0
+    save_model(model, run)
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_asr_export(tiny_asr_run, tmp_path_factory) -> Path:
+    from ldfleet.common.model.export import export_onnx
+
+    out = tmp_path_factory.mktemp("edge") / "asr_onnx"
+    export_onnx(tiny_asr_run, out, int8=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def utterance_folder(tmp_path_factory) -> Path:
+    """Three utterances of 0.6, 2.3 and 3.7 s (a tone sweep with noise), 16-bit PCM at 16 kHz."""
+    folder = tmp_path_factory.mktemp("edge") / "utterances"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    for i, seconds in enumerate((0.6, 2.3, 3.7)):
+        t = np.arange(int(seconds * 16000)) / 16000
+        wave = 0.3 * np.sin(2 * np.pi * (150 + 200 * t) * t) + 0.05 * rng.standard_normal(len(t))
+        write_wav(folder / f"utt_{i}.wav", wave.astype(np.float32))
     return folder

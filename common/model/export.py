@@ -6,12 +6,16 @@ Graphs (inputs -> outputs, dynamic batch and time axes):
   (per-example normalisation, CNN, projection, positional convolution);
 * ``layer_NN.onnx``: ``hidden`` -> ``hidden`` for encoder layer NN (WavLM's relative position bias is
   computed inside each graph, so any subset of layers can run);
-* ``selector.onnx``: ``features`` -> ``scores`` [batch, layers];
-* ``head.onnx``: ``hidden`` -> ``logits`` [batch, classes] (final layer norm when the family has one).
+* ``selector.onnx``: ``features`` -> ``scores`` [batch, layers]; a selector trained with the budget as
+  an input (the speech-recognition default) scores each k differently, so it is exported as one
+  graph per k, ``selector_kNN.onnx`` for k = 1..L-1 (k = L runs every layer), and the host picks by k;
+* ``head.onnx``: ``hidden`` -> ``logits`` [batch, classes] (keyword spotting) or [batch, frames, tokens]
+  (CTC speech recognition), after the final layer norm when the family has one.
 
 ``manifest.json`` lists them (and their int8 versions when asked: onnxruntime dynamic quantization
 of MatMul only, the encoder layers and head; the convolutional front end stays fp32, see
-PITFALLS.md "Device runtimes"), the labels, and the largest difference to torch measured at export.
+PITFALLS.md "Device runtimes"), the task with its labels (kws) or CTC tokens (asr), and the largest
+difference to torch measured at export.
 A copy of ``ldfleet/common/edge_runtime.py`` is written next to them for boards.
 """
 
@@ -30,7 +34,7 @@ from torch import Tensor, nn
 from .. import edge_runtime
 from .checkpoint import load_model
 from .dynamic import DynamicModel
-from .inference import DEVICE_STRATEGY, TorchEngine, head_logits, labels_of
+from .inference import DEVICE_STRATEGY, TorchEngine, device_task, head_logits, labels_of
 
 OPSET = 18
 _T = {1: "frames"}
@@ -57,12 +61,14 @@ class _Layer(nn.Module):
 
 
 class _Selector(nn.Module):
-    def __init__(self, model: DynamicModel):
+    """The selector's scores; ``k`` fixed at trace time for a budget-conditioned selector."""
+
+    def __init__(self, model: DynamicModel, k: int | None = None):
         super().__init__()
-        self.scorer = model.strategy(DEVICE_STRATEGY).scorer
+        self.scorer, self.k = model.strategy(DEVICE_STRATEGY).scorer, k
 
     def forward(self, features: Tensor) -> Tensor:
-        return self.scorer(features, None)
+        return self.scorer(features, None, self.k)
 
 
 class _Head(nn.Module):
@@ -105,7 +111,8 @@ def _quantize(src: Path, dst: Path) -> None:
 def max_difference(run_dir: str | Path, export_dir: str | Path, seconds: tuple[float, ...] = (1.0, 1.37),
                    seed: int = 0) -> float:
     """Largest |torch - onnx fp32| over logits of random inputs at every k (batch 1), at each input
-    length in ``seconds`` (the graphs were traced at 1 s: other lengths check the dynamic time axis).
+    length in ``seconds`` (the graphs were traced at 1 s: other lengths check the dynamic time axis;
+    a CTC head's logits are compared frame by frame).
 
     Raises RuntimeError when the onnx selector keeps other layers than torch's."""
     torch_engine = TorchEngine(run_dir)
@@ -129,21 +136,27 @@ def max_difference(run_dir: str | Path, export_dir: str | Path, seconds: tuple[f
     return worst
 
 
+def _answers(model: DynamicModel, task: str) -> dict:
+    """What the host runtime needs to turn logits into answers: ``labels`` (kws), or ``ctc`` with the
+    full token list (blank first) and its unit (asr)."""
+    if task == "kws":
+        return {"labels": labels_of(model)}
+    vocab = model.head_for(DEVICE_STRATEGY).vocab
+    return {"ctc": {"unit": vocab.unit, "tokens": list(vocab.tokens)}}
+
+
 def export_onnx(run_dir: str | Path, out_dir: str | Path, int8: bool = True,
                 on_step: Callable[[str], None] | None = None) -> dict:
     """Write every graph, the manifest and the runtime module to ``out_dir``; returns the manifest.
 
     Raises FileNotFoundError when ``run_dir`` is not a trained run; ValueError, before anything is
-    written, for a model the edge runtime cannot serve (not keyword spotting, with skip maps, or with a
-    budget-conditioned selector: its graph would need k as a second input).
+    written, for a model the edge runtime cannot serve (a Whisper decoder, or skip maps).
     """
     step = on_step or (lambda _msg: None)
     model = load_model(run_dir).eval()
-    labels_of(model)
+    task = device_task(model)
     if model.runner.skip_maps is not None:
         raise ValueError("a run with skip maps cannot be exported yet: the edge runtime has no stand-in graphs")
-    if model.selector_budget:
-        raise ValueError("a run trained with --selector-budget cannot be exported yet: the selector graph takes no k")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     L = model.num_layers
@@ -151,9 +164,12 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, int8: bool = True,
     with torch.no_grad():  # not inference_mode: the exporter traces these tensors
         front = model.front_end(wave)
     axes = {"waveform": {0: "batch", 1: "samples"}, "hidden": {0: "batch", 1: "frames"},
-            "features": {0: "batch", 1: "frames"}, "scores": {0: "batch"}, "logits": {0: "batch"}}
-    fp32 = {"front_end": "front_end.onnx", "selector": "selector.onnx", "head": "head.onnx",
-            "layers": [f"layer_{i:02d}.onnx" for i in range(L)]}
+            "features": {0: "batch", 1: "frames"}, "scores": {0: "batch"},
+            "logits": {0: "batch", 1: "frames"} if task == "asr" else {0: "batch"}}
+    per_k = model.strategy(DEVICE_STRATEGY).scorer.budget  # scores depend on k: one graph per k
+    selectors = {k: f"selector_k{k:02d}.onnx" for k in range(1, L)} if per_k else {None: "selector.onnx"}
+    fp32 = {"front_end": "front_end.onnx", "selector": list(selectors.values()) if per_k else selectors[None],
+            "head": "head.onnx", "layers": [f"layer_{i:02d}.onnx" for i in range(L)]}
     step("front end")
     _export(_FrontEnd(model), wave, out / fp32["front_end"], "waveform", ["hidden", "features"], axes)
     for i in range(L):
@@ -161,7 +177,8 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, int8: bool = True,
         _export(_Layer(model, i), front.hidden, out / fp32["layers"][i], "hidden", ["hidden_out"],
                 {**axes, "hidden_out": {0: "batch", 1: "frames"}})
     step("selector, head")
-    _export(_Selector(model), front.features, out / fp32["selector"], "features", ["scores"], axes)
+    for k, name in selectors.items():
+        _export(_Selector(model, k), front.features, out / name, "features", ["scores"], axes)
     _export(_Head(model), front.hidden, out / fp32["head"], "hidden", ["logits"], axes)
     graphs = {"fp32": fp32}
     if int8:
@@ -172,10 +189,9 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, int8: bool = True,
             _quantize(out / src, out / dst)
         graphs["int8"] = q
     manifest = {
-        "format": edge_runtime.FORMAT, "source_run": str(Path(run_dir).resolve()), "task": "kws",
+        "format": edge_runtime.FORMAT, "source_run": str(Path(run_dir).resolve()), "task": task,
         "strategy": DEVICE_STRATEGY, "num_layers": L, "hidden_size": model.runner.hidden_size,
-        "labels": labels_of(model), "sample_rate": edge_runtime.SAMPLE_RATE, "opset": OPSET,
-        "graphs": graphs,
+        **_answers(model, task), "sample_rate": edge_runtime.SAMPLE_RATE, "opset": OPSET, "graphs": graphs,
     }
     (out / edge_runtime.MANIFEST).write_text(json.dumps(manifest, indent=2))
     shutil.copyfile(edge_runtime.__file__, out / "edge_runtime.py")

@@ -1,8 +1,8 @@
 """On-device inference with torch: one input at a time, k layers chosen by the selector, timed by part.
 
 ``predict`` is the single place where hidden states become answers (label names for keyword
-spotting); every torch code path of the edge runtime goes through it, so a task-agnostic head only
-has to be swapped in there. ``TorchEngine`` gives the same ``Result`` as the onnxruntime host
+spotting, transcripts for speech recognition); every torch code path of the edge runtime goes
+through it, so the head decides what an answer is. ``TorchEngine`` gives the same ``Result`` as the onnxruntime host
 runtime (``ldfleet.common.edge_runtime.EdgeModel``), so the governor, ``ldfleet infer`` and
 ``ldfleet serve`` treat both alike.
 """
@@ -19,18 +19,30 @@ from torch import Tensor
 from ..edge_runtime import Result, next_layer_fits
 from .checkpoint import load_model
 from .dynamic import DynamicModel
+from .heads import ClassificationHead, CTCHead
 
 #: The strategy a device runs: the input-conditioned selector.
 DEVICE_STRATEGY = "selector"
 
 
 def labels_of(model: DynamicModel) -> list[str]:
-    """Class names of a keyword-spotting model; ValueError for other tasks (the edge runtime serves
-    classification heads; a transcript needs a decoder the ONNX path does not have yet)."""
+    """Class names of a keyword-spotting model; ValueError for other tasks."""
     head = model.head_for(DEVICE_STRATEGY)
     if getattr(head, "task", None) != "kws":
-        raise ValueError(f"the edge runtime serves keyword models; this run's task is {getattr(head, 'task', '?')!r}")
+        raise ValueError(f"only a keyword model has labels; this run's task is {getattr(head, 'task', '?')!r}")
     return list(head.labels)
+
+
+def device_task(model: DynamicModel) -> str:
+    """``kws`` or ``asr``: the task a device runs this model for. ValueError for a head the device
+    runtimes cannot serve: Whisper's decoder (a generation loop per token; ``ldfleet eval`` runs it)."""
+    head = model.head_for(DEVICE_STRATEGY)
+    if isinstance(head, CTCHead):
+        return "asr"
+    if isinstance(head, ClassificationHead):
+        return "kws"
+    raise ValueError(f"the device runtimes serve keyword (classification) and CTC speech-recognition heads, "
+                     f"not {type(head).__name__}")
 
 
 def head_logits(model: DynamicModel, hidden: Tensor, frame_mask: Tensor | None) -> Tensor:
@@ -45,7 +57,11 @@ def predict(model: DynamicModel, hidden: Tensor, frame_mask: Tensor | None) -> l
 
 
 class TorchEngine:
-    """A run folder on torch eager, batch 1, selector strategy (what a device runs)."""
+    """A run folder on torch eager, batch 1, selector strategy (what a device runs).
+
+    ``task`` is ``kws`` (answers are label names, listed in ``labels``) or ``asr`` (answers are
+    transcripts; ``labels`` is empty). Raises ValueError for a run the device cannot serve.
+    """
 
     runtime = "torch"
 
@@ -53,7 +69,8 @@ class TorchEngine:
         if threads:
             torch.set_num_threads(threads)
         self.model = load_model(run_dir).eval()
-        self.labels = labels_of(self.model)
+        self.task = device_task(self.model)
+        self.labels = labels_of(self.model) if self.task == "kws" else []
         self.num_layers = self.model.num_layers
 
     def k_for(self, keep: float) -> int:

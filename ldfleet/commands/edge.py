@@ -73,16 +73,19 @@ def infer(
     """Run the model on audio as the device would: policy k (or --keep / --latency-ms), governor, selector.
 
     Without --keep / --latency-ms the policy is the one the device's agent keeps in its state dir
-    (full model when there is none). Each input is resampled to 16 kHz mono, trimmed and centred in
-    1 s, as in training. Prints a table, or JSON lines with --json.
+    (full model when there is none). Each input is resampled to 16 kHz mono and read as the run's task
+    was trained: a keyword model gets it trimmed and centred in 1 s and answers a label; a speech-
+    recognition (CTC) model gets the whole utterance and answers its transcript. Prints a table, or
+    JSON lines with --json.
     """
-    from ldfleet.client.infer import clip_from_wav
+    from ldfleet.client.infer import input_from_wav
 
     session = _session(run, runtime, keep, latency_ms, device_id, state_dir, threads)
+    task = getattr(session.engine, "task", "kws")
     rows, failed = [], 0
     for item in _wav_inputs(inputs):
         try:
-            wave = clip_from_wav(sys.stdin.buffer.read() if item == "-" else item)
+            wave = input_from_wav(sys.stdin.buffer.read() if item == "-" else item, task)
         except ValueError as exc:
             err.print(f"[red]skipped[/] {item}: {exc}")
             failed += 1
@@ -142,12 +145,14 @@ def serve(
     state_dir: Optional[Path] = _STATE,
     threads: int = _THREADS,
     max_bytes: int = typer.Option(1 << 20, "--max-bytes", min=1024, help="Largest request body accepted (413 above)."),
+    max_seconds: float = typer.Option(10.0, "--max-seconds", min=0.1, max=600.0, help="Longest audio accepted per request, in seconds (422 above)."),
     broker: Optional[str] = typer.Option(None, "--broker", help="MQTT broker for inference telemetry (default: LDFLEET_BROKER / running broker)."),
     telemetry_interval: float = typer.Option(10.0, "--telemetry-interval", min=0.0, help="Seconds between telemetry messages (0: none)."),
 ) -> None:
     """HTTP inference service: POST /v1/infer (WAV body), GET /v1/health, GET /metrics (Prometheus).
 
-    The device's policy is read per request from the agent's state dir, so a new policy version
+    A keyword run answers a label, a speech-recognition (CTC) run a transcript of the whole utterance
+    (up to --max-seconds). The device's policy is read per request from the agent's state dir, so a new policy version
     applies from the next request on without a restart. Bad requests get a clear 4xx.
     """
     from aiohttp import web
@@ -164,7 +169,7 @@ def serve(
         publisher = TelemetryPublisher(did, broker or default_broker_url(), session.stats, telemetry_interval).start()
         err.print(f"telemetry every {telemetry_interval:g} s as {did}")
     try:
-        web.run_app(build_app(session, max_bytes=max_bytes), host=host, port=port, access_log=None,
+        web.run_app(build_app(session, max_bytes=max_bytes, max_seconds=max_seconds), host=host, port=port, access_log=None,
                     print=lambda m: err.print(m.strip()))
     finally:
         if publisher is not None:
@@ -173,7 +178,7 @@ def serve(
 
 def bench_runtime(
     run: Optional[Path] = typer.Option(None, "--run", help="Run folder (default: a small model trained once and cached)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Corpus with held-out clips (needed with --run)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Corpus with held-out clips (needed with --run): a keyword folder, or an audiofolder / manifest for a speech-recognition run."),
     keep: str = typer.Option("0.25,0.5,1.0", "--keep", help="Keep ratios for the runtime comparison."),
     clips: int = typer.Option(150, "--clips", min=10, help="Held-out clips per runtime and keep."),
     requests: int = typer.Option(300, "--requests", min=30, help="Requests in each load-step stream."),
@@ -183,7 +188,9 @@ def bench_runtime(
     threads: int = _THREADS,
     as_json: bool = typer.Option(False, "--json", help="One JSON object: runtimes, load_step, conditions."),
 ) -> None:
-    """Torch eager vs onnxruntime fp32 vs int8 (batch 1) and the governor vs a fixed k under a load step."""
+    """Torch eager vs onnxruntime fp32 vs int8 (batch 1) and the governor vs a fixed k under a load step.
+
+    Accuracy for a keyword run; WER and CER on held-out utterances for a speech-recognition run."""
     import os
 
     from ldfleet.common.runtime import ldfleet_home
@@ -209,20 +216,26 @@ def bench_runtime(
     if as_json:
         print(json.dumps(B.as_json(rows, steps, conditions), indent=1))
         return
+    asr = rows[0].accuracy is None  # a speech-recognition model: WER instead of accuracy
+    quality = "WER" if asr else "accuracy"
+
+    def percent(row) -> str:
+        return f"{100 * (row.wer if asr else row.accuracy):.1f}%"
+
     table = Table(title=f"runtimes, batch 1, {len(test)} clips, {threads} thread(s), loadavg {load_before[0]:.2f}")
-    for col in ("runtime", "keep", "k", "p50 ms", "p99 ms", "accuracy", "speed-up p50"):
+    for col in ("runtime", "keep", "k", "p50 ms", "p99 ms", quality, "speed-up p50"):
         table.add_column(col, justify="right")
     ref = {r.keep: r.ms_p50 for r in rows if r.runtime == "torch"}
     for r in rows:
-        table.add_row(r.runtime, f"{r.keep:.2f}", str(r.k), f"{r.ms_p50:.2f}", f"{r.ms_p99:.2f}", f"{100 * r.accuracy:.1f}%",
+        table.add_row(r.runtime, f"{r.keep:.2f}", str(r.k), f"{r.ms_p50:.2f}", f"{r.ms_p99:.2f}", percent(r),
                       f"{ref[r.keep] / r.ms_p50:.2f}x")
     console.print(table)
     table = Table(title=f"load step ({load_runtime}): spinning processes for the middle third")
-    for col in ("mode", "target ms", "p50 ms", "p99 ms", "miss rate", "accuracy", "mean k", "interventions"):
+    for col in ("mode", "target ms", "p50 ms", "p99 ms", "miss rate", quality, "mean k", "interventions"):
         table.add_column(col, justify="right")
     for s in steps:
         table.add_row(s.mode, f"{s.target_ms:.1f}", f"{s.p50_ms:.1f}", f"{s.p99_ms:.1f}", f"{100 * s.miss_rate:.1f}%",
-                      f"{100 * s.accuracy:.1f}%", f"{s.mean_k:.2f}", str(s.interventions))
+                      percent(s), f"{s.mean_k:.2f}", str(s.interventions))
     console.print(table)
 
 

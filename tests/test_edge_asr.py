@@ -1,0 +1,148 @@
+"""A speech-recognition (CTC) run on the device: ONNX export with one selector graph per k, transcripts
+from torch and onnxruntime equal to evaluation's, `ldfleet infer` / `ldfleet serve` on whole
+utterances, the governor planning for an input's duration, `bench runtime` rows with WER."""
+
+from __future__ import annotations
+
+import io
+import json
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from typer.testing import CliRunner
+
+from edge_fixtures import tiny_asr_export, tiny_asr_run, utterance_folder  # noqa: F401 - fixtures
+from ldfleet.cli import app
+from ldfleet.client.governor import Governor
+from ldfleet.client.infer import InferenceSession, PolicySource, clip_from_wav, input_from_wav, open_engine, utterance_from_wav
+from ldfleet.client.serve import ServiceThread, build_app
+from ldfleet.common.edge_runtime import EdgeModel, Result, ctc_decode
+from ldfleet.common.model.heads import CharVocab, CTCHead, WordVocab
+
+runner = CliRunner()
+
+
+def test_export_writes_a_selector_graph_per_k_and_the_ctc_tokens(tiny_asr_run, tiny_asr_export):
+    from ldfleet.common.model.checkpoint import load_model
+
+    manifest = json.loads((tiny_asr_export / "manifest.json").read_text())
+    vocab = load_model(tiny_asr_run).head_for("selector").vocab
+    assert manifest["task"] == "asr" and manifest["ctc"] == {"unit": "char", "tokens": vocab.tokens}
+    assert "labels" not in manifest
+    assert manifest["graphs"]["fp32"]["selector"] == [f"selector_k{k:02d}.onnx" for k in range(1, 8)]
+    assert all((tiny_asr_export / g).exists() for g in manifest["graphs"]["int8"]["selector"])
+    assert manifest["max_abs_diff_fp32"] <= 1e-4  # CTC logits frame by frame, at every k and two lengths
+
+
+@pytest.mark.parametrize("vocab", [CharVocab(), WordVocab(["press", "one", "two", "call"])])
+def test_host_ctc_decoding_equals_the_torch_head(vocab):
+    head = CTCHead(16, vocab)
+    logits = torch.randn(4, 30, len(vocab))
+    logits[:, ::3, 0] += 4.0  # blanks between tokens, repeats elsewhere
+    tokens = list(vocab.tokens)
+    assert ctc_decode(logits.numpy(), tokens, vocab.unit) == head.decode(logits, None)
+
+
+def test_device_transcripts_equal_evaluations_at_every_k(tiny_asr_run, tiny_asr_export, utterance_folder):
+    """Torch engine, onnxruntime fp32 and `DynamicModel.predict` (what `ldfleet eval` runs): the same
+    layers and the same transcript, on whole utterances of different lengths."""
+    torch_engine, edge = open_engine(tiny_asr_run, "torch"), EdgeModel(tiny_asr_export)
+    model = torch_engine.model
+    assert torch_engine.task == edge.task == "asr" and torch_engine.labels == []
+    chosen = set()
+    for path in sorted(utterance_folder.glob("*.wav")):
+        wave = utterance_from_wav(path)
+        assert len(wave) == len(sf.read(path)[0])  # the whole utterance: not trimmed to a 1 s clip
+        with torch.inference_mode():
+            front = model.front_end(torch.from_numpy(wave).unsqueeze(0))
+        for k in range(1, 9):
+            a, b = torch_engine.run(wave, k), edge.run(wave, k)
+            with torch.inference_mode():
+                (text,), keep = model.predict(front, "selector", k)
+            assert a.layers == b.layers == keep[0].nonzero().flatten().tolist()
+            assert a.prediction == b.prediction == text and text  # random weights: some characters
+            chosen.add(tuple(a.layers))
+    assert len(chosen) >= 8  # a set per k: the per-k selector graphs are not one ranking
+
+
+def test_infer_cli_transcribes_utterances_on_torch_and_onnx(tiny_asr_run, tiny_asr_export, utterance_folder):
+    args = ["--keep", "0.5", "--json", str(utterance_folder)]
+    rows = {}
+    for runtime, target in (("torch", tiny_asr_run), ("onnx", tiny_asr_export), ("onnx-int8", tiny_asr_export)):
+        out = runner.invoke(app, ["infer", "--run", str(target), "--runtime", runtime, *args])
+        assert out.exit_code == 0, out.output
+        rows[runtime] = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    engine = open_engine(tiny_asr_run, "torch")
+    expected = [engine.run(utterance_from_wav(p), 4).prediction for p in sorted(utterance_folder.glob("*.wav"))]
+    assert [r["prediction"] for r in rows["torch"]] == [r["prediction"] for r in rows["onnx"]] == expected
+    assert [r["k"] for r in rows["onnx-int8"]] == [4, 4, 4] and all(len(r["layers"]) == 4 for r in rows["onnx-int8"])
+
+
+def test_inputs_are_read_as_the_task_was_trained(utterance_folder, tmp_path):
+    path = utterance_folder / "utt_2.wav"
+    assert len(input_from_wav(path, "kws")) == 16000 and len(input_from_wav(path, "asr")) == int(3.7 * 16000)
+    stereo = tmp_path / "stereo_32k.wav"
+    sf.write(stereo, np.stack([sf.read(path)[0]] * 2, axis=1), 32000)  # 2 channels at twice the rate: 1.85 s
+    assert len(utterance_from_wav(stereo)) == pytest.approx(int(3.7 * 16000) // 2, abs=2)
+    broken = tmp_path / "nan.wav"
+    sf.write(broken, np.array([0.1, np.nan, 0.2] * 1000, dtype=np.float32), 16000, subtype="FLOAT")
+    for read in (clip_from_wav, utterance_from_wav):
+        with pytest.raises(ValueError, match="non-finite"):
+            read(broken)
+
+
+def test_governor_plans_for_the_inputs_duration():
+    """Estimates per second of audio: after 1 s requests, a 3 s utterance under the same deadline
+    gets fewer layers, and the prediction scales with the duration."""
+    gov = Governor(8, cpu=type("Idle", (), {"busy": 0.1, "share": 1.0, "sample": lambda self: 0.1})(), battery=lambda: None)
+    for _ in range(5):  # 1 s inputs: front end 4 ms, 2 ms per layer, 0.5 ms besides
+        gov.observe(Result("", 8, list(range(8)), 4 + 16 + 0.5, 4.0, 0.1, [2.0] * 8, 0.4), seconds=1.0)
+    assert gov.predict_ms(8, seconds=3.0) == pytest.approx(3 * (4 + 16) + 0.5)
+    short, long = gov.decide(8, 40.0, seconds=1.0), gov.decide(8, 40.0, seconds=3.0)
+    assert short.k == 8 and not short.intervened  # 20.5 ms <= 32 ms
+    assert long.k == 3 and "k=3" in long.explain()  # 3 * (4 + 2k) + 0.5 <= 32 -> k = 3
+    gov.observe(Result("", 4, list(range(4)), 3 * (4 + 8) + 0.5, 12.0, 0.1, [6.0] * 4, 0.4), seconds=3.0)
+    assert gov.layer_ms[-1] == pytest.approx(2.0) and gov.front_ms[-1] == pytest.approx(4.0)  # per second
+
+
+def _post(url: str, body: bytes) -> tuple[int, dict]:
+    req = urllib.request.Request(f"{url}/v1/infer", data=body, headers={"Content-Type": "audio/wav"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_serve_answers_transcripts_of_whole_utterances(tiny_asr_export, utterance_folder):
+    engine = open_engine(tiny_asr_export, "onnx")
+    svc = ServiceThread(build_app(InferenceSession(engine, PolicySource(8, keep=0.75)), max_seconds=3.0)).start()
+    try:
+        path = utterance_folder / "utt_1.wav"
+        status, body = _post(svc.url, path.read_bytes())
+        assert status == 200 and body["k"] == 6
+        assert body["prediction"] == engine.run(utterance_from_wav(path), 6).prediction
+        status, body = _post(svc.url, (utterance_folder / "utt_2.wav").read_bytes())  # 3.7 s
+        assert status == 422 and "3.7 s of audio is over the 3 s cap" in body["error"]
+        buf = io.BytesIO()
+        sf.write(buf, np.full(8000, np.inf, dtype=np.float32), 16000, format="WAV", subtype="FLOAT")
+        status, body = _post(svc.url, buf.getvalue())
+        assert status == 415 and "non-finite" in body["error"]
+        with urllib.request.urlopen(f"{svc.url}/v1/health", timeout=10) as resp:
+            assert json.loads(resp.read())["task"] == "asr"
+    finally:
+        svc.stop()
+
+
+def test_bench_runtimes_reports_wer_for_a_speech_recognition_run(tiny_asr_run, tiny_asr_export, utterance_folder):
+    from ldfleet.simulations.bench_runtime import bench_runtimes
+
+    clips = [(utterance_from_wav(p), "press one") for p in sorted(utterance_folder.glob("*.wav"))]
+    rows = bench_runtimes(tiny_asr_run, tiny_asr_export, clips, keeps=(0.5,), warmup=1)
+    assert [r.runtime for r in rows] == ["torch", "onnx", "onnx-int8"]
+    assert all(r.accuracy is None and r.wer > 0 and r.cer > 0 and r.examples == 3 and r.k == 4 for r in rows)
+    assert rows[0].wer == rows[1].wer and rows[0].cer == rows[1].cer  # fp32 onnx transcribes as torch does
