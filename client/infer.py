@@ -27,10 +27,12 @@ from ldfleet.common.schemas import utcnow
 RUNTIMES = ("torch", "onnx", "onnx-int8")
 
 
-def open_engine(run: str | Path, runtime: str = "torch", threads: int = 1):
-    """A runtime for ``run``: a run folder (torch) or an ONNX export folder (onnx, onnx-int8).
+def open_engine(run: str | Path, runtime: str = "torch", threads: int = 1, strategy: str = "selector"):
+    """A runtime for ``run``: a run folder (torch) or an ONNX export folder (onnx, onnx-int8), running
+    ``strategy`` (``selector``: k layers per input; ``adaptive``: a depth per input at a mean of k).
 
-    Raises FileNotFoundError / ValueError with a hint when the folder does not fit the runtime.
+    Raises FileNotFoundError / ValueError with a hint when the folder does not fit the runtime or
+    cannot run the strategy.
     """
     run = Path(run)
     if runtime not in RUNTIMES:
@@ -41,10 +43,10 @@ def open_engine(run: str | Path, runtime: str = "torch", threads: int = 1):
             raise ValueError(f"{run} is an ONNX export: use --runtime onnx (or give the run folder)")
         from ldfleet.common.model.inference import TorchEngine
 
-        return TorchEngine(run, threads)
+        return TorchEngine(run, threads, strategy)
     if not exported:
         raise FileNotFoundError(f"{run} is not an ONNX export: make one with `ldfleet export {run} --format onnx --out DIR`")
-    engine = EdgeModel(run, "int8" if runtime == "onnx-int8" else "fp32", threads)
+    engine = EdgeModel(run, "int8" if runtime == "onnx-int8" else "fp32", threads, strategy)
     engine.runtime = runtime
     return engine
 

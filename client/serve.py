@@ -7,7 +7,8 @@ API:
   "policy_version", "governor"}``; ``prediction`` is a label (a keyword model; the audio is trimmed
   and centred in 1 s) or a transcript (a speech-recognition model; the whole utterance). 400 empty body, 413 over the size cap, 415 not a WAV file,
   422 wrong sample rate / too long / no samples, 503 while shutting down.
-* ``GET /v1/health`` — ``{"status": "ok", "runtime", "task", "num_layers", "policy": {...}, "requests"}``.
+* ``GET /v1/health`` — ``{"status": "ok", "runtime", "task", "strategy", "num_layers", "policy": {...},
+  "requests"}``.
 * ``GET /metrics`` — Prometheus text format (prometheus_client): requests by status, latency
   histogram, k chosen, governor interventions, deadline misses, policy version.
 
@@ -141,6 +142,7 @@ def build_app(session: InferenceSession, max_bytes: int = DEFAULT_MAX_BYTES,
         p = session.policy.current()
         return web.json_response({
             "status": "ok", "runtime": getattr(session.engine, "runtime", "onnx"), "task": task,
+            "strategy": getattr(session.engine, "strategy", "selector"),
             "num_layers": session.engine.num_layers,
             "policy": {"k": p.k, "latency_ms": p.latency_ms, "version": p.version, "source": p.source},
             "requests": session.governor.decisions,

@@ -6,7 +6,13 @@ graph per k when it was trained with the budget as an input) and the task head, 
 ``manifest.json``. This module schedules them on the host: it runs the front end and the selector,
 keeps the k best-scoring layers, runs only those layer graphs in order, then the head, and turns
 its logits into the answer: a label (keyword spotting, ``task: kws``) or a transcript (speech
-recognition, ``task: asr``: greedy CTC over the manifest's tokens). A dropped layer is a graph that is never called, so it costs nothing (per-layer graphs
+recognition, ``task: asr``: greedy CTC over the manifest's tokens).
+
+With ``strategy="adaptive"`` (when the run's depth stage fitted it) the number of layers is chosen per
+input first: ``depth.onnx`` predicts the input's errors at every depth d, and the input runs at the d
+minimising ``errors[d] + lambda_k * d * frames / ref_frames`` (``lambda_k`` and ``ref_frames`` in the
+manifest), so that inputs average k layers weighted by duration (``ldfleet.common.model.depth``); the
+selector then chooses which d layers. A dropped layer is a graph that is never called, so it costs nothing (per-layer graphs
 rather than an ONNX ``If``: runtimes often lose the saving of control flow, see PITFALLS.md).
 
 The module imports only the standard library, numpy and (when a model is opened) onnxruntime, so a
@@ -111,13 +117,14 @@ def read_wav(data: bytes | str | Path) -> np.ndarray:
 
 
 class EdgeModel:
-    """An exported model on onnxruntime. ``precision``: ``fp32`` or ``int8`` (if exported with int8).
+    """An exported model on onnxruntime. ``precision``: ``fp32`` or ``int8`` (if exported with int8);
+    ``strategy``: ``selector`` (k layers per input) or ``adaptive`` (a depth per input at a mean of k).
 
-    Raises FileNotFoundError when ``export_dir`` has no manifest, ValueError for an unknown format or
-    a precision the export lacks.
+    Raises FileNotFoundError when ``export_dir`` has no manifest, ValueError for an unknown format, a
+    precision the export lacks, or ``adaptive`` on an export without a depth chooser.
     """
 
-    def __init__(self, export_dir: str | Path, precision: str = "fp32", threads: int = 1):
+    def __init__(self, export_dir: str | Path, precision: str = "fp32", threads: int = 1, strategy: str = "selector"):
         import onnxruntime as ort
 
         self.dir = Path(export_dir)
@@ -152,6 +159,30 @@ class EdgeModel:
         self.selectors = [session(g) for g in selector] if isinstance(selector, list) else [session(selector)]
         self.layers = [session(g) for g in graphs["layers"]]
         self.head = session(graphs["head"])
+        self.strategy = strategy
+        if strategy not in ("selector", "adaptive"):
+            raise ValueError(f"strategy must be selector or adaptive, got {strategy!r}")
+        adaptive = self.manifest.get("adaptive")
+        if strategy == "adaptive" and not adaptive:
+            raise ValueError(f"{export_dir} has no depth chooser (its run had no depth stage): use strategy selector")
+        self.depth = session(adaptive["graph"]) if strategy == "adaptive" else None
+        self.lambdas = np.asarray(adaptive["lambdas"], dtype=np.float32) if self.depth else None
+        self.ref_frames = np.float32(adaptive["ref_frames"]) if self.depth else None
+
+    def depth_for(self, features: np.ndarray, k: int) -> int:
+        """The adaptive depth (1..L) of one input from its selector features ``[1, frames, dim]``, for a
+        duration-weighted mean of k layers (k < L)."""
+        errors = self.depth.run(None, {"features": features})[0][0].astype(np.float32)  # [L]
+        depths = np.arange(1, self.num_layers + 1, dtype=np.float32)
+        weight = np.float32(features.shape[1]) / self.ref_frames
+        return int(np.argmin(errors + self.lambdas[k] * weight * depths)) + 1
+
+    def choose_layers(self, features: np.ndarray, k: int) -> list[int]:
+        """The layers to run, in order, for one input's selector features ``[1, frames, dim]`` at k."""
+        depth = self.depth_for(features, k) if self.depth is not None and k < self.num_layers else k
+        if depth >= self.num_layers:
+            return list(range(self.num_layers))
+        return top_k_layers(self.selector_for(depth).run(None, {"features": features})[0][0], depth)
 
     def selector_for(self, k: int):
         """The selector graph that scores layers for budget k (1 <= k < L)."""
@@ -178,8 +209,7 @@ class EdgeModel:
         t0 = time.perf_counter()
         hidden, features = self.front_end.run(None, {"waveform": x})
         t1 = time.perf_counter()
-        layers = list(range(self.num_layers)) if k >= self.num_layers else \
-            top_k_layers(self.selector_for(k).run(None, {"features": features})[0][0], k)
+        layers = self.choose_layers(features, k)
         t2 = time.perf_counter()
         layer_ms: list[float] = []
         for i in layers:
@@ -211,8 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("wavs", nargs="+")
     p.add_argument("--keep", type=float, default=1.0, help="share of encoder layers to run (0, 1]")
     p.add_argument("--int8", action="store_true", help="use the int8 graphs")
+    p.add_argument("--strategy", choices=("selector", "adaptive"), default="selector",
+                   help="selector: k layers per input; adaptive: a depth per input at a mean of k")
     args = p.parse_args(argv)
-    model = EdgeModel(args.export_dir, "int8" if args.int8 else "fp32")
+    model = EdgeModel(args.export_dir, "int8" if args.int8 else "fp32", strategy=args.strategy)
     k = model.k_for(args.keep)
     for path in args.wavs:
         r = model.run(read_wav(path), k)

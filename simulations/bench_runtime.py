@@ -138,9 +138,9 @@ def quality(task: str, predictions: list[str], references: list[str]) -> dict:
 # ---- (a) runtimes side by side --------------------------------------------------------------------
 
 def bench_runtimes(run: Path, export: Path, clips, keeps=(0.25, 0.5, 1.0), threads: int = 1,
-                   warmup: int = 5, log: Log = lambda _m: None) -> list[RuntimeRow]:
-    engines = {"torch": open_engine(run, "torch", threads), "onnx": open_engine(export, "onnx", threads),
-               "onnx-int8": open_engine(export, "onnx-int8", threads)}
+                   warmup: int = 5, log: Log = lambda _m: None, strategy: str = "selector") -> list[RuntimeRow]:
+    engines = {name: open_engine(export if name.startswith("onnx") else run, name, threads, strategy)
+               for name in ("torch", "onnx", "onnx-int8")}
     task = engines["torch"].task
     rows = []
     for keep in keeps:
@@ -232,8 +232,8 @@ def load_step(engine, clips, mode: str, target_ms: float, requests: int, spinner
 
 def bench_load_step(export: Path, clips, runtime: str = "onnx", requests: int = 300, target_ms: float | None = None,
                     target_factor: float = 1.5, spinners: int = 0, threads: int = 1,
-                    log: Log = lambda _m: None) -> list[LoadStepRow]:
-    engine = open_engine(export, runtime, threads)
+                    log: Log = lambda _m: None, strategy: str = "selector") -> list[LoadStepRow]:
+    engine = open_engine(export, runtime, threads, strategy)
     if target_ms is None:
         base = [engine.run(clips[i % len(clips)][0], engine.num_layers).ms for i in range(40)]
         target_ms = target_factor * statistics.median(base[10:])

@@ -51,7 +51,8 @@ def wav_folder(tmp_path_factory) -> Path:
 def tiny_asr_run(tmp_path_factory) -> Path:
     """A tiny WavLM with a CTC head over characters and a budget-conditioned selector (the speech-
     recognition default), random weights; its per-k prior differs per k and its corrections are
-    switched off at k = 3, so each k's choice of layers is its own."""
+    switched off at k = 3, so each k's choice of layers is its own. Its adaptive depth chooser is
+    calibrated on random features of clips of 0.5-4 s (50 frames a second)."""
     torch.manual_seed(1)
     run = tmp_path_factory.mktemp("edge") / "asr_run"
     model = DynamicModel(*with_head(load_backbone("tiny", "wavlm"), task="asr"), selector_budget=True, static_budget=True)
@@ -59,6 +60,8 @@ def tiny_asr_run(tmp_path_factory) -> Path:
         selector = model.strategy("selector").scorer
         selector.prior.normal_()
         selector.corrected[3] = 0
+        dim = model.runner.hidden_size
+        model.strategy("adaptive").chooser.eval().calibrate(torch.randn(256, 2 * dim), torch.randint(25, 200, (256,)))
     save_model(model, run)
     return run
 

@@ -1,6 +1,7 @@
 """A speech-recognition (CTC) run on the device: ONNX export with one selector graph per k, transcripts
 from torch and onnxruntime equal to evaluation's, `ldfleet infer` / `ldfleet serve` on whole
-utterances, the governor planning for an input's duration, `bench runtime` rows with WER."""
+utterances, the governor planning for an input's duration, `bench runtime` rows with WER, and the
+adaptive strategy (a depth per input) on the device."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import soundfile as sf
 import torch
 from typer.testing import CliRunner
 
-from edge_fixtures import tiny_asr_export, tiny_asr_run, utterance_folder  # noqa: F401 - fixtures
+from edge_fixtures import tiny_asr_export, tiny_asr_run, tiny_export, tiny_run, utterance_folder  # noqa: F401 - fixtures
 from ldfleet.cli import app
 from ldfleet.client.governor import Governor
 from ldfleet.client.infer import InferenceSession, PolicySource, clip_from_wav, input_from_wav, open_engine, utterance_from_wav
@@ -146,3 +147,38 @@ def test_bench_runtimes_reports_wer_for_a_speech_recognition_run(tiny_asr_run, t
     assert [r.runtime for r in rows] == ["torch", "onnx", "onnx-int8"]
     assert all(r.accuracy is None and r.wer > 0 and r.cer > 0 and r.examples == 3 and r.k == 4 for r in rows)
     assert rows[0].wer == rows[1].wer and rows[0].cer == rows[1].cer  # fp32 onnx transcribes as torch does
+
+
+def test_adaptive_depth_runs_on_the_device_as_in_evaluation(tiny_asr_run, tiny_asr_export, utterance_folder):
+    """`--strategy adaptive`: a depth per input (the exported depth chooser and the manifest's lambdas),
+    the same layers on torch, onnxruntime and `DynamicModel.choose` (what `ldfleet eval` runs)."""
+    manifest = json.loads((tiny_asr_export / "manifest.json").read_text())
+    assert manifest["adaptive"]["graph"] == "depth.onnx" and len(manifest["adaptive"]["lambdas"]) == 9
+    torch_engine = open_engine(tiny_asr_run, "torch", strategy="adaptive")
+    edge = open_engine(tiny_asr_export, "onnx-int8", strategy="adaptive")
+    model = torch_engine.model
+    depths = []
+    for path in sorted(utterance_folder.glob("*.wav")):
+        wave = utterance_from_wav(path)
+        with torch.inference_mode():
+            front = model.front_end(torch.from_numpy(wave).unsqueeze(0))
+        for k in range(1, 9):
+            a, b = torch_engine.run(wave, k), edge.run(wave, k)
+            with torch.inference_mode():
+                want = model.choose(front, "adaptive", k)[0].nonzero().flatten().tolist()
+            assert a.layers == b.layers == want and a.k == k
+            depths.append((k, len(want)))
+    assert any(d != k for k, d in depths) and all(d == 8 for k, d in depths if k == 8)
+    out = runner.invoke(app, ["infer", "--run", str(tiny_asr_export), "--runtime", "onnx", "--strategy", "adaptive",
+                              "--keep", "0.5", "--json", str(utterance_folder)])
+    assert out.exit_code == 0 and "strategy adaptive" in out.output, out.output
+
+
+def test_adaptive_is_refused_with_a_reason_where_the_run_has_no_depth_chooser(tiny_run, tiny_export):
+    """The keyword fixtures had no depth stage."""
+    with pytest.raises(ValueError, match="no fitted depth chooser"):
+        open_engine(tiny_run, "torch", strategy="adaptive")
+    with pytest.raises(ValueError, match="no depth chooser"):
+        open_engine(tiny_export, "onnx", strategy="adaptive")
+    out = runner.invoke(app, ["infer", "--run", str(tiny_run), "--strategy", "early_exit", "--keep", "0.5", "-"])
+    assert out.exit_code != 0 and "a device runs one of selector, adaptive" in out.output

@@ -9,6 +9,9 @@ Graphs (inputs -> outputs, dynamic batch and time axes):
 * ``selector.onnx``: ``features`` -> ``scores`` [batch, layers]; a selector trained with the budget as
   an input (the speech-recognition default) scores each k differently, so it is exported as one
   graph per k, ``selector_kNN.onnx`` for k = 1..L-1 (k = L runs every layer), and the host picks by k;
+* ``depth.onnx`` (when the run's depth stage fitted the ``adaptive`` strategy): ``features`` ->
+  ``errors`` [batch, layers], the depth chooser's predicted errors at each depth (the lambdas that
+  price a layer per k are in the manifest);
 * ``head.onnx``: ``hidden`` -> ``logits`` [batch, classes] (keyword spotting) or [batch, frames, tokens]
   (CTC speech recognition), after the final layer norm when the family has one.
 
@@ -35,6 +38,7 @@ from .. import edge_runtime
 from .checkpoint import load_model
 from .dynamic import DynamicModel
 from .inference import DEVICE_STRATEGY, TorchEngine, device_task, head_logits, labels_of
+from .selector import pooled_features
 
 OPSET = 18
 _T = {1: "frames"}
@@ -69,6 +73,19 @@ class _Selector(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         return self.scorer(features, None, self.k)
+
+
+class _Depth(nn.Module):
+    """The adaptive depth chooser's predicted errors at every depth ``[B, L]`` from selector features
+    (its length input, the frames, counted from the features so that the time axis stays dynamic)."""
+
+    def __init__(self, model: DynamicModel):
+        super().__init__()
+        self.chooser = model.strategy("adaptive").chooser
+
+    def forward(self, features: Tensor) -> Tensor:
+        frames = torch.ones_like(features[..., 0]).sum(1)
+        return self.chooser(pooled_features(features, None), frames)
 
 
 class _Head(nn.Module):
@@ -114,9 +131,11 @@ def max_difference(run_dir: str | Path, export_dir: str | Path, seconds: tuple[f
     length in ``seconds`` (the graphs were traced at 1 s: other lengths check the dynamic time axis;
     a CTC head's logits are compared frame by frame).
 
-    Raises RuntimeError when the onnx selector keeps other layers than torch's."""
+    Raises RuntimeError when the onnx selector (or the adaptive depth chooser, when exported) keeps
+    other layers than torch's."""
     torch_engine = TorchEngine(run_dir)
     edge = edge_runtime.EdgeModel(export_dir, "fp32")
+    adaptive = edge_runtime.EdgeModel(export_dir, "fp32", strategy="adaptive") if edge.manifest.get("adaptive") else None
     model = torch_engine.model
     rng = np.random.default_rng(seed)
     worst = 0.0
@@ -132,6 +151,12 @@ def max_difference(run_dir: str | Path, export_dir: str | Path, seconds: tuple[f
             torch_keep = model.strategy(DEVICE_STRATEGY).choose(front, k)
         if k < model.num_layers and torch_keep[0].nonzero().flatten().tolist() != result.layers:
             raise RuntimeError(f"onnx selector chose {result.layers}, torch {torch_keep[0].nonzero().flatten().tolist()} at k={k}")
+        if adaptive is not None:
+            with torch.inference_mode():
+                want = model.choose(front, "adaptive", k)[0].nonzero().flatten().tolist()
+            got = adaptive.run(wave, k).layers
+            if got != want:
+                raise RuntimeError(f"onnx adaptive depth chose {got}, torch {want} at k={k}")
         worst = max(worst, float(np.abs(ref - logits).max()))
     return worst
 
@@ -143,6 +168,15 @@ def _answers(model: DynamicModel, task: str) -> dict:
         return {"labels": labels_of(model)}
     vocab = model.head_for(DEVICE_STRATEGY).vocab
     return {"ctc": {"unit": vocab.unit, "tokens": list(vocab.tokens)}}
+
+
+def _depth_manifest(model: DynamicModel) -> dict | None:
+    """The adaptive strategy's part of the manifest (its graph, lambda per k, the calibration clips'
+    mean frames), or None when the run has no fitted depth chooser."""
+    chooser = model.strategy("adaptive").chooser
+    if not chooser.is_fitted:
+        return None
+    return {"graph": "depth.onnx", "lambdas": chooser.lambdas.tolist(), "ref_frames": float(chooser.ref_frames)}
 
 
 def export_onnx(run_dir: str | Path, out_dir: str | Path, int8: bool = True,
@@ -179,6 +213,9 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, int8: bool = True,
     step("selector, head")
     for k, name in selectors.items():
         _export(_Selector(model, k), front.features, out / name, "features", ["scores"], axes)
+    depth = _depth_manifest(model)
+    if depth:
+        _export(_Depth(model), front.features, out / depth["graph"], "features", ["errors"], {**axes, "errors": {0: "batch"}})
     _export(_Head(model), front.hidden, out / fp32["head"], "hidden", ["logits"], axes)
     graphs = {"fp32": fp32}
     if int8:
@@ -192,6 +229,7 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, int8: bool = True,
         "format": edge_runtime.FORMAT, "source_run": str(Path(run_dir).resolve()), "task": task,
         "strategy": DEVICE_STRATEGY, "num_layers": L, "hidden_size": model.runner.hidden_size,
         **_answers(model, task), "sample_rate": edge_runtime.SAMPLE_RATE, "opset": OPSET, "graphs": graphs,
+        **({"adaptive": depth} if depth else {}),
     }
     (out / edge_runtime.MANIFEST).write_text(json.dumps(manifest, indent=2))
     shutil.copyfile(edge_runtime.__file__, out / "edge_runtime.py")

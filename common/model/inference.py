@@ -21,8 +21,20 @@ from .checkpoint import load_model
 from .dynamic import DynamicModel
 from .heads import ClassificationHead, CTCHead
 
-#: The strategy a device runs: the input-conditioned selector.
+#: The strategy a device runs by default, and whose head answers: the input-conditioned selector.
 DEVICE_STRATEGY = "selector"
+#: What a device can run: the selector (exactly k layers per input) or ``adaptive`` (a depth per input
+#: at a duration-weighted mean of k, the selector's set at that depth; needs the run's depth stage).
+DEVICE_STRATEGIES = ("selector", "adaptive")
+
+
+def check_device_strategy(model: DynamicModel, strategy: str) -> None:
+    """ValueError, with what to do, unless ``model`` can run ``strategy`` on a device."""
+    if strategy not in DEVICE_STRATEGIES:
+        raise ValueError(f"a device runs one of {', '.join(DEVICE_STRATEGIES)}, not {strategy!r}")
+    if strategy == "adaptive" and not model.strategy("adaptive").chooser.is_fitted:
+        raise ValueError("this run has no fitted depth chooser for adaptive: run `ldfleet train` on it again "
+                         "(its depth stage fits it), or use --strategy selector")
 
 
 def labels_of(model: DynamicModel) -> list[str]:
@@ -57,7 +69,8 @@ def predict(model: DynamicModel, hidden: Tensor, frame_mask: Tensor | None) -> l
 
 
 class TorchEngine:
-    """A run folder on torch eager, batch 1, selector strategy (what a device runs).
+    """A run folder on torch eager, batch 1, as a device runs it: ``strategy`` (one of
+    ``DEVICE_STRATEGIES``) chooses the layers, the selector's head answers.
 
     ``task`` is ``kws`` (answers are label names, listed in ``labels``) or ``asr`` (answers are
     transcripts; ``labels`` is empty). Raises ValueError for a run the device cannot serve.
@@ -65,10 +78,12 @@ class TorchEngine:
 
     runtime = "torch"
 
-    def __init__(self, run_dir: str | Path, threads: int = 0):
+    def __init__(self, run_dir: str | Path, threads: int = 0, strategy: str = DEVICE_STRATEGY):
         if threads:
             torch.set_num_threads(threads)
         self.model = load_model(run_dir).eval()
+        check_device_strategy(self.model, strategy)
+        self.strategy = strategy
         self.task = device_task(self.model)
         self.labels = labels_of(self.model) if self.task == "kws" else []
         self.num_layers = self.model.num_layers
@@ -78,8 +93,9 @@ class TorchEngine:
 
     @torch.inference_mode()
     def run(self, waveform: np.ndarray, k: int, budget_ms: float | None = None) -> Result:
-        """Prediction, layers run and ms (per part) for one waveform ``[samples]`` at 16 kHz; with
-        ``budget_ms`` the chosen layers stop early when the next would end past it (deadline guard)."""
+        """Prediction, layers run and ms (per part) for one waveform ``[samples]`` at 16 kHz, at k layers
+        (``adaptive``: the depth chosen for this input at a mean of k); with ``budget_ms`` the chosen
+        layers stop early when the next would end past it (deadline guard)."""
         if not 1 <= k <= self.num_layers:
             raise ValueError(f"k must be in [1, {self.num_layers}], got {k}")
         model, runner = self.model, self.model.runner
@@ -90,7 +106,7 @@ class TorchEngine:
         if k >= self.num_layers:
             layers = list(range(self.num_layers))
         else:
-            keep = model.strategy(DEVICE_STRATEGY).choose(front, k)
+            keep = model.choose(front, self.strategy, k)
             layers = keep[0].nonzero().flatten().tolist()
         t2 = time.perf_counter()
         hidden = front.hidden

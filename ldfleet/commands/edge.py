@@ -18,6 +18,8 @@ _LATENCY = typer.Option(None, "--latency-ms", min=0.0, help="Latency target per 
 _DEVICE = typer.Option(None, "--device-id", help="Device whose agent state holds the policy (default: the host name).")
 _STATE = typer.Option(None, "--state-dir", help="Agent state dir (default: $LDFLEET_HOME/devices/DEVICE_ID).")
 _THREADS = typer.Option(1, "--threads", min=0, help="Compute threads of the runtime (0: its default).")
+_STRATEGY = typer.Option("selector", "--strategy", help="selector: exactly k layers per input; adaptive: a depth per input "
+                         "at a duration-weighted mean of k (needs the run's depth stage).")
 
 
 def _wav_inputs(inputs: list[str]) -> list[str]:
@@ -39,7 +41,7 @@ def _wav_inputs(inputs: list[str]) -> list[str]:
     return out
 
 
-def _session(run: Path, runtime: str, keep, latency_ms, device_id, state_dir, threads: int):
+def _session(run: Path, runtime: str, keep, latency_ms, device_id, state_dir, threads: int, strategy: str = "selector"):
     from ldfleet.client.infer import InferenceSession, PolicySource, open_engine
     from ldfleet.client.profile import default_device_id
     from ldfleet.common.runtime import default_device_state_dir
@@ -47,7 +49,7 @@ def _session(run: Path, runtime: str, keep, latency_ms, device_id, state_dir, th
     if keep is not None and keep <= 0:
         fail("--keep must be in (0, 1]")
     try:
-        engine = open_engine(run, runtime, threads)
+        engine = open_engine(run, runtime, threads, strategy)
     except (FileNotFoundError, ValueError) as exc:
         fail(exc)
     if keep is None and latency_ms is None:
@@ -55,7 +57,7 @@ def _session(run: Path, runtime: str, keep, latency_ms, device_id, state_dir, th
     policy = PolicySource(engine.num_layers, state_dir if keep is None and latency_ms is None else None, keep, latency_ms)
     p = policy.current()
     err.print(f"policy: k={p.k}/{engine.num_layers} ({p.source}" + (f", version {p.version}" if p.version else "")
-              + (f", target {p.latency_ms:g} ms" if p.latency_ms else "") + f"); runtime {runtime}")
+              + (f", target {p.latency_ms:g} ms" if p.latency_ms else "") + f"); runtime {runtime}, strategy {strategy}")
     return InferenceSession(engine, policy)
 
 
@@ -68,6 +70,7 @@ def infer(
     device_id: Optional[str] = _DEVICE,
     state_dir: Optional[Path] = _STATE,
     threads: int = _THREADS,
+    strategy: str = _STRATEGY,
     as_json: bool = typer.Option(False, "--json", help="One JSON object per input and line: input, k, layers, ms, prediction, governor."),
 ) -> None:
     """Run the model on audio as the device would: policy k (or --keep / --latency-ms), governor, selector.
@@ -80,7 +83,7 @@ def infer(
     """
     from ldfleet.client.infer import input_from_wav
 
-    session = _session(run, runtime, keep, latency_ms, device_id, state_dir, threads)
+    session = _session(run, runtime, keep, latency_ms, device_id, state_dir, threads, strategy)
     task = getattr(session.engine, "task", "kws")
     rows, failed = [], 0
     for item in _wav_inputs(inputs):
@@ -113,7 +116,8 @@ def export(
     out: Path = typer.Option(..., "--out", help="Folder for the graphs, manifest.json and edge_runtime.py."),
     int8: bool = typer.Option(True, "--int8/--no-int8", help="Also write int8 (dynamic, MatMul) graphs of the layers and head."),
 ) -> None:
-    """Export a run as ONNX graphs (front end, each encoder layer, selector, head) for onnxruntime.
+    """Export a run as ONNX graphs (front end, each encoder layer, selector, head, and the adaptive
+    depth chooser when the run has one) for onnxruntime; keyword and CTC speech-recognition runs.
 
     A board needs only `pip install numpy onnxruntime` and the folder:
     `python3 OUT/edge_runtime.py OUT clip.wav --keep 0.5`. The fp32 graphs are checked against torch
@@ -144,6 +148,7 @@ def serve(
     device_id: Optional[str] = _DEVICE,
     state_dir: Optional[Path] = _STATE,
     threads: int = _THREADS,
+    strategy: str = _STRATEGY,
     max_bytes: int = typer.Option(1 << 20, "--max-bytes", min=1024, help="Largest request body accepted (413 above)."),
     max_seconds: float = typer.Option(10.0, "--max-seconds", min=0.1, max=600.0, help="Longest audio accepted per request, in seconds (422 above)."),
     broker: Optional[str] = typer.Option(None, "--broker", help="MQTT broker for inference telemetry (default: LDFLEET_BROKER / running broker)."),
@@ -152,8 +157,8 @@ def serve(
     """HTTP inference service: POST /v1/infer (WAV body), GET /v1/health, GET /metrics (Prometheus).
 
     A keyword run answers a label, a speech-recognition (CTC) run a transcript of the whole utterance
-    (up to --max-seconds). The device's policy is read per request from the agent's state dir, so a new policy version
-    applies from the next request on without a restart. Bad requests get a clear 4xx.
+    (up to --max-seconds). The device's policy is read per request from the agent's state dir, so a
+    new policy version applies from the next request on without a restart. Bad requests get a clear 4xx.
     """
     from aiohttp import web
 
@@ -162,7 +167,7 @@ def serve(
     from ldfleet.client.telemetry import TelemetryPublisher
     from ldfleet.common.runtime import default_broker_url
 
-    session = _session(run, runtime, keep, latency_ms, device_id, state_dir, threads)
+    session = _session(run, runtime, keep, latency_ms, device_id, state_dir, threads, strategy)
     publisher = None
     if telemetry_interval > 0:
         did = device_id or default_device_id()
@@ -186,6 +191,7 @@ def bench_runtime(
     target_factor: float = typer.Option(1.5, "--target-factor", min=1.0),
     load_runtime: str = typer.Option("onnx", "--load-runtime", help="Runtime of the load step: " + RUNTIME_HELP),
     threads: int = _THREADS,
+    strategy: str = _STRATEGY,
     as_json: bool = typer.Option(False, "--json", help="One JSON object: runtimes, load_step, conditions."),
 ) -> None:
     """Torch eager vs onnxruntime fp32 vs int8 (batch 1) and the governor vs a fixed k under a load step.
@@ -208,10 +214,13 @@ def bench_runtime(
         fail(exc)
     keeps = [float(k) for k in keep.split(",") if k.strip()]
     load_before = os.getloadavg()
-    rows = B.bench_runtimes(run, export_dir, test, keeps, threads, log=say)
+    try:
+        rows = B.bench_runtimes(run, export_dir, test, keeps, threads, log=say, strategy=strategy)
+    except ValueError as exc:  # a strategy the run cannot run
+        fail(exc)
     steps = B.bench_load_step(export_dir if load_runtime != "torch" else run, test, load_runtime, requests, target_ms,
-                              target_factor, threads=threads, log=say)
-    conditions = {"loadavg_before": load_before, "loadavg_after": os.getloadavg(), "threads": threads,
+                              target_factor, threads=threads, log=say, strategy=strategy)
+    conditions = {"strategy": strategy, "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "threads": threads,
                   "cpu_count": os.cpu_count(), "clips": len(test), "run": str(run), "load_runtime": load_runtime}
     if as_json:
         print(json.dumps(B.as_json(rows, steps, conditions), indent=1))
