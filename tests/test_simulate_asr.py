@@ -1,6 +1,8 @@
 """`ldfleet simulate` on a speech-recognition fleet (``task: asr``), end to end and tiny: an espeak-ng
 phrase corpus, a CTC warm-up, Flower rounds, then WER per class at each class's budget in the registry
-(per device and round, with its class and k), in `ldfleet registry ...` and in the report."""
+(per device and round, with its class and k), in `ldfleet registry ...` and in the report; the devices
+also transcribe held-out utterances through the on-device inference path (``serve``) and their
+inference telemetry reaches the registry."""
 
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ SCENARIO = {
     "warm": {"epochs": 1, "early_exit_epochs": 1, "batch_size": 8},
     "training": {"local_epochs": 1, "batch_size": 4},
     "report_keeps": [0.25, 0.75, 1.0],
+    "serve": {"requests_per_device": 3},
 }
 K = {"mcu": 2, "jetson": 6}  # keep 0.25 and 0.75 of 8 layers
 
@@ -40,6 +43,12 @@ def test_asr_fleet_reports_wer_per_class_at_its_budget(tmp_path_factory):
     res = ldfleet_cli("simulate", "--config", str(cfg), "--out", str(run), "--cache", str(cache))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "WER % / mean layers" in res.stdout  # the progress lines show WER, not an accuracy
+    assert "served 6 requests" in res.stdout  # 3 per device after each round: whole utterances transcribed
+
+    # each device's requests ran at its class's k and reached the registry as inference telemetry
+    usage = json.loads(ldfleet_cli("registry", "usage", "--source", "inference", "--run", str(run), "--json").stdout)["usage"]
+    assert sorted(u["requests"] for u in usage.values()) == [6, 6]
+    assert sorted(u["mean_layers"] for u in usage.values()) == [K["mcu"], K["jetson"]]
 
     # registry: one eval row per device and round, with its class, k and a WER (no accuracy in disguise)
     with sqlite3.connect(run / "registry.db") as con:
