@@ -6,6 +6,8 @@ adaptive strategy (a depth per input) on the device."""
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import json
 import urllib.error
 import urllib.request
@@ -182,3 +184,21 @@ def test_adaptive_is_refused_with_a_reason_where_the_run_has_no_depth_chooser(ti
         open_engine(tiny_export, "onnx", strategy="adaptive")
     out = runner.invoke(app, ["infer", "--run", str(tiny_run), "--strategy", "early_exit", "--keep", "0.5", "-"])
     assert out.exit_code != 0 and "a device runs one of selector, adaptive" in out.output
+
+
+def test_the_exported_runtime_transcribes_on_a_board_without_torch(tiny_asr_export, utterance_folder):
+    """The copy of edge_runtime.py in the export, as a board runs it (`python3 edge_runtime.py ...`),
+    with torch and transformers unimportable: one JSON line per utterance, the transcript of the host
+    runtime inside the package."""
+    wav = utterance_folder / "utt_1.wav"
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+        f"sys.path.insert(0, {str(tiny_asr_export)!r})\n"
+        "import edge_runtime\n"
+        f"edge_runtime.main([{str(tiny_asr_export)!r}, {str(wav)!r}, '--keep', '0.5', '--int8', '--strategy', 'adaptive'])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    (row,) = [json.loads(line) for line in out.stdout.splitlines()]
+    expected = EdgeModel(tiny_asr_export, "int8", strategy="adaptive").run(utterance_from_wav(wav), 4)
+    assert (row["prediction"], row["layers"], row["k"]) == (expected.prediction, expected.layers, 4)
