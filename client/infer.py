@@ -21,7 +21,7 @@ import numpy as np
 from ldfleet.client.governor import Decision, Governor
 from ldfleet.client.state import load_device_state, state_path
 from ldfleet.client.telemetry import InferenceStats
-from ldfleet.common.edge_runtime import MANIFEST, SAMPLE_RATE, EdgeModel, Result, keep_to_k
+from ldfleet.common.edge_runtime import MANIFEST, SAMPLE_RATE, EdgeModel, Result, check_length, keep_to_k
 from ldfleet.common.schemas import utcnow
 
 RUNTIMES = ("torch", "onnx", "onnx-int8")
@@ -134,18 +134,32 @@ class InferenceSession:
             target = deadline_ms if deadline_ms is not None else policy.latency_ms
             decision = self.governor.decide(policy.k, target, seconds)
             start = time.perf_counter()
-            result = self.engine.run(waveform, decision.k, target)
-            if len(result.layers) < decision.k:
-                decision.reasons.append(f"deadline guard: stopped after {len(result.layers)} of {decision.k} layers")
+            try:
+                result = self.engine.run(waveform, decision.k, target)
+            except Exception:  # the runtime failed on this input: counted in the telemetry, raised to the caller
+                self.stats.record_error()
+                raise
+            if result.cut_short:
+                decision.reasons.append(f"deadline guard: stopped after {len(result.layers)} of {result.chosen} layers")
             result.ms = (time.perf_counter() - start) * 1000
             self.governor.observe(result, seconds)
             self.stats.record(result, decision)
             return result, decision, policy
 
 
+class AudioError(ValueError):
+    """Audio the model cannot take, with the reason; ``status`` is what `ldfleet serve` answers with:
+    415 for data that is not audio soundfile can read, 422 for audio it refuses (no samples, non-finite
+    samples, too short)."""
+
+    def __init__(self, reason: str, status: int = 422):
+        super().__init__(reason)
+        self.status = status
+
+
 def _read_wav(data: bytes | str | Path) -> tuple[np.ndarray, int]:
     """Samples ``[frames, channels]`` float32 and the rate of WAV bytes or a path (soundfile);
-    ValueError when it is not audio soundfile can read, or holds no samples."""
+    AudioError when it is not audio soundfile can read, or holds no or non-finite samples."""
     import io
 
     import soundfile as sf
@@ -154,17 +168,18 @@ def _read_wav(data: bytes | str | Path) -> tuple[np.ndarray, int]:
     try:
         audio, rate = sf.read(src, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
-        raise ValueError(f"not a readable WAV file: {exc}") from None
+        reason = str(exc).replace(repr(src), "the data") if not isinstance(src, str) else str(exc)
+        raise AudioError(f"not a readable WAV file: {reason}", 415) from None
     if audio.shape[0] == 0:
-        raise ValueError("the WAV file holds no samples")
+        raise AudioError("the WAV file holds no samples")
     if not np.isfinite(audio).all():
-        raise ValueError("the WAV file holds non-finite samples (NaN or infinity)")
+        raise AudioError("the WAV file holds non-finite samples (NaN or infinity)")
     return audio, rate
 
 
 def clip_from_wav(data: bytes | str | Path) -> np.ndarray:
     """WAV bytes or a path -> 1 s of 16 kHz mono float32, as keyword training saw clips (resample,
-    trim, centre). Raises ValueError when the data is not audio soundfile can read."""
+    trim, centre). Raises AudioError (a ValueError) when the data is not audio soundfile can read."""
     from ldfleet.common.data.audio import fix_length, resample, to_mono, trim_silence
 
     audio, rate = _read_wav(data)
@@ -174,11 +189,17 @@ def clip_from_wav(data: bytes | str | Path) -> np.ndarray:
 def utterance_from_wav(data: bytes | str | Path) -> np.ndarray:
     """WAV bytes or a path -> the whole utterance as 16 kHz mono float32 ``[samples]``, untrimmed, as
     speech-recognition training reads it (``common.data.transcribed.read_utterance``). Raises
-    ValueError when the data is not audio soundfile can read."""
+    AudioError (a ValueError) when the data is not audio soundfile can read, or too short for the
+    model (``edge_runtime.MIN_SAMPLES``)."""
     from ldfleet.common.data.audio import resample, to_mono
 
     audio, rate = _read_wav(data)
-    return resample(to_mono(audio), rate)
+    wave = resample(to_mono(audio), rate)
+    try:
+        check_length(wave)
+    except ValueError as exc:
+        raise AudioError(str(exc)) from None
+    return wave
 
 
 def input_from_wav(data: bytes | str | Path, task: str) -> np.ndarray:

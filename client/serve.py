@@ -5,8 +5,10 @@ API:
 * ``POST /v1/infer`` — body: a WAV file (16 kHz, mono or stereo, at most ``max_seconds``; PCM or
   float), optional query ``deadline_ms``. 200: ``{"prediction", "k", "layers", "ms", "queue_ms",
   "policy_version", "governor"}``; ``prediction`` is a label (a keyword model; the audio is trimmed
-  and centred in 1 s) or a transcript (a speech-recognition model; the whole utterance). 400 empty body, 413 over the size cap, 415 not a WAV file,
-  422 wrong sample rate / too long / no samples, 503 while shutting down.
+  and centred in 1 s) or a transcript (a speech-recognition model; the whole utterance). 400 empty
+  body or bad ``deadline_ms``, 413 over the size cap, 415 not a WAV file, 422 wrong sample rate /
+  too long / too short / no samples / non-finite samples, 500 when the runtime fails on the input
+  (logged, counted as an error in the telemetry), 503 while shutting down.
 * ``GET /v1/health`` — ``{"status": "ok", "runtime", "task", "strategy", "num_layers", "policy": {...},
   "requests"}``.
 * ``GET /metrics`` — Prometheus text format (prometheus_client): requests by status, latency
@@ -63,12 +65,12 @@ def parse_wav(body: bytes, max_seconds: float = DEFAULT_MAX_SECONDS, task: str =
         raise BadRequest(422, "the WAV file holds no samples")
     if info.frames > max_seconds * SAMPLE_RATE:
         raise BadRequest(422, f"{info.frames / SAMPLE_RATE:.1f} s of audio is over the {max_seconds:g} s cap")
-    from ldfleet.client.infer import input_from_wav
+    from ldfleet.client.infer import AudioError, input_from_wav
 
     try:
         return input_from_wav(body, task)
-    except ValueError as exc:
-        raise BadRequest(415, str(exc)) from None
+    except AudioError as exc:
+        raise BadRequest(exc.status, str(exc)) from None
 
 
 class Metrics:
@@ -112,17 +114,21 @@ def build_app(session: InferenceSession, max_bytes: int = DEFAULT_MAX_BYTES,
             if deadline_ms is not None and not (0 < deadline_ms < 1e7):
                 raise ValueError
         except ValueError:
-            return refuse(400, f"deadline_ms must be a positive number of ms, got {deadline!r}")
+            return refuse(400, f"deadline_ms must be a number of ms in (0, 1e7), got {deadline!r}")
         try:
             wave = parse_wav(body, max_seconds, task)
         except BadRequest as exc:
             return refuse(exc.status, exc.reason)
         queued = time.perf_counter()
         try:
-            result, decision, policy = await asyncio.get_running_loop().run_in_executor(
-                executor, session.infer, wave, deadline_ms)
-        except RuntimeError as exc:  # executor shut down
+            running = asyncio.get_running_loop().run_in_executor(executor, session.infer, wave, deadline_ms)
+        except RuntimeError as exc:  # the executor is shut down: no new work
             return refuse(503, f"shutting down ({exc})")
+        try:
+            result, decision, policy = await running
+        except Exception as exc:  # noqa: BLE001 - the runtime failed on this input: a 500 with the reason, the service goes on
+            log.exception("inference failed")
+            return refuse(500, f"inference failed: {exc}")
         total_ms = (time.perf_counter() - queued) * 1000
         metrics.requests.labels("200").inc()
         metrics.latency.observe(result.ms / 1000)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 import wave
 from dataclasses import dataclass, field
@@ -42,6 +43,9 @@ MANIFEST = "manifest.json"
 FORMAT = "ldfleet.onnx-export/1"
 SAMPLE_RATE = 16000
 PRECISIONS = ("fp32", "int8")
+#: The shortest input the front end takes: the receptive field of the default wav2vec 2.0-family CNN (kernels
+#: 10, 3 x 4, 2 x 2 at strides 5, 2 x 6 give one frame per 400 samples, 25 ms at 16 kHz).
+MIN_SAMPLES = 400
 
 
 @dataclass
@@ -56,6 +60,12 @@ class Result:
     selector_ms: float = 0.0
     layer_ms: list[float] = field(default_factory=list)  # one per layer that ran, in order
     head_ms: float = 0.0
+    chosen: int | None = None  # layers chosen before the deadline guard (k, or adaptive's depth); None: len(layers)
+
+    @property
+    def cut_short(self) -> bool:
+        """Whether the deadline guard stopped the chosen layers early."""
+        return self.chosen is not None and len(self.layers) < self.chosen
 
 
 def keep_to_k(keep: float, num_layers: int) -> int:
@@ -69,6 +79,13 @@ def top_k_layers(scores: np.ndarray, k: int) -> list[int]:
     """Indices of the k highest scores of one row ``[layers]``, in layer order."""
     order = np.argsort(-scores, kind="stable")[:k]
     return sorted(int(i) for i in order)
+
+
+def check_length(waveform: np.ndarray) -> None:
+    """ValueError when an input is too short for the front end (fewer than ``MIN_SAMPLES``)."""
+    if waveform.size < MIN_SAMPLES:
+        raise ValueError(f"{waveform.size} samples ({1000 * waveform.size / SAMPLE_RATE:.1f} ms) is too short: "
+                         f"the model needs at least {MIN_SAMPLES} ({1000 * MIN_SAMPLES / SAMPLE_RATE:.0f} ms at 16 kHz)")
 
 
 def next_layer_fits(start: float, budget_ms: float | None, layer_ms: list[float], reserve_ms: float = 1.0) -> bool:
@@ -206,11 +223,13 @@ class EdgeModel:
         if not 1 <= k <= self.num_layers:
             raise ValueError(f"k must be in [1, {self.num_layers}], got {k}")
         x = np.ascontiguousarray(np.asarray(waveform, dtype=np.float32).reshape(1, -1))
+        check_length(x)
         t0 = time.perf_counter()
         hidden, features = self.front_end.run(None, {"waveform": x})
         t1 = time.perf_counter()
         layers = self.choose_layers(features, k)
         t2 = time.perf_counter()
+        chosen = len(layers)
         layer_ms: list[float] = []
         for i in layers:
             if not next_layer_fits(t0, budget_ms, layer_ms):
@@ -223,7 +242,7 @@ class EdgeModel:
         logits = self.head.run(None, {"hidden": hidden})[0]
         t4 = time.perf_counter()
         result = Result(self.answers(logits)[0], k, layers, (t4 - t0) * 1000, (t1 - t0) * 1000,
-                        (t2 - t1) * 1000, layer_ms, (t4 - t3) * 1000)
+                        (t2 - t1) * 1000, layer_ms, (t4 - t3) * 1000, chosen)
         return logits, result
 
     def run(self, waveform: np.ndarray, k: int, budget_ms: float | None = None) -> Result:
@@ -244,12 +263,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--strategy", choices=("selector", "adaptive"), default="selector",
                    help="selector: k layers per input; adaptive: a depth per input at a mean of k")
     args = p.parse_args(argv)
-    model = EdgeModel(args.export_dir, "int8" if args.int8 else "fp32", strategy=args.strategy)
-    k = model.k_for(args.keep)
+    try:
+        model = EdgeModel(args.export_dir, "int8" if args.int8 else "fp32", strategy=args.strategy)
+        k = model.k_for(args.keep)
+    except (FileNotFoundError, ValueError) as exc:
+        p.error(str(exc))
+    failed = 0
     for path in args.wavs:
-        r = model.run(read_wav(path), k)
+        try:
+            r = model.run(read_wav(path), k)
+        except (OSError, ValueError) as exc:  # one bad file is skipped, with the reason; the others still run
+            print(f"skipped {path}: {exc}", file=sys.stderr)
+            failed += 1
+            continue
         print(json.dumps({"input": path, "k": r.k, "layers": r.layers, "ms": round(r.ms, 3), "prediction": r.prediction}))
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ class RuntimeRow:
     examples: int
     wer: float | None = None  # speech-recognition models
     cer: float | None = None
+    mean_layers: float | None = None  # layers run per input (adaptive: its depths average about k)
 
 
 @dataclass
@@ -147,17 +148,19 @@ def bench_runtimes(run: Path, export: Path, clips, keeps=(0.25, 0.5, 1.0), threa
         log(f"runtimes at keep {keep}")
         times = {name: [] for name in engines}
         answers = {name: [] for name in engines}
+        depths = {name: [] for name in engines}
         for i, (wave, _answer) in enumerate([*clips[:warmup], *clips]):
             for name, engine in engines.items():
                 r = engine.run(wave, engine.k_for(keep))
                 if i >= warmup:
                     times[name].append(r.ms)
                     answers[name].append(r.prediction)
+                    depths[name].append(len(r.layers))
         references = [answer for _wave, answer in clips]
         for name, engine in engines.items():
             rows.append(RuntimeRow(name, keep, engine.k_for(keep), statistics.median(times[name]),
                                    percentile(times[name], 99), examples=len(clips),
-                                   **quality(task, answers[name], references)))
+                                   mean_layers=statistics.mean(depths[name]), **quality(task, answers[name], references)))
     return rows
 
 
@@ -219,7 +222,7 @@ def load_step(engine, clips, mode: str, target_ms: float, requests: int, spinner
             fronts.append(r.front_end_ms)
             answers.append(r.prediction)
             references.append(answer)
-            interventions += decision.intervened or len(r.layers) < decision.k
+            interventions += decision.intervened or r.cut_short
             time.sleep(gap_ms / 1000)
     finally:
         hog.stop()

@@ -134,7 +134,7 @@ def test_serve_answers_transcripts_of_whole_utterances(tiny_asr_export, utteranc
         buf = io.BytesIO()
         sf.write(buf, np.full(8000, np.inf, dtype=np.float32), 16000, format="WAV", subtype="FLOAT")
         status, body = _post(svc.url, buf.getvalue())
-        assert status == 415 and "non-finite" in body["error"]
+        assert status == 422 and "non-finite" in body["error"]
         with urllib.request.urlopen(f"{svc.url}/v1/health", timeout=10) as resp:
             assert json.loads(resp.read())["task"] == "asr"
     finally:
@@ -202,3 +202,51 @@ def test_the_exported_runtime_transcribes_on_a_board_without_torch(tiny_asr_expo
     (row,) = [json.loads(line) for line in out.stdout.splitlines()]
     expected = EdgeModel(tiny_asr_export, "int8", strategy="adaptive").run(utterance_from_wav(wav), 4)
     assert (row["prediction"], row["layers"], row["k"]) == (expected.prediction, expected.layers, 4)
+
+
+def test_short_or_failing_inputs_are_refused_with_a_reason_and_nothing_else_stops(tiny_asr_run, tiny_asr_export,
+                                                                                  utterance_folder, tmp_path):
+    """Under 400 samples the front end has no frame: refused before the model (422 in serve, skipped by
+    infer and by the board's edge_runtime.py); a runtime failure is a 500 that the service survives."""
+    short = tmp_path / "short.wav"
+    sf.write(short, np.full(100, 0.1, dtype=np.float32), 16000, subtype="PCM_16")
+    with pytest.raises(ValueError, match="too short"):
+        utterance_from_wav(short)
+    for runtime, target in (("torch", tiny_asr_run), ("onnx", tiny_asr_export)):
+        with pytest.raises(ValueError, match="too short"):
+            open_engine(target, runtime).run(np.zeros(100, dtype=np.float32), 4)
+    good = utterance_folder / "utt_0.wav"
+    out = runner.invoke(app, ["infer", "--run", str(tiny_asr_run), "--keep", "0.5", "--json", str(short), str(good)])
+    assert out.exit_code == 1 and "too short" in out.output and '"input"' in out.stdout  # the good one still ran
+    board = subprocess.run([sys.executable, str(tiny_asr_export / "edge_runtime.py"), str(tiny_asr_export), str(short), str(good)],
+                           capture_output=True, text=True, timeout=120)
+    assert board.returncode == 1 and "skipped" in board.stderr and "too short" in board.stderr
+    assert len(board.stdout.splitlines()) == 1 and "Traceback" not in board.stderr
+
+    class Failing:  # a runtime that fails on every input, as onnxruntime does on a shape it cannot take
+        task, num_layers, strategy = "asr", 8, "selector"
+
+        def run(self, waveform, k, budget_ms=None):
+            raise RuntimeError("Invalid input shape")
+
+    session = InferenceSession(Failing(), PolicySource(8, keep=0.5))
+    svc = ServiceThread(build_app(session)).start()
+    try:
+        status, body = _post(svc.url, good.read_bytes())
+        assert status == 500 and "Invalid input shape" in body["error"]
+        assert _post(svc.url, short.read_bytes()) == (422, {"error": "100 samples (6.2 ms) is too short: the model needs at least 400 (25 ms at 16 kHz)"})
+        with urllib.request.urlopen(f"{svc.url}/metrics", timeout=10) as resp:
+            assert 'ldfleet_infer_requests_total{status="500"} 1.0' in resp.read().decode()
+    finally:
+        svc.stop()
+    assert session.stats.summary().errors == 1
+
+
+def test_adaptive_choosing_fewer_layers_is_no_deadline_intervention(tiny_asr_export, utterance_folder):
+    session = InferenceSession(open_engine(tiny_asr_export, "onnx", strategy="adaptive"), PolicySource(8, keep=0.5))
+    decisions = [session.infer(utterance_from_wav(p))[1] for p in sorted(utterance_folder.glob("*.wav"))]
+    assert not any(d.intervened for d in decisions) and all(d.explain() == "policy k=4" for d in decisions)
+    fresh = InferenceSession(open_engine(tiny_asr_export, "onnx", strategy="adaptive"), PolicySource(8, keep=0.75))
+    result, guarded, _ = fresh.infer(utterance_from_wav(utterance_folder / "utt_2.wav"), deadline_ms=1e-3)  # no estimates yet
+    assert result.chosen > 1 and len(result.layers) == 1  # the guard cut the chosen depth
+    assert guarded.intervened and f"deadline guard: stopped after 1 of {result.chosen} layers" in guarded.explain()

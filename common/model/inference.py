@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..edge_runtime import Result, next_layer_fits
+from ..edge_runtime import Result, check_length, next_layer_fits
 from .checkpoint import load_model
 from .dynamic import DynamicModel
 from .heads import ClassificationHead, CTCHead
@@ -99,6 +99,7 @@ class TorchEngine:
         if not 1 <= k <= self.num_layers:
             raise ValueError(f"k must be in [1, {self.num_layers}], got {k}")
         model, runner = self.model, self.model.runner
+        check_length(np.asarray(waveform))
         x = torch.from_numpy(np.asarray(waveform, dtype=np.float32)).reshape(1, -1)
         t0 = time.perf_counter()
         front = model.front_end(x)
@@ -109,6 +110,7 @@ class TorchEngine:
             keep = model.choose(front, self.strategy, k)
             layers = keep[0].nonzero().flatten().tolist()
         t2 = time.perf_counter()
+        chosen = len(layers)
         hidden = front.hidden
         mask, bias = runner._layer_context(hidden, None)
         layer_ms: list[float] = []
@@ -123,4 +125,4 @@ class TorchEngine:
         answer = predict(model, runner._finish(hidden), None)[0]
         t4 = time.perf_counter()
         return Result(answer, k, layers, (t4 - t0) * 1000, (t1 - t0) * 1000, (t2 - t1) * 1000, layer_ms,
-                      (t4 - t3) * 1000)
+                      (t4 - t3) * 1000, chosen)

@@ -24,6 +24,8 @@ _STRATEGY = typer.Option("selector", "--strategy", help="selector: exactly k lay
 
 def _wav_inputs(inputs: list[str]) -> list[str]:
     """Files as given, folders expanded to their *.wav files (sorted, recursive), '-' kept."""
+    if inputs.count("-") > 1:
+        fail("- (one WAV file on stdin) can be given once")
     out = []
     for item in inputs:
         path = Path(item)
@@ -48,6 +50,8 @@ def _session(run: Path, runtime: str, keep, latency_ms, device_id, state_dir, th
 
     if keep is not None and keep <= 0:
         fail("--keep must be in (0, 1]")
+    if latency_ms is not None and latency_ms <= 0:
+        fail("--latency-ms must be more than 0 ms")
     try:
         engine = open_engine(run, runtime, threads, strategy)
     except (FileNotFoundError, ValueError) as exc:
@@ -57,7 +61,7 @@ def _session(run: Path, runtime: str, keep, latency_ms, device_id, state_dir, th
     policy = PolicySource(engine.num_layers, state_dir if keep is None and latency_ms is None else None, keep, latency_ms)
     p = policy.current()
     err.print(f"policy: k={p.k}/{engine.num_layers} ({p.source}" + (f", version {p.version}" if p.version else "")
-              + (f", target {p.latency_ms:g} ms" if p.latency_ms else "") + f"); runtime {runtime}, strategy {strategy}")
+              + (f", target {p.latency_ms:g} ms" if p.latency_ms is not None else "") + f"); runtime {runtime}, strategy {strategy}")
     return InferenceSession(engine, policy)
 
 
@@ -93,7 +97,12 @@ def infer(
             err.print(f"[red]skipped[/] {item}: {exc}")
             failed += 1
             continue
-        result, decision, _policy = session.infer(wave)
+        try:
+            result, decision, _policy = session.infer(wave)
+        except Exception as exc:  # noqa: BLE001 - the runtime failed on this input: skip it, run the others
+            err.print(f"[red]skipped[/] {item}: inference failed: {exc}")
+            failed += 1
+            continue
         row = {"input": item, "k": result.k, "layers": result.layers, "ms": round(result.ms, 3),
                "prediction": result.prediction, "governor": decision.explain()}
         if as_json:
@@ -232,12 +241,12 @@ def bench_runtime(
         return f"{100 * (row.wer if asr else row.accuracy):.1f}%"
 
     table = Table(title=f"runtimes, batch 1, {len(test)} clips, {threads} thread(s), loadavg {load_before[0]:.2f}")
-    for col in ("runtime", "keep", "k", "p50 ms", "p99 ms", quality, "speed-up p50"):
+    for col in ("runtime", "keep", "k", "mean layers", "p50 ms", "p99 ms", quality, "speed-up p50"):
         table.add_column(col, justify="right")
     ref = {r.keep: r.ms_p50 for r in rows if r.runtime == "torch"}
     for r in rows:
-        table.add_row(r.runtime, f"{r.keep:.2f}", str(r.k), f"{r.ms_p50:.2f}", f"{r.ms_p99:.2f}", percent(r),
-                      f"{ref[r.keep] / r.ms_p50:.2f}x")
+        table.add_row(r.runtime, f"{r.keep:.2f}", str(r.k), f"{r.mean_layers:.2f}", f"{r.ms_p50:.2f}", f"{r.ms_p99:.2f}",
+                      percent(r), f"{ref[r.keep] / r.ms_p50:.2f}x")
     console.print(table)
     table = Table(title=f"load step ({load_runtime}): spinning processes for the middle third")
     for col in ("mode", "target ms", "p50 ms", "p99 ms", "miss rate", quality, "mean k", "interventions"):
