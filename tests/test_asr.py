@@ -128,6 +128,33 @@ def test_audiofolder_and_manifest_readers(tmp_path):
         scan_transcribed(root)
 
 
+def test_data_info_checks_an_audiofolder_and_train_refuses_a_split_left_empty(tmp_path):
+    """`data info --json` on an audiofolder (every file decoded, empty splits warned about), and `train`
+    refusing, before any work, a corpus whose speakers all fell into train."""
+    from typer.testing import CliRunner
+
+    from ldfleet.cli import app
+
+    root = tmp_path / "af"
+    rows = [("a.wav", "press one", "s1", "train"), ("b.wav", "call home", "s2", "train"), ("c.wav", "stop", "s3", "test")]
+    for name, *_ in rows:
+        _wav(root / name, 0.8)
+    (root / "bad.wav").write_bytes(b"RIFF not audio")
+    with open(root / "metadata.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("file_name", "transcription", "speaker", "split"), *rows, ("bad.wav", "go", "s4", "test")])
+    cli = CliRunner()
+    out = cli.invoke(app, ["data", "info", str(root), "--json"])
+    assert out.exit_code == 0, out.output
+    facts = json.loads(out.stdout)
+    assert facts["splits"] == {"train": {"utterances": 2, "speakers": 2, "words": 4}, "val": {"utterances": 0, "speakers": 0, "words": 0},
+                               "test": {"utterances": 1, "speakers": 1, "words": 1}}
+    assert [s["path"].endswith("bad.wav") for s in facts["skipped"]] == [True] and "val split is empty" in facts["warnings"][0]
+    strict = cli.invoke(app, ["data", "info", str(root), "--strict"])
+    assert strict.exit_code == 1 and "bad.wav" in strict.output
+    train = cli.invoke(app, ["train", "--task", "asr", "--data", str(root), "--out", str(tmp_path / "run")])
+    assert train.exit_code != 0 and "has no val clips" in train.output and not (tmp_path / "run").exists()
+
+
 def test_telephone_band_limits_and_reverb_lengthens():
     from ldfleet.common.data.synth_asr import reverb, telephone
 

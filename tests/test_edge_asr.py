@@ -250,3 +250,13 @@ def test_adaptive_choosing_fewer_layers_is_no_deadline_intervention(tiny_asr_exp
     result, guarded, _ = fresh.infer(utterance_from_wav(utterance_folder / "utt_2.wav"), deadline_ms=1e-3)  # no estimates yet
     assert result.chosen > 1 and len(result.layers) == 1  # the guard cut the chosen depth
     assert guarded.intervened and f"deadline guard: stopped after 1 of {result.chosen} layers" in guarded.explain()
+
+
+def test_an_unfinished_run_is_served_with_a_warning(tiny_asr_run, utterance_folder, tmp_path):
+    import shutil
+
+    run = tmp_path / "unfinished"
+    shutil.copytree(tiny_asr_run, run)
+    (run / "train_state.json").write_text(json.dumps({"stage": "backbone", "epoch": 1, "done": False, "history": []}))
+    out = runner.invoke(app, ["infer", "--run", str(run), "--keep", "0.5", str(utterance_folder / "utt_0.wav")])
+    assert out.exit_code == 0 and "has not finished training (stage backbone, epoch 1)" in " ".join(out.output.split())

@@ -181,6 +181,10 @@ def _synth_asr(out: Path, seed: int, voices: Optional[str], variants: Optional[s
     _report_failures(summary.failures)
     if summary.utterances == 0:
         fail("no utterance could be synthesized", 1)
+    empty = [split for split in ("train", "validation", "test") if not summary.clips.get(split)]
+    if empty:
+        err.print(f"[yellow]warning[/]: no speaker in {', '.join(empty)} (speakers are split per voice): "
+                  "`ldfleet train` needs train and validation speakers; give more --variants-per-voice or --voices")
 
 
 def info(
@@ -195,7 +199,7 @@ def info(
     from ldfleet.common.data.transcribed import is_transcribed
 
     if root.exists() and is_transcribed(root):
-        return _info_transcribed(root, seed)
+        return _info_transcribed(root, seed, strict, as_json)
 
     try:
         shares = tuple(float(x) for x in _csv_list(fractions))
@@ -255,22 +259,50 @@ def _print_some(title: str, lines: list[str], limit: int = 20) -> None:
         err.print(f"  ... and {len(lines) - limit} more (all of them: `ldfleet data info --json`)")
 
 
-def _info_transcribed(root: Path, seed: int) -> None:
-    """`data info` for an audiofolder or manifest: utterances, speakers and audio per split."""
-    from ldfleet.common.data.transcribed import assign_transcribed_splits, scan_transcribed
+def _info_transcribed(root: Path, seed: int, strict: bool = False, as_json: bool = False) -> None:
+    """`data info` for an audiofolder or manifest: utterances, speakers and words per split, every file
+    decoded and checked (bad ones listed with their reason; ``strict``: stop at the first), a warning
+    for each empty split (training needs validation and test speakers)."""
+    from ldfleet.common.data.transcribed import assign_transcribed_splits, read_utterance, scan_transcribed
+    from ldfleet.common.data.validate import BadClip
 
     try:
         items = scan_transcribed(root)
     except (FileNotFoundError, ValueError) as exc:
         fail(exc, 1)
-    splits = assign_transcribed_splits(items, seed=seed)
+    skipped = []
+    with file_progress("checking audio files") as progress:
+        for done, u in enumerate(items, 1):
+            try:
+                read_utterance(u.path)
+            except BadClip as exc:
+                if strict:
+                    fail(f"{exc.path}: {exc.reason}", 1)
+                skipped.append({"path": str(exc.path), "reason": exc.reason})
+            progress(done, len(items))
+    bad = {s["path"] for s in skipped}
+    names = assign_transcribed_splits(items, seed=seed)
+    splits = {}
+    for split in ("train", "val", "test"):
+        mine = [u for u, n in zip(items, names) if n == split and str(u.path) not in bad]
+        splits[split] = {"utterances": len(mine), "speakers": len({u.speaker for u in mine}),
+                         "words": sum(len(u.text.split()) for u in mine)}
+    warnings = [f"the {split} split is empty: `ldfleet train` needs speakers in train, val and test"
+                for split, facts in splits.items() if not facts["utterances"]]
+    if as_json:
+        print(json.dumps({"root": str(root), "kind": "transcribed", "splits": splits, "skipped": skipped,
+                          "warnings": warnings}, indent=2))
+        return
     table = Table(title=f"{root} (transcribed speech)")
     for col in ("split", "utterances", "speakers", "words"):
         table.add_column(col, justify="right" if col != "split" else "left")
-    for split in ("train", "val", "test"):
-        mine = [u for u, s in zip(items, splits) if s == split]
-        table.add_row(split, str(len(mine)), str(len({u.speaker for u in mine})), str(sum(len(u.text.split()) for u in mine)))
+    for split, facts in splits.items():
+        table.add_row(split, *(str(facts[c]) for c in ("utterances", "speakers", "words")))
     console.print(table)
+    for item in skipped:
+        err.print(f"[yellow]skipped[/] {item['path']}: {item['reason']}")
+    for warning in warnings:
+        err.print(f"[yellow]warning[/]: {warning}")
 
 
 def register(app: typer.Typer) -> None:

@@ -43,6 +43,18 @@ def _wav_inputs(inputs: list[str]) -> list[str]:
     return out
 
 
+def _warn_if_unfinished(run: Path) -> None:
+    """A warning on stderr when ``run`` is a run folder whose training has not finished (its
+    ``train_state.json`` says ``done: false``): its strategies may still be untrained."""
+    try:
+        state = json.loads((run / "train_state.json").read_text())
+    except (OSError, ValueError):
+        return  # an export folder, or a run saved without training state
+    if isinstance(state, dict) and state.get("done") is False:
+        err.print(f"[yellow]warning[/]: {run} has not finished training (stage {state.get('stage')}, epoch "
+                  f"{state.get('epoch')}): re-run `ldfleet train` on it to finish")
+
+
 def _session(run: Path, runtime: str, keep, latency_ms, device_id, state_dir, threads: int, strategy: str = "selector"):
     from ldfleet.client.infer import InferenceSession, PolicySource, open_engine
     from ldfleet.client.profile import default_device_id
@@ -52,6 +64,7 @@ def _session(run: Path, runtime: str, keep, latency_ms, device_id, state_dir, th
         fail("--keep must be in (0, 1]")
     if latency_ms is not None and latency_ms <= 0:
         fail("--latency-ms must be more than 0 ms")
+    _warn_if_unfinished(run)
     try:
         engine = open_engine(run, runtime, threads, strategy)
     except (FileNotFoundError, ValueError) as exc:
@@ -136,6 +149,7 @@ def export(
         fail(f"unknown format {fmt!r}: only onnx is supported")
     from ldfleet.common.model.export import export_onnx
 
+    _warn_if_unfinished(run)
     try:
         manifest = export_onnx(run, out, int8=int8, on_step=lambda m: err.print(f"export: {m}"))
     except (FileNotFoundError, ValueError) as exc:

@@ -136,6 +136,12 @@ def train(
                 fail(f"{out} was trained with --{name} {saved[0][name]}: give --{name} {saved[0][name]} to resume it")
     task_data = _load_data(task, data, seed, labels, strict)
     splits = task_data.splits
+    for name in ("train", "val"):  # a split drawn by speaker can come out empty in a corpus of few speakers
+        if not len(splits[name]):
+            fail(f"{data} has no {name} clips (`ldfleet data info {data}` shows the splits): training needs "
+                 "speakers in train and val; give the corpus more speakers")
+    if not len(splits["test"]):
+        err.print(f"[yellow]warning[/]: {data} has no test clips: `ldfleet eval` will have nothing to score")
     cfg = config_for(task, backbone=backbone, family=family, epochs=epochs, strategy_epochs=strategy_epochs,
                      layerdrop=layerdrop, batch_size=batch_size, lr=lr, distill=distill, selector_budget=selector_budget, oracle_weight=oracle_weight, seed=seed,
                      labels=list(task_data.labels) if task_data.labels else None, tokens=tokens,
