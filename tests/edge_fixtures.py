@@ -3,6 +3,9 @@ ONNX exports, some WAV clips and utterances."""
 
 from __future__ import annotations
 
+import json
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +28,28 @@ def tiny_run(tmp_path_factory) -> Path:
     return run
 
 
-@pytest.fixture(scope="session")
-def tiny_export(tiny_run, tmp_path_factory) -> Path:
+def _exported(run: Path, tmp_path_factory, name: str) -> Path:
+    """An ONNX export (fp32 + int8) of ``run`` in a new temporary folder ``name``."""
     from ldfleet.common.model.export import export_onnx
 
-    out = tmp_path_factory.mktemp("edge") / "onnx"
-    export_onnx(tiny_run, out, int8=True)
+    out = tmp_path_factory.mktemp("edge") / name
+    export_onnx(run, out, int8=True)
     return out
+
+
+def post_wav(url: str, body: bytes, query: str = "") -> tuple[int, dict]:
+    """POST ``body`` to ``url``/v1/infer (``query``: e.g. ``?deadline_ms=5``): (status, JSON answer)."""
+    req = urllib.request.Request(f"{url}/v1/infer{query}", data=body, headers={"Content-Type": "audio/wav"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_run, tmp_path_factory) -> Path:
+    return _exported(tiny_run, tmp_path_factory, "onnx")
 
 
 @pytest.fixture(scope="session")
@@ -68,11 +86,7 @@ def tiny_asr_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_asr_export(tiny_asr_run, tmp_path_factory) -> Path:
-    from ldfleet.common.model.export import export_onnx
-
-    out = tmp_path_factory.mktemp("edge") / "asr_onnx"
-    export_onnx(tiny_asr_run, out, int8=True)
-    return out
+    return _exported(tiny_asr_run, tmp_path_factory, "asr_onnx")
 
 
 @pytest.fixture(scope="session")

@@ -6,10 +6,9 @@ adaptive strategy (a depth per input) on the device."""
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
-import json
-import urllib.error
 import urllib.request
 
 import numpy as np
@@ -18,7 +17,7 @@ import soundfile as sf
 import torch
 from typer.testing import CliRunner
 
-from edge_fixtures import tiny_asr_export, tiny_asr_run, tiny_export, tiny_run, utterance_folder  # noqa: F401 - fixtures
+from edge_fixtures import post_wav, tiny_asr_export, tiny_asr_run, tiny_export, tiny_run, utterance_folder  # noqa: F401 - fixtures
 from ldfleet.cli import app
 from ldfleet.client.governor import Governor
 from ldfleet.client.infer import InferenceSession, PolicySource, clip_from_wav, input_from_wav, open_engine, utterance_from_wav
@@ -112,28 +111,19 @@ def test_governor_plans_for_the_inputs_duration():
     assert gov.layer_ms[-1] == pytest.approx(2.0) and gov.front_ms[-1] == pytest.approx(4.0)  # per second
 
 
-def _post(url: str, body: bytes) -> tuple[int, dict]:
-    req = urllib.request.Request(f"{url}/v1/infer", data=body, headers={"Content-Type": "audio/wav"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
 def test_serve_answers_transcripts_of_whole_utterances(tiny_asr_export, utterance_folder):
     engine = open_engine(tiny_asr_export, "onnx")
     svc = ServiceThread(build_app(InferenceSession(engine, PolicySource(8, keep=0.75)), max_seconds=3.0)).start()
     try:
         path = utterance_folder / "utt_1.wav"
-        status, body = _post(svc.url, path.read_bytes())
+        status, body = post_wav(svc.url, path.read_bytes())
         assert status == 200 and body["k"] == 6
         assert body["prediction"] == engine.run(utterance_from_wav(path), 6).prediction
-        status, body = _post(svc.url, (utterance_folder / "utt_2.wav").read_bytes())  # 3.7 s
+        status, body = post_wav(svc.url, (utterance_folder / "utt_2.wav").read_bytes())  # 3.7 s
         assert status == 422 and "3.7 s of audio is over the 3 s cap" in body["error"]
         buf = io.BytesIO()
         sf.write(buf, np.full(8000, np.inf, dtype=np.float32), 16000, format="WAV", subtype="FLOAT")
-        status, body = _post(svc.url, buf.getvalue())
+        status, body = post_wav(svc.url, buf.getvalue())
         assert status == 422 and "non-finite" in body["error"]
         with urllib.request.urlopen(f"{svc.url}/v1/health", timeout=10) as resp:
             assert json.loads(resp.read())["task"] == "asr"
@@ -232,9 +222,9 @@ def test_short_or_failing_inputs_are_refused_with_a_reason_and_nothing_else_stop
     session = InferenceSession(Failing(), PolicySource(8, keep=0.5))
     svc = ServiceThread(build_app(session)).start()
     try:
-        status, body = _post(svc.url, good.read_bytes())
+        status, body = post_wav(svc.url, good.read_bytes())
         assert status == 500 and "Invalid input shape" in body["error"]
-        assert _post(svc.url, short.read_bytes()) == (422, {"error": "100 samples (6.2 ms) is too short: the model needs at least 400 (25 ms at 16 kHz)"})
+        assert post_wav(svc.url, short.read_bytes()) == (422, {"error": "100 samples (6.2 ms) is too short: the model needs at least 400 (25 ms at 16 kHz)"})
         with urllib.request.urlopen(f"{svc.url}/metrics", timeout=10) as resp:
             assert 'ldfleet_infer_requests_total{status="500"} 1.0' in resp.read().decode()
     finally:

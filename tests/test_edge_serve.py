@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import io
 import json
-import urllib.error
 import urllib.request
 
 import numpy as np
 import pytest
 import soundfile as sf
 
-from edge_fixtures import tiny_export, tiny_run, wav_folder  # noqa: F401 - fixtures
+from edge_fixtures import post_wav, tiny_export, tiny_run, wav_folder  # noqa: F401 - fixtures
 from ldfleet.client.infer import InferenceSession, PolicySource, open_engine
 from ldfleet.client.serve import ServiceThread, build_app
 from ldfleet.simulations.bench_serve import bench_serve, write_policy
@@ -26,15 +25,6 @@ def service(tiny_export, tmp_path):
     svc.stop()
 
 
-def _post(url: str, body: bytes, query: str = "") -> tuple[int, dict]:
-    req = urllib.request.Request(f"{url}/v1/infer{query}", data=body, headers={"Content-Type": "audio/wav"})
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
-
-
 def _wav(samples: int, rate: int = 16000, fmt: str = "WAV") -> bytes:
     buf = io.BytesIO()
     sf.write(buf, 0.1 * np.sin(np.arange(samples) / 5.0), rate, format=fmt)
@@ -42,9 +32,9 @@ def _wav(samples: int, rate: int = 16000, fmt: str = "WAV") -> bytes:
 
 
 def test_infer_health_and_metrics(service, wav_folder):
-    status, body = _post(service.url, (wav_folder / "clip_03.wav").read_bytes())
+    status, body = post_wav(service.url, (wav_folder / "clip_03.wav").read_bytes())
     assert status == 200 and body["k"] == 4 and len(body["layers"]) == 4 and body["policy_version"] == 1
-    status, body = _post(service.url, _wav(16000), "?deadline_ms=5000")
+    status, body = post_wav(service.url, _wav(16000), "?deadline_ms=5000")
     assert status == 200 and body["k"] == 4
     with urllib.request.urlopen(f"{service.url}/v1/health", timeout=10) as resp:
         health = json.loads(resp.read())
@@ -64,9 +54,9 @@ def test_infer_health_and_metrics(service, wav_folder):
 ])
 def test_bad_requests_get_a_clear_4xx_and_the_service_keeps_serving(service, body, query, status, words):
     body = body if body is not None else _wav(16000, fmt="FLAC")
-    code, answer = _post(service.url, body, query)
+    code, answer = post_wav(service.url, body, query)
     assert code == status and words in answer["error"]
-    assert _post(service.url, _wav(16000))[0] == 200
+    assert post_wav(service.url, _wav(16000))[0] == 200
 
 
 def test_policy_change_under_concurrent_load_applies_without_errors(tiny_export, wav_folder, tmp_path):
