@@ -12,8 +12,10 @@ With ``strategy="adaptive"`` (when the run's depth stage fitted it) the number o
 input first: ``depth.onnx`` predicts the input's errors at every depth d, and the input runs at the d
 minimising ``errors[d] + lambda_k * d * frames / ref_frames`` (``lambda_k`` and ``ref_frames`` in the
 manifest), so that inputs average k layers weighted by duration (``ldfleet.common.model.depth``); the
-selector then chooses which d layers. A dropped layer is a graph that is never called, so it costs nothing (per-layer graphs
-rather than an ONNX ``If``: runtimes often lose the saving of control flow, see PITFALLS.md).
+selector then chooses which d layers.
+
+A dropped layer is a graph that is never called, so it costs nothing (per-layer graphs rather than
+an ONNX ``If``: runtimes often lose the saving of control flow, see PITFALLS.md).
 
 The module imports only the standard library, numpy and (when a model is opened) onnxruntime, so a
 board installs ``numpy onnxruntime`` and copies the export folder (which holds a copy of this file
@@ -43,8 +45,9 @@ MANIFEST = "manifest.json"
 FORMAT = "ldfleet.onnx-export/1"
 SAMPLE_RATE = 16000
 PRECISIONS = ("fp32", "int8")
-#: The shortest input the front end takes: the receptive field of the default wav2vec 2.0-family CNN (kernels
-#: 10, 3 x 4, 2 x 2 at strides 5, 2 x 6 give one frame per 400 samples, 25 ms at 16 kHz).
+#: The shortest input the front end takes: the receptive field of the default wav2vec 2.0-family CNN
+#: (kernels 10, 3, 3, 3, 3, 2, 2 at strides 5, 2, 2, 2, 2, 2, 2: the first frame needs 400 samples, 25 ms
+#: at 16 kHz; then one frame per 320).
 MIN_SAMPLES = 400
 
 
