@@ -207,9 +207,9 @@ def test_from_run_trains_only_the_strategies_on_the_same_encoder(trained_run, co
     assert model.strategy("static").scorer.scores.shape == (model.num_layers + 1, model.num_layers)
     from ldfleet.common.model.export import export_onnx
 
-    with pytest.raises(ValueError, match="selector-budget"):  # refused before anything is written
-        export_onnx(out, tmp_path / "onnx")
-    assert not (tmp_path / "onnx").exists()
+    manifest = export_onnx(out, tmp_path / "onnx", int8=False)  # a budget selector: one selector graph per k
+    assert manifest["graphs"]["fp32"]["selector"] == [f"selector_k{k:02d}.onnx" for k in range(1, model.num_layers)]
+    assert manifest["max_abs_diff_fp32"] <= 1e-4 and manifest["task"] == "kws"
 
     table = tmp_path / "table"
     fitted = runner.invoke(app, ["train", "--data", str(corpus), "--out", str(table), "--from-run", str(trained_run),
