@@ -164,17 +164,18 @@ def _read_wav(data: bytes | str | Path) -> tuple[np.ndarray, int]:
 
     import soundfile as sf
 
+    from ldfleet.common.data.validate import BadClip, check_samples
+
     src = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else str(data)
     try:
         audio, rate = sf.read(src, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         reason = str(exc).replace(repr(src), "the data") if not isinstance(src, str) else str(exc)
         raise AudioError(f"not a readable WAV file: {reason}", 415) from None
-    if audio.shape[0] == 0:
-        raise AudioError("the WAV file holds no samples")
-    if not np.isfinite(audio).all():
-        raise AudioError("the WAV file holds non-finite samples (NaN or infinity)")
-    return audio, rate
+    try:
+        return check_samples("the WAV file", audio), rate  # the data layer's checks: no samples, non-finite ones
+    except BadClip as exc:
+        raise AudioError(str(exc)) from None  # "the WAV file: <reason>"
 
 
 def clip_from_wav(data: bytes | str | Path) -> np.ndarray:
