@@ -45,6 +45,9 @@ MANIFEST = "manifest.json"
 FORMAT = "ldfleet.onnx-export/1"
 SAMPLE_RATE = 16000
 PRECISIONS = ("fp32", "int8")
+#: What a device can run: the selector (exactly k layers per input) or ``adaptive`` (a depth per input
+#: at a duration-weighted mean of k, the selector's set at that depth; needs the run's depth stage).
+STRATEGIES = ("selector", "adaptive")
 #: The shortest input the front end takes: the receptive field of the default wav2vec 2.0-family CNN
 #: (kernels 10, 3, 3, 3, 3, 2, 2 at strides 5, 2, 2, 2, 2, 2, 2: the first frame needs 400 samples, 25 ms
 #: at 16 kHz; then one frame per 320).
@@ -180,8 +183,8 @@ class EdgeModel:
         self.layers = [session(g) for g in graphs["layers"]]
         self.head = session(graphs["head"])
         self.strategy = strategy
-        if strategy not in ("selector", "adaptive"):
-            raise ValueError(f"strategy must be selector or adaptive, got {strategy!r}")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
         adaptive = self.manifest.get("adaptive")
         if strategy == "adaptive" and not adaptive:
             raise ValueError(f"{export_dir} has no depth chooser (its run had no depth stage): use strategy selector")
@@ -263,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("wavs", nargs="+")
     p.add_argument("--keep", type=float, default=1.0, help="share of encoder layers to run (0, 1]")
     p.add_argument("--int8", action="store_true", help="use the int8 graphs")
-    p.add_argument("--strategy", choices=("selector", "adaptive"), default="selector",
+    p.add_argument("--strategy", choices=STRATEGIES, default="selector",
                    help="selector: k layers per input; adaptive: a depth per input at a mean of k")
     args = p.parse_args(argv)
     try:

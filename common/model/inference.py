@@ -16,16 +16,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..edge_runtime import Result, check_length, next_layer_fits
+from ..edge_runtime import STRATEGIES, Result, check_length, next_layer_fits
 from .checkpoint import load_model
 from .dynamic import DynamicModel
 from .heads import ClassificationHead, CTCHead
 
 #: The strategy a device runs by default, and whose head answers: the input-conditioned selector.
 DEVICE_STRATEGY = "selector"
-#: What a device can run: the selector (exactly k layers per input) or ``adaptive`` (a depth per input
-#: at a duration-weighted mean of k, the selector's set at that depth; needs the run's depth stage).
-DEVICE_STRATEGIES = ("selector", "adaptive")
+DEVICE_STRATEGIES = STRATEGIES  # what a device can run (the host runtime's list)
 
 
 def check_device_strategy(model: DynamicModel, strategy: str) -> None:
@@ -99,8 +97,9 @@ class TorchEngine:
         if not 1 <= k <= self.num_layers:
             raise ValueError(f"k must be in [1, {self.num_layers}], got {k}")
         model, runner = self.model, self.model.runner
-        check_length(np.asarray(waveform))
-        x = torch.from_numpy(np.asarray(waveform, dtype=np.float32)).reshape(1, -1)
+        wave = np.asarray(waveform, dtype=np.float32)
+        check_length(wave)
+        x = torch.from_numpy(wave).reshape(1, -1)
         t0 = time.perf_counter()
         front = model.front_end(x)
         t1 = time.perf_counter()
