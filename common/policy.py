@@ -2,15 +2,22 @@
 profile the device advertised) and the device (which checks it against its own profile), so both
 always agree. The arithmetic itself is ``ldfleet.common.budget``.
 
-A latency target comes with a percentile P: the target must hold for P% of inputs. Per-layer
-latencies in a profile are medians; when the profile also carries the measured tail ratios
+A latency target or a real-time factor comes with a percentile P: the target must hold for P% of
+inputs. Per-layer latencies in a profile are medians; when the profile also carries the measured tail ratios
 (end-to-end p90/median, p99/median), the target is divided by the ratio for P (linear between
 p50 = 1, p90 and p99; capped at p99), otherwise by 1 (the median is all that is known).
 """
 
 from __future__ import annotations
 
-from ldfleet.common.budget import expected_latency_ms, layers_for_keep, layers_for_latency
+from ldfleet.common.budget import (
+    budget_text,
+    check_budget,
+    expected_latency_ms,
+    layers_for_keep,
+    layers_for_latency,
+    target_ms,
+)
 from ldfleet.common.schemas import DeviceProfile
 
 
@@ -36,23 +43,29 @@ def k_for_budget(
     *,
     keep: float | None = None,
     latency_ms: float | None = None,
+    rtf: float | None = None,
     percentile: float | None = None,
 ) -> tuple[int, float | None]:
-    """(k, expected median latency in ms or None) for one budget on one device.
+    """(k, expected median latency in ms at the profile's reference length, or None) for one budget
+    on one device.
+
+    An RTF is resolved at the length the profile was measured at (``reference_seconds``): its target
+    there is ``rtf * 1000 * reference_seconds`` ms. Per-layer cost grows about linearly with the
+    input's length at these sizes, so the same k holds for other lengths to first order; the device's
+    governor plans each input at its own length.
 
     Raises ValueError with a reason a person can act on (bad budget, no measured latency).
     """
-    if (keep is None) == (latency_ms is None):
-        raise ValueError("a budget is exactly one of a keep fraction and a latency target")
+    check_budget(keep, latency_ms, rtf, percentile)
     if keep is not None:
         k = layers_for_keep(keep, profile.num_layers)
     else:
         if not profile.layer_ms:
             raise ValueError(
-                f"latency target {latency_ms} ms needs the device's measured per-layer latency, "
+                f"{budget_text(keep, latency_ms, rtf, percentile)} needs the device's measured per-layer latency, "
                 "and its profile has none"
             )
-        target = float(latency_ms) / percentile_ratio(profile, percentile)  # type: ignore[arg-type]
-        k = layers_for_latency(target, profile.front_end_ms, profile.layer_ms)
+        target = target_ms(latency_ms, rtf, profile.reference_seconds)
+        k = layers_for_latency(target / percentile_ratio(profile, percentile), profile.front_end_ms, profile.layer_ms)  # type: ignore[operator]
     expected = expected_latency_ms(k, profile.front_end_ms, profile.layer_ms) if profile.layer_ms else None
     return k, expected

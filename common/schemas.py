@@ -24,6 +24,7 @@ from typing import Annotated, ClassVar, Literal, TypeVar
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ldfleet.common.budget import MAX_LATENCY_MS, MAX_RTF, budget_text, check_budget
 from ldfleet.common.topics import DEVICE_CLASS_PATTERN, DEVICE_ID_PATTERN
 
 log = logging.getLogger("ldfleet.contracts")
@@ -120,9 +121,11 @@ class Status(Payload):
 class BudgetPolicy(Payload):
     """The desired policy of one device (the controller's resolution of override > class > default).
 
-    ``version`` is per device and only goes up. Exactly one of ``keep`` and ``latency_ms`` is set;
-    ``k`` is the controller's resolution with the device's profile (None when it had no
-    per-layer latency to resolve a latency target with; the device then resolves it itself).
+    ``version`` is per device and only goes up. Exactly one of ``keep``, ``latency_ms`` (ms per input)
+    and ``rtf`` (real-time factor: ms of compute per ms of audio) is set (``ldfleet.common.budget``);
+    ``k`` is the controller's resolution with the device's profile (None when it had no per-layer
+    latency to resolve a target with; the device then resolves it itself). ``rtf`` is left out of the
+    wire form when unset, so agents that predate it still read every other policy.
     """
 
     SCHEMA: ClassVar[str] = "ldfleet.policy/1"
@@ -134,7 +137,8 @@ class BudgetPolicy(Payload):
     #: Version of the registry policy this was resolved from (per class or per device; 0 = default).
     policy_version: Version = 0
     keep: float | None = Field(None, gt=0.0, le=1.0)
-    latency_ms: float | None = Field(None, gt=0.0, le=1e7)
+    latency_ms: float | None = Field(None, gt=0.0, le=MAX_LATENCY_MS)
+    rtf: float | None = Field(None, gt=0.0, le=MAX_RTF)
     percentile: float | None = Field(None, gt=0.0, lt=100.0)
     k: int | None = Field(None, ge=1, le=MAX_LAYERS)
     num_layers: int | None = Field(None, ge=1, le=MAX_LAYERS)
@@ -151,10 +155,7 @@ class BudgetPolicy(Payload):
 
     @model_validator(mode="after")
     def _one_budget(self) -> BudgetPolicy:
-        if (self.keep is None) == (self.latency_ms is None):
-            raise ValueError("exactly one of keep and latency_ms must be set")
-        if self.percentile is not None and self.latency_ms is None:
-            raise ValueError("percentile only goes with latency_ms")
+        check_budget(self.keep, self.latency_ms, self.rtf, self.percentile)
         if self.k is not None and self.num_layers is not None and self.k > self.num_layers:
             raise ValueError(f"k={self.k} exceeds num_layers={self.num_layers}")
         return self
@@ -165,6 +166,13 @@ class BudgetPolicy(Payload):
         if self.ttl_s is not None:
             return self.ttl_s <= 0.0
         return self.expires_at is not None and (now or utcnow()) >= self.expires_at
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(by_alias=True, exclude={"rtf"} if self.rtf is None else None).encode()
+
+    def budget_text(self) -> str:
+        """``keep 0.5``, ``latency 40 ms @p99`` or ``RTF 0.05``."""
+        return budget_text(self.keep, self.latency_ms, self.rtf, self.percentile)
 
     def stamped(self, now: datetime) -> BudgetPolicy:
         """The document as sent at ``now`` (sender's clock): ``sent_at`` and the ``ttl_s`` left."""

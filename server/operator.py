@@ -76,6 +76,7 @@ def set_budget(
     keep: float | None = None,
     latency_ms: float | None = None,
     percentile: float | None = None,
+    rtf: float | None = None,
     device_id: str | None = None,
     issued_by: str | None = None,
     expires_in_s: float | None = None,
@@ -87,7 +88,7 @@ def set_budget(
     if expires_in_s is not None:
         expires_at = utcnow() + timedelta(seconds=expires_in_s)
     row = registry.set_policy(
-        device_class, keep=keep, latency_ms=latency_ms, percentile=percentile, device_id=device_id,
+        device_class, keep=keep, latency_ms=latency_ms, percentile=percentile, rtf=rtf, device_id=device_id,
         issued_by=issued_by or default_operator(), expires_at=expires_at, create_class=create_class,
         comment=comment,
     )

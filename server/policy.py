@@ -1,8 +1,9 @@
 """Policy resolution: which budget a device runs under, and what k that means on it.
 
 Per-device override > class policy > default (keep fraction ``default_keep``, 1.0 = all layers).
-A keep fraction becomes k = round(keep * L); a latency target becomes the largest k whose pessimistic
-latency on this device's measured per-layer timings fits (``ldfleet.common.policy.k_for_budget``).
+A keep fraction becomes k = round(keep * L); a latency target (or a real-time factor, a target per
+second of audio) becomes the largest k whose pessimistic latency on this device's measured per-layer
+timings fits (``ldfleet.common.policy.k_for_budget``).
 When a latency target cannot be resolved (the profile has no per-layer timings) the desired policy
 goes out without k, and the device resolves or rejects it itself, with a reason the registry records.
 """
@@ -25,6 +26,7 @@ SIGNATURE_FIELDS = (
     "policy_version",
     "keep",
     "latency_ms",
+    "rtf",
     "percentile",
     "k",
     "num_layers",
@@ -39,6 +41,7 @@ class Resolution:
     policy_version: int
     keep: float | None
     latency_ms: float | None
+    rtf: float | None
     percentile: float | None
     issued_by: str
     issued_at: datetime
@@ -58,6 +61,7 @@ class Resolution:
             policy_version=self.policy_version,
             keep=self.keep,
             latency_ms=self.latency_ms,
+            rtf=self.rtf,
             percentile=self.percentile,
             k=self.k,
             num_layers=self.num_layers,
@@ -109,15 +113,15 @@ def resolve(
 ) -> Resolution:
     policy = pick_policy(device_id, device_class, active)
     if policy is None:
-        source, version, keep, latency, pct = "default", 0, default_keep, None, None
+        source, version, keep, latency, rtf, pct = "default", 0, default_keep, None, None, None
         issued_by, issued_at, expires = "controller", now or utcnow(), None
     else:
         source = "device" if policy.device_id else "class"
-        version, keep, latency, pct = policy.version, policy.keep, policy.latency_ms, policy.percentile
+        version, keep, latency, rtf, pct = policy.version, policy.keep, policy.latency_ms, policy.rtf, policy.percentile
         issued_by, issued_at, expires = policy.issued_by[:128], policy.issued_at, policy.expires_at
     note = None
     try:
-        k, expected = k_for_budget(profile, keep=keep, latency_ms=latency, percentile=pct)
+        k, expected = k_for_budget(profile, keep=keep, latency_ms=latency, rtf=rtf, percentile=pct)
     except ValueError as exc:
         k, expected, note = None, None, str(exc)
     return Resolution(
@@ -126,6 +130,7 @@ def resolve(
         policy_version=version,
         keep=keep,
         latency_ms=latency,
+        rtf=rtf,
         percentile=pct,
         issued_by=issued_by,
         issued_at=issued_at,

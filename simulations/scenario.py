@@ -17,7 +17,7 @@ events:
 
 Profiles (``mcu-class``, ``rpi4``, ``jetson``, ``phone``, ``server``) come from
 ``device-classes.yaml`` next to the scenario (or ``profiles_file``). Every error names the field it
-is about (``classes.1.budget: give exactly one of keep and latency_ms``).
+is about (``classes.1.budget: give exactly one budget: keep (...), latency_ms (...) or rtf (...)``).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ldfleet.common.budget import budget_text, check_budget
 from ldfleet.common.data.splits import split_counts
 from ldfleet.common.topics import DEVICE_CLASS_PATTERN
 
@@ -45,24 +46,26 @@ class _Strict(BaseModel):
 
 
 class Budget(_Strict):
-    """A class budget: a keep fraction of the encoder layers, or a latency target in ms."""
+    """A class budget: a keep fraction of the encoder layers, a latency target in ms per input, or a
+    real-time factor (ms of compute per ms of audio), with an optional percentile for the targets
+    (``ldfleet.common.budget``)."""
 
-    keep: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    latency_ms: Annotated[float, Field(gt=0.0, le=1e7)] | None = None
-    percentile: Annotated[float, Field(gt=0.0, lt=100.0)] | None = None
+    keep: float | None = None
+    latency_ms: float | None = None
+    rtf: float | None = None
+    percentile: float | None = None
 
     @model_validator(mode="after")
     def _one(self) -> Budget:
-        if (self.keep is None) == (self.latency_ms is None):
-            raise ValueError("give exactly one of keep and latency_ms")
-        if self.percentile is not None and self.latency_ms is None:
-            raise ValueError("percentile only goes with latency_ms")
+        check_budget(self.keep, self.latency_ms, self.rtf, self.percentile)
         return self
 
+    def fields(self) -> dict[str, float | None]:
+        """The budget as the keyword arguments of ``server.operator.set_budget``."""
+        return {"keep": self.keep, "latency_ms": self.latency_ms, "rtf": self.rtf, "percentile": self.percentile}
+
     def text(self) -> str:
-        if self.keep is not None:
-            return f"keep {self.keep:g}"
-        return f"{self.latency_ms:g} ms" + (f" @p{self.percentile:g}" if self.percentile else "")
+        return budget_text(**self.fields())
 
 
 class DeviceClassSpec(_Strict):
@@ -160,18 +163,11 @@ class Availability(_Strict):
     straggler_delay_s: Annotated[float, Field(ge=0.0, le=3600.0)] = 0.0
 
 
-class SetBudgetEvent(_Strict):
-    device_class: str
-    keep: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    latency_ms: Annotated[float, Field(gt=0.0, le=1e7)] | None = None
-    percentile: Annotated[float, Field(gt=0.0, lt=100.0)] | None = None
-    device: str | None = None  # one device's override instead of the class
+class SetBudgetEvent(Budget):
+    """An operator's budget change at a round: for a class, or one device's override."""
 
-    @model_validator(mode="after")
-    def _one(self) -> SetBudgetEvent:
-        if (self.keep is None) == (self.latency_ms is None):
-            raise ValueError("give exactly one of keep and latency_ms")
-        return self
+    device_class: str
+    device: str | None = None  # one device's override instead of the class
 
 
 class CrashEvent(_Strict):

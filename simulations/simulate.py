@@ -171,9 +171,8 @@ class ScenarioHooks:
                 continue
             if ev.set_budget is not None and i not in done:
                 b = ev.set_budget
-                res = set_budget(self.registry, self.broker_url, b.device_class, keep=b.keep, latency_ms=b.latency_ms,
-                                 percentile=b.percentile, device_id=b.device, issued_by="scenario",
-                                 comment=f"{self.scn.name}: event at round {rnd}")
+                res = set_budget(self.registry, self.broker_url, b.device_class, **b.fields(), device_id=b.device,
+                                 issued_by="scenario", comment=f"{self.scn.name}: event at round {rnd}")
                 members = {d for d, c in self.scn.device_ids() if c.name == b.device_class}
                 if b.device:
                     members = {b.device}
@@ -182,8 +181,7 @@ class ScenarioHooks:
                 self._mark(i, {"round": rnd, "set_budget": b.model_dump(exclude_none=True), "policy_version": res.policy.version,
                                "not_converged": sorted(late)})
                 target = b.device or f"class {b.device_class}"
-                self.display.say(f"[cyan]round {rnd}: operator sets {target} to "
-                                 f"{'keep %g' % b.keep if b.keep is not None else '%g ms' % b.latency_ms} "
+                self.display.say(f"[cyan]round {rnd}: operator sets {target} to {b.text()} "
                                  f"(policy v{res.policy.version}){'; not yet applied by ' + ', '.join(sorted(late)) if late else ''}[/cyan]")
             if ev.crash is not None:
                 plan.crash += ev.crash.count
@@ -384,8 +382,7 @@ def _simulate(opts: SimulateOptions, run_dir: Path, console: Console) -> dict[st
             key = f"class:{c.name}"
             if opts.resume and key in active:
                 continue  # the run's policies (scenario + events + operator changes) are in the registry
-            set_budget(registry, broker_url, c.name, keep=c.budget.keep, latency_ms=c.budget.latency_ms,
-                       percentile=c.budget.percentile, issued_by="scenario", create_class=True,
+            set_budget(registry, broker_url, c.name, **c.budget.fields(), issued_by="scenario", create_class=True,
                        comment=f"{scn.name}: initial class budget")
         late = wait_converged(registry, ids, 60.0)
         if late:

@@ -17,7 +17,7 @@ from ldfleet.client.agent import evaluate_policy
 from ldfleet.client.profile import profile_from_json, synthetic_profile
 from ldfleet.client.state import DeviceState, load_device_state, save_device_state, state_path
 from ldfleet.common import topics
-from ldfleet.common.budget import layers_for_latency
+from ldfleet.common.budget import budget_text, check_budget, layers_for_latency, target_ms
 from ldfleet.common.mqtt import parse_broker_url
 from ldfleet.common.policy import k_for_budget, percentile_ratio
 from ldfleet.common.schemas import (
@@ -130,6 +130,9 @@ BAD_CASES = [
     ("Infinity latency", BudgetPolicy, _mutate(_policy(), keep=None).replace(b'"latency_ms": null', b'"latency_ms": Infinity'), "latency_ms"),
     ("two budgets", BudgetPolicy, _mutate(_policy(), latency_ms=50.0), "exactly one"),
     ("no budget", BudgetPolicy, _mutate(_policy(), keep=None), "exactly one"),
+    ("latency target and RTF", BudgetPolicy, _mutate(_policy(), keep=None, latency_ms=50.0, rtf=0.1), "got latency_ms and rtf"),
+    ("RTF above 100", BudgetPolicy, _mutate(_policy(), keep=None, rtf=500.0), "rtf"),
+    ("percentile with a keep fraction", BudgetPolicy, _mutate(_policy(), percentile=90.0), "percentile"),
     ("k above layers", BudgetPolicy, _mutate(_policy(), k=13, num_layers=12), "exceeds"),
     ("unknown status", PolicyAck, _mutate(VALID[PolicyAck](), status="maybe"), "status"),
     ("layer count mismatch", DeviceProfile, _mutate(_profile(), num_layers=11), "num_layers"),
@@ -249,6 +252,33 @@ def test_k_for_budget_uses_the_shared_budget_maths():
     assert expected is not None and expected <= 40.0
     with pytest.raises(ValueError, match="per-layer latency"):
         k_for_budget(_profile(layer_ms=[]), latency_ms=40.0)
+
+
+def test_an_rtf_is_a_latency_target_per_second_of_audio():
+    assert target_ms(None, 0.05, 4.0) == pytest.approx(200.0)  # a 4 s utterance at RTF 0.05
+    assert target_ms(40.0, None, 4.0) == 40.0 and target_ms(None, None, 4.0) is None
+    prof = _profile(layer_ms=[1.0 + i for i in range(12)], front_end_ms=5.0)  # measured on 1 s of audio
+    assert k_for_budget(prof, rtf=0.03) == k_for_budget(prof, latency_ms=30.0)
+    two_s = prof.model_copy(update={"reference_seconds": 2.0})  # the same timings measured on 2 s
+    assert k_for_budget(two_s, rtf=0.03) == k_for_budget(two_s, latency_ms=60.0)
+    assert k_for_budget(two_s, rtf=0.03)[0] > k_for_budget(prof, rtf=0.03)[0]
+    # the device resolves an RTF policy the controller could not resolve, like a latency target
+    d = evaluate_policy(_policy(2, keep=None, rtf=0.03), _state(1), prof, now=NOW)
+    assert d.ack.status == "applied" and d.state.effective_k == k_for_budget(prof, latency_ms=30.0)[0]
+    with pytest.raises(ValueError, match="RTF 0.03 needs the device's measured per-layer latency"):
+        k_for_budget(_profile(layer_ms=[]), rtf=0.03)
+    assert budget_text(rtf=0.05, percentile=99) == "RTF 0.05 @p99" and budget_text(latency_ms=40) == "latency 40 ms"
+
+
+def test_a_policy_without_rtf_leaves_it_off_the_wire():
+    """Agents that predate the RTF refuse unknown fields: only a policy that uses it may carry it."""
+    assert b"rtf" not in _policy().to_json()
+    with_rtf = _policy(keep=None, rtf=0.05, percentile=90.0)
+    assert parse_payload(BudgetPolicy, with_rtf.to_json(), topic_device_id="pi-01") == with_rtf
+    for bad, why in [(dict(keep=0.5, rtf=0.1), "got keep and rtf"), (dict(rtf=float("nan")), "real-time factor"),
+                     (dict(keep=0.5, percentile=50.0), "percentile")]:
+        with pytest.raises(ValueError, match=why):
+            check_budget(**bad)
 
 
 def test_percentile_scales_a_latency_target_by_the_measured_tail():

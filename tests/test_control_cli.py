@@ -94,6 +94,19 @@ def test_operator_workflow_with_real_processes(env, tmp_path):
         assert [(h["issued_by"], h["old"], h["new"]) for h in hist] == [("alice", None, "keep 0.5"), ("bob", "keep 0.5", "latency 8 ms @p90")]
         assert cli("budget", "show")[0] == 0 and "alice" in cli("budget", "history", "edge")[1]
 
+        # a real-time factor: ms per ms of audio, at the profile's reference length (1 s): 6 ms here
+        code, out = cli("budget", "set", "edge", "--rtf", "0.006", "--percentile", "90", "--by", "carol")
+        assert code == 0 and "RTF 0.006 @p90" in out, out
+        assert wait_until(lambda: all_at(4), 30)
+        devs = {d["device_id"]: d for d in devices_json()}
+        assert devs["cli-0"]["effective_k"] == 1 and devs["cli-1"]["effective_k"] == 2  # 1+4=5 <= 6; 1+2+2=5 <= 6
+        state = json.loads((tmp_path / "home" / "devices" / "cli-1" / "device_state.json").read_text())
+        assert state["policy"]["rtf"] == 0.006 and state["policy"]["latency_ms"] is None
+        shown = json.loads(cli("budget", "show", "--json")[1])
+        assert [(p["version"], p["latency_ms"], p["rtf"]) for p in shown["policies"]] == [(3, None, 0.006)]
+        hist = json.loads(cli("budget", "history", "edge", "--json")[1])
+        assert hist[-1]["old"] == "latency 8 ms @p90" and hist[-1]["new"] == "RTF 0.006 @p90"
+
         # bad requests: refused with a reason, exit code 2, nothing written
         for args, why in [
             (["--keep", "-1"], "keep fraction"),
@@ -103,6 +116,10 @@ def test_operator_workflow_with_real_processes(env, tmp_path):
             (["--latency-ms", "-5"], "latency target"),
             (["--latency-ms", "inf"], "latency target"),
             (["--keep", "0.5", "--latency-ms", "5"], "exactly one"),
+            (["--rtf", "0"], "real-time factor"),
+            (["--rtf", "500"], "real-time factor"),
+            (["--rtf", "0.1", "--latency-ms", "5"], "exactly one"),
+            (["--keep", "0.5", "--percentile", "90"], "percentile"),
             ([], "exactly one"),
             (["--keep", "0.5", "--device", "nobody"], "unknown device"),
             (["--keep", "0.5", "--expires-in", "-3"], "expires-in"),
@@ -114,7 +131,7 @@ def test_operator_workflow_with_real_processes(env, tmp_path):
         code, out = cli("budget", "set", "edge", "--keep", "0.5", "--broker", "http://nope")
         assert code == 2 and "mqtt://" in out
         assert json.loads(cli("budget", "history", "edge", "--json")[1]) == hist
-        assert all_at(3)
+        assert all_at(4)
 
         # agents leave: the registry sees them go offline
         _stop(procs[1:])

@@ -52,7 +52,20 @@ def test_budget_needs_exactly_one_of_keep_and_latency():
     data = _base()
     data["classes"][0]["budget"] = {"keep": 0.5, "latency_ms": 30}
     msg = _error(data)
-    assert "classes.0.budget" in msg and "exactly one of keep and latency_ms" in msg
+    assert "classes.0.budget" in msg and "exactly one budget" in msg and "got keep and latency_ms" in msg
+
+
+def test_a_class_budget_may_be_a_real_time_factor():
+    data = _base()
+    data["classes"][0]["budget"] = {"rtf": 0.05, "percentile": 90}
+    data["events"] = [{"round": 2, "set_budget": {"device_class": data["classes"][0]["name"], "rtf": 0.1}}]
+    scn = parse_scenario(data, "test.yaml", base_dir=CONFIGS)
+    assert scn.classes[0].budget.text() == "RTF 0.05 @p90"
+    assert scn.events[0].set_budget.fields() == {"keep": None, "latency_ms": None, "rtf": 0.1, "percentile": None}
+    data["classes"][0]["budget"] = {"rtf": 0.05, "latency_ms": 40}
+    assert "got latency_ms and rtf" in _error(data)
+    data["classes"][0]["budget"] = {"keep": 0.5, "percentile": 90}
+    assert "percentile only goes with" in _error(data)
 
 
 def test_unknown_profile_is_named():

@@ -67,13 +67,16 @@ def test_policies_are_versioned_per_scope_with_an_audit_trail(db_url):
             s.add(Device(device_id="pi-01", device_class="pi4"))
         o1 = reg.set_policy("pi4", keep=0.25, device_id="pi-01", issued_by="carol")
         assert (o1.version, o1.scope_key, o1.previous_id) == (1, "device:pi-01", None)
+        p3 = reg.set_policy("pi4", rtf=0.05, percentile=99.0, issued_by="dave")
         active = reg.active_policies()
-        assert active["class:pi4"].id == p2.id and active["device:pi-01"].id == o1.id
+        assert active["class:pi4"].id == p3.id and active["device:pi-01"].id == o1.id
+        assert (active["class:pi4"].rtf, active["class:pi4"].latency_ms, active["class:pi4"].keep) == (0.05, None, None)
         hist = reg.policy_history("pi4")
         assert [(h.scope, h.version, h.issued_by, h.budget_text()) for h in hist] == [
             ("class", 1, "alice", "keep 0.5"),
             ("class", 2, "bob", "latency 80 ms @p90"),
             ("device", 1, "carol", "keep 0.25"),
+            ("class", 3, "dave", "RTF 0.05 @p99"),
         ]
         assert hist[0].comment == "first" and hist[0].issued_at.tzinfo is not None
         cleared = reg.clear_policy("pi4", device_id="pi-01", issued_by="carol")
@@ -95,6 +98,9 @@ def test_policies_are_versioned_per_scope_with_an_audit_trail(db_url):
         (dict(latency_ms=math.inf), "latency target"),
         (dict(latency_ms=math.nan), "latency target"),
         (dict(keep=0.5, latency_ms=10.0), "exactly one"),
+        (dict(rtf=0.0), "real-time factor"),
+        (dict(rtf=math.inf), "real-time factor"),
+        (dict(rtf=0.1, latency_ms=10.0), "exactly one"),
         (dict(), "exactly one"),
         (dict(latency_ms=10.0, percentile=100.0), "percentile"),
         (dict(keep=0.5, percentile=90.0), "percentile"),

@@ -230,8 +230,10 @@ def broker(
 def budget_set(
     device_class: str = typer.Argument(..., metavar="CLASS", help="Device class."),
     keep: float = typer.Option(None, "--keep", help="Keep fraction of the encoder layers, in (0, 1]."),
-    latency_ms: float = typer.Option(None, "--latency-ms", help="Latency target in ms (turned into k per device)."),
-    percentile: float = typer.Option(None, "--percentile", help="Percentile the latency target must hold for (default: median)."),
+    latency_ms: float = typer.Option(None, "--latency-ms", help="Latency target in ms per input (turned into k per device)."),
+    rtf: float = typer.Option(None, "--rtf", help="Real-time factor: ms of compute per ms of audio, e.g. 0.05 = 50 ms per second "
+                              "(speech recognition, whose inputs differ in length; turned into k per device)."),
+    percentile: float = typer.Option(None, "--percentile", help="Percentile the latency target or RTF must hold for (default: median)."),
     device: str = typer.Option(None, "--device", help="Override for one device of the class instead of the whole class."),
     by: str = typer.Option(None, "--by", help="Who is making the change (default: your user name)."),
     expires_in: float = typer.Option(None, "--expires-in", help="Seconds until the policy lapses (default: never)."),
@@ -241,18 +243,21 @@ def budget_set(
     broker: str = typer.Option(None, "--broker", help=BROKER_HELP),
     ca_file: Path = typer.Option(None, "--ca-file", help="CA bundle for an mqtts:// broker."),
 ) -> None:
-    """Set the budget of a class (or one device): written to the registry, then pushed to devices."""
+    """Set the budget of a class (or one device): written to the registry, then pushed to devices.
+
+    Give exactly one of --keep, --latency-ms and --rtf."""
     from ldfleet.server.operator import set_budget
     from ldfleet.server.registry import RegistryError
 
-    if (keep is None) == (latency_ms is None):
-        fail("give exactly one of --keep and --latency-ms")
+    if sum(v is not None for v in (keep, latency_ms, rtf)) != 1:
+        fail("give exactly one of --keep, --latency-ms and --rtf")
     if expires_in is not None and not (math.isfinite(expires_in) and expires_in > 0):
         fail("--expires-in must be a positive number of seconds")
     reg = _open_registry(db)
     try:
-        res = set_budget(reg, _broker_url(broker, ca_file), device_class, keep=keep, latency_ms=latency_ms, percentile=percentile,
-                         device_id=device, issued_by=by, expires_in_s=expires_in, create_class=create_class, comment=comment)
+        res = set_budget(reg, _broker_url(broker, ca_file), device_class, keep=keep, latency_ms=latency_ms, rtf=rtf,
+                         percentile=percentile, device_id=device, issued_by=by, expires_in_s=expires_in,
+                         create_class=create_class, comment=comment)
     except RegistryError as exc:
         fail(str(exc))
     finally:
@@ -293,7 +298,7 @@ def budget_clear(
 def _policy_dict(p: Any) -> dict[str, Any]:
     return {
         "id": p.id, "scope": p.scope, "device_class": p.device_class, "device_id": p.device_id, "version": p.version,
-        "keep": p.keep, "latency_ms": p.latency_ms, "percentile": p.percentile, "cleared": p.cleared,
+        "keep": p.keep, "latency_ms": p.latency_ms, "rtf": p.rtf, "percentile": p.percentile, "cleared": p.cleared,
         "issued_by": p.issued_by, "issued_at": p.issued_at, "expires_at": p.expires_at, "previous_id": p.previous_id,
         "comment": p.comment,
     }

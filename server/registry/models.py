@@ -31,6 +31,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from ldfleet.common.budget import budget_text
+
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -143,6 +145,8 @@ class Policy(Base):
     version: Mapped[int] = mapped_column(Integer)
     keep: Mapped[float | None] = mapped_column(Float)
     latency_ms: Mapped[float | None] = mapped_column(Float)
+    #: Real-time factor: ms of compute per ms of audio (``ldfleet.common.budget``).
+    rtf: Mapped[float | None] = mapped_column(Float)
     percentile: Mapped[float | None] = mapped_column(Float)
     #: This row removes the scope's policy (a device falls back to its class, a class to the default).
     cleared: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -160,10 +164,7 @@ class Policy(Base):
     def budget_text(self) -> str:
         if self.cleared:
             return "(cleared)"
-        if self.keep is not None:
-            return f"keep {self.keep:g}"
-        pct = f" @p{self.percentile:g}" if self.percentile is not None else ""
-        return f"latency {self.latency_ms:g} ms{pct}"
+        return budget_text(self.keep, self.latency_ms, self.rtf, self.percentile)
 
 
 class PolicyAckRecord(Base):

@@ -8,7 +8,6 @@ operator CLI writes ``policies`` (append-only) and reads everything.
 from __future__ import annotations
 
 import logging
-import math
 import re
 import time
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ from sqlalchemy import Engine, create_engine, event, func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from ldfleet.common.budget import check_budget
 from ldfleet.common.runtime import default_registry_url
 from ldfleet.common.topics import DEVICE_CLASS_PATTERN, DEVICE_ID_PATTERN
 from ldfleet.server.registry.models import (
@@ -163,19 +163,15 @@ def _check_name(value: str, pattern: str, what: str) -> None:
         raise RegistryError(f"invalid {what} {value!r}: use 1-64 of A-Z a-z 0-9 . _ - (starting with a letter or digit)")
 
 
-def validate_budget(keep: float | None, latency_ms: float | None, percentile: float | None) -> None:
-    """The operator-side checks of a budget (the same ranges BudgetPolicy enforces on the wire)."""
-    if (keep is None) == (latency_ms is None):
-        raise RegistryError("give exactly one budget: a keep fraction or a latency target")
-    if keep is not None and not (math.isfinite(keep) and 0.0 < keep <= 1.0):
-        raise RegistryError(f"keep fraction must be a number in (0, 1], got {keep!r}")
-    if latency_ms is not None and not (math.isfinite(latency_ms) and 0.0 < latency_ms <= 1e7):
-        raise RegistryError(f"latency target must be a positive number of ms, got {latency_ms!r}")
-    if percentile is not None:
-        if latency_ms is None:
-            raise RegistryError("a percentile only goes with a latency target")
-        if not (math.isfinite(percentile) and 0.0 < percentile < 100.0):
-            raise RegistryError(f"percentile must be in (0, 100), got {percentile!r}")
+def validate_budget(
+    keep: float | None, latency_ms: float | None, percentile: float | None, rtf: float | None = None
+) -> None:
+    """The operator-side checks of a budget (``ldfleet.common.budget.check_budget``, which
+    BudgetPolicy enforces on the wire); RegistryError with the reason."""
+    try:
+        check_budget(keep, latency_ms, rtf, percentile)
+    except ValueError as exc:
+        raise RegistryError(str(exc)) from None
 
 
 class Registry:
@@ -246,6 +242,7 @@ class Registry:
         keep: float | None = None,
         latency_ms: float | None = None,
         percentile: float | None = None,
+        rtf: float | None = None,
         device_id: str | None = None,
         issued_by: str = "operator",
         expires_at: datetime | None = None,
@@ -262,7 +259,7 @@ class Registry:
         if device_id is not None:
             _check_name(device_id, DEVICE_ID_PATTERN, "device id")
         if not cleared:
-            validate_budget(keep, latency_ms, percentile)
+            validate_budget(keep, latency_ms, percentile, rtf)
         if not issued_by or len(issued_by) > 128:
             raise RegistryError("issued_by must be 1-128 characters")
         if expires_at is not None and expires_at <= utcnow():
@@ -300,6 +297,7 @@ class Registry:
                     version=(prev.version + 1) if prev else 1,
                     keep=None if cleared else keep,
                     latency_ms=None if cleared else latency_ms,
+                    rtf=None if cleared else rtf,
                     percentile=None if cleared else percentile,
                     cleared=cleared,
                     issued_by=issued_by,
