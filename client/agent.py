@@ -90,7 +90,9 @@ def evaluate_policy(policy: BudgetPolicy, state: DeviceState, profile: DevicePro
                 raise ValueError(f"k={k} exceeds this device's {profile.num_layers} layers")
             expected = expected_latency_ms(k, profile.front_end_ms, profile.layer_ms) if profile.layer_ms else None
         else:  # the controller could not resolve it, or resolved it for another model: resolve here
-            k, expected = k_for_budget(profile, keep=policy.keep, latency_ms=policy.latency_ms, percentile=policy.percentile)
+            k, expected = k_for_budget(
+                profile, keep=policy.keep, latency_ms=policy.latency_ms, rtf=policy.rtf, percentile=policy.percentile
+            )
     except ValueError as exc:
         return reject(str(exc))
     new = state.model_copy(

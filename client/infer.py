@@ -3,7 +3,7 @@
 ``open_engine`` opens a run folder on torch or an ONNX export on onnxruntime; both give a
 ``Result`` per input. ``PolicySource`` reads the agent's local state (``client/state.py``) again
 whenever the file changes, so a new policy version applies from the next request on, or stands in
-for fixed overrides (``--keep`` / ``--latency-ms``). ``InferenceSession`` ties them together: per
+for fixed overrides (``--keep`` / ``--latency-ms`` / ``--rtf``). ``InferenceSession`` ties them together: per
 request the policy gives the ceiling k, the governor may lower it, the runtime runs it, and the
 statistics the telemetry publisher reports are updated.
 """
@@ -21,6 +21,7 @@ import numpy as np
 from ldfleet.client.governor import Decision, Governor
 from ldfleet.client.state import load_device_state, state_path
 from ldfleet.client.telemetry import InferenceStats
+from ldfleet.common.budget import target_ms
 from ldfleet.common.edge_runtime import MANIFEST, SAMPLE_RATE, EdgeModel, Result, check_length, keep_to_k
 from ldfleet.common.schemas import utcnow
 
@@ -53,16 +54,22 @@ def open_engine(run: str | Path, runtime: str = "torch", threads: int = 1, strat
 
 @dataclass(frozen=True)
 class Policy:
-    """The ceiling for the next request: k layers, an optional latency target, where it came from."""
+    """The ceiling for the next request: k layers, an optional latency target (ms per input, or a
+    real-time factor: ms per ms of audio), where it came from."""
 
     k: int
     latency_ms: float | None
     version: int
-    source: str  # "keep", "latency", "state", "none"
+    source: str  # "keep", "latency", "rtf", "state", "none"
+    rtf: float | None = None
+
+    def target_ms(self, seconds: float) -> float | None:
+        """The latency an input of ``seconds`` of audio must meet under this policy (None: no target)."""
+        return target_ms(self.latency_ms, self.rtf, seconds)
 
 
 class PolicySource:
-    """The policy in force: fixed (``keep`` / ``latency_ms``) or read from an agent state dir.
+    """The policy in force: fixed (``keep`` / ``latency_ms`` / ``rtf``) or read from an agent state dir.
 
     The state file is read again only when its (inode, mtime, size) changes, so checking before every
     request costs one ``stat``; an expired policy falls back to the full model. A corrupt or
@@ -70,13 +77,14 @@ class PolicySource:
     """
 
     def __init__(self, num_layers: int, state_dir: str | Path | None = None, keep: float | None = None,
-                 latency_ms: float | None = None):
+                 latency_ms: float | None = None, rtf: float | None = None):
         self.num_layers = num_layers
         self.state_dir = Path(state_dir) if state_dir else None
         self._fixed = None
-        if keep is not None or latency_ms is not None:
+        if keep is not None or latency_ms is not None or rtf is not None:
             k = keep_to_k(keep, num_layers) if keep is not None else num_layers
-            self._fixed = Policy(k, latency_ms, 0, "keep" if keep is not None else "latency")
+            source = "keep" if keep is not None else "rtf" if rtf is not None else "latency"
+            self._fixed = Policy(k, latency_ms, 0, source, rtf)
         self._stamp: tuple[int, int, int] | None = None
         self._expires = None  # expiry of the policy read last: re-read when it passes
         self._policy = Policy(num_layers, None, 0, "none")
@@ -111,7 +119,7 @@ class PolicySource:
         k = min(self.num_layers, state.effective_k or self.num_layers)
         if state.effective_k is None and state.policy.keep is not None:
             k = keep_to_k(state.policy.keep, self.num_layers)
-        return Policy(k, state.policy.latency_ms, state.version, "state")
+        return Policy(k, state.policy.latency_ms, state.version, "state", state.policy.rtf)
 
 
 class InferenceSession:
@@ -126,12 +134,13 @@ class InferenceSession:
         self._lock = threading.Lock()
 
     def infer(self, waveform: np.ndarray, deadline_ms: float | None = None) -> tuple[Result, Decision, Policy]:
-        """Run one waveform ``[samples]`` (16 kHz); ``deadline_ms`` overrides the policy's latency target.
-        The governor plans for the input's duration (utterances differ in length; clips are 1 s)."""
+        """Run one waveform ``[samples]`` (16 kHz); ``deadline_ms`` overrides the policy's latency target
+        (an RTF policy's target is per input: ``rtf * 1000 *`` its seconds). The governor plans for the
+        input's duration (utterances differ in length; clips are 1 s)."""
         seconds = len(waveform) / SAMPLE_RATE
         with self._lock:
             policy = self.policy.current()
-            target = deadline_ms if deadline_ms is not None else policy.latency_ms
+            target = deadline_ms if deadline_ms is not None else policy.target_ms(seconds)
             decision = self.governor.decide(policy.k, target, seconds)
             start = time.perf_counter()
             try:

@@ -50,6 +50,7 @@ class Budget:
     version: int  # version of the policy in force on the device (0: none received: all layers)
     keep: float | None = None
     latency_ms: float | None = None
+    rtf: float | None = None
     expected_latency_ms: float | None = None
 
     @property
@@ -77,7 +78,7 @@ def read_budget(state_dir: str | os.PathLike[str] | None, num_layers: int) -> Bu
     k = max(1, min(int(k), num_layers))
     return Budget(
         k=k, num_layers=num_layers, version=state.version, keep=policy.keep, latency_ms=policy.latency_ms,
-        expected_latency_ms=state.expected_latency_ms,
+        rtf=policy.rtf, expected_latency_ms=state.expected_latency_ms,
     )
 
 

@@ -150,7 +150,7 @@ def build_app(session: InferenceSession, max_bytes: int = DEFAULT_MAX_BYTES,
             "status": "ok", "runtime": getattr(session.engine, "runtime", "onnx"), "task": task,
             "strategy": getattr(session.engine, "strategy", "selector"),
             "num_layers": session.engine.num_layers,
-            "policy": {"k": p.k, "latency_ms": p.latency_ms, "version": p.version, "source": p.source},
+            "policy": {"k": p.k, "latency_ms": p.latency_ms, "rtf": p.rtf, "version": p.version, "source": p.source},
             "requests": session.governor.decisions,
         })
 

@@ -250,3 +250,41 @@ def test_an_unfinished_run_is_served_with_a_warning(tiny_asr_run, utterance_fold
     (run / "train_state.json").write_text(json.dumps({"stage": "backbone", "epoch": 1, "done": False, "history": []}))
     out = runner.invoke(app, ["infer", "--run", str(run), "--keep", "0.5", str(utterance_folder / "utt_0.wav")])
     assert out.exit_code == 0 and "has not finished training (stage backbone, epoch 1)" in " ".join(out.output.split())
+
+
+def test_an_rtf_target_scales_with_each_utterances_length(tiny_asr_export, utterance_folder, tmp_path):
+    """A real-time factor is a target per second of audio: 0.6, 2.3 and 3.7 s utterances get 0.6, 2.3
+    and 3.7 times the same per-second target, whether the policy comes from the agent's state or
+    from --rtf; a request over its own target counts as a miss."""
+    from ldfleet.client.agent import evaluate_policy
+    from ldfleet.client.profile import synthetic_profile
+    from ldfleet.client.state import DeviceState, save_device_state
+    from ldfleet.common.schemas import BudgetPolicy, utcnow
+
+    paths = sorted(utterance_folder.glob("*.wav"))
+    seconds = [len(utterance_from_wav(p)) / 16000 for p in paths]
+    profile = synthetic_profile("asr-1", "board", num_layers=8, layer_ms=1.0, front_end_ms=2.0)
+    policy = BudgetPolicy(device_id="asr-1", version=1, source="class", device_class="board", rtf=0.05,
+                          issued_at=utcnow(), issued_by="test")
+    applied = evaluate_policy(policy, DeviceState(device_id="asr-1", device_class="board"), profile)
+    assert applied.ack.status == "applied" and applied.state.effective_k == 8  # 2 + 8 x 1 ms <= 50 ms per 1 s
+    save_device_state(tmp_path, applied.state)
+    engine = open_engine(tiny_asr_export, "onnx")
+    for source in (PolicySource(8, tmp_path), PolicySource(8, rtf=0.05)):
+        session = InferenceSession(engine, source)
+        targets = [session.infer(utterance_from_wav(p))[1].target_ms for p in paths]
+        assert targets == pytest.approx([50.0 * s for s in seconds])
+        assert source.current().rtf == 0.05 and source.current().latency_ms is None
+    strict = InferenceSession(engine, PolicySource(8, rtf=1e-6))  # 1 us per second of audio: nothing fits
+    for p in paths:
+        result, decision, _ = strict.infer(utterance_from_wav(p))
+        assert len(result.layers) == 1 and decision.intervened  # the governor, or the deadline guard, cut to one layer
+    assert strict.stats.misses == len(paths)
+
+    out = runner.invoke(app, ["infer", "--run", str(tiny_asr_export), "--runtime", "onnx", "--rtf", "0.05", "--json",
+                              str(utterance_folder)])
+    assert out.exit_code == 0, out.output
+    assert "target RTF 0.05" in out.stderr and len([ln for ln in out.stdout.splitlines() if ln.startswith("{")]) == 3
+    both = runner.invoke(app, ["infer", "--run", str(tiny_asr_export), "--runtime", "onnx", "--rtf", "0.05",
+                               "--latency-ms", "40", str(utterance_folder)])
+    assert both.exit_code == 2 and "give one target" in both.output

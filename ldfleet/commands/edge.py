@@ -15,6 +15,8 @@ from ldfleet.commands._shared import bench_group, console, err, fail
 RUNTIME_HELP = "torch (a run folder) | onnx | onnx-int8 (an export folder from `ldfleet export`)."
 _KEEP = typer.Option(None, "--keep", min=0.0, max=1.0, help="Fixed keep ratio (share of encoder layers), instead of the device's policy.")
 _LATENCY = typer.Option(None, "--latency-ms", min=0.0, help="Latency target per input in ms: the governor lowers k to meet it.")
+_RTF = typer.Option(None, "--rtf", min=0.0, help="Real-time factor target: ms of compute per ms of audio (0.05: a 4 s utterance "
+                    "in 200 ms); the governor lowers k to meet it. For speech recognition, whose inputs differ in length.")
 _DEVICE = typer.Option(None, "--device-id", help="Device whose agent state holds the policy (default: the host name).")
 _STATE = typer.Option(None, "--state-dir", help="Agent state dir (default: $LDFLEET_HOME/devices/DEVICE_ID).")
 _THREADS = typer.Option(1, "--threads", min=0, help="Compute threads of the runtime (0: its default).")
@@ -55,26 +57,35 @@ def _warn_if_unfinished(run: Path) -> None:
                   f"{state.get('epoch')}): re-run `ldfleet train` on it to finish")
 
 
-def _session(run: Path, runtime: str, keep, latency_ms, device_id, state_dir, threads: int, strategy: str = "selector"):
+def _session(run: Path, runtime: str, keep, latency_ms, rtf, device_id, state_dir, threads: int, strategy: str = "selector"):
+    """The inference session of infer and serve: fixed --keep (a ceiling k) and/or one target
+    (--latency-ms or --rtf), else the policy in the agent's state dir."""
     from ldfleet.client.infer import InferenceSession, PolicySource, open_engine
     from ldfleet.client.profile import default_device_id
+    from ldfleet.common.budget import budget_text
     from ldfleet.common.runtime import default_device_state_dir
 
     if keep is not None and keep <= 0:
         fail("--keep must be in (0, 1]")
     if latency_ms is not None and latency_ms <= 0:
         fail("--latency-ms must be more than 0 ms")
+    if rtf is not None and rtf <= 0:
+        fail("--rtf must be more than 0")
+    if latency_ms is not None and rtf is not None:
+        fail("give one target: --latency-ms (per input) or --rtf (per second of audio)")
     _warn_if_unfinished(run)
     try:
         engine = open_engine(run, runtime, threads, strategy)
     except (FileNotFoundError, ValueError) as exc:
         fail(exc)
-    if keep is None and latency_ms is None:
+    fixed = keep is not None or latency_ms is not None or rtf is not None
+    if not fixed:
         state_dir = state_dir or default_device_state_dir(device_id or default_device_id())
-    policy = PolicySource(engine.num_layers, state_dir if keep is None and latency_ms is None else None, keep, latency_ms)
+    policy = PolicySource(engine.num_layers, None if fixed else state_dir, keep, latency_ms, rtf)
     p = policy.current()
+    target = "" if p.latency_ms is None and p.rtf is None else ", target " + budget_text(None, p.latency_ms, p.rtf)
     err.print(f"policy: k={p.k}/{engine.num_layers} ({p.source}" + (f", version {p.version}" if p.version else "")
-              + (f", target {p.latency_ms:g} ms" if p.latency_ms is not None else "") + f"); runtime {runtime}, strategy {strategy}")
+              + f"{target}); runtime {runtime}, strategy {strategy}")
     return InferenceSession(engine, policy)
 
 
@@ -84,15 +95,16 @@ def infer(
     runtime: str = typer.Option("torch", "--runtime", help=RUNTIME_HELP),
     keep: Optional[float] = _KEEP,
     latency_ms: Optional[float] = _LATENCY,
+    rtf: Optional[float] = _RTF,
     device_id: Optional[str] = _DEVICE,
     state_dir: Optional[Path] = _STATE,
     threads: int = _THREADS,
     strategy: str = _STRATEGY,
     as_json: bool = typer.Option(False, "--json", help="One JSON object per input and line: input, k, layers, ms, prediction, governor."),
 ) -> None:
-    """Run the model on audio as the device would: policy k (or --keep / --latency-ms), governor, selector.
+    """Run the model on audio as the device would: policy k (or --keep / --latency-ms / --rtf), governor, selector.
 
-    Without --keep / --latency-ms the policy is the one the device's agent keeps in its state dir
+    Without --keep / --latency-ms / --rtf the policy is the one the device's agent keeps in its state dir
     (full model when there is none). Each input is resampled to 16 kHz mono and read as the run's task
     was trained: a keyword model gets it trimmed and centred in 1 s and answers a label; a speech-
     recognition (CTC) model gets the whole utterance and answers its transcript. Prints a table, or
@@ -100,7 +112,7 @@ def infer(
     """
     from ldfleet.client.infer import input_from_wav
 
-    session = _session(run, runtime, keep, latency_ms, device_id, state_dir, threads, strategy)
+    session = _session(run, runtime, keep, latency_ms, rtf, device_id, state_dir, threads, strategy)
     task = getattr(session.engine, "task", "kws")
     rows, failed = [], 0
     for item in _wav_inputs(inputs):
@@ -168,6 +180,7 @@ def serve(
     port: int = typer.Option(8080, "--port", min=0, max=65535),
     keep: Optional[float] = _KEEP,
     latency_ms: Optional[float] = _LATENCY,
+    rtf: Optional[float] = _RTF,
     device_id: Optional[str] = _DEVICE,
     state_dir: Optional[Path] = _STATE,
     threads: int = _THREADS,
@@ -190,7 +203,7 @@ def serve(
     from ldfleet.client.telemetry import TelemetryPublisher
     from ldfleet.common.runtime import default_broker_url
 
-    session = _session(run, runtime, keep, latency_ms, device_id, state_dir, threads, strategy)
+    session = _session(run, runtime, keep, latency_ms, rtf, device_id, state_dir, threads, strategy)
     publisher = None
     if telemetry_interval > 0:
         did = device_id or default_device_id()
