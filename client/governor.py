@@ -16,6 +16,11 @@ The policy sets the ceiling (``policy_k``); the governor only ever lowers k, fro
   ``low_battery`` the keep share is capped at ``battery_keep``.
 
 Each decision carries reason strings, e.g. ``"deadline 40.0 ms: predicted 52.3 ms at k=8 > 36.0 ms"``.
+
+Under a latency target a decision also gives ``max_layers``, the deepest run that fits the target. The
+selector runs ``k`` (never more than that); ``adaptive``, whose depth varies per input around a mean
+of the policy's k, keeps its own depth unless it is deeper than ``max_layers`` (``ceiling``: the
+policy's k after the battery cap, its mean budget).
 """
 
 from __future__ import annotations
@@ -112,6 +117,10 @@ class Decision:
     predicted_ms: float | None
     cpu_busy: float
     reasons: list[str] = field(default_factory=list)
+    #: The policy's k after the battery cap, before any lowering for the target.
+    ceiling: int | None = None
+    #: The deepest run predicted to fit the target (1..L); None: no target, or no estimates yet.
+    max_layers: int | None = None
 
     @property
     def intervened(self) -> bool:
@@ -192,14 +201,16 @@ class Governor:
             if cap < d.k:
                 d.reasons.append(f"battery {100 * batt[0]:.0f}% < {100 * self.low_battery:.0f}% and discharging: k<={cap}")
                 d.k = cap
+        d.ceiling = d.k
         if deadline_ms is not None:
             slowdown = self._slowdown(busy, self.cpu.share)
             budget = self.safety * deadline_ms
             predicted = self.predict_ms(d.k, slowdown, seconds)
+            if predicted is not None:
+                d.max_layers = next((j for j in range(self.num_layers, 1, -1)
+                                     if self.predict_ms(j, slowdown, seconds) <= budget), 1)  # type: ignore[operator]
             if predicted is not None and predicted > budget:
-                k = d.k
-                while k > 1 and self.predict_ms(k, slowdown, seconds) > budget:
-                    k -= 1
+                k = d.max_layers
                 why = f"deadline {deadline_ms:.1f} ms: predicted {predicted:.1f} ms at k={d.k} > {budget:.1f} ms"
                 if slowdown > 1.0:
                     why += (f" (CPU busy {100 * busy:.0f}%, {100 * self.cpu.share:.0f}% of a core per task,"

@@ -122,6 +122,15 @@ class PolicySource:
         return Policy(k, state.policy.latency_ms, state.version, "state", state.policy.rtf)
 
 
+def run_decided(engine, waveform: np.ndarray, decision: Decision) -> Result:
+    """Run one input as the governor decided: the selector at ``decision.k``; ``adaptive`` at its own
+    depth for a mean of the policy's k (``decision.ceiling``), unless that is deeper than the target
+    allows (``decision.max_layers``). The deadline guard holds it to ``decision.target_ms``."""
+    adaptive = getattr(engine, "strategy", "selector") == "adaptive"
+    k = decision.ceiling if adaptive and decision.ceiling is not None else decision.k
+    return engine.run(waveform, k, decision.target_ms, decision.max_layers)
+
+
 class InferenceSession:
     """One device's inference: engine + policy + governor + statistics (thread-safe, one run at a time)."""
 
@@ -144,7 +153,7 @@ class InferenceSession:
             decision = self.governor.decide(policy.k, target, seconds)
             start = time.perf_counter()
             try:
-                result = self.engine.run(waveform, decision.k, target)
+                result = run_decided(self.engine, waveform, decision)
             except Exception:  # the runtime failed on this input: counted in the telemetry, raised to the caller
                 self.stats.record_error()
                 raise

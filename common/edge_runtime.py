@@ -200,9 +200,12 @@ class EdgeModel:
         weight = np.float32(features.shape[1]) / self.ref_frames
         return int(np.argmin(errors + self.lambdas[k] * weight * depths)) + 1
 
-    def choose_layers(self, features: np.ndarray, k: int) -> list[int]:
-        """The layers to run, in order, for one input's selector features ``[1, frames, dim]`` at k."""
+    def choose_layers(self, features: np.ndarray, k: int, max_layers: int | None = None) -> list[int]:
+        """The layers to run, in order, for one input's selector features ``[1, frames, dim]`` at k
+        (adaptive: its depth at a mean of k), at most ``max_layers`` of them."""
         depth = self.depth_for(features, k) if self.depth is not None and k < self.num_layers else k
+        if max_layers is not None:
+            depth = max(1, min(depth, max_layers))
         if depth >= self.num_layers:
             return list(range(self.num_layers))
         return top_k_layers(self.selector_for(depth).run(None, {"features": features})[0][0], depth)
@@ -220,12 +223,14 @@ class EdgeModel:
     def k_for(self, keep: float) -> int:
         return keep_to_k(keep, self.num_layers)
 
-    def run_parts(self, waveform: np.ndarray, k: int, budget_ms: float | None = None) -> tuple[np.ndarray, Result]:
+    def run_parts(self, waveform: np.ndarray, k: int, budget_ms: float | None = None,
+                  max_layers: int | None = None) -> tuple[np.ndarray, Result]:
         """Logits (``[1, classes]``, or ``[1, frames, tokens]`` for asr) and timings for one waveform
-        ``[samples]`` (or ``[1, samples]``) at k layers.
+        ``[samples]`` (or ``[1, samples]``) at k layers (adaptive: a depth at a mean of k), at most
+        ``max_layers`` (the deepest that fits a latency target, from the device's governor).
 
         With ``budget_ms`` the chosen layers stop early when the next one would end past it (the
-        deadline guard): ``Result.layers`` then lists fewer than k layers."""
+        deadline guard): ``Result.layers`` then lists fewer than were chosen."""
         if not 1 <= k <= self.num_layers:
             raise ValueError(f"k must be in [1, {self.num_layers}], got {k}")
         x = np.ascontiguousarray(np.asarray(waveform, dtype=np.float32).reshape(1, -1))
@@ -233,7 +238,7 @@ class EdgeModel:
         t0 = time.perf_counter()
         hidden, features = self.front_end.run(None, {"waveform": x})
         t1 = time.perf_counter()
-        layers = self.choose_layers(features, k)
+        layers = self.choose_layers(features, k, max_layers)
         t2 = time.perf_counter()
         chosen = len(layers)
         layer_ms: list[float] = []
@@ -251,10 +256,10 @@ class EdgeModel:
                         (t2 - t1) * 1000, layer_ms, (t4 - t3) * 1000, chosen)
         return logits, result
 
-    def run(self, waveform: np.ndarray, k: int, budget_ms: float | None = None) -> Result:
+    def run(self, waveform: np.ndarray, k: int, budget_ms: float | None = None, max_layers: int | None = None) -> Result:
         """Prediction, layers run and ms for one waveform at k layers (k = L runs every layer, no selector);
-        ``budget_ms``: the deadline guard of ``run_parts``."""
-        return self.run_parts(waveform, k, budget_ms)[1]
+        ``budget_ms``, ``max_layers``: as in ``run_parts``."""
+        return self.run_parts(waveform, k, budget_ms, max_layers)[1]
 
 
 def main(argv: list[str] | None = None) -> int:

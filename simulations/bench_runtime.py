@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ldfleet.client.governor import Governor
-from ldfleet.client.infer import open_engine
+from ldfleet.client.infer import open_engine, run_decided
 from ldfleet.client.profile import cpu_cores
 from ldfleet.client.telemetry import percentile
 from ldfleet.common.edge_runtime import SAMPLE_RATE
@@ -214,7 +214,7 @@ def load_step(engine, clips, mode: str, target_ms: float, requests: int, spinner
             target = target_ms if mode == "governor" else None
             decision = governor.decide(L, target, seconds)
             start = time.perf_counter()
-            r = engine.run(wave, decision.k, target)
+            r = run_decided(engine, wave, decision)
             r.ms = (time.perf_counter() - start) * 1000
             governor.observe(r, seconds)
             lat.append(r.ms)

@@ -166,6 +166,40 @@ def test_adaptive_depth_runs_on_the_device_as_in_evaluation(tiny_asr_run, tiny_a
     assert out.exit_code == 0 and "strategy adaptive" in out.output, out.output
 
 
+def test_under_a_target_adaptive_keeps_its_depth_where_it_fits_and_is_capped_where_not(tiny_asr_run, tiny_asr_export,
+                                                                                       utterance_folder):
+    """``max_layers`` (the deepest run that fits the target) caps adaptive's depth, on torch and
+    onnxruntime alike, and leaves a depth that fits alone; the governor gives it from its estimates,
+    and the session runs adaptive at the policy's mean k with that cap."""
+    torch_engine = open_engine(tiny_asr_run, "torch", strategy="adaptive")
+    edge = open_engine(tiny_asr_export, "onnx", strategy="adaptive")
+    selector = open_engine(tiny_asr_export, "onnx")
+    capped = 0
+    for path in sorted(utterance_folder.glob("*.wav")):
+        wave = utterance_from_wav(path)
+        for k in (2, 4, 6, 8):
+            free = edge.run(wave, k).layers
+            for cap in (1, 3, 5):
+                a, b = torch_engine.run(wave, k, max_layers=cap), edge.run(wave, k, max_layers=cap)
+                assert a.layers == b.layers and len(b.layers) == min(len(free), cap)
+                if len(free) <= cap:
+                    assert b.layers == free
+                else:  # capped: the selector's own set at the cap
+                    assert b.layers == selector.run(wave, cap).layers
+                    capped += 1
+    assert capped > 0
+    assert len(selector.run(utterance_from_wav(utterance_folder / "utt_2.wav"), 6, max_layers=3).layers) == 3
+
+    gov = Governor(8, cpu=type("Idle", (), {"busy": 0.1, "share": 1.0, "sample": lambda self: 0.1})(), battery=lambda: None)
+    assert gov.decide(6, 40.0).max_layers is None  # no estimates yet: nothing to cap with
+    for _ in range(3):  # 1 s inputs: front end 4 ms, 2 ms per layer, 0.5 ms besides
+        gov.observe(Result("", 8, list(range(8)), 20.5, 4.0, 0.1, [2.0] * 8, 0.4), seconds=1.0)
+    roomy, tight = gov.decide(6, 40.0, seconds=1.0), gov.decide(6, 40.0, seconds=3.0)
+    assert (roomy.k, roomy.ceiling, roomy.max_layers) == (6, 6, 8)  # 4 + 16 + 0.5 <= 32 ms: all 8 fit
+    assert (tight.k, tight.ceiling, tight.max_layers) == (3, 6, 3)  # 3 x (4 + 2k) + 0.5 <= 32: k = 3
+    assert gov.decide(6).max_layers is None and gov.decide(6).ceiling == 6
+
+
 def test_adaptive_is_refused_with_a_reason_where_the_run_has_no_depth_chooser(tiny_run, tiny_export):
     """The keyword fixtures had no depth stage."""
     with pytest.raises(ValueError, match="no fitted depth chooser"):
@@ -216,7 +250,7 @@ def test_short_or_failing_inputs_are_refused_with_a_reason_and_nothing_else_stop
     class Failing:  # a runtime that fails on every input, as onnxruntime does on a shape it cannot take
         task, num_layers, strategy = "asr", 8, "selector"
 
-        def run(self, waveform, k, budget_ms=None):
+        def run(self, waveform, k, budget_ms=None, max_layers=None):
             raise RuntimeError("Invalid input shape")
 
     session = InferenceSession(Failing(), PolicySource(8, keep=0.5))

@@ -78,13 +78,14 @@ class DynamicModel(nn.Module):
             waveform = normalize_waveform(waveform, attention_mask)
         return self.runner.front_end(waveform, attention_mask)
 
-    def choose(self, front: FrontEnd, strategy: str, k: int, generator: torch.Generator | None = None) -> Tensor:
+    def choose(self, front: FrontEnd, strategy: str, k: int, generator: torch.Generator | None = None,
+               max_depth: int | None = None) -> Tensor:
         """Keep mask ``[B, L]`` of ``strategy`` at ``k`` layers (``adaptive``: a mean of k, its sets from
-        the strategy it names)."""
+        the strategy it names), at most ``max_depth`` layers per input (a device's latency target)."""
         choice = self.strategy(strategy)
         if isinstance(choice, AdaptiveDepth):
-            return choice.choose_with(self.strategy(choice.sets_from), front, k, generator)
-        return choice.choose(front, k, generator)
+            return choice.choose_with(self.strategy(choice.sets_from), front, k, generator, max_depth)
+        return choice.choose(front, k if max_depth is None else min(k, max_depth), generator)
 
     def run(self, front: FrontEnd, strategy: str, k: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Hard-mask encoder pass: ``(hidden [B, T, D], keep [B, L])`` for ``strategy`` at ``k`` layers

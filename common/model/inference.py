@@ -90,10 +90,11 @@ class TorchEngine:
         return self.model.k_for(keep)
 
     @torch.inference_mode()
-    def run(self, waveform: np.ndarray, k: int, budget_ms: float | None = None) -> Result:
+    def run(self, waveform: np.ndarray, k: int, budget_ms: float | None = None, max_layers: int | None = None) -> Result:
         """Prediction, layers run and ms (per part) for one waveform ``[samples]`` at 16 kHz, at k layers
-        (``adaptive``: the depth chosen for this input at a mean of k); with ``budget_ms`` the chosen
-        layers stop early when the next would end past it (deadline guard)."""
+        (``adaptive``: the depth chosen for this input at a mean of k), at most ``max_layers`` (the
+        deepest that fits a latency target); with ``budget_ms`` the chosen layers stop early when the
+        next would end past it (deadline guard)."""
         if not 1 <= k <= self.num_layers:
             raise ValueError(f"k must be in [1, {self.num_layers}], got {k}")
         model, runner = self.model, self.model.runner
@@ -103,10 +104,11 @@ class TorchEngine:
         t0 = time.perf_counter()
         front = model.front_end(x)
         t1 = time.perf_counter()
-        if k >= self.num_layers:
+        cap = self.num_layers if max_layers is None else max(1, min(max_layers, self.num_layers))
+        if k >= self.num_layers and cap >= self.num_layers:
             layers = list(range(self.num_layers))
         else:
-            keep = model.choose(front, self.strategy, k)
+            keep = model.choose(front, self.strategy, k, max_depth=cap)
             layers = keep[0].nonzero().flatten().tolist()
         t2 = time.perf_counter()
         chosen = len(layers)

@@ -125,10 +125,14 @@ class AdaptiveDepth(LayerChoice):
     def choose(self, front, k, generator=None):
         raise TypeError("adaptive depth takes its layer sets from the selector: use DynamicModel.choose")
 
-    def choose_with(self, sets: LayerChoice, front: FrontEnd, k: int, generator: torch.Generator | None = None) -> Tensor:
+    def choose_with(self, sets: LayerChoice, front: FrontEnd, k: int, generator: torch.Generator | None = None,
+                    max_depth: int | None = None) -> Tensor:
         """Keep mask [B, L]: row i keeps ``sets``' choice at depth d_i, the chooser's depth for input i at
-        a duration-weighted mean of ``k``. Raises ValueError when the chooser is unfitted."""
+        a duration-weighted mean of ``k``, at most ``max_depth``. Raises ValueError when the chooser is
+        unfitted."""
         depth = self.chooser.depths(pooled_features(front.features, front.frame_mask), k, front.lengths())
+        if max_depth is not None:
+            depth = depth.clamp(max=max(1, max_depth))
         keep = torch.zeros(front.hidden.shape[0], self.num_layers, dtype=torch.bool, device=front.hidden.device)
         for d in depth.unique().tolist():
             rows = (depth == d).nonzero().squeeze(1)
