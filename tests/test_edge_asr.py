@@ -141,6 +141,20 @@ def test_bench_runtimes_reports_wer_for_a_speech_recognition_run(tiny_asr_run, t
     assert rows[0].wer == rows[1].wer and rows[0].cer == rows[1].cer  # fp32 onnx transcribes as torch does
 
 
+def test_the_load_step_holds_utterances_to_a_real_time_factor_too(tiny_asr_export, utterance_folder):
+    """For a speech-recognition run the load step adds ``governor_rtf``: each utterance is held to its
+    own target (RTF x its seconds), the RTF chosen so that the targets add up as the ms target's do."""
+    from ldfleet.simulations.bench_runtime import bench_load_step
+
+    clips = [(utterance_from_wav(p), "press one") for p in sorted(utterance_folder.glob("*.wav"))]  # 0.6, 2.3, 3.7 s
+    rows = {r.mode: r for r in bench_load_step(tiny_asr_export, clips, requests=30, target_ms=40.0, spinners=1)}
+    assert list(rows) == ["fixed", "governor", "governor_rtf"]
+    assert rows["governor"].rtf is None and rows["governor"].target_ms == pytest.approx(40.0)
+    assert rows["governor_rtf"].rtf == pytest.approx(40.0 / (1000 * (0.6 + 2.3 + 3.7) / 3), rel=1e-3)
+    assert rows["governor_rtf"].target_ms == pytest.approx(40.0, rel=1e-3)  # the same total time
+    assert all(r.requests == 30 and 0 <= r.miss_rate <= 1 and r.wer is not None for r in rows.values())
+
+
 def test_adaptive_depth_runs_on_the_device_as_in_evaluation(tiny_asr_run, tiny_asr_export, utterance_folder):
     """`--strategy adaptive`: a depth per input (the exported depth chooser and the manifest's lambdas),
     the same layers on torch, onnxruntime and `DynamicModel.choose` (what `ldfleet eval` runs)."""
