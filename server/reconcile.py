@@ -30,7 +30,11 @@ asked twice or a run late, which is harmless: a rebirth request is idempotent.
 
 Storm control: each device is retried with exponential backoff (``ack_bound_s``, then x2 up to
 ``backoff_max_s``, jittered), and a token bucket caps the requests at ``rate_per_s`` for the whole
-fleet. Everything sent is idempotent: retained, versioned documents and re-announcements.
+fleet. A device's backoff is forgotten only once it has settled (acknowledged its desired version,
+applied or rejected, or gone offline), not when it merely drops out of the lagging set because its
+re-announcement had the desired policy sent again: a device that can never answer (an agent too old
+to read the policy, which drops it) is asked ever more rarely instead of every few seconds.
+Everything sent is idempotent: retained, versioned documents and re-announcements.
 """
 
 from __future__ import annotations
@@ -123,7 +127,7 @@ class Reconciler:
         self.stats.runs += 1
         mine = self.partition()
         lagging = {did: v for did, v in self._lagging(bound_s).items() if mine(did)}
-        for gone in set(self._retry) - set(lagging):  # converged (or offline) since: forget the backoff
+        for gone in self._settled(set(self._retry) - set(lagging)):  # answered or offline since: forget the backoff
             del self._retry[gone]
         due = [did for did in lagging if self._retry.get(did, _Retry()).next_at <= now]
         take = due[: int(self._tokens)]
@@ -147,19 +151,39 @@ class Reconciler:
         log.info("reconciliation: asked %d lagging devices to re-announce (%d without an ack of their desired version)", len(take), len(no_ack))
         return len(take)
 
+    def _settled(self, device_ids: set[str]) -> list[str]:
+        """Those of ``device_ids`` that need no more asking: their desired version acknowledged
+        (applied, or rejected after it was sent), known offline, or gone from the registry."""
+        if not device_ids:
+            return []
+        waiting = and_(Device.desired_version > 0, Device.applied_version != Device.desired_version,
+                       not_(self._answered()), not_(self._known_offline()))
+        with self.registry.session() as s:
+            still = set(s.scalars(select(Device.device_id).where(Device.device_id.in_(device_ids), waiting)))
+        return sorted(device_ids - still)
+
+    @staticmethod
+    def _answered():
+        """The device rejected its desired version (an answer: nothing to ask again). False, not
+        NULL, for a device that never acked: NOT over a NULL would hide it from reconciliation."""
+        return and_(Device.ack_status.is_not(None), Device.acked_at.is_not(None),
+                    Device.ack_status == "rejected", Device.acked_at >= Device.desired_at)
+
+    @staticmethod
+    def _known_offline():
+        return and_(Device.online.is_(False), Device.status_at.is_not(None))
+
     def _lagging(self, bound_s: float) -> dict[str, int]:
         """device id -> desired version waited for (0: no profile), oldest first."""
         before = utcnow() - timedelta(seconds=bound_s)
-        known_offline = and_(Device.online.is_(False), Device.status_at.is_not(None))
-        answered = and_(Device.ack_status == "rejected", Device.acked_at >= Device.desired_at)
         no_ack = and_(
             Device.desired_version > 0, Device.applied_version != Device.desired_version,
-            Device.desired_at < before, not_(answered),
+            Device.desired_at < before, not_(self._answered()),
         )
         no_profile = and_(Device.profile.is_(None), Device.first_seen < before)
         q = (
             select(Device.device_id, Device.desired_version, Device.profile.is_(None))
-            .where(or_(no_ack, no_profile), not_(known_offline))
+            .where(or_(no_ack, no_profile), not_(self._known_offline()))
             .order_by(Device.desired_at, Device.device_id)
         )
         with self.registry.session() as s:

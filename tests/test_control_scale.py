@@ -257,6 +257,39 @@ def test_reconciliation_is_split_between_the_live_controllers(db_url):
         reg.close()
 
 
+def test_a_device_that_never_answers_is_asked_ever_more_rarely(db_url):
+    """Its re-announcement has the desired policy sent again, which takes it out of the lagging set
+    for a while; that must not reset its backoff (an agent too old to read a policy drops it, and was
+    asked to re-announce every few seconds). Its backoff goes once it answers. It has never acked at
+    all (no ack status), which used to hide it from reconciliation altogether (NOT over a NULL)."""
+    reg = Registry(db_url)
+    old = utcnow() - timedelta(minutes=5)
+    with reg.session() as s:
+        s.add(Device(device_id="mute-1", first_seen=old, online=True, class_pinned=False, desired_version=1,
+                     applied_version=0, desired_at=old, profile={"num_layers": 8}))
+    sent: list[str] = []
+    rec = Reconciler(reg, lambda t, p: sent.append(topics.parse_device_topic(t).device_id), controller_id="c0")
+    rec._tokens = 1e6
+
+    def desired_sent(at):
+        with reg.session(write=True) as s:
+            s.get(Device, "mute-1").desired_at = at
+
+    try:
+        assert rec.run(1000.0, 10.0) == 1  # asked; next in 20 s (x0.75-1.25)
+        desired_sent(utcnow())  # its re-announcement: the controller sent the desired policy again
+        assert rec.run(1001.0, 10.0) == 0 and rec._retry["mute-1"].attempts == 1  # not lagging, backoff kept
+        desired_sent(old)  # ... and again no ack
+        assert rec.run(1002.0, 10.0) == 0  # lagging, but its backoff has not passed
+        assert rec.run(1100.0, 10.0) == 1 and rec._retry["mute-1"].attempts == 2  # next in 40 s
+        with reg.session(write=True) as s:
+            s.get(Device, "mute-1").applied_version = 1  # it answers at last
+        assert rec.run(1101.0, 10.0) == 0 and "mute-1" not in rec._retry
+        assert sent == ["mute-1", "mute-1"]
+    finally:
+        reg.close()
+
+
 def test_each_controller_has_its_own_status_topic_and_hears_the_others(sqlite_fleet: Fleet):
     f = sqlite_fleet
     ctls = [f.controller(shared_group="ctl", controller_id=f"c{i}") for i in range(2)]
