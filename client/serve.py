@@ -4,7 +4,8 @@ API:
 
 * ``POST /v1/infer`` — body: a WAV file (16 kHz, mono or stereo, at most ``max_seconds``; PCM or
   float), optional query ``deadline_ms``. 200: ``{"prediction", "k", "layers", "ms", "queue_ms",
-  "policy_version", "governor"}``; ``prediction`` is a label (a keyword model; the audio is trimmed
+  "policy_version", "policy_k", "governor", "target_ms"}`` (``target_ms``: the latency this input was
+  held to, from ``deadline_ms`` or the policy, an RTF scaled by its seconds; null without one); ``prediction`` is a label (a keyword model; the audio is trimmed
   and centred in 1 s) or a transcript (a speech-recognition model; the whole utterance). 400 empty
   body or bad ``deadline_ms``, 413 over the size cap, 415 not a WAV file, 422 wrong sample rate /
   too long / too short / no samples / non-finite samples, 500 when the runtime fails on the input
@@ -142,6 +143,7 @@ def build_app(session: InferenceSession, max_bytes: int = DEFAULT_MAX_BYTES,
             "prediction": result.prediction, "k": result.k, "layers": result.layers, "ms": round(result.ms, 3),
             "queue_ms": round(max(0.0, total_ms - result.ms), 3), "policy_version": policy.version,
             "policy_k": policy.k, "governor": decision.explain(),
+            "target_ms": None if decision.target_ms is None else round(decision.target_ms, 3),
         })
 
     async def health(_request: web.Request) -> web.Response:

@@ -100,6 +100,7 @@ def test_operator_workflow_with_real_processes(env, tmp_path):
         assert wait_until(lambda: all_at(4), 30)
         devs = {d["device_id"]: d for d in devices_json()}
         assert devs["cli-0"]["effective_k"] == 1 and devs["cli-1"]["effective_k"] == 2  # 1+4=5 <= 6; 1+2+2=5 <= 6
+        assert devs["cli-0"]["desired_budget"] == "RTF 0.006 @p90"
         state = json.loads((tmp_path / "home" / "devices" / "cli-1" / "device_state.json").read_text())
         assert state["policy"]["rtf"] == 0.006 and state["policy"]["latency_ms"] is None
         shown = json.loads(cli("budget", "show", "--json")[1])

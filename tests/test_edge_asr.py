@@ -117,8 +117,9 @@ def test_serve_answers_transcripts_of_whole_utterances(tiny_asr_export, utteranc
     try:
         path = utterance_folder / "utt_1.wav"
         status, body = post_wav(svc.url, path.read_bytes())
-        assert status == 200 and body["k"] == 6
+        assert status == 200 and body["k"] == 6 and body["target_ms"] is None  # a keep policy sets no target
         assert body["prediction"] == engine.run(utterance_from_wav(path), 6).prediction
+        assert post_wav(svc.url, path.read_bytes(), "?deadline_ms=500")[1]["target_ms"] == 500.0
         status, body = post_wav(svc.url, (utterance_folder / "utt_2.wav").read_bytes())  # 3.7 s
         assert status == 422 and "3.7 s of audio is over the 3 s cap" in body["error"]
         buf = io.BytesIO()
@@ -332,7 +333,12 @@ def test_an_rtf_target_scales_with_each_utterances_length(tiny_asr_export, utter
     out = runner.invoke(app, ["infer", "--run", str(tiny_asr_export), "--runtime", "onnx", "--rtf", "0.05", "--json",
                               str(utterance_folder)])
     assert out.exit_code == 0, out.output
-    assert "target RTF 0.05" in out.stderr and len([ln for ln in out.stdout.splitlines() if ln.startswith("{")]) == 3
+    rows = [json.loads(ln) for ln in out.stdout.splitlines() if ln.startswith("{")]
+    assert "target RTF 0.05" in out.stderr and [r["target_ms"] for r in rows] == pytest.approx([50.0 * s for s in seconds], abs=1e-3)
     both = runner.invoke(app, ["infer", "--run", str(tiny_asr_export), "--runtime", "onnx", "--rtf", "0.05",
                                "--latency-ms", "40", str(utterance_folder)])
     assert both.exit_code == 2 and "give one target" in both.output
+    for bad, why in [("--rtf=nan", "real-time factor"), ("--rtf=1000", "real-time factor"), ("--rtf=-1", "real-time factor"),
+                     ("--keep=nan", "keep fraction"), ("--latency-ms=0", "latency target")]:
+        out = runner.invoke(app, ["infer", "--run", str(tiny_asr_export), "--runtime", "onnx", bad, str(utterance_folder)])
+        assert out.exit_code == 2 and f"{bad.split('=')[0]}: {why}" in out.output, (bad, out.output)  # no traceback

@@ -383,6 +383,15 @@ def _duplicate(d: Any) -> bool:
     return is_duplicate(d.duplicate_at, datetime.now(timezone.utc))
 
 
+def _desired_budget(desired: dict[str, Any] | None) -> str | None:
+    """The budget of a stored desired document as people read it (``keep 0.5``, ``RTF 0.05 @p90``)."""
+    from ldfleet.common.budget import budget_text
+
+    if not desired:
+        return None
+    return budget_text(*(desired.get(f) for f in ("keep", "latency_ms", "rtf", "percentile")))
+
+
 def _device_dict(d: Any) -> dict[str, Any]:
     prof = d.profile or {}
     return {
@@ -392,6 +401,7 @@ def _device_dict(d: Any) -> dict[str, Any]:
         "num_layers": d.num_layers, "front_end_ms": prof.get("front_end_ms"), "layer_ms": prof.get("layer_ms"),
         "profile_revision": d.profile_revision, "desired_version": d.desired_version,
         "desired_k": (d.desired or {}).get("k"), "desired_source": (d.desired or {}).get("source"),
+        "desired_budget": _desired_budget(d.desired),
         "applied_version": d.applied_version, "ack_status": d.ack_status, "ack_reason": d.ack_reason,
         "effective_k": d.effective_k, "expected_latency_ms": d.expected_latency_ms, "converged": d.converged,
     }
@@ -430,6 +440,8 @@ def devices_list(
         lm = (d.profile or {}).get("layer_ms") or []
         layers = f"{d.num_layers or '-'} x {sum(lm) / len(lm):.2f}" if lm else str(d.num_layers or "-")
         policy = f"v{d.applied_version}/v{d.desired_version}"
+        if d.desired:
+            policy += f" ({_desired_budget(d.desired)})"
         if d.ack_status == "rejected":
             policy += f" rejected: {d.ack_reason}"
         t.add_row(
@@ -438,7 +450,7 @@ def devices_list(
             "[green]yes[/green]" if d.converged else "[yellow]no[/yellow]",
         )
     console.print(t)
-    console.print("policy: applied version / desired version; k: layers kept under the applied policy")
+    console.print("policy: applied version / desired version (its budget); k: layers kept under the applied policy")
     dups = [d for d in devs if _duplicate(d)]
     if dups:
         console.print("[red]duplicate device id[/red] (two agents use it at once; give each device its own "

@@ -13,9 +13,9 @@ from rich.table import Table
 from ldfleet.commands._shared import bench_group, console, err, fail
 
 RUNTIME_HELP = "torch (a run folder) | onnx | onnx-int8 (an export folder from `ldfleet export`)."
-_KEEP = typer.Option(None, "--keep", min=0.0, max=1.0, help="Fixed keep ratio (share of encoder layers), instead of the device's policy.")
-_LATENCY = typer.Option(None, "--latency-ms", min=0.0, help="Latency target per input in ms: the governor lowers k to meet it.")
-_RTF = typer.Option(None, "--rtf", min=0.0, help="Real-time factor target: ms of compute per ms of audio (0.05: a 4 s utterance "
+_KEEP = typer.Option(None, "--keep", help="Fixed keep ratio in (0, 1] (share of encoder layers), instead of the device's policy.")
+_LATENCY = typer.Option(None, "--latency-ms", help="Latency target per input in ms: the governor lowers k to meet it.")
+_RTF = typer.Option(None, "--rtf", help="Real-time factor target: ms of compute per ms of audio (0.05: a 4 s utterance "
                     "in 200 ms); the governor lowers k to meet it. For speech recognition, whose inputs differ in length.")
 _DEVICE = typer.Option(None, "--device-id", help="Device whose agent state holds the policy (default: the host name).")
 _STATE = typer.Option(None, "--state-dir", help="Agent state dir (default: $LDFLEET_HOME/devices/DEVICE_ID).")
@@ -62,17 +62,17 @@ def _session(run: Path, runtime: str, keep, latency_ms, rtf, device_id, state_di
     (--latency-ms or --rtf), else the policy in the agent's state dir."""
     from ldfleet.client.infer import InferenceSession, PolicySource, open_engine
     from ldfleet.client.profile import default_device_id
-    from ldfleet.common.budget import budget_text
+    from ldfleet.common.budget import budget_text, check_budget
     from ldfleet.common.runtime import default_device_state_dir
 
-    if keep is not None and keep <= 0:
-        fail("--keep must be in (0, 1]")
-    if latency_ms is not None and latency_ms <= 0:
-        fail("--latency-ms must be more than 0 ms")
-    if rtf is not None and rtf <= 0:
-        fail("--rtf must be more than 0")
     if latency_ms is not None and rtf is not None:
         fail("give one target: --latency-ms (per input) or --rtf (per second of audio)")
+    for option, name, value in (("--keep", "keep", keep), ("--latency-ms", "latency_ms", latency_ms), ("--rtf", "rtf", rtf)):
+        try:
+            if value is not None:
+                check_budget(**{name: value})  # the ranges `budget set` and the policy document enforce; NaN refused
+        except ValueError as exc:
+            fail(f"{option}: {exc}")
     _warn_if_unfinished(run)
     try:
         engine = open_engine(run, runtime, threads, strategy)
@@ -100,7 +100,7 @@ def infer(
     state_dir: Optional[Path] = _STATE,
     threads: int = _THREADS,
     strategy: str = _STRATEGY,
-    as_json: bool = typer.Option(False, "--json", help="One JSON object per input and line: input, k, layers, ms, prediction, governor."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per input and line: input, k, layers, ms, prediction, governor, target_ms."),
 ) -> None:
     """Run the model on audio as the device would: policy k (or --keep / --latency-ms / --rtf), governor, selector.
 
@@ -129,7 +129,8 @@ def infer(
             failed += 1
             continue
         row = {"input": item, "k": result.k, "layers": result.layers, "ms": round(result.ms, 3),
-               "prediction": result.prediction, "governor": decision.explain()}
+               "prediction": result.prediction, "governor": decision.explain(),
+               "target_ms": None if decision.target_ms is None else round(decision.target_ms, 3)}
         if as_json:
             print(json.dumps(row), flush=True)
         rows.append(row)
@@ -223,7 +224,7 @@ def bench_runtime(
     keep: str = typer.Option("0.25,0.5,1.0", "--keep", help="Keep ratios for the runtime comparison."),
     clips: int = typer.Option(150, "--clips", min=10, help="Held-out clips per runtime and keep."),
     requests: int = typer.Option(300, "--requests", min=30, help="Requests in each load-step stream."),
-    target_ms: Optional[float] = typer.Option(None, "--target-ms", min=0.0, help="Latency target (default: --target-factor x unloaded p50)."),
+    target_ms: Optional[float] = typer.Option(None, "--target-ms", min=0.001, help="Latency target in ms (default: --target-factor x unloaded p50)."),
     target_factor: float = typer.Option(1.5, "--target-factor", min=1.0),
     load_runtime: str = typer.Option("onnx", "--load-runtime", help="Runtime of the load step: " + RUNTIME_HELP),
     threads: int = _THREADS,
