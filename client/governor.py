@@ -167,14 +167,20 @@ class Governor:
         self.busy_at.append(self.cpu.busy)
         self.share_at.append(self.cpu.share)
 
-    def predict_ms(self, k: int, slowdown: float = 1.0, seconds: float = 1.0) -> float | None:
-        """Predicted latency in ms at k layers for an input of ``seconds`` of audio (None until a
-        request has been observed)."""
+    def predictor(self, slowdown: float = 1.0, seconds: float = 1.0) -> Callable[[int], float] | None:
+        """k -> predicted latency in ms at k layers for an input of ``seconds`` of audio, from the
+        current estimates (read once; None until a request has been observed)."""
         if not self.front_ms or not self.layer_ms:
             return None
         q = self.quantile
-        per_second = _percentile(self.front_ms, q) + k * _percentile(self.layer_ms, q)
-        return (per_second * seconds + _percentile(self.other_ms, q)) * slowdown
+        front, layer, other = _percentile(self.front_ms, q), _percentile(self.layer_ms, q), _percentile(self.other_ms, q)
+        return lambda k: ((front + k * layer) * seconds + other) * slowdown
+
+    def predict_ms(self, k: int, slowdown: float = 1.0, seconds: float = 1.0) -> float | None:
+        """Predicted latency in ms at k layers for an input of ``seconds`` of audio (None until a
+        request has been observed)."""
+        predict = self.predictor(slowdown, seconds)
+        return None if predict is None else predict(k)
 
     def _slowdown(self, busy: float, share: float) -> float:
         """How much slower than its estimates this process will now run (1 = as measured, at most 4):
@@ -205,10 +211,10 @@ class Governor:
         if deadline_ms is not None:
             slowdown = self._slowdown(busy, self.cpu.share)
             budget = self.safety * deadline_ms
-            predicted = self.predict_ms(d.k, slowdown, seconds)
-            if predicted is not None:
-                d.max_layers = next((j for j in range(self.num_layers, 1, -1)
-                                     if self.predict_ms(j, slowdown, seconds) <= budget), 1)  # type: ignore[operator]
+            predict = self.predictor(slowdown, seconds)  # the estimates' percentiles, once per request
+            predicted = None if predict is None else predict(d.k)
+            if predict is not None:
+                d.max_layers = next((j for j in range(self.num_layers, 1, -1) if predict(j) <= budget), 1)
             if predicted is not None and predicted > budget:
                 k = d.max_layers
                 why = f"deadline {deadline_ms:.1f} ms: predicted {predicted:.1f} ms at k={d.k} > {budget:.1f} ms"
@@ -217,7 +223,7 @@ class Governor:
                             f" estimates x{slowdown:.2f})")
                 d.reasons.append(why + f" -> k={k}")
                 d.k = k
-            d.predicted_ms = self.predict_ms(d.k, slowdown, seconds)
+            d.predicted_ms = None if predict is None else predict(d.k)
         self.decisions += 1
         if d.intervened:
             self.interventions += 1
