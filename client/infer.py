@@ -142,6 +142,25 @@ class InferenceSession:
         self.stats = stats or InferenceStats(engine.num_layers)
         self._lock = threading.Lock()
 
+    def warm_up(self, runs: int = 3, seconds: float = 1.0) -> None:
+        """Run ``runs`` inputs of ``seconds`` of quiet noise at every layer before the first request.
+
+        A runtime's first calls allocate memory and pick kernels, so they take several times longer
+        than the rest; and the governor has no estimates before it has observed a request, so the
+        first real request would run unplanned, and under a target its deadline guard would cut it.
+        The first run is discarded; the others feed the governor's estimates, not the statistics
+        (nor the telemetry). ``runs`` < 2 warms the runtime only.
+        """
+        wave = np.random.default_rng(0).normal(0.0, 0.01, int(seconds * SAMPLE_RATE)).astype(np.float32)
+        L = self.engine.num_layers
+        with self._lock:
+            for i in range(runs):
+                start = time.perf_counter()
+                result = self.engine.run(wave, L)
+                result.ms = (time.perf_counter() - start) * 1000
+                if i > 0:
+                    self.governor.observe(result, seconds)
+
     def infer(self, waveform: np.ndarray, deadline_ms: float | None = None) -> tuple[Result, Decision, Policy]:
         """Run one waveform ``[samples]`` (16 kHz); ``deadline_ms`` overrides the policy's latency target
         (an RTF policy's target is per input: ``rtf * 1000 *`` its seconds). The governor plans for the

@@ -63,6 +63,7 @@ class FleetServing:
 
         if dev.device_id not in self.sessions:
             session = InferenceSession(self.engine, PolicySource(self.engine.num_layers, dev.state_dir))
+            session.warm_up(runs=2)  # the governor's estimates before the device's first request
             # published by hand after each round's batch: the periodic loop never fires in a run
             pub = TelemetryPublisher(dev.device_id, self.broker_url, session.stats, interval_s=3600.0).start()
             self.sessions[dev.device_id], self.publishers[dev.device_id] = session, pub

@@ -342,3 +342,23 @@ def test_an_rtf_target_scales_with_each_utterances_length(tiny_asr_export, utter
                      ("--keep=nan", "keep fraction"), ("--latency-ms=0", "latency target")]:
         out = runner.invoke(app, ["infer", "--run", str(tiny_asr_export), "--runtime", "onnx", bad, str(utterance_folder)])
         assert out.exit_code == 2 and f"{bad.split('=')[0]}: {why}" in out.output, (bad, out.output)  # no traceback
+
+
+def test_warm_up_plans_the_first_request(tiny_asr_export, utterance_folder):
+    """Before any request the governor has no estimates, so a first request under a target would run
+    unplanned and be cut by the deadline guard; warming up gives it estimates, counts no request, and
+    `infer` warms up before its first input."""
+    wave = utterance_from_wav(sorted(utterance_folder.glob("*.wav"))[0])
+    session = InferenceSession(open_engine(tiny_asr_export, "onnx"), PolicySource(8, latency_ms=1e6))
+    assert session.governor.predictor() is None
+    session.warm_up()
+    assert session.governor.predictor() is not None and len(session.governor.layer_ms) == 2  # the first run discarded
+    assert session.stats.requests == 0
+    result, decision, _ = session.infer(wave)
+    assert decision.max_layers == 8 and result.layers and not result.cut_short and session.stats.requests == 1
+
+    out = runner.invoke(app, ["infer", "--run", str(tiny_asr_export), "--runtime", "onnx", "--latency-ms", "0.001",
+                              "--json", str(utterance_folder)])
+    assert out.exit_code == 0, out.output
+    first = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("{")))
+    assert "predicted" in first["governor"] and first["k"] == 1  # planned by the governor, not cut by the guard

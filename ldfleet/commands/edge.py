@@ -86,7 +86,9 @@ def _session(run: Path, runtime: str, keep, latency_ms, rtf, device_id, state_di
     target = "" if p.latency_ms is None and p.rtf is None else ", target " + budget_text(None, p.latency_ms, p.rtf)
     err.print(f"policy: k={p.k}/{engine.num_layers} ({p.source}" + (f", version {p.version}" if p.version else "")
               + f"{target}); runtime {runtime}, strategy {strategy}")
-    return InferenceSession(engine, policy)
+    session = InferenceSession(engine, policy)
+    session.warm_up()  # the first request is then planned, and not slowed by the runtime's first calls
+    return session
 
 
 def infer(
