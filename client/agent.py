@@ -37,7 +37,7 @@ from ldfleet.common import topics
 from ldfleet.common.budget import expected_latency_ms
 from ldfleet.common.mqtt import BrokerURL, MqttSession, Will, new_id, paho_protocol, parse_broker_url
 from ldfleet.common.mqtt_reasons import ReconnectPolicy
-from ldfleet.common.policy import k_for_budget
+from ldfleet.common.policy import k_for_budget, unmet_target
 from ldfleet.common.reannounce import ReannounceBackoff
 from ldfleet.common.schemas import BudgetPolicy, DeviceProfile, PolicyAck, RebirthRequest, Status, Telemetry, decode, utcnow
 
@@ -95,6 +95,7 @@ def evaluate_policy(policy: BudgetPolicy, state: DeviceState, profile: DevicePro
             )
     except ValueError as exc:
         return reject(str(exc))
+    unmet = unmet_target(profile, k, latency_ms=policy.latency_ms, rtf=policy.rtf, percentile=policy.percentile)
     new = state.model_copy(
         update={
             "version": policy.version,
@@ -112,11 +113,12 @@ def evaluate_policy(policy: BudgetPolicy, state: DeviceState, profile: DevicePro
         version=policy.version,
         applied_version=policy.version,
         status="applied",
+        reason=unmet[:500] if unmet else None,  # applied, but the target will be missed
         effective_k=k,
         expected_latency_ms=expected,
         acked_at=now,
     )
-    return Decision(new, ack, f"applied version {policy.version}: k={k}")
+    return Decision(new, ack, f"applied version {policy.version}: k={k}" + (f" ({unmet})" if unmet else ""))
 
 
 def _same_measurement(a: DeviceProfile, b: DeviceProfile) -> bool:
@@ -363,7 +365,8 @@ class DeviceAgent:
                 self._waiting = policy
                 return None
             decision = evaluate_policy(policy, self.state, self.profile, self.clock())
-            log.info("%s: %s", self.device_id, decision.note)
+            warn = decision.ack is not None and decision.ack.reason  # rejected, or applied with a target it will miss
+            (log.warning if warn else log.info)("%s: %s", self.device_id, decision.note)
             if decision.state is not None:
                 self._time_rejected = policy if decision.state.last_rejected_retryable else None
             elif policy is self._time_rejected:  # overtaken by a newer version

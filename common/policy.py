@@ -69,3 +69,29 @@ def k_for_budget(
         k = layers_for_latency(target / percentile_ratio(profile, percentile), profile.front_end_ms, profile.layer_ms)  # type: ignore[operator]
     expected = expected_latency_ms(k, profile.front_end_ms, profile.layer_ms) if profile.layer_ms else None
     return k, expected
+
+
+def unmet_target(
+    profile: DeviceProfile,
+    k: int,
+    *,
+    latency_ms: float | None = None,
+    rtf: float | None = None,
+    percentile: float | None = None,
+) -> str | None:
+    """Why a latency target or RTF cannot be met on this device at k layers; None where it can, for a
+    keep fraction, or without measured per-layer latency.
+
+    ``k_for_budget`` never goes below one layer, so a target shorter than the front end plus the
+    slowest layer is applied at k=1 and missed on most inputs: the device says so in its ack, and the
+    operator sees it in ``budget set`` and ``devices list``.
+    """
+    if (latency_ms is None and rtf is None) or not profile.layer_ms:
+        return None
+    allowed = target_ms(latency_ms, rtf, profile.reference_seconds) / percentile_ratio(profile, percentile)  # type: ignore[operator]
+    expected = expected_latency_ms(k, profile.front_end_ms, profile.layer_ms)
+    if expected <= allowed:
+        return None
+    at = "" if latency_ms is not None else f" at {profile.reference_seconds:g} s of audio"
+    return (f"{budget_text(None, latency_ms, rtf, percentile)} cannot be met on this device: k={k} is expected to take "
+            f"{expected:.1f} ms{at}, the target allows {allowed:.1f} ms")

@@ -195,6 +195,7 @@ class PolicyAck(Payload):
     #: The version in force on the device after this ack (0: none applied yet).
     applied_version: Version
     status: Literal["applied", "rejected"]
+    #: Why it was rejected; on an applied policy, why its target will be missed (``unmet_target``).
     reason: str | None = Field(None, max_length=500)
     effective_k: int | None = Field(None, ge=1, le=MAX_LAYERS)
     expected_latency_ms: Ms | None = None

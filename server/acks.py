@@ -71,4 +71,6 @@ def store(s: Session, acks: list[tuple[PolicyAck, datetime]], desired: dict[str,
         }
         if ack.status == "rejected":
             log.warning("device %s rejected policy version %d: %s", did, ack.version, ack.reason)
+        elif ack.reason:
+            log.warning("device %s applied policy version %d: %s", did, ack.version, ack.reason)
     return list(dev_upd.values())

@@ -15,7 +15,8 @@ from datetime import datetime, timedelta
 
 from ldfleet.common import topics
 from ldfleet.common.mqtt import BrokerURL, parse_broker_url, publish_once
-from ldfleet.common.schemas import PolicyChanged, utcnow
+from ldfleet.common.schemas import DeviceProfile, PolicyChanged, utcnow
+from ldfleet.server.policy import Resolution, resolve
 from ldfleet.server.registry.models import Policy
 from ldfleet.server.registry.store import Registry
 
@@ -94,6 +95,28 @@ def set_budget(
     )
     notified, err = _notify(broker, row)
     return ChangeResult(row, notified, err)
+
+
+def preview_budget(registry: Registry, device_class: str, device_id: str | None = None) -> dict[str, Resolution]:
+    """What the budget in force for ``device_class`` (or ``device_id``'s override) resolves to on each
+    device it covers, from the profiles in the registry: the controller's own ``resolve``, so ``budget
+    set`` can say at once which k each device will run and where a target cannot be met
+    (``Resolution.unmet``). Devices with an override of their own, or no stored profile, are left out.
+    """
+    active = registry.active_policies()
+    devices = [registry.device(device_id)] if device_id else registry.devices(device_class)
+    out: dict[str, Resolution] = {}
+    for d in devices:
+        if d is None or not d.profile:
+            continue
+        try:
+            profile = DeviceProfile.model_validate(d.profile, strict=False)
+        except ValueError:  # a profile stored by an older schema: the controller skips it too
+            continue
+        res = resolve(d.device_id, d.device_class, profile, active)
+        if res.source == ("device" if device_id else "class"):
+            out[d.device_id] = res
+    return out
 
 
 def clear_budget(

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from ldfleet.common.policy import k_for_budget
+from ldfleet.common.policy import k_for_budget, unmet_target
 from ldfleet.common.schemas import BudgetPolicy, DeviceProfile, ttl_left, utcnow
 from ldfleet.server.registry.models import Policy
 from ldfleet.server.registry.store import class_scope, device_scope
@@ -49,7 +49,10 @@ class Resolution:
     k: int | None
     num_layers: int | None
     expected_latency_ms: float | None
+    #: Why k could not be resolved (the desired policy goes out without k; the device decides).
     note: str | None = None
+    #: Why the target cannot be met even at k (``ldfleet.common.policy.unmet_target``).
+    unmet: str | None = None
 
     def to_policy(self, device_id: str, version: int, sent_at: datetime | None = None) -> BudgetPolicy:
         """The desired document; with ``sent_at`` stamped as sent then (``BudgetPolicy.stamped``)."""
@@ -119,9 +122,10 @@ def resolve(
         source = "device" if policy.device_id else "class"
         version, keep, latency, rtf, pct = policy.version, policy.keep, policy.latency_ms, policy.rtf, policy.percentile
         issued_by, issued_at, expires = policy.issued_by[:128], policy.issued_at, policy.expires_at
-    note = None
+    note = unmet = None
     try:
         k, expected = k_for_budget(profile, keep=keep, latency_ms=latency, rtf=rtf, percentile=pct)
+        unmet = unmet_target(profile, k, latency_ms=latency, rtf=rtf, percentile=pct)
     except ValueError as exc:
         k, expected, note = None, None, str(exc)
     return Resolution(
@@ -139,4 +143,5 @@ def resolve(
         num_layers=profile.num_layers,
         expected_latency_ms=expected,
         note=note,
+        unmet=unmet,
     )

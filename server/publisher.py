@@ -210,6 +210,8 @@ class PolicyPublisher:
                 claims[did] = res.to_policy(did, max(dver, aver) + 1, sent_at=now)  # ttl_s: expiry not read off the device's clock
                 if res.note:
                     log.warning("device %s: %s (published without k; the device decides)", did, res.note)
+                if res.unmet:
+                    log.warning("device %s: %s", did, res.unmet)
             elif (republish or did in resend) and desired:
                 unchanged.append((did, BudgetPolicy.model_validate(desired, strict=False).stamped(now)))
         return claims, unchanged

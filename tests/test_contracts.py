@@ -19,7 +19,7 @@ from ldfleet.client.state import DeviceState, load_device_state, save_device_sta
 from ldfleet.common import topics
 from ldfleet.common.budget import budget_text, check_budget, layers_for_latency, target_ms
 from ldfleet.common.mqtt import parse_broker_url
-from ldfleet.common.policy import k_for_budget, percentile_ratio
+from ldfleet.common.policy import k_for_budget, percentile_ratio, unmet_target
 from ldfleet.common.schemas import (
     MAX_PAYLOAD_BYTES,
     BudgetPolicy,
@@ -268,6 +268,22 @@ def test_an_rtf_is_a_latency_target_per_second_of_audio():
     with pytest.raises(ValueError, match="RTF 0.03 needs the device's measured per-layer latency"):
         k_for_budget(_profile(layer_ms=[]), rtf=0.03)
     assert budget_text(rtf=0.05, percentile=99) == "RTF 0.05 @p99" and budget_text(latency_ms=40) == "latency 40 ms"
+
+
+def test_a_target_below_one_layer_is_applied_at_k1_and_said_to_be_unmet():
+    """k never goes below one layer; where even that misses the target, the device's ack says so."""
+    prof = _profile(layer_ms=[1.0 + i for i in range(12)], front_end_ms=5.0)  # k=1: 5 + 12 ms (the slowest layer)
+    assert unmet_target(prof, 1, latency_ms=17.0) is None and unmet_target(prof, 1) is None  # no target: nothing to miss
+    assert k_for_budget(prof, latency_ms=16.0)[0] == 1
+    why = unmet_target(prof, 1, latency_ms=16.0)
+    assert why == "latency 16 ms cannot be met on this device: k=1 is expected to take 17.0 ms, the target allows 16.0 ms"
+    assert "at 2 s of audio" in unmet_target(prof.model_copy(update={"reference_seconds": 2.0}), 1, rtf=0.008)  # 16 ms per 2 s
+    tail = prof.model_copy(update={"latency_ratio_p90": 1.5})  # at p90 the target allows 24 / 1.5 = 16 ms
+    assert unmet_target(tail, 1, latency_ms=24.0) is None and unmet_target(tail, 1, latency_ms=24.0, percentile=90) is not None
+    assert unmet_target(_profile(layer_ms=[]), 1, latency_ms=1.0) is None  # nothing measured: nothing to say
+    d = evaluate_policy(_policy(2, keep=None, latency_ms=16.0), _state(1), prof, now=NOW)
+    assert d.ack.status == "applied" and d.state.effective_k == 1 and d.ack.reason == why and why in d.note
+    assert evaluate_policy(_policy(2, keep=None, latency_ms=17.0), _state(1), prof, now=NOW).ack.reason is None
 
 
 def test_a_policy_without_rtf_leaves_it_off_the_wire():

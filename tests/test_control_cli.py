@@ -96,7 +96,8 @@ def test_operator_workflow_with_real_processes(env, tmp_path):
 
         # a real-time factor: ms per ms of audio, at the profile's reference length (1 s): 6 ms here
         code, out = cli("budget", "set", "edge", "--rtf", "0.006", "--percentile", "90", "--by", "carol")
-        assert code == 0 and "RTF 0.006 @p90" in out, out
+        assert code == 0 and "RTF 0.006 @p90" in out and "with a profile: k=2: 1, k=1: 1" in out, out
+        assert "cannot be met" not in out
         assert wait_until(lambda: all_at(4), 30)
         devs = {d["device_id"]: d for d in devices_json()}
         assert devs["cli-0"]["effective_k"] == 1 and devs["cli-1"]["effective_k"] == 2  # 1+4=5 <= 6; 1+2+2=5 <= 6
@@ -133,6 +134,17 @@ def test_operator_workflow_with_real_processes(env, tmp_path):
         assert code == 2 and "mqtt://" in out
         assert json.loads(cli("budget", "history", "edge", "--json")[1]) == hist
         assert all_at(4)
+
+        # a target below the front end plus one layer: applied at k=1, and the operator is told where
+        code, out = cli("budget", "set", "edge", "--latency-ms", "3.5", "--by", "dave")
+        assert code == 0 and "k=1: 2" in out and "cannot be met on 1 device(s)" in out, out
+        assert "cli-0: latency 3.5 ms cannot be met on this device: k=1 is expected to take 5.0 ms" in out  # 1 + 4 ms
+        assert "cli-1:" not in out  # 1 + 2 ms fits
+        assert wait_until(lambda: all_at(5), 30)
+        devs = {d["device_id"]: d for d in devices_json()}
+        assert devs["cli-0"]["ack_status"] == "applied" and "cannot be met" in devs["cli-0"]["ack_reason"]
+        assert devs["cli-1"]["ack_status"] == "applied" and devs["cli-1"]["ack_reason"] is None
+        assert "cannot" in cli("devices", "list")[1]  # the table wraps its cells
 
         # agents leave: the registry sees them go offline
         _stop(procs[1:])

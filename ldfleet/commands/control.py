@@ -265,11 +265,40 @@ def budget_set(
     p = res.policy
     scope = f"device {p.device_id}" if p.device_id else f"class {p.device_class}"
     console.print(f"{scope}: policy v{p.version} ({p.budget_text()}) by {p.issued_by}")
+    _print_preview(db, device_class, device)
     if res.notified:
         console.print("controller notified; devices follow as soon as it re-resolves")
     else:
         err.print(f"[yellow]warning:[/yellow] controller not notified ({res.notify_error}); "
                   "a running controller picks the change up at its next registry poll")
+
+
+def _print_preview(db: str | None, device_class: str, device: str | None) -> None:
+    """The k each covered device will run, and where the target cannot be met (from stored profiles)."""
+    from collections import Counter
+
+    from rich.markup import escape
+
+    from ldfleet.server.operator import preview_budget
+
+    reg = _open_registry(db)
+    try:
+        preview = preview_budget(reg, device_class, device)
+    finally:
+        reg.close()
+    if not preview:
+        console.print("no device with a profile is covered yet: each resolves it when it connects")
+        return
+    ks = Counter(r.k for r in preview.values())
+    console.print(f"k on the {len(preview)} covered device(s) with a profile: "
+                  + ", ".join(f"k={k}: {n}" if k is not None else f"unresolved: {n}" for k, n in sorted(ks.items(), key=lambda kv: -(kv[0] or 0))),
+                  soft_wrap=True)
+    unmet = {did: r.unmet for did, r in preview.items() if r.unmet}
+    if unmet:
+        shown = "; ".join(f"{did}: {why}" for did, why in sorted(unmet.items())[:5])
+        more = f" (and {len(unmet) - 5} more)" if len(unmet) > 5 else ""
+        err.print(f"[yellow]warning:[/yellow] the target cannot be met on {len(unmet)} device(s), which run one layer: "
+                  f"{escape(shown)}{more}", soft_wrap=True)
 
 
 @budget_app.command("clear")
@@ -417,6 +446,8 @@ def devices_list(
 
     'duplicate' flags a device id that two agents use at once (two boots taking turns within
     minutes; seen in the last hour): give each device its own --device-id."""
+    from rich.markup import escape
+
     reg = _open_registry(db)
     try:
         devs = reg.devices(device_class)
@@ -443,7 +474,9 @@ def devices_list(
         if d.desired:
             policy += f" ({_desired_budget(d.desired)})"
         if d.ack_status == "rejected":
-            policy += f" rejected: {d.ack_reason}"
+            policy += f" rejected: {escape(d.ack_reason or '')}"  # the device's words: no markup
+        elif d.ack_reason:
+            policy += f" [yellow]{escape(d.ack_reason)}[/yellow]"
         t.add_row(
             d.device_id, (d.device_class or "-") + (" (pinned)" if d.class_pinned else ""), "yes" if d.online else "no",
             f"[red]yes[/red] (boot {d.duplicate_boot_id})" if _duplicate(d) else "no", _ts(d.last_seen), f"{d.cores or '-'}/{d.memory_mb or '-'}", layers, policy, str(d.effective_k or "-"),
