@@ -120,8 +120,10 @@ def synthetic_profile(
     cores: int = 1,
     memory_mb_: int = 1024,
     revision: int = 0,
+    reference_seconds: float = 1.0,
 ) -> DeviceProfile:
-    """A profile given as numbers (simulated devices, tests): no measurement, no model."""
+    """A profile given as numbers (simulated devices, tests): no measurement, no model; the timings
+    are for ``reference_seconds`` of audio."""
     per_layer = [float(layer_ms)] * num_layers if isinstance(layer_ms, (int, float)) else [float(x) for x in layer_ms]
     return DeviceProfile(
         device_id=device_id,
@@ -133,6 +135,7 @@ def synthetic_profile(
         num_layers=num_layers,
         front_end_ms=float(front_end_ms),
         layer_ms=per_layer,
+        reference_seconds=reference_seconds,
         measured_at=utcnow(),
     )
 

@@ -57,10 +57,11 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 def test_operator_workflow_with_real_processes(env, tmp_path):
     procs = [subprocess.Popen([*LDFLEET, "controller", "--poll-interval", "0.5"], env=env, stderr=subprocess.DEVNULL)]
     try:
-        for i, ms in enumerate(["1,2,3,4", "2,2,2,2"]):
+        for i, (ms, seconds) in enumerate([("1,2,3,4", "1"), ("2,2,2,2", "2")]):  # cli-1's timings are for 2 s of audio
             procs.append(subprocess.Popen(
                 [*LDFLEET, "agent", "--device-id", f"cli-{i}", "--device-class", "edge", "--layer-ms", ms,
-                 "--front-end-ms", "1", "--telemetry-interval", "0"], env=env, stderr=subprocess.DEVNULL))
+                 "--front-end-ms", "1", "--reference-seconds", seconds, "--telemetry-interval", "0"], env=env,
+                stderr=subprocess.DEVNULL))
 
         def all_at(version: int) -> bool:
             devs = devices_json()
@@ -94,13 +95,14 @@ def test_operator_workflow_with_real_processes(env, tmp_path):
         assert [(h["issued_by"], h["old"], h["new"]) for h in hist] == [("alice", None, "keep 0.5"), ("bob", "keep 0.5", "latency 8 ms @p90")]
         assert cli("budget", "show")[0] == 0 and "alice" in cli("budget", "history", "edge")[1]
 
-        # a real-time factor: ms per ms of audio, at the profile's reference length (1 s): 6 ms here
+        # a real-time factor: ms per ms of audio, at each profile's reference length: 6 ms for cli-0's 1 s,
+        # 12 ms for cli-1's 2 s
         code, out = cli("budget", "set", "edge", "--rtf", "0.006", "--percentile", "90", "--by", "carol")
-        assert code == 0 and "RTF 0.006 @p90" in out and "with a profile: k=2: 1, k=1: 1" in out, out
+        assert code == 0 and "RTF 0.006 @p90" in out and "with a profile: k=4: 1, k=1: 1" in out, out
         assert "cannot be met" not in out
         assert wait_until(lambda: all_at(4), 30)
         devs = {d["device_id"]: d for d in devices_json()}
-        assert devs["cli-0"]["effective_k"] == 1 and devs["cli-1"]["effective_k"] == 2  # 1+4=5 <= 6; 1+2+2=5 <= 6
+        assert devs["cli-0"]["effective_k"] == 1 and devs["cli-1"]["effective_k"] == 4  # 1+4=5 <= 6; 1+2x4=9 <= 12
         assert devs["cli-0"]["desired_budget"] == "RTF 0.006 @p90"
         state = json.loads((tmp_path / "home" / "devices" / "cli-1" / "device_state.json").read_text())
         assert state["policy"]["rtf"] == 0.006 and state["policy"]["latency_ms"] is None

@@ -109,6 +109,9 @@ def agent(
     profile_json: Path = typer.Option(None, "--profile-json", help="Use this profile (from `ldfleet profile --out`) instead of measuring."),
     layer_ms: str = typer.Option(None, "--layer-ms", help="Give the per-layer latency directly, comma-separated ms (no model needed)."),
     front_end_ms: float = typer.Option(0.0, "--front-end-ms", min=0.0, help="Front-end latency with --layer-ms."),
+    reference_seconds: float = typer.Option(1.0, "--reference-seconds", min=0.01, max=600.0,
+                                            help="Input length in seconds that --layer-ms was timed on, or that the profile is "
+                                                 "measured at (a real-time factor resolves to k at this length)."),
     family: str = typer.Option("wavlm", help="Model family to measure when no profile is given."),
     size: str = typer.Option("tiny", help="Model to measure when no profile is given."),
     ca_file: Path = typer.Option(None, "--ca-file", help="CA bundle for an mqtts:// broker."),
@@ -130,7 +133,8 @@ def agent(
             values = [float(x) for x in layer_ms.split(",") if x.strip()]
             if not values or any(not math.isfinite(v) or v < 0 for v in values):
                 fail("--layer-ms must be comma-separated non-negative numbers")
-            prof = synthetic_profile(device_id, device_class, num_layers=len(values), layer_ms=values, front_end_ms=front_end_ms, model_id="given")
+            prof = synthetic_profile(device_id, device_class, num_layers=len(values), layer_ms=values, front_end_ms=front_end_ms,
+                                     model_id="given", reference_seconds=reference_seconds)
         else:
             prof = None  # connect first (birth, duplicate-id checks), measure while connected
         ag = DeviceAgent(device_id, device_class, _broker(broker), prof, state_dir=state_dir,
@@ -145,7 +149,7 @@ def agent(
             ag.start()
             err.print(f"measuring {family}-{size} on this machine (pass --profile-json to skip)...")
             try:
-                ag.set_profile(measure_profile(device_id, device_class, family=family, size=size))
+                ag.set_profile(measure_profile(device_id, device_class, family=family, size=size, seconds=reference_seconds))
             except (ValueError, OSError) as exc:
                 ag.stop()
                 fail(f"cannot measure this device's profile: {exc}")
