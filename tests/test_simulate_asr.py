@@ -26,7 +26,9 @@ SCENARIO = {
     "profiles_file": str(ROOT / "configs" / "device-classes.yaml"),
     "classes": [
         {"name": "mcu", "count": 1, "profile": "mcu-class", "budget": {"keep": 0.25}},
-        {"name": "jetson", "count": 1, "profile": "jetson", "budget": {"keep": 0.75}},
+        # a real-time factor (ms of compute per ms of audio) the controller resolves to k on the device's
+        # profile; 1.0 lets every layer fit on any machine, so k stays 8 wherever the test runs
+        {"name": "jetson", "count": 1, "profile": "jetson", "budget": {"rtf": 1.0}},
     ],
     # 2 voices x 3 variants: one training speaker per voice, i.e. per device
     "data": {"asr_corpus": {"voices": 2, "variants_per_voice": 3, "utterances_per_speaker": 4}},
@@ -35,7 +37,7 @@ SCENARIO = {
     "report_keeps": [0.25, 0.75, 1.0],
     "serve": {"requests_per_device": 3},
 }
-K = {"mcu": 2, "jetson": 6}  # keep 0.25 and 0.75 of 8 layers
+K = {"mcu": 2, "jetson": 8}  # keep 0.25 of 8 layers; RTF 1.0: all of them
 
 
 def test_asr_fleet_reports_wer_per_class_at_its_budget(tmp_path_factory):
@@ -49,6 +51,11 @@ def test_asr_fleet_reports_wer_per_class_at_its_budget(tmp_path_factory):
     usage = json.loads(ldfleet_cli("registry", "usage", "--source", "inference", "--run", str(run), "--json").stdout)["usage"]
     assert sorted(u["requests"] for u in usage.values()) == [6, 6]
     assert sorted(u["mean_layers"] for u in usage.values()) == [K["mcu"], K["jetson"]]
+
+    # registry: the RTF class's devices hold the policy as sent (the RTF, the k resolved from it) and applied it
+    with sqlite3.connect(run / "registry.db") as con:
+        desired = [(json.loads(d), a) for d, a in con.execute("select desired, applied_version from devices where device_class = 'jetson'")]
+    assert [(d["rtf"], d["keep"], d["k"], a == d["version"]) for d, a in desired] == [(1.0, None, 8, True)]
 
     # registry: one eval row per device and round, with its class, k and a WER (no accuracy in disguise)
     with sqlite3.connect(run / "registry.db") as con:
