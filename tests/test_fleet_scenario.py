@@ -91,6 +91,21 @@ def test_unknown_fields_and_bad_ranges_are_refused():
     assert "fraction_sampled" in msg and "rounds_typo" in msg
 
 
+def test_quoted_numbers_and_booleans_are_refused_not_coerced():
+    """YAML reads "0.05" as a string and yes as true: a scenario that says so is a mistake, not a number."""
+    data = _base()
+    data["classes"][0]["budget"] = {"keep": "0.5"}
+    data["classes"][1]["budget"] = {"rtf": True}
+    data["classes"][1]["count"] = "2"
+    data["rounds"] = 2.0
+    msg = _error(data)
+    for where in ("classes.0.budget.keep", "classes.1.budget.rtf", "classes.1.count", "rounds"):
+        assert where in msg, msg
+    data = _base()
+    data["classes"][0]["budget"] = {"keep": 1}  # an integer is a number
+    assert parse_scenario(data, "test.yaml", base_dir=CONFIGS).classes[0].budget.keep == 1.0
+
+
 def test_voice_partition_needs_a_speaker_per_device():
     data = _base()
     data["data"]["corpus"]["variants_per_voice"] = 1  # 8 speakers for 12 devices
