@@ -16,8 +16,8 @@ from datetime import datetime, timedelta
 from ldfleet.common import topics
 from ldfleet.common.mqtt import BrokerURL, parse_broker_url, publish_once
 from ldfleet.common.schemas import DeviceProfile, PolicyChanged, utcnow
-from ldfleet.server.policy import Resolution, resolve
-from ldfleet.server.registry.models import Policy
+from ldfleet.server.policy import Resolution, pick_policy, resolve
+from ldfleet.server.registry.models import Device, Policy
 from ldfleet.server.registry.store import Registry
 
 log = logging.getLogger("ldfleet.operator")
@@ -116,6 +116,25 @@ def preview_budget(registry: Registry, device_class: str, device_id: str | None 
         res = resolve(d.device_id, d.device_class, profile, active)
         if res.source == ("device" if device_id else "class"):
             out[d.device_id] = res
+    return out
+
+
+def pending_policies(devices: list[Device], active: dict[str, Policy]) -> dict[str, int]:
+    """Devices whose published desired policy comes from an older operator policy than the one in
+    force for them now: no controller has resolved the change yet (none running, or not yet polled).
+    Device id -> the registry policy version it should follow (0: the controller's default).
+
+    Their ``converged`` (applied == desired) is true of a stale desired document, so it is not
+    reported as converged. Devices without a desired document yet are left out.
+    """
+    out: dict[str, int] = {}
+    for d in devices:
+        if not d.desired:
+            continue
+        want = pick_policy(d.device_id, d.device_class, active)
+        source, version = ("default", 0) if want is None else ("device" if want.device_id else "class", want.version)
+        if (d.desired.get("source"), d.desired.get("policy_version", 0)) != (source, version):
+            out[d.device_id] = version
     return out
 
 

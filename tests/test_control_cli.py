@@ -72,7 +72,7 @@ def test_operator_workflow_with_real_processes(env, tmp_path):
         assert code == 0 and "cli-0" in out and "edge" in out
 
         code, out = cli("budget", "set", "edge", "--keep", "0.5", "--by", "alice")
-        assert code == 0 and "controller notified" in out, out
+        assert code == 0 and "notice sent to the controller" in out, out
         assert wait_until(lambda: all_at(2), 30), devices_json()
         devs = {d["device_id"]: d for d in devices_json()}
         assert devs["cli-0"]["effective_k"] == 2 and devs["cli-0"]["online"]
@@ -88,7 +88,7 @@ def test_operator_workflow_with_real_processes(env, tmp_path):
 
         code, out = cli("budget", "show", "--json")
         shown = json.loads(out)
-        assert code == 0 and shown["classes"]["edge"] == {"converged": 2, "devices": 2}
+        assert code == 0 and shown["classes"]["edge"] == {"converged": 2, "devices": 2, "pending": 0}
         assert [(p["device_class"], p["version"], p["latency_ms"], p["percentile"]) for p in shown["policies"]] == [("edge", 2, 8.0, 90.0)]
         code, out = cli("budget", "history", "edge", "--json")
         hist = json.loads(out)
@@ -151,9 +151,19 @@ def test_operator_workflow_with_real_processes(env, tmp_path):
         # agents leave: the registry sees them go offline
         _stop(procs[1:])
         assert wait_until(lambda: not any(d["online"] for d in devices_json()), 30)
+
+        # with no controller running, a change stays pending: not shown as converged
+        _stop(procs[:1])
+        assert procs[0].returncode == 0
+        code, out = cli("budget", "set", "edge", "--keep", "0.25", "--by", "erin")
+        assert code == 0, out
+        shown = json.loads(cli("budget", "show", "--json")[1])
+        assert shown["classes"]["edge"] == {"converged": 0, "devices": 2, "pending": 2}
+        assert all(not d["converged"] and d["pending_policy_version"] == 5 for d in devices_json())
+        code, out = cli("budget", "show")
+        assert code == 0 and "no controller has resolved the change yet" in out
     finally:
         _stop(procs)
-    assert procs[0].returncode == 0
 
 
 @pytest.mark.slow

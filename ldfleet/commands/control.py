@@ -271,7 +271,8 @@ def budget_set(
     console.print(f"{scope}: policy v{p.version} ({p.budget_text()}) by {p.issued_by}")
     _print_preview(db, device_class, device)
     if res.notified:
-        console.print("controller notified; devices follow as soon as it re-resolves")
+        console.print("notice sent to the controller; devices follow once it re-resolves (`budget show` counts "
+                      "those still pending)", soft_wrap=True)
     else:
         err.print(f"[yellow]warning:[/yellow] controller not notified ({res.notify_error}); "
                   "a running controller picks the change up at its next registry poll")
@@ -342,18 +343,31 @@ def budget_show(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     db: str = typer.Option(None, "--db", help=DB_HELP),
 ) -> None:
-    """The policies in force (class policies and device overrides) and how far each class converged."""
+    """The policies in force (class policies and device overrides) and how far each class converged.
+
+    'pending': devices whose desired policy still comes from an older operator policy, because no
+    controller has resolved the change yet (is `ldfleet controller` running?); not counted converged."""
+    from collections import Counter
+
+    from ldfleet.server.operator import pending_policies
+
     reg = _open_registry(db)
     try:
-        active = sorted(reg.active_policies().values(), key=lambda p: (p.device_class, p.device_id or ""))
+        by_scope = reg.active_policies()
+        active = sorted(by_scope.values(), key=lambda p: (p.device_class, p.device_id or ""))
         classes = [c.name for c in reg.classes()]
         conv = {c: reg.convergence(c) for c in classes}
+        devices = reg.devices()
     finally:
         reg.close()
+    stale = pending_policies(devices, by_scope)
+    pending = Counter(d.device_class for d in devices if d.device_id in stale)
+    lagging_converged = Counter(d.device_class for d in devices if d.device_id in stale and d.converged)
+    conv = {c: (done - lagging_converged[c], total) for c, (done, total) in conv.items()}
     if as_json:
         out = {
             "policies": [_policy_dict(p) for p in active],
-            "classes": {c: {"converged": conv[c][0], "devices": conv[c][1]} for c in classes},
+            "classes": {c: {"converged": conv[c][0], "devices": conv[c][1], "pending": pending[c]} for c in classes},
             "default": "keep = controller --default-keep (1.0 unless set)",
         }
         print(json.dumps(out, indent=2, default=_json_default))
@@ -365,11 +379,14 @@ def budget_show(
         t.add_row(p.device_class, p.device_id or "(class)", str(p.version), p.budget_text(), p.issued_by, _ts(p.issued_at), _ts(p.expires_at))
     console.print(t)
     c = Table(title="convergence per class")
-    for col in ("class", "converged", "devices"):
+    for col in ("class", "converged", "pending", "devices"):
         c.add_column(col)
     for name in classes:
-        c.add_row(name, str(conv[name][0]), str(conv[name][1]))
+        c.add_row(name, str(conv[name][0]), f"[yellow]{pending[name]}[/yellow]" if pending[name] else "0", str(conv[name][1]))
     console.print(c)
+    if stale:
+        err.print(f"[yellow]warning:[/yellow] {len(stale)} device(s) still hold a policy older than the one in force: no "
+                  "controller has resolved the change yet (is `ldfleet controller` running?)", soft_wrap=True)
 
 
 @budget_app.command("history")
@@ -425,7 +442,9 @@ def _desired_budget(desired: dict[str, Any] | None) -> str | None:
     return budget_text(*(desired.get(f) for f in ("keep", "latency_ms", "rtf", "percentile")))
 
 
-def _device_dict(d: Any) -> dict[str, Any]:
+def _device_dict(d: Any, pending: int | None = None) -> dict[str, Any]:
+    """One device as `devices list --json` gives it; ``pending``: the operator policy version its
+    desired document lags behind (``pending_policies``), which makes it not converged."""
     prof = d.profile or {}
     return {
         "device_id": d.device_id, "device_class": d.device_class, "class_pinned": d.class_pinned, "online": d.online,
@@ -436,7 +455,8 @@ def _device_dict(d: Any) -> dict[str, Any]:
         "desired_k": (d.desired or {}).get("k"), "desired_source": (d.desired or {}).get("source"),
         "desired_budget": _desired_budget(d.desired),
         "applied_version": d.applied_version, "ack_status": d.ack_status, "ack_reason": d.ack_reason,
-        "effective_k": d.effective_k, "expected_latency_ms": d.expected_latency_ms, "converged": d.converged,
+        "effective_k": d.effective_k, "expected_latency_ms": d.expected_latency_ms,
+        "converged": d.converged and pending is None, "pending_policy_version": pending,
     }
 
 
@@ -452,13 +472,16 @@ def devices_list(
     minutes; seen in the last hour): give each device its own --device-id."""
     from rich.markup import escape
 
+    from ldfleet.server.operator import pending_policies
+
     reg = _open_registry(db)
     try:
         devs = reg.devices(device_class)
+        stale = pending_policies(devs, reg.active_policies())
     finally:
         reg.close()
     if as_json:
-        print(json.dumps([_device_dict(d) for d in devs], indent=2, default=_json_default))
+        print(json.dumps([_device_dict(d, stale.get(d.device_id)) for d in devs], indent=2, default=_json_default))
         return
     t = Table(title=f"{len(devs)} device(s)" + (f" of class {device_class}" if device_class else ""))
     t.add_column("device", no_wrap=True)
@@ -484,7 +507,8 @@ def devices_list(
         t.add_row(
             d.device_id, (d.device_class or "-") + (" (pinned)" if d.class_pinned else ""), "yes" if d.online else "no",
             f"[red]yes[/red] (boot {d.duplicate_boot_id})" if _duplicate(d) else "no", _ts(d.last_seen), f"{d.cores or '-'}/{d.memory_mb or '-'}", layers, policy, str(d.effective_k or "-"),
-            "[green]yes[/green]" if d.converged else "[yellow]no[/yellow]",
+            f"[yellow]no[/yellow] (policy v{stale[d.device_id]} pending)" if d.device_id in stale
+            else "[green]yes[/green]" if d.converged else "[yellow]no[/yellow]",
         )
     console.print(t)
     console.print("policy: applied version / desired version (its budget); k: layers kept under the applied policy")
