@@ -46,7 +46,9 @@ def open_engine(run: str | Path, runtime: str = "torch", threads: int = 1, strat
 
         return TorchEngine(run, threads, strategy)
     if not exported:
-        raise FileNotFoundError(f"{run} is not an ONNX export: make one with `ldfleet export {run} --format onnx --out DIR`")
+        raise FileNotFoundError(f"{run} is not an ONNX export: make one with `ldfleet export {run} --format onnx --out DIR`"
+                                + (", or run it on torch with --runtime torch" if (run / "train_state.json").exists()
+                                   or (run / "model.safetensors").exists() else ""))
     engine = EdgeModel(run, "int8" if runtime == "onnx-int8" else "fp32", threads, strategy)
     engine.runtime = runtime
     return engine

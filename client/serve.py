@@ -2,18 +2,18 @@
 
 API:
 
-* ``POST /v1/infer`` — body: a WAV file (16 kHz, mono or stereo, at most ``max_seconds``; PCM or
-  float), optional query ``deadline_ms``. 200: ``{"prediction", "k", "layers", "ms", "queue_ms",
+* ``POST /v1/infer`` — body: a WAV file (8-192 kHz, resampled to 16 kHz as ``ldfleet infer`` does;
+  mono or stereo, at most ``max_seconds``; PCM or float), optional query ``deadline_ms``. 200: ``{"prediction", "k", "layers", "ms", "queue_ms",
   "policy_version", "policy_k", "governor", "target_ms"}`` (``target_ms``: the latency this input was
   held to, from ``deadline_ms`` or the policy, an RTF scaled by its seconds; null without one); ``prediction`` is a label (a keyword model; the audio is trimmed
   and centred in 1 s) or a transcript (a speech-recognition model; the whole utterance). 400 empty
   body or bad ``deadline_ms``, 413 over the size cap, 415 not a WAV file, 422 wrong sample rate /
-  too long / too short / no samples / non-finite samples, 500 when the runtime fails on the input
+  implausible sample rate / too long / too short / no samples / non-finite samples, 500 when the runtime fails on the input
   (logged, counted as an error in the telemetry), 503 while shutting down.
 * ``GET /v1/health`` — ``{"status": "ok", "runtime", "task", "strategy", "num_layers", "policy": {...},
   "requests"}``.
 * ``GET /metrics`` — Prometheus text format (prometheus_client): requests by status, latency
-  histogram, k chosen, governor interventions, deadline misses, policy version.
+  histogram, encoder layers run, governor interventions, deadline misses, policy version.
 
 Requests run one at a time on one worker thread (batch 1, as on a small device); the policy is
 looked up per request, so a new policy version (agent state dir) applies from the next request on,
@@ -35,10 +35,10 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from ldfleet.client.infer import InferenceSession
+from ldfleet.common.data.validate import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
 
 log = logging.getLogger("ldfleet.serve")
 
-SAMPLE_RATE = 16000
 DEFAULT_MAX_BYTES = 1 << 20  # 1 MiB: 30 s of 16-bit mono at 16 kHz
 DEFAULT_MAX_SECONDS = 10.0
 
@@ -60,12 +60,12 @@ def parse_wav(body: bytes, max_seconds: float = DEFAULT_MAX_SECONDS, task: str =
         raise BadRequest(415, f"not a WAV file ({str(exc).rsplit(': ', 1)[-1]})") from None
     if info.format != "WAV":
         raise BadRequest(415, f"format {info.format}: send a WAV file")
-    if info.samplerate != SAMPLE_RATE:
-        raise BadRequest(422, f"sample rate {info.samplerate} Hz: send {SAMPLE_RATE} Hz")
+    if not MIN_SAMPLE_RATE <= info.samplerate <= MAX_SAMPLE_RATE:  # other rates are resampled to 16 kHz, as `infer` does
+        raise BadRequest(422, f"sample rate {info.samplerate} Hz: send {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz (16 kHz is read as is)")
     if info.frames == 0:
         raise BadRequest(422, "the WAV file holds no samples")
-    if info.frames > max_seconds * SAMPLE_RATE:
-        raise BadRequest(422, f"{info.frames / SAMPLE_RATE:.1f} s of audio is over the {max_seconds:g} s cap")
+    if info.frames > max_seconds * info.samplerate:
+        raise BadRequest(422, f"{info.frames / info.samplerate:.1f} s of audio is over the {max_seconds:g} s cap")
     from ldfleet.client.infer import AudioError, input_from_wav
 
     try:
@@ -82,7 +82,8 @@ class Metrics:
         self.requests = Counter("ldfleet_infer_requests", "Inference requests by HTTP status.", ["status"], registry=r)
         self.latency = Histogram("ldfleet_infer_latency_seconds", "Model time per request.", registry=r,
                                  buckets=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0))
-        self.k = Counter("ldfleet_infer_layers", "Requests by number of encoder layers run.", ["k"], registry=r)
+        self.k = Counter("ldfleet_infer_layers", "Requests by number of encoder layers run (k: the layers that ran).", ["k"],
+                         registry=r)
         self.interventions = Counter("ldfleet_governor_interventions", "Requests run below the policy's k.", registry=r)
         self.misses = Counter("ldfleet_deadline_misses", "Requests over their latency target.", registry=r)
         self.policy_version = Gauge("ldfleet_policy_version", "Version of the policy in force.", registry=r)
@@ -133,7 +134,7 @@ def build_app(session: InferenceSession, max_bytes: int = DEFAULT_MAX_BYTES,
         total_ms = (time.perf_counter() - queued) * 1000
         metrics.requests.labels("200").inc()
         metrics.latency.observe(result.ms / 1000)
-        metrics.k.labels(str(result.k)).inc()
+        metrics.k.labels(str(len(result.layers))).inc()  # layers that ran (adaptive's depth, the guard's cut), as the telemetry counts
         metrics.policy_version.set(policy.version)
         if decision.intervened:
             metrics.interventions.inc()

@@ -281,6 +281,25 @@ def test_short_or_failing_inputs_are_refused_with_a_reason_and_nothing_else_stop
     assert session.stats.summary().errors == 1
 
 
+def test_served_metrics_count_the_layers_that_ran(tiny_asr_export, utterance_folder):
+    """/metrics counts each request under the number of layers that ran (adaptive's own depth), as the
+    telemetry does, not under the policy's k."""
+    from collections import Counter
+
+    engine = open_engine(tiny_asr_export, "onnx", strategy="adaptive")
+    svc = ServiceThread(build_app(InferenceSession(engine, PolicySource(8, keep=0.5)), max_seconds=5.0)).start()
+    try:
+        answers = [post_wav(svc.url, p.read_bytes())[1] for p in sorted(utterance_folder.glob("*.wav"))]
+        with urllib.request.urlopen(f"{svc.url}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+    finally:
+        svc.stop()
+    ran = Counter(len(a["layers"]) for a in answers)
+    assert any(a["k"] != len(a["layers"]) for a in answers)  # adaptive went off the mean somewhere
+    for layers, n in ran.items():
+        assert f'ldfleet_infer_layers_total{{k="{layers}"}} {float(n)}' in text
+
+
 def test_adaptive_choosing_fewer_layers_is_no_deadline_intervention(tiny_asr_export, utterance_folder):
     session = InferenceSession(open_engine(tiny_asr_export, "onnx", strategy="adaptive"), PolicySource(8, keep=0.5))
     decisions = [session.infer(utterance_from_wav(p))[1] for p in sorted(utterance_folder.glob("*.wav"))]

@@ -44,11 +44,22 @@ def test_infer_health_and_metrics(service, wav_folder):
     assert 'ldfleet_infer_requests_total{status="200"} 2.0' in text and 'ldfleet_infer_layers_total{k="4"} 2.0' in text
 
 
+def test_other_sample_rates_are_resampled_as_infer_does(service, tiny_export):
+    from ldfleet.client.infer import clip_from_wav
+
+    body = _wav(8000, rate=8000)  # 1 s of telephone-rate audio
+    status, answer = post_wav(service.url, body)
+    assert status == 200 and answer["k"] == 4
+    assert answer["prediction"] == open_engine(tiny_export, "onnx").run(clip_from_wav(body), 4).prediction
+    status, answer = post_wav(service.url, _wav(8000 * 11, rate=8000), "")
+    assert status in (413, 422)  # 11 s: over a cap whatever the rate
+
+
 @pytest.mark.parametrize("body, query, status, words", [
     (b"", "", 400, "empty body"),
     (b"RIFF" + b"\0" * 100, "", 415, "not a WAV"),
     (None, "", 415, "WAV"),  # a FLAC file
-    (_wav(16000, rate=8000), "", 422, "8000 Hz"),
+    (_wav(16000, rate=4000), "", 422, "4000 Hz"),
     (_wav(16000 * 11), "", 413, "cap"),  # over the 200 kB test cap
     (_wav(16000), "?deadline_ms=-3", 400, "deadline_ms"),
 ])
@@ -67,3 +78,24 @@ def test_policy_change_under_concurrent_load_applies_without_errors(tiny_export,
     assert (row.answered, row.errors, row.lost) == (120, 0, 0)
     assert (row.k_before, row.k_after) == (8, 2)
     assert row.stale_after_change == 0
+
+
+def test_serve_says_why_it_cannot_listen_and_how_to_open_a_run_folder(tiny_export, tiny_run):
+    """A taken port is one line saying so, not a traceback; a run folder on the ONNX runtime is told
+    about --runtime torch as well as export."""
+    import socket
+
+    from typer.testing import CliRunner
+
+    from ldfleet.cli import app
+
+    runner = CliRunner()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = runner.invoke(app, ["serve", "--run", str(tiny_export), "--port", str(port), "--telemetry-interval", "0"])
+    assert out.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in " ".join(out.output.split())
+    assert "Traceback" not in out.output
+    out = runner.invoke(app, ["serve", "--run", str(tiny_run), "--telemetry-interval", "0"])
+    assert out.exit_code == 2 and "--runtime torch" in " ".join(out.output.split())

@@ -215,6 +215,8 @@ def serve(
     try:
         web.run_app(build_app(session, max_bytes=max_bytes, max_seconds=max_seconds), host=host, port=port, access_log=None,
                     print=lambda m: err.print(m.strip()))
+    except OSError as exc:  # binding the socket: the port is taken, or the address is not this host's
+        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc} (choose another --port or --host)")
     finally:
         if publisher is not None:
             publisher.stop()
