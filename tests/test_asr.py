@@ -177,6 +177,21 @@ def asr_corpus(tmp_path_factory):
 
 
 @needs_espeak
+def test_synth_says_how_many_variants_fill_every_split(tmp_path):
+    """Speakers are split within each voice: with 2 variants a voice has no validation or test
+    speaker however many voices there are, and the warning says what to change."""
+    from typer.testing import CliRunner
+
+    from ldfleet.cli import app
+
+    out = CliRunner().invoke(app, ["data", "synth", "--task", "asr", "--out", str(tmp_path / "c"), "--voices", "2",
+                                   "--variants-per-voice", "2", "--utterances-per-speaker", "1"])
+    text = " ".join(out.output.split())
+    assert out.exit_code == 0, out.output
+    assert "no speaker in" in text and "--variants-per-voice 3 or more (now 2)" in text and "--voices" not in text
+
+
+@needs_espeak
 def test_asr_corpus_is_an_audiofolder_with_speaker_disjoint_splits(asr_corpus, tmp_path):
     from dataclasses import replace
 
@@ -245,6 +260,10 @@ def test_tiny_asr_train_then_eval_through_the_cli(asr_corpus, tmp_path):
                              "--oracle-sets", "3"])
     assert table.exit_code == 0 and "wer" in table.output and "by condition" in table.output
     assert "input conditioning could win" in table.output and "best set per value of one condition" in table.output
+    limited = cli.invoke(app, ["eval", "--run", str(run), "--data", str(out), "--keep", "1.0", "--methods", "full",
+                               "--limit", "2", "--json"])
+    assert limited.exit_code == 0 and "the first 2 of the 6 clips" in limited.output
+    assert [r["examples"] for r in json.loads(limited.stdout)["rows"]] == [2] and rows[("full", 1.0)]["examples"] == 6
     history = json.loads((run / "train_state.json").read_text())["history"]
     assert [(h["stage"], h.get("fit")) for h in history][-3:] == [("joint", None), ("depth", "depth"), ("depth", "confident_exit")]
     assert len(history[-2]["lambdas"]) == 8 and history[-2]["clips"] == sum(

@@ -79,6 +79,9 @@ def test_eval_table_and_bad_input(trained_run, corpus, tmp_path):
     table = runner.invoke(app, ["eval", "--run", str(trained_run), "--data", str(corpus), "--keep", "0.5",
                                 "--methods", "selector"])
     assert table.exit_code == 0 and "selector" in table.output and "share of inputs" in table.output
+    limited = runner.invoke(app, ["eval", "--run", str(trained_run), "--data", str(corpus), "--keep", "1.0",
+                                  "--methods", "full", "--limit", "5", "--json"])
+    assert limited.exit_code == 0 and [r["examples"] for r in json.loads(limited.stdout)["rows"]] == [5]
     bad_keep = runner.invoke(app, ["eval", "--run", str(trained_run), "--data", str(corpus), "--keep", "1.5"])
     assert bad_keep.exit_code != 0 and "keep ratios must be in (0, 1]" in bad_keep.output
     unfitted = runner.invoke(app, ["eval", "--run", str(trained_run), "--data", str(corpus), "--methods", "adaptive"])

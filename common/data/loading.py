@@ -39,6 +39,14 @@ class KeywordDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, str]:
         return self.clips[index][0], self.texts[index]
 
+    def subset(self, indices: Sequence[int]) -> KeywordDataset:
+        """The clips at ``indices``, sharing already-loaded audio."""
+        idx = list(indices)
+        sub = KeywordDataset.__new__(KeywordDataset)
+        sub.clips, sub.texts = self.clips.subset(idx), [self.texts[i] for i in idx]
+        sub.speakers = sub.clips.speakers
+        return sub
+
 
 @dataclass
 class TaskData:

@@ -196,7 +196,7 @@ def prepare_out(out: Path, files: Sequence[str], folders: Sequence[str], overwri
     """
     existing = [out / p for p in (*files, *folders) if (out / p).exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"{out} already holds a corpus ({existing[0].name}); pass overwrite=True / --overwrite")
+        raise FileExistsError(f"{out} already holds a corpus ({existing[0].name}); replace it with --overwrite (overwrite=True from Python)")
     for p in existing:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     for folder in folders:

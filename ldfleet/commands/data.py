@@ -183,8 +183,10 @@ def _synth_asr(out: Path, seed: int, voices: Optional[str], variants: Optional[s
         fail("no utterance could be synthesized", 1)
     empty = [split for split in ("train", "validation", "test") if not summary.clips.get(split)]
     if empty:
-        err.print(f"[yellow]warning[/]: no speaker in {', '.join(empty)} (speakers are split per voice): "
-                  "`ldfleet train` needs train and validation speakers; give more --variants-per-voice or --voices")
+        err.print(f"[yellow]warning[/]: no speaker in {', '.join(empty)}: each voice's speakers (its variants) are split "
+                  "into train, validation and test, so a voice reaches all three only with 3 or more; `ldfleet train` "
+                  f"needs train and validation speakers: give --variants-per-voice 3 or more (now {variants_per_voice})",
+                  soft_wrap=True)
 
 
 def info(

@@ -192,7 +192,7 @@ def evaluate(
     pad_to_window: bool = typer.Option(True, "--pad-to-window/--unpadded",
                                        help="Whisper with --backbone: pad clips to the 30 s window (default: the stock "
                                        "decoder loops on unpadded clips), or run them at their own length (~10x less encoder time)."),
-    limit: int = typer.Option(0, min=0, help="Whisper: evaluate only the first N clips (0 = all)."),
+    limit: int = typer.Option(0, min=0, help="Evaluate only the first N clips of the split (0 = all): a quick look, not a figure to report."),
     batch_size: int = typer.Option(8, min=1, help="Whisper: clips per encoder batch."),
 ) -> None:
     """Accuracy (kws) or WER/CER (asr), layers run, MACs and ms per example for every method at every keep ratio.
@@ -244,6 +244,9 @@ def evaluate(
     dataset = splits[split]
     if len(dataset) == 0:
         fail(f"the {split} split of {data} is empty")
+    if 0 < limit < len(dataset):
+        err.print(f"note: evaluating the first {limit} of the {len(dataset)} clips of {split} (--limit)")
+        dataset = dataset.subset(range(limit))
     conditions = _conditions(dataset)
     model = load_model(run)
     fitted = {"adaptive": model.strategy("adaptive").chooser.is_fitted, "confident_exit": model.strategy("confident_exit").is_fitted}
