@@ -229,6 +229,8 @@ def test_tiny_asr_train_then_eval_through_the_cli(asr_corpus, tmp_path):
                                "--strategy-epochs", "1", "--batch-size", "4", "--distill", "0.5", "--selector-budget",
                                "--oracle-weight", "0.5", "--set-table", "0", "--joint-epochs", "1"])
     assert trained.exit_code == 0, trained.output
+    stage1 = [h["val_wer"] for h in json.loads((run / "train_state.json").read_text())["history"] if h["stage"] == "backbone"]
+    assert ("transcribes almost nothing" in " ".join(trained.output.split())) == (stage1[-1] >= 0.98)  # the blank plateau
     model = load_model(run)
     assert model.task == "asr" and model.selector_budget and isinstance(model.heads["selector"], CTCHead)
     result = cli.invoke(app, ["eval", "--run", str(run), "--data", str(out), "--keep", "0.5,1.0", "--oracle-sets", "3", "--json"])
@@ -304,3 +306,15 @@ def test_best_set_per_group_picks_each_groups_own_best_candidate():
     groups = ["noisy", "noisy", "clean", "clean", "clean"]
     assert best_set_per_group(errs, groups).tolist() == [1, 1, 2, 2, 2]
     assert best_set_per_group(errs, ["all"] * 5).tolist() == [0] * 5
+
+
+def test_a_run_left_on_the_blank_plateau_is_warned_about():
+    from ldfleet.commands._shared import err
+    from ldfleet.commands.model import _warn_if_blank
+
+    for history, warned in [([{"stage": "backbone", "val_wer": 0.9}, {"stage": "backbone", "val_wer": 1.0}], True),
+                            ([{"stage": "backbone", "val_wer": 1.0}, {"stage": "backbone", "val_wer": 0.6}], False),
+                            ([{"stage": "backbone", "val_accuracy": 0.1}], False)]:  # a keyword run
+        with err.capture() as cap:
+            _warn_if_blank(history)
+        assert ("transcribes almost nothing" in cap.get()) == warned

@@ -19,6 +19,7 @@ With an all-ones mask the result equals the HF model's ``last_hidden_state``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,6 +30,12 @@ from transformers.masking_utils import create_bidirectional_mask
 from . import whisper
 from .backbone import family_of, whisper_log_mel
 from .compat import check_supported
+
+# HF's WavLM attention hands torch a bool padding mask beside its float position bias, and torch warns
+# about the mixed types on every padded batch; the result is right (the bias is added, padded keys are
+# masked), and the warning is noise to every command that runs a padded WavLM.
+warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask and attn_mask is deprecated",
+                        category=UserWarning)
 
 
 @dataclass

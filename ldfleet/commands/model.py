@@ -165,6 +165,22 @@ def train(
         state = trainer.fit(on_step)
     stages = dict.fromkeys(h["stage"] for h in state.history)  # with epochs or fits, in order (--from-run: the source's too)
     console.print(f"[green]done[/green]: stages {', '.join(stages)}; {len(state.history)} epochs and fits logged in {out}/train_state.json")
+    _warn_if_blank(state.history)
+
+
+#: Validation WER at or above which a CTC run is taken to transcribe (almost) nothing.
+BLANK_WER = 0.98
+
+
+def _warn_if_blank(history: list[dict]) -> None:
+    """Warn when stage 1 of a speech-recognition run ended still on the CTC blank plateau (a model that
+    outputs only blanks scores WER 1.0): every later stage and every figure is then meaningless."""
+    stage1 = [h for h in history if h.get("stage") == "backbone" and h.get("val_wer") is not None]
+    if stage1 and stage1[-1]["val_wer"] >= BLANK_WER:
+        err.print(f"[yellow]warning[/]: validation WER is {stage1[-1]['val_wer']:.2f} after {len(stage1)} stage-1 epoch(s): "
+                  "the model still transcribes almost nothing. A CTC model first learns to output only blanks and leaves "
+                  "that plateau only with enough data and steps: train longer (--epochs), on more speakers or utterances "
+                  "(`data synth --task asr` defaults: 6 480), or check the transcriptions", soft_wrap=True)
 
 
 EVAL_METHODS = "full,random,early_exit,static,selector,adaptive,confident_exit,oracle"
