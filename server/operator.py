@@ -97,15 +97,16 @@ def set_budget(
     return ChangeResult(row, notified, err)
 
 
-def preview_budget(registry: Registry, device_class: str, device_id: str | None = None) -> dict[str, Resolution]:
+def preview_budget(registry: Registry, device_class: str, device_id: str | None = None) -> dict[str, tuple[Resolution, DeviceProfile]]:
     """What the budget in force for ``device_class`` (or ``device_id``'s override) resolves to on each
     device it covers, from the profiles in the registry: the controller's own ``resolve``, so ``budget
     set`` can say at once which k each device will run and where a target cannot be met
-    (``Resolution.unmet``). Devices with an override of their own, or no stored profile, are left out.
+    (``Resolution.unmet``); with the profile each was resolved on. Devices with an override of their
+    own, or no stored profile, are left out.
     """
     active = registry.active_policies()
     devices = [registry.device(device_id)] if device_id else registry.devices(device_class)
-    out: dict[str, Resolution] = {}
+    out: dict[str, tuple[Resolution, DeviceProfile]] = {}
     for d in devices:
         if d is None or not d.profile:
             continue
@@ -115,7 +116,7 @@ def preview_budget(registry: Registry, device_class: str, device_id: str | None 
             continue
         res = resolve(d.device_id, d.device_class, profile, active)
         if res.source == ("device" if device_id else "class"):
-            out[d.device_id] = res
+            out[d.device_id] = (res, profile)
     return out
 
 

@@ -240,7 +240,8 @@ def budget_set(
     percentile: float = typer.Option(None, "--percentile", help="Percentile the latency target or RTF must hold for (default: median)."),
     device: str = typer.Option(None, "--device", help="Override for one device of the class instead of the whole class."),
     by: str = typer.Option(None, "--by", help="Who is making the change (default: your user name)."),
-    expires_in: float = typer.Option(None, "--expires-in", help="Seconds until the policy lapses (default: never)."),
+    expires_in: float = typer.Option(None, "--expires-in", help="Seconds until the policy lapses (default: never); then "
+                                     "the class falls back to the controller's default, not to its earlier policy."),
     create_class: bool = typer.Option(False, "--create-class", help="Define the class if no device of it has connected yet."),
     comment: str = typer.Option(None, "--comment", help="Free text kept in the audit trail."),
     db: str = typer.Option(None, "--db", help=DB_HELP),
@@ -294,11 +295,17 @@ def _print_preview(db: str | None, device_class: str, device: str | None) -> Non
     if not preview:
         console.print("no device with a profile is covered yet: each resolves it when it connects")
         return
-    ks = Counter(r.k for r in preview.values())
+    ks = Counter(r.k for r, _ in preview.values())
     console.print(f"k on the {len(preview)} covered device(s) with a profile: "
                   + ", ".join(f"k={k}: {n}" if k is not None else f"unresolved: {n}" for k, n in sorted(ks.items(), key=lambda kv: -(kv[0] or 0))),
                   soft_wrap=True)
-    unmet = {did: r.unmet for did, r in preview.items() if r.unmet}
+    median_only = [did for did, (r, prof) in preview.items()
+                   if r.percentile is not None and r.percentile > 50 and prof.latency_ratio_p90 is None and prof.latency_ratio_p99 is None]
+    if median_only:
+        err.print(f"note: {len(median_only)} device(s) measured no tail latency (p90/p99 ratios), so the percentile is "
+                  f"resolved at their median: {', '.join(sorted(median_only)[:5])}" + (" ..." if len(median_only) > 5 else ""),
+                  soft_wrap=True)
+    unmet = {did: r.unmet for did, (r, _) in preview.items() if r.unmet}
     if unmet:
         shown = "; ".join(f"{did}: {why}" for did, why in sorted(unmet.items())[:5])
         more = f" (and {len(unmet) - 5} more)" if len(unmet) > 5 else ""
