@@ -144,7 +144,7 @@ class Controller:
         )
         self.reconciler = Reconciler(
             self.registry, self._send, controller_id=controller_id,
-            ack_bound_s=ack_bound_s, interval_s=reconcile_interval_s, rate_per_s=reconcile_rate,
+            ack_bound_s=ack_bound_s, interval_s=reconcile_interval_s, rate_per_s=reconcile_rate, boot_id=self.boot_id,
         )
         self.writer = BatchWriter(self.publisher.profiles, strict_classes=strict_classes, on_controller_status=self.reconciler.note_controller)
         device_filters = [

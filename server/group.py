@@ -17,23 +17,35 @@ whole fleet, which publishes nothing where the policy is already in force.
 
 from __future__ import annotations
 
+import logging
 import zlib
 from collections.abc import Callable
 
 from ldfleet.common.schemas import ControllerStatus
 
+log = logging.getLogger("ldfleet.controller")
+
 
 class Group:
     """The group as one controller sees it. ``online``: controller id -> online, from statuses."""
 
-    def __init__(self, controller_id: str) -> None:
+    def __init__(self, controller_id: str, boot_id: str | None = None) -> None:
         self.controller_id = controller_id
+        self.boot_id = boot_id  # this controller's boot: a status of its id from another boot is a namesake
         self.online: dict[str, bool] = {}
         self._changed = False
+        self._namesakes: set[str] = set()
 
     def note(self, status: ControllerStatus) -> None:
         """A controller's (retained) status. A peer coming online or going offline is a change."""
         cid = status.controller_id
+        if cid == self.controller_id and self.boot_id and status.boot_id != self.boot_id:
+            if status.online and status.boot_id not in self._namesakes:
+                self._namesakes.add(status.boot_id)
+                log.warning("another controller says it runs as %r (boot %s): two controllers with one id overwrite each "
+                            "other's status and Last Will; give each its own --controller-id (a status left by one that "
+                            "crashed while the broker was down says this too, and is harmless)", cid, status.boot_id)
+            return  # this controller's own liveness is its own, whatever a namesake says
         before = self.online.get(cid, False)
         self.online[cid] = status.online
         if cid != self.controller_id and before != status.online:

@@ -94,10 +94,12 @@ class Reconciler:
     #: the controllers sharing the fleet (``server/group.py``; made from ``controller_id`` when not
     #: given); the controller resolves its share of fleet-wide work by the same group
     group: Group | None = None
+    #: this controller's boot id (tells a namesake controller's status from its own)
+    boot_id: str | None = None
 
     def __post_init__(self) -> None:
         if self.group is None:
-            self.group = Group(self.controller_id)
+            self.group = Group(self.controller_id, self.boot_id)
 
     @property
     def peers(self) -> dict[str, bool]:

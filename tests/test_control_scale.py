@@ -193,6 +193,20 @@ def test_a_device_row_deleted_after_the_intake_saw_it_is_created_again(db_url):
         reg.close()
 
 
+def test_a_namesake_controller_is_warned_about_once_and_changes_no_share(caplog):
+    """Two controllers started with one --controller-id overwrite each other's retained status: the
+    one that hears the other's boot says so, once per boot, and does not count it as a peer."""
+    g = Group("ctl", "boot-a")
+    with caplog.at_level("WARNING", logger="ldfleet.controller"):
+        g.note(ControllerStatus(controller_id="ctl", online=True, boot_id="boot-a"))  # its own: nothing to say
+        assert not caplog.records
+        for _ in range(2):
+            g.note(ControllerStatus(controller_id="ctl", online=True, boot_id="boot-b"))
+        g.note(ControllerStatus(controller_id="ctl", online=False, boot_id="boot-c"))  # gone: nothing to say
+    assert [r.getMessage().count("boot-b") for r in caplog.records] == [1] and "--controller-id" in caplog.records[0].getMessage()
+    assert g.online == {"ctl": True} and not g.take_changed() and g.share()("any-device")
+
+
 def test_a_group_resolves_a_class_in_shares_and_covers_a_member_that_left(db_url):
     """Two members of a group resolve a fleet-wide change: each publishes only its share, together
     every device once. When one goes, the other hears the change and its next fleet-wide pass covers
