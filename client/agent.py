@@ -240,6 +240,7 @@ class DeviceAgent:
             if t is not None:
                 t.join(timeout=2)
         self._telemetry_thread = self._reannounce_thread = None
+        log.info("%s: stopped (offline status published)", self.device_id)
 
     def run_forever(self, retry_every_s: float = 60.0) -> None:
         """Run until ``request_stop`` or a fatal refusal (then ``self.fatal`` says why)."""

@@ -210,6 +210,7 @@ class Controller:
         self.session.stop(final=[(self.status_topic, self._status(False).to_json(), 1, True)])
         if self._own_registry:
             self.registry.close()
+        log.info("controller %s: stopped (offline status published)", self.controller_id)
 
     def run_forever(self) -> None:
         """Run until SIGINT/SIGTERM (main thread) or ``stop_event``."""
