@@ -124,6 +124,24 @@ class PolicySource:
         return Policy(k, state.policy.latency_ms, state.version, "state", state.policy.rtf)
 
 
+def warm_up(engine, governor: Governor, runs: int = 3, seconds: float = 1.0) -> None:
+    """Run ``runs`` inputs of ``seconds`` of quiet noise at every layer before the first request.
+
+    A runtime's first calls allocate memory and pick kernels, so they take several times longer than
+    the rest (a fresh torch process: ~4x on the first request, onnxruntime ~2x); and the governor has
+    no estimates before it has observed a request, so the first real request would run unplanned, and
+    under a target its deadline guard would cut it. The first run is discarded; the others feed the
+    governor's estimates. ``runs`` < 2 warms the runtime only.
+    """
+    wave = np.random.default_rng(0).normal(0.0, 0.01, int(seconds * SAMPLE_RATE)).astype(np.float32)
+    for i in range(runs):
+        start = time.perf_counter()
+        result = engine.run(wave, engine.num_layers)
+        result.ms = (time.perf_counter() - start) * 1000
+        if i > 0:
+            governor.observe(result, seconds)
+
+
 def run_decided(engine, waveform: np.ndarray, decision: Decision) -> Result:
     """Run one input as the governor decided: the selector at ``decision.k``; ``adaptive`` at its own
     depth for a mean of the policy's k (``decision.ceiling``), unless that is deeper than the target
@@ -145,23 +163,10 @@ class InferenceSession:
         self._lock = threading.Lock()
 
     def warm_up(self, runs: int = 3, seconds: float = 1.0) -> None:
-        """Run ``runs`` inputs of ``seconds`` of quiet noise at every layer before the first request.
-
-        A runtime's first calls allocate memory and pick kernels, so they take several times longer
-        than the rest; and the governor has no estimates before it has observed a request, so the
-        first real request would run unplanned, and under a target its deadline guard would cut it.
-        The first run is discarded; the others feed the governor's estimates, not the statistics
-        (nor the telemetry). ``runs`` < 2 warms the runtime only.
-        """
-        wave = np.random.default_rng(0).normal(0.0, 0.01, int(seconds * SAMPLE_RATE)).astype(np.float32)
-        L = self.engine.num_layers
+        """``warm_up`` this session's engine and governor before its first request; counts no request
+        in the statistics (nor the telemetry)."""
         with self._lock:
-            for i in range(runs):
-                start = time.perf_counter()
-                result = self.engine.run(wave, L)
-                result.ms = (time.perf_counter() - start) * 1000
-                if i > 0:
-                    self.governor.observe(result, seconds)
+            warm_up(self.engine, self.governor, runs, seconds)
 
     def infer(self, waveform: np.ndarray, deadline_ms: float | None = None) -> tuple[Result, Decision, Policy]:
         """Run one waveform ``[samples]`` (16 kHz); ``deadline_ms`` overrides the policy's latency target

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ldfleet.client.governor import Governor
-from ldfleet.client.infer import open_engine, run_decided
+from ldfleet.client.infer import open_engine, run_decided, warm_up
 from ldfleet.client.profile import cpu_cores
 from ldfleet.client.telemetry import percentile
 from ldfleet.common.edge_runtime import SAMPLE_RATE
@@ -207,6 +207,8 @@ def load_step(engine, clips, mode: str, target_ms: float, requests: int, spinner
     held to ``rtf x 1000 x`` its seconds)."""
     L = engine.num_layers
     governor = Governor(L)
+    if mode != "fixed":
+        warm_up(engine, governor)  # as `serve` does: the stream's first request is planned too
     hog = CpuHog(spinners)
     lat, ks, fronts, answers, references, interventions, targets = [], [], [], [], [], 0, []
     lo, hi = requests // 3, 2 * requests // 3
