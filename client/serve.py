@@ -65,7 +65,8 @@ def parse_wav(body: bytes, max_seconds: float = DEFAULT_MAX_SECONDS, task: str =
     if info.frames == 0:
         raise BadRequest(422, "the WAV file holds no samples")
     if info.frames > max_seconds * info.samplerate:
-        raise BadRequest(422, f"{info.frames / info.samplerate:.1f} s of audio is over the {max_seconds:g} s cap")
+        raise BadRequest(422, f"{info.frames} samples at {info.samplerate} Hz ({info.frames / info.samplerate:.4g} s) is over the "
+                              f"{max_seconds:g} s cap")
     from ldfleet.client.infer import AudioError, input_from_wav
 
     try:

@@ -90,7 +90,7 @@ def top_k_layers(scores: np.ndarray, k: int) -> list[int]:
 def check_length(waveform: np.ndarray) -> None:
     """ValueError when an input is too short for the front end (fewer than ``MIN_SAMPLES``)."""
     if waveform.size < MIN_SAMPLES:
-        raise ValueError(f"{waveform.size} samples ({1000 * waveform.size / SAMPLE_RATE:.1f} ms) is too short: "
+        raise ValueError(f"{waveform.size} samples at 16 kHz ({1000 * waveform.size / SAMPLE_RATE:.2f} ms) is too short: "
                          f"the model needs at least {MIN_SAMPLES} ({1000 * MIN_SAMPLES / SAMPLE_RATE:.0f} ms at 16 kHz)")
 
 

@@ -41,3 +41,23 @@ def test_train_refuses_a_run_folder_whose_config_is_corrupt(tmp_path: Path):
                            "--out", str(run)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.startswith("error: cannot resume") and str(run) in done.stderr
+
+
+def test_not_a_number_and_out_of_range_values_are_refused_naming_the_option(tmp_path: Path):
+    """NaN passes every min/max range check (it compares false with everything): each float option
+    refuses it; bad agent timings and expiries are named, without a traceback."""
+    from typer.testing import CliRunner
+
+    from ldfleet.cli import app
+
+    runner = CliRunner()
+    for args, words in [
+        (["serve", "--run", str(tmp_path), "--max-seconds", "nan"], "must be a finite number"),
+        (["agent", "--device-id", "a", "--device-class", "c", "--layer-ms", "1", "--front-end-ms", "inf"], "must be a finite number"),
+        (["agent", "--device-id", "a", "--device-class", "c", "--layer-ms", "1,2,,3"], "comma-separated numbers"),
+        (["agent", "--device-id", "a", "--device-class", "c", "--layer-ms", "1e308"], "--layer-ms: Input should be less than"),
+        (["budget", "set", "c", "--keep", "0.5", "--expires-in", "1e12", "--db", f"sqlite:///{tmp_path / 'r.db'}"], "at most 3e+09"),
+    ]:
+        out = runner.invoke(app, args)
+        text = " ".join(out.output.split())
+        assert out.exit_code == 2 and words in text and "Traceback" not in text, (args, out.output)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import NoReturn
 
 import typer
@@ -18,6 +19,14 @@ def fail(message: object, code: int = 2) -> NoReturn:
     # "clips[1]" is text, not rich markup.
     err.print(f"[bold red]error:[/] {escape(str(message))}", soft_wrap=True)
     raise typer.Exit(code)
+
+
+def finite(value: float | None) -> float | None:
+    """Option callback: refuse NaN and infinities, which pass every min/max range check (NaN compares
+    false with everything), e.g. ``--max-seconds nan`` would otherwise lift the cap it sets."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"must be a finite number, got {value}")
+    return value
 
 
 def bench_group(app: typer.Typer) -> typer.Typer:

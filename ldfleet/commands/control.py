@@ -18,7 +18,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from ldfleet.commands._shared import bench_group, console, err, fail
+from ldfleet.commands._shared import bench_group, console, err, fail, finite
 from ldfleet.common.runtime import default_broker_url, default_registry_url
 
 
@@ -70,7 +70,7 @@ def profile(
     device_class: str = typer.Option("default", "--device-class", help="Device class to advertise."),
     family: str = typer.Option("wavlm", help="Model family: wavlm | hubert | wav2vec2."),
     size: str = typer.Option("tiny", help="Model: a size built in code (tiny, base), a hub id or a local folder."),
-    seconds: float = typer.Option(1.0, min=0.1, help="Reference input length in seconds."),
+    seconds: float = typer.Option(1.0, min=0.1, help="Reference input length in seconds.", callback=finite),
     repeats: int = typer.Option(5, min=1, help="Timed repeats per part (median is kept)."),
     as_json: bool = typer.Option(False, "--json", help="Print the profile as JSON (what the agent publishes)."),
     out: Path = typer.Option(None, "--out", help="Also write the JSON profile to this file (for `agent --profile-json`)."),
@@ -101,6 +101,29 @@ def profile(
         console.print(f"written to {out}")
 
 
+def _given_profile(device_id: str, device_class: str, layer_ms: str, front_end_ms: float, reference_seconds: float):
+    """The profile an agent is given as numbers (--layer-ms, --front-end-ms, --reference-seconds);
+    a bad value ends the command naming the option."""
+    from pydantic import ValidationError
+
+    from ldfleet.client.profile import synthetic_profile
+
+    try:
+        values = [float(x) for x in layer_ms.split(",")]
+    except ValueError:
+        fail(f"--layer-ms must be comma-separated numbers of ms, one per layer (e.g. 1.5,1.5,2), got {layer_ms!r}")
+    if not values or any(not math.isfinite(v) or v < 0 for v in values):
+        fail(f"--layer-ms must be comma-separated non-negative numbers, got {layer_ms!r}")
+    try:
+        return synthetic_profile(device_id, device_class, num_layers=len(values), layer_ms=values, front_end_ms=front_end_ms,
+                                 model_id="given", reference_seconds=reference_seconds)
+    except ValidationError as exc:
+        option = {"layer_ms": "--layer-ms", "front_end_ms": "--front-end-ms", "num_layers": "--layer-ms (number of layers)",
+                  "reference_seconds": "--reference-seconds"}
+        first = exc.errors(include_url=False)[0]
+        fail(f"{option.get(str(first['loc'][0]), first['loc'][0])}: {first['msg']}")
+
+
 def agent(
     device_id: str = typer.Option(..., "--device-id", help="This device's id (also its MQTT user name under the production ACL)."),
     device_class: str = typer.Option(..., "--device-class", help="Device class it belongs to."),
@@ -108,19 +131,19 @@ def agent(
     state_dir: Path = typer.Option(None, "--state-dir", help="Local device state folder (default ~/.ldfleet/devices/<device-id>)."),
     profile_json: Path = typer.Option(None, "--profile-json", help="Use this profile (from `ldfleet profile --out`) instead of measuring."),
     layer_ms: str = typer.Option(None, "--layer-ms", help="Give the per-layer latency directly, comma-separated ms (no model needed)."),
-    front_end_ms: float = typer.Option(0.0, "--front-end-ms", min=0.0, help="Front-end latency with --layer-ms."),
+    front_end_ms: float = typer.Option(0.0, "--front-end-ms", min=0.0, help="Front-end latency with --layer-ms.", callback=finite),
     reference_seconds: float = typer.Option(1.0, "--reference-seconds", min=0.01, max=600.0,
                                             help="Input length in seconds that --layer-ms was timed on, or that the profile is "
-                                                 "measured at (a real-time factor resolves to k at this length)."),
+                                                 "measured at (a real-time factor resolves to k at this length).", callback=finite),
     family: str = typer.Option("wavlm", help="Model family to measure when no profile is given."),
     size: str = typer.Option("tiny", help="Model to measure when no profile is given."),
     ca_file: Path = typer.Option(None, "--ca-file", help="CA bundle for an mqtts:// broker."),
-    telemetry_interval: float = typer.Option(60.0, "--telemetry-interval", min=0.0, help="Seconds between telemetry messages (0: none)."),
+    telemetry_interval: float = typer.Option(60.0, "--telemetry-interval", min=0.0, help="Seconds between telemetry messages (0: none).", callback=finite),
     mqtt_version: int = typer.Option(5, "--mqtt-version", help="5 (default) or 311 for brokers that only speak MQTT 3.1.1."),
 ) -> None:
     """Announce this device and keep its budget policy in step with the controller (runs until Ctrl-C)."""
     from ldfleet.client.agent import DeviceAgent
-    from ldfleet.client.profile import measure_profile, profile_from_json, synthetic_profile
+    from ldfleet.client.profile import measure_profile, profile_from_json
     from ldfleet.common.topics import is_valid_device_id
 
     if not is_valid_device_id(device_id):
@@ -130,11 +153,7 @@ def agent(
         if profile_json is not None:
             prof = profile_from_json(profile_json, device_id, device_class)
         elif layer_ms is not None:
-            values = [float(x) for x in layer_ms.split(",") if x.strip()]
-            if not values or any(not math.isfinite(v) or v < 0 for v in values):
-                fail("--layer-ms must be comma-separated non-negative numbers")
-            prof = synthetic_profile(device_id, device_class, num_layers=len(values), layer_ms=values, front_end_ms=front_end_ms,
-                                     model_id="given", reference_seconds=reference_seconds)
+            prof = _given_profile(device_id, device_class, layer_ms, front_end_ms, reference_seconds)
         else:
             prof = None  # connect first (birth, duplicate-id checks), measure while connected
         ag = DeviceAgent(device_id, device_class, _broker(broker), prof, state_dir=state_dir,
@@ -167,9 +186,9 @@ def controller(
     broker: str = typer.Option(None, "--broker", help=BROKER_HELP),
     db: str = typer.Option(None, "--db", help=DB_HELP),
     ca_file: Path = typer.Option(None, "--ca-file", help="CA bundle for an mqtts:// broker."),
-    default_keep: float = typer.Option(1.0, "--default-keep", help="Keep fraction of devices without any policy."),
+    default_keep: float = typer.Option(1.0, "--default-keep", help="Keep fraction of devices without any policy.", callback=finite),
     strict_classes: bool = typer.Option(False, "--strict-classes", help="Refuse profiles of classes the registry does not know."),
-    poll_interval: float = typer.Option(2.0, "--poll-interval", min=0.1, help="Seconds between registry polls (missed notices, expiries)."),
+    poll_interval: float = typer.Option(2.0, "--poll-interval", min=0.1, help="Seconds between registry polls (missed notices, expiries).", callback=finite),
     mqtt_version: int = typer.Option(5, "--mqtt-version", help="5 (default) or 311 for brokers that only speak MQTT 3.1.1."),
     shared_group: str = typer.Option(None, "--shared-group", help="Share the fleet with the other controllers of this group (MQTT 5 shared subscription; one PostgreSQL registry for all)."),
     controller_id: str = typer.Option("controller", "--controller-id", help="Name of this controller, unique in its group: its status topic ldfleet/v1/ctl/status/ID, logs, desired_policies.published_by (letters, digits, . _ -)."),
@@ -256,8 +275,8 @@ def budget_set(
 
     if sum(v is not None for v in (keep, latency_ms, rtf)) != 1:
         fail("give exactly one of --keep, --latency-ms and --rtf")
-    if expires_in is not None and not (math.isfinite(expires_in) and expires_in > 0):
-        fail("--expires-in must be a positive number of seconds")
+    if expires_in is not None and not (math.isfinite(expires_in) and 0 < expires_in <= MAX_EXPIRES_IN_S):
+        fail(f"--expires-in must be a positive number of seconds, at most {MAX_EXPIRES_IN_S:.0e} (about 100 years)")
     reg = _open_registry(db)
     try:
         res = set_budget(reg, _broker_url(broker, ca_file), device_class, keep=keep, latency_ms=latency_ms, rtf=rtf,
@@ -277,6 +296,10 @@ def budget_set(
     else:
         err.print(f"[yellow]warning:[/yellow] controller not notified ({res.notify_error}); "
                   "a running controller picks the change up at its next registry poll")
+
+
+#: Longest --expires-in: about a century (a date beyond the year 9999 cannot be stored).
+MAX_EXPIRES_IN_S = 3.2e9
 
 
 def _print_preview(db: str | None, device_class: str, device: str | None) -> None:
@@ -560,7 +583,7 @@ def bench_control_plane(
     broker: str = typer.Option(None, "--broker", help="Broker URL (default: a private Mosquitto started for the run)."),
     db: str = typer.Option(None, "--db", help="Registry URL (default: a temporary SQLite file; use PostgreSQL with --controllers 2+)."),
     rounds: int = typer.Option(3, "--rounds", min=1, help="Budget changes per fleet size."),
-    timeout: float = typer.Option(120.0, "--timeout", min=1.0, help="Seconds to wait for a phase before giving up; a device that has not acked by then is a miss."),
+    timeout: float = typer.Option(120.0, "--timeout", min=1.0, help="Seconds to wait for a phase before giving up; a device that has not acked by then is a miss.", callback=finite),
     controllers: int = typer.Option(1, "--controllers", min=1, help="Controller processes sharing the fleet (MQTT 5 shared subscription)."),
     restart_broker: bool = typer.Option(False, "--restart-broker", help="Restart the benchmark's own broker once, in the middle of round 1 only (later rounds run on the restarted broker; the JSON marks the round: restarted_broker). Not with --broker."),
     fleet_procs: int = typer.Option(0, "--fleet-procs", min=0, help="Processes the simulated devices are spread over (0: one per 2 500 devices)."),

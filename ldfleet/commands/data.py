@@ -12,7 +12,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ldfleet.commands._shared import console, err, fail
+from ldfleet.commands._shared import console, err, fail, finite
 from ldfleet.common.data.espeak import ACCENT_VOICES, DEFAULT_VARIANTS, ENGLISH_VOICES, EspeakError
 from ldfleet.common.data.labels import LABELS, UNKNOWN_WORDS
 
@@ -112,7 +112,7 @@ def synth(
     unknown_words: str = typer.Option(",".join(UNKNOWN_WORDS), help="Comma-separated non-keywords spoken as _unknown_."),
     unknown_per_speaker: int = typer.Option(4, help="_unknown_ clips per speaker (words drawn from --unknown-words)."),
     silence_clips: int = typer.Option(256, help="_silence_ clips: white/pink/brown noise at low levels and near-silence."),
-    snr_db: float = typer.Option(15.0, help="Lowest SNR (dB) of the background noise under speech; each clip draws SNR in [X, X+20]."),
+    snr_db: float = typer.Option(15.0, help="Lowest SNR (dB) of the background noise under speech; each clip draws SNR in [X, X+20].", callback=finite),
     noise: bool = typer.Option(True, "--noise/--no-noise", help="Add background noise under speech clips."),
     workers: Optional[int] = typer.Option(None, help="Parallel espeak-ng processes \\[default: CPU cores].", show_default=False),
     overwrite: bool = typer.Option(False, help="Replace a corpus already in --out (only its label folders and metadata.csv)."),

@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from ldfleet.commands._shared import bench_group, console, err, fail
+from ldfleet.commands._shared import bench_group, console, err, fail, finite
 
 RUNTIME_HELP = "torch (a run folder) | onnx | onnx-int8 (an export folder from `ldfleet export`)."
 _KEEP = typer.Option(None, "--keep", help="Fixed keep ratio in (0, 1] (share of encoder layers), instead of the device's policy.")
@@ -189,9 +189,9 @@ def serve(
     threads: int = _THREADS,
     strategy: str = _STRATEGY,
     max_bytes: int = typer.Option(1 << 20, "--max-bytes", min=1024, help="Largest request body accepted (413 above)."),
-    max_seconds: float = typer.Option(10.0, "--max-seconds", min=0.1, max=600.0, help="Longest audio accepted per request, in seconds (422 above)."),
+    max_seconds: float = typer.Option(10.0, "--max-seconds", min=0.1, max=600.0, help="Longest audio accepted per request, in seconds (422 above).", callback=finite),
     broker: Optional[str] = typer.Option(None, "--broker", help="MQTT broker for inference telemetry (default: LDFLEET_BROKER / running broker)."),
-    telemetry_interval: float = typer.Option(10.0, "--telemetry-interval", min=0.0, help="Seconds between telemetry messages (0: none)."),
+    telemetry_interval: float = typer.Option(10.0, "--telemetry-interval", min=0.0, help="Seconds between telemetry messages (0: none).", callback=finite),
 ) -> None:
     """HTTP inference service: POST /v1/infer (WAV body), GET /v1/health, GET /metrics (Prometheus).
 
@@ -215,8 +215,8 @@ def serve(
     try:
         web.run_app(build_app(session, max_bytes=max_bytes, max_seconds=max_seconds), host=host, port=port, access_log=None,
                     print=lambda m: err.print(m.strip()))
-    except OSError as exc:  # binding the socket: the port is taken, or the address is not this host's
-        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc} (choose another --port or --host)")
+    except (OSError, UnicodeError) as exc:  # binding the socket: the port is taken, the address is not this host's or no name
+        fail(f"cannot listen on {host}:{port}: {getattr(exc, 'strerror', None) or exc} (choose another --port or --host)")
     finally:
         if publisher is not None:
             publisher.stop()
@@ -228,8 +228,8 @@ def bench_runtime(
     keep: str = typer.Option("0.25,0.5,1.0", "--keep", help="Keep ratios for the runtime comparison."),
     clips: int = typer.Option(150, "--clips", min=10, help="Held-out clips per runtime and keep."),
     requests: int = typer.Option(300, "--requests", min=30, help="Requests in each load-step stream."),
-    target_ms: Optional[float] = typer.Option(None, "--target-ms", min=0.001, help="Latency target in ms (default: --target-factor x unloaded p50)."),
-    target_factor: float = typer.Option(1.5, "--target-factor", min=1.0),
+    target_ms: Optional[float] = typer.Option(None, "--target-ms", min=0.001, help="Latency target in ms (default: --target-factor x unloaded p50).", callback=finite),
+    target_factor: float = typer.Option(1.5, "--target-factor", min=1.0, callback=finite),
     load_runtime: str = typer.Option("onnx", "--load-runtime", help="Runtime of the load step: " + RUNTIME_HELP),
     threads: int = _THREADS,
     strategy: str = _STRATEGY,
@@ -295,7 +295,7 @@ def bench_serve(
     runtime: str = typer.Option("onnx", "--runtime", help=RUNTIME_HELP),
     requests: int = typer.Option(1000, "--requests", min=10, help="Requests to send."),
     concurrency: int = typer.Option(200, "--concurrency", min=1, help="Most requests in flight at once."),
-    keep_after: float = typer.Option(0.5, "--keep-after", min=0.01, max=1.0, help="Keep ratio of the policy written halfway."),
+    keep_after: float = typer.Option(0.5, "--keep-after", min=0.01, max=1.0, help="Keep ratio of the policy written halfway.", callback=finite),
     threads: int = _THREADS,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:

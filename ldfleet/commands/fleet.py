@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ldfleet.commands._shared import console, err, fail
+from ldfleet.commands._shared import console, err, fail, finite
 from ldfleet.common.metrics import metric_label
 
 
@@ -414,13 +414,13 @@ def federate(
     db: Optional[str] = typer.Option(None, "--db", help="Registry URL the ServerApp writes rounds and metrics to."),
     rounds: int = typer.Option(3, "--rounds", min=1),
     run_id: Optional[str] = typer.Option(None, "--run-id", help="Registry run id \\[default: the --out folder name]; reuse to resume."),
-    fraction_train: float = typer.Option(1.0, "--fraction-train"),
+    fraction_train: float = typer.Option(1.0, "--fraction-train", callback=finite),
     min_nodes: int = typer.Option(1, "--min-nodes", min=1, help="Wait for this many SuperNodes before the first round."),
     local_epochs: int = typer.Option(1, "--local-epochs", min=1),
-    round_timeout: float = typer.Option(600.0, "--round-timeout", help="Seconds a round waits for replies."),
+    round_timeout: float = typer.Option(600.0, "--round-timeout", help="Seconds a round waits for replies.", callback=finite),
     insecure: bool = typer.Option(False, "--insecure", help="No TLS (only with a loopback SuperLink)."),
     root_certificates: Optional[Path] = typer.Option(None, "--root-certificates", help="CA certificate of the SuperLink."),
-    timeout: float = typer.Option(3600.0, "--timeout", help="Give up waiting for the run after this many seconds."),
+    timeout: float = typer.Option(3600.0, "--timeout", help="Give up waiting for the run after this many seconds.", callback=finite),
 ) -> None:
     """Run federated rounds on a real fleet through a SuperLink; fails unless the run completes."""
     from ldfleet.common.runtime import default_registry_url

@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ldfleet.commands._shared import bench_group, console, err, fail
+from ldfleet.commands._shared import bench_group, console, err, fail, finite
 from ldfleet.commands.data import STRICT_HELP, load_data
 from ldfleet.common.data.labels import LABEL_SETS_HELP
 
@@ -93,12 +93,12 @@ def train(
     family: str = typer.Option("wavlm", help="wavlm | hubert | wav2vec2 (for `tiny`/`base`)."),
     epochs: Optional[int] = typer.Option(None, min=0, help="Stage-1 epochs (backbone + head under LayerDrop) \\[default: kws 20, asr 24].", show_default=False),
     strategy_epochs: Optional[int] = typer.Option(None, min=0, help="Epochs for each of early_exit, static and selector \\[default: kws 6, asr 4].", show_default=False),
-    layerdrop: Optional[float] = typer.Option(None, min=0.0, max=0.95, help="Stage-1 LayerDrop rate per layer and example \\[default: 0.1, HF's].", show_default=False),
+    layerdrop: Optional[float] = typer.Option(None, min=0.0, max=0.95, help="Stage-1 LayerDrop rate per layer and example \\[default: 0.1, HF's].", show_default=False, callback=finite),
     batch_size: Optional[int] = typer.Option(None, min=1, help="\\[default: kws 32, asr 16]", show_default=False),
-    lr: Optional[float] = typer.Option(None, min=0.0, help="Backbone lr from scratch \\[default: kws 1e-3, asr 2e-3].", show_default=False),
-    distill: Optional[float] = typer.Option(None, min=0.0, help="Stage-2 weight of KL distillation from the full model \\[default: kws 0, asr 1].", show_default=False),
+    lr: Optional[float] = typer.Option(None, min=0.0, help="Backbone lr from scratch \\[default: kws 1e-3, asr 2e-3].", show_default=False, callback=finite),
+    distill: Optional[float] = typer.Option(None, min=0.0, help="Stage-2 weight of KL distillation from the full model \\[default: kws 0, asr 1].", show_default=False, callback=finite),
     selector_budget: Optional[bool] = typer.Option(None, "--selector-budget/--no-selector-budget", help="Give the selector the budget k/L as an input (and static one ranking per k), so kept sets need not be nested \\[default: kws off, asr on].", show_default=False),
-    oracle_weight: Optional[float] = typer.Option(None, min=0.0, help="Selector stage: weight of supervision by the per-batch oracle (best of 4 random layer sets per input) \\[default: 0].", show_default=False),
+    oracle_weight: Optional[float] = typer.Option(None, min=0.0, help="Selector stage: weight of supervision by the per-batch oracle (best of 4 random layer sets per input) \\[default: 0].", show_default=False, callback=finite),
     set_table: Optional[int] = typer.Option(None, "--set-table", min=0, help="Fit static and selector on every layer set's loss over N training clips (and N/4 validation clips) instead of by straight-through gates: a per-k static takes each k's lowest-loss set, the selector starts from it; then --strategy-epochs train only their heads, on those sets (0: keep the base head) \\[default: kws 0 = gates, asr 512].", show_default=False),
     joint_epochs: Optional[int] = typer.Option(None, "--joint-epochs", min=0, help="Stage 3: epochs fine-tuning the shared encoder layers together with every strategy's head, each on the layer sets it runs (random: a random k-layer set per input; early exit: the first k; static, selector: their chosen sets; k drawn per batch); the front end and the scorers stay frozen. Given on a finished run, adds them (re-running without it keeps the run's own) \\[default: kws 0, asr 6; with --from-run 0].", show_default=False),
     from_run: Optional[Path] = typer.Option(None, "--from-run", help="Skip stage 1: train only the stage-2 strategies, with this command's options, on the backbone and base head of RUN (a finished stage 1 on the same data), e.g. to compare --selector-budget or --distill without training the encoder again (stage 3 runs only when --joint-epochs is given).", show_default=False),
