@@ -159,6 +159,7 @@ def build_app(session: InferenceSession, max_bytes: int = DEFAULT_MAX_BYTES,
         })
 
     async def prometheus(_request: web.Request) -> web.Response:
+        metrics.policy_version.set(session.policy.current().version)  # the version in force now, as /v1/health says
         return web.Response(body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def close(_app: web.Application) -> None:

@@ -305,8 +305,8 @@ def _simulate(opts: SimulateOptions, run_dir: Path, console: Console) -> dict[st
         if (run_dir / RUN_FILE).exists() and opts.overwrite:
             _clear_run(run_dir)
         if (run_dir / RUN_FILE).exists():
-            raise SimulationError(f"{run_dir} already holds a run; continue it with `ldfleet simulate --resume {run_dir}` "
-                                  "or choose another --out")
+            raise SimulationError(f"{run_dir} already holds a run (one that stopped early too): continue it with `ldfleet simulate "
+                                  f"--resume {run_dir}`, start it again with --overwrite, or choose another --out")
         run_dir.mkdir(parents=True, exist_ok=True)
         dump = scn.model_dump(mode="json", exclude={"profiles"})
         dump["profiles_file"] = "device-classes.yaml"

@@ -61,3 +61,15 @@ def test_not_a_number_and_out_of_range_values_are_refused_naming_the_option(tmp_
         out = runner.invoke(app, args)
         text = " ".join(out.output.split())
         assert out.exit_code == 2 and words in text and "Traceback" not in text, (args, out.output)
+
+
+def test_reading_commands_do_not_create_a_registry_at_a_mistyped_path(tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from ldfleet.cli import app
+
+    missing = tmp_path / "typo" / "registry.db"
+    for args in (["budget", "show"], ["budget", "history", "edge"], ["devices", "list"], ["registry", "rounds"]):
+        out = CliRunner().invoke(app, [*args, "--db", f"sqlite:///{missing}"])
+        assert out.exit_code == 2 and "no registry at" in " ".join(out.output.split()), (args, out.output)
+    assert not missing.exists() and not missing.parent.exists()

@@ -32,6 +32,8 @@ def _wav(samples: int, rate: int = 16000, fmt: str = "WAV") -> bytes:
 
 
 def test_infer_health_and_metrics(service, wav_folder):
+    with urllib.request.urlopen(f"{service.url}/metrics", timeout=10) as resp:  # before any request: the version in force
+        assert "ldfleet_policy_version 1.0" in resp.read().decode()
     status, body = post_wav(service.url, (wav_folder / "clip_03.wav").read_bytes())
     assert status == 200 and body["k"] == 4 and len(body["layers"]) == 4 and body["policy_version"] == 1
     status, body = post_wav(service.url, _wav(16000), "?deadline_ms=5000")

@@ -1,9 +1,10 @@
-"""What every command module shares: the consoles, one way to fail, the `bench` group."""
+"""What every command module shares: the consoles, one way to fail, option checks, the registry, the `bench` group."""
 
 from __future__ import annotations
 
 import math
-from typing import NoReturn
+from pathlib import Path
+from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -27,6 +28,30 @@ def finite(value: float | None) -> float | None:
     if value is not None and not math.isfinite(value):
         raise typer.BadParameter(f"must be a finite number, got {value}")
     return value
+
+
+def open_registry(db: str | None, *, must_exist: bool = False) -> Any:
+    """The registry at ``db`` (default: LDFLEET_DB, else ~/.ldfleet/registry.db). ``must_exist``: for
+    commands that only read it, a SQLite file that is not there is an error (a mistyped --db, or no
+    controller has run yet), not a new empty registry that shows nothing."""
+    from sqlalchemy.engine import make_url
+
+    from ldfleet.common.runtime import default_registry_url
+    from ldfleet.server.registry import Registry
+
+    url = db or default_registry_url()
+    try:
+        parsed = make_url(url)
+    except Exception as exc:  # noqa: BLE001 - not a database URL
+        fail(f"cannot open the registry {url}: {exc}")
+    if must_exist and parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:") \
+            and not Path(parsed.database).is_file():
+        fail(f"no registry at {parsed.database}: give the --db the controller uses (or LDFLEET_DB), or start "
+             "`ldfleet controller` first")
+    try:
+        return Registry(url)
+    except Exception as exc:  # noqa: BLE001 - unreachable database, bad URL
+        fail(f"cannot open the registry {url}: {exc}")
 
 
 def bench_group(app: typer.Typer) -> typer.Typer:

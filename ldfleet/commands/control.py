@@ -18,8 +18,8 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from ldfleet.commands._shared import bench_group, console, err, fail, finite
-from ldfleet.common.runtime import default_broker_url, default_registry_url
+from ldfleet.commands._shared import bench_group, console, err, fail, finite, open_registry
+from ldfleet.common.runtime import default_broker_url
 
 
 budget_app = typer.Typer(help="Budget policies: set, show, history, clear.", no_args_is_help=True)
@@ -41,15 +41,6 @@ def _broker_url(url: str | None, ca_file: Path | None) -> Any:
         return parse_broker_url(_broker(url), ca_file=str(ca_file) if ca_file else None)
     except ValueError as exc:
         fail(str(exc))
-
-
-def _open_registry(db: str | None) -> Any:
-    from ldfleet.server.registry import Registry
-
-    try:
-        return Registry(db or default_registry_url())
-    except Exception as exc:  # noqa: BLE001 - unreachable database, bad URL
-        fail(f"cannot open the registry {db or default_registry_url()}: {exc}")
 
 
 def _ts(value: datetime | None) -> str:
@@ -198,7 +189,7 @@ def controller(
 
     if not (math.isfinite(default_keep) and 0 < default_keep <= 1):
         fail("--default-keep must be in (0, 1]")
-    reg = _open_registry(db)
+    reg = open_registry(db)
     try:
         ctl = Controller(_broker(broker), reg, ca_file=str(ca_file) if ca_file else None, default_keep=default_keep,
                          strict_classes=strict_classes, poll_interval_s=poll_interval, mqtt_version=mqtt_version,
@@ -277,7 +268,7 @@ def budget_set(
         fail("give exactly one of --keep, --latency-ms and --rtf")
     if expires_in is not None and not (math.isfinite(expires_in) and 0 < expires_in <= MAX_EXPIRES_IN_S):
         fail(f"--expires-in must be a positive number of seconds, at most {MAX_EXPIRES_IN_S:.0e} (about 100 years)")
-    reg = _open_registry(db)
+    reg = open_registry(db)
     try:
         res = set_budget(reg, _broker_url(broker, ca_file), device_class, keep=keep, latency_ms=latency_ms, rtf=rtf,
                          percentile=percentile, device_id=device, issued_by=by, expires_in_s=expires_in,
@@ -310,7 +301,7 @@ def _print_preview(db: str | None, device_class: str, device: str | None) -> Non
 
     from ldfleet.server.operator import preview_budget
 
-    reg = _open_registry(db)
+    reg = open_registry(db)
     try:
         preview = preview_budget(reg, device_class, device)
     finally:
@@ -349,7 +340,7 @@ def budget_clear(
     from ldfleet.server.operator import clear_budget
     from ldfleet.server.registry import RegistryError
 
-    reg = _open_registry(db)
+    reg = open_registry(db)
     try:
         res = clear_budget(reg, _broker_url(broker, ca_file), device_class, device_id=device, issued_by=by)
     except RegistryError as exc:
@@ -381,7 +372,7 @@ def budget_show(
 
     from ldfleet.server.operator import pending_policies
 
-    reg = _open_registry(db)
+    reg = open_registry(db, must_exist=True)
     try:
         by_scope = reg.active_policies()
         active = sorted(by_scope.values(), key=lambda p: (p.device_class, p.device_id or ""))
@@ -426,7 +417,7 @@ def budget_history(
     db: str = typer.Option(None, "--db", help=DB_HELP),
 ) -> None:
     """Audit trail of a class: every policy change (class and device overrides), who, when, old -> new."""
-    reg = _open_registry(db)
+    reg = open_registry(db, must_exist=True)
     try:
         rows = reg.policy_history(device_class)
     finally:
@@ -504,7 +495,7 @@ def devices_list(
 
     from ldfleet.server.operator import pending_policies
 
-    reg = _open_registry(db)
+    reg = open_registry(db, must_exist=True)
     try:
         devs = reg.devices(device_class)
         stale = pending_policies(devs, reg.active_policies())
@@ -561,7 +552,7 @@ def devices_set_class(
     from ldfleet.server.operator import notify_controller
     from ldfleet.server.registry import RegistryError
 
-    reg = _open_registry(db)
+    reg = open_registry(db)
     try:
         reg.pin_class(device_id, device_class, create_class=create_class)
     except RegistryError as exc:

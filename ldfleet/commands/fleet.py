@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ldfleet.commands._shared import console, err, fail, finite
+from ldfleet.commands._shared import console, err, fail, finite, open_registry
 from ldfleet.common.metrics import metric_label
 
 
@@ -100,8 +100,6 @@ def report(
 
 
 def _registry_target(run: Path | None, run_id: str | None, db: str | None) -> tuple[Any, str]:
-    from ldfleet.common.runtime import default_registry_url
-    from ldfleet.server.registry.store import Registry
     from ldfleet.server.rounds import run_ids
 
     if run is not None:
@@ -111,7 +109,7 @@ def _registry_target(run: Path | None, run_id: str | None, db: str | None) -> tu
         info = json.loads(info_path.read_text())
         db = db or info["db_url"]
         run_id = run_id or info["run_id"]
-    reg = Registry(db or default_registry_url())
+    reg = open_registry(db, must_exist=True)
     if run_id is None:
         runs = run_ids(reg)
         if not runs:
