@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from ldfleet.common import topics
-from ldfleet.common.mqtt import BrokerURL, parse_broker_url, publish_once
+from ldfleet.common.mqtt import BrokerURL, new_id, parse_broker_url, publish_once
 from ldfleet.common.schemas import DeviceProfile, PolicyChanged, utcnow
 from ldfleet.server.policy import Resolution, pick_policy, resolve
 from ldfleet.server.registry.models import Device, Policy
@@ -28,6 +28,8 @@ class ChangeResult:
     policy: Policy
     notified: bool
     notify_error: str | None = None
+    #: Controllers whose retained status says online when the notice went out (None: not looked).
+    controllers: list[str] | None = None
 
 
 def default_operator() -> str:
@@ -83,8 +85,11 @@ def set_budget(
     expires_in_s: float | None = None,
     create_class: bool = False,
     comment: str | None = None,
+    look_for_controllers: bool = False,
 ) -> ChangeResult:
-    """Append a policy (refused with RegistryError when invalid; nothing written) and notify."""
+    """Append a policy (refused with RegistryError when invalid; nothing written) and notify; with
+    ``look_for_controllers``, also say which controllers are online to act on it (``controllers_online``,
+    up to a few hundred ms more)."""
     expires_at: datetime | None = None
     if expires_in_s is not None:
         expires_at = utcnow() + timedelta(seconds=expires_in_s)
@@ -94,7 +99,26 @@ def set_budget(
         comment=comment,
     )
     notified, err = _notify(broker, row)
-    return ChangeResult(row, notified, err)
+    return ChangeResult(row, notified, err, controllers_online(broker) if notified and look_for_controllers else None)
+
+
+def controllers_online(broker: str | BrokerURL, quiet_s: float = 0.3, max_s: float = 3.0) -> list[str]:
+    """Ids of the controllers whose retained status (``ldfleet/v1/ctl/status/{id}``) says online: who
+    will act on a notice now. A controller that died without its Last Will reaching the broker still
+    looks online; one that stopped or lost its connection does not. Blocks up to ``max_s`` seconds."""
+    from ldfleet.common.schemas import ControllerStatus, decode
+    from ldfleet.server.snapshot import read_retained
+
+    url = broker if isinstance(broker, BrokerURL) else parse_broker_url(broker)
+    online: dict[str, bool] = {}
+
+    def put(topic: str, payload: bytes, _retained: bool) -> None:
+        status = decode(ControllerStatus, payload, topic=topic, logger=log)
+        if status is not None and topics.parse_ctl_status(topic) == status.controller_id:
+            online[status.controller_id] = status.online
+
+    read_retained(url, f"ldfleet-operator-{new_id()[:8]}", put, quiet_s=quiet_s, max_s=max_s, filters=[topics.ALL_CONTROLLERS])
+    return sorted(c for c, up in online.items() if up)
 
 
 def preview_budget(registry: Registry, device_class: str, device_id: str | None = None) -> dict[str, tuple[Resolution, DeviceProfile]]:

@@ -46,9 +46,10 @@ def read_retained(
     quiet_s: float = 2.0,
     max_s: float = 120.0,
     stop: threading.Event | None = None,
+    filters: list[str] | None = None,
 ) -> int:
-    """Hand every retained device message to ``put(topic, payload, True)`` (called in paho's network
-    thread: keep it short); returns how many. Blocks until the broker has sent nothing retained for
+    """Hand every retained device message (or every retained message on ``filters``) to ``put(topic,
+    payload, True)`` (called in paho's network thread: keep it short); returns how many. Blocks until the broker has sent nothing retained for
     ``quiet_s`` s after the subscription was acknowledged, ``max_s`` s passed or ``stop`` is set.
     A broker that cannot be reached or refuses the session gives 0 (logged): the devices still
     re-announce by themselves."""
@@ -66,7 +67,7 @@ def read_retained(
             log.warning("retained-state reader: broker refused the session: %s", rc)
             refused.set()
         else:
-            client.subscribe([(topics.all_devices(ch), 1) for ch in CHANNELS])
+            client.subscribe([(f, 1) for f in filters] if filters else [(topics.all_devices(ch), 1) for ch in CHANNELS])
 
     def on_subscribe(client: paho.Client, userdata: Any, mid: int, rcs: Any, props: Any) -> None:
         got[1] = time.monotonic()
@@ -93,7 +94,7 @@ def read_retained(
     finally:
         c.disconnect()
         c.loop_stop()
-    log.info("read %d retained device messages (the shared subscription does not deliver them)", got[0])
+    log.info("read %d retained messages", got[0])
     return got[0]
 
 

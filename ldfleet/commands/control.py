@@ -272,7 +272,7 @@ def budget_set(
     try:
         res = set_budget(reg, _broker_url(broker, ca_file), device_class, keep=keep, latency_ms=latency_ms, rtf=rtf,
                          percentile=percentile, device_id=device, issued_by=by, expires_in_s=expires_in,
-                         create_class=create_class, comment=comment)
+                         create_class=create_class, comment=comment, look_for_controllers=True)
     except RegistryError as exc:
         fail(str(exc))
     finally:
@@ -281,9 +281,12 @@ def budget_set(
     scope = f"device {p.device_id}" if p.device_id else f"class {p.device_class}"
     console.print(f"{scope}: policy v{p.version} ({p.budget_text()}) by {p.issued_by}")
     _print_preview(db, device_class, device)
-    if res.notified:
-        console.print("notice sent to the controller; devices follow once it re-resolves (`budget show` counts "
-                      "those still pending)", soft_wrap=True)
+    if res.notified and res.controllers:
+        console.print(f"notice sent; online controller(s): {', '.join(res.controllers)}; devices follow once it re-resolves "
+                      "(`budget show` counts those still pending)", soft_wrap=True)
+    elif res.notified:
+        err.print("[yellow]warning:[/yellow] notice sent, but no controller is online (none has an online status on the "
+                  "broker): the change waits in the registry until `ldfleet controller` runs", soft_wrap=True)
     else:
         err.print(f"[yellow]warning:[/yellow] controller not notified ({res.notify_error}); "
                   "a running controller picks the change up at its next registry poll")
