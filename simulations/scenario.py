@@ -220,7 +220,8 @@ TASKS = ("kws", "asr")
 
 
 class Scenario(_Strict):
-    name: str = "fleet"
+    #: Also the default run folder ``runs/<name>``: a plain name, no path.
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")] = "fleet"
     description: str = ""
     #: kws: keyword spotting (accuracy); asr: speech recognition with a CTC head (WER / CER).
     task: str = "kws"
@@ -266,12 +267,7 @@ class Scenario(_Strict):
             self._check_asr()
         elif self.data.asr_corpus is not None:
             raise ValueError("data.asr_corpus: only a task: asr scenario has a phrase corpus")
-        for i, ev in enumerate(self.events):
-            if ev.round > self.rounds:
-                raise ValueError(f"events.{i}: round {ev.round} is after the last round ({self.rounds})")
-            if ev.set_budget is not None and ev.set_budget.device_class not in names:
-                raise ValueError(f"events.{i}.set_budget: unknown device class {ev.set_budget.device_class!r} "
-                                 f"(classes: {', '.join(sorted(names))})")
+        self._check_events(names)
         if self.profiles:
             for i, c in enumerate(self.classes):
                 if c.profile not in self.profiles:
@@ -288,6 +284,25 @@ class Scenario(_Strict):
                     "use more variants or partition: {kind: dirichlet}"
                 )
         return self
+
+    def _check_events(self, names: set[str]) -> None:
+        """Events name rounds, classes and devices of this fleet (ids ``<class>-<nn>``, ``device_ids``),
+        so a mistake stops the run before its warm-up, not at the round of the event."""
+        fleet = dict(self.device_ids())
+        for i, ev in enumerate(self.events):
+            if ev.round > self.rounds:
+                raise ValueError(f"events.{i}: round {ev.round} is after the last round ({self.rounds})")
+            budget, crash = ev.set_budget, ev.crash
+            if budget is not None and budget.device_class not in names:
+                raise ValueError(f"events.{i}.set_budget: unknown device class {budget.device_class!r} "
+                                 f"(classes: {', '.join(sorted(names))})")
+            if budget is not None and budget.device is not None and getattr(fleet.get(budget.device), "name", None) != budget.device_class:
+                raise ValueError(f"events.{i}.set_budget: no device {budget.device!r} in class {budget.device_class!r} "
+                                 f"(its devices are {budget.device_class}-01 and on)")
+            if crash is not None and (unknown := sorted(set(crash.devices) - set(fleet))):
+                raise ValueError(f"events.{i}.crash: unknown devices {unknown} (ids are <class>-<nn>, e.g. {next(iter(fleet))})")
+            if crash is not None and crash.count > len(fleet):
+                raise ValueError(f"events.{i}.crash: count {crash.count} exceeds the fleet size ({len(fleet)})")
 
     def _check_asr(self) -> None:
         """A speech-recognition fleet: whole speakers per device, enough training speakers."""
@@ -365,6 +380,8 @@ def parse_scenario(data: Any, source: str = "<scenario>", base_dir: str | Path |
     data = dict(data)
     if profiles is None:
         pfile = data.get("profiles_file") or DEFAULT_PROFILES_FILE
+        if not isinstance(pfile, str):
+            raise ScenarioError(f"{source}: invalid scenario (1 problem)\n  profiles_file: a file name, got {pfile!r}")
         candidates = [Path(base_dir or ".") / pfile, Path(__file__).resolve().parents[1] / "configs" / pfile]
         found = next((p for p in candidates if p.is_file()), None)
         if found is None:

@@ -106,6 +106,29 @@ def test_quoted_numbers_and_booleans_are_refused_not_coerced():
     assert parse_scenario(data, "test.yaml", base_dir=CONFIGS).classes[0].budget.keep == 1.0
 
 
+def test_events_and_names_that_cannot_work_are_refused_before_the_run():
+    data = _base()
+    cls = data["classes"][0]["name"]
+    other = data["classes"][1]["name"]
+    for event, words in [
+        ({"round": 2, "set_budget": {"device_class": cls, "device": "nope-01", "keep": 0.5}}, "no device 'nope-01'"),
+        ({"round": 2, "set_budget": {"device_class": cls, "device": f"{other}-01", "keep": 0.5}}, f"in class '{cls}'"),
+        ({"round": 2, "crash": {"devices": ["nope-99"]}}, "unknown devices ['nope-99']"),
+        ({"round": 2, "crash": {"count": 10_000}}, "exceeds the fleet size"),
+    ]:
+        data["events"] = [event]
+        assert "events.0" in _error(data) and words in _error(data), event
+    data["events"] = [{"round": 2, "set_budget": {"device_class": cls, "device": f"{cls}-01", "keep": 0.5}}]
+    assert parse_scenario(data, "test.yaml", base_dir=CONFIGS).events[0].set_budget.device == f"{cls}-01"
+    data = _base()
+    for name in ("../../tmp/evil", "", "a/b"):
+        data["name"] = name
+        assert "name" in _error(data)
+    data = _base()
+    data["profiles_file"] = 5
+    assert "profiles_file: a file name, got 5" in _error(data)
+
+
 def test_voice_partition_needs_a_speaker_per_device():
     data = _base()
     data["data"]["corpus"]["variants_per_voice"] = 1  # 8 speakers for 12 devices
