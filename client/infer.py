@@ -224,11 +224,12 @@ def _read_wav(data: bytes | str | Path) -> tuple[np.ndarray, int]:
 
 def clip_from_wav(data: bytes | str | Path) -> np.ndarray:
     """WAV bytes or a path -> 1 s of 16 kHz mono float32, as keyword training saw clips (resample,
-    trim, centre). Raises AudioError (a ValueError) when the data is not audio soundfile can read."""
+    trim, centre). Raises AudioError (a ValueError) when the data is not audio soundfile can read, or
+    shorter than a speech-recognition input may be (``edge_runtime.MIN_SAMPLES``: no word fits)."""
     from ldfleet.common.data.audio import fix_length, resample, to_mono, trim_silence
 
     audio, rate = _read_wav(data)
-    return fix_length(trim_silence(resample(to_mono(audio), rate)))
+    return fix_length(trim_silence(_long_enough(resample(to_mono(audio), rate))))
 
 
 def utterance_from_wav(data: bytes | str | Path) -> np.ndarray:
@@ -239,7 +240,11 @@ def utterance_from_wav(data: bytes | str | Path) -> np.ndarray:
     from ldfleet.common.data.audio import resample, to_mono
 
     audio, rate = _read_wav(data)
-    wave = resample(to_mono(audio), rate)
+    return _long_enough(resample(to_mono(audio), rate))
+
+
+def _long_enough(wave: np.ndarray) -> np.ndarray:
+    """``wave`` unchanged, or AudioError (422 in `serve`) when it is shorter than ``MIN_SAMPLES``."""
     try:
         check_length(wave)
     except ValueError as exc:

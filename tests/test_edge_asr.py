@@ -273,7 +273,7 @@ def test_short_or_failing_inputs_are_refused_with_a_reason_and_nothing_else_stop
     try:
         status, body = post_wav(svc.url, good.read_bytes())
         assert status == 500 and "Invalid input shape" in body["error"]
-        assert post_wav(svc.url, short.read_bytes()) == (422, {"error": "100 samples (6.2 ms) is too short: the model needs at least 400 (25 ms at 16 kHz)"})
+        assert post_wav(svc.url, short.read_bytes()) == (422, {"error": "100 samples at 16 kHz (6.25 ms) is too short: the model needs at least 400 (25 ms at 16 kHz)"})
         with urllib.request.urlopen(f"{svc.url}/metrics", timeout=10) as resp:
             assert 'ldfleet_infer_requests_total{status="500"} 1.0' in resp.read().decode()
     finally:

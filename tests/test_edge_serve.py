@@ -62,6 +62,7 @@ def test_other_sample_rates_are_resampled_as_infer_does(service, tiny_export):
     (b"RIFF" + b"\0" * 100, "", 415, "not a WAV"),
     (None, "", 415, "WAV"),  # a FLAC file
     (_wav(16000, rate=4000), "", 422, "4000 Hz"),
+    (_wav(1), "", 422, "too short"),  # a keyword clip of one sample: nothing to hear
     (_wav(16000 * 11), "", 413, "cap"),  # over the 200 kB test cap
     (_wav(16000), "?deadline_ms=-3", 400, "deadline_ms"),
 ])
