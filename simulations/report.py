@@ -37,7 +37,7 @@ def _load_run(run_dir: Path) -> tuple[dict, Any, Any]:
 
     from ldfleet.common.learning import MANIFEST_FILE, FleetManifest
     from ldfleet.simulations.scenario import parse_scenario
-    from ldfleet.simulations.simulate import RUN_FILE, SCENARIO_COPY
+    from ldfleet.simulations.run_folder import RUN_FILE, SCENARIO_COPY
 
     if not (run_dir / RUN_FILE).is_file():
         raise FileNotFoundError(f"{run_dir} is not a simulation run (no {RUN_FILE})")

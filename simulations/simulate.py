@@ -15,7 +15,9 @@
 7. the report (``RUN/report/``).
 
 ``--resume RUN`` continues a run that was killed: the same fleet, registry and device states; the
-server restarts after the last finished round and discards the unfinished one.
+server restarts after the last finished round and discards the unfinished one. A run that failed or
+was interrupted before any round finished has nothing to resume: a plain ``ldfleet simulate`` into
+its folder starts it again (``simulations/run_folder.py``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import os
 import random
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +38,15 @@ from rich.markup import escape
 
 from ldfleet.common.learning import MANIFEST_FILE, FleetManifest
 from ldfleet.simulations.progress import Display, MemorySampler
+from ldfleet.simulations.run_folder import (
+    EVENTS_FILE, ROUNDS_LOG, RUN_FILE, SCENARIO_COPY, RunInfo, clear_run, mark_stopped, stopped_before_rounds,
+)
 from ldfleet.simulations.scenario import Scenario, ScenarioError, load_scenario, parse_scenario
-from ldfleet.simulations.serving import SERVING_FILE, FleetServing
+from ldfleet.simulations.serving import FleetServing
 from ldfleet.simulations.waits import wait_converged, wait_registered
 
 log = logging.getLogger("ldfleet.sim")
 
-RUN_FILE = "run.json"
-SCENARIO_COPY = "scenario.yaml"
-EVENTS_FILE = "events.json"
-ROUNDS_LOG = "rounds.jsonl"
 DEFAULT_CACHE = Path("runs") / "cache"
 
 
@@ -67,41 +68,6 @@ class SimulateOptions:
     verbose: bool = False
     overwrite: bool = False
     serve: int | None = None  # requests per device and round; None: the scenario's serve option
-
-
-@dataclass
-class RunInfo:
-    run_id: str
-    run_dir: Path
-    db_url: str
-    cache_dir: Path
-    created: float
-    timings: dict[str, float] = field(default_factory=dict)
-    status: str = "running"
-    broker_url: str = ""
-    rounds: int = 0
-    peak_rss_mb: float = 0.0
-    torch_threads: int = 0
-
-    def save(self) -> None:
-        data = {
-            "run_id": self.run_id, "db_url": self.db_url, "cache_dir": str(self.cache_dir), "created": self.created,
-            "timings": self.timings, "status": self.status, "broker_url": self.broker_url, "rounds": self.rounds,
-            "peak_rss_mb": self.peak_rss_mb, "torch_threads": self.torch_threads, "cores": os.cpu_count(),
-        }
-        tmp = self.run_dir / (RUN_FILE + ".tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        tmp.replace(self.run_dir / RUN_FILE)
-
-    @classmethod
-    def load(cls, run_dir: Path) -> RunInfo:
-        data = json.loads((run_dir / RUN_FILE).read_text())
-        return cls(
-            run_id=data["run_id"], run_dir=run_dir, db_url=data["db_url"], cache_dir=Path(data["cache_dir"]),
-            created=data["created"], timings=data.get("timings", {}), status=data.get("status", "running"),
-            broker_url=data.get("broker_url", ""), rounds=int(data.get("rounds", 0)),
-            peak_rss_mb=float(data.get("peak_rss_mb", 0.0)), torch_threads=int(data.get("torch_threads", 0)),
-        )
 
 
 # ---- the control plane of the simulated fleet -----------------------------------------------------
@@ -249,22 +215,6 @@ class _Logs:
         self.logger.setLevel(level)
 
 
-RUN_ENTRIES = (RUN_FILE, SCENARIO_COPY, EVENTS_FILE, ROUNDS_LOG, MANIFEST_FILE, "device-classes.yaml", "registry.db",
-               "registry.db-wal", "registry.db-shm", "devices", "checkpoints", "report", "broker", "flower.log", SERVING_FILE)
-
-
-def _clear_run(run_dir: Path) -> None:
-    """Remove what a previous simulation wrote into ``run_dir`` (and nothing else)."""
-    import shutil
-
-    for name in RUN_ENTRIES:
-        path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-
-
 def _start_agents(scn: Scenario, manifest: FleetManifest, profiles: dict, broker_url: str) -> list:
     from ldfleet.client.agent import DeviceAgent
 
@@ -285,7 +235,11 @@ def simulate(opts: SimulateOptions, console: Console | None = None) -> dict[str,
         raise SimulationError("--resume needs the run folder")
     run_dir.mkdir(parents=True, exist_ok=True)
     with _Logs(run_dir, opts.verbose):
-        return _simulate(opts, run_dir, console or Console())
+        try:
+            return _simulate(opts, run_dir, console or Console())
+        except BaseException as exc:  # a plain retry restarts a run stopped before any round (run_folder)
+            mark_stopped(run_dir, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
+            raise
 
 
 def _simulate(opts: SimulateOptions, run_dir: Path, console: Console) -> dict[str, Any]:
@@ -302,11 +256,11 @@ def _simulate(opts: SimulateOptions, run_dir: Path, console: Console) -> dict[st
     else:
         config = Path(opts.config or Path("configs") / "fleet-small.yaml")
         scn = load_scenario(config, rounds=opts.rounds)
-        if (run_dir / RUN_FILE).exists() and opts.overwrite:
-            _clear_run(run_dir)
+        if (run_dir / RUN_FILE).exists() and (opts.overwrite or stopped_before_rounds(run_dir)):
+            clear_run(run_dir)  # asked for, or nothing to resume: it stopped before any round
         if (run_dir / RUN_FILE).exists():
-            raise SimulationError(f"{run_dir} already holds a run (one that stopped early too): continue it with `ldfleet simulate "
-                                  f"--resume {run_dir}`, start it again with --overwrite, or choose another --out")
+            raise SimulationError(f"{run_dir} already holds a run ({RunInfo.load(run_dir).status}): continue it with `ldfleet "
+                                  f"simulate --resume {run_dir}`, start it again with --overwrite, or choose another --out")
         run_dir.mkdir(parents=True, exist_ok=True)
         dump = scn.model_dump(mode="json", exclude={"profiles"})
         dump["profiles_file"] = "device-classes.yaml"

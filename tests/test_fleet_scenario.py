@@ -185,3 +185,24 @@ def test_kws_cache_keys_are_unchanged_by_the_asr_fields():
     keys they had before the fields existed (values computed with that version), so cached warm models stay valid."""
     assert load_scenario(CONFIGS / "fleet-small.yaml").fingerprint("data", "warm") == "e939a17f5546"
     assert load_scenario(CONFIGS / "fleet-100.yaml").fingerprint("data", "warm") == "81a2f3455201"
+
+
+def test_a_run_that_failed_before_its_first_round_can_simply_be_started_again(tmp_path):
+    """A start-up failure (here a data folder that is not there) marks the run failed; running the same
+    command again starts it again rather than asking for --resume of a run that never began."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from ldfleet.cli import app
+
+    data = _base()
+    data["data"] = {**data.get("data", {}), "source": str(tmp_path / "missing")}
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    (tmp_path / "device-classes.yaml").write_text((CONFIGS / "device-classes.yaml").read_text())
+    for _ in range(2):
+        out = CliRunner().invoke(app, ["simulate", "--config", str(cfg), "--out", str(tmp_path / "run"), "--cache", str(tmp_path / "cache")])
+        text = " ".join(out.output.split())
+        assert out.exit_code != 0 and "is not a folder" in text and "already holds a run" not in text, out.output
+        assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "failed"
