@@ -184,11 +184,17 @@ def test_synth_says_how_many_variants_fill_every_split(tmp_path):
 
     from ldfleet.cli import app
 
-    out = CliRunner().invoke(app, ["data", "synth", "--task", "asr", "--out", str(tmp_path / "c"), "--voices", "2",
+    from ldfleet.common.data.espeak import ACCENT_VOICES, ENGLISH_VOICES
+
+    out = CliRunner().invoke(app, ["data", "synth", "--task", "asr", "--out", str(tmp_path / "c"), "--voices", "9",
                                    "--variants-per-voice", "2", "--utterances-per-speaker", "1"])
     text = " ".join(out.output.split())
     assert out.exit_code == 0, out.output
     assert "no speaker in" in text and "--variants-per-voice 3 or more (now 2)" in text and "--voices" not in text
+    # a count takes the English voices, then the accents, as a scenario's asr_corpus.voices does
+    with open(tmp_path / "c" / "metadata.csv", newline="") as f:
+        voices = {r["voice"] for r in csv.DictReader(f)}
+    assert voices == set(ENGLISH_VOICES + ACCENT_VOICES[:1])
 
 
 @needs_espeak

@@ -78,15 +78,16 @@ def _csv_list(text: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
-def _voices(text: Optional[str]) -> tuple[str, ...]:
-    """``None``/``all``: every English voice; a number N: the first N; else a comma-separated list."""
+def _voices(text: Optional[str], pool: tuple[str, ...] = ENGLISH_VOICES) -> tuple[str, ...]:
+    """``None``/``all``: every voice of ``pool``; a number N: its first N (as a scenario's ``voices``
+    counts them); else a comma-separated list."""
     if text is None or text == "all":
-        return ENGLISH_VOICES
-    if text.isdigit():
+        return pool
+    if text.lstrip("-").isdigit():
         n = int(text)
-        if not 1 <= n <= len(ENGLISH_VOICES):
-            raise typer.BadParameter(f"between 1 and {len(ENGLISH_VOICES)} voices, got {n}", param_hint="--voices")
-        return ENGLISH_VOICES[:n]
+        if not 1 <= n <= len(pool):
+            raise typer.BadParameter(f"between 1 and {len(pool)} voices, got {n}", param_hint="--voices")
+        return pool[:n]
     voices = _csv_list(text)
     if not voices:
         raise typer.BadParameter("no voices given", param_hint="--voices")
@@ -98,8 +99,8 @@ def synth(
     task: str = typer.Option("kws", help="kws (keyword clips) or asr (transcribed phrases)."),
     seed: int = typer.Option(0, help="Random seed: the same seed gives byte-identical files."),
     voices: Optional[str] = typer.Option(
-        None, help=f"espeak-ng voices (accents): a count N (first N of {', '.join(ENGLISH_VOICES)}), "
-        f"'all' (default; asr adds {', '.join(ACCENT_VOICES)} as foreign accents), or a comma-separated list.",
+        None, help=f"espeak-ng voices (accents): a count N (the first N of {', '.join(ENGLISH_VOICES)}, and for asr then "
+        f"{', '.join(ACCENT_VOICES)} as foreign accents), 'all' (default: all of them), or a comma-separated list.",
         show_default=False,
     ),
     variants_per_voice: Optional[int] = typer.Option(None, min=1, help="Variants (timbres) drawn per voice; speakers = voices x this \\[default: kws 8, asr 6].", show_default=False),
@@ -164,7 +165,7 @@ def _synth_asr(out: Path, seed: int, voices: Optional[str], variants: Optional[s
 
     try:
         cfg = AsrSynthConfig(
-            out=out, seed=seed, voices=ENGLISH_VOICES + ACCENT_VOICES if voices in (None, "all") else _voices(voices),
+            out=out, seed=seed, voices=_voices(voices, ENGLISH_VOICES + ACCENT_VOICES),
             variants=_csv_list(variants) if variants else DEFAULT_VARIANTS, variants_per_voice=variants_per_voice,
             utterances_per_speaker=utterances_per_speaker, noise=noise, workers=workers, overwrite=overwrite,
         )
