@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -75,6 +76,10 @@ def parse_wav(body: bytes, max_seconds: float = DEFAULT_MAX_SECONDS, task: str =
         raise BadRequest(exc.status, str(exc)) from None
 
 
+#: A plain ASCII decimal number (``deadline_ms``): digits, an optional fraction and exponent.
+_DECIMAL = re.compile(r"[0-9]+(\.[0-9]*)?([eE][+-]?[0-9]+)?|\.[0-9]+([eE][+-]?[0-9]+)?")
+
+
 class Metrics:
     """The service's Prometheus metrics, in their own registry (several services per process in tests)."""
 
@@ -113,6 +118,8 @@ def build_app(session: InferenceSession, max_bytes: int = DEFAULT_MAX_BYTES,
             return refuse(413, f"body is over the {max_bytes}-byte cap")
         deadline = request.query.get("deadline_ms")
         try:
+            if deadline is not None and not _DECIMAL.fullmatch(deadline):
+                raise ValueError  # float() would also take "1_000", " 3", other scripts' digits
             deadline_ms = float(deadline) if deadline is not None else None
             if deadline_ms is not None and not (0 < deadline_ms < 1e7):
                 raise ValueError

@@ -65,6 +65,8 @@ def test_other_sample_rates_are_resampled_as_infer_does(service, tiny_export):
     (_wav(1), "", 422, "too short"),  # a keyword clip of one sample: nothing to hear
     (_wav(16000 * 11), "", 413, "cap"),  # over the 200 kB test cap
     (_wav(16000), "?deadline_ms=-3", 400, "deadline_ms"),
+    (_wav(16000), "?deadline_ms=1_000", 400, "deadline_ms"),
+    (_wav(16000), "?deadline_ms=%D9%A3", 400, "deadline_ms"),  # an Arabic-Indic 3: float() takes it, a client meant something else
 ])
 def test_bad_requests_get_a_clear_4xx_and_the_service_keeps_serving(service, body, query, status, words):
     body = body if body is not None else _wav(16000, fmt="FLAC")
