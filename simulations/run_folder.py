@@ -75,13 +75,14 @@ def clear_run(run_dir: Path) -> None:
             path.unlink()
 
 
-def mark_stopped(run_dir: Path, status: str) -> None:
-    """Record that the run in ``run_dir`` stopped (``failed`` or ``interrupted``) while ``running``."""
+def mark_stopped(run_dir: Path, run_id: str, status: str) -> None:
+    """Record that run ``run_id`` in ``run_dir`` stopped (``failed`` or ``interrupted``) while ``running``;
+    any other run there is left alone."""
     try:
         info = RunInfo.load(run_dir)
     except (OSError, ValueError, KeyError):
-        return  # nothing written yet, or not ours
-    if info.status == "running":
+        return  # unreadable: nothing to mark
+    if info.run_id == run_id and info.status == "running":
         info.status = status
         info.save()
 

@@ -235,14 +235,16 @@ def simulate(opts: SimulateOptions, console: Console | None = None) -> dict[str,
         raise SimulationError("--resume needs the run folder")
     run_dir.mkdir(parents=True, exist_ok=True)
     with _Logs(run_dir, opts.verbose):
+        started: list[str] = []  # the run id, once this call has taken the run (not one refused for another's)
         try:
-            return _simulate(opts, run_dir, console or Console())
+            return _simulate(opts, run_dir, console or Console(), started)
         except BaseException as exc:  # a plain retry restarts a run stopped before any round (run_folder)
-            mark_stopped(run_dir, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
+            if started:
+                mark_stopped(run_dir, started[0], "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed")
             raise
 
 
-def _simulate(opts: SimulateOptions, run_dir: Path, console: Console) -> dict[str, Any]:
+def _simulate(opts: SimulateOptions, run_dir: Path, console: Console, started: list[str]) -> dict[str, Any]:
     t_start = time.perf_counter()
     if opts.resume:
         if not (run_dir / RUN_FILE).is_file():
@@ -275,6 +277,7 @@ def _simulate(opts: SimulateOptions, run_dir: Path, console: Console) -> dict[st
     info.rounds = scn.rounds
     info.status = "running"
     info.save()
+    started.append(info.run_id)
     display = Display(console, scn)
     classes_txt = escape(", ".join(f"{c.count} {c.name} [{c.budget.text()}]" for c in scn.classes))
     display.say(f"[bold]{scn.name}[/bold]: {scn.num_devices} devices in {len(scn.classes)} classes "

@@ -206,3 +206,9 @@ def test_a_run_that_failed_before_its_first_round_can_simply_be_started_again(tm
         text = " ".join(out.output.split())
         assert out.exit_code != 0 and "is not a folder" in text and "already holds a run" not in text, out.output
         assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "failed"
+    # a run that is running (another process, say) is refused and left as it is
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    (tmp_path / "run" / "run.json").write_text(json.dumps({**info, "status": "running"}))
+    out = CliRunner().invoke(app, ["simulate", "--config", str(cfg), "--out", str(tmp_path / "run"), "--cache", str(tmp_path / "cache")])
+    assert out.exit_code != 0 and "already holds a run (running)" in " ".join(out.output.split())
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "running"
