@@ -297,8 +297,9 @@ class Scenario(_Strict):
                 raise ValueError(f"events.{i}.set_budget: unknown device class {budget.device_class!r} "
                                  f"(classes: {', '.join(sorted(names))})")
             if budget is not None and budget.device is not None and getattr(fleet.get(budget.device), "name", None) != budget.device_class:
+                first = next(d for d, c in fleet.items() if c.name == budget.device_class)
                 raise ValueError(f"events.{i}.set_budget: no device {budget.device!r} in class {budget.device_class!r} "
-                                 f"(its devices are {budget.device_class}-01 and on)")
+                                 f"(its devices are {first} and on)")
             if crash is not None and (unknown := sorted(set(crash.devices) - set(fleet))):
                 raise ValueError(f"events.{i}.crash: unknown devices {unknown} (ids are <class>-<nn>, e.g. {next(iter(fleet))})")
             if crash is not None and crash.count > len(fleet):

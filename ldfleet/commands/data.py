@@ -83,7 +83,7 @@ def _voices(text: Optional[str], pool: tuple[str, ...] = ENGLISH_VOICES) -> tupl
     counts them); else a comma-separated list."""
     if text is None or text == "all":
         return pool
-    if text.lstrip("-").isdigit():
+    if text.isdigit() or (text.startswith("-") and text[1:].isdigit()):  # a count, or a negative one to refuse
         n = int(text)
         if not 1 <= n <= len(pool):
             raise typer.BadParameter(f"between 1 and {len(pool)} voices, got {n}", param_hint="--voices")
