@@ -143,7 +143,6 @@ def build_app(session: InferenceSession, max_bytes: int = DEFAULT_MAX_BYTES,
         metrics.requests.labels("200").inc()
         metrics.latency.observe(result.ms / 1000)
         metrics.k.labels(str(len(result.layers))).inc()  # layers that ran (adaptive's depth, the guard's cut), as the telemetry counts
-        metrics.policy_version.set(policy.version)
         if decision.intervened:
             metrics.interventions.inc()
         if decision.target_ms is not None and result.ms > decision.target_ms:

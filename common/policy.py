@@ -38,6 +38,13 @@ def percentile_ratio(profile: DeviceProfile, percentile: float | None) -> float:
     return r90 + (r99 - r90) * min(1.0, (percentile - 90.0) / 9.0)
 
 
+def allowed_ms(profile: DeviceProfile, latency_ms: float | None, rtf: float | None, percentile: float | None) -> float:
+    """The median latency in ms a latency target or RTF leaves on this device: the target at the
+    profile's reference length (an RTF: ``rtf * 1000 * reference_seconds``), divided by the device's
+    tail ratio at ``percentile`` (``percentile_ratio``)."""
+    return target_ms(latency_ms, rtf, profile.reference_seconds) / percentile_ratio(profile, percentile)  # type: ignore[operator]
+
+
 def k_for_budget(
     profile: DeviceProfile,
     *,
@@ -65,8 +72,7 @@ def k_for_budget(
                 f"{budget_text(keep, latency_ms, rtf, percentile)} needs the device's measured per-layer latency, "
                 "and its profile has none"
             )
-        target = target_ms(latency_ms, rtf, profile.reference_seconds)
-        k = layers_for_latency(target / percentile_ratio(profile, percentile), profile.front_end_ms, profile.layer_ms)  # type: ignore[operator]
+        k = layers_for_latency(allowed_ms(profile, latency_ms, rtf, percentile), profile.front_end_ms, profile.layer_ms)
     expected = expected_latency_ms(k, profile.front_end_ms, profile.layer_ms) if profile.layer_ms else None
     return k, expected
 
@@ -88,7 +94,7 @@ def unmet_target(
     """
     if (latency_ms is None and rtf is None) or not profile.layer_ms:
         return None
-    allowed = target_ms(latency_ms, rtf, profile.reference_seconds) / percentile_ratio(profile, percentile)  # type: ignore[operator]
+    allowed = allowed_ms(profile, latency_ms, rtf, percentile)
     expected = expected_latency_ms(k, profile.front_end_ms, profile.layer_ms)
     if expected <= allowed:
         return None

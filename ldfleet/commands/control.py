@@ -261,7 +261,7 @@ def budget_set(
     """Set the budget of a class (or one device): written to the registry, then pushed to devices.
 
     Give exactly one of --keep, --latency-ms and --rtf."""
-    from ldfleet.server.operator import set_budget
+    from ldfleet.server.operator import preview_budget, set_budget
     from ldfleet.server.registry import RegistryError
 
     if sum(v is not None for v in (keep, latency_ms, rtf)) != 1:
@@ -273,6 +273,7 @@ def budget_set(
         res = set_budget(reg, _broker_url(broker, ca_file), device_class, keep=keep, latency_ms=latency_ms, rtf=rtf,
                          percentile=percentile, device_id=device, issued_by=by, expires_in_s=expires_in,
                          create_class=create_class, comment=comment, look_for_controllers=True)
+        preview = preview_budget(reg, device_class, device)
     except RegistryError as exc:
         fail(str(exc))
     finally:
@@ -280,7 +281,7 @@ def budget_set(
     p = res.policy
     scope = f"device {p.device_id}" if p.device_id else f"class {p.device_class}"
     console.print(f"{scope}: policy v{p.version} ({p.budget_text()}) by {p.issued_by}")
-    _print_preview(db, device_class, device)
+    _print_preview(preview)
     if res.notified and res.controllers:
         console.print(f"notice sent; online controller(s): {', '.join(res.controllers)}; devices follow once it re-resolves "
                       "(`budget show` counts those still pending)", soft_wrap=True)
@@ -296,19 +297,13 @@ def budget_set(
 MAX_EXPIRES_IN_S = 3.2e9
 
 
-def _print_preview(db: str | None, device_class: str, device: str | None) -> None:
-    """The k each covered device will run, and where the target cannot be met (from stored profiles)."""
+def _print_preview(preview: dict[str, Any]) -> None:
+    """The k each covered device will run, and where the target cannot be met (``preview_budget``:
+    the controller's resolution on the profiles in the registry)."""
     from collections import Counter
 
     from rich.markup import escape
 
-    from ldfleet.server.operator import preview_budget
-
-    reg = open_registry(db)
-    try:
-        preview = preview_budget(reg, device_class, device)
-    finally:
-        reg.close()
     if not preview:
         console.print("no device with a profile is covered yet: each resolves it when it connects")
         return
@@ -380,14 +375,15 @@ def budget_show(
         by_scope = reg.active_policies()
         active = sorted(by_scope.values(), key=lambda p: (p.device_class, p.device_id or ""))
         classes = [c.name for c in reg.classes()]
-        conv = {c: reg.convergence(c) for c in classes}
         devices = reg.devices()
     finally:
         reg.close()
     stale = pending_policies(devices, by_scope)
     pending = Counter(d.device_class for d in devices if d.device_id in stale)
-    lagging_converged = Counter(d.device_class for d in devices if d.device_id in stale and d.converged)
-    conv = {c: (done - lagging_converged[c], total) for c, (done, total) in conv.items()}
+    published = [d for d in devices if d.desired_version > 0]  # as Registry.convergence counts them
+    totals = Counter(d.device_class for d in published)
+    done = Counter(d.device_class for d in published if d.converged and d.device_id not in stale)
+    conv = {c: (done[c], totals[c]) for c in classes}
     if as_json:
         out = {
             "policies": [_policy_dict(p) for p in active],
