@@ -166,6 +166,35 @@ def test_operator_workflow_with_real_processes(env, tmp_path):
         _stop(procs)
 
 
+def test_a_measuring_agent_measures_again_with_reprofile_every(env):
+    """`agent` measures the model on this machine, then again every second; with tolerance 0 the
+    next measurement that differs at all is announced as a new profile revision."""
+    from ldfleet.server.registry import Registry
+
+    assert "cannot go with --profile-json or --layer-ms" in " ".join(
+        cli("agent", "--device-id", "m-1", "--device-class", "edge", "--layer-ms", "1,2", "--reprofile-every", "5")[1].split())
+    assert "cannot go with --profile-json or --no-agent" in " ".join(
+        cli("client", "--device-id", "m-1", "--device-class", "edge", "--superlink", "127.0.0.1:9", "--model", "m", "--data", "d",
+            "--no-agent", "--reprofile-every", "5")[1].split())
+    procs = [subprocess.Popen([*LDFLEET, "controller", "--poll-interval", "0.5"], env=env, stderr=subprocess.DEVNULL),
+             subprocess.Popen([*LDFLEET, "agent", "--device-id", "m-0", "--device-class", "edge", "--telemetry-interval", "0",
+                               "--reprofile-every", "1", "--reprofile-tolerance", "0"], env=env, stderr=subprocess.DEVNULL)]
+    reg = Registry(env["LDFLEET_DB"])
+    try:
+        def revision() -> int | None:
+            dev = reg.device("m-0")
+            return None if dev is None or dev.profile is None else dev.profile_revision
+
+        assert wait_until(lambda: revision() is not None, 90), "the agent did not announce its measured profile"
+        first = revision()
+        assert wait_until(lambda: revision() > first, 60), "no new measurement was announced"
+        assert reg.device("m-0").num_layers > 0
+    finally:
+        _stop(procs)
+        reg.close()
+    assert procs[1].returncode == 0
+
+
 @pytest.mark.slow
 def test_bench_control_plane_command_on_a_small_fleet(tmp_path, monkeypatch):
     monkeypatch.setenv("LDFLEET_HOME", str(tmp_path))

@@ -62,3 +62,24 @@ def bench_group(app: typer.Typer) -> typer.Typer:
     group = typer.Typer(help="Benchmarks that print figures (speed, control plane).", no_args_is_help=True)
     app.add_typer(group, name="bench")
     return group
+
+
+REPROFILE_EVERY_HELP = ("Measure this device again every S seconds (0: never) and announce the new profile when the whole "
+                        "model's latency moved by more than --reprofile-tolerance (its compute changes over time; a profile "
+                        "measured under a burst of load would otherwise stay). Only when the device measures itself.")
+REPROFILE_TOLERANCE_HELP = "Relative change of the whole model's latency that a new measurement must exceed to be announced."
+
+
+def watch_profile(agent: Any, measure: Any, every_s: float, tolerance: float) -> Any:
+    """Warn when the agent's profile was measured under load; with ``every_s`` > 0, start and return a
+    :class:`~ldfleet.client.reprofile.Reprofiler` (the caller stops it), else None."""
+    from ldfleet.client.reprofile import Reprofiler, under_load
+
+    prof = agent.profile
+    if prof is not None and under_load(prof):
+        hint = "" if every_s > 0 else "; --reprofile-every measures again later"
+        err.print(f"[yellow]warning:[/] profile measured at load {prof.load:.2f} on {prof.cores} cores: the layer "
+                  f"timings may be high and the controller may give this device fewer layers{hint}", soft_wrap=True)
+    if every_s <= 0:
+        return None
+    return Reprofiler(agent.device_id, measure, lambda: agent.profile, agent.set_profile, every_s, tolerance).start()

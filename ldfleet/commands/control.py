@@ -18,7 +18,8 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from ldfleet.commands._shared import bench_group, console, err, fail, finite, open_registry
+from ldfleet.commands._shared import (REPROFILE_EVERY_HELP, REPROFILE_TOLERANCE_HELP, bench_group, console, err, fail, finite,
+                                      open_registry, watch_profile)
 from ldfleet.common.runtime import default_broker_url
 
 
@@ -131,6 +132,8 @@ def agent(
     ca_file: Path = typer.Option(None, "--ca-file", help="CA bundle for an mqtts:// broker."),
     telemetry_interval: float = typer.Option(60.0, "--telemetry-interval", min=0.0, help="Seconds between telemetry messages (0: none).", callback=finite),
     mqtt_version: int = typer.Option(5, "--mqtt-version", help="5 (default) or 311 for brokers that only speak MQTT 3.1.1."),
+    reprofile_every: float = typer.Option(0.0, "--reprofile-every", min=0.0, help=REPROFILE_EVERY_HELP, callback=finite),
+    reprofile_tolerance: float = typer.Option(0.2, "--reprofile-tolerance", min=0.0, max=10.0, help=REPROFILE_TOLERANCE_HELP, callback=finite),
 ) -> None:
     """Announce this device and keep its budget policy in step with the controller (runs until Ctrl-C)."""
     from ldfleet.client.agent import DeviceAgent
@@ -140,6 +143,8 @@ def agent(
     if not is_valid_device_id(device_id):
         fail(f"invalid device id {device_id!r}: use 1-64 of A-Z a-z 0-9 . _ -")
     measure = profile_json is None and layer_ms is None
+    if reprofile_every > 0 and not measure:
+        fail("--reprofile-every re-measures this device: it cannot go with --profile-json or --layer-ms")
     try:
         if profile_json is not None:
             prof = profile_from_json(profile_json, device_id, device_class)
@@ -154,18 +159,26 @@ def agent(
         fail(str(exc))
     signal.signal(signal.SIGTERM, lambda *_: ag.request_stop())
     err.print(f"agent {device_id} ({device_class}) -> {ag.url}; state in {ag.state_dir}")
+    def measured():
+        return measure_profile(device_id, device_class, family=family, size=size, seconds=reference_seconds)
+
+    reprofiler = None
     try:
         if measure:
             ag.start()
             err.print(f"measuring {family}-{size} on this machine (pass --profile-json to skip)...")
             try:
-                ag.set_profile(measure_profile(device_id, device_class, family=family, size=size, seconds=reference_seconds))
+                ag.set_profile(measured())
             except (ValueError, OSError) as exc:
                 ag.stop()
                 fail(f"cannot measure this device's profile: {exc}")
+            reprofiler = watch_profile(ag, measured, reprofile_every, reprofile_tolerance)
         ag.run_forever()
     except KeyboardInterrupt:
         ag.stop()
+    finally:
+        if reprofiler is not None:
+            reprofiler.stop()
     if ag.fatal:
         fail(f"agent {device_id} stopped: {ag.fatal}")
 

@@ -14,7 +14,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ldfleet.commands._shared import console, err, fail, finite, open_registry
+from ldfleet.commands._shared import (REPROFILE_EVERY_HELP, REPROFILE_TOLERANCE_HELP, console, err, fail, finite, open_registry,
+                                      watch_profile)
 from ldfleet.common.metrics import metric_label
 
 
@@ -360,6 +361,8 @@ def client(
     agent: bool = typer.Option(True, "--agent/--no-agent", help="Run the budget agent in this process (else run `ldfleet agent`)."),
     strict: bool = typer.Option(False, "--strict", help="Check every clip of --data before the device starts and refuse "
                                 "to start at the first bad one (naming it and why); without it bad clips are skipped and logged."),
+    reprofile_every: float = typer.Option(0.0, "--reprofile-every", min=0.0, help=REPROFILE_EVERY_HELP, callback=finite),
+    reprofile_tolerance: float = typer.Option(0.2, "--reprofile-tolerance", min=0.0, max=10.0, help=REPROFILE_TOLERANCE_HELP, callback=finite),
 ) -> None:
     """Start a device: its budget agent (MQTT) and its Flower SuperNode (runs until Ctrl-C)."""
     from ldfleet.client.node import NodeError, SuperNode, device_node_config, model_profile
@@ -369,15 +372,22 @@ def client(
         _check_every_clip(data)
     stop = _stop_on_signals()
     state = state_dir or default_device_state_dir(device_id)
-    ag = None
+    if reprofile_every > 0 and (profile_json is not None or not agent):
+        fail("--reprofile-every re-measures this device in its agent: it cannot go with --profile-json or --no-agent")
+    ag = reprofiler = None
     if agent:
         from ldfleet.client.agent import DeviceAgent
         from ldfleet.client.profile import profile_from_json
 
-        prof = profile_from_json(profile_json, device_id, device_class) if profile_json else model_profile(device_id, device_class, model)
+        def measured():
+            return model_profile(device_id, device_class, model)
+
+        prof = profile_from_json(profile_json, device_id, device_class) if profile_json else measured()
         ag = DeviceAgent(device_id, device_class, broker or default_broker_url(), prof, state_dir=state,
                          ca_file=str(ca_file) if ca_file else None).start()
         console.print(f"agent {device_id} ({device_class}): broker {ag.url}, state {state}")
+        if profile_json is None:
+            reprofiler = watch_profile(ag, measured, reprofile_every, reprofile_tolerance)
     try:
         node = SuperNode(superlink, device_node_config(device_id, device_class, model, data, state),
                          home=home or Path(state) / "flwr", insecure=insecure,
@@ -389,6 +399,8 @@ def client(
     except (NodeError, FileNotFoundError) as exc:
         fail(str(exc))
     finally:
+        if reprofiler is not None:
+            reprofiler.stop()
         if ag is not None:
             ag.stop()
 
