@@ -39,7 +39,8 @@ from ldfleet.common.mqtt import BrokerURL, MqttSession, Will, new_id, paho_proto
 from ldfleet.common.mqtt_reasons import ReconnectPolicy
 from ldfleet.common.policy import k_for_budget, unmet_target
 from ldfleet.common.reannounce import ReannounceBackoff
-from ldfleet.common.schemas import BudgetPolicy, DeviceProfile, PolicyAck, RebirthRequest, Status, Telemetry, decode, utcnow
+from ldfleet.common.schemas import (BudgetPolicy, DeviceProfile, PayloadError, PolicyAck, RebirthRequest, Status, Telemetry,
+                                    decode, parse_payload, utcnow, without_unknown_fields)
 
 log = logging.getLogger("ldfleet.agent")
 
@@ -53,6 +54,24 @@ class Decision:
     note: str = ""
 
 
+def rejection(state: DeviceState, version: int, reason: str, now: datetime, retryable: bool = False) -> Decision:
+    """Refuse desired version ``version``: the rejected ack (the policy in force stays) and the state
+    that remembers it (a retryable refusal is evaluated again later)."""
+    ack = PolicyAck(
+        device_id=state.device_id,
+        version=version,
+        applied_version=state.version,
+        status="rejected",
+        reason=reason[:500],
+        effective_k=state.effective_k,
+        expected_latency_ms=state.expected_latency_ms,
+        acked_at=now,
+    )
+    new = state.model_copy(update={"last_rejected_version": version, "last_rejected_reason": reason[:500],
+                                   "last_rejected_retryable": retryable, "updated_at": now})
+    return Decision(new, ack, f"rejected version {version}: {reason}")
+
+
 def evaluate_policy(policy: BudgetPolicy, state: DeviceState, profile: DeviceProfile, now: datetime | None = None) -> Decision:
     """Pure decision for one desired policy (used by the agent and the simulated devices)."""
     now = now or utcnow()
@@ -64,19 +83,7 @@ def evaluate_policy(policy: BudgetPolicy, state: DeviceState, profile: DevicePro
         return Decision(None, None, f"version {policy.version} already rejected")
 
     def reject(reason: str, retryable: bool = False) -> Decision:
-        ack = PolicyAck(
-            device_id=state.device_id,
-            version=policy.version,
-            applied_version=state.version,
-            status="rejected",
-            reason=reason[:500],
-            effective_k=state.effective_k,
-            expected_latency_ms=state.expected_latency_ms,
-            acked_at=now,
-        )
-        new = state.model_copy(update={"last_rejected_version": policy.version, "last_rejected_reason": reason[:500],
-                                       "last_rejected_retryable": retryable, "updated_at": now})
-        return Decision(new, ack, f"rejected version {policy.version}: {reason}")
+        return rejection(state, policy.version, reason, now, retryable)
 
     if policy.expired(now):
         if policy.ttl_s is not None:
@@ -345,10 +352,35 @@ class DeviceAgent:
         if parsed is None or parsed.device_id != self.device_id or parsed.channel is not topics.Channel.POLICY_DESIRED:
             log.warning("%s: dropped message on unexpected topic %s", self.device_id, topic)
             return
-        policy = decode(BudgetPolicy, payload, topic=topic, topic_device_id=self.device_id, logger=log)
-        if policy is not None:
-            self._policy_seen.set()
-            self.handle_policy(policy)
+        try:
+            policy = parse_payload(BudgetPolicy, payload, topic_device_id=self.device_id)
+        except PayloadError as exc:
+            log.warning("dropped message on %s: %s", topic, exc)
+            self._refuse_unreadable(payload)
+            return
+        self._policy_seen.set()
+        self.handle_policy(policy)
+
+    def _refuse_unreadable(self, payload: bytes) -> None:
+        """A desired policy refused only for fields this agent does not know (a newer controller added
+        them): acknowledge that version as rejected, once, naming the fields, so the registry shows why
+        the device does not converge. The policy in force stays: the unknown fields may change what
+        the policy means."""
+        parsed = without_unknown_fields(BudgetPolicy, payload, topic_device_id=self.device_id)
+        if parsed is None:
+            return
+        policy, unknown = parsed
+        self._policy_seen.set()  # the controller did send one: no need to announce again
+        with self._lock:
+            if policy.version <= self.state.version or policy.version == self.state.last_rejected_version:
+                return
+            names = ", ".join(repr(name[:40]) for name in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+            why = (f"this agent does not know the field(s) {names} of policy version {policy.version} "
+                   "(is it older than the controller?); the policy in force stays")
+            decision = rejection(self.state, policy.version, why, self.clock())
+            log.warning("%s: %s", self.device_id, decision.note)
+            self._store_and_ack(decision, policy.version)
+            self.applied.notify_all()
 
     def _reannounce_loop(self) -> None:
         """Re-announce, with jittered exponential backoff, while no desired policy arrives."""
@@ -372,28 +404,25 @@ class DeviceAgent:
                 self._time_rejected = policy if decision.state.last_rejected_retryable else None
             elif policy is self._time_rejected:  # overtaken by a newer version
                 self._time_rejected = None
-            ack = decision.ack
-            if decision.state is not None:
-                try:
-                    save_device_state(self.state_dir, decision.state)
-                    self.state = decision.state
-                except OSError as exc:
-                    log.error("%s: cannot store device state in %s: %s", self.device_id, self.state_dir, exc)
-                    ack = PolicyAck(
-                        device_id=self.device_id,
-                        version=policy.version,
-                        applied_version=self.state.version,
-                        status="rejected",
-                        reason=f"cannot store device state: {exc}"[:500],
-                        effective_k=self.state.effective_k,
-                        expected_latency_ms=self.state.expected_latency_ms,
-                        acked_at=self.clock(),
-                    )
-            if ack is not None:
-                self.last_ack = ack
-                self.session.publish(topics.policy_reported(self.device_id), ack.to_json(), qos=1, retain=True)
+            ack = self._store_and_ack(decision, policy.version)
             self.applied.notify_all()
             return ack
+
+    def _store_and_ack(self, decision: Decision, version: int) -> PolicyAck | None:
+        """Store ``decision``'s state (when it has one), then publish its ack (retained). A state that
+        cannot be stored turns the ack into a rejection of ``version``. Called with the lock held."""
+        ack = decision.ack
+        if decision.state is not None:
+            try:
+                save_device_state(self.state_dir, decision.state)
+                self.state = decision.state
+            except OSError as exc:
+                log.error("%s: cannot store device state in %s: %s", self.device_id, self.state_dir, exc)
+                ack = rejection(self.state, version, f"cannot store device state: {exc}", self.clock()).ack
+        if ack is not None:
+            self.last_ack = ack
+            self.session.publish(topics.policy_reported(self.device_id), ack.to_json(), qos=1, retain=True)
+        return ack
 
     def _telemetry_loop(self) -> None:
         from ldfleet.client.profile import battery_fraction, load_average

@@ -18,6 +18,7 @@ message and carries on.
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import datetime, timezone
 from typing import Annotated, ClassVar, Literal, TypeVar
@@ -355,6 +356,33 @@ def parse_payload(
                 f"device_id {payload_id!r} in payload does not match topic device {topic_device_id!r}"
             )
     return obj
+
+
+def without_unknown_fields(model: type[P], payload: bytes | bytearray | str, *, topic_device_id: str | None = None,
+                           max_bytes: int = MAX_PAYLOAD_BYTES) -> tuple[P, list[str]] | None:
+    """For a payload that ``parse_payload`` refused: when the only fault is fields ``model`` does not
+    know (a newer sender added them), the payload parsed without them and their names; else None
+    (bad JSON, a bad value, another device's). Lets a receiver answer "I cannot read this version"
+    rather than drop a newer sender's message in silence; it must not *apply* the stripped
+    message, whose meaning the unknown fields may change."""
+    size = len(payload.encode() if isinstance(payload, str) else payload)
+    if not 0 < size <= max_bytes:
+        return None
+    try:
+        data = json.loads(payload)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    known = {name for name, f in model.model_fields.items() for name in (name, f.alias) if name}
+    unknown = sorted(k for k in data if k not in known)
+    if not unknown:
+        return None
+    try:
+        obj = parse_payload(model, json.dumps({k: v for k, v in data.items() if k in known}), topic_device_id=topic_device_id)
+    except PayloadError:
+        return None
+    return obj, unknown
 
 
 def decode(

@@ -186,6 +186,32 @@ def test_bad_input_is_refused_with_a_reason_and_changes_nothing(sqlite_fleet: Fl
     assert good.state.effective_k == 6
 
 
+def test_a_policy_with_fields_the_agent_does_not_know_is_rejected_with_their_names(sqlite_fleet: Fleet, caplog):
+    """A newer controller's policy (a field this agent's schema lacks) is not dropped in silence: the
+    agent rejects that version once, naming the field, and keeps the policy in force; a message
+    with a bad value is still only dropped, and the next readable version applies."""
+    f = sqlite_fleet
+    reg = f.registry
+    f.controller()
+    a = f.agent("pi-01", "pi4")
+    assert wait_until(lambda: converged(reg, ["pi-01"], 1), 30)
+    future = BudgetPolicy(device_id="pi-01", version=7, source="class", keep=0.5, issued_at=utcnow(), issued_by="ops")
+    newer = future.to_json()[:-1] + b',"max_temperature_c":70}'
+    broken = future.model_copy(update={"version": 8}).to_json().replace(b'"keep":0.5', b'"keep":-1.0')[:-1] + b',"x":1}'
+    url = parse_broker_url(f.broker.url)
+    with caplog.at_level(logging.WARNING):
+        publish_once(url, [(topics.policy_desired("pi-01"), newer, 1, False)] * 2 + [(topics.policy_desired("pi-01"), broken, 1, False)])
+        assert wait_until(lambda: reg.device("pi-01").ack_status == "rejected", 20)
+        assert wait_until(lambda: caplog.text.count("pi-01/policy/desired") >= 3, 10)
+    dev = reg.device("pi-01")
+    assert "'max_temperature_c'" in dev.ack_reason and "policy version 7" in dev.ack_reason
+    assert dev.applied_version == 1 and a.state.version == 1 and a.state.effective_k == 12
+    assert a.state.last_rejected_version == 7  # version 8 (a bad value as well) was only dropped
+    assert [(x.version, x.status) for x in reg.acks("pi-01") if x.status == "rejected"] == [(7, "rejected")]  # once
+    set_budget(reg, f.broker.url, "pi4", keep=0.25, issued_by="alice")
+    assert wait_until(lambda: converged(reg, ["pi-01"], 2), 20) and a.state.effective_k == 3
+
+
 def test_an_expiring_policy_lapses_back_to_the_default(sqlite_fleet: Fleet):
     f = sqlite_fleet
     reg = f.registry
