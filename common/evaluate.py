@@ -31,9 +31,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from .data.loading import pad_batch
+from .batching import budgeted_loader
 from .metrics import example_errors, score
 from .model.cost import cost_of
 from .model.dynamic import DynamicModel
@@ -225,7 +225,7 @@ def evaluate(
     references: list[str] = []
     front_ms = 0.0
     clip_seconds: list[torch.Tensor] = []
-    loader = DataLoader(data, batch_size=batch_size, collate_fn=pad_batch)
+    loader = budgeted_loader(data, batch_size)
     for i, (wave, mask, texts) in enumerate(loader):
         start = time.perf_counter()
         front = model.front_end(wave, mask)

@@ -84,7 +84,7 @@ def train_joint_epoch(
 
 def _joint_epoch(model, cache, optimizer, cfg, epoch, on_step) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed * 104729 + epoch)
-    batches = length_batches(cache.lengths(), cfg.batch_size, gen)
+    batches = length_batches(cache.sample_lengths(), cfg.batch_size, gen)
     steps, total = len(batches), cfg.joint_epochs * len(batches)
     sums = dict.fromkeys(JOINT_STRATEGIES, 0.0)
     seen = 0

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from .batching import INFERENCE, SAMPLES_PER_FRAME, rows_within
 from .model.dynamic import DynamicModel
 from .model.runner import FrontEnd
 from .model.selector import LayerSelector, pooled_features
@@ -178,14 +179,16 @@ def clip_loss_table(runner, clips: Iterable[tuple[FrontEnd, str]], count: int, s
     """The loss of every set in ``sets`` (``{k: bool [C_k, L]}``) on each of ``count`` clips, one clip at a
     time: ``clips`` yields ``(front end of one clip, its transcript or label)``; the sets share their
     common prefixes (``LayerRunner.run_layer_sets``) and ``set_losses(hidden [C, T, D], frame_mask [C, T]
-    or None, texts) -> [C]`` scores ``chunk_rows`` of them at a time (which bounds memory on long clips)."""
+    or None, texts) -> [C]`` scores ``chunk_rows`` of them at a time, fewer on a clip too long for the
+    :data:`~.batching.INFERENCE` memory budget."""
     every = torch.cat(list(sets.values()))
     pooled, rows = [], []
     for n, (front, text) in enumerate(clips):
         pooled.append(pooled_features(front.features, front.frame_mask)[0])
-        hidden = runner.run_layer_sets(front, every, max_rows=chunk_rows)  # [C, T, D]
+        at_once = rows_within(INFERENCE, front.hidden.shape[1] * SAMPLES_PER_FRAME, chunk_rows)
+        hidden = runner.run_layer_sets(front, every, max_rows=at_once)  # [C, T, D]
         losses = []
-        for chunk in hidden.split(chunk_rows):
+        for chunk in hidden.split(at_once):
             mask = None if front.frame_mask is None else front.frame_mask.expand(chunk.shape[0], -1)
             losses.append(set_losses(chunk, mask, [text] * chunk.shape[0]))
         rows.append(torch.cat(losses))

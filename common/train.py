@@ -32,6 +32,7 @@ from torch import Tensor
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
+from .batching import SAMPLES_PER_FRAME, TRAINING, MemoryBudget, budgeted_batches, budgeted_loader, split_to_budget
 from .data.loading import pad_batch
 from .metrics import score
 from .model.dynamic import DynamicModel
@@ -140,18 +141,21 @@ def random_keep(batch: int, num_layers: int, layerdrop: float, gen: torch.Genera
     return keep
 
 
-def length_batches(lengths: Tensor, batch_size: int, gen: torch.Generator, pool: int = 8) -> list[Tensor]:
-    """Shuffled batches of similar-length inputs, so little compute goes into padding.
+def length_batches(lengths: Tensor, batch_size: int, gen: torch.Generator, pool: int = 8,
+                   budget: MemoryBudget = TRAINING) -> list[Tensor]:
+    """Shuffled batches of similar-length inputs, so little compute goes into padding; ``lengths``
+    in samples at 16 kHz.
 
     The data are shuffled, cut into pools of ``pool`` batches, each pool sorted by length and cut
-    into batches, and the batches shuffled again: random contents, near-uniform length per batch.
+    into batches (those over the memory ``budget`` cut further: :mod:`.batching`), and the batches
+    shuffled again: random contents, near-uniform length per batch.
     """
     order = torch.randperm(len(lengths), generator=gen)
     batches = []
     for start in range(0, len(order), batch_size * pool):
         chunk = order[start : start + batch_size * pool]
         chunk = chunk[torch.argsort(lengths[chunk], stable=True)]
-        batches += list(chunk.split(batch_size))
+        batches += [piece for batch in chunk.split(batch_size) for piece in split_to_budget(batch, lengths, budget)]
     return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
 
@@ -162,7 +166,9 @@ def _loader(dataset: Dataset, batch_size: int, seed: int, shuffle: bool = True) 
     if shuffle and lengths is not None:
         batches = length_batches(torch.as_tensor(lengths), batch_size, gen)
         return DataLoader(dataset, batch_sampler=[b.tolist() for b in batches], collate_fn=pad_batch)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, drop_last=False, collate_fn=pad_batch)
+    if not shuffle:
+        return budgeted_loader(dataset, batch_size)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen, drop_last=False, collate_fn=pad_batch)
 
 
 def texts_of(data: Dataset) -> list[str]:
@@ -277,6 +283,11 @@ class FrontEndCache:
         """Real frames of every cached input ``[N]``."""
         return real_frames(self.hidden, self.frame_mask)
 
+    def sample_lengths(self) -> Tensor:
+        """Every cached input's length in samples at 16 kHz (its frames x the front end's stride) ``[N]``:
+        what batches are cut to a memory budget by."""
+        return self.lengths() * SAMPLES_PER_FRAME
+
     def teacher_logits(self, rows: Tensor, frames: int) -> Tensor | None:
         if self.teacher is None:
             return None
@@ -302,7 +313,7 @@ def _pad_cat(parts: list[Tensor], value=0) -> Tensor:
 def cache_front_ends(model: DynamicModel, data: Dataset, batch_size: int = 64) -> FrontEndCache:
     model.eval()
     hidden, features, masks, texts = [], [], [], []
-    for wave, mask, batch_texts in DataLoader(data, batch_size=batch_size, collate_fn=pad_batch):
+    for wave, mask, batch_texts in budgeted_loader(data, batch_size):
         front = model.front_end(wave, mask)
         hidden.append(front.hidden)
         features.append(front.features)
@@ -318,8 +329,7 @@ def add_teacher(model: DynamicModel, cache: FrontEndCache, batch_size: int = 64)
     """Store the full model's base-head outputs for every cached input (the distillation target)."""
     model.eval()
     parts = []
-    for start in range(0, len(cache), batch_size):
-        rows = torch.arange(start, min(start + batch_size, len(cache)))
+    for rows in budgeted_batches(cache.sample_lengths(), batch_size):
         front, _ = cache.batch(rows)
         parts.append(model.heads["base"].logits(model.runner.run_layers(front, None), front.frame_mask))
     cache.teacher = _pad_cat(parts) if parts[0].dim() == 3 else torch.cat(parts)
@@ -389,7 +399,7 @@ def train_strategy_epoch(
     model.runner.requires_grad_(False)
     head.train()
     gen = torch.Generator().manual_seed(seed * 7919 + epoch)
-    batches = length_batches(cache.lengths(), batch_size, gen)
+    batches = length_batches(cache.sample_lengths(), batch_size, gen)
     steps = len(batches)
     total = epochs * steps
     ks = budgets or tuple(range(1, model.num_layers + 1))
@@ -445,7 +455,7 @@ def validate(model: DynamicModel, cache: FrontEndCache, strategy: str, k: int, b
     model.eval()
     gen = torch.Generator().manual_seed(0)
     predictions = []
-    for start in range(0, len(cache), batch_size):
-        front, _ = cache.batch(torch.arange(start, min(start + batch_size, len(cache))))
+    for rows in budgeted_batches(cache.sample_lengths(), batch_size):
+        front, _ = cache.batch(rows)
         predictions += model.predict(front, strategy, k, gen)[0]
     return score(model.task, predictions, cache.texts)
