@@ -13,12 +13,17 @@ from collections.abc import Sequence
 
 _NOT_WORD = re.compile(r"[^\w' ]+")
 _SPACES = re.compile(r"\s+")
+_APOSTROPHES = str.maketrans({c: "'" for c in "\u2019\u2018\u02bc\u0060\u00b4"})  # typographic and modifier apostrophes
+_QUOTE = re.compile(r"(?<!\w)'|'(?!\w)")  # an apostrophe not inside a word: a quotation mark
 
 
 def normalize_text(text: str) -> str:
-    """Lower-case, punctuation stripped (apostrophes kept), whitespace collapsed; numbers as written."""
-    text = unicodedata.normalize("NFKC", text).lower().replace("_", " ")
-    return _SPACES.sub(" ", _NOT_WORD.sub(" ", text)).strip()
+    """The one normalisation of transcripts, for training targets and scoring alike: Unicode NFKC,
+    lower case, typographic apostrophes (’ ‘ ʼ) as ', punctuation stripped, apostrophes kept only
+    inside words (don't; 'hi' -> hi), whitespace collapsed. Numbers stay as written: "10" and "ten"
+    are different words."""
+    text = unicodedata.normalize("NFKC", text).lower().replace("_", " ").translate(_APOSTROPHES)
+    return _SPACES.sub(" ", _QUOTE.sub(" ", _NOT_WORD.sub(" ", text))).strip()
 
 
 def error_counts(predictions: Sequence[str], references: Sequence[str]) -> dict[str, int]:

@@ -26,6 +26,8 @@ needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="nee
 def test_one_normaliser_for_targets_and_scores():
     assert normalize_text("  Turn ON, the\tlight!  ") == "turn on the light"
     assert normalize_text("Don't dial 911.") == "don't dial 911"
+    assert normalize_text("Don\u2019t say \u2018hi\u2019 or 'yo'") == "don't say hi or yo"  # typographic apostrophes; quotes dropped
+    assert score("asr", ["don't stop"], ["Don\u2019t stop"]) == {"wer": 0.0, "cer": 0.0}
     s = score("asr", ["turn on the light", "call bob"], ["Turn on the LIGHT.", "call alice"])
     assert s["wer"] == pytest.approx(1 / 6) and s["cer"] == pytest.approx(5 / 27)  # bob -> alice: 5 edits
     assert score("kws", ["yes", "no"], ["yes", "yes"]) == {"accuracy": 0.5}
@@ -123,7 +125,7 @@ def test_audiofolder_and_manifest_readers(tmp_path):
     manifest.write_text('{"audio_filepath": "missing.wav", "text": "x"}\n')
     with pytest.raises(ValueError, match="line 1: no audio file"):
         read_manifest(manifest)
-    (root / "metadata.csv").write_text("file_name,text\na/1.wav,yes\n")
+    (root / "metadata.csv").write_text("file_name,words\na/1.wav,yes\n")
     with pytest.raises(ValueError, match="transcription"):
         scan_transcribed(root)
 
@@ -146,8 +148,10 @@ def test_data_info_checks_an_audiofolder_and_train_refuses_a_split_left_empty(tm
     out = cli.invoke(app, ["data", "info", str(root), "--json"])
     assert out.exit_code == 0, out.output
     facts = json.loads(out.stdout)
-    assert facts["splits"] == {"train": {"utterances": 2, "speakers": 2, "words": 4}, "val": {"utterances": 0, "speakers": 0, "words": 0},
-                               "test": {"utterances": 1, "speakers": 1, "words": 1}}
+    counts = {split: {k: v for k, v in f.items() if k in ("utterances", "speakers", "words")} for split, f in facts["splits"].items()}
+    assert counts == {"train": {"utterances": 2, "speakers": 2, "words": 4}, "val": {"utterances": 0, "speakers": 0, "words": 0},
+                      "test": {"utterances": 1, "speakers": 1, "words": 1}}
+    assert facts["splits"]["train"]["seconds"] == pytest.approx(1.6) and facts["splits"]["test"]["longest_s"] == pytest.approx(0.8)
     assert [s["path"].endswith("bad.wav") for s in facts["skipped"]] == [True] and "val split is empty" in facts["warnings"][0]
     strict = cli.invoke(app, ["data", "info", str(root), "--strict"])
     assert strict.exit_code == 1 and "bad.wav" in strict.output
