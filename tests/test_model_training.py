@@ -53,6 +53,20 @@ def test_train_writes_a_complete_run_that_learned(trained_run):
     assert len(selector["layer_usage"]) == 8
 
 
+def test_eval_split_all_scores_every_clip_of_the_folder(trained_run, corpus):
+    """--split all: every clip of --data (a corpus the run was not trained on), not only its test speakers."""
+    counts = {}
+    for split in ("test", "all"):
+        result = runner.invoke(app, ["eval", "--run", str(trained_run), "--data", str(corpus), "--keep", "0.5",
+                                     "--methods", "full", "--split", split, "--json"])
+        assert result.exit_code == 0, result.output
+        counts[split] = json.loads(result.stdout)["rows"][0]["examples"]
+    splits = load_splits(corpus, seed=0)
+    assert counts["all"] == sum(len(ds) for ds in splits.values()) > counts["test"] == len(splits["test"])
+    bad = runner.invoke(app, ["eval", "--run", str(trained_run), "--data", str(corpus), "--split", "everything"])
+    assert bad.exit_code == 2 and "--split must be train, val, test or all" in bad.output
+
+
 def test_eval_json_rows_cover_every_method_and_budget(trained_run, corpus):
     result = runner.invoke(app, ["eval", "--run", str(trained_run), "--data", str(corpus), "--keep", "0.25,0.5",
                                  "--json"])

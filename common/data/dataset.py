@@ -62,5 +62,13 @@ class ClipDataset(Dataset):
             return ClipDataset([self.clips[i] for i in idx], preload=False)
         return ClipDataset([self.clips[i] for i in idx], waveforms=self.waveforms[torch.as_tensor(idx, dtype=torch.long)])
 
+    @staticmethod
+    def join(parts: Sequence[ClipDataset]) -> ClipDataset:
+        """One dataset of every clip of ``parts``, in order (e.g. all splits of a test corpus)."""
+        clips = [c for part in parts for c in part.clips]
+        if all(part.waveforms is not None for part in parts):
+            return ClipDataset(clips, waveforms=torch.cat([part.waveforms for part in parts]))  # type: ignore[misc]
+        return ClipDataset(clips, preload=False)
+
     def label_counts(self) -> dict[str, int]:
         return label_counts(self.labels)

@@ -10,6 +10,7 @@ longest, with a sample mask.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 TASKS = ("kws", "asr")
+log = logging.getLogger("ldfleet.data")
 
 
 class KeywordDataset(Dataset):
@@ -46,6 +48,17 @@ class KeywordDataset(Dataset):
         sub.clips, sub.texts = self.clips.subset(idx), [self.texts[i] for i in idx]
         sub.speakers = sub.clips.speakers
         return sub
+
+    @staticmethod
+    def join(parts: Sequence[KeywordDataset]) -> KeywordDataset:
+        """One dataset of every clip of ``parts``, in order."""
+        from .dataset import ClipDataset
+
+        out = KeywordDataset.__new__(KeywordDataset)
+        out.clips = ClipDataset.join([part.clips for part in parts])
+        out.texts = [t for part in parts for t in part.texts]
+        out.speakers = out.clips.speakers
+        return out
 
 
 @dataclass
@@ -82,8 +95,35 @@ def keyword_task_data(splits: dict, data: str | Path, labels: str = "keywords") 
     """Speech Commands splits (:class:`~.dataset.ClipDataset` each) seen through a label set."""
     from .labels import resolve_label_set
 
-    label_set = resolve_label_set(labels, folder_words(data))
+    words = folder_words(data)
+    label_set = resolve_label_set(labels, words)
+    for warning in label_set_warnings(label_set, words, [c.word for ds in splits.values() for c in ds.clips]):
+        log.warning("%s: %s", data, warning)
     return TaskData({name: KeywordDataset(ds, label_set) for name, ds in splits.items()}, label_set)
+
+
+def label_set_warnings(labels: Sequence[str], folders: Sequence[str], clip_words: Sequence[str]) -> list[str]:
+    """What a label set will not do as probably meant on a corpus: labels with no word folder (a typo,
+    or a case that differs: folders are matched exactly), and clips left out because their word is
+    not in the set and the set has no ``_unknown_``."""
+    from .labels import BACKGROUND_NOISE_DIR, SILENCE, UNKNOWN
+
+    out = []
+    present = set(folders)
+    by_lower = {f.lower(): f for f in folders}
+    for label in labels:
+        if label in (UNKNOWN, SILENCE) or label in present:
+            continue
+        near = by_lower.get(label.lower())
+        out.append(f"label {label!r} has no folder" + (f" (there is {near!r}: folders are matched exactly)" if near else ""))
+    if UNKNOWN not in labels:
+        left = sorted({w for w in clip_words if w not in labels and w not in (SILENCE, BACKGROUND_NOISE_DIR)})
+        count = sum(1 for w in clip_words if w in left)
+        if count:
+            shown = ", ".join(left[:5]) + (f" and {len(left) - 5} more" if len(left) > 5 else "")
+            out.append(f"{count} clip(s) of words outside the label set left out ({shown}); add _unknown_ to the set to "
+                       "train them as unknown")
+    return out
 
 
 def pad_batch(items: Sequence[tuple[Tensor, str]]) -> tuple[Tensor, Tensor | None, list[str]]:

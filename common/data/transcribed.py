@@ -1,8 +1,11 @@
 """Transcribed speech in the standard layouts: Hugging Face audiofolder and JSON-lines manifests.
 
-* **audiofolder**: ``ROOT/metadata.csv`` with ``file_name,transcription[,speaker]`` (extra columns
-  kept as per-utterance metadata; an optional ``split`` column with train/validation/test);
-  ``file_name`` is relative to ROOT.
+* **audiofolder**: ``ROOT/metadata.csv`` (UTF-8, with or without a byte-order mark) or
+  ``ROOT/metadata.jsonl`` with ``file_name`` and the transcript in ``transcription`` (or ``text``, or
+  ``sentence``), optionally ``speaker`` (extra columns kept as per-utterance metadata; an optional
+  ``split`` column with train/validation/test); ``file_name`` is relative to ROOT (``/``, or Windows' backslashes).
+  Hugging Face's per-split layout, ``ROOT/{train,validation,test}/metadata.csv``, gives the split by
+  folder.
 * **manifest**: one JSON object per line with ``audio_filepath`` (absolute, or relative to the
   manifest's folder), ``text`` and ``duration`` in seconds, as NeMo writes them; optional
   ``speaker`` and ``split``. ``--data`` may name the ``.json``/``.jsonl`` file, or a folder holding
@@ -16,6 +19,7 @@ train/val/test (utterances without a speaker are their own speaker). Audio is re
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from collections.abc import Sequence
@@ -46,6 +50,7 @@ class Utterance:
     speaker: str
     split: str | None = None  # train / val / test when the data set says so
     meta: dict[str, str] = field(default_factory=dict, compare=False)  # any other columns (conditions)
+    speaker_given: bool = field(default=True, compare=False)  # False: the data set names no speaker (speaker = file stem)
 
 
 def read_utterance(path: str | Path) -> np.ndarray:
@@ -61,23 +66,96 @@ def _split_name(value: str | None, where: str) -> str | None:
     return SPLIT_ALIASES[value.lower()]
 
 
-def read_audiofolder(root: str | Path) -> list[Utterance]:
-    """Utterances listed in ``ROOT/metadata.csv``; raises ValueError on missing columns or files."""
+#: Column names a transcript may have in an audiofolder, in order of preference.
+TRANSCRIPT_COLUMNS = ("transcription", "text", "sentence")
+METADATA_JSONL = "metadata.jsonl"
+
+
+def _metadata_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of ``metadata.csv`` or ``metadata.jsonl`` as dicts of strings (blank rows dropped).
+    Raises ValueError for a file that is not UTF-8 or a line that is not a JSON object."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: Excel's "CSV UTF-8" starts with a byte-order mark
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 (byte {exc.object[exc.start]:#04x} at offset {exc.start}): "
+                         "save it as UTF-8") from None
+    if path.suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path} line {n}: not JSON ({exc})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path} line {n}: expected a JSON object")
+            rows.append({str(k): "" if v is None else str(v) for k, v in row.items()})
+        return rows
+    return [row for row in csv.DictReader(io.StringIO(text, newline="")) if any((v or "").strip() for v in row.values() if isinstance(v, str))]
+
+
+def _metadata_file(root: Path) -> Path | None:
+    return next((root / name for name in (METADATA, METADATA_JSONL) if (root / name).is_file()), None)
+
+
+def _transcript_column(path: Path, columns: Sequence[str]) -> str:
+    if "file_name" in columns:
+        for name in TRANSCRIPT_COLUMNS:
+            if name in columns:
+                return name
+    missing = [c for c in ("file_name",) if c not in columns] + ([] if set(TRANSCRIPT_COLUMNS) & set(columns) else ["transcription"])
+    raise ValueError(f"{path} lacks column(s) {missing} (audiofolder: file_name,transcription[,speaker]; the "
+                     f"transcript may also be named {' or '.join(TRANSCRIPT_COLUMNS[1:])})")
+
+
+def _audio_path(root: Path, name: str) -> Path | None:
+    """``name`` under ``root``, also when written with Windows separators; None when no such file."""
+    for candidate in (name, name.replace("\\", "/")):
+        if candidate and (root / candidate).is_file():
+            return root / candidate
+    return None
+
+
+def read_audiofolder(root: str | Path, split: str | None = None) -> list[Utterance]:
+    """Utterances listed in ``ROOT/metadata.csv`` (or ``metadata.jsonl``), every one in ``split`` when
+    given (Hugging Face's per-split folders); raises ValueError on missing columns or files."""
     root = Path(root)
-    with open(root / METADATA, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = {"file_name", "transcription"} - set(reader.fieldnames or ())
-        if missing:
-            raise ValueError(f"{root / METADATA} lacks column(s) {sorted(missing)} (audiofolder: file_name,transcription[,speaker])")
-        rows = list(reader)
+    meta_path = _metadata_file(root)
+    if meta_path is None:
+        raise ValueError(f"{root}: no {METADATA} or {METADATA_JSONL}")
+    rows = _metadata_rows(meta_path)
+    columns = list(rows[0]) if rows else _header(meta_path)
+    text_column = _transcript_column(meta_path, columns)
     items = []
     for n, row in enumerate(rows, start=2):
-        path = root / row["file_name"]
-        if not path.is_file():
-            raise ValueError(f"{root / METADATA} line {n}: no audio file {row['file_name']!r}")
-        meta = {k: v for k, v in row.items() if k not in ("file_name", "transcription", "speaker", "split") and k}
-        items.append(Utterance(path, row["transcription"] or "", row.get("speaker") or path.stem,
-                               _split_name(row.get("split"), f"{root / METADATA} line {n}"), meta))
+        name = (row.get("file_name") or "").strip()
+        if not name:
+            raise ValueError(f"{meta_path} row {n - 1}: empty file_name")
+        path = _audio_path(root, name)
+        if path is None:
+            raise ValueError(f"{meta_path} row {n - 1}: no audio file {name!r} under {root}")
+        meta = {k: v for k, v in row.items() if k not in ("file_name", text_column, "speaker", "split") and k}
+        where = f"{meta_path} row {n - 1}"
+        speaker = (row.get("speaker") or "").strip()
+        items.append(Utterance(path, row.get(text_column) or "", speaker or path.stem,
+                               split or _split_name(row.get("split"), where), meta, speaker_given=bool(speaker)))
+    return items
+
+
+def _header(path: Path) -> list[str]:
+    if path.suffix == ".jsonl":
+        return []
+    return next(csv.reader(io.StringIO(path.read_text(encoding="utf-8-sig"), newline="")), [])
+
+
+def read_split_folders(root: str | Path) -> list[Utterance]:
+    """Hugging Face's per-split audiofolder: ``ROOT/<split>/metadata.csv`` for train, validation
+    (or val, dev, valid) and test, each split given by its folder."""
+    root = Path(root)
+    items = []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and p.name.lower() in SPLIT_ALIASES and _metadata_file(p)):
+        items += read_audiofolder(folder, split=SPLIT_ALIASES[folder.name.lower()])
     return items
 
 
@@ -85,22 +163,59 @@ def read_manifest(manifest: str | Path) -> list[Utterance]:
     """Utterances of a JSON-lines manifest; raises ValueError on bad lines or missing files."""
     manifest = Path(manifest)
     items = []
-    for n, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        lines = manifest.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{manifest} is not UTF-8 (byte {exc.object[exc.start]:#04x} at offset {exc.start}): save it as UTF-8") from None
+    for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             entry = json.loads(line)
             path = Path(entry["audio_filepath"])
-            text = str(entry["text"])
+            text = entry["text"]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise ValueError(f"{manifest} line {n}: expected JSON with audio_filepath and text ({exc})") from None
-        path = path if path.is_absolute() else manifest.parent / path
-        if not path.is_file():
-            raise ValueError(f"{manifest} line {n}: no audio file {str(path)!r}")
+        if not isinstance(text, str):
+            raise ValueError(f"{manifest} line {n}: text must be a string, got {json.dumps(text)}")
+        resolved = path if path.is_absolute() else manifest.parent / path
+        if not resolved.is_file():
+            hint = (f" (relative paths are read from the manifest's folder {manifest.parent}; {path} exists from the "
+                    "current folder: write it relative to the manifest, or absolute)") if not path.is_absolute() and path.is_file() else ""
+            raise ValueError(f"{manifest} line {n}: no audio file {str(resolved)!r}{hint}")
         meta = {k: str(v) for k, v in entry.items() if k not in ("audio_filepath", "text", "speaker", "split")}
-        items.append(Utterance(path, text, str(entry.get("speaker") or path.stem),
-                               _split_name(entry.get("split"), f"{manifest} line {n}"), meta))
+        speaker = str(entry.get("speaker") or "").strip()
+        items.append(Utterance(resolved, text, speaker or resolved.stem, _split_name(entry.get("split"), f"{manifest} line {n}"),
+                               meta, speaker_given=bool(speaker)))
     return items
+
+
+def corpus_warnings(items: Sequence[Utterance], splits: Sequence[str]) -> list[str]:
+    """What in a transcribed corpus probably is not what its author meant: files listed twice, no
+    speakers (splits then cannot keep speakers apart), one speaker in several splits (the test is
+    not on unseen voices), empty transcripts. ``splits``: each item's split."""
+    out = []
+    seen: dict[Path, int] = {}
+    for u in items:
+        seen[u.path] = seen.get(u.path, 0) + 1
+    repeated = [p for p, count in seen.items() if count > 1]
+    if repeated:
+        out.append(f"{len(repeated)} audio file(s) listed more than once (e.g. {repeated[0].name}): each copy is trained "
+                   "or scored again")
+    if items and not any(u.speaker_given for u in items):
+        out.append("no speaker column: every utterance counts as its own speaker, so a speaker may be in train and "
+                   "test; add a speaker column (or a split column) for a test on unseen voices")
+    where: dict[str, set[str]] = {}
+    for u, split in zip(items, splits):
+        if u.speaker_given:
+            where.setdefault(u.speaker, set()).add(split)
+    shared = sorted(s for s, names in where.items() if "test" in names and len(names) > 1)
+    if shared:
+        out.append(f"{len(shared)} speaker(s) in test and another split (e.g. {shared[0]!r}): the test is not on unseen voices")
+    empty = sum(1 for u in items if not u.text.strip())
+    if empty:
+        out.append(f"{empty} utterance(s) with an empty transcript (trained as silence)")
+    return out
 
 
 @dataclass(frozen=True)
@@ -122,14 +237,22 @@ def load_speech_items(data: str | Path, limit: int | None = None) -> list[Speech
 
 
 def is_transcribed(data: str | Path) -> bool:
-    """Whether ``data`` is an audiofolder or a manifest (rather than a Speech Commands folder)."""
+    """Whether ``data`` is an audiofolder (also per split folders) or a manifest, rather than a
+    Speech Commands folder."""
     data = Path(data)
     if data.is_file():
         return data.suffix in (".json", ".jsonl")
+    if not data.is_dir():
+        return False
+    if any((data / name).is_file() for name in (METADATA_JSONL, *MANIFEST_NAMES)):
+        return True
     if (data / METADATA).is_file():
-        with open(data / METADATA, newline="", encoding="utf-8") as f:
-            return "transcription" in (csv.DictReader(f).fieldnames or ())
-    return any((data / name).is_file() for name in MANIFEST_NAMES)
+        try:
+            columns = _header(data / METADATA)
+        except UnicodeDecodeError:
+            return True  # read as an audiofolder, which says the file is not UTF-8
+        return "file_name" in columns and bool(set(TRANSCRIPT_COLUMNS) & set(columns))
+    return any(p.is_dir() and p.name.lower() in SPLIT_ALIASES and _metadata_file(p) for p in data.iterdir())
 
 
 def scan_transcribed(data: str | Path) -> list[Utterance]:
@@ -139,13 +262,15 @@ def scan_transcribed(data: str | Path) -> list[Utterance]:
         raise FileNotFoundError(f"data {data} does not exist (make one with `ldfleet data synth --task asr --out {data}`)")
     if data.is_file():
         items = read_manifest(data)
-    elif (data / METADATA).is_file():
+    elif _metadata_file(data):
         items = read_audiofolder(data)
-    else:
-        found = [data / name for name in MANIFEST_NAMES if (data / name).is_file()]
-        if not found:
-            raise ValueError(f"{data}: no {METADATA} (audiofolder) and no {' / '.join(MANIFEST_NAMES)} (manifest)")
+    elif found := [data / name for name in MANIFEST_NAMES if (data / name).is_file()]:
         items = read_manifest(found[0])
+    else:
+        items = read_split_folders(data)
+        if not items:
+            raise ValueError(f"{data}: no {METADATA} or {METADATA_JSONL} (audiofolder), no {' / '.join(MANIFEST_NAMES)} "
+                             "(manifest) and no train/validation/test folders holding one")
     if not items:
         raise ValueError(f"{data} lists no utterances")
     return items
@@ -187,6 +312,16 @@ class UtteranceDataset(Dataset):
         sub.waves = None if self.waves is None else [self.waves[i] for i in indices]
         return sub
 
+    @staticmethod
+    def join(parts: Sequence[UtteranceDataset]) -> UtteranceDataset:
+        """One dataset of every utterance of ``parts``, in order (e.g. all splits of a test corpus)."""
+        out = UtteranceDataset([], preload=False)
+        out.items = [u for part in parts for u in part.items]
+        out.texts = [u.text for u in out.items]
+        out.speakers = [u.speaker for u in out.items]
+        out.waves = [w for part in parts for w in part.waves] if all(part.waves is not None for part in parts) else None  # type: ignore[union-attr]
+        return out
+
     def conditions(self, key: str) -> list[str]:
         """One metadata column (e.g. ``snr_db``, ``channel``, ``voice``) for every utterance ('' if absent)."""
         return [u.meta.get(key, "") for u in self.items]
@@ -206,6 +341,8 @@ def load_transcribed_splits(
         items = [u for u, w in zip(items, waves) if w is not None]
         waves = [w for w in waves if w is not None]
     names = assign_transcribed_splits(items, fractions, seed)
+    for warning in corpus_warnings(items, names):
+        log.warning("%s: %s", data, warning)
     splits = {}
     for split in SPLITS:
         rows = [i for i, n in enumerate(names) if n == split]

@@ -266,46 +266,77 @@ def _info_transcribed(root: Path, seed: int, strict: bool = False, as_json: bool
     """`data info` for an audiofolder or manifest: utterances, speakers and words per split, every file
     decoded and checked (bad ones listed with their reason; ``strict``: stop at the first), a warning
     for each empty split (training needs validation and test speakers)."""
-    from ldfleet.common.data.transcribed import assign_transcribed_splits, read_utterance, scan_transcribed
+    from ldfleet.common.data.transcribed import assign_transcribed_splits, corpus_warnings, read_utterance, scan_transcribed
     from ldfleet.common.data.validate import BadClip
 
     try:
         items = scan_transcribed(root)
     except (FileNotFoundError, ValueError) as exc:
         fail(exc, 1)
-    skipped = []
+    skipped, seconds = [], {}
     with file_progress("checking audio files") as progress:
         for done, u in enumerate(items, 1):
             try:
-                read_utterance(u.path)
+                seconds[u.path] = len(read_utterance(u.path)) / 16000
             except BadClip as exc:
                 if strict:
                     fail(f"{exc.path}: {exc.reason}", 1)
                 skipped.append({"path": str(exc.path), "reason": exc.reason})
             progress(done, len(items))
-    bad = {s["path"] for s in skipped}
     names = assign_transcribed_splits(items, seed=seed)
     splits = {}
     for split in ("train", "val", "test"):
-        mine = [u for u, n in zip(items, names) if n == split and str(u.path) not in bad]
+        mine = [u for u, n in zip(items, names) if n == split and u.path in seconds]
         splits[split] = {"utterances": len(mine), "speakers": len({u.speaker for u in mine}),
-                         "words": sum(len(u.text.split()) for u in mine)}
+                         "words": sum(len(u.text.split()) for u in mine),
+                         "seconds": round(sum(seconds[u.path] for u in mine), 2),
+                         "longest_s": round(max((seconds[u.path] for u in mine), default=0.0), 2)}
     warnings = [f"the {split} split is empty: `ldfleet train` needs speakers in train, val and test"
                 for split, facts in splits.items() if not facts["utterances"]]
+    warnings += corpus_warnings(items, names)
+    warnings += _duration_warnings(items, seconds)
     if as_json:
         print(json.dumps({"root": str(root), "kind": "transcribed", "splits": splits, "skipped": skipped,
                           "warnings": warnings}, indent=2))
         return
     table = Table(title=f"{root} (transcribed speech)")
-    for col in ("split", "utterances", "speakers", "words"):
+    for col in ("split", "utterances", "speakers", "words", "minutes", "longest (s)"):
         table.add_column(col, justify="right" if col != "split" else "left")
     for split, facts in splits.items():
-        table.add_row(split, *(str(facts[c]) for c in ("utterances", "speakers", "words")))
+        table.add_row(split, *(str(facts[c]) for c in ("utterances", "speakers", "words")), f"{facts['seconds'] / 60:.1f}",
+                      f"{facts['longest_s']:.1f}")
     console.print(table)
     for item in skipped:
         err.print(f"[yellow]skipped[/] {item['path']}: {item['reason']}")
     for warning in warnings:
         err.print(f"[yellow]warning[/]: {warning}")
+
+
+#: A clip longer than this is far longer than training batches expect: it is trained in a batch of its own.
+LONG_CLIP_S = 30.0
+
+
+def _duration_warnings(items, seconds: dict) -> list[str]:
+    """Clips over :data:`LONG_CLIP_S`, and manifest ``duration`` fields that disagree with the audio."""
+    out = []
+    long = [u for u in items if seconds.get(u.path, 0.0) > LONG_CLIP_S]
+    if long:
+        worst = max(long, key=lambda u: seconds[u.path])
+        out.append(f"{len(long)} clip(s) longer than {LONG_CLIP_S:.0f} s (longest {worst.path.name}: {seconds[worst.path]:.0f} s): "
+                   "each is trained and scored in a small batch of its own, slowly")
+    wrong = []
+    for u in items:
+        try:
+            stated = float(u.meta.get("duration", "nan"))
+        except ValueError:
+            stated = float("nan")
+        if u.path in seconds and stated == stated and abs(stated - seconds[u.path]) > max(0.1, 0.05 * seconds[u.path]):
+            wrong.append((u, stated))
+    if wrong:
+        u, stated = wrong[0]
+        out.append(f"{len(wrong)} duration field(s) disagree with the audio (e.g. {u.path.name}: {stated:g} s stated, "
+                   f"{seconds[u.path]:.2f} s read); the audio is what is used")
+    return out
 
 
 def register(app: typer.Typer) -> None:

@@ -59,6 +59,8 @@ def _task(task: str) -> str:
 
 
 LABELS_HELP = "kws label set: " + LABEL_SETS_HELP + "."
+#: --labels values that name a set rather than list one (their missing words are only warned about).
+LABEL_PRESETS = ("", "keywords", "folder", "speech-commands-35")
 
 
 # metadata columns of ``ldfleet data synth --task asr`` that eval reports layer usage by
@@ -138,10 +140,17 @@ def train(
     splits = task_data.splits
     for name in ("train", "val"):  # a split drawn by speaker can come out empty in a corpus of few speakers
         if not len(splits[name]):
-            fail(f"{data} has no {name} clips (`ldfleet data info {data}` shows the splits): training needs "
-                 "speakers in train and val; give the corpus more speakers")
+            fail(f"{data} has no {name} clips (`ldfleet data info {data}` shows the splits): training needs clips in "
+                 "train and val. Without a split column, whole speakers are drawn into train/val/test, so the corpus "
+                 "needs several speakers; with one, give some rows the split 'validation' (or per-split folders)")
     if not len(splits["test"]):
         err.print(f"[yellow]warning[/]: {data} has no test clips: `ldfleet eval` will have nothing to score")
+    if task_data.labels and labels not in LABEL_PRESETS:  # a listed class without a training clip: a typo, say
+        trained = set(splits["train"].texts)
+        empty = [label for label in task_data.labels if label not in trained]
+        if empty:
+            fail(f"label(s) {empty} have no train clips in {data} (`ldfleet data info {data}` shows the words; word "
+                 "folders are matched exactly, case included)")
     cfg = config_for(task, backbone=backbone, family=family, epochs=epochs, strategy_epochs=strategy_epochs,
                      layerdrop=layerdrop, batch_size=batch_size, lr=lr, distill=distill, selector_budget=selector_budget, oracle_weight=oracle_weight, seed=seed,
                      labels=list(task_data.labels) if task_data.labels else None, tokens=tokens,
@@ -189,14 +198,14 @@ DEPTH_METHODS = {"adaptive", "confident_exit"}  # a mean of k layers, fitted in 
 
 def evaluate(
     run: Path = typer.Option(None, "--run", help="A run folder made by `ldfleet train` or `make real-bench` (its task and labels are used)."),
-    data: Path = typer.Option(..., "--data", help="kws: Speech Commands folder; asr: audiofolder or manifest (DATA or DATA/SPLIT for --backbone). Its test split (held-out speakers) is used."),
+    data: Path = typer.Option(..., "--data", help="kws: Speech Commands folder; asr: audiofolder or manifest (DATA or DATA/SPLIT for --backbone). Its test split (--split) is used: held-out speakers, or the rows a split column marks test."),
     keep: str = typer.Option("0.25,0.5,0.75,1.0", help="Comma-separated keep ratios."),
     methods: Optional[str] = typer.Option(None, help="Comma-separated methods; oracle also adds oracle_static. adaptive "
                                           "(the selector with a depth per input at a duration-weighted mean of k layers) and "
                                           "confident_exit (early exit at the first exit confident enough for that mean) need "
                                           "a run whose stage 4 fitted them; by default they are left out where none is "
                                           f"\\[default: {EVAL_METHODS}].", show_default=False),
-    split: str = typer.Option("test", help="train | val | test"),
+    split: str = typer.Option("test", help="train | val | test | all (every clip of --data: for a corpus the run was not trained on)."),
     seed: int = typer.Option(-1, help="Split seed (default: the run's training seed)."),
     oracle_sets: int = typer.Option(16, min=1, help="Candidate layer sets per budget for the oracle rows."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
@@ -254,12 +263,14 @@ def evaluate(
         raise typer.BadParameter(f"--task {task}, but {run} was trained for {run_task}")
     task = run_task
     labels = ",".join(spec["labels"]) if task == "kws" else "keywords"
+    if split not in ("train", "val", "test", "all"):
+        raise typer.BadParameter(f"--split must be train, val, test or all, got {split!r}")
     splits = _load_data(task, data, seed, labels, strict).splits
-    if split not in splits:
-        raise typer.BadParameter(f"split must be one of {sorted(splits)}")
-    dataset = splits[split]
+    dataset = splits[split] if split != "all" else type(splits["test"]).join([splits[s] for s in ("train", "val", "test")])
     if len(dataset) == 0:
-        fail(f"the {split} split of {data} is empty")
+        hint = "" if split == "all" else (" (whole speakers are drawn into train/val/test unless a split column says: "
+                                          "--split all scores every clip of a corpus the run was not trained on)")
+        fail(f"the {split} split of {data} is empty{hint}")
     if 0 < limit < len(dataset):
         err.print(f"note: evaluating the first {limit} of the {len(dataset)} clips of {split} (--limit)")
         dataset = dataset.subset(range(limit))

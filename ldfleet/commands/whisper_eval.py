@@ -11,10 +11,11 @@ from ldfleet.commands._shared import console, err, fail
 
 
 def audiofolder_for(data: Path, split: str) -> Path:
-    """DATA itself when it is an audiofolder or manifest, else DATA/SPLIT."""
+    """DATA/SPLIT when that is an audiofolder or manifest (Hugging Face's per-split folders), else DATA
+    itself (every clip of it; with --split all, always DATA)."""
     from ldfleet.common.data.transcribed import is_transcribed
 
-    for candidate in (data, data / split):
+    for candidate in ((data / split, data) if split != "all" else (data,)):
         if candidate.exists() and is_transcribed(candidate):
             return candidate
     fail(f"{data} is not a Hugging Face audiofolder or manifest (no metadata.csv / manifest.jsonl in it or in {data / split})")
