@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -241,6 +242,26 @@ def test_the_exported_runtime_transcribes_on_a_board_without_torch(tiny_asr_expo
     (row,) = [json.loads(line) for line in out.stdout.splitlines()]
     expected = EdgeModel(tiny_asr_export, "int8", strategy="adaptive").run(utterance_from_wav(wav), 4)
     assert (row["prediction"], row["layers"], row["k"]) == (expected.prediction, expected.layers, 4)
+
+
+def test_infer_on_a_folder_takes_every_audio_format(tiny_asr_run, utterance_folder, tmp_path):
+    """FLAC, OGG and MP3 in a folder are transcribed like WAV (they were silently skipped); dot files
+    and other files are not inputs."""
+    wave, rate = sf.read(utterance_folder / "utt_1.wav", dtype="float32")
+    folder = tmp_path / "mixed"
+    (folder / "sub").mkdir(parents=True)
+    sf.write(folder / "a.flac", wave, rate)
+    sf.write(folder / "sub" / "b.ogg", wave, rate)
+    sf.write(folder / "c.mp3", wave, rate)
+    (folder / ".d.wav").write_bytes((utterance_folder / "utt_1.wav").read_bytes())
+    (folder / "notes.txt").write_text("not audio")
+    out = runner.invoke(app, ["infer", "--run", str(tiny_asr_run), "--keep", "0.5", "--json", str(folder)])
+    assert out.exit_code == 0, out.output
+    names = sorted(Path(json.loads(line)["input"]).name for line in out.stdout.splitlines() if line.startswith("{"))
+    assert names == ["a.flac", "b.ogg", "c.mp3"]
+    (folder / "a.flac").unlink(), (folder / "sub" / "b.ogg").unlink(), (folder / "c.mp3").unlink()
+    out = runner.invoke(app, ["infer", "--run", str(tiny_asr_run), "--keep", "0.5", str(folder)])
+    assert out.exit_code == 2 and "no audio files (.wav, .flac, .ogg, .mp3)" in out.output
 
 
 def test_short_or_failing_inputs_are_refused_with_a_reason_and_nothing_else_stops(tiny_asr_run, tiny_asr_export,

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")  # what soundfile (libsndfile) decodes
+# What soundfile decodes: libsndfile 1.1 and later also reads MP3.
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg") + ((".mp3",) if "MP3" in sf.available_formats() else ())
 # Folders that hold no clips even though they look like word folders: macOS zip resource forks.
 NOT_CLIP_DIRS = ("__MACOSX",)
 MIN_SAMPLE_RATE = 8_000  # telephone speech; below this no speech model input makes sense

@@ -25,7 +25,7 @@ _STRATEGY = typer.Option("selector", "--strategy", help="selector: exactly k lay
 
 
 def _wav_inputs(inputs: list[str]) -> list[str]:
-    """Files as given, folders expanded to their *.wav files (sorted, recursive), '-' kept."""
+    """Files as given, folders expanded to their audio files (sorted, recursive; dot files left out), '-' kept."""
     if inputs.count("-") > 1:
         fail("- (one WAV file on stdin) can be given once")
     out = []
@@ -34,9 +34,11 @@ def _wav_inputs(inputs: list[str]) -> list[str]:
         if item == "-":
             out.append(item)
         elif path.is_dir():
-            wavs = sorted(str(p) for p in path.rglob("*.wav"))
+            from ldfleet.common.data.validate import AUDIO_SUFFIXES, is_candidate
+
+            wavs = sorted(str(p) for p in path.rglob("*") if is_candidate(p))
             if not wavs:
-                fail(f"no .wav files under {item}")
+                fail(f"no audio files ({', '.join(AUDIO_SUFFIXES)}) under {item}")
             out.extend(wavs)
         elif path.is_file():
             out.append(item)
@@ -92,7 +94,7 @@ def _session(run: Path, runtime: str, keep, latency_ms, rtf, device_id, state_di
 
 
 def infer(
-    inputs: list[str] = typer.Argument(..., help="WAV files, folders (all *.wav inside), or - for one WAV file on stdin."),
+    inputs: list[str] = typer.Argument(..., help="Audio files (WAV, FLAC, OGG, MP3), folders (every audio file inside), or - for one file on stdin."),
     run: Path = typer.Option(..., "--run", help="Run folder (torch) or ONNX export folder (--runtime onnx)."),
     runtime: str = typer.Option("torch", "--runtime", help=RUNTIME_HELP),
     keep: Optional[float] = _KEEP,
