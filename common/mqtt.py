@@ -83,19 +83,21 @@ def parse_broker_url(
     username: str | None = None,
     password: str | None = None,
 ) -> BrokerURL:
-    """Parse ``mqtt://`` / ``mqtts://`` URLs; explicit ``username``/``password`` override the URL's."""
+    """Parse ``mqtt://`` / ``mqtts://`` URLs; explicit ``username``/``password`` override the URL's.
+    Raises ValueError naming the URL with its password hidden."""
     parts = urlsplit(url.strip())
     scheme = parts.scheme.lower()
+    shown = _hide_password(url.strip(), parts)
     if scheme not in DEFAULT_PORTS:
-        raise ValueError(f"broker URL must start with mqtt:// or mqtts://, got {url!r}")
+        raise ValueError(f"broker URL must start with mqtt:// or mqtts://, got {shown!r}")
     if not parts.hostname:
-        raise ValueError(f"broker URL has no host: {url!r}")
+        raise ValueError(f"broker URL has no host: {shown!r}")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(f"broker URL must be scheme://[user:pass@]host[:port], got {url!r}")
+        raise ValueError(f"broker URL must be scheme://[user:pass@]host[:port], got {shown!r}")
     try:
         port = parts.port or DEFAULT_PORTS[scheme]
     except ValueError as exc:
-        raise ValueError(f"bad port in broker URL {url!r}: {exc}") from None
+        raise ValueError(f"bad port in broker URL {shown!r}: {exc}") from None
     user = unquote(parts.username) if parts.username is not None else None
     pwd = unquote(parts.password) if parts.password is not None else None
     if ca_file and scheme != "mqtts":
@@ -108,6 +110,15 @@ def parse_broker_url(
         password=password if password is not None else pwd,
         ca_file=ca_file,
     )
+
+
+def _hide_password(url: str, parts) -> str:
+    """``url`` with the password of its ``user:password@`` part replaced by ``***``."""
+    if parts.password is None:
+        return url
+    userinfo, _, _ = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return url.replace(parts.netloc, f"{user}:***@{parts.netloc.rpartition('@')[2]}", 1)
 
 
 def paho_protocol(mqtt_version: int) -> int:
