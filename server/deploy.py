@@ -194,12 +194,24 @@ def run_status(flwr_home: Path, run_id: str) -> dict[str, Any]:
     raise DeployError(f"run {run_id} not listed by the SuperLink: {data.get('error-message', data)}")
 
 
-def wait_run(flwr_home: Path, run_id: str, timeout: float, poll: float = 2.0) -> dict[str, Any]:
-    """Poll until the run is finished; raise DeployError unless it finished:completed."""
+def stop_run(flwr_home: Path, run_id: str) -> None:
+    """``flwr stop``: the SuperLink stops the run (a run left behind would go on training when nodes
+    connect later). Raises DeployError when the SuperLink refuses."""
+    data = _flwr(["stop", run_id, CONNECTION], flwr_home)
+    if data.get("success") is False:
+        raise DeployError(f"flwr stop {run_id} failed: {data.get('error-message', data)}")
+
+
+def wait_run(flwr_home: Path, run_id: str, timeout: float, poll: float = 2.0,
+             on_status: Any = None) -> dict[str, Any]:
+    """Poll until the run is finished; raise DeployError unless it finished:completed.
+    ``on_status(status)`` sees each poll's ``flwr ls`` entry (progress)."""
     deadline = time.monotonic() + timeout
     status: dict[str, Any] = {}
     while time.monotonic() < deadline:
         status = run_status(flwr_home, run_id)
+        if on_status is not None:
+            on_status(status)
         if str(status.get("status", "")).startswith("finished"):
             if status["status"] != FINISHED_OK:
                 raise DeployError(f"run {run_id} ended {status['status']}: {status.get('status-details')}")

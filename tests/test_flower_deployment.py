@@ -159,6 +159,24 @@ def test_server_client_federate_commands_run_rounds(tiny):
         assert "finished:failed" in res.stdout + res.stderr
         assert finished_rounds(registry, "bad") == []
 
+        # a run given up on (it waits for 5 SuperNodes; 2 are connected) is stopped on the SuperLink,
+        # so it does not train later when more nodes connect
+        import re
+
+        from ldfleet.server.deploy import run_status
+
+        res = subprocess.run(
+            [str(BIN / "ldfleet"), "federate", "--superlink", address, "--model", model_dir, "--out", str(work / "stuck"),
+             "--db", db, "--rounds", "1", "--min-nodes", "5", "--insecure", "--timeout", "20"],
+            capture_output=True, text=True, timeout=120, env=env)
+        assert res.returncode == 1 and "stopped on the SuperLink" in res.stdout + res.stderr, res.stdout + res.stderr
+        assert "it starts once 5 SuperNode(s) are connected" in res.stdout or "run status: running" in res.stdout
+        rid = re.search(r"run (\d+) submitted", res.stdout).group(1)
+        deadline = time.monotonic() + 30
+        while not str(run_status(work / "stuck" / "flwr-cli", rid)["status"]).startswith("finished"):
+            assert time.monotonic() < deadline, run_status(work / "stuck" / "flwr-cli", rid)
+            time.sleep(1)
+
         # a device process killed outright takes its SuperNode with it (no orphans on a board)
         import signal
 
@@ -250,3 +268,60 @@ def test_superlink_over_tls(tmp_path):
         assert "Run ID not found" not in str(info.value)
     finally:
         link.stop()
+
+
+def test_a_restarted_superlink_keeps_its_supernodes_and_a_dead_supernode_is_started_again(tmp_path):
+    """`ldfleet server` keeps the SuperLink's state in an SQLite file: after a restart the SuperNodes
+    carry on (with the state in memory they were refused and exited). `ldfleet client` starts its
+    SuperNode again when it exits for any other reason."""
+    import signal
+    import threading
+    import time
+
+    from ldfleet.client.node import SuperNode
+    from ldfleet.commands.fleet import _supervise
+
+    port = free_port()
+    db = str(tmp_path / "superlink-state.db")
+    link = SuperLink("127.0.0.1", port, home=tmp_path / "link", insecure=True, database=db).start()
+    node = SuperNode(f"127.0.0.1:{port}", {"device-id": "pi-01"}, home=tmp_path / "node", insecure=True).start()
+    stop = threading.Event()
+    keeper = threading.Thread(target=_supervise, args=(stop, node, "pi-01"), kwargs={"max_delay_s": 1.0}, daemon=True)
+    keeper.start()
+    try:
+        time.sleep(5)
+        first = node.proc.pid
+        link.stop()
+        link = SuperLink("127.0.0.1", port, home=tmp_path / "link", insecure=True, database=db).start()
+        time.sleep(20)  # without the state file the SuperNode exits within a few seconds
+        assert node.running and node.proc.pid == first, node.log_tail()
+
+        os.killpg(first, signal.SIGKILL)  # the device's SuperNode dies
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (node.running and node.proc.pid != first):
+            time.sleep(0.5)
+        assert node.running and node.proc.pid != first, "the SuperNode was not started again"
+    finally:
+        stop.set()
+        keeper.join(10)
+        node.stop()
+        link.stop()
+
+
+def test_server_refuses_a_taken_port_before_starting_anything(tmp_path):
+    import socket
+
+    from typer.testing import CliRunner
+
+    from ldfleet.cli import app
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = CliRunner().invoke(app, ["server", "--insecure", "--port", str(port), "--home", str(tmp_path / "h"),
+                                       "--broker", "mqtt://u:secret@127.0.0.1:1"])
+    assert out.exit_code == 2 and f"127.0.0.1:{port} is already taken" in out.output
+    bad = CliRunner().invoke(app, ["server", "--insecure", "--port", str(free_port()), "--home", str(tmp_path / "h"),
+                                   "--broker", "http://u:secret@127.0.0.1:1"])
+    assert bad.exit_code == 2 and "u:***@" in bad.output and "secret" not in bad.output and "Traceback" not in bad.output

@@ -7,6 +7,7 @@ Heavy modules (Flower, Ray, torch, SQLAlchemy) are imported inside the commands 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -291,12 +292,38 @@ def _stop_on_signals() -> Any:
     return stop
 
 
-def _wait_forever(stop: Any, *procs: Any) -> None:
+def _wait_forever(stop: Any, *procs: Any) -> Any | None:
+    """Until a stop signal (returns None) or one of ``procs`` exits (returns it, its log's tail printed)."""
     while not stop.wait(1.0):
         for p in procs:
             if not p.running:
-                err.print(f"[red]{p.cmd[0]} exited[/red]\n{p.log_tail()}")
-                return
+                err.print(f"[red]{Path(p.cmd[0]).name} exited[/red]\n{p.log_tail()}", markup=True, highlight=False)
+                return p
+    return None
+
+
+def _supervise(stop: Any, node: Any, device_id: str, max_delay_s: float = 60.0) -> None:
+    """Keep a device's SuperNode running until a stop signal: one that exits (a restarted SuperLink
+    no longer knows it, the network went away) is started again after 2, 4, ... ``max_delay_s`` s, as
+    a service manager would; the delay starts again at 2 s once a start has lasted a minute."""
+    from ldfleet.client.node import NodeError
+
+    delay = 2.0
+    while True:
+        started = time.monotonic()
+        if _wait_forever(stop, node) is None:
+            return
+        if time.monotonic() - started > 60:
+            delay = 2.0
+        node.stop()
+        err.print(f"[yellow]SuperNode of {device_id} exited: starting it again in {delay:.0f} s[/] (log {node.log_path})")
+        if stop.wait(delay):
+            return
+        try:
+            node.start()
+        except NodeError as exc:
+            err.print(f"[yellow]SuperNode of {device_id} did not start:[/] {exc}", highlight=False)
+        delay = min(max_delay_s, 2 * delay)
 
 
 def server(
@@ -312,31 +339,41 @@ def server(
     enable_supernode_auth: bool = typer.Option(False, "--enable-supernode-auth", help="Only SuperNodes registered with `flwr supernode register`."),
     controller: bool = typer.Option(True, "--controller/--no-controller", help="Run the policy controller in this process."),
     ca_file: Optional[Path] = typer.Option(None, "--ca-file", help="CA bundle for an mqtts:// broker."),
+    state_db: Optional[str] = typer.Option(None, "--state-db", help="The SuperLink's state (nodes, runs): an SQLite file, "
+                                           "so a restarted server still knows the SuperNodes, or :memory: \[default: HOME/superlink-state.db]."),
 ) -> None:
     """Start the fleet side: the policy controller and a Flower SuperLink (runs until Ctrl-C).
 
-    Then start a federated run with `ldfleet federate --superlink HOST:PORT ...`.
+    Then start a federated run with `ldfleet federate --superlink HOST:PORT ...`. Exits 1 when the
+    SuperLink stops by itself.
     """
+    from ldfleet.common.mqtt import parse_broker_url
+    from ldfleet.common.process import port_open
     from ldfleet.common.runtime import default_broker_url
     from ldfleet.server.deploy import TLS, DeployError, SuperLink
 
+    if port_open(host, port):  # a second server would fail inside flower-superlink, after its controller started
+        fail(f"{host}:{port} is already taken (another `ldfleet server`?): stop it, or give --port")
     stop = _stop_on_signals()
     ctl = None
     try:
+        url = parse_broker_url(broker or default_broker_url(), ca_file=str(ca_file) if ca_file else None) if controller else None
         link = SuperLink(host, port, home=home, insecure=insecure, enable_supernode_auth=enable_supernode_auth,
-                         tls=TLS(*(str(p) if p else None for p in (ssl_ca_certfile, ssl_certfile, ssl_keyfile))))
-    except (DeployError, FileNotFoundError) as exc:
+                         tls=TLS(*(str(p) if p else None for p in (ssl_ca_certfile, ssl_certfile, ssl_keyfile))),
+                         database=state_db or str(home / "superlink-state.db"))
+    except (DeployError, FileNotFoundError, ValueError) as exc:
         fail(str(exc))
-    if controller:
-        from ldfleet.server.controller import Controller
-
-        ctl = Controller(broker or default_broker_url(), db, ca_file=str(ca_file) if ca_file else None).start()
-        console.print(f"controller: broker {ctl.url}, registry {ctl.registry.redacted_url()}")
     try:
         link.start()
         console.print(f"SuperLink on {link.address} ({'insecure, loopback' if insecure else 'TLS'}); log {link.log_path}")
-        _wait_forever(stop, link)
-    except (DeployError, FileNotFoundError) as exc:
+        if url is not None:
+            from ldfleet.server.controller import Controller
+
+            ctl = Controller(url, db).start()
+            console.print(f"controller: broker {ctl.url}, registry {ctl.registry.redacted_url()}")
+        if _wait_forever(stop, link) is not None:
+            fail("the SuperLink stopped (its log's end is above)", 1)
+    except (DeployError, FileNotFoundError, ValueError) as exc:
         fail(str(exc))
     finally:
         link.stop()
@@ -378,13 +415,17 @@ def client(
     if agent:
         from ldfleet.client.agent import DeviceAgent
         from ldfleet.client.profile import profile_from_json
+        from ldfleet.common.mqtt import parse_broker_url
 
         def measured():
             return model_profile(device_id, device_class, model)
 
-        prof = profile_from_json(profile_json, device_id, device_class) if profile_json else measured()
-        ag = DeviceAgent(device_id, device_class, broker or default_broker_url(), prof, state_dir=state,
-                         ca_file=str(ca_file) if ca_file else None).start()
+        try:  # the URL is checked before the model is timed
+            url = parse_broker_url(broker or default_broker_url(), ca_file=str(ca_file) if ca_file else None)
+            prof = profile_from_json(profile_json, device_id, device_class) if profile_json else measured()
+            ag = DeviceAgent(device_id, device_class, url, prof, state_dir=state).start()
+        except (ValueError, OSError) as exc:
+            fail(str(exc))
         console.print(f"agent {device_id} ({device_class}): broker {ag.url}, state {state}")
         if profile_json is None:
             reprofiler = watch_profile(ag, measured, reprofile_every, reprofile_tolerance)
@@ -393,8 +434,10 @@ def client(
                          home=home or Path(state) / "flwr", insecure=insecure,
                          root_certificates=str(root_certificates) if root_certificates else None,
                          auth_private_key=str(auth_supernode_private_key) if auth_supernode_private_key else None).start()
-        console.print(f"SuperNode for {device_id} connected to {superlink}; log {node.log_path}")
-        _wait_forever(stop, node)
+        console.print(f"SuperNode for {device_id} started: it connects to {superlink} and keeps trying (log {node.log_path})")
+        if not _superlink_answers(superlink):
+            err.print(f"[yellow]warning:[/] nothing answers at {superlink} yet (is `ldfleet server` running there?)")
+        _supervise(stop, node, device_id)
         node.stop()
     except (NodeError, FileNotFoundError) as exc:
         fail(str(exc))
@@ -403,6 +446,13 @@ def client(
             reprofiler.stop()
         if ag is not None:
             ag.stop()
+
+
+def _superlink_answers(address: str) -> bool:
+    from ldfleet.common.process import port_open
+
+    host, _, port = address.rpartition(":")
+    return port.isdigit() and port_open(host.strip("[]"), int(port), timeout=2.0)
 
 
 def _check_every_clip(data: Path) -> None:
@@ -438,6 +488,9 @@ def federate(
     from ldfleet.server.deploy import DeployError, submit_run, wait_run, write_cli_config, write_flower_app
 
     out = out.resolve()
+    if db is None:
+        err.print(f"note: no --db: rounds go to {default_registry_url()}; give the registry `ldfleet server` uses "
+                  "(its --db) to see them beside the devices and their budgets", soft_wrap=True)
     settings = ServerSettings(
         run_id=run_id or out.name, run_dir=str(out), model_dir=str(model.resolve()), db_url=db or default_registry_url(),
         num_rounds=rounds, fraction_train=fraction_train, min_train_nodes=min_nodes, min_evaluate_nodes=min_nodes,
@@ -449,11 +502,56 @@ def federate(
         write_cli_config(flwr_home, superlink, insecure=insecure, root_certificates=str(root_certificates) if root_certificates else None)
         rid = submit_run(app_dir, flwr_home, settings)
         console.print(f"run {rid} submitted to {superlink} (registry run id {settings.run_id}); waiting for it to finish")
-        status = wait_run(flwr_home, rid, timeout)
     except (DeployError, FileNotFoundError) as exc:
         fail(str(exc), code=1)
+    try:
+        status = wait_run(flwr_home, rid, timeout, on_status=_round_progress(settings))
+    except (DeployError, KeyboardInterrupt) as exc:
+        why = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
+        _stop_left_run(flwr_home, rid, superlink, why)
     console.print(f"[green]{status['status']}[/green] in {status.get('elapsed', 0):.0f} s; "
                   f"`ldfleet registry rounds --run-id {settings.run_id} --db {settings.db_url}`")
+
+
+def _stop_left_run(flwr_home: Path, rid: str, superlink: str, why: str) -> None:
+    """A run that will not be waited for is stopped on the SuperLink (else it trains whenever nodes
+    connect); exits 1, or 130 when interrupted."""
+    from ldfleet.server.deploy import DeployError, run_status, stop_run
+
+    try:
+        if not str(run_status(flwr_home, rid).get("status", "")).startswith("finished"):
+            stop_run(flwr_home, rid)
+            why += f"; run {rid} stopped on the SuperLink"
+    except (DeployError, OSError) as exc:
+        why += f"; run {rid} may still be running: `flwr stop {rid}` against {superlink} ({exc})"
+    fail(why, code=130 if why.startswith("interrupted") else 1)
+
+
+def _round_progress(settings: Any) -> Any:
+    """A callback for each poll of the run: says when the run's status changes, and each round the
+    registry (``settings.db_url``, where the ServerApp writes) has recorded as finished."""
+    seen: dict[str, Any] = {"status": None, "rounds": set(), "registry": None}
+
+    def on_status(status: dict) -> None:
+        now = status.get("status")
+        if now != seen["status"]:
+            seen["status"] = now
+            waiting = str(now).startswith(("pending", "starting"))
+            hint = f" (it starts once {settings.min_available_nodes} SuperNode(s) are connected)" if waiting else ""
+            console.print(f"run status: {now}{hint}")
+        try:
+            if seen["registry"] is None:
+                from ldfleet.server.registry import Registry
+
+                seen["registry"] = Registry(settings.db_url)
+            done = {r.number for r, _ in seen["registry"].round_metrics(settings.run_id) if r.finished_at is not None}
+        except Exception:  # noqa: BLE001 - progress is best effort; the run's outcome comes from the SuperLink
+            return
+        for number in sorted(done - seen["rounds"]):
+            console.print(f"round {number} of {settings.num_rounds} finished")
+        seen["rounds"] |= done
+
+    return on_status
 
 
 def register_deploy(app: typer.Typer) -> None:
