@@ -147,6 +147,7 @@ class Controller:
             ack_bound_s=ack_bound_s, interval_s=reconcile_interval_s, rate_per_s=reconcile_rate, boot_id=self.boot_id,
         )
         self.writer = BatchWriter(self.publisher.profiles, strict_classes=strict_classes, on_controller_status=self.reconciler.note_controller)
+        self.reconciler.group.on_overwritten = self._restate_online  # a namesake's goodbye must not hide this one
         device_filters = [
             (topics.all_devices(topics.Channel.STATUS), 1),
             (topics.all_devices(topics.Channel.PROFILE), 1),
@@ -240,6 +241,11 @@ class Controller:
                 return True
             time.sleep(0.02)
         return False
+
+    def _restate_online(self) -> None:
+        if not self._stop.is_set() and self.session.connected:
+            log.warning("%s: a namesake's offline status replaced this controller's: saying online again", self.controller_id)
+            self.session.publish(self.status_topic, self._status(True).to_json(), qos=1, retain=True)
 
     # -- network thread ----------------------------------------------------------------------
     def _on_connected(self) -> None:

@@ -32,6 +32,9 @@ class Group:
     def __init__(self, controller_id: str, boot_id: str | None = None) -> None:
         self.controller_id = controller_id
         self.boot_id = boot_id  # this controller's boot: a status of its id from another boot is a namesake
+        #: Called when a namesake's "offline" replaced this controller's retained status (a second
+        #: controller with this id stopped): the controller says it is online again.
+        self.on_overwritten: Callable[[], None] | None = None
         self.online: dict[str, bool] = {}
         self._changed = False
         self._namesakes: set[str] = set()
@@ -45,6 +48,8 @@ class Group:
                 log.warning("another controller says it runs as %r (boot %s): two controllers with one id overwrite each "
                             "other's status and Last Will; give each its own --controller-id (a status left by one that "
                             "crashed while the broker was down says this too, and is harmless)", cid, status.boot_id)
+            if not status.online and self.on_overwritten is not None:
+                self.on_overwritten()
             return  # this controller's own liveness is its own, whatever a namesake says
         before = self.online.get(cid, False)
         self.online[cid] = status.online

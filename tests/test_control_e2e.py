@@ -237,3 +237,18 @@ def test_mqtt_311_agents_and_controller_work_too(sqlite_fleet: Fleet):
     assert a.wait_for_version(2, 20) and a.state.effective_k == 3
     with pytest.raises(ValueError, match="5 or 311"):
         f.controller(mqtt_version=4)
+
+
+def test_a_namesake_controller_stopping_does_not_hide_the_one_still_running(sqlite_fleet: Fleet):
+    """Two controllers with one id: when one stops, its retained "offline" replaces the other's
+    status; the running one says online again, so `budget set` still finds it."""
+    from ldfleet.server.operator import controllers_online
+
+    f = sqlite_fleet
+    live = f.controller()
+    second = f.controller()
+    assert live.controller_id == second.controller_id
+    second.stop()
+    f.controllers.remove(second)
+    assert wait_until(lambda: controllers_online(f.broker.url) == [live.controller_id], 20)
+    assert json.loads(read_retained(f.broker.url, topics.ctl_status(live.controller_id)))["boot_id"] == live.boot_id
