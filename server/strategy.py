@@ -201,12 +201,16 @@ class FleetFedAvg(FedAvg):
         self._summary: dict[str, Any] = {}
         self._sent: dict[int, int] = {}
         self._eval_sent: list[int] = []
+        self._asked: list[Message] = []  # the messages of the phase in flight
         self._crashing: set[str] = set()
         self._round = 0
 
     # -- nodes and devices ------------------------------------------------------------------
-    def identify(self, grid: Grid, timeout: float = 120.0) -> dict[int, DeviceInfo]:
-        """Ask every node not yet known which device it is (``query`` message)."""
+    def identify(self, grid: Grid, timeout: float | None = None) -> dict[int, DeviceInfo]:
+        """Ask every node not yet known which device it is (``query`` message), waiting at most
+        ``timeout`` s for the answers (default: the round timeout; a node that died without the
+        SuperLink noticing yet answers never)."""
+        timeout = self.round_timeout_s if timeout is None else timeout
         deadline = time.monotonic() + self.wait_nodes_s
         while len(list(grid.get_node_ids())) < self.min_available_nodes and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -287,10 +291,27 @@ class FleetFedAvg(FedAvg):
             messages.append(Message(RecordDict({L.ARRAYS: arrays, L.CONFIG: cfg}), message_type=MessageType.TRAIN, dst_node_id=node))
         return messages
 
-    def _check_reply(self, reply: Message, with_arrays: bool) -> tuple[DeviceResult | None, str | None]:
-        """A result, or the reason the reply does not count (``ldfleet.server.validate_reply``)."""
+    def _node_of(self, reply: Message) -> int:
+        """The node a reply is about. An error the SuperLink answers for a node that is gone ("Node
+        Unavailable") comes from the SuperLink's own id: it is traced back through the message it
+        replies to."""
         node = reply.metadata.src_node_id
-        dev = self.devices.get(node, DeviceInfo(f"node-{node}", "unknown"))
+        if node in self.devices:
+            return node
+        asked = {m.metadata.message_id: m.metadata.dst_node_id for m in self._asked if m.metadata.message_id}
+        return asked.get(reply.metadata.reply_to_message_id, node)
+
+    def _device_of(self, node: int) -> DeviceInfo:
+        return self.devices.get(node, DeviceInfo(f"node-{node}", "unknown"))
+
+    def _send(self, grid: Grid, messages: Iterable[Message], timeout: float) -> Iterable[Message]:
+        self._asked = list(messages)  # their ids (set as they are pushed) trace error replies back to nodes
+        return grid.send_and_receive(self._asked, timeout=timeout)
+
+    def _check_reply(self, reply: Message, with_arrays: bool, node: int | None = None) -> tuple[DeviceResult | None, str | None]:
+        """A result, or the reason the reply does not count (``ldfleet.server.validate_reply``)."""
+        node = self._node_of(reply) if node is None else node
+        dev = self._device_of(node)
         if reply.has_error():
             return None, _error_reason(reply.error.reason)
         content = reply.content
@@ -315,20 +336,21 @@ class FleetFedAvg(FedAvg):
         failures: list[dict[str, Any]] = []
         answered = set()
         for reply in replies:
-            answered.add(reply.metadata.src_node_id)
+            node = self._node_of(reply)
+            answered.add(node)
             try:
-                result, reason = self._check_reply(reply, with_arrays)
+                result, reason = self._check_reply(reply, with_arrays, node)
             except Exception as exc:  # noqa: BLE001 - one unreadable reply never aborts the round
                 result, reason = None, f"reply could not be read: {type(exc).__name__}: {exc}"
             if result is None:
-                dev = self.devices.get(reply.metadata.src_node_id, DeviceInfo(f"node-{reply.metadata.src_node_id}", "unknown"))
+                dev = self._device_of(node)
                 log.warning("round %d %s: device %s does not count: %s", self._round, phase, dev.device_id, reason)
                 failures.append({"device_id": dev.device_id, "device_class": dev.device_class, "phase": phase, "reason": reason})
             else:
                 results.append(result)
         for node in sent:
             if node not in answered:
-                dev = self.devices.get(node, DeviceInfo(f"node-{node}", "unknown"))
+                dev = self._device_of(node)
                 failures.append({"device_id": dev.device_id, "device_class": dev.device_class, "phase": phase,
                                  "reason": f"no reply within {self.round_timeout_s:g} s"})
         self._record(results, failures, phase)
@@ -426,7 +448,7 @@ class FleetFedAvg(FedAvg):
                     "fraction_train": self.fraction_train, "fraction_evaluate": self.fraction_evaluate, **self.train_settings,
                 })
                 self._round_id = row.id
-            replies = grid.send_and_receive(self.configure_train(rnd, arrays, train_config, grid), timeout=timeout)
+            replies = self._send(grid, self.configure_train(rnd, arrays, train_config, grid), timeout)
             new_arrays, train_metrics = self.aggregate_train(rnd, replies)
             if new_arrays is not None:
                 arrays = new_arrays
@@ -434,7 +456,7 @@ class FleetFedAvg(FedAvg):
             if train_metrics is not None:
                 result.train_metrics_clientapp[rnd] = train_metrics
             t_train = time.monotonic() - t0
-            eval_replies = grid.send_and_receive(self.configure_evaluate(rnd, arrays, evaluate_config, grid), timeout=timeout)
+            eval_replies = self._send(grid, self.configure_evaluate(rnd, arrays, evaluate_config, grid), timeout)
             eval_metrics = self.aggregate_evaluate(rnd, eval_replies)
             if eval_metrics is not None:
                 result.evaluate_metrics_clientapp[rnd] = eval_metrics

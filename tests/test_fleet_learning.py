@@ -77,6 +77,28 @@ def test_reply_checks_refuse_foreign_arrays_bad_shapes_and_errors(tmp_path):
     assert res is None and why == "injected crash after 2/4 local steps"
 
 
+def test_a_node_unavailable_error_is_charged_to_the_device_it_was_sent_to(tmp_path):
+    """The SuperLink answers for a node that died with an error from its own id (1), replying to the
+    message sent to the node: the failure is that device's, not a device called "node-1"."""
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
+    s = _strategy(tmp_path)
+    s.devices = {7: DeviceInfo("ph-01", "phone"), 8: DeviceInfo("pi-01", "rpi4")}
+    sent = [_request(7), _request(8)]
+    for i, m in enumerate(sent):
+        m.metadata.__dict__["_message_id"] = f"msg-{i}"  # what pushing a message sets
+    s._asked = sent
+    gone = create_message_error_unavailable_res_message(sent[0].metadata, "node_unavail")
+    assert gone.metadata.src_node_id not in s.devices
+    assert s._node_of(gone) == 7
+    res, why = s._check_reply(gone, with_arrays=True)
+    assert res is None and "Node Unavailable" in why
+    failures = []
+    s._record = lambda results, fails, phase: failures.extend(fails)
+    s._collect([gone], [7], with_arrays=True, phase="train")
+    assert [(f["device_id"], f["device_class"]) for f in failures] == [("ph-01", "phone")]
+
+
 def test_aggregate_train_averages_only_good_replies_and_records_failures(tmp_path):
     reg = Registry(f"sqlite:///{tmp_path / 'r.db'}")
     s = FleetFedAvg(global_template=TEMPLATE, run_id="run-a", run_dir=str(tmp_path), num_layers=3, registry=reg)
