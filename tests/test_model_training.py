@@ -60,7 +60,9 @@ def test_eval_split_all_scores_every_clip_of_the_folder(trained_run, corpus):
         result = runner.invoke(app, ["eval", "--run", str(trained_run), "--data", str(corpus), "--keep", "0.5",
                                      "--methods", "full", "--split", split, "--json"])
         assert result.exit_code == 0, result.output
-        counts[split] = json.loads(result.stdout)["rows"][0]["examples"]
+        report = json.loads(result.stdout)
+        assert (report["run"], report["split"], report["limit"]) == (str(trained_run), split, None)
+        counts[split] = report["rows"][0]["examples"]
     splits = load_splits(corpus, seed=0)
     assert counts["all"] == sum(len(ds) for ds in splits.values()) > counts["test"] == len(splits["test"])
     bad = runner.invoke(app, ["eval", "--run", str(trained_run), "--data", str(corpus), "--split", "everything"])

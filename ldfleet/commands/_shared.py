@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -10,8 +12,16 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-console = Console()
-err = Console(stderr=True)  # errors, warnings and progress notes: stdout stays clean for --json
+def _console(stderr: bool = False) -> Console:
+    """A console; written to a file or a pipe (no terminal, no COLUMNS), 200 columns wide rather than
+    rich's 80, so that tables keep their figures whole ("3071…" ms) in logs."""
+    stream = sys.stderr if stderr else sys.stdout
+    wide = not os.environ.get("COLUMNS") and not (hasattr(stream, "isatty") and stream.isatty())
+    return Console(stderr=stderr, width=200 if wide else None)
+
+
+console = _console()
+err = _console(stderr=True)  # errors, warnings and progress notes: stdout stays clean for --json
 
 
 def fail(message: object, code: int = 2) -> NoReturn:

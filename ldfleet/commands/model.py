@@ -290,7 +290,7 @@ def evaluate(
         result = run_eval(model, dataset, names, keeps, oracle_sets=oracle_sets, conditions=conditions,
                           on_batch=lambda i, n: progress.update(bar, completed=i, total=n))
     if as_json:
-        print(json.dumps(result.as_dict(), indent=2))
+        print(json.dumps({"run": str(run), "data": str(data), "split": split, "limit": limit or None, **result.as_dict()}, indent=2))
         return
     metrics = ("accuracy",) if task == "kws" else ("wer", "cer")
     table = Table(title=f"{run} on {split} ({result.rows[0].examples} clips)")
