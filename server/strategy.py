@@ -34,17 +34,12 @@ from flwr.serverapp.strategy.result import Result
 
 from ldfleet.common import learning as L
 from ldfleet.server.checkpoints import save_checkpoint
+from ldfleet.server.nodes import DeviceInfo, NodeDirectory
 from ldfleet.server.registry.store import Registry
 from ldfleet.server.rounds import EVAL, TRAIN, device_status, failed_phase, unsettled_devices
 from ldfleet.server.validate_reply import BadReply, check_reply
 
 log = logging.getLogger("ldfleet.server.strategy")
-
-
-@dataclass(frozen=True)
-class DeviceInfo:
-    device_id: str
-    device_class: str
 
 
 @dataclass
@@ -194,39 +189,31 @@ class FleetFedAvg(FedAvg):
         self.wait_nodes_s = wait_nodes_s
         self.full_model_bytes = full_model_bytes
         self.hooks = hooks
-        self.devices: dict[int, DeviceInfo] = {}
+        self.nodes = NodeDirectory(registry)
         self.current = {k: v.copy() for k, v in self.template.items()}
         self._plan = RoundPlan()
         self._round_id: int | None = None
         self._summary: dict[str, Any] = {}
         self._sent: dict[int, int] = {}
         self._eval_sent: list[int] = []
-        self._asked: list[Message] = []  # the messages of the phase in flight
         self._crashing: set[str] = set()
         self._round = 0
 
     # -- nodes and devices ------------------------------------------------------------------
+    @property
+    def devices(self) -> dict[int, DeviceInfo]:
+        """Node id -> device, as far as the nodes have said (:class:`~.nodes.NodeDirectory`)."""
+        return self.nodes.devices
+
+    @devices.setter
+    def devices(self, value: dict[int, DeviceInfo]) -> None:
+        self.nodes.devices = value
+
     def identify(self, grid: Grid, timeout: float | None = None) -> dict[int, DeviceInfo]:
-        """Ask every node not yet known which device it is (``query`` message), waiting at most
-        ``timeout`` s for the answers (default: the round timeout; a node that died without the
-        SuperLink noticing yet answers never)."""
-        timeout = self.round_timeout_s if timeout is None else timeout
-        deadline = time.monotonic() + self.wait_nodes_s
-        while len(list(grid.get_node_ids())) < self.min_available_nodes and time.monotonic() < deadline:
-            time.sleep(0.5)
-        unknown = [n for n in grid.get_node_ids() if n not in self.devices]
-        if unknown:
-            cfg = ConfigRecord({L.M_NUM_LAYERS: self.num_layers})
-            msgs = [Message(RecordDict({L.CONFIG: cfg}), message_type=MessageType.QUERY, dst_node_id=n) for n in unknown]
-            for reply in grid.send_and_receive(msgs, timeout=timeout):
-                if reply.has_error() or L.DEVICE not in reply.content.config_records:
-                    log.warning("node %d did not say which device it is: %s", reply.metadata.src_node_id,
-                                reply.error.reason if reply.has_error() else "no device record")
-                    continue
-                rec = reply.content.config_records[L.DEVICE]
-                self.devices[reply.metadata.src_node_id] = DeviceInfo(str(rec[L.NODE_DEVICE_ID]), str(rec[L.NODE_DEVICE_CLASS]))
-        live = set(grid.get_node_ids())
-        return {n: d for n, d in self.devices.items() if n in live}
+        """The connected nodes' devices, asking new nodes which they are (at most ``timeout`` s,
+        default the round timeout)."""
+        return self.nodes.identify(grid, num_layers=self.num_layers, min_nodes=self.min_available_nodes,
+                                   wait_nodes_s=self.wait_nodes_s, timeout=self.round_timeout_s if timeout is None else timeout)
 
     def available(self, grid: Grid) -> dict[int, DeviceInfo]:
         """Known nodes whose device is not offline (registry liveness, and the round plan)."""
@@ -291,27 +278,10 @@ class FleetFedAvg(FedAvg):
             messages.append(Message(RecordDict({L.ARRAYS: arrays, L.CONFIG: cfg}), message_type=MessageType.TRAIN, dst_node_id=node))
         return messages
 
-    def _node_of(self, reply: Message) -> int:
-        """The node a reply is about. An error the SuperLink answers for a node that is gone ("Node
-        Unavailable") comes from the SuperLink's own id: it is traced back through the message it
-        replies to."""
-        node = reply.metadata.src_node_id
-        if node in self.devices:
-            return node
-        asked = {m.metadata.message_id: m.metadata.dst_node_id for m in self._asked if m.metadata.message_id}
-        return asked.get(reply.metadata.reply_to_message_id, node)
-
-    def _device_of(self, node: int) -> DeviceInfo:
-        return self.devices.get(node, DeviceInfo(f"node-{node}", "unknown"))
-
-    def _send(self, grid: Grid, messages: Iterable[Message], timeout: float) -> Iterable[Message]:
-        self._asked = list(messages)  # their ids (set as they are pushed) trace error replies back to nodes
-        return grid.send_and_receive(self._asked, timeout=timeout)
-
     def _check_reply(self, reply: Message, with_arrays: bool, node: int | None = None) -> tuple[DeviceResult | None, str | None]:
         """A result, or the reason the reply does not count (``ldfleet.server.validate_reply``)."""
-        node = self._node_of(reply) if node is None else node
-        dev = self._device_of(node)
+        node = self.nodes.node_of(reply) if node is None else node
+        dev = self.nodes.device_of(node)
         if reply.has_error():
             return None, _error_reason(reply.error.reason)
         content = reply.content
@@ -324,7 +294,8 @@ class FleetFedAvg(FedAvg):
             return None, f"no reply within {self.round_timeout_s:g} s (straggler, {late:g} s late)"
         if L.DEVICE in content.config_records:
             rec = content.config_records[L.DEVICE]
-            dev = DeviceInfo(str(rec.get(L.NODE_DEVICE_ID, dev.device_id)), str(rec.get(L.NODE_DEVICE_CLASS, dev.device_class)))
+            did = str(rec.get(L.NODE_DEVICE_ID, dev.device_id))
+            dev = DeviceInfo(did, self.nodes.class_of(did, str(rec.get(L.NODE_DEVICE_CLASS, dev.device_class))))
         result = DeviceResult(dev, node, checked.metrics, checked.arrays)
         result.metrics[L.M_EXAMPLES] = checked.num_examples
         if with_arrays:
@@ -336,21 +307,21 @@ class FleetFedAvg(FedAvg):
         failures: list[dict[str, Any]] = []
         answered = set()
         for reply in replies:
-            node = self._node_of(reply)
+            node = self.nodes.node_of(reply)
             answered.add(node)
             try:
                 result, reason = self._check_reply(reply, with_arrays, node)
             except Exception as exc:  # noqa: BLE001 - one unreadable reply never aborts the round
                 result, reason = None, f"reply could not be read: {type(exc).__name__}: {exc}"
             if result is None:
-                dev = self._device_of(node)
+                dev = self.nodes.device_of(node)
                 log.warning("round %d %s: device %s does not count: %s", self._round, phase, dev.device_id, reason)
                 failures.append({"device_id": dev.device_id, "device_class": dev.device_class, "phase": phase, "reason": reason})
             else:
                 results.append(result)
         for node in sent:
             if node not in answered:
-                dev = self._device_of(node)
+                dev = self.nodes.device_of(node)
                 failures.append({"device_id": dev.device_id, "device_class": dev.device_class, "phase": phase,
                                  "reason": f"no reply within {self.round_timeout_s:g} s"})
         self._record(results, failures, phase)
@@ -441,6 +412,7 @@ class FleetFedAvg(FedAvg):
             self._summary = {"round": rnd}
             self._sent = {}
             self._eval_sent = []
+            self.nodes.new_round()
             self._plan = (self.hooks.before_round(rnd) if self.hooks else None) or RoundPlan()
             self._summary["unsettled"] = self.settle()
             if self.registry is not None:
@@ -448,7 +420,7 @@ class FleetFedAvg(FedAvg):
                     "fraction_train": self.fraction_train, "fraction_evaluate": self.fraction_evaluate, **self.train_settings,
                 })
                 self._round_id = row.id
-            replies = self._send(grid, self.configure_train(rnd, arrays, train_config, grid), timeout)
+            replies = self.nodes.send(grid, self.configure_train(rnd, arrays, train_config, grid), timeout)
             new_arrays, train_metrics = self.aggregate_train(rnd, replies)
             if new_arrays is not None:
                 arrays = new_arrays
@@ -456,7 +428,7 @@ class FleetFedAvg(FedAvg):
             if train_metrics is not None:
                 result.train_metrics_clientapp[rnd] = train_metrics
             t_train = time.monotonic() - t0
-            eval_replies = self._send(grid, self.configure_evaluate(rnd, arrays, evaluate_config, grid), timeout)
+            eval_replies = self.nodes.send(grid, self.configure_evaluate(rnd, arrays, evaluate_config, grid), timeout)
             eval_metrics = self.aggregate_evaluate(rnd, eval_replies)
             if eval_metrics is not None:
                 result.evaluate_metrics_clientapp[rnd] = eval_metrics

@@ -41,11 +41,11 @@ def _request(node: int) -> Message:
     return Message(RecordDict({L.CONFIG: ConfigRecord({"x": 1})}), dst_node_id=node, message_type=MessageType.TRAIN)
 
 
-def _reply(node: int, arrays: dict[str, np.ndarray] | None, examples: int = 5, device: str = "d1") -> Message:
+def _reply(node: int, arrays: dict[str, np.ndarray] | None, examples: int = 5, device: str = "d1", device_class: str = "rpi4") -> Message:
     content = RecordDict({
         L.METRICS: MetricRecord({L.M_EXAMPLES: examples, L.M_ACCURACY: 0.5, L.M_MEAN_LAYERS: 2.0, L.M_K: 2,
                                  L.M_LAYER_USAGE: [1.0, 1.0, 0.0], L.M_POLICY_VERSION: 3}),
-        L.DEVICE: ConfigRecord({L.NODE_DEVICE_ID: device, L.NODE_DEVICE_CLASS: "rpi4"}),
+        L.DEVICE: ConfigRecord({L.NODE_DEVICE_ID: device, L.NODE_DEVICE_CLASS: device_class}),
     })
     if arrays is not None:
         content[L.ARRAYS] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
@@ -87,16 +87,43 @@ def test_a_node_unavailable_error_is_charged_to_the_device_it_was_sent_to(tmp_pa
     sent = [_request(7), _request(8)]
     for i, m in enumerate(sent):
         m.metadata.__dict__["_message_id"] = f"msg-{i}"  # what pushing a message sets
-    s._asked = sent
+    s.nodes.asked = sent
     gone = create_message_error_unavailable_res_message(sent[0].metadata, "node_unavail")
     assert gone.metadata.src_node_id not in s.devices
-    assert s._node_of(gone) == 7
+    assert s.nodes.node_of(gone) == 7
     res, why = s._check_reply(gone, with_arrays=True)
     assert res is None and "Node Unavailable" in why
     failures = []
     s._record = lambda results, fails, phase: failures.extend(fails)
     s._collect([gone], [7], with_arrays=True, phase="train")
     assert [(f["device_id"], f["device_class"]) for f in failures] == [("ph-01", "phone")]
+
+
+def test_a_class_pinned_in_the_registry_wins_over_the_one_a_device_reports(tmp_path):
+    """`devices set-class ph-01 rpi4`, then the device restarts as `--device-class phone`: its round
+    rows are under rpi4, as its budget is."""
+    from ldfleet.server.nodes import NodeDirectory
+    from ldfleet.server.registry.models import Device
+    from ldfleet.server.registry.store import Registry
+
+    reg = Registry(f"sqlite:///{tmp_path / 'r.db'}")
+    try:
+        reg.add_class("phone")
+        with reg.session() as s:
+            s.merge(Device(device_id="ph-01", device_class="phone", desired_version=0, applied_version=0, online=True,
+                           class_pinned=False))
+        nodes = NodeDirectory(reg)
+        assert nodes.class_of("ph-01", "phone") == "phone"
+        reg.pin_class("ph-01", "rpi4", create_class=True)
+        assert nodes.class_of("ph-01", "phone") == "phone"  # read once per round
+        nodes.new_round()
+        assert nodes.class_of("ph-01", "phone") == "rpi4" and nodes.class_of("pi-02", "rpi4") == "rpi4"
+        s = FleetFedAvg(global_template=TEMPLATE, run_id="t", run_dir=str(tmp_path), num_layers=3, registry=reg)
+        res, why = s._check_reply(_reply(7, {k: v + 1 for k, v in TEMPLATE.items()}, device="ph-01", device_class="phone"),
+                                  with_arrays=True)
+        assert why is None and res.device == DeviceInfo("ph-01", "rpi4")
+    finally:
+        reg.close()
 
 
 def test_aggregate_train_averages_only_good_replies_and_records_failures(tmp_path):
