@@ -83,6 +83,12 @@ def _session(run: Path, runtime: str, keep, latency_ms, rtf, device_id, state_di
     fixed = keep is not None or latency_ms is not None or rtf is not None
     if not fixed:
         state_dir = state_dir or default_device_state_dir(device_id or default_device_id())
+        from ldfleet.client.state import STATE_FILE
+
+        if not (Path(state_dir) / STATE_FILE).is_file():
+            err.print(f"[yellow]warning:[/] no device state in {state_dir} (no agent has run as "
+                      f"{device_id or default_device_id()!r} here): every layer runs; give --device-id / --state-dir "
+                      "of the device's agent, or --keep / --latency-ms / --rtf", soft_wrap=True)
     policy = PolicySource(engine.num_layers, None if fixed else state_dir, keep, latency_ms, rtf)
     p = policy.current()
     target = "" if p.latency_ms is None and p.rtf is None else ", target " + budget_text(None, p.latency_ms, p.rtf)
