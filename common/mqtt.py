@@ -37,16 +37,24 @@ log = logging.getLogger("ldfleet.mqtt")
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 
 
-class _QuietShutdown(logging.Filter):
+class _PahoNoise(logging.Filter):
     """paho 2.2 logs "Client is not connected" at ERROR when its loop runs once more after a clean
-    disconnect; that is noise, not an error."""
+    disconnect, and "failed to receive on socket" at ERROR when the broker goes away: noise, not
+    errors (the session says that the connection was lost, and reconnects). The first is dropped,
+    the second kept at DEBUG."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Client is not connected" not in record.getMessage()
+        message = record.getMessage()
+        if "Client is not connected" in message:
+            return False
+        if record.levelno >= logging.ERROR and message.startswith(("failed to receive on socket", "failed to send")):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger("ldfleet.mqtt.paho").isEnabledFor(logging.DEBUG)
+        return True
 
 
 _paho_log = logging.getLogger("ldfleet.mqtt.paho")
-_paho_log.addFilter(_QuietShutdown())
+_paho_log.addFilter(_PahoNoise())
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,7 @@ def read_retained(
     finally:
         c.disconnect()
         c.loop_stop()
-    log.info("read %d retained messages", got[0])
+    log.debug("read %d retained messages", got[0])
     return got[0]
 
 

@@ -150,3 +150,18 @@ def test_a_refused_controller_stops_with_the_reason(locked_broker, tmp_path):
         assert "not retrying" in ctl.session.fatal and ctl._stop.is_set()  # run_forever returns, the CLI exits 1
     finally:
         ctl.stop()
+
+
+def test_pahos_socket_noise_is_not_logged_as_an_error(caplog):
+    """A broker going away makes paho log "failed to receive on socket" at ERROR; the session
+    reports the lost connection itself, so that line is kept at DEBUG only."""
+    import logging
+
+    import ldfleet.common.mqtt  # noqa: F401 - installs the filter
+
+    paho = logging.getLogger("ldfleet.mqtt.paho")
+    with caplog.at_level(logging.INFO, logger="ldfleet.mqtt.paho"):
+        paho.error("failed to receive on socket: [Errno 104] Connection reset by peer")
+        paho.error("Client is not connected")
+        paho.error("something else went wrong")
+    assert [r.getMessage() for r in caplog.records] == ["something else went wrong"]
