@@ -109,5 +109,7 @@ def test_a_listed_label_without_clips_is_refused_and_left_out_words_are_named(tm
 
     data = _keyword_folder(tmp_path / "kws")
     out = cli.invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--labels", "yes,no,upp", "--epochs", "1"])
-    assert out.exit_code == 2 and "label(s) ['upp'] have no train clips" in " ".join(out.output.split())
+    assert out.exit_code == 2 and "label(s) ['upp'] have no clips" in " ".join(out.output.split())
+    shouty = cli.invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--labels", "Yes,No", "--epochs", "1"])
+    assert shouty.exit_code == 2 and "label(s) ['Yes', 'No'] have no clips" in " ".join(shouty.output.split())
     assert not (tmp_path / "run" / "model.safetensors").exists()

@@ -138,6 +138,13 @@ def train(
                 fail(f"{out} was trained with --{name} {saved[0][name]}: give --{name} {saved[0][name]} to resume it")
     task_data = _load_data(task, data, seed, labels, strict)
     splits = task_data.splits
+    listed = task_data.labels and labels not in LABEL_PRESETS  # a class listed by hand may be a typo
+    if listed:
+        anywhere = {t for ds in splits.values() for t in ds.texts}
+        absent = [label for label in task_data.labels if label not in anywhere]
+        if absent:
+            fail(f"label(s) {absent} have no clips in {data} (`ldfleet data info {data}` shows the words; word folders "
+                 "are matched exactly, case included)")
     for name in ("train", "val"):  # a split drawn by speaker can come out empty in a corpus of few speakers
         if not len(splits[name]):
             fail(f"{data} has no {name} clips (`ldfleet data info {data}` shows the splits): training needs clips in "
@@ -145,12 +152,10 @@ def train(
                  "needs several speakers; with one, give some rows the split 'validation' (or per-split folders)")
     if not len(splits["test"]):
         err.print(f"[yellow]warning[/]: {data} has no test clips: `ldfleet eval` will have nothing to score")
-    if task_data.labels and labels not in LABEL_PRESETS:  # a listed class without a training clip: a typo, say
-        trained = set(splits["train"].texts)
-        empty = [label for label in task_data.labels if label not in trained]
-        if empty:
-            fail(f"label(s) {empty} have no train clips in {data} (`ldfleet data info {data}` shows the words; word "
-                 "folders are matched exactly, case included)")
+    if listed:  # a class with clips, none of them in train, cannot be learned
+        untrained = [label for label in task_data.labels if label not in set(splits["train"].texts)]
+        if untrained:
+            fail(f"label(s) {untrained} have no train clips in {data}: their speakers all fell into val or test")
     cfg = config_for(task, backbone=backbone, family=family, epochs=epochs, strategy_epochs=strategy_epochs,
                      layerdrop=layerdrop, batch_size=batch_size, lr=lr, distill=distill, selector_budget=selector_budget, oracle_weight=oracle_weight, seed=seed,
                      labels=list(task_data.labels) if task_data.labels else None, tokens=tokens,
