@@ -148,7 +148,8 @@ def registry_rounds(run: Optional[Path] = _RUN_OPT, run_id: Optional[str] = _RUN
         out.append({
             "round": r.number, "status": r.status, "started_at": r.started_at.isoformat() if r.started_at else None,
             "finished_at": r.finished_at.isoformat() if r.finished_at else None,
-            "sampled": len(s.get("sampled") or []), "offline": len(s.get("offline") or []),
+            # the summary is written when a round ends: a running round has no counts yet (None, not 0)
+            "sampled": len(s.get("sampled") or []) if r.summary else None, "offline": len(s.get("offline") or []) if r.summary else None,
             "train_rows": sum(1 for m in mine if m.phase == "train"), "eval_rows": sum(1 for m in mine if m.phase == "eval"),
             "failed": s.get("failed") or [], "accuracy": ev.get("accuracy"), "mean_layers": ev.get("mean_layers"),
             **({"wer": ev.get("wer"), "cer": ev.get("cer")} if "wer" in ev else {}),
@@ -162,7 +163,7 @@ def registry_rounds(run: Optional[Path] = _RUN_OPT, run_id: Optional[str] = _RUN
     for col in ("round", "status", "sampled", "offline", "train rows", "failed", metric_label(metric), "mean layers"):
         t.add_column(col, justify="right")
     for o in out:
-        t.add_row(str(o["round"]), o["status"], str(o["sampled"]), str(o["offline"]), str(o["train_rows"]),
+        t.add_row(str(o["round"]), o["status"], *("-" if o[c] is None else str(o[c]) for c in ("sampled", "offline")), str(o["train_rows"]),
                   ", ".join(f["device_id"] for f in o["failed"]) or "-",
                   "-" if o.get(metric) is None else f"{100 * o[metric]:.1f}%",
                   "-" if o["mean_layers"] is None else f"{o['mean_layers']:.2f}")
@@ -340,7 +341,7 @@ def server(
     controller: bool = typer.Option(True, "--controller/--no-controller", help="Run the policy controller in this process."),
     ca_file: Optional[Path] = typer.Option(None, "--ca-file", help="CA bundle for an mqtts:// broker."),
     state_db: Optional[str] = typer.Option(None, "--state-db", help="The SuperLink's state (nodes, runs): an SQLite file, "
-                                           "so a restarted server still knows the SuperNodes, or :memory: \[default: HOME/superlink-state.db]."),
+                                           "so a restarted server still knows the SuperNodes, or :memory: \\[default: HOME/superlink-state.db]."),
 ) -> None:
     """Start the fleet side: the policy controller and a Flower SuperLink (runs until Ctrl-C).
 
