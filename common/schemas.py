@@ -370,11 +370,11 @@ def without_unknown_fields(model: type[P], payload: bytes | bytearray | str, *, 
         return None
     try:
         data = json.loads(payload)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: thousands of nested brackets
         return None
     if not isinstance(data, dict):
         return None
-    known = {name for name, f in model.model_fields.items() for name in (name, f.alias) if name}
+    known = {n for field_name, f in model.model_fields.items() for n in (field_name, f.alias) if n}
     unknown = sorted(k for k in data if k not in known)
     if not unknown:
         return None
