@@ -79,7 +79,8 @@ def test_corpus_warnings_and_data_info_lengths(tmp_path):
     items = scan_transcribed(tmp_path)
     warnings = corpus_warnings(items, assign_transcribed_splits(items))
     assert any("listed more than once (e.g. a.wav)" in w for w in warnings)
-    assert any("no speaker column" in w for w in warnings) and any("1 utterance(s) with an empty transcript" in w for w in warnings)
+    assert any("1 utterance(s) with an empty transcript" in w for w in warnings)
+    assert not any("no speaker column" in w for w in warnings)  # the split column keeps test voices apart
     out = cli.invoke(app, ["data", "info", str(tmp_path), "--json"])
     facts = json.loads(out.stdout)
     assert facts["splits"]["test"]["longest_s"] == pytest.approx(31.0) and facts["splits"]["train"]["seconds"] == pytest.approx(1.0)
@@ -87,6 +88,9 @@ def test_corpus_warnings_and_data_info_lengths(tmp_path):
     assert "1 clip(s) longer than 30 s (longest long.wav: 31 s)" in text
     assert "1 duration field(s) disagree with the audio (e.g. long.wav: 99 s stated, 31.00 s read)" in text
 
+    (tmp_path / "metadata.csv").write_text("file_name,transcription\na.wav,one\nb.wav,two\n")
+    items = scan_transcribed(tmp_path)
+    assert any("no speaker column" in w for w in corpus_warnings(items, assign_transcribed_splits(items)))
     (tmp_path / "metadata.csv").write_text("file_name,transcription,speaker,split\na.wav,one,s1,train\nb.wav,two,s1,test\n")
     items = scan_transcribed(tmp_path)
     assert any("1 speaker(s) in test and another split (e.g. 's1')" in w for w in corpus_warnings(items, assign_transcribed_splits(items)))

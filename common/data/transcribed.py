@@ -86,8 +86,8 @@ def _metadata_rows(path: Path) -> list[dict[str, str]]:
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path} line {n}: not JSON ({exc})") from None
+            except (json.JSONDecodeError, RecursionError) as exc:
+                raise ValueError(f"{path} line {n}: not JSON ({type(exc).__name__})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path} line {n}: expected a JSON object")
             rows.append({str(k): "" if v is None else str(v) for k, v in row.items()})
@@ -174,8 +174,8 @@ def read_manifest(manifest: str | Path) -> list[Utterance]:
             entry = json.loads(line)
             path = Path(entry["audio_filepath"])
             text = entry["text"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ValueError(f"{manifest} line {n}: expected JSON with audio_filepath and text ({exc})") from None
+        except (json.JSONDecodeError, RecursionError, KeyError, TypeError) as exc:
+            raise ValueError(f"{manifest} line {n}: expected JSON with audio_filepath and text ({type(exc).__name__}: {exc})"[:300]) from None
         if not isinstance(text, str):
             raise ValueError(f"{manifest} line {n}: text must be a string, got {json.dumps(text)}")
         resolved = path if path.is_absolute() else manifest.parent / path
@@ -202,7 +202,7 @@ def corpus_warnings(items: Sequence[Utterance], splits: Sequence[str]) -> list[s
     if repeated:
         out.append(f"{len(repeated)} audio file(s) listed more than once (e.g. {repeated[0].name}): each copy is trained "
                    "or scored again")
-    if items and not any(u.speaker_given for u in items):
+    if items and not any(u.speaker_given for u in items) and not all(u.split for u in items):
         out.append("no speaker column: every utterance counts as its own speaker, so a speaker may be in train and "
                    "test; add a speaker column (or a split column) for a test on unseen voices")
     where: dict[str, set[str]] = {}
