@@ -179,15 +179,14 @@ def local_data(
 
 
 def _to_blob(cache: FrontEndCache, prefix: str) -> dict:
-    blob = {f"{prefix}_hidden": cache.hidden, f"{prefix}_features": cache.features, f"{prefix}_texts": list(cache.texts)}
-    if cache.frame_mask is not None:
-        blob[f"{prefix}_frame_mask"] = cache.frame_mask
-    return blob
+    return {f"{prefix}_hidden": cache.hidden, f"{prefix}_features": cache.features, f"{prefix}_offsets": cache.offsets,
+            f"{prefix}_texts": list(cache.texts)}
 
 
 def _from_blob(blob: dict, prefix: str) -> FrontEndCache:
-    return FrontEndCache(blob[f"{prefix}_hidden"], blob[f"{prefix}_features"], list(blob[f"{prefix}_texts"]),
-                         blob.get(f"{prefix}_frame_mask"))
+    """A cache saved by :func:`_to_blob` (KeyError for an older, padded one: it is recomputed)."""
+    return FrontEndCache(blob[f"{prefix}_hidden"], blob[f"{prefix}_features"], blob[f"{prefix}_offsets"],
+                         list(blob[f"{prefix}_texts"]))
 
 
 # ---- the device's clips ------------------------------------------------------------------------------

@@ -80,7 +80,7 @@ def fit_depth(model: DynamicModel, train: FrontEndCache, val: FrontEndCache, cli
     table = depth_table(model, train, rows, model.strategy("adaptive").sets_from, on_step=on_step)
     fitted, info = fit_error_predictor(table.pooled, table.frames, table.errors, folds=min(5, len(rows)), seed=seed)
     chooser.load_state_dict(fitted.state_dict())
-    chooser.calibrate(pooled_features(val.features, val.frame_mask), val.lengths())
+    chooser.calibrate(val.pooled_features(), val.lengths())
     return {"clips": len(rows), **info, "lambdas": chooser.lambdas[1:].tolist()}
 
 

@@ -66,10 +66,38 @@ def test_a_cache_and_its_teacher_with_a_long_clip_equal_one_clip_at_a_time():
         alone = cache_front_ends(model, _Subset(data, i), batch_size=1)
         frames = lengths[i]
         assert frames == alone.lengths().item()
-        torch.testing.assert_close(cache.hidden[i, :frames], alone.hidden[0, :frames], atol=1e-4, rtol=1e-4)
+        mine, _ = cache.batch(torch.tensor([i]))
+        theirs, _ = alone.batch(torch.tensor([0]))
+        torch.testing.assert_close(mine.hidden, theirs.hidden, atol=1e-4, rtol=1e-4)
         add_teacher(model, alone)
-        torch.testing.assert_close(cache.teacher[i, :frames], alone.teacher[0, :frames], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(cache.teacher_logits(torch.tensor([i]), frames), alone.teacher_logits(torch.tensor([0]), frames),
+                                   atol=1e-4, rtol=1e-4)
     assert isinstance(cache, FrontEndCache) and cache.sample_lengths().tolist() == [n * 320 for n in lengths]
+    # packed: memory follows the total length, not 4 x the 45 s clip
+    assert cache.hidden.shape[0] == sum(lengths) < 2 * max(lengths)
+
+
+def test_a_packed_cache_gives_the_batches_a_padded_one_gave():
+    """The packed cache's batches equal those of the padded layout it replaced, on the real frames,
+    and the model's outputs on them are the same."""
+    model = DynamicModel(*with_head(load_backbone("tiny"), "asr")).eval()
+    data = _Clips([1.0, 0.5, 2.0, 0.8, 1.2])
+    from ldfleet.common.data.loading import pad_batch
+
+    wave, mask, texts = pad_batch([data[i] for i in range(len(data))])
+    with torch.inference_mode():
+        front = model.front_end(wave, mask)
+        cache = FrontEndCache.pack(front.hidden, front.features, front.frame_mask, texts)
+        for rows in (torch.tensor([0, 2, 4]), torch.tensor([3, 1]), torch.tensor([2])):
+            got, _ = cache.batch(rows)
+            t = int(got.lengths().max())
+            want_mask = front.frame_mask[rows, :t]
+            assert got.frame_mask is None if bool(want_mask.all()) else torch.equal(got.frame_mask, want_mask)
+            real = want_mask.unsqueeze(-1)
+            assert torch.equal(got.hidden * real, front.hidden[rows, :t] * real)
+            out = model.runner.run_layers(got, None)
+            ref = model.runner.run_layers(type(got)(front.hidden[rows, :t], front.features[rows, :t], got.frame_mask), None)
+            assert torch.equal(out * real, ref * real)
 
 
 class _Subset(_Clips):

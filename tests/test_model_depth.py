@@ -134,7 +134,7 @@ def test_a_depth_table_holds_each_clips_errors_confidence_and_kept_set_at_every_
     front = model.front_end(wave)
     labels = model.head_for("selector").labels
     texts = [labels[i % len(labels)] for i in range(5)]
-    cache = FrontEndCache(front.hidden, front.features, texts)
+    cache = FrontEndCache.pack(front.hidden, front.features, front.frame_mask, texts)
     table = depth_table(model, cache, torch.tensor([4, 0, 2]), "selector", batch_size=2)
     L = model.num_layers
     assert table.errors.shape == table.confidence.shape == (3, L) and table.sets.shape == (3, L, L)
