@@ -373,13 +373,16 @@ class DeviceAgent:
             return
         policy, unknown = parsed
         self._policy_seen.set()  # the controller did send one: no need to announce again
+        names = ", ".join(repr(name[:40]) for name in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+        why = (f"this agent does not know the field(s) {names} of policy version {policy.version} "
+               "(is it older than the controller?); the policy in force stays")
         with self._lock:
-            if policy.version <= self.state.version or policy.version == self.state.last_rejected_version:
-                return
-            names = ", ".join(repr(name[:40]) for name in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
-            why = (f"this agent does not know the field(s) {names} of policy version {policy.version} "
-                   "(is it older than the controller?); the policy in force stays")
-            decision = rejection(self.state, policy.version, why, self.clock())
+            if policy.version <= self.state.version or (policy.version, why[:500]) == (self.state.last_rejected_version,
+                                                                                       self.state.last_rejected_reason):
+                return  # the same message delivered again
+            # retryable: a readable policy of this version (from the controller, after a forged or
+            # newer-format one) is still evaluated and applied
+            decision = rejection(self.state, policy.version, why, self.clock(), retryable=True)
             log.warning("%s: %s", self.device_id, decision.note)
             self._store_and_ack(decision, policy.version)
             self.applied.notify_all()

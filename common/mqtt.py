@@ -95,13 +95,14 @@ def parse_broker_url(
     Raises ValueError naming the URL with its password hidden."""
     parts = urlsplit(url.strip())
     scheme = parts.scheme.lower()
-    shown = _hide_password(url.strip(), parts)
+    shown = _hide_password(url.strip())
     if scheme not in DEFAULT_PORTS:
         raise ValueError(f"broker URL must start with mqtt:// or mqtts://, got {shown!r}")
     if not parts.hostname:
         raise ValueError(f"broker URL has no host: {shown!r}")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(f"broker URL must be scheme://[user:pass@]host[:port], got {shown!r}")
+        hint = "; a / ? or # in the password must be percent-encoded (%2F %3F %23)" if "@" in url else ""
+        raise ValueError(f"broker URL must be scheme://[user:pass@]host[:port], got {shown!r}{hint}")
     try:
         port = parts.port or DEFAULT_PORTS[scheme]
     except ValueError as exc:
@@ -120,13 +121,16 @@ def parse_broker_url(
     )
 
 
-def _hide_password(url: str, parts) -> str:
-    """``url`` with the password of its ``user:password@`` part replaced by ``***``."""
-    if parts.password is None:
+def _hide_password(url: str) -> str:
+    """``url`` with the password of its ``user:password@`` part replaced by ``***``. Read off the
+    text itself, not ``urlsplit``'s parts: a password with an unencoded ``/``, ``?`` or ``#`` ends
+    the URL's authority early, and ``urlsplit`` then sees no password at all."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
         return url
-    userinfo, _, _ = parts.netloc.rpartition("@")
-    user = userinfo.split(":", 1)[0]
-    return url.replace(parts.netloc, f"{user}:***@{parts.netloc.rpartition('@')[2]}", 1)
+    userinfo, _, host = rest.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}://{user}:***@{host}" if colon else url
 
 
 def paho_protocol(mqtt_version: int) -> int:

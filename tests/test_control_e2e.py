@@ -210,6 +210,12 @@ def test_a_policy_with_fields_the_agent_does_not_know_is_rejected_with_their_nam
     assert [(x.version, x.status) for x in reg.acks("pi-01") if x.status == "rejected"] == [(7, "rejected")]  # once
     set_budget(reg, f.broker.url, "pi4", keep=0.25, issued_by="alice")
     assert wait_until(lambda: converged(reg, ["pi-01"], 2), 20) and a.state.effective_k == 3
+    # a readable policy of a version refused for unknown fields (a forged one came first) still applies
+    readable = future.model_copy(update={"version": 9})
+    publish_once(url, [(topics.policy_desired("pi-01"), readable.to_json()[:-1] + b',"zz":1}', 1, False)])
+    assert wait_until(lambda: a.state.last_rejected_version == 9, 10)
+    publish_once(url, [(topics.policy_desired("pi-01"), readable.to_json(), 1, False)])
+    assert a.wait_for_version(9, 10) and a.state.effective_k == 6
 
 
 def test_an_expiring_policy_lapses_back_to_the_default(sqlite_fleet: Fleet):

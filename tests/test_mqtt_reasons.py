@@ -165,3 +165,18 @@ def test_pahos_socket_noise_is_not_logged_as_an_error(caplog):
         paho.error("Client is not connected")
         paho.error("something else went wrong")
     assert [r.getMessage() for r in caplog.records] == ["something else went wrong"]
+
+
+def test_a_broker_url_error_never_shows_the_password():
+    """Whatever makes a URL unusable (scheme, port, a / ? # in the password that was not
+    percent-encoded), the error names it with the password hidden."""
+    from ldfleet.common.mqtt import parse_broker_url
+
+    for url in ("http://dev:s3cret@127.0.0.1:1883", "mqtt://dev:s3cret@h:port", "mqtt://dev:s3/cret@127.0.0.1:1883",
+                "mqtt://dev:s3#cret@h", "mqtt://dev:s3?cret@h:1"):
+        with pytest.raises(ValueError) as exc:
+            parse_broker_url(url)
+        assert "s3" not in str(exc.value) and "dev:***@" in str(exc.value), str(exc.value)
+    with pytest.raises(ValueError, match="percent-encoded"):
+        parse_broker_url("mqtt://dev:a/b@h")
+    assert parse_broker_url("mqtt://dev:a%2Fb@h").password == "a/b"
