@@ -215,7 +215,7 @@ def _read_wav(data: bytes | str | Path) -> tuple[np.ndarray, int]:
         audio, rate = sf.read(src, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
         reason = str(exc).replace(repr(src), "the data") if not isinstance(src, str) else str(exc)
-        raise AudioError(f"not a readable WAV file: {reason}", 415) from None
+        raise AudioError(f"not a readable audio file (WAV, FLAC, OGG or MP3): {reason}", 415) from None
     try:
         return check_samples("the WAV file", audio), rate  # the data layer's checks: no samples, non-finite ones
     except BadClip as exc:

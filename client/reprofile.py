@@ -20,6 +20,8 @@ log = logging.getLogger("ldfleet.agent")
 
 #: Relative change of the whole model's latency that makes a new measurement worth announcing.
 DEFAULT_TOLERANCE = 0.2
+#: The longest interval between measurements (a week; threading's timeouts overflow near 1e10 s).
+MAX_INTERVAL_S = 7 * 86400.0
 
 
 def full_model_ms(profile: DeviceProfile) -> float:
@@ -54,8 +56,8 @@ class Reprofiler:
 
     def __init__(self, device_id: str, measure: Callable[[], DeviceProfile], current: Callable[[], DeviceProfile | None],
                  announce: Callable[[DeviceProfile], None], every_s: float, tolerance: float = DEFAULT_TOLERANCE) -> None:
-        if not every_s > 0:
-            raise ValueError(f"re-measuring interval must be > 0 s, got {every_s}")
+        if not 0 < every_s <= MAX_INTERVAL_S:
+            raise ValueError(f"re-measuring interval must be in (0, {MAX_INTERVAL_S:.0f}] s, got {every_s}")
         if not tolerance >= 0:
             raise ValueError(f"tolerance must be >= 0, got {tolerance}")
         self.device_id, self.every_s, self.tolerance = device_id, every_s, tolerance
@@ -87,6 +89,8 @@ class Reprofiler:
             log.warning("%s: re-measuring the profile failed (%s); next try in %.0f s", self.device_id, exc, self.every_s)
             return False
         self.measured += 1
+        if self._stop.is_set():  # the agent stopped while this measurement ran: nothing to announce to
+            return False
         old = self._current()
         change = None if old is None else latency_change(old, new)
         if change is not None and abs(change) <= self.tolerance:

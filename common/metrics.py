@@ -11,7 +11,13 @@ import re
 import unicodedata
 from collections.abc import Sequence
 
-_NOT_WORD = re.compile(r"[^\w' ]+")
+
+def _not_word_to_space(text: str) -> str:
+    """Every character that is not a letter, mark (vowel signs of Devanagari and Thai, Hebrew points,
+    combining accents, which ``\\w`` leaves out), number, apostrophe or space becomes a space."""
+    return "".join(c if c in "' " or unicodedata.category(c)[0] in "LMN" else " " for c in text)
+
+
 _SPACES = re.compile(r"\s+")
 _APOSTROPHES = str.maketrans({c: "'" for c in "\u2019\u2018\u02bc\u0060\u00b4"})  # typographic and modifier apostrophes
 _QUOTE = re.compile(r"(?<!\w)'|'(?!\w)")  # an apostrophe not inside a word: a quotation mark
@@ -23,7 +29,7 @@ def normalize_text(text: str) -> str:
     inside words (don't; 'hi' -> hi), whitespace collapsed. Numbers stay as written: "10" and "ten"
     are different words."""
     text = unicodedata.normalize("NFKC", text).lower().replace("_", " ").translate(_APOSTROPHES)
-    return _SPACES.sub(" ", _QUOTE.sub(" ", _NOT_WORD.sub(" ", text))).strip()
+    return _SPACES.sub(" ", _QUOTE.sub(" ", _not_word_to_space(text))).strip()
 
 
 def error_counts(predictions: Sequence[str], references: Sequence[str]) -> dict[str, int]:

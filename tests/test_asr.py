@@ -28,6 +28,10 @@ def test_one_normaliser_for_targets_and_scores():
     assert normalize_text("Don't dial 911.") == "don't dial 911"
     assert normalize_text("Don\u2019t say \u2018hi\u2019 or 'yo'") == "don't say hi or yo"  # typographic apostrophes; quotes dropped
     assert score("asr", ["don't stop"], ["Don\u2019t stop"]) == {"wer": 0.0, "cer": 0.0}
+    # vowel signs and points are marks, not punctuation: a Hindi or Thai word stays one word
+    assert normalize_text("\u0928\u092e\u0938\u094d\u0924\u0947 \u0926\u0941\u0928\u093f\u092f\u093e").split() == [
+        "\u0928\u092e\u0938\u094d\u0924\u0947", "\u0926\u0941\u0928\u093f\u092f\u093e"]
+    assert len(normalize_text("\u0e2a\u0e27\u0e31\u0e2a\u0e14\u0e35\u0e04\u0e23\u0e31\u0e1a").split()) == 1
     s = score("asr", ["turn on the light", "call bob"], ["Turn on the LIGHT.", "call alice"])
     assert s["wer"] == pytest.approx(1 / 6) and s["cer"] == pytest.approx(5 / 27)  # bob -> alice: 5 edits
     assert score("kws", ["yes", "no"], ["yes", "yes"]) == {"accuracy": 0.5}
@@ -88,6 +92,8 @@ def test_label_sets_any_words():
     assert set(SPEECH_COMMANDS_V2) >= set(LABELS[:10])
     with pytest.raises(ValueError):
         resolve_label_set("cat,cat")
+    with pytest.raises(ValueError, match=r"label\(s\) \['yes'\] listed more than once"):
+        resolve_label_set("yes,yes,no")
     head = ClassificationHead(8, explicit)
     assert head.targets(["dog", "cat"]).ids.tolist() == [1, 0]
     with pytest.raises(ValueError, match="not in the head's label set"):

@@ -117,3 +117,26 @@ def test_a_listed_label_without_clips_is_refused_and_left_out_words_are_named(tm
     shouty = cli.invoke(app, ["train", "--data", str(data), "--out", str(tmp_path / "run"), "--labels", "Yes,No", "--epochs", "1"])
     assert shouty.exit_code == 2 and "label(s) ['Yes', 'No'] have no clips" in " ".join(shouty.output.split())
     assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_rows_that_would_be_misread_are_refused_and_a_partial_split_column_is_said(tmp_path):
+    _wav(tmp_path / "a.wav")
+    _wav(tmp_path / "b.wav")
+    (tmp_path / "metadata.csv").write_text("file_name,transcription,speaker\na.wav,yes, turn on the light,en\n")
+    with pytest.raises(ValueError, match=r"line 2: 4 fields for 3 columns; quote a transcript"):
+        scan_transcribed(tmp_path)
+    (tmp_path / "metadata.csv").write_bytes("file_name,transcription\na.wav,caf\u00e9\n".encode("utf-16"))  # Excel's "Unicode text"
+    assert scan_transcribed(tmp_path)[0].text == "caf\u00e9"
+    (tmp_path / "metadata.csv").write_text("filename,transcription\na.wav,yes\n")  # a misspelt column: said, not read as keywords
+    assert is_transcribed(tmp_path)
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['file_name'\]"):
+        scan_transcribed(tmp_path)
+    (tmp_path / "metadata.csv").unlink()
+    for value in ("null", "42", '{"nested": "obj"}'):
+        (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.wav", "transcription": %s}\n' % value)
+        with pytest.raises(ValueError, match="line 1: transcription must be a string"):
+            scan_transcribed(tmp_path)
+    (tmp_path / "metadata.jsonl").unlink()
+    (tmp_path / "metadata.csv").write_text("file_name,transcription,speaker,split\na.wav,one,s1,train\nb.wav,two,s2,\n")
+    items = scan_transcribed(tmp_path)
+    assert any("the split column is empty on 1 of 2 rows, so it is not used" in w for w in corpus_warnings(items, assign_transcribed_splits(items)))

@@ -259,6 +259,9 @@ def test_infer_on_a_folder_takes_every_audio_format(tiny_asr_run, utterance_fold
     assert out.exit_code == 0, out.output
     names = sorted(Path(json.loads(line)["input"]).name for line in out.stdout.splitlines() if line.startswith("{"))
     assert names == ["a.flac", "b.ogg", "c.mp3"]
+    (tmp_path / "zero.wav").symlink_to("/dev/zero")
+    device = runner.invoke(app, ["infer", "--run", str(tiny_asr_run), "--keep", "0.5", str(tmp_path / "zero.wav")])
+    assert device.exit_code == 2 and "not a regular file" in device.output
     no_agent = runner.invoke(app, ["infer", "--run", str(tiny_asr_run), "--state-dir", str(tmp_path / "nobody"), str(folder)])
     assert no_agent.exit_code == 0 and "no device state in" in no_agent.output and "every layer runs" in no_agent.output
     (folder / "a.flac").unlink(), (folder / "sub" / "b.ogg").unlink(), (folder / "c.mp3").unlink()

@@ -74,7 +74,10 @@ def resolve_label_set(spec: str, folder_words: Sequence[str] = ()) -> tuple[str,
         labels = SPEECH_COMMANDS_V2
     else:
         labels = tuple(x.strip() for x in spec.split(",") if x.strip())
-    if len(labels) < 2 or len(set(labels)) != len(labels):
+    repeated = sorted({x for x in labels if labels.count(x) > 1})
+    if repeated:
+        raise ValueError(f"label(s) {repeated} listed more than once in {spec!r}")
+    if len(labels) < 2:
         raise ValueError(f"a label set needs >= 2 distinct names, got {list(labels)} from {spec!r}")
     return labels
 

@@ -74,11 +74,7 @@ METADATA_JSONL = "metadata.jsonl"
 def _metadata_rows(path: Path) -> list[dict[str, str]]:
     """The rows of ``metadata.csv`` or ``metadata.jsonl`` as dicts of strings (blank rows dropped).
     Raises ValueError for a file that is not UTF-8 or a line that is not a JSON object."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: Excel's "CSV UTF-8" starts with a byte-order mark
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path} is not UTF-8 (byte {exc.object[exc.start]:#04x} at offset {exc.start}): "
-                         "save it as UTF-8") from None
+    text = _read_text(path)
     if path.suffix == ".jsonl":
         rows = []
         for n, line in enumerate(text.splitlines(), start=1):
@@ -90,9 +86,33 @@ def _metadata_rows(path: Path) -> list[dict[str, str]]:
                 raise ValueError(f"{path} line {n}: not JSON ({type(exc).__name__})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path} line {n}: expected a JSON object")
+            for key, value in row.items():
+                if key in ("file_name", *TRANSCRIPT_COLUMNS) and not isinstance(value, str):
+                    raise ValueError(f"{path} line {n}: {key} must be a string, got {json.dumps(value)[:80]}")
             rows.append({str(k): "" if v is None else str(v) for k, v in row.items()})
         return rows
-    return [row for row in csv.DictReader(io.StringIO(text, newline="")) if any((v or "").strip() for v in row.values() if isinstance(v, str))]
+    rows = []
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    for row in reader:
+        if None in row:  # more fields than the header: a comma in an unquoted transcript, say
+            raise ValueError(f"{path} line {reader.line_num}: {len(reader.fieldnames or ()) + len(row[None])} fields for "
+                             f"{len(reader.fieldnames or ())} columns; quote a transcript that holds a comma (\"yes, stop\")")
+        if any((v or "").strip() for v in row.values()):
+            rows.append(row)
+    return rows
+
+
+def _read_text(path: Path) -> str:
+    """A metadata file's text: UTF-8 (a byte-order mark allowed, as Excel's "CSV UTF-8" writes), or
+    UTF-16 with its byte-order mark (Excel's "Unicode text"). Raises ValueError for anything else."""
+    raw = path.read_bytes()
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return raw.decode("utf-16")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path} is not UTF-8 (byte {exc.object[exc.start]:#04x} at offset {exc.start}): "
+                         "save it as UTF-8") from None
 
 
 def _metadata_file(root: Path) -> Path | None:
@@ -146,7 +166,7 @@ def read_audiofolder(root: str | Path, split: str | None = None) -> list[Utteran
 def _header(path: Path) -> list[str]:
     if path.suffix == ".jsonl":
         return []
-    return next(csv.reader(io.StringIO(path.read_text(encoding="utf-8-sig"), newline="")), [])
+    return next(csv.reader(io.StringIO(_read_text(path), newline="")), [])
 
 
 def read_split_folders(root: str | Path) -> list[Utterance]:
@@ -212,6 +232,10 @@ def corpus_warnings(items: Sequence[Utterance], splits: Sequence[str]) -> list[s
     shared = sorted(s for s, names in where.items() if "test" in names and len(names) > 1)
     if shared:
         out.append(f"{len(shared)} speaker(s) in test and another split (e.g. {shared[0]!r}): the test is not on unseen voices")
+    given = sum(1 for u in items if u.split)
+    if 0 < given < len(items):
+        out.append(f"the split column is empty on {len(items) - given} of {len(items)} rows, so it is not used: whole "
+                   "speakers are drawn into train/val/test instead; fill it on every row to keep your splits")
     empty = sum(1 for u in items if not u.text.strip())
     if empty:
         out.append(f"{empty} utterance(s) with an empty transcript (trained as silence)")
@@ -249,9 +273,9 @@ def is_transcribed(data: str | Path) -> bool:
     if (data / METADATA).is_file():
         try:
             columns = _header(data / METADATA)
-        except UnicodeDecodeError:
-            return True  # read as an audiofolder, which says the file is not UTF-8
-        return "file_name" in columns and bool(set(TRANSCRIPT_COLUMNS) & set(columns))
+        except ValueError:
+            return True  # read as an audiofolder, which says what is wrong with the file
+        return bool(set(TRANSCRIPT_COLUMNS) & set(columns))  # without file_name too: the reader says it lacks it
     return any(p.is_dir() and p.name.lower() in SPLIT_ALIASES and _metadata_file(p) for p in data.iterdir())
 
 

@@ -42,6 +42,8 @@ def _wav_inputs(inputs: list[str]) -> list[str]:
             out.extend(wavs)
         elif path.is_file():
             out.append(item)
+        elif path.exists():  # a device, a pipe, a socket
+            fail(f"not a regular file: {item} (give an audio file, a folder of them, or - for stdin)")
         else:
             fail(f"no such file or folder: {item}")
     return out

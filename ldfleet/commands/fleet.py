@@ -399,7 +399,7 @@ def client(
     agent: bool = typer.Option(True, "--agent/--no-agent", help="Run the budget agent in this process (else run `ldfleet agent`)."),
     strict: bool = typer.Option(False, "--strict", help="Check every clip of --data before the device starts and refuse "
                                 "to start at the first bad one (naming it and why); without it bad clips are skipped and logged."),
-    reprofile_every: float = typer.Option(0.0, "--reprofile-every", min=0.0, help=REPROFILE_EVERY_HELP, callback=finite),
+    reprofile_every: float = typer.Option(0.0, "--reprofile-every", min=0.0, max=7 * 86400.0, help=REPROFILE_EVERY_HELP, callback=finite),
     reprofile_tolerance: float = typer.Option(0.2, "--reprofile-tolerance", min=0.0, max=10.0, help=REPROFILE_TOLERANCE_HELP, callback=finite),
 ) -> None:
     """Start a device: its budget agent (MQTT) and its Flower SuperNode (runs until Ctrl-C)."""
