@@ -138,6 +138,7 @@ def test_two_agents_with_one_device_id_back_off_give_up_and_show_as_duplicate(sq
     assert row["duplicate"] is True and row["duplicate_boot_id"] in (a.boot_id, b.boot_id)
     table = runner.invoke(app, ["devices", "list", "--db", fleet.db_url])
     assert "duplicate device id" in table.output and "twin (boots" in table.output
+    assert "the flag stays 60 min" in " ".join(table.output.split()) and "flagged until" in " ".join(table.output.split())
 
 
 def test_a_refused_controller_stops_with_the_reason(locked_broker, tmp_path):

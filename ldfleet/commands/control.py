@@ -547,8 +547,14 @@ def devices_list(
     console.print("policy: applied version / desired version (its budget); k: layers kept under the applied policy")
     dups = [d for d in devs if _duplicate(d)]
     if dups:
-        console.print("[red]duplicate device id[/red] (two agents use it at once; give each device its own "
-                      "--device-id): " + ", ".join(f"{d.device_id} (boots {d.boot_id}, {d.duplicate_boot_id})" for d in dups))
+        from datetime import timedelta
+
+        from ldfleet.server.liveness import DUPLICATE_SHOWN_S
+
+        console.print("[red]duplicate device id[/red] (two agents use it at once; give each device its own --device-id; "
+                      f"the flag stays {DUPLICATE_SHOWN_S / 60:.0f} min after the last sign of the second agent): "
+                      + ", ".join(f"{d.device_id} (boots {d.boot_id}, {d.duplicate_boot_id}; last seen {_ts(d.duplicate_at)}, "
+                                  f"flagged until {_ts(d.duplicate_at + timedelta(seconds=DUPLICATE_SHOWN_S))})" for d in dups))
 
 
 @devices_app.command("set-class")
