@@ -225,3 +225,23 @@ def test_bench_control_plane_restarts_its_broker_in_round_1_only(tmp_path, monke
     assert isinstance(first["acked_before_restart"], int) and second["acked_before_restart"] is None
     assert first["acked_before_restart"] < 20  # mid-change: the restart came before every device had answered
     assert res["all_acked"] and res["version_gaps"] == 0 and res["version_mismatches"] == 0
+
+
+def test_budget_show_says_when_an_overridden_device_moved_class(tmp_path):
+    from ldfleet.server.operator import set_budget
+    from ldfleet.server.registry import Registry
+    from ldfleet.server.registry.models import Device
+
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    reg = Registry(db)
+    try:
+        reg.add_class("phone")
+        with reg.session() as s:
+            s.merge(Device(device_id="ph-01", device_class="phone", desired_version=0, applied_version=0, online=False,
+                           class_pinned=False))
+        set_budget(reg, None, "phone", keep=0.5, device_id="ph-01", issued_by="ops")
+        reg.pin_class("ph-01", "rpi4", create_class=True)
+    finally:
+        reg.close()
+    code, out = cli("budget", "show", "--db", db)
+    assert code == 0 and "phone (device now in rpi4)" in " ".join(out.split()), out

@@ -405,11 +405,15 @@ def budget_show(
         }
         print(json.dumps(out, indent=2, default=_json_default))
         return
-    t = Table(title="budget policies in force (others: the controller's default, keep 1.0 unless --default-keep)")
+    t = Table(title="budget policies in force (others: the controller's default, keep 1.0 unless the controller's "
+                    "or server's --default-keep says otherwise)")
     for col in ("class", "device", "version", "budget", "by", "at", "expires"):
         t.add_column(col)
+    class_now = {d.device_id: d.device_class for d in devices}
     for p in active:
-        t.add_row(p.device_class, p.device_id or "(class)", str(p.version), p.budget_text(), p.issued_by, _ts(p.issued_at), _ts(p.expires_at))
+        moved = p.device_id is not None and class_now.get(p.device_id) not in (None, p.device_class)
+        cls = f"{p.device_class} (device now in {class_now[p.device_id]})" if moved else p.device_class
+        t.add_row(cls, p.device_id or "(class)", str(p.version), p.budget_text(), p.issued_by, _ts(p.issued_at), _ts(p.expires_at))
     console.print(t)
     c = Table(title="convergence per class")
     for col in ("class", "converged", "pending", "devices"):

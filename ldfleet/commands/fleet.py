@@ -340,6 +340,8 @@ def server(
     enable_supernode_auth: bool = typer.Option(False, "--enable-supernode-auth", help="Only SuperNodes registered with `flwr supernode register`."),
     controller: bool = typer.Option(True, "--controller/--no-controller", help="Run the policy controller in this process."),
     ca_file: Optional[Path] = typer.Option(None, "--ca-file", help="CA bundle for an mqtts:// broker."),
+    default_keep: float = typer.Option(1.0, "--default-keep", min=0.01, max=1.0, help="Keep fraction of devices without any policy "
+                                       "(the controller's default).", callback=finite),
     state_db: Optional[str] = typer.Option(None, "--state-db", help="The SuperLink's state (nodes, runs): an SQLite file, "
                                            "so a restarted server still knows the SuperNodes, or :memory: \\[default: HOME/superlink-state.db]."),
 ) -> None:
@@ -370,7 +372,7 @@ def server(
         if url is not None:
             from ldfleet.server.controller import Controller
 
-            ctl = Controller(url, db).start()
+            ctl = Controller(url, db, default_keep=default_keep).start()
             console.print(f"controller: broker {ctl.url}, registry {ctl.registry.redacted_url()}")
         if _wait_forever(stop, link) is not None:
             fail("the SuperLink stopped (its log's end is above)", 1)
