@@ -140,3 +140,18 @@ def test_rows_that_would_be_misread_are_refused_and_a_partial_split_column_is_sa
     (tmp_path / "metadata.csv").write_text("file_name,transcription,speaker,split\na.wav,one,s1,train\nb.wav,two,s2,\n")
     items = scan_transcribed(tmp_path)
     assert any("the split column is empty on 1 of 2 rows, so it is not used" in w for w in corpus_warnings(items, assign_transcribed_splits(items)))
+
+
+def test_max_seconds_leaves_long_training_clips_out(tmp_path, capsys):
+    from ldfleet.commands.model import _without_long_clips
+    from ldfleet.common.data.transcribed import load_transcribed_splits
+
+    for name, seconds in (("a.wav", 0.5), ("b.wav", 12.0), ("c.wav", 0.7)):
+        _wav(tmp_path / name, seconds)
+    (tmp_path / "metadata.csv").write_text("file_name,transcription,speaker,split\na.wav,one,s1,train\nb.wav,two,s1,train\n"
+                                           "c.wav,three,s2,test\n")
+    train = load_transcribed_splits(tmp_path)["train"]
+    kept = _without_long_clips(train, 10.0)
+    assert [u.path.name for u in kept.items] == ["a.wav"] and len(kept.waves) == 1
+    assert "1 of 2 training clips left out (the longest 12.0 s)" in capsys.readouterr().err
+    assert _without_long_clips(train, 20.0).texts == train.texts

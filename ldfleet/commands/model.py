@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -50,6 +50,19 @@ def _load_data(task: str, data: Path, seed: int, labels: str = "keywords", stric
         return load_task_data(task, data, seed=seed, labels=labels, strict=strict)
     except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
         fail(f"cannot load data from {data} (task {task}): {exc}")
+
+
+def _without_long_clips(dataset: Any, max_seconds: float) -> Any:
+    """``dataset`` without its clips over ``max_seconds`` (said how many); data that do not know
+    their lengths (keyword clips, 1 s each) are returned as they are."""
+    lengths = getattr(dataset, "lengths", None)
+    if lengths is None:
+        return dataset
+    keep = [i for i, n in enumerate(lengths) if n <= max_seconds * 16000]
+    if len(keep) < len(lengths):
+        err.print(f"--max-seconds {max_seconds:g}: {len(lengths) - len(keep)} of {len(lengths)} training clips left out "
+                  f"(the longest {max(lengths) / 16000:.1f} s)")
+    return dataset.subset(keep)
 
 
 def _task(task: str) -> str:
@@ -108,6 +121,9 @@ def train(
     seed: int = typer.Option(0, help="Seed for initialisation, data order, splits and augmentation."),
     threads: int = typer.Option(0, min=0, help="torch threads (0 = torch's default)."),
     strict: bool = typer.Option(False, "--strict", help=STRICT_HELP),
+    max_seconds: float = typer.Option(0.0, "--max-seconds", min=0.0, help="asr: leave training clips longer than this "
+                                      "out (0: keep all); validation and test keep theirs. A long clip trains in a small "
+                                      "batch of its own, slowly.", callback=finite),
 ) -> None:
     """Train a dynamic model: backbone + head tolerant to dropped layers, then every strategy.
 
@@ -138,6 +154,8 @@ def train(
                 fail(f"{out} was trained with --{name} {saved[0][name]}: give --{name} {saved[0][name]} to resume it")
     task_data = _load_data(task, data, seed, labels, strict)
     splits = task_data.splits
+    if max_seconds > 0:
+        splits["train"] = _without_long_clips(splits["train"], max_seconds)
     listed = task_data.labels and labels not in LABEL_PRESETS  # a class listed by hand may be a typo
     if listed:
         anywhere = {t for ds in splits.values() for t in ds.texts}
