@@ -13,8 +13,10 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from ldfleet.common.schemas import DeviceProfile
+if TYPE_CHECKING:  # annotations only: the CLI reads this module's limits without loading the schemas
+    from ldfleet.common.schemas import DeviceProfile
 
 log = logging.getLogger("ldfleet.agent")
 

@@ -63,9 +63,10 @@ def split_to_budget(rows: Tensor, lengths_samples: Tensor | Sequence[int], budge
     return pieces
 
 
-def budgeted_batches(lengths_samples: Tensor | Sequence[int], batch_size: int, budget: MemoryBudget = INFERENCE) -> list[Tensor]:
-    """Indices ``0..N-1`` in order, in batches of at most ``batch_size`` cut to ``budget``."""
-    rows = torch.arange(len(lengths_samples))
+def budgeted_batches(lengths_samples: Tensor | Sequence[int], batch_size: int, budget: MemoryBudget = INFERENCE,
+                     rows: Tensor | None = None) -> list[Tensor]:
+    """``rows`` (default: indices ``0..N-1``) in order, in batches of at most ``batch_size`` cut to ``budget``."""
+    rows = torch.arange(len(lengths_samples)) if rows is None else rows
     return [piece for batch in rows.split(batch_size) for piece in split_to_budget(batch, lengths_samples, budget)]
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .batching import INFERENCE, split_to_budget
+from .batching import INFERENCE, budgeted_batches
 from .metrics import example_errors
 from .model.depth import fit_error_predictor
 from .model.dynamic import DynamicModel
@@ -51,8 +51,7 @@ def depth_table(model: DynamicModel, cache: FrontEndCache, rows: Tensor, strateg
     model.eval()
     head = model.head_for(strategy)
     pooled, errors, confidence, sets = [], [], [], []
-    lengths = cache.sample_lengths()
-    batches = [piece for batch in rows.split(batch_size) for piece in split_to_budget(batch, lengths, INFERENCE)]
+    batches = budgeted_batches(cache.sample_lengths(), batch_size, INFERENCE, rows=rows)
     for i, batch in enumerate(batches):
         front, texts = cache.batch(batch)
         pooled.append(pooled_features(front.features, front.frame_mask))

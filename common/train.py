@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from .batching import SAMPLES_PER_FRAME, TRAINING, MemoryBudget, budgeted_batches, budgeted_loader, split_to_budget
+from .batching import SAMPLES_PER_FRAME, TRAINING, MemoryBudget, budgeted_batches, budgeted_loader
 from .data.loading import pad_batch
 from .metrics import score
 from .model.dynamic import DynamicModel
@@ -156,7 +156,7 @@ def length_batches(lengths: Tensor, batch_size: int, gen: torch.Generator, pool:
     for start in range(0, len(order), batch_size * pool):
         chunk = order[start : start + batch_size * pool]
         chunk = chunk[torch.argsort(lengths[chunk], stable=True)]
-        batches += [piece for batch in chunk.split(batch_size) for piece in split_to_budget(batch, lengths, budget)]
+        batches += budgeted_batches(lengths, batch_size, budget, rows=chunk)
     return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
 
 

@@ -208,10 +208,12 @@ class Controller:
         if self._worker is not None:
             self._worker.join(timeout=30)
             self._worker = None
+        connected = self.session.connected
         self.session.stop(final=[(self.status_topic, self._status(False).to_json(), 1, True)])
         if self._own_registry:
             self.registry.close()
-        log.info("controller %s: stopped (offline status published)", self.controller_id)
+        log.info("controller %s: stopped (%s)", self.controller_id,
+                 "offline status published" if connected else f"not connected to {self.url}: no offline status sent")
 
     def run_forever(self) -> None:
         """Run until SIGINT/SIGTERM (main thread) or ``stop_event``."""
@@ -245,11 +247,14 @@ class Controller:
     def _restate_online(self) -> None:
         if not self._stop.is_set() and self.session.connected:
             log.warning("%s: a namesake's offline status replaced this controller's: saying online again", self.controller_id)
-            self.session.publish(self.status_topic, self._status(True).to_json(), qos=1, retain=True)
+            self._say_online()
+
+    def _say_online(self) -> None:
+        self.session.publish(self.status_topic, self._status(True).to_json(), qos=1, retain=True)
 
     # -- network thread ----------------------------------------------------------------------
     def _on_connected(self) -> None:
-        self.session.publish(self.status_topic, self._status(True).to_json(), qos=1, retain=True)
+        self._say_online()
         self.intake.put(CONNECTED, None)
         if self.shared_group is not None:  # the shared subscriptions delivered no retained state
             start_reader(self.url, f"ldfleet-{self.controller_id}-{self.boot_id[:6]}-retained", self.intake.put, self._stop)

@@ -103,7 +103,7 @@ def _metadata_rows(path: Path) -> list[dict[str, str]]:
 
 
 def _read_text(path: Path) -> str:
-    """A metadata file's text: UTF-8 (a byte-order mark allowed, as Excel's "CSV UTF-8" writes), or
+    """A metadata file's or manifest's text: UTF-8 (a byte-order mark allowed, as Excel's "CSV UTF-8" writes), or
     UTF-16 with its byte-order mark (Excel's "Unicode text"). Raises ValueError for anything else."""
     raw = path.read_bytes()
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
@@ -183,11 +183,7 @@ def read_manifest(manifest: str | Path) -> list[Utterance]:
     """Utterances of a JSON-lines manifest; raises ValueError on bad lines or missing files."""
     manifest = Path(manifest)
     items = []
-    try:
-        lines = manifest.read_text(encoding="utf-8-sig").splitlines()
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{manifest} is not UTF-8 (byte {exc.object[exc.start]:#04x} at offset {exc.start}): save it as UTF-8") from None
-    for n, line in enumerate(lines, start=1):
+    for n, line in enumerate(_read_text(manifest).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -339,10 +335,7 @@ class UtteranceDataset(Dataset):
     @staticmethod
     def join(parts: Sequence[UtteranceDataset]) -> UtteranceDataset:
         """One dataset of every utterance of ``parts``, in order (e.g. all splits of a test corpus)."""
-        out = UtteranceDataset([], preload=False)
-        out.items = [u for part in parts for u in part.items]
-        out.texts = [u.text for u in out.items]
-        out.speakers = [u.speaker for u in out.items]
+        out = UtteranceDataset([u for part in parts for u in part.items], preload=False)
         out.waves = [w for part in parts for w in part.waves] if all(part.waves is not None for part in parts) else None  # type: ignore[union-attr]
         return out
 

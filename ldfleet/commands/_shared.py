@@ -12,6 +12,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from ldfleet.client.reprofile import DEFAULT_TOLERANCE, MAX_INTERVAL_S
+
 def _console(stderr: bool = False) -> Console:
     """A console; written to a file or a pipe (no terminal, no COLUMNS), 200 columns wide rather than
     rich's 80, so that tables keep their figures whole ("3071…" ms) in logs."""
@@ -74,10 +76,15 @@ def bench_group(app: typer.Typer) -> typer.Typer:
     return group
 
 
-REPROFILE_EVERY_HELP = ("Measure this device again every S seconds (0: never) and announce the new profile when the whole "
-                        "model's latency moved by more than --reprofile-tolerance (its compute changes over time; a profile "
-                        "measured under a burst of load would otherwise stay). Only when the device measures itself.")
-REPROFILE_TOLERANCE_HELP = "Relative change of the whole model's latency that a new measurement must exceed to be announced."
+#: ``--reprofile-every`` and ``--reprofile-tolerance`` of `agent` and `client`.
+REPROFILE_EVERY = typer.Option(
+    0.0, "--reprofile-every", min=0.0, max=MAX_INTERVAL_S, callback=finite,
+    help="Measure this device again every S seconds (0: never) and announce the new profile when the whole model's latency "
+         "moved by more than --reprofile-tolerance (its compute changes over time; a profile measured under a burst of "
+         "load would otherwise stay). Only when the device measures itself.")
+REPROFILE_TOLERANCE = typer.Option(
+    DEFAULT_TOLERANCE, "--reprofile-tolerance", min=0.0, max=10.0, callback=finite,
+    help="Relative change of the whole model's latency that a new measurement must exceed to be announced.")
 
 
 def watch_profile(agent: Any, measure: Any, every_s: float, tolerance: float) -> Any:

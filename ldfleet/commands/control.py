@@ -18,7 +18,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from ldfleet.commands._shared import (REPROFILE_EVERY_HELP, REPROFILE_TOLERANCE_HELP, bench_group, console, err, fail, finite,
+from ldfleet.commands._shared import (REPROFILE_EVERY, REPROFILE_TOLERANCE, bench_group, console, err, fail, finite,
                                       open_registry, watch_profile)
 from ldfleet.common.runtime import default_broker_url
 
@@ -132,8 +132,8 @@ def agent(
     ca_file: Path = typer.Option(None, "--ca-file", help="CA bundle for an mqtts:// broker."),
     telemetry_interval: float = typer.Option(60.0, "--telemetry-interval", min=0.0, help="Seconds between telemetry messages (0: none).", callback=finite),
     mqtt_version: int = typer.Option(5, "--mqtt-version", help="5 (default) or 311 for brokers that only speak MQTT 3.1.1."),
-    reprofile_every: float = typer.Option(0.0, "--reprofile-every", min=0.0, max=7 * 86400.0, help=REPROFILE_EVERY_HELP, callback=finite),
-    reprofile_tolerance: float = typer.Option(0.2, "--reprofile-tolerance", min=0.0, max=10.0, help=REPROFILE_TOLERANCE_HELP, callback=finite),
+    reprofile_every: float = REPROFILE_EVERY,
+    reprofile_tolerance: float = REPROFILE_TOLERANCE,
 ) -> None:
     """Announce this device and keep its budget policy in step with the controller (runs until Ctrl-C)."""
     from ldfleet.client.agent import DeviceAgent

@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ldfleet.commands._shared import (REPROFILE_EVERY_HELP, REPROFILE_TOLERANCE_HELP, console, err, fail, finite, open_registry,
+from ldfleet.commands._shared import (REPROFILE_EVERY, REPROFILE_TOLERANCE, console, err, fail, finite, open_registry,
                                       watch_profile)
 from ldfleet.common.metrics import metric_label
 
@@ -401,8 +401,8 @@ def client(
     agent: bool = typer.Option(True, "--agent/--no-agent", help="Run the budget agent in this process (else run `ldfleet agent`)."),
     strict: bool = typer.Option(False, "--strict", help="Check every clip of --data before the device starts and refuse "
                                 "to start at the first bad one (naming it and why); without it bad clips are skipped and logged."),
-    reprofile_every: float = typer.Option(0.0, "--reprofile-every", min=0.0, max=7 * 86400.0, help=REPROFILE_EVERY_HELP, callback=finite),
-    reprofile_tolerance: float = typer.Option(0.2, "--reprofile-tolerance", min=0.0, max=10.0, help=REPROFILE_TOLERANCE_HELP, callback=finite),
+    reprofile_every: float = REPROFILE_EVERY,
+    reprofile_tolerance: float = REPROFILE_TOLERANCE,
 ) -> None:
     """Start a device: its budget agent (MQTT) and its Flower SuperNode (runs until Ctrl-C)."""
     from ldfleet.client.node import NodeError, SuperNode, device_node_config, model_profile
