@@ -8,6 +8,8 @@ Parsing rules (``parse_payload`` / ``decode``), applied to everything read from 
 * the raw payload is refused before parsing when it exceeds ``MAX_PAYLOAD_BYTES`` (16 KiB; the
   largest legitimate payload, a 256-layer profile, is about 6 KiB);
 * it must be a JSON object; the ``schema`` field must be present and equal the model's;
+* a key given twice in one object is refused (a JSON parser keeps the last one silently, so two
+  readers of the same bytes could disagree; RFC 8259 section 4 leaves duplicates undefined);
 * unknown fields are refused (``extra="forbid"``), types are strict (no ``"1"`` for 1, no 1.5 for
   an int), floats must be finite (NaN/Infinity refused), ranges are checked;
 * the ``device_id`` inside a device payload must equal the device id of the topic it came on.
@@ -330,6 +332,23 @@ def _summarise(exc: ValidationError, limit: int = 3) -> str:
     return "; ".join(parts)
 
 
+def _duplicate_key(payload: bytes | bytearray | str) -> str | None:
+    """The first key that appears twice in one JSON object of ``payload`` (at any depth), or None;
+    None too for malformed JSON, whose reason the schema's own parser gives."""
+    found: list[str] = []
+
+    def check(pairs: list[tuple[str, object]]) -> None:
+        keys = [k for k, _ in pairs]
+        if not found and len(set(keys)) < len(keys):
+            found.append(next(k for i, k in enumerate(keys) if k in keys[:i]))
+
+    try:
+        json.loads(payload, object_pairs_hook=check)
+    except (ValueError, RecursionError):  # RecursionError: thousands of nested brackets
+        return None
+    return found[0] if found else None
+
+
 def parse_payload(
     model: type[P],
     payload: bytes | bytearray | str,
@@ -343,6 +362,9 @@ def parse_payload(
         raise PayloadError(f"oversized payload: {size} bytes > cap of {max_bytes}")
     if size == 0:
         raise PayloadError("empty payload")
+    duplicate = _duplicate_key(payload)
+    if duplicate is not None:
+        raise PayloadError(f"invalid {model.SCHEMA}: key {duplicate!r} given twice in one object")
     try:
         obj = model.model_validate_json(payload)
     except ValidationError as exc:

@@ -139,6 +139,9 @@ BAD_CASES = [
     ("negative layer ms", DeviceProfile, _mutate(_profile(), layer_ms=[-1.0] * 12), "layer_ms"),
     ("wildcard device id", DeviceProfile, _mutate(_profile(), device_id="pi/#"), "device_id"),
     ("naive timestamp", Status, _mutate(VALID[Status](), sent_at="2026-01-01T00:00:00"), "sent_at"),
+    # two readers of the same bytes must not disagree: one keeping the first keep, one the last
+    ("duplicate key", BudgetPolicy, _mutate(_policy()).replace(b'"keep": 0.5', b'"keep": 0.5, "keep": 0.9'), "'keep' given twice"),
+    ("duplicate schema", BudgetPolicy, _mutate(_policy()).replace(b'{', b'{"schema": "ldfleet.policy/2", ', 1), "'schema' given twice"),
     ("oversized", Telemetry, b'{"schema": "ldfleet.telemetry/1", "device_id": "pi-01", "pad": "' + b"x" * MAX_PAYLOAD_BYTES + b'"}', "oversized"),
 ]
 
