@@ -79,6 +79,9 @@ class TrainConfig:
     # stage 4 (common/depth_fit.py): training clips the adaptive strategy's depth chooser is fitted on (0: none);
     # None: the task's default (DEFAULT_DEPTH_CLIPS) for a new run, the run's own on resume
     depth_clips: int | None = None
+    # asr: training clips longer than this many seconds were left out (0: none); a resumed run must keep
+    # it, or it would go on training on another set of clips
+    max_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         if self.set_table and self.oracle_weight:

@@ -311,6 +311,8 @@ def test_tiny_asr_train_then_eval_through_the_cli(asr_corpus, tmp_path):
     assert [h["stage"] for h in json.loads((run / "train_state.json").read_text())["history"]][-6:] == ["joint", "depth", "depth", "joint", "depth", "depth"]
     other_seed = cli.invoke(app, ["train", "--task", "asr", "--data", str(out), "--out", str(run), "--seed", "3"])
     assert other_seed.exit_code == 2 and "give --seed 0 to resume it" in other_seed.output  # other splits: refused
+    other_cap = cli.invoke(app, ["train", "--task", "asr", "--data", str(out), "--out", str(run), "--max-seconds", "2"])
+    assert other_cap.exit_code == 2 and "give --max-seconds 0.0 to resume it" in other_cap.output  # other clips: refused
 
 
 def test_best_set_per_group_picks_each_groups_own_best_candidate():

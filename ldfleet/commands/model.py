@@ -149,9 +149,10 @@ def train(
     except ValueError as exc:
         fail(exc)
     if saved is not None:  # the splits come from the command line: they must be the run's own, or test clips leak in
-        for name, given in (("task", _task(task)), ("seed", seed)):
+        for name, given in (("task", _task(task)), ("seed", seed), ("max_seconds", max_seconds)):
             if saved[0].get(name, given) != given:
-                fail(f"{out} was trained with --{name} {saved[0][name]}: give --{name} {saved[0][name]} to resume it")
+                flag = "--" + name.replace("_", "-")
+                fail(f"{out} was trained with {flag} {saved[0][name]}: give {flag} {saved[0][name]} to resume it")
     task_data = _load_data(task, data, seed, labels, strict)
     splits = task_data.splits
     if max_seconds > 0:
@@ -178,7 +179,7 @@ def train(
                      layerdrop=layerdrop, batch_size=batch_size, lr=lr, distill=distill, selector_budget=selector_budget, oracle_weight=oracle_weight, seed=seed,
                      labels=list(task_data.labels) if task_data.labels else None, tokens=tokens,
                      from_run=str(from_run) if from_run else None, set_table=set_table, joint_epochs=joint_epochs,
-                     depth_clips=depth_clips)
+                     depth_clips=depth_clips, max_seconds=max_seconds)
     try:
         trainer = Trainer(out, splits["train"], splits["val"], cfg, log=console.print)
     except (OSError, ValueError) as exc:
