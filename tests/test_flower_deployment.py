@@ -7,6 +7,7 @@ reported as a failure (flwr run itself exits 0 on failure).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -149,6 +150,14 @@ def test_server_client_federate_commands_run_rounds(tiny):
                 assert m.device_class == cls and m.k == k and m.policy_version == state.version
                 assert m.num_examples > 0 and 0 <= m.accuracy <= 1 and len(m.layer_usage) == 8
         assert sorted(p.name for p in (work / "run" / "checkpoints").iterdir()) == ["round-0001.safetensors"]
+        # the run folder names its registry and run id for the registry commands (owner-only: a URL may hold a password)
+        assert (work / "run" / "federate.json").stat().st_mode & 0o077 == 0
+        assert f"ldfleet registry rounds --run {work / 'run'}" in res.stdout
+        rounds = subprocess.run([str(BIN / "ldfleet"), "registry", "rounds", "--run", str(work / "run"), "--json"],
+                                capture_output=True, text=True, timeout=60)
+        assert rounds.returncode == 0 and [r["round"] for r in json.loads(rounds.stdout)["rounds"]] == [1], rounds.stdout + rounds.stderr
+        report = subprocess.run([str(BIN / "ldfleet"), "report", str(work / "run")], capture_output=True, text=True, timeout=60)
+        assert report.returncode == 2 and "is a `ldfleet federate` run" in report.stderr, report.stderr
 
         # a run that fails (no model where the ServerApp looks) must not be reported as a success
         res = subprocess.run(

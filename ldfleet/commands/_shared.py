@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -40,6 +41,24 @@ def finite(value: float | None) -> float | None:
     if value is not None and not math.isfinite(value):
         raise typer.BadParameter(f"must be a finite number, got {value}")
     return value
+
+
+#: What `ldfleet federate` leaves in its --out folder for the registry commands: the run id and registry URL.
+FEDERATE_FILE = "federate.json"
+
+
+def run_registry(run: Path) -> tuple[str, str]:
+    """(registry URL, run id) of a run folder: ``RUN/run.json`` of `ldfleet simulate` or ``RUN/federate.json``
+    of `ldfleet federate`. Exits 2 when RUN is neither, or its file is damaged."""
+    for name in ("run.json", FEDERATE_FILE):
+        path = run / name
+        if path.is_file():
+            try:
+                info = json.loads(path.read_text())
+                return str(info["db_url"]), str(info["run_id"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                fail(f"{path} is damaged ({type(exc).__name__}: {exc})")
+    fail(f"{run} is not a run folder of `ldfleet simulate` or `ldfleet federate` (no run.json or {FEDERATE_FILE})")
 
 
 def open_registry(db: str | None, *, must_exist: bool = False) -> Any:

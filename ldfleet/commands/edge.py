@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from ldfleet.commands._shared import bench_group, console, err, fail, finite
+from ldfleet.commands._shared import bench_group, console, err, fail, finite, run_registry
 
 RUNTIME_HELP = "torch (a run folder) | onnx | onnx-int8 (an export folder from `ldfleet export`)."
 _KEEP = typer.Option(None, "--keep", help="Fixed keep ratio in (0, 1] (share of encoder layers), instead of the device's policy.")
@@ -357,10 +357,7 @@ def inference_usage(run: Optional[Path], db: Optional[str], as_json: bool) -> No
     from ldfleet.server.telemetry import usage
 
     if run is not None and db is None:
-        info = run / "run.json"
-        if not info.is_file():
-            fail(f"{run} is not a simulation run (no run.json)")
-        db = json.loads(info.read_text())["db_url"]
+        db = run_registry(run)[0]
     reg = Registry(db or default_registry_url())
     try:
         out = usage(reg)

@@ -15,14 +15,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ldfleet.commands._shared import (REPROFILE_EVERY, REPROFILE_TOLERANCE, console, err, fail, finite, open_registry,
-                                      watch_profile)
+from ldfleet.commands._shared import (FEDERATE_FILE, REPROFILE_EVERY, REPROFILE_TOLERANCE, console, err, fail, finite, open_registry,
+                                      run_registry, watch_profile)
 from ldfleet.common.metrics import metric_label
 
 
 registry_app = typer.Typer(help="Read the registry of a run: rounds, devices, layer usage.", no_args_is_help=True)
 
-DB_HELP = "Registry URL (default: the run's own, from RUN/run.json; else $LDFLEET_DB or ~/.ldfleet/registry.db)."
+DB_HELP = "Registry URL (default: the run's own, from RUN/run.json or RUN/federate.json; else $LDFLEET_DB or ~/.ldfleet/registry.db)."
 
 
 # ---- simulate / report ----------------------------------------------------------------------------
@@ -74,6 +74,10 @@ def report(
     """(Re)write RUN/report/: Markdown + HTML with PNG plots, and summary.json."""
     from ldfleet.simulations.report import build_report
 
+    if (run / FEDERATE_FILE).is_file() and not (run / "run.json").is_file():
+        fail(f"{run} is a `ldfleet federate` run; `ldfleet report` reads simulation runs (it scores held-out "
+             f"speakers of the scenario's corpus). Its rounds: `ldfleet registry rounds --run {run}`; layer usage: "
+             f"`ldfleet registry usage --run {run}`")
     try:
         summary = build_report(run, db_url=db, console=None if as_json else console)
     except FileNotFoundError as exc:
@@ -105,12 +109,8 @@ def _registry_target(run: Path | None, run_id: str | None, db: str | None) -> tu
     from ldfleet.server.rounds import run_ids
 
     if run is not None:
-        info_path = run / "run.json"
-        if not info_path.is_file():
-            fail(f"{run} is not a simulation run (no run.json)")
-        info = json.loads(info_path.read_text())
-        db = db or info["db_url"]
-        run_id = run_id or info["run_id"]
+        run_db, run_run_id = run_registry(run)
+        db, run_id = db or run_db, run_id or run_run_id
     reg = open_registry(db, must_exist=True)
     if run_id is None:
         runs = run_ids(reg)
@@ -121,7 +121,7 @@ def _registry_target(run: Path | None, run_id: str | None, db: str | None) -> tu
     return reg, run_id
 
 
-_RUN_OPT = typer.Option(None, "--run", help="Run folder (its registry and run id).")
+_RUN_OPT = typer.Option(None, "--run", help="Run folder of `simulate` or `federate` (its registry and run id).")
 _RUN_ID_OPT = typer.Option(None, "--run-id", help="Run id \\[default: the run of --run, else the newest in the registry].")
 _DB_OPT = typer.Option(None, "--db", help=DB_HELP)
 _JSON_OPT = typer.Option(False, "--json", help="Print JSON.")
@@ -504,6 +504,7 @@ def federate(
         flwr_home = out / "flwr-cli"
         write_cli_config(flwr_home, superlink, insecure=insecure, root_certificates=str(root_certificates) if root_certificates else None)
         rid = submit_run(app_dir, flwr_home, settings)
+        _write_federate_record(out, settings, rid, superlink)
         console.print(f"run {rid} submitted to {superlink} (registry run id {settings.run_id}); waiting for it to finish")
     except (DeployError, FileNotFoundError) as exc:
         fail(str(exc), code=1)
@@ -513,7 +514,18 @@ def federate(
         why = "interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc)
         _stop_left_run(flwr_home, rid, superlink, why)
     console.print(f"[green]{status['status']}[/green] in {status.get('elapsed', 0):.0f} s; "
-                  f"`ldfleet registry rounds --run-id {settings.run_id} --db {settings.db_url}`")
+                  f"`ldfleet registry rounds --run {out}`", soft_wrap=True)
+
+
+def _write_federate_record(out: Path, settings: Any, flower_run_id: str, superlink: str) -> None:
+    """OUT/federate.json: what `ldfleet registry ... --run OUT` reads (registry URL, run id), with the
+    Flower run id and SuperLink for `flwr` itself. Written atomically; owner-only, as the URL may hold a password."""
+    path = out / FEDERATE_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"run_id": settings.run_id, "db_url": settings.db_url, "flower_run_id": str(flower_run_id),
+                               "superlink": superlink, "rounds": settings.num_rounds}, indent=1))
+    tmp.chmod(0o600)
+    tmp.replace(path)
 
 
 def _stop_left_run(flwr_home: Path, rid: str, superlink: str, why: str) -> None:
