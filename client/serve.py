@@ -2,7 +2,7 @@
 
 API:
 
-* ``POST /v1/infer`` — body: a WAV file (8-192 kHz, resampled to 16 kHz as ``ldfleet infer`` does;
+* ``POST /v1/infer`` — body: a WAV file (RIFF, WAVE_FORMAT_EXTENSIBLE, RF64 or Wave64; 8-192 kHz, resampled to 16 kHz as ``ldfleet infer`` does;
   mono or stereo, at most ``max_seconds``; PCM or float), optional query ``deadline_ms``. 200: ``{"prediction", "k", "layers", "ms", "queue_ms",
   "policy_version", "policy_k", "governor", "target_ms"}`` (``target_ms``: the latency this input was
   held to, from ``deadline_ms`` or the policy, an RTF scaled by its seconds; null without one); ``prediction`` is a label (a keyword model; the audio is trimmed
@@ -42,6 +42,9 @@ log = logging.getLogger("ldfleet.serve")
 
 DEFAULT_MAX_BYTES = 1 << 20  # 1 MiB: 30 s of 16-bit mono at 16 kHz
 DEFAULT_MAX_SECONDS = 10.0
+#: libsndfile's names of the WAV family: RIFF WAVE, WAVE_FORMAT_EXTENSIBLE (what many recorders and
+#: ffmpeg write for 24-bit or multichannel audio), and the 64-bit RF64 (EBU Tech 3306) and Sony Wave64.
+WAV_FORMATS = ("WAV", "WAVEX", "RF64", "W64")
 
 
 class BadRequest(Exception):
@@ -59,7 +62,7 @@ def parse_wav(body: bytes, max_seconds: float = DEFAULT_MAX_SECONDS, task: str =
         info = sf.info(io.BytesIO(body))
     except (sf.LibsndfileError, RuntimeError) as exc:
         raise BadRequest(415, f"not a WAV file ({str(exc).rsplit(': ', 1)[-1]})") from None
-    if info.format != "WAV":
+    if info.format not in WAV_FORMATS:
         raise BadRequest(415, f"format {info.format}: send a WAV file")
     if not MIN_SAMPLE_RATE <= info.samplerate <= MAX_SAMPLE_RATE:  # other rates are resampled to 16 kHz, as `infer` does
         raise BadRequest(422, f"sample rate {info.samplerate} Hz: send {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz (16 kHz is read as is)")

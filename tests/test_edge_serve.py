@@ -57,6 +57,15 @@ def test_other_sample_rates_are_resampled_as_infer_does(service, tiny_export):
     assert status in (413, 422)  # 11 s: over a cap whatever the rate
 
 
+def test_every_wav_container_is_served_as_plain_wav(service):
+    """WAVE_FORMAT_EXTENSIBLE (ffmpeg's and many recorders' 24-bit files), RF64 and Wave64 carry the same
+    samples as a plain WAV and get the same answer."""
+    plain = post_wav(service.url, _wav(16000))[1]["prediction"]
+    for fmt in ("WAVEX", "RF64", "W64"):
+        code, answer = post_wav(service.url, _wav(16000, fmt=fmt))
+        assert code == 200 and answer["prediction"] == plain, (fmt, answer)
+
+
 @pytest.mark.parametrize("body, query, status, words", [
     (b"", "", 400, "empty body"),
     (b"RIFF" + b"\0" * 100, "", 415, "not a WAV"),
