@@ -29,7 +29,7 @@ from ldfleet.common.learning import TRAINED_STRATEGY
 from ldfleet.common.model.checkpoint import WEIGHTS, load_model
 from ldfleet.common.model.dynamic import DynamicModel
 from ldfleet.common.metrics import error_counts, error_rates, score
-from ldfleet.common.train import FrontEndCache, cache_front_ends
+from ldfleet.common.front_cache import FrontEndCache, cache_front_ends
 
 log = logging.getLogger("ldfleet.client.learning")
 

@@ -29,7 +29,7 @@ from .metrics import example_errors
 from .model.depth import fit_error_predictor
 from .model.dynamic import DynamicModel
 from .model.selector import pooled_features
-from .train import FrontEndCache
+from .front_cache import FrontEndCache
 
 
 @dataclass

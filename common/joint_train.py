@@ -29,7 +29,8 @@ import torch
 
 from .metrics import score
 from .model.dynamic import DynamicModel
-from .train import FrontEndCache, StepCallback, TrainConfig, length_batches, prefixed, set_lr
+from .front_cache import FrontEndCache
+from .train import StepCallback, TrainConfig, length_batches, prefixed, set_lr
 
 JOINT_STRATEGIES = ("random", "early_exit", "static", "selector")
 

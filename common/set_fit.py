@@ -201,7 +201,7 @@ def clip_loss_table(runner, clips: Iterable[tuple[FrontEnd, str]], count: int, s
 def set_loss_table(model: DynamicModel, cache, rows: Tensor, ks: tuple[int, ...] | None = None,
                    on_item: Callable[[int, int], None] | None = None) -> LossTable:
     """Base-head loss of every layer set of each size in ``ks`` (default 1..L-1) for the cached clips
-    ``rows`` of ``cache`` (a :class:`~.train.FrontEndCache`): ``losses[k]`` is ``[len(rows), C(L, k)]``."""
+    ``rows`` of ``cache`` (a :class:`~.front_cache.FrontEndCache`): ``losses[k]`` is ``[len(rows), C(L, k)]``."""
     model.eval()
     ks = ks or tuple(range(1, model.num_layers))
     head = model.heads["base"]

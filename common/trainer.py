@@ -34,8 +34,9 @@ from .model.backbone import load_backbone
 from .model.checkpoint import load_model, save_model
 from .model.dynamic import DynamicModel
 from .set_fit import TABLE_STRATEGIES, fit_from_tables, set_loss_table
+from .front_cache import FrontEndCache, add_teacher, cache_front_ends
 from .train import (
-    DEFAULT_DEPTH_CLIPS, DEFAULT_JOINT_EPOCHS, FrontEndCache, StepCallback, TrainConfig, add_teacher, backbone_optimizer, cache_front_ends, new_head, prefixed,
+    DEFAULT_DEPTH_CLIPS, DEFAULT_JOINT_EPOCHS, StepCallback, TrainConfig, backbone_optimizer, new_head, prefixed,
     strategy_optimizer, train_backbone_epoch, train_strategy_epoch, validate,
 )
 

@@ -62,7 +62,7 @@ from ldfleet.common.model.checkpoint import load_model
 from ldfleet.common.model.depth import (bisect_edge, calibrated_lambda, exit_threshold, first_confident, fit_error_predictor,
                                         lagrange_depths, weighted_mean)
 from ldfleet.common.model.dynamic import DynamicModel
-from ldfleet.common.train import cache_front_ends
+from ldfleet.common.front_cache import cache_front_ends
 from ldfleet.common.trainer import source_progress, strategies_trained
 
 METHODS = ("selector", "static", "early_exit")

@@ -185,7 +185,8 @@ def _train_stage(run: Path, trainer, stage: str, epochs: int, seed: int, batch_s
     import json
 
     from ldfleet.common.model.checkpoint import save_model
-    from ldfleet.common.train import TrainConfig, cache_front_ends, strategy_optimizer, train_strategy_epoch
+    from ldfleet.common.front_cache import cache_front_ends
+    from ldfleet.common.train import TrainConfig, strategy_optimizer, train_strategy_epoch
 
     marker = run / f"stage-{stage}.done"
     if marker.exists():

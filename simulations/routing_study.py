@@ -42,7 +42,8 @@ from ldfleet.common.model.checkpoint import load_model
 from ldfleet.common.model.selector import pooled_features
 from ldfleet.common.model.strategies import LayerChoice
 from ldfleet.common.set_fit import LossTable, set_loss_table
-from ldfleet.common.train import FrontEndCache, TrainConfig, add_teacher, cache_front_ends
+from ldfleet.common.front_cache import FrontEndCache, add_teacher, cache_front_ends
+from ldfleet.common.train import TrainConfig
 from ldfleet.common.trainer import set_table_rows, source_progress, strategies_trained
 
 Route = Callable[[Tensor, int], Tensor]  # pooled features [B, 2D], k -> candidate index [B]

@@ -9,7 +9,8 @@ from ldfleet.common.batching import INFERENCE, TRAINING, MemoryBudget, budgeted_
 from ldfleet.common.model.backbone import load_backbone
 from ldfleet.common.model.dynamic import DynamicModel
 from ldfleet.common.model.heads import with_head
-from ldfleet.common.train import FrontEndCache, add_teacher, cache_front_ends, length_batches
+from ldfleet.common.front_cache import FrontEndCache, add_teacher, cache_front_ends
+from ldfleet.common.train import length_batches
 
 SECOND = 16000
 

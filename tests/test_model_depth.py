@@ -128,7 +128,7 @@ def test_the_chooser_is_saved_with_the_run_and_an_older_run_loads_without_one(mo
 @torch.no_grad()
 def test_a_depth_table_holds_each_clips_errors_confidence_and_kept_set_at_every_depth(model):
     from ldfleet.common.depth_fit import depth_table
-    from ldfleet.common.train import FrontEndCache
+    from ldfleet.common.front_cache import FrontEndCache
 
     wave = torch.randn(5, 16000) * torch.linspace(0.1, 2.0, 5).unsqueeze(1)
     front = model.front_end(wave)

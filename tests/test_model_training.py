@@ -255,7 +255,7 @@ def test_from_run_trains_only_the_strategies_on_the_same_encoder(trained_run, co
     # the table uses the base head, which is unchanged), through the head's epoch
     from ldfleet.common.model.selector import topk_mask
     from ldfleet.common.set_fit import chosen_loss, set_loss_table
-    from ldfleet.common.train import cache_front_ends
+    from ldfleet.common.front_cache import cache_front_ends
 
     splits = load_splits(corpus)
     train_cache, val_cache = cache_front_ends(fitted_model, splits["train"]), cache_front_ends(fitted_model, splits["val"])
