@@ -25,11 +25,11 @@ import torch
 from torch import Tensor
 
 from .batching import INFERENCE, budgeted_batches
+from .front_cache import FrontEndCache
 from .metrics import example_errors
 from .model.depth import fit_error_predictor
 from .model.dynamic import DynamicModel
 from .model.selector import pooled_features
-from .front_cache import FrontEndCache
 
 
 @dataclass

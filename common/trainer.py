@@ -29,12 +29,12 @@ from safetensors import SafetensorError
 from torch.utils.data import Dataset
 
 from .depth_fit import calibrate_exits, fit_depth
+from .front_cache import FrontEndCache, add_teacher, cache_front_ends
 from .joint_train import joint_optimizer, train_joint_epoch
 from .model.backbone import load_backbone
 from .model.checkpoint import load_model, save_model
 from .model.dynamic import DynamicModel
 from .set_fit import TABLE_STRATEGIES, fit_from_tables, set_loss_table
-from .front_cache import FrontEndCache, add_teacher, cache_front_ends
 from .train import (
     DEFAULT_DEPTH_CLIPS, DEFAULT_JOINT_EPOCHS, StepCallback, TrainConfig, backbone_optimizer, new_head, prefixed,
     strategy_optimizer, train_backbone_epoch, train_strategy_epoch, validate,
