@@ -3,7 +3,7 @@
 API:
 
 * ``POST /v1/infer`` — body: a WAV file (RIFF, WAVE_FORMAT_EXTENSIBLE, RF64 or Wave64; 8-192 kHz, resampled to 16 kHz as ``ldfleet infer`` does;
-  mono or stereo, at most ``max_seconds``; PCM or float), optional query ``deadline_ms``. 200: ``{"prediction", "k", "layers", "ms", "queue_ms",
+  any number of channels, mixed to mono; at most ``max_seconds``; PCM or float), optional query ``deadline_ms``. 200: ``{"prediction", "k", "layers", "ms", "queue_ms",
   "policy_version", "policy_k", "governor", "target_ms"}`` (``target_ms``: the latency this input was
   held to, from ``deadline_ms`` or the policy, an RTF scaled by its seconds; null without one); ``prediction`` is a label (a keyword model; the audio is trimmed
   and centred in 1 s) or a transcript (a speech-recognition model; the whole utterance). 400 empty

@@ -332,20 +332,27 @@ def _summarise(exc: ValidationError, limit: int = 3) -> str:
     return "; ".join(parts)
 
 
-def _duplicate_key(payload: bytes | bytearray | str) -> str | None:
-    """The first key that appears twice in one JSON object of ``payload`` (at any depth), or None;
-    None too for malformed JSON, whose reason the schema's own parser gives."""
+#: ``_duplicate_key``'s answer when it could not read the payload (the schema's parser says why, or,
+#: should that parser read it, the payload is refused: a duplicate could not be ruled out).
+UNCHECKED = object()
+
+
+def _duplicate_key(payload: bytes | bytearray | str) -> str | None | object:
+    """The first key that appears twice in one JSON object of ``payload`` (at any depth), None when
+    none does, or ``UNCHECKED`` when Python's JSON reader cannot read the payload."""
     found: list[str] = []
 
     def check(pairs: list[tuple[str, object]]) -> None:
-        keys = [k for k, _ in pairs]
-        if not found and len(set(keys)) < len(keys):
-            found.append(next(k for i, k in enumerate(keys) if k in keys[:i]))
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen and not found:
+                found.append(key)
+            seen.add(key)
 
     try:
         json.loads(payload, object_pairs_hook=check)
-    except (ValueError, RecursionError):  # RecursionError: thousands of nested brackets
-        return None
+    except (ValueError, TypeError, RecursionError):  # RecursionError: thousands of nested brackets
+        return UNCHECKED
     return found[0] if found else None
 
 
@@ -363,12 +370,14 @@ def parse_payload(
     if size == 0:
         raise PayloadError("empty payload")
     duplicate = _duplicate_key(payload)
-    if duplicate is not None:
+    if isinstance(duplicate, str):
         raise PayloadError(f"invalid {model.SCHEMA}: key {duplicate!r} given twice in one object")
     try:
         obj = model.model_validate_json(payload)
     except ValidationError as exc:
         raise PayloadError(f"invalid {model.SCHEMA}: {_summarise(exc)}") from None
+    if duplicate is UNCHECKED:  # read by the schema's parser, not by the duplicate check: fail closed
+        raise PayloadError(f"invalid {model.SCHEMA}: its JSON could not be checked for duplicate keys")
     if "schema_" not in obj.model_fields_set:
         raise PayloadError(f"missing 'schema' field (expected {model.SCHEMA!r})")
     if topic_device_id is not None:
@@ -388,7 +397,7 @@ def without_unknown_fields(model: type[P], payload: bytes | bytearray | str, *, 
     rather than drop a newer sender's message in silence; it must not *apply* the stripped
     message, whose meaning the unknown fields may change."""
     size = len(payload.encode() if isinstance(payload, str) else payload)
-    if not 0 < size <= max_bytes:
+    if not 0 < size <= max_bytes or _duplicate_key(payload) is not None:  # a duplicate: two readings, no answer
         return None
     try:
         data = json.loads(payload)

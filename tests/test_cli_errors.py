@@ -73,3 +73,34 @@ def test_reading_commands_do_not_create_a_registry_at_a_mistyped_path(tmp_path: 
         out = CliRunner().invoke(app, [*args, "--db", f"sqlite:///{missing}"])
         assert out.exit_code == 2 and "no registry at" in " ".join(out.output.split()), (args, out.output)
     assert not missing.exists() and not missing.parent.exists()
+
+
+def test_registry_commands_read_a_run_folder_or_say_what_is_wrong_with_it(tmp_path: Path):
+    """`registry ... --run RUN` reads RUN/federate.json (a `federate` run) as it reads RUN/run.json; a damaged
+    one is named, a password in its URL is never printed, and reading never creates a registry."""
+    from typer.testing import CliRunner
+
+    from ldfleet.cli import app
+
+    runner = CliRunner()
+    run = tmp_path / "fl1"
+    run.mkdir()
+    missing = tmp_path / "nowhere" / "registry.db"
+    cases = [
+        ('{"db_url": null, "run_id": "r1"}', "damaged"),
+        ('{"db_url": "", "run_id": "r1"}', "damaged"),
+        ('{"db_url": "sqlite:///x.db", "run_id": [1]}', "damaged"),
+        ('{"db_url": "::::garbage", "run_id": "r1"}', "not a database URL"),
+        ('{"db_url": "postgresql://alice:S3cretPW@127.0.0.1:1/test", "run_id": "r1"}', "cannot open the registry"),
+        (f'{{"db_url": "sqlite:///{missing}", "run_id": "r1"}}', "no registry at"),
+    ]
+    for text, words in cases:
+        (run / "federate.json").write_text(text)
+        for args in (["registry", "rounds"], ["registry", "usage", "--source", "inference"]):
+            out = runner.invoke(app, [*args, "--run", str(run)])
+            said = " ".join(out.output.split())
+            assert out.exit_code == 2 and words in said and "S3cretPW" not in said and "Traceback" not in said, (text, args, out.output)
+    assert not missing.parent.exists()
+    (run / "federate.json").write_text('{"db_url": "sqlite:///x.db", "run_id": "r1"}')
+    out = runner.invoke(app, ["report", str(run)])
+    assert out.exit_code == 2 and f"registry rounds --run {run}" in " ".join(out.output.split())

@@ -157,6 +157,20 @@ def test_bad_payloads_are_refused_with_a_reason(name, model, payload, why, caplo
     assert why.lower() in caplog.text.lower()
 
 
+def test_a_duplicate_key_is_refused_on_every_path():
+    """The agent's "unknown fields" fallback must not read a payload the parser refused for a duplicate,
+    and a payload only the schema's parser can read is refused."""
+    from ldfleet.common.schemas import without_unknown_fields
+
+    forged = _mutate(_policy(), newfield=True).replace(b'"version": ', b'"version": 99, "version": ', 1)
+    with pytest.raises(PayloadError, match="'version' given twice"):
+        parse_payload(BudgetPolicy, forged, topic_device_id="pi-01")
+    assert without_unknown_fields(BudgetPolicy, forged, topic_device_id="pi-01") is None
+    assert without_unknown_fields(BudgetPolicy, _mutate(_policy(), newfield=True), topic_device_id="pi-01")[1] == ["newfield"]
+    with pytest.raises(PayloadError):  # Python's reader fails where the schema's would not: refused, not waved through
+        parse_payload(BudgetPolicy, memoryview(_policy().to_json()))
+
+
 def test_device_id_must_match_the_topic():
     wire = _profile().to_json()  # device_id pi-01
     with pytest.raises(PayloadError, match="does not match topic device 'pi-02'"):

@@ -55,9 +55,12 @@ def run_registry(run: Path) -> tuple[str, str]:
         if path.is_file():
             try:
                 info = json.loads(path.read_text())
-                return str(info["db_url"]), str(info["run_id"])
+                db_url, run_id = info["db_url"], info["run_id"]
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 fail(f"{path} is damaged ({type(exc).__name__}: {exc})")
+            if not (isinstance(db_url, str) and db_url and isinstance(run_id, str) and run_id):
+                fail(f"{path} is damaged: db_url and run_id must be non-empty strings")
+            return db_url, run_id
     fail(f"{run} is not a run folder of `ldfleet simulate` or `ldfleet federate` (no run.json or {FEDERATE_FILE})")
 
 
@@ -73,8 +76,9 @@ def open_registry(db: str | None, *, must_exist: bool = False) -> Any:
     url = db or default_registry_url()
     try:
         parsed = make_url(url)
-    except Exception as exc:  # noqa: BLE001 - not a database URL
-        fail(f"cannot open the registry {url}: {exc}")
+    except Exception:  # noqa: BLE001 - not a database URL; its text is not echoed, as it may hold a password
+        fail("cannot open the registry: not a database URL (dialect://user:password@host/database or sqlite:///path)")
+    shown = parsed.render_as_string(hide_password=True)
     if must_exist and parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:") \
             and not Path(parsed.database).is_file():
         fail(f"no registry at {parsed.database}: give the --db the controller uses (or LDFLEET_DB), or start "
@@ -82,7 +86,8 @@ def open_registry(db: str | None, *, must_exist: bool = False) -> Any:
     try:
         return Registry(url)
     except Exception as exc:  # noqa: BLE001 - unreachable database, bad URL
-        fail(f"cannot open the registry {url}: {exc}")
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        fail(f"cannot open the registry {shown}: {reason.replace(url, shown)}")
 
 
 def bench_group(app: typer.Typer) -> typer.Typer:

@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from ldfleet.commands._shared import bench_group, console, err, fail, finite, run_registry
+from ldfleet.commands._shared import bench_group, console, err, fail, finite, open_registry, run_registry
 
 RUNTIME_HELP = "torch (a run folder) | onnx | onnx-int8 (an export folder from `ldfleet export`)."
 _KEEP = typer.Option(None, "--keep", help="Fixed keep ratio in (0, 1] (share of encoder layers), instead of the device's policy.")
@@ -352,13 +352,11 @@ def register(app: typer.Typer) -> None:
 
 def inference_usage(run: Optional[Path], db: Optional[str], as_json: bool) -> None:
     """`ldfleet registry usage --source inference`: per device, from the inference telemetry roll-ups."""
-    from ldfleet.common.runtime import default_registry_url
-    from ldfleet.server.registry.store import Registry
     from ldfleet.server.telemetry import usage
 
     if run is not None and db is None:
         db = run_registry(run)[0]
-    reg = Registry(db or default_registry_url())
+    reg = open_registry(db, must_exist=True)
     try:
         out = usage(reg)
     finally:

@@ -7,6 +7,7 @@ Heavy modules (Flower, Ray, torch, SQLAlchemy) are imported inside the commands 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -503,11 +504,15 @@ def federate(
         app_dir = write_flower_app(out / "flower-app")
         flwr_home = out / "flwr-cli"
         write_cli_config(flwr_home, superlink, insecure=insecure, root_certificates=str(root_certificates) if root_certificates else None)
+        _write_federate_record(out, settings, superlink)  # before submitting: a folder that cannot take it stops nothing
         rid = submit_run(app_dir, flwr_home, settings)
-        _write_federate_record(out, settings, rid, superlink)
         console.print(f"run {rid} submitted to {superlink} (registry run id {settings.run_id}); waiting for it to finish")
-    except (DeployError, FileNotFoundError) as exc:
+    except (DeployError, OSError) as exc:
         fail(str(exc), code=1)
+    try:
+        _write_federate_record(out, settings, superlink, rid)
+    except OSError as exc:  # the run is submitted: carry on without the Flower run id on record
+        err.print(f"[yellow]warning[/]: cannot record Flower run {rid} in {out / FEDERATE_FILE}: {exc}")
     try:
         status = wait_run(flwr_home, rid, timeout, on_status=_round_progress(settings))
     except (DeployError, KeyboardInterrupt) as exc:
@@ -517,14 +522,16 @@ def federate(
                   f"`ldfleet registry rounds --run {out}`", soft_wrap=True)
 
 
-def _write_federate_record(out: Path, settings: Any, flower_run_id: str, superlink: str) -> None:
+def _write_federate_record(out: Path, settings: Any, superlink: str, flower_run_id: str | None = None) -> None:
     """OUT/federate.json: what `ldfleet registry ... --run OUT` reads (registry URL, run id), with the
-    Flower run id and SuperLink for `flwr` itself. Written atomically; owner-only, as the URL may hold a password."""
+    Flower run id (once submitted) and SuperLink for `flwr` itself. Written atomically and owner-only from
+    its first byte, as the URL may hold a password. Raises OSError when OUT cannot take it."""
     path = out / FEDERATE_FILE
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"run_id": settings.run_id, "db_url": settings.db_url, "flower_run_id": str(flower_run_id),
-                               "superlink": superlink, "rounds": settings.num_rounds}, indent=1))
-    tmp.chmod(0o600)
+    tmp.unlink(missing_ok=True)
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        json.dump({"run_id": settings.run_id, "db_url": settings.db_url, "flower_run_id": flower_run_id,
+                   "superlink": superlink, "rounds": settings.num_rounds}, f, indent=1)
     tmp.replace(path)
 
 

@@ -153,6 +153,9 @@ def train(
             if saved[0].get(name, given) != given:
                 flag = "--" + name.replace("_", "-")
                 fail(f"{out} was trained with {flag} {saved[0][name]}: give {flag} {saved[0][name]} to resume it")
+        if "max_seconds" not in saved[0] and max_seconds > 0:  # a run from before the cap was recorded
+            err.print(f"[yellow]warning[/]: {out} does not record the --max-seconds it was trained with: resumed with "
+                      f"another, it trains on other clips")
     task_data = _load_data(task, data, seed, labels, strict)
     splits = task_data.splits
     if max_seconds > 0:
