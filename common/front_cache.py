@@ -109,6 +109,8 @@ def _packed(padded: Tensor, lengths: Tensor) -> Tensor:
 
 @torch.inference_mode()
 def cache_front_ends(model: DynamicModel, data: Dataset, batch_size: int = 64) -> FrontEndCache:
+    """The front end of every input of ``data`` (un-augmented, in order), computed in batches of at most
+    ``batch_size`` cut to the inference memory budget (:mod:`.batching`)."""
     model.eval()
     hidden, features, lengths, texts = [], [], [], []
     for wave, mask, batch_texts in budgeted_loader(data, batch_size):
