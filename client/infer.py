@@ -10,6 +10,7 @@ statistics the telemetry publisher reports are updated.
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 import time
@@ -201,16 +202,27 @@ class AudioError(ValueError):
         self.status = status
 
 
+class AudioBytes(io.BytesIO):
+    """Audio bytes for soundfile, whose seeks never raise: a header claiming a size past 2^63 makes
+    libsndfile seek there, and a plain BytesIO's OverflowError inside soundfile's C callback is printed
+    to stderr as a traceback per request (the decode itself is right). Such a seek goes to the end, as
+    a file's seek past its end reads nothing."""
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        try:
+            return super().seek(pos, whence)
+        except OverflowError:
+            return super().seek(0, io.SEEK_END)
+
+
 def _read_wav(data: bytes | str | Path) -> tuple[np.ndarray, int]:
     """Samples ``[frames, channels]`` float32 and the rate of WAV bytes or a path (soundfile);
     AudioError when it is not audio soundfile can read, or holds no or non-finite samples."""
-    import io
-
     import soundfile as sf
 
     from ldfleet.common.data.validate import BadClip, check_samples
 
-    src = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else str(data)
+    src = AudioBytes(data) if isinstance(data, (bytes, bytearray)) else str(data)
     try:
         audio, rate = sf.read(src, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:

@@ -23,7 +23,6 @@ while requests already running finish under the one they started with.
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import re
 import threading
@@ -35,7 +34,7 @@ import soundfile as sf
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from ldfleet.client.infer import InferenceSession
+from ldfleet.client.infer import AudioBytes, InferenceSession
 from ldfleet.common.data.validate import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
 
 log = logging.getLogger("ldfleet.serve")
@@ -59,7 +58,7 @@ def parse_wav(body: bytes, max_seconds: float = DEFAULT_MAX_SECONDS, task: str =
     if not body:
         raise BadRequest(400, "empty body: send a WAV file (16 kHz)")
     try:
-        info = sf.info(io.BytesIO(body))
+        info = sf.info(AudioBytes(body))
     except (sf.LibsndfileError, RuntimeError) as exc:
         raise BadRequest(415, f"not a WAV file ({str(exc).rsplit(': ', 1)[-1]})") from None
     if info.format not in WAV_FORMATS:

@@ -66,6 +66,24 @@ def test_every_wav_container_is_served_as_plain_wav(service):
         assert code == 200 and answer["prediction"] == plain, (fmt, answer)
 
 
+def test_a_header_claiming_an_absurd_size_is_read_without_tracebacks_in_the_log(monkeypatch):
+    """An RF64 whose 64-bit data size is 2^63-1 makes libsndfile seek past what a BytesIO allows; the
+    clip still decodes, and no "Exception ignored" traceback reaches stderr."""
+    import struct
+    import sys
+
+    from ldfleet.client.serve import parse_wav
+
+    ignored = []  # what Python would print as "Exception ignored from cffi callback"
+    monkeypatch.setattr(sys, "unraisablehook", ignored.append)
+
+    body = bytearray(_wav(16000, fmt="RF64"))
+    assert body[:4] == b"RF64" and body[12:16] == b"ds64"
+    struct.pack_into("<Q", body, 28, 2**63 - 1)  # ds64: riff size (8 bytes) at 20, data size at 28
+    wave = parse_wav(bytes(body), 10.0, "kws")
+    assert wave.shape == (16000,) and not ignored, [u.exc_value for u in ignored]
+
+
 @pytest.mark.parametrize("body, query, status, words", [
     (b"", "", 400, "empty body"),
     (b"RIFF" + b"\0" * 100, "", 415, "not a WAV"),
