@@ -241,15 +241,13 @@ class DeviceAgent:
         """Say goodbye (retained offline status), disconnect cleanly (no Last Will)."""
         self._stop.set()
         self._running = False
-        connected = self.session.connected
         offline = self._status(online=False)
-        self.session.stop(final=[(topics.status(self.device_id), offline.to_json(), 1, True)])
+        said = self.session.stop(final=[(topics.status(self.device_id), offline.to_json(), 1, True)])
         for t in (self._telemetry_thread, self._reannounce_thread):
             if t is not None:
                 t.join(timeout=2)
         self._telemetry_thread = self._reannounce_thread = None
-        log.info("%s: stopped (%s)", self.device_id,
-                 "offline status published" if connected else f"not connected to {self.url}: no offline status sent")
+        log.info("%s: stopped (%s)", self.device_id, said)
 
     def run_forever(self, retry_every_s: float = 60.0) -> None:
         """Run until ``request_stop`` or a fatal refusal (then ``self.fatal`` says why)."""

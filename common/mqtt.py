@@ -256,12 +256,16 @@ class MqttSession:
     def connected(self) -> bool:
         return self._connected.is_set()
 
-    def stop(self, final: Sequence[tuple[str, bytes, int, bool]] = (), timeout: float = 5.0) -> None:
-        """Publish ``final`` messages (if connected), disconnect cleanly, stop the network thread."""
+    def stop(self, final: Sequence[tuple[str, bytes, int, bool]] = (), timeout: float = 5.0) -> str:
+        """Publish ``final`` messages (if connected: an agent's or controller's retained offline status),
+        disconnect cleanly, stop the network thread. Returns what became of ``final``, for the caller's
+        "stopped" log line."""
+        sent = self.connected
+        said = "offline status published" if sent else f"not connected to {self.url}: no offline status sent"
         if not self._started:
-            return
+            return said
         self._stopping = True
-        if self.connected:
+        if sent:
             for topic, payload, qos, retain in final:
                 try:
                     info = self.client.publish(topic, payload, qos=qos, retain=retain)
@@ -276,6 +280,7 @@ class MqttSession:
         self._connected.clear()
         self._started = False
         self._stopping = False
+        return said
 
     def set_will(self, will: Will) -> None:
         """Replace the Last Will sent with the next CONNECT (call between connections, e.g. in

@@ -208,12 +208,10 @@ class Controller:
         if self._worker is not None:
             self._worker.join(timeout=30)
             self._worker = None
-        connected = self.session.connected
-        self.session.stop(final=[(self.status_topic, self._status(False).to_json(), 1, True)])
+        said = self.session.stop(final=[(self.status_topic, self._status(False).to_json(), 1, True)])
         if self._own_registry:
             self.registry.close()
-        log.info("controller %s: stopped (%s)", self.controller_id,
-                 "offline status published" if connected else f"not connected to {self.url}: no offline status sent")
+        log.info("controller %s: stopped (%s)", self.controller_id, said)
 
     def run_forever(self) -> None:
         """Run until SIGINT/SIGTERM (main thread) or ``stop_event``."""
