@@ -50,7 +50,9 @@ FEDERATE_FILE = "federate.json"
 def run_registry(run: Path) -> tuple[str, str]:
     """(registry URL, run id) of a run folder: ``RUN/run.json`` of `ldfleet simulate` or ``RUN/federate.json``
     of `ldfleet federate`. Exits 2 when RUN is neither, or its file is damaged."""
-    for name in ("run.json", FEDERATE_FILE):
+    from ldfleet.simulations.run_folder import RUN_FILE
+
+    for name in (RUN_FILE, FEDERATE_FILE):
         path = run / name
         if path.is_file():
             try:

@@ -74,8 +74,9 @@ def report(
 ) -> None:
     """(Re)write RUN/report/: Markdown + HTML with PNG plots, and summary.json."""
     from ldfleet.simulations.report import build_report
+    from ldfleet.simulations.run_folder import RUN_FILE
 
-    if (run / FEDERATE_FILE).is_file() and not (run / "run.json").is_file():
+    if (run / FEDERATE_FILE).is_file() and not (run / RUN_FILE).is_file():
         fail(f"{run} is a `ldfleet federate` run; `ldfleet report` reads simulation runs (it scores held-out "
              f"speakers of the scenario's corpus). Its rounds: `ldfleet registry rounds --run {run}`; layer usage: "
              f"`ldfleet registry usage --run {run}`")

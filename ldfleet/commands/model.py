@@ -175,7 +175,8 @@ def train(
     if not len(splits["test"]):
         err.print(f"[yellow]warning[/]: {data} has no test clips: `ldfleet eval` will have nothing to score")
     if listed:  # a class with clips, none of them in train, cannot be learned
-        untrained = [label for label in task_data.labels if label not in set(splits["train"].texts)]
+        trained = set(splits["train"].texts)
+        untrained = [label for label in task_data.labels if label not in trained]
         if untrained:
             fail(f"label(s) {untrained} have no train clips in {data}: their speakers all fell into val or test")
     cfg = config_for(task, backbone=backbone, family=family, epochs=epochs, strategy_epochs=strategy_epochs,
